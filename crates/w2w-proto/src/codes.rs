@@ -1,0 +1,133 @@
+//! Machine-readable codes. One numbering is shared by ERROR frames, receipt
+//! reasons, c2s response statuses and WebSocket close codes: a fatal error
+//! closes the connection with close code `4000 + code`, so a browser that
+//! only sees the close event still learns the exact reason.
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $name:ident = $num:literal, $slug:literal; )*) => {
+        /// Every error a relay can report. The numeric value is on the wire.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $name = $num, )*
+        }
+
+        impl ErrorCode {
+            /// All codes, in numeric order (for docs, metrics and tests).
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name,)*];
+
+            /// Parses a wire value; unknown values stay unknown (`None`) so a
+            /// newer relay's codes never break an older client.
+            pub fn from_u16(v: u16) -> Option<ErrorCode> {
+                match v {
+                    $( $num => Some(ErrorCode::$name), )*
+                    _ => None,
+                }
+            }
+
+            /// The stable snake_case name used in logs, metrics labels, JSON
+            /// and WebSocket close reasons.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( ErrorCode::$name => $slug, )*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The frame is truncated, has trailing bytes, or a field is out of range.
+    Malformed = 1, "malformed";
+    /// The frame type byte is not one this relay knows.
+    UnknownFrameType = 2, "unknown_frame_type";
+    /// The version byte is not a version this relay speaks.
+    UnsupportedVersion = 3, "unsupported_version";
+    /// A frame that needs a registered session arrived before sigC was accepted.
+    NotRegistered = 4, "not_registered";
+    /// A registration frame arrived out of order or after registration.
+    UnexpectedFrame = 5, "unexpected_frame";
+    /// The route byte of a MSG frame is unknown.
+    UnknownRoute = 6, "unknown_route";
+    /// The c2s request op is unknown.
+    UnknownOp = 7, "unknown_op";
+    /// WebSocket text frames are not part of the protocol; frames are binary.
+    TextFrame = 8, "text_frame";
+    /// No REGISTER/CONFIRM within the auth timeout (default 10 s).
+    AuthTimeout = 10, "auth_timeout";
+    /// The sigA timestamp is outside the allowed clock skew (default ±60 s).
+    StaleTimestamp = 11, "stale_timestamp";
+    /// The transcript names a different relay key than this relay's.
+    WrongRelay = 12, "wrong_relay";
+    /// The client nonce was already used in an accepted registration.
+    Replay = 13, "replay";
+    /// sigA or sigC does not verify under the client's key.
+    BadSignature = 14, "bad_signature";
+    /// The transcript names a URL this relay does not serve.
+    WrongUrl = 15, "wrong_url";
+    /// The role byte is not one this endpoint accepts.
+    WrongRole = 16, "wrong_role";
+    /// The per-connection message rate limit (token bucket) was exceeded.
+    RateLimited = 20, "rate_limited";
+    /// A WebSocket message exceeded the relay's max frame size.
+    FrameTooLarge = 21, "frame_too_large";
+    /// The connection's send queue exceeded its byte bound.
+    SlowConsumer = 22, "slow_consumer";
+    /// The relay is at its connection limit.
+    MaxConnections = 23, "max_connections";
+    /// An a2g list is longer than the relay's maximum.
+    ListTooLong = 24, "list_too_long";
+    /// The MSG `from` field is not the sender's registered address.
+    SpoofedSender = 25, "spoofed_sender";
+    /// A newer connection registered the same address; this one is closed.
+    Replaced = 26, "replaced";
+    /// The relay is shutting down.
+    ShuttingDown = 27, "shutting_down";
+    /// An a2g list is empty.
+    EmptyList = 28, "empty_list";
+    /// No liveness reply (pong) within the ping timeout.
+    PingTimeout = 29, "ping_timeout";
+    /// The recipient is not connected to this relay (or reachable from it).
+    NoRoute = 30, "no_route";
+    /// The relay failed internally (storage error); the request may be retried.
+    Internal = 31, "internal";
+}
+
+impl ErrorCode {
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// The WebSocket close code used when this error ends a connection.
+    pub fn close_code(self) -> u16 {
+        4000 + self as u16
+    }
+
+    /// Inverse of [`ErrorCode::close_code`].
+    pub fn from_close_code(code: u16) -> Option<ErrorCode> {
+        code.checked_sub(4000).and_then(ErrorCode::from_u16)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.as_str(), *self as u16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.as_u16()));
+            assert_eq!(ErrorCode::from_u16(c.as_u16()), Some(*c));
+            assert_eq!(ErrorCode::from_close_code(c.close_code()), Some(*c));
+            assert!((4000..5000).contains(&c.close_code()));
+        }
+        assert_eq!(ErrorCode::from_u16(9999), None);
+    }
+}
