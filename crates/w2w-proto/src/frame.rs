@@ -254,7 +254,8 @@ pub enum RequestOp {
 }
 
 impl RequestOp {
-    fn code(&self) -> u8 {
+    /// The op byte on the wire.
+    pub fn code(&self) -> u8 {
         match self {
             RequestOp::Online { .. } => 1,
             RequestOp::Lookup(_) => 2,

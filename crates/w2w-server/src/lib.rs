@@ -1,1 +1,36 @@
+//! The w2w relay.
+//!
+//! Layers, each talking only to the one below:
+//!
+//! * [`server`] — binds the port, accepts TCP (and TLS), serves HTTP
+//!   (`/healthz`, `/metrics`, `/.well-known/w2w`) and upgrades WebSockets;
+//!   owns shutdown.
+//! * [`conn`] — one actor per WebSocket: runs the registration handshake
+//!   from `w2w_proto::handshake`, then reads frames, routes them and writes
+//!   its own bounded send queue.
+//! * [`router`] — who is connected; routes a MSG to its recipients without
+//!   ever awaiting another connection (`try_enqueue` into byte-bounded queues).
+//! * [`store`] — durable state behind the [`store::Backend`] trait, run by one
+//!   writer thread that commits in batches; SQLite is the default backend.
+//! * [`metrics`], [`ratelimit`], [`tls`], [`config`] — support.
 
+pub mod config;
+pub mod conn;
+pub mod metrics;
+pub mod ratelimit;
+pub mod router;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use config::{Limits, RelayConfig, TlsPaths};
+pub use server::{Relay, RelayError};
+
+/// Milliseconds since the Unix epoch, from the system clock. The only place
+/// the relay reads wall-clock time (the protocol crate takes it as input).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

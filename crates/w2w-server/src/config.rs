@@ -1,0 +1,117 @@
+//! Typed relay configuration. Only the CLI parses TOML; this crate takes
+//! these structs. Every limit is advertised in the info document.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use w2w_proto::Identity;
+
+/// Everything a relay needs to start.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The relay's own key; its address is the relay key clients pin.
+    pub identity: Identity,
+    /// Address to bind; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Directory for the SQLite store (`w2w.sqlite`). `None` keeps the store
+    /// in memory (tests only).
+    pub data_dir: Option<PathBuf>,
+    /// URLs clients may name in REGISTER. Empty: accept any URL whose
+    /// authority equals the request's Host header (and whose scheme matches
+    /// the listener: ws or wss).
+    pub public_urls: Vec<String>,
+    /// Serve wss (TLS) with this certificate and key, reloaded when the files
+    /// change on disk.
+    pub tls: Option<TlsPaths>,
+    pub limits: Limits,
+}
+
+impl RelayConfig {
+    /// A config with default limits, plain ws, in-memory store.
+    pub fn new(identity: Identity, listen: SocketAddr) -> Self {
+        RelayConfig {
+            identity,
+            listen,
+            data_dir: None,
+            public_urls: Vec::new(),
+            tls: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Certificate chain and private key, PEM files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// How often to check the files for a new certificate (default 2 s).
+    #[serde(default = "default_reload_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_reload_ms() -> u64 {
+    2000
+}
+
+/// Per-relay limits. Defaults are documented on each field and in
+/// docs/PROTOCOL.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest WebSocket message accepted (default 1 MiB).
+    pub max_frame_bytes: usize,
+    /// Longest a2g address list (default 64).
+    pub max_group: usize,
+    /// Bytes a connection's send queue may hold before the connection is
+    /// closed as a slow consumer (default 4 MiB).
+    pub send_queue_bytes: usize,
+    /// Sustained MSG/REQUEST frames per second per connection (default 1000).
+    pub rate_per_sec: u32,
+    /// Token-bucket burst (default 2000).
+    pub rate_burst: u32,
+    /// Registered-or-registering WebSocket connections (default 10,000).
+    pub max_connections: usize,
+    /// Time allowed to finish registration (default 10 s).
+    pub auth_timeout_ms: u64,
+    /// Idle time before the relay pings (default 15 s).
+    pub ping_interval_ms: u64,
+    /// Time to answer a ping (default 10 s).
+    pub ping_timeout_ms: u64,
+    /// Allowed clock difference in REGISTER (default 60 s).
+    pub max_skew_ms: u64,
+    /// Remembered client nonces for replay detection (default 100,000).
+    pub replay_cache: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 1 << 20,
+            max_group: 64,
+            send_queue_bytes: 4 << 20,
+            rate_per_sec: 1000,
+            rate_burst: 2000,
+            max_connections: 10_000,
+            auth_timeout_ms: 10_000,
+            ping_interval_ms: 15_000,
+            ping_timeout_ms: 10_000,
+            max_skew_ms: 60_000,
+            replay_cache: 100_000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_millis(self.auth_timeout_ms)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(self.ping_timeout_ms)
+    }
+}

@@ -1,0 +1,492 @@
+//! One actor per WebSocket connection.
+//!
+//! Phase 1, registration: send CHALLENGE, feed REGISTER and CONFIRM to the
+//! pure [`RelayHandshake`], answer with COUNTERSIGN, then record the
+//! registration durably and send REPLY_BACK. Any failure is an ERROR frame
+//! and a close with `4000 + code`.
+//!
+//! Phase 2, session: one `select!` loop owns the socket. It writes what the
+//! router queued for this connection, reads and handles frames (routing
+//! never awaits another connection), and keeps liveness with WebSocket
+//! pings. When it ends, the address is freed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tokio_websockets::{CloseCode, Message, WebSocketStream};
+use w2w_proto::frame::{
+    ClientToRelay, ErrorFrame, Hosted, Msg, Notice, Receipt, RelayToClient, ReplyBack, Request,
+    RequestOp, Response, ResponseBody, Status,
+};
+use w2w_proto::handshake::{HandshakeError, RelayHandshake, RelayPolicy, Registration};
+use w2w_proto::{Address, ErrorCode};
+
+use crate::ratelimit::TokenBucket;
+use crate::router::{reject, Outbox};
+use crate::server::Shared;
+use crate::store::Write;
+use crate::unix_ms;
+
+/// Largest page an ONLINE request can ask for.
+pub const MAX_ONLINE_PAGE: u16 = 1000;
+/// Most queued frames written before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// What the HTTP layer knows about the connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The upgrade request's Host header.
+    pub host: Option<String>,
+}
+
+type Ws<S> = WebSocketStream<S>;
+
+/// Why a connection ends.
+enum End {
+    /// The peer closed or the socket failed; nothing more to send.
+    Gone,
+    /// We close with this code (after an ERROR frame or notice).
+    Close(ErrorCode, String),
+}
+
+async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    shared: &Shared,
+    frame: Bytes,
+) -> Result<(), tokio_websockets::Error> {
+    shared.metrics.frames_out.fetch_add(1, Relaxed);
+    shared.metrics.bytes_out.fetch_add(frame.len() as u64, Relaxed);
+    ws.send(Message::binary(frame)).await
+}
+
+/// Sends ERROR (unless the code has its own notice), closes with
+/// `4000 + code`, and waits briefly for the peer's close.
+async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    shared: &Shared,
+    code: ErrorCode,
+    detail: &str,
+) {
+    shared.metrics.error(code);
+    let notice = match code {
+        ErrorCode::Replaced => Some(Notice::Replaced),
+        ErrorCode::ShuttingDown => Some(Notice::ShuttingDown),
+        _ => None,
+    };
+    let frame = match notice {
+        Some(n) => RelayToClient::Notice(n),
+        None => RelayToClient::Error(ErrorFrame::new(code, detail)),
+    };
+    let graceful = async {
+        send_frame(ws, shared, frame.encode()).await?;
+        let close_code = CloseCode::try_from(code.close_code()).unwrap_or(CloseCode::POLICY_VIOLATION);
+        ws.send(Message::close(Some(close_code), code.as_str())).await?;
+        while ws.next().await.is_some() {}
+        Ok::<_, tokio_websockets::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), graceful).await;
+}
+
+/// Runs a WebSocket connection to the end.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut ws: Ws<S>,
+    info: ConnInfo,
+) {
+    let Ok(permit) = shared.conn_permits.clone().try_acquire_owned() else {
+        tracing::warn!(peer = %info.peer, "max connections reached, refusing");
+        close_with(&mut ws, &shared, ErrorCode::MaxConnections, "relay is at its connection limit; retry later or use another relay").await;
+        return;
+    };
+    shared.metrics.connections.fetch_add(1, Relaxed);
+    shared.metrics.connections_total.fetch_add(1, Relaxed);
+    let reg = match register(&shared, &mut ws, &info).await {
+        Ok(reg) => reg,
+        Err(End::Gone) => {
+            shared.metrics.connections.fetch_sub(1, Relaxed);
+            return;
+        }
+        Err(End::Close(code, detail)) => {
+            tracing::debug!(peer = %info.peer, %code, detail, "registration failed");
+            close_with(&mut ws, &shared, code, &detail).await;
+            shared.metrics.connections.fetch_sub(1, Relaxed);
+            return;
+        }
+    };
+    session(shared.clone(), ws, info, reg, permit).await;
+    shared.metrics.connections.fetch_sub(1, Relaxed);
+}
+
+/// Phase 1: the sigA → sigB → sigC handshake.
+async fn register<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    ws: &mut Ws<S>,
+    info: &ConnInfo,
+) -> Result<Registration, End> {
+    let mut hs = RelayHandshake::new(shared.relay_key, rand::random());
+    let policy = RelayPolicy {
+        max_skew_ms: shared.limits.max_skew_ms,
+        ..RelayPolicy::default()
+    };
+    let challenge = RelayToClient::Challenge(hs.challenge()).encode();
+    send_frame(ws, shared, challenge).await.map_err(|_| End::Gone)?;
+    let deadline = tokio::time::sleep(shared.limits.auth_timeout());
+    tokio::pin!(deadline);
+    let fail = |e: HandshakeError| End::Close(e.code(), e.to_string());
+    loop {
+        let msg = tokio::select! {
+            _ = &mut deadline => return Err(End::Close(
+                ErrorCode::AuthTimeout,
+                format!("registration not completed within {} ms", shared.limits.auth_timeout_ms),
+            )),
+            _ = shared.shutdown.cancelled() => return Err(End::Close(ErrorCode::ShuttingDown, String::new())),
+            m = ws.next() => m,
+        };
+        let msg = match msg {
+            None => return Err(End::Gone),
+            Some(Err(e)) => return Err(read_error(shared, e)),
+            Some(Ok(m)) => m,
+        };
+        if msg.is_text() {
+            return Err(End::Close(
+                ErrorCode::TextFrame,
+                "w2w frames are binary WebSocket messages".into(),
+            ));
+        }
+        if !msg.is_binary() {
+            continue; // ping/pong; close arrives as None
+        }
+        let bytes: Bytes = msg.into_payload().into();
+        count_in(shared, &bytes);
+        match ClientToRelay::decode(&bytes) {
+            Ok(ClientToRelay::Register(r)) => {
+                let now = unix_ms();
+                let cs = {
+                    let mut replay = shared.replay.lock().unwrap_or_else(|e| e.into_inner());
+                    hs.on_register(
+                        &shared.identity,
+                        r,
+                        now,
+                        &policy,
+                        |url| shared.url_ok(url, info.host.as_deref()),
+                        &mut replay,
+                    )
+                }
+                .map_err(fail)?;
+                send_frame(ws, shared, RelayToClient::Countersign(cs).encode())
+                    .await
+                    .map_err(|_| End::Gone)?;
+            }
+            Ok(ClientToRelay::Confirm(c)) => return hs.on_confirm(c).map_err(fail),
+            Ok(ClientToRelay::Msg(_) | ClientToRelay::Request(_)) => {
+                return Err(End::Close(
+                    ErrorCode::NotRegistered,
+                    "complete registration (REGISTER, CONFIRM) before sending".into(),
+                ))
+            }
+            Err(e) => return Err(End::Close(e.code(), e.to_string())),
+        }
+    }
+}
+
+fn read_error(shared: &Shared, e: tokio_websockets::Error) -> End {
+    if let tokio_websockets::Error::PayloadTooLong { len, max_len } = e {
+        // tokio-websockets has already queued a 1009 close.
+        shared.metrics.error(ErrorCode::FrameTooLarge);
+        tracing::debug!(len, max_len, "frame too large");
+    }
+    End::Gone
+}
+
+fn count_in(shared: &Shared, bytes: &Bytes) {
+    shared.metrics.frames_in.fetch_add(1, Relaxed);
+    shared.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
+}
+
+/// Phase 2: the registered session.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut ws: Ws<S>,
+    info: ConnInfo,
+    reg: Registration,
+    _permit: OwnedSemaphorePermit,
+) {
+    let address = reg.address;
+    let now_ms = unix_ms();
+    if let Err(e) = shared
+        .store
+        .write(Write::Registered {
+            reg: Box::new(reg),
+            at_ms: now_ms,
+        })
+        .await
+    {
+        tracing::error!(error = %e, "recording registration");
+        close_with(&mut ws, &shared, ErrorCode::Internal, "could not record registration; retry").await;
+        return;
+    }
+    let conn_id = shared.next_conn_id.fetch_add(1, Relaxed);
+    let (outbox, mut rx) = Outbox::new(
+        address,
+        conn_id,
+        shared.limits.send_queue_bytes,
+        shared.metrics.clone(),
+    );
+    let reply = RelayToClient::ReplyBack(ReplyBack {
+        address,
+        relay_time_ms: now_ms,
+        relay_url: shared.advertised_url(info.host.as_deref()),
+    });
+    if send_frame(&mut ws, &shared, reply.encode()).await.is_err() {
+        return;
+    }
+    if let Some(old) = shared.router.insert(outbox.clone()) {
+        tracing::info!(address = %address.short(), "newer connection replaces older");
+        old.close(ErrorCode::Replaced);
+    }
+    shared.metrics.registered.fetch_add(1, Relaxed);
+    shared.metrics.registrations_total.fetch_add(1, Relaxed);
+    tracing::info!(address = %address.short(), peer = %info.peer, "registered");
+
+    let end = SessionLoop {
+        shared: &shared,
+        outbox: &outbox,
+        bucket: TokenBucket::new(
+            shared.limits.rate_per_sec,
+            shared.limits.rate_burst,
+            std::time::Instant::now(),
+        ),
+    }
+    .run(&mut ws, &mut rx)
+    .await;
+
+    shared.router.remove(&outbox);
+    shared.metrics.registered.fetch_sub(1, Relaxed);
+    // Give back the queue's share of the queued-bytes gauge.
+    outbox.dequeued(outbox.queued_bytes());
+    let _ = shared
+        .store
+        .write_later(Write::Seen {
+            address,
+            at_ms: unix_ms(),
+        })
+        .await;
+    match end {
+        End::Gone => tracing::info!(address = %address.short(), "disconnected"),
+        End::Close(code, detail) => {
+            tracing::info!(address = %address.short(), %code, "closing");
+            close_with(&mut ws, &shared, code, &detail).await;
+        }
+    }
+}
+
+struct SessionLoop<'a> {
+    shared: &'a Shared,
+    outbox: &'a Arc<Outbox>,
+    bucket: TokenBucket,
+}
+
+impl SessionLoop<'_> {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        ws: &mut Ws<S>,
+        rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    ) -> End {
+        let limits = &self.shared.limits;
+        let mut last_rx = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+        // The timer is reset only when it fires (to the real deadline),
+        // not on every received frame.
+        let timer = tokio::time::sleep(limits.ping_interval());
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                biased;
+                // A close request (replaced, slow consumer) beats everything.
+                code = self.outbox.closed() => {
+                    return End::Close(code, String::new());
+                }
+                _ = self.shared.shutdown.cancelled() => {
+                    return End::Close(ErrorCode::ShuttingDown, String::new());
+                }
+                // Writes before reads: drain what we owe before taking more.
+                Some(first) = rx.recv() => {
+                    if let Err(end) = self.write_batch(ws, rx, first).await {
+                        return end;
+                    }
+                }
+                m = ws.next() => {
+                    last_rx = Instant::now();
+                    ping_sent = None;
+                    match m {
+                        None => return End::Gone,
+                        Some(Err(e)) => return read_error(self.shared, e),
+                        Some(Ok(m)) => self.on_message(m),
+                    }
+                }
+                () = &mut timer => {
+                    let now = Instant::now();
+                    match ping_sent {
+                        Some(t) if now >= t + limits.ping_timeout() => {
+                            return End::Close(
+                                ErrorCode::PingTimeout,
+                                format!("no pong within {} ms", limits.ping_timeout_ms),
+                            );
+                        }
+                        Some(t) => timer.as_mut().reset(t + limits.ping_timeout()),
+                        None if now >= last_rx + limits.ping_interval() => {
+                            if ws.send(Message::ping(Bytes::new())).await.is_err() {
+                                return End::Gone;
+                            }
+                            ping_sent = Some(now);
+                            timer.as_mut().reset(now + limits.ping_timeout());
+                        }
+                        None => timer.as_mut().reset(last_rx + limits.ping_interval()),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        ws: &mut Ws<S>,
+        rx: &mut mpsc::UnboundedReceiver<Bytes>,
+        first: Bytes,
+    ) -> Result<(), End> {
+        // A peer that stops reading must not hold this task forever.
+        let timeout = self.shared.limits.ping_timeout();
+        let write = async {
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(frame) = next.take() {
+                let len = frame.len();
+                self.shared.metrics.frames_out.fetch_add(1, Relaxed);
+                self.shared.metrics.bytes_out.fetch_add(len as u64, Relaxed);
+                ws.feed(Message::binary(frame)).await?;
+                self.outbox.dequeued(len);
+                n += 1;
+                if n < WRITE_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            ws.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Close(
+                ErrorCode::SlowConsumer,
+                "socket write timed out".into(),
+            )),
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        if m.is_text() {
+            self.error(ErrorCode::TextFrame, "w2w frames are binary WebSocket messages");
+            return;
+        }
+        if !m.is_binary() {
+            return; // ping/pong; tokio-websockets answers pings itself
+        }
+        let bytes: Bytes = m.into_payload().into();
+        count_in(self.shared, &bytes);
+        let allowed = self.bucket.take(std::time::Instant::now());
+        match ClientToRelay::decode(&bytes) {
+            Ok(ClientToRelay::Msg(msg)) => {
+                let receipt = self.on_msg(&bytes, &msg, allowed);
+                self.shared.metrics.receipt(receipt.status);
+                self.enqueue(RelayToClient::Receipt(receipt).encode());
+            }
+            Ok(ClientToRelay::Request(req)) => {
+                let resp = if allowed {
+                    self.on_request(req)
+                } else {
+                    self.shared.metrics.error(ErrorCode::RateLimited);
+                    Response {
+                        req_id: req.req_id,
+                        op: req.op.code(),
+                        result: Err(ErrorCode::RateLimited.as_u16()),
+                    }
+                };
+                self.enqueue(RelayToClient::Response(resp).encode());
+            }
+            Ok(ClientToRelay::Register(_) | ClientToRelay::Confirm(_)) => {
+                self.error(ErrorCode::UnexpectedFrame, "already registered");
+            }
+            Err(e) => self.error(e.code(), &e.to_string()),
+        }
+    }
+
+    fn on_msg(&self, frame: &Bytes, msg: &Msg, allowed: bool) -> Receipt {
+        let receipt = Receipt {
+            id: msg.id,
+            status: Status::Delivered,
+            reason: 0,
+            delivered: 0,
+            entries: Vec::new(),
+        };
+        let metrics = &self.shared.metrics;
+        if !allowed {
+            return reject(receipt, ErrorCode::RateLimited, metrics);
+        }
+        if msg.from != self.outbox.address {
+            return reject(receipt, ErrorCode::SpoofedSender, metrics);
+        }
+        metrics.message(msg.dest.route());
+        self.shared
+            .router
+            .route(self.outbox, frame, msg, self.shared.limits.max_group)
+    }
+
+    fn on_request(&self, req: Request) -> Response {
+        self.shared.metrics.requests_total.fetch_add(1, Relaxed);
+        let op = req.op.code();
+        let body = match req.op {
+            RequestOp::Online { offset, limit } => {
+                let (total, addresses) = self
+                    .shared
+                    .router
+                    .online(offset, limit.min(MAX_ONLINE_PAGE));
+                ResponseBody::Online { total, addresses }
+            }
+            RequestOp::Lookup(addr) => ResponseBody::Lookup(self.lookup(&addr)),
+            RequestOp::Presence(on) => {
+                self.outbox.presence.store(on, Relaxed);
+                ResponseBody::Presence
+            }
+        };
+        Response {
+            req_id: req.req_id,
+            op,
+            result: Ok(body),
+        }
+    }
+
+    fn lookup(&self, addr: &Address) -> Option<Hosted> {
+        self.shared.router.get(addr).map(|_| Hosted {
+            relay_key: self.shared.relay_key,
+            relay_url: self.shared.advertised_url(None),
+        })
+    }
+
+    fn error(&self, code: ErrorCode, detail: &str) {
+        self.shared.metrics.error(code);
+        self.enqueue(RelayToClient::Error(ErrorFrame::new(code, detail)).encode());
+    }
+
+    /// Queues a frame for this connection. If our own queue is full the
+    /// outbox has already asked this loop to close (slow consumer).
+    fn enqueue(&self, frame: Bytes) {
+        let _ = self.outbox.try_enqueue(frame);
+    }
+}

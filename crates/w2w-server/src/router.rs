@@ -1,0 +1,381 @@
+//! Who is connected, and routing a MSG to its recipients.
+//!
+//! The router never awaits: each connection has an [`Outbox`], a
+//! byte-bounded queue drained by that connection's own actor. Routing is a
+//! map lookup and a `try_enqueue` per recipient. A recipient whose queue is
+//! over its byte bound is a slow consumer: the frame is not queued, the
+//! sender's receipt says `rejected/slow_consumer`, and the recipient is
+//! told to close (policy: disconnect, counted in metrics).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+use w2w_proto::frame::{Dest, Msg, Notice, Receipt, ReceiptEntry, RelayToClient, Status};
+use w2w_proto::{Address, ErrorCode};
+
+use crate::metrics::Metrics;
+
+/// Why a frame could not be queued for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueError {
+    /// The queue is over its byte bound; the connection is being closed.
+    SlowConsumer,
+    /// The connection is gone.
+    Closed,
+}
+
+/// The sending half of one connection's send queue, shared with the router.
+pub struct Outbox {
+    pub address: Address,
+    pub conn_id: u64,
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: AtomicUsize,
+    max_bytes: usize,
+    close_code: AtomicU16,
+    close: Notify,
+    /// Whether this connection asked for join/leave notices.
+    pub presence: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    pub fn new(
+        address: Address,
+        conn_id: u64,
+        max_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Outbox>, mpsc::UnboundedReceiver<Bytes>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let o = Outbox {
+            address,
+            conn_id,
+            tx,
+            queued: AtomicUsize::new(0),
+            max_bytes,
+            close_code: AtomicU16::new(0),
+            close: Notify::new(),
+            presence: AtomicBool::new(false),
+            metrics,
+        };
+        (Arc::new(o), rx)
+    }
+
+    /// Queues a frame unless that would put the queue over its byte bound.
+    /// The unbounded channel is bounded by this byte count.
+    pub fn try_enqueue(&self, frame: Bytes) -> Result<(), EnqueueError> {
+        if self.close_code.load(Ordering::Relaxed) != 0 {
+            return Err(EnqueueError::Closed);
+        }
+        let len = frame.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.metrics.error(ErrorCode::SlowConsumer);
+            self.close(ErrorCode::SlowConsumer);
+            return Err(EnqueueError::SlowConsumer);
+        }
+        self.metrics.queued_bytes.fetch_add(len as i64, Ordering::Relaxed);
+        if self.tx.send(frame).is_err() {
+            self.dequeued(len);
+            return Err(EnqueueError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Called by the connection actor once a frame has been written.
+    pub fn dequeued(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+        self.metrics
+            .queued_bytes
+            .fetch_sub(len as i64, Ordering::Relaxed);
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Asks the connection to close with `code`. The first code wins.
+    pub fn close(&self, code: ErrorCode) {
+        if self
+            .close_code
+            .compare_exchange(0, code.as_u16(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.close.notify_one();
+        }
+    }
+
+    /// Resolves once [`Outbox::close`] was called; returns the code.
+    pub async fn closed(&self) -> ErrorCode {
+        loop {
+            if let Some(c) = ErrorCode::from_u16(self.close_code.load(Ordering::Acquire)) {
+                return c;
+            }
+            self.close.notified().await;
+        }
+    }
+}
+
+/// The table of registered connections on this relay.
+pub struct Router {
+    clients: RwLock<HashMap<Address, Arc<Outbox>>>,
+    metrics: Arc<Metrics>,
+}
+
+fn status_of(r: Result<(), EnqueueError>) -> (Status, u16) {
+    match r {
+        Ok(()) => (Status::Delivered, 0),
+        Err(EnqueueError::SlowConsumer) => (Status::Rejected, ErrorCode::SlowConsumer.as_u16()),
+        Err(EnqueueError::Closed) => (Status::NoRoute, ErrorCode::NoRoute.as_u16()),
+    }
+}
+
+impl Router {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Router {
+            clients: RwLock::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Address, Arc<Outbox>>> {
+        // A panic elsewhere must not take routing down with it.
+        self.clients.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Address, Arc<Outbox>>> {
+        self.clients.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a connection; returns the one it replaces (newest wins).
+    pub fn insert(&self, outbox: Arc<Outbox>) -> Option<Arc<Outbox>> {
+        let addr = outbox.address;
+        let old = self.write().insert(addr, outbox);
+        self.presence(Notice::Join(addr), &addr);
+        old
+    }
+
+    /// Removes the connection if it is still the registered one for its
+    /// address (a replaced connection must not remove its successor).
+    pub fn remove(&self, outbox: &Outbox) -> bool {
+        let removed = {
+            let mut map = self.write();
+            match map.get(&outbox.address) {
+                Some(cur) if cur.conn_id == outbox.conn_id => {
+                    map.remove(&outbox.address);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if removed {
+            self.presence(Notice::Leave(outbox.address), &outbox.address);
+        }
+        removed
+    }
+
+    pub fn get(&self, addr: &Address) -> Option<Arc<Outbox>> {
+        self.read().get(addr).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// Page of online addresses in byte order, and the total.
+    pub fn online(&self, offset: u32, limit: u16) -> (u32, Vec<Address>) {
+        let mut all: Vec<Address> = self.read().keys().copied().collect();
+        all.sort_unstable();
+        let total = all.len() as u32;
+        let page = all
+            .into_iter()
+            .skip(offset as usize)
+            .take(limit as usize)
+            .collect();
+        (total, page)
+    }
+
+    /// Sends a join/leave notice to every connection that asked, except the
+    /// subject itself.
+    fn presence(&self, notice: Notice, subject: &Address) {
+        let frame = RelayToClient::Notice(notice).encode();
+        for o in self.read().values() {
+            if o.presence.load(Ordering::Relaxed) && &o.address != subject {
+                let _ = o.try_enqueue(frame.clone());
+            }
+        }
+    }
+
+    /// Routes a MSG whose bytes are `frame` from `sender`; returns the
+    /// receipt. The same `frame` buffer is queued to every recipient.
+    pub fn route(&self, sender: &Outbox, frame: &Bytes, msg: &Msg, max_group: usize) -> Receipt {
+        let mut receipt = Receipt {
+            id: msg.id,
+            status: Status::Delivered,
+            reason: 0,
+            delivered: 0,
+            entries: Vec::new(),
+        };
+        match &msg.dest {
+            Dest::A2a => {
+                let (st, reason) = status_of(sender.try_enqueue(frame.clone()));
+                receipt.status = st;
+                receipt.reason = reason;
+                receipt.delivered = (st == Status::Delivered) as u32;
+            }
+            Dest::A2b(to) => {
+                let (st, reason) = match self.get(to) {
+                    Some(o) => status_of(o.try_enqueue(frame.clone())),
+                    None => (Status::NoRoute, ErrorCode::NoRoute.as_u16()),
+                };
+                receipt.status = st;
+                receipt.reason = reason;
+                receipt.delivered = (st == Status::Delivered) as u32;
+                receipt.entries.push(ReceiptEntry {
+                    to: *to,
+                    status: st,
+                    reason,
+                });
+            }
+            Dest::A2g(list) => {
+                if list.is_empty() {
+                    return reject(receipt, ErrorCode::EmptyList, &self.metrics);
+                }
+                if list.len() > max_group {
+                    return reject(receipt, ErrorCode::ListTooLong, &self.metrics);
+                }
+                let mut seen = HashSet::with_capacity(list.len());
+                let map = self.read();
+                for to in list.iter().filter(|a| seen.insert(**a)) {
+                    let (st, reason) = match map.get(to) {
+                        Some(o) => status_of(o.try_enqueue(frame.clone())),
+                        None => (Status::NoRoute, ErrorCode::NoRoute.as_u16()),
+                    };
+                    receipt.delivered += (st == Status::Delivered) as u32;
+                    receipt.entries.push(ReceiptEntry {
+                        to: *to,
+                        status: st,
+                        reason,
+                    });
+                }
+                let n = receipt.entries.len() as u32;
+                receipt.status = match receipt.delivered {
+                    d if d == n => Status::Delivered,
+                    0 => Status::NoRoute,
+                    _ => Status::Partial,
+                };
+                if receipt.status == Status::NoRoute {
+                    receipt.reason = ErrorCode::NoRoute.as_u16();
+                }
+            }
+            Dest::A2n(_) => {
+                // Federation scope is the same as relay scope until
+                // federation exists.
+                for o in self.read().values() {
+                    if o.try_enqueue(frame.clone()).is_ok() {
+                        receipt.delivered += 1;
+                    }
+                }
+                if receipt.delivered == 0 {
+                    receipt.status = Status::NoRoute;
+                    receipt.reason = ErrorCode::NoRoute.as_u16();
+                }
+            }
+        }
+        if receipt.status == Status::NoRoute {
+            self.metrics.error(ErrorCode::NoRoute);
+        }
+        receipt
+    }
+}
+
+/// A rejected receipt, counted.
+pub fn reject(mut receipt: Receipt, code: ErrorCode, metrics: &Metrics) -> Receipt {
+    metrics.error(code);
+    receipt.status = Status::Rejected;
+    receipt.reason = code.as_u16();
+    receipt.delivered = 0;
+    receipt.entries.clear();
+    receipt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use w2w_proto::frame::MsgId;
+
+    fn outbox(b: u8, id: u64, max: usize, m: &Arc<Metrics>) -> (Arc<Outbox>, mpsc::UnboundedReceiver<Bytes>) {
+        Outbox::new(Address([b; 32]), id, max, m.clone())
+    }
+
+    #[test]
+    fn routes_and_receipts() {
+        let m = Arc::new(Metrics::default());
+        let r = Router::new(m.clone());
+        let (a, mut arx) = outbox(1, 1, 1 << 20, &m);
+        let (b, mut brx) = outbox(2, 2, 1 << 20, &m);
+        r.insert(a.clone());
+        r.insert(b.clone());
+        let msg = |dest| Msg {
+            flags: 0,
+            id: MsgId([0; 16]),
+            from: a.address,
+            dest,
+            payload: Bytes::from_static(b"x"),
+        };
+        let m1 = msg(Dest::A2g(vec![b.address, Address([9; 32]), b.address]));
+        let f = m1.encode();
+        let rc = r.route(&a, &f, &m1, 64);
+        assert_eq!(rc.status, Status::Partial);
+        assert_eq!(rc.entries.len(), 2, "duplicates are delivered once");
+        assert_eq!(brx.try_recv().unwrap(), f);
+        assert!(brx.try_recv().is_err());
+        assert!(arx.try_recv().is_err());
+
+        let m2 = msg(Dest::A2g(vec![Address([0; 32]); 65]));
+        assert_eq!(
+            r.route(&a, &m2.encode(), &m2, 64).reason,
+            ErrorCode::ListTooLong.as_u16()
+        );
+        let m3 = msg(Dest::A2n(w2w_proto::frame::Scope::Relay));
+        assert_eq!(r.route(&a, &m3.encode(), &m3, 64).delivered, 2);
+    }
+
+    #[test]
+    fn slow_consumer_is_rejected_and_closed() {
+        let m = Arc::new(Metrics::default());
+        let (o, _rx) = outbox(1, 1, 10, &m);
+        assert!(o.try_enqueue(Bytes::from_static(&[0; 8])).is_ok());
+        assert_eq!(
+            o.try_enqueue(Bytes::from_static(&[0; 8])),
+            Err(EnqueueError::SlowConsumer)
+        );
+        assert_eq!(o.queued_bytes(), 8);
+        assert_eq!(m.error_count(ErrorCode::SlowConsumer), 1);
+        assert_eq!(
+            o.try_enqueue(Bytes::from_static(&[0; 1])),
+            Err(EnqueueError::Closed)
+        );
+    }
+
+    #[test]
+    fn replaced_connection_does_not_remove_successor() {
+        let m = Arc::new(Metrics::default());
+        let r = Router::new(m.clone());
+        let (old, _a) = outbox(1, 1, 100, &m);
+        let (new, _b) = outbox(1, 2, 100, &m);
+        assert!(r.insert(old.clone()).is_none());
+        assert_eq!(r.insert(new.clone()).unwrap().conn_id, 1);
+        assert!(!r.remove(&old));
+        assert_eq!(r.get(&new.address).unwrap().conn_id, 2);
+        assert!(r.remove(&new));
+        assert!(r.is_empty());
+    }
+}

@@ -1,0 +1,458 @@
+//! The listener: one port for WebSocket (ws or wss), health, metrics and the
+//! info document.
+//!
+//! Each TCP connection gets one task: optional TLS, then hyper's HTTP/1
+//! server. A WebSocket upgrade hands the upgraded stream to a
+//! [`conn::run`] actor. Every task is tracked; [`Relay::shutdown`] cancels
+//! them all, each registered client is told `shutting_down`, and shutdown
+//! waits for the tasks to finish. Dropping a [`Relay`] cancels too.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use w2w_proto::handshake::ReplayCache;
+use w2w_proto::{Address, Identity};
+
+use crate::config::{Limits, RelayConfig};
+use crate::conn::{self, ConnInfo};
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::store::{SqliteBackend, Store, StoreError};
+use crate::tls::{self, TlsError};
+
+/// Errors starting a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("creating data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// State shared by every task of one relay.
+pub struct Shared {
+    pub identity: Identity,
+    pub relay_key: Address,
+    pub limits: Limits,
+    pub public_urls: Vec<String>,
+    pub tls: bool,
+    pub local_addr: SocketAddr,
+    pub router: Router,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub replay: Mutex<ReplayCache>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub next_conn_id: AtomicU64,
+    pub conn_permits: Arc<Semaphore>,
+}
+
+fn scheme(tls: bool) -> &'static str {
+    if tls {
+        "wss"
+    } else {
+        "ws"
+    }
+}
+
+/// `host:port` with the scheme's default port removed, lowercased.
+fn normalize_authority(auth: &str, tls: bool) -> String {
+    let auth = auth.to_ascii_lowercase();
+    let default = if tls { ":443" } else { ":80" };
+    auth.strip_suffix(default).map(str::to_owned).unwrap_or(auth)
+}
+
+impl Shared {
+    /// Whether a REGISTER may name `url` (see [`RelayConfig::public_urls`]).
+    pub fn url_ok(&self, url: &str, host: Option<&str>) -> bool {
+        if !self.public_urls.is_empty() {
+            return self.public_urls.iter().any(|u| u == url);
+        }
+        let Ok(uri) = url.parse::<http::Uri>() else {
+            return false;
+        };
+        let (Some(s), Some(auth), Some(host)) = (uri.scheme_str(), uri.authority(), host) else {
+            return false;
+        };
+        s == scheme(self.tls)
+            && normalize_authority(auth.as_str(), self.tls) == normalize_authority(host, self.tls)
+    }
+
+    /// The URL this relay tells clients it is at.
+    pub fn advertised_url(&self, host: Option<&str>) -> String {
+        if let Some(u) = self.public_urls.first() {
+            return u.clone();
+        }
+        match host {
+            Some(h) => format!("{}://{}/", scheme(self.tls), h),
+            None => format!("{}://{}/", scheme(self.tls), self.local_addr),
+        }
+    }
+
+    fn info_document(&self) -> String {
+        let l = &self.limits;
+        serde_json::json!({
+            "protocol": "w2w",
+            "version": w2w_proto::PROTOCOL_VERSION,
+            "software": concat!("w2w/", env!("CARGO_PKG_VERSION")),
+            "relay_key": self.relay_key.to_hex(),
+            "urls": if self.public_urls.is_empty() {
+                vec![self.advertised_url(None)]
+            } else {
+                self.public_urls.clone()
+            },
+            "limits": {
+                "max_frame_bytes": l.max_frame_bytes,
+                "max_group": l.max_group,
+                "send_queue_bytes": l.send_queue_bytes,
+                "rate_per_sec": l.rate_per_sec,
+                "rate_burst": l.rate_burst,
+                "max_connections": l.max_connections,
+                "auth_timeout_ms": l.auth_timeout_ms,
+                "ping_interval_ms": l.ping_interval_ms,
+                "ping_timeout_ms": l.ping_timeout_ms,
+                "max_skew_ms": l.max_skew_ms,
+            }
+        })
+        .to_string()
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    shared: Arc<Shared>,
+}
+
+impl Relay {
+    /// Binds the port, opens the store and starts serving.
+    pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
+        let backend = match &config.data_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| RelayError::DataDir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+                SqliteBackend::open(dir)?
+            }
+            None => SqliteBackend::in_memory()?,
+        };
+        let tls = match &config.tls {
+            Some(paths) => Some(tls::acceptor(paths)?),
+            None => None,
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| RelayError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let metrics = Arc::new(Metrics::default());
+        let shared = Arc::new(Shared {
+            relay_key: config.identity.address(),
+            identity: config.identity,
+            replay: Mutex::new(ReplayCache::new(config.limits.replay_cache)),
+            conn_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            limits: config.limits,
+            public_urls: config.public_urls,
+            tls: tls.is_some(),
+            local_addr,
+            router: Router::new(metrics.clone()),
+            store: Store::spawn(backend),
+            metrics,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            next_conn_id: AtomicU64::new(1),
+        });
+        if let (Some((_, resolver)), Some(paths)) = (&tls, &config.tls) {
+            let resolver = resolver.clone();
+            let every = Duration::from_millis(paths.reload_interval_ms.max(50));
+            let stop = shared.shutdown.clone();
+            shared.tracker.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => match resolver.reload_if_changed() {
+                            Ok(true) => tracing::info!("TLS certificate reloaded from disk"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(error = %e, "TLS certificate on disk is unusable; keeping the current one"),
+                        },
+                    }
+                }
+            });
+        }
+        let acceptor = tls.map(|(a, _)| a);
+        let s = shared.clone();
+        shared
+            .tracker
+            .spawn(accept_loop(s, listener, acceptor));
+        Ok(Relay { shared })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// The URL clients dial, e.g. `ws://127.0.0.1:7777/`.
+    pub fn url(&self) -> String {
+        self.shared.advertised_url(None)
+    }
+
+    pub fn relay_key(&self) -> Address {
+        self.shared.relay_key
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Stops accepting, tells every client `shutting_down`, and waits (at
+    /// most `grace`) for all connection tasks to end.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        let _ = tokio::time::timeout(grace, self.shared.tracker.wait()).await;
+    }
+
+    /// Resolves when shutdown is requested (e.g. by another handle).
+    pub async fn cancelled(&self) {
+        self.shared.shutdown.cancelled().await
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    // Raw TCP connections: the WebSocket limit plus headroom for HTTP
+    // requests and for telling excess WebSocket clients `max_connections`.
+    let tcp_permits = Arc::new(Semaphore::new(shared.limits.max_connections + 256));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = tcp_permits.clone().try_acquire_owned() else {
+            shared.metrics.error(w2w_proto::ErrorCode::MaxConnections);
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let s = shared.clone();
+        let tls = tls.clone();
+        shared.tracker.spawn(async move {
+            let _permit = permit;
+            serve_tcp(s, tcp, peer, tls).await;
+        });
+    }
+}
+
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    match tls {
+        None => serve_http(shared, tcp, peer).await,
+        Some(acceptor) => {
+            let hs = tokio::time::timeout(shared.limits.auth_timeout(), acceptor.accept(tcp));
+            match hs.await {
+                Ok(Ok(stream)) => serve_http(shared, stream, peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_http<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let s = shared.clone();
+    let svc = service_fn(move |req| {
+        let s = s.clone();
+        async move { Ok::<_, Infallible>(handle(s, req, peer)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.auth_timeout())
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "http connection error");
+        },
+        _ = shared.shutdown.cancelled() => {}
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .unwrap_or_default()
+}
+
+fn json_error(status: StatusCode, error: &str, detail: &str) -> Response<Full<Bytes>> {
+    text(
+        status,
+        "application/json",
+        serde_json::json!({ "error": error, "detail": detail }).to_string(),
+    )
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    let has = |name, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
+}
+
+/// RFC 6455 §4.2.2: base64(SHA-1(key ++ GUID)).
+fn accept_key(key: &[u8]) -> String {
+    use base64::Engine;
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key);
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
+}
+
+fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if is_upgrade(&req) {
+        return upgrade(shared, &mut req, peer);
+    }
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        ("GET", "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared.metrics.render(),
+        ),
+        ("GET", "/.well-known/w2w") => {
+            text(StatusCode::OK, "application/json", shared.info_document())
+        }
+        ("GET", "/") => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            format!(
+                "<!doctype html><title>w2w relay</title><h1>w2w relay</h1>\
+                 <p>Relay key <code>{}</code></p><p>Connect a w2w client over WebSocket to this URL. \
+                 See <a href=\"/.well-known/w2w\">/.well-known/w2w</a> for limits.</p>",
+                shared.relay_key
+            ),
+        ),
+        _ => json_error(StatusCode::NOT_FOUND, "not_found", "try /, /healthz, /metrics or /.well-known/w2w"),
+    }
+}
+
+fn upgrade(shared: Arc<Shared>, req: &mut Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return json_error(StatusCode::BAD_REQUEST, "bad_upgrade", "missing Sec-WebSocket-Key");
+    };
+    if !version_ok || req.method() != http::Method::GET {
+        let mut r = json_error(StatusCode::BAD_REQUEST, "bad_upgrade", "WebSocket version 13 over GET is required");
+        r.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, http::HeaderValue::from_static("13"));
+        return r;
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let on_upgrade = hyper::upgrade::on(req);
+    let s = shared.clone();
+    shared.tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = tokio_websockets::ServerBuilder::new()
+                    .limits(
+                        tokio_websockets::Limits::default()
+                            .max_payload_len(Some(s.limits.max_frame_bytes)),
+                    )
+                    .serve(TokioIo::new(upgraded));
+                conn::run(s, ws, ConnInfo { peer, host }).await;
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc6455_accept_key_example() {
+        assert_eq!(
+            super::accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kD2YzhCWxo+p2s="
+        );
+    }
+
+    #[test]
+    fn authority_normalization() {
+        assert_eq!(super::normalize_authority("Example.com:443", true), "example.com");
+        assert_eq!(super::normalize_authority("example.com:443", false), "example.com:443");
+    }
+}
