@@ -1,1 +1,472 @@
+//! Async Rust client for w2w relays.
+//!
+//! [`Client::connect`] dials a relay, runs the sigA → sigB → sigC
+//! registration (checking the relay key against a pin when one is given) and
+//! starts a driver task that owns the socket. The [`Client`] handle sends
+//! frames and awaits their receipts; incoming messages and notices arrive on
+//! [`Client::recv`]. The driver answers the relay's pings (tokio-websockets
+//! does that) and stops when the handle is dropped or closed.
+//!
+//! [`register`] exposes the handshake on a raw WebSocket for tests and tools
+//! that need to send arbitrary frames.
+//!
+//! Not yet here (see the project issues): reconnect with backoff, end-to-end
+//! encryption, deduplication of redelivered messages.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_websockets::{MaybeTlsStream, Message, WebSocketStream};
+use w2w_proto::frame::{
+    ClientToRelay, ErrorFrame, Msg, MsgId, Notice, Receipt, RelayToClient, Request, RequestOp,
+    ResponseBody, Role,
+};
+use w2w_proto::handshake::{ClientHandshake, ClientRegistered, HandshakeError};
+use w2w_proto::{Address, Dest, ErrorCode, Identity};
+
+pub use w2w_proto;
+
+/// A WebSocket to a relay, plain or TLS.
+pub type RelaySocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid relay URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tokio_websockets::Error,
+    },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("registration failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The relay refused with a code (ERROR frame or close code).
+    #[error("relay refused: {code}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    Refused { code: ErrorCode, detail: String },
+    #[error("relay sent an invalid frame: {0}")]
+    Protocol(String),
+    #[error("connection closed{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Closed { reason: Option<String> },
+    #[error("reading TLS roots {path}: {reason}")]
+    TlsRoots { path: String, reason: String },
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_websockets::Error),
+}
+
+/// How to reach and trust a relay.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// ws:// or wss:// URL, exactly as the relay should see it.
+    pub url: String,
+    /// Expected relay key (from a previous visit); `None` trusts on first use.
+    pub pinned: Option<Address>,
+    /// Extra PEM CA certificates to trust for wss (e.g. a self-signed relay).
+    pub extra_roots_pem: Option<Vec<u8>>,
+    /// Time allowed for TCP + TLS + WebSocket + registration.
+    pub timeout: Duration,
+}
+
+impl ConnectOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        ConnectOptions {
+            url: url.into(),
+            pinned: None,
+            extra_roots_pem: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn pinned(mut self, key: Option<Address>) -> Self {
+        self.pinned = key;
+        self
+    }
+
+    /// Trusts the PEM certificates in `path` in addition to the web PKI.
+    pub fn trust_pem_file(mut self, path: &Path) -> Result<Self, ClientError> {
+        let pem = std::fs::read(path).map_err(|e| ClientError::TlsRoots {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        self.extra_roots_pem = Some(pem);
+        Ok(self)
+    }
+}
+
+fn tls_connector(extra_pem: Option<&[u8]>) -> Result<tokio_websockets::Connector, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_pem {
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| ClientError::TlsRoots {
+                path: "<pem>".into(),
+                reason: e.to_string(),
+            })?;
+            roots.add(cert).map_err(|e| ClientError::TlsRoots {
+                path: "<pem>".into(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::TlsRoots {
+        path: "<provider>".into(),
+        reason: e.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_websockets::Connector::Rustls(
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+    ))
+}
+
+/// Opens a WebSocket to the relay (no registration).
+pub async fn connect_raw(opts: &ConnectOptions) -> Result<RelaySocket, ClientError> {
+    let uri: http::Uri = opts.url.parse().map_err(|e: http::uri::InvalidUri| ClientError::BadUrl {
+        url: opts.url.clone(),
+        reason: e.to_string(),
+    })?;
+    let connector = match uri.scheme_str() {
+        Some("wss") => tls_connector(opts.extra_roots_pem.as_deref())?,
+        Some("ws") => tokio_websockets::Connector::Plain,
+        _ => {
+            return Err(ClientError::BadUrl {
+                url: opts.url.clone(),
+                reason: "the scheme must be ws:// or wss://".into(),
+            })
+        }
+    };
+    let builder = tokio_websockets::ClientBuilder::from_uri(uri)
+        .connector(&connector)
+        .limits(tokio_websockets::Limits::default().max_payload_len(Some(16 << 20)));
+    let fut = builder.connect();
+    let (ws, _resp) = tokio::time::timeout(opts.timeout, fut)
+        .await
+        .map_err(|_| ClientError::Timeout(opts.timeout))?
+        .map_err(|source| ClientError::Connect {
+            url: opts.url.clone(),
+            source,
+        })?;
+    Ok(ws)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads the next binary frame, turning ERROR frames and close codes into
+/// [`ClientError::Refused`].
+async fn next_frame<S>(ws: &mut WebSocketStream<S>) -> Result<RelayToClient, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let m = match ws.next().await {
+            None => return Err(ClientError::Closed { reason: None }),
+            Some(m) => m?,
+        };
+        if let Some((code, reason)) = m.as_close() {
+            return Err(match ErrorCode::from_close_code(code.into()) {
+                Some(code) => ClientError::Refused {
+                    code,
+                    detail: reason.to_owned(),
+                },
+                None => ClientError::Closed {
+                    reason: Some(format!("{} {}", u16::from(code), reason)),
+                },
+            });
+        }
+        if !m.is_binary() {
+            continue;
+        }
+        let bytes: Bytes = m.into_payload().into();
+        let frame = RelayToClient::decode(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let RelayToClient::Error(ErrorFrame { code, detail }) = &frame {
+            if let Some(code) = ErrorCode::from_u16(*code) {
+                return Err(ClientError::Refused {
+                    code,
+                    detail: detail.clone(),
+                });
+            }
+        }
+        return Ok(frame);
+    }
+}
+
+/// Runs registration on an open WebSocket. On success the socket is
+/// registered and REPLY_BACK has been consumed.
+pub async fn register<S>(
+    ws: &mut WebSocketStream<S>,
+    identity: &Identity,
+    url: &str,
+    pinned: Option<Address>,
+) -> Result<ClientRegistered, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut hs = ClientHandshake::new(identity.clone(), Role::Client, url, rand::random(), pinned);
+    let unexpected = |f: &RelayToClient| ClientError::Protocol(format!("unexpected frame during registration: {f:?}"));
+    let ch = match next_frame(ws).await? {
+        RelayToClient::Challenge(c) => c,
+        f => return Err(unexpected(&f)),
+    };
+    let reg = hs.on_challenge(ch, unix_ms())?;
+    ws.send(Message::binary(ClientToRelay::Register(reg).encode())).await?;
+    let cs = match next_frame(ws).await? {
+        RelayToClient::Countersign(c) => c,
+        f => return Err(unexpected(&f)),
+    };
+    let confirm = hs.on_countersign(cs)?;
+    ws.send(Message::binary(ClientToRelay::Confirm(confirm).encode())).await?;
+    let rb = match next_frame(ws).await? {
+        RelayToClient::ReplyBack(r) => r,
+        f => return Err(unexpected(&f)),
+    };
+    Ok(hs.on_reply_back(rb)?)
+}
+
+/// Something the relay sent that nobody was waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Msg(Msg),
+    Notice(Notice),
+    /// A non-fatal ERROR frame.
+    Error { code: u16, detail: String },
+}
+
+enum Cmd {
+    Send(Bytes, MsgId, oneshot::Sender<Receipt>),
+    Request(Request, oneshot::Sender<Result<ResponseBody, u16>>),
+    Close,
+}
+
+/// A registered connection to a relay.
+pub struct Client {
+    identity: Identity,
+    registered: ClientRegistered,
+    cmd_tx: mpsc::Sender<Cmd>,
+    events_rx: mpsc::Receiver<Event>,
+    closed_rx: tokio::sync::watch::Receiver<Option<String>>,
+    next_req: u32,
+}
+
+impl Client {
+    /// Connects and registers.
+    pub async fn connect(identity: Identity, opts: ConnectOptions) -> Result<Client, ClientError> {
+        let timeout = opts.timeout;
+        tokio::time::timeout(timeout, async {
+            let mut ws = connect_raw(&opts).await?;
+            let registered = register(&mut ws, &identity, &opts.url, opts.pinned).await?;
+            Ok(Client::start(identity, registered, ws))
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    fn start(identity: Identity, registered: ClientRegistered, ws: RelaySocket) -> Client {
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        let (closed_tx, closed_rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(drive(ws, cmd_rx, events_tx, closed_tx));
+        Client {
+            identity,
+            registered,
+            cmd_tx,
+            events_rx,
+            closed_rx,
+            next_req: 1,
+        }
+    }
+
+    pub fn address(&self) -> Address {
+        self.identity.address()
+    }
+
+    pub fn relay_key(&self) -> Address {
+        self.registered.relay_key
+    }
+
+    pub fn registration(&self) -> &ClientRegistered {
+        &self.registered
+    }
+
+    fn closed_error(&self) -> ClientError {
+        ClientError::Closed {
+            reason: self.closed_rx.borrow().clone(),
+        }
+    }
+
+    /// Sends a MSG and waits for its receipt.
+    pub async fn send(&self, dest: Dest, payload: impl Into<Bytes>) -> Result<Receipt, ClientError> {
+        let msg = Msg {
+            flags: 0,
+            id: MsgId(rand::random()),
+            from: self.address(),
+            dest,
+            payload: payload.into(),
+        };
+        self.send_msg(&msg).await
+    }
+
+    /// Sends a prepared MSG (its `from` must be this client's address).
+    pub async fn send_msg(&self, msg: &Msg) -> Result<Receipt, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd_tx
+            .send(Cmd::Send(msg.encode(), msg.id, tx))
+            .await
+            .map_err(|_| self.closed_error())?;
+        rx.await.map_err(|_| self.closed_error())
+    }
+
+    /// Sends a c2s request and waits for the answer.
+    pub async fn request(&mut self, op: RequestOp) -> Result<ResponseBody, ClientError> {
+        let req_id = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1);
+        let (tx, rx) = oneshot::channel();
+        self.cmd_tx
+            .send(Cmd::Request(Request { req_id, op }, tx))
+            .await
+            .map_err(|_| self.closed_error())?;
+        match rx.await.map_err(|_| self.closed_error())? {
+            Ok(body) => Ok(body),
+            Err(code) => Err(ClientError::Refused {
+                code: ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal),
+                detail: format!("request failed with code {code}"),
+            }),
+        }
+    }
+
+    /// Every address online on this relay (pages through ONLINE).
+    pub async fn online(&mut self) -> Result<Vec<Address>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let body = self
+                .request(RequestOp::Online {
+                    offset: out.len() as u32,
+                    limit: 1000,
+                })
+                .await?;
+            let ResponseBody::Online { total, addresses } = body else {
+                return Err(ClientError::Protocol("ONLINE answered with another op".into()));
+            };
+            let done = addresses.is_empty() || out.len() + addresses.len() >= total as usize;
+            out.extend(addresses);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The next message or notice; `None` once the connection has ended
+    /// (see [`Client::close_reason`]).
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.events_rx.recv().await
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.closed_rx.borrow().clone()
+    }
+
+    /// Closes the connection with a normal WebSocket close.
+    pub async fn close(self) {
+        let _ = self.cmd_tx.send(Cmd::Close).await;
+        let mut rx = self.closed_rx.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|c| c.is_some())).await;
+    }
+}
+
+/// The driver: owns the socket, matches receipts and responses to waiters.
+async fn drive(
+    mut ws: RelaySocket,
+    mut cmd_rx: mpsc::Receiver<Cmd>,
+    events_tx: mpsc::Sender<Event>,
+    closed_tx: tokio::sync::watch::Sender<Option<String>>,
+) {
+    let mut receipts: HashMap<MsgId, oneshot::Sender<Receipt>> = HashMap::new();
+    let mut requests: HashMap<u32, oneshot::Sender<Result<ResponseBody, u16>>> = HashMap::new();
+    let reason = loop {
+        tokio::select! {
+            cmd = cmd_rx.recv() => match cmd {
+                Some(Cmd::Send(frame, id, tx)) => {
+                    receipts.insert(id, tx);
+                    if let Err(e) = ws.send(Message::binary(frame)).await {
+                        break format!("send failed: {e}");
+                    }
+                }
+                Some(Cmd::Request(req, tx)) => {
+                    requests.insert(req.req_id, tx);
+                    if let Err(e) = ws.send(Message::binary(ClientToRelay::Request(req).encode())).await {
+                        break format!("send failed: {e}");
+                    }
+                }
+                Some(Cmd::Close) | None => {
+                    let _ = ws.close().await;
+                    break "closed by client".to_string();
+                }
+            },
+            m = ws.next() => {
+                let m = match m {
+                    None => break "connection closed".to_string(),
+                    Some(Err(e)) => break format!("connection failed: {e}"),
+                    Some(Ok(m)) => m,
+                };
+                if let Some((code, text)) = m.as_close() {
+                    let code = u16::from(code);
+                    break match ErrorCode::from_close_code(code) {
+                        Some(c) => format!("relay closed the connection: {c}"),
+                        None => format!("relay closed the connection: {code} {text}"),
+                    };
+                }
+                if !m.is_binary() {
+                    continue;
+                }
+                let bytes: Bytes = m.into_payload().into();
+                let event = match RelayToClient::decode(&bytes) {
+                    Ok(RelayToClient::Receipt(r)) => {
+                        if let Some(tx) = receipts.remove(&r.id) {
+                            let _ = tx.send(r);
+                        }
+                        continue;
+                    }
+                    Ok(RelayToClient::Response(r)) => {
+                        if let Some(tx) = requests.remove(&r.req_id) {
+                            let _ = tx.send(r.result);
+                        }
+                        continue;
+                    }
+                    Ok(RelayToClient::Msg(m)) => Event::Msg(m),
+                    Ok(RelayToClient::Notice(n)) => Event::Notice(n),
+                    Ok(RelayToClient::Error(e)) => Event::Error { code: e.code, detail: e.detail },
+                    Ok(other) => Event::Error {
+                        code: ErrorCode::UnexpectedFrame.as_u16(),
+                        detail: format!("unexpected frame from relay: {other:?}"),
+                    },
+                    Err(e) => Event::Error { code: e.code().as_u16(), detail: format!("undecodable frame from relay: {e}") },
+                };
+                // Backpressure: if the application stops reading, so do we.
+                if events_tx.send(event).await.is_err() {
+                    let _ = ws.close().await;
+                    break "client handle dropped".to_string();
+                }
+            }
+        }
+    };
+    tracing::debug!(reason, "client driver stopped");
+    let _ = closed_tx.send(Some(reason));
+}

@@ -1,1 +1,426 @@
-fn main() {}
+//! `w2w`: the relay (`serve`) and the command-line client.
+
+mod bench;
+mod keys;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use w2w_client::{Client, ConnectOptions, Event};
+use w2w_proto::frame::{Notice, Receipt, Scope, Status};
+use w2w_proto::{Address, Dest, ErrorCode};
+use w2w_server::{Limits, Relay, RelayConfig, TlsPaths};
+
+#[derive(Parser)]
+#[command(
+    name = "w2w",
+    version,
+    about = "w2w joins WebSocket networks into one: addresses are Ed25519 keys, relays route what they cannot read.",
+    long_about = "w2w joins WebSocket networks into one addressable network.\n\n\
+        A client's Ed25519 public key (64 hex characters) is its address. It registers with a \
+        relay over WebSocket (sigA -> sigB -> sigC) and can then send to one address (a2b), a \
+        list (a2g), everyone (a2n) or itself (a2a).\n\n\
+        Start a relay:   w2w serve\n\
+        Listen:          w2w listen\n\
+        Send:            w2w send --to <ADDRESS> 'hello'",
+    after_help = "Environment: W2W_RELAY sets --relay, W2W_ID sets --id. Docs: docs/PROTOCOL.md"
+)]
+struct Cli {
+    /// Log filter, e.g. info, debug, w2w_server=trace (RUST_LOG also works).
+    #[arg(long, global = true, default_value = "info", env = "W2W_LOG")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a relay (zero config: 127.0.0.1:7777, data dir created on first run).
+    Serve(ServeArgs),
+    /// Create or show your identity (an Ed25519 key; its public half is your address).
+    #[command(subcommand)]
+    Id(IdCmd),
+    /// Send a message: one --to is a2b, several --to is a2g, --all is a2n, --self is a2a.
+    Send(SendArgs),
+    /// Print every message received, one line each (or JSON lines with --json).
+    Listen(ListenArgs),
+    /// List the addresses online on the relay.
+    Online(ClientArgs),
+    /// Load generator: a2b throughput and latency through a relay.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (server key, SQLite store). Default: ~/.local/share/w2w.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// TOML config file (see README); command-line flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for wss; reloaded when the file changes.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Public URL clients dial (repeatable); default: any URL matching the Host header.
+    #[arg(long = "public-url")]
+    public_urls: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data: Option<PathBuf>,
+    #[serde(default)]
+    public_urls: Vec<String>,
+    tls: Option<TlsPaths>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+#[derive(Subcommand)]
+enum IdCmd {
+    /// Create a new key file (mode 0600).
+    New {
+        #[arg(long, env = "W2W_ID")]
+        id: Option<PathBuf>,
+    },
+    /// Print the address of a key file.
+    Show {
+        #[arg(long, env = "W2W_ID")]
+        id: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Relay URL.
+    #[arg(long, env = "W2W_RELAY", default_value = "ws://127.0.0.1:7777/")]
+    relay: String,
+    /// Key file (created on first use). Default: ~/.config/w2w/id.key.
+    #[arg(long, env = "W2W_ID")]
+    id: Option<PathBuf>,
+    /// Extra CA certificate (PEM) to trust for wss, e.g. a self-signed relay.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Accept a relay key that differs from the one pinned for this URL.
+    #[arg(long)]
+    accept_new_relay_key: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Recipient address (repeat for a2g).
+    #[arg(long = "to", conflicts_with_all = ["all", "self_"])]
+    to: Vec<Address>,
+    /// Send to everyone on the relay (a2n).
+    #[arg(long, conflicts_with = "self_")]
+    all: bool,
+    /// Send to yourself through the relay (a2a).
+    #[arg(long = "self")]
+    self_: bool,
+    /// Print the receipt as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The message; "-" or nothing reads standard input.
+    message: Option<String>,
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// One JSON object per line: from, route, id, body.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Also print join/leave notices.
+    #[arg(long)]
+    presence: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or(cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Serve(a) => serve(a).await,
+        Cmd::Id(IdCmd::New { id }) => {
+            let path = id.unwrap_or_else(keys::default_id_path);
+            keys::check_not_exists(&path)?;
+            let ident = keys::create_key(&path)?;
+            eprintln!("created {}", path.display());
+            println!("{}", ident.address());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Id(IdCmd::Show { id }) => {
+            let path = id.unwrap_or_else(keys::default_id_path);
+            println!("{}", keys::load_key(&path)?.address());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Send(a) => send(a).await,
+        Cmd::Listen(a) => listen(a).await,
+        Cmd::Online(a) => {
+            let mut c = connect(&a).await?;
+            for addr in c.online().await? {
+                println!("{addr}");
+            }
+            c.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(a) => bench::run(a).await,
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<ExitCode> {
+    let file: FileConfig = match &a.config {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => FileConfig::default(),
+    };
+    let data = a
+        .data
+        .or(file.data)
+        .unwrap_or_else(|| dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("w2w"));
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let key_path = data.join("relay.key");
+    let (identity, created) = keys::load_or_create(&key_path)?;
+    if created {
+        tracing::info!("generated relay key {}", key_path.display());
+    }
+    let listen = a
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:7777".parse().expect("valid default"));
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsPaths {
+            cert,
+            key,
+            reload_interval_ms: 2000,
+        }),
+        _ => file.tls,
+    };
+    let mut public_urls = a.public_urls;
+    if public_urls.is_empty() {
+        public_urls = file.public_urls;
+    }
+    let config = RelayConfig {
+        identity,
+        listen,
+        data_dir: Some(data.clone()),
+        public_urls,
+        tls,
+        limits: file.limits,
+    };
+    let relay = Relay::start(config).await?;
+    println!("w2w relay listening on {}", relay.url());
+    println!("relay key  {}", relay.relay_key());
+    println!("data dir   {}", data.display());
+    let http = relay.url().replacen("ws", "http", 1);
+    println!("info       {http}.well-known/w2w   health {http}healthz   metrics {http}metrics");
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = relay.cancelled() => {}
+    }
+    relay.shutdown(std::time::Duration::from_secs(5)).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn connect(a: &ClientArgs) -> Result<Client> {
+    let id_path = a.id.clone().unwrap_or_else(keys::default_id_path);
+    let (identity, created) = keys::load_or_create(&id_path)?;
+    if created {
+        eprintln!(
+            "created identity {} in {}",
+            identity.address(),
+            id_path.display()
+        );
+    }
+    let mut known = keys::KnownRelays::load(keys::config_dir().join("known_relays.json"))?;
+    let pinned = if a.accept_new_relay_key {
+        None
+    } else {
+        known.get(&a.relay)?
+    };
+    let mut opts = ConnectOptions::new(&a.relay).pinned(pinned);
+    if let Some(ca) = &a.ca {
+        opts = opts.trust_pem_file(ca)?;
+    }
+    let client = match Client::connect(identity, opts).await {
+        Err(w2w_client::ClientError::Handshake(
+            e @ w2w_proto::handshake::HandshakeError::RelayKeyChanged { .. },
+        )) => bail!(
+            "{e}\nThe relay at {} now presents a different key. If you trust the change, rerun with --accept-new-relay-key.",
+            a.relay
+        ),
+        r => r.with_context(|| format!("connecting to {}", a.relay))?,
+    };
+    if known.pin(&a.relay, client.relay_key())? {
+        eprintln!("pinned relay key {} for {}", client.relay_key(), a.relay);
+    }
+    Ok(client)
+}
+
+fn receipt_json(r: &Receipt) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id.to_string(),
+        "status": r.status.as_str(),
+        "reason": ErrorCode::from_u16(r.reason).map(|c| c.as_str()),
+        "delivered": r.delivered,
+        "recipients": r.entries.iter().map(|e| serde_json::json!({
+            "to": e.to.to_hex(),
+            "status": e.status.as_str(),
+            "reason": ErrorCode::from_u16(e.reason).map(|c| c.as_str()),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn send(a: SendArgs) -> Result<ExitCode> {
+    let body = match a.message.as_deref() {
+        None | Some("-") => {
+            let mut s = Vec::new();
+            std::io::stdin().read_to_end(&mut s)?;
+            s
+        }
+        Some(m) => m.as_bytes().to_vec(),
+    };
+    let dest = match (a.to.len(), a.all, a.self_) {
+        (_, true, _) => Dest::A2n(Scope::Relay),
+        (_, _, true) => Dest::A2a,
+        (0, _, _) => bail!("say where to send: --to ADDRESS (repeatable), --all or --self"),
+        (1, _, _) => Dest::A2b(a.to[0]),
+        _ => Dest::A2g(a.to.clone()),
+    };
+    let c = connect(&a.client).await?;
+    let r = c.send(dest, body).await?;
+    if a.json {
+        println!("{}", receipt_json(&r));
+    } else {
+        let reason = ErrorCode::from_u16(r.reason)
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
+        println!("{} {}{} delivered={}", r.id, r.status.as_str(), reason, r.delivered);
+        for e in &r.entries {
+            let reason = ErrorCode::from_u16(e.reason)
+                .map(|c| format!(" ({})", c.as_str()))
+                .unwrap_or_default();
+            println!("  {} {}{}", e.to, e.status.as_str(), reason);
+        }
+    }
+    c.close().await;
+    Ok(match r.status {
+        Status::Delivered | Status::Queued => ExitCode::SUCCESS,
+        Status::NoRoute | Status::Partial => ExitCode::from(2),
+        Status::Rejected => ExitCode::from(3),
+    })
+}
+
+async fn listen(a: ListenArgs) -> Result<ExitCode> {
+    let mut c = connect(&a.client).await?;
+    if a.presence {
+        c.request(w2w_proto::frame::RequestOp::Presence(true))
+            .await?;
+    }
+    eprintln!(
+        "listening as {} on {} (Ctrl-C to stop)",
+        c.address(),
+        a.client.relay
+    );
+    let mut n = 0u64;
+    loop {
+        let ev = tokio::select! {
+            ev = c.recv() => ev,
+            _ = shutdown_signal() => break,
+        };
+        match ev {
+            None => bail!(
+                "connection ended: {}",
+                c.close_reason().unwrap_or_else(|| "unknown".into())
+            ),
+            Some(Event::Msg(m)) => {
+                let body = String::from_utf8_lossy(&m.payload);
+                if a.json {
+                    let text = std::str::from_utf8(&m.payload).ok();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "from": m.from.to_hex(),
+                            "route": m.dest.route().as_str(),
+                            "id": m.id.to_string(),
+                            "body": text,
+                            "body_hex": if text.is_none() { Some(hex::encode(&m.payload)) } else { None },
+                        })
+                    );
+                } else {
+                    println!("{} {} {}", m.dest.route().as_str(), m.from, body);
+                }
+                n += 1;
+                if a.count.is_some_and(|c| n >= c) {
+                    break;
+                }
+            }
+            Some(Event::Notice(notice)) => match notice {
+                Notice::Join(x) if a.presence => eprintln!("+ {x} joined"),
+                Notice::Leave(x) if a.presence => eprintln!("- {x} left"),
+                Notice::Replaced => eprintln!("another connection with this identity replaced this one"),
+                Notice::ShuttingDown => eprintln!("the relay is shutting down"),
+                _ => {}
+            },
+            Some(Event::Error { code, detail }) => eprintln!("relay error {code}: {detail}"),
+        }
+    }
+    c.close().await;
+    Ok(ExitCode::SUCCESS)
+}
