@@ -53,6 +53,8 @@ type Ws<S> = WebSocketStream<S>;
 enum End {
     /// The peer closed or the socket failed; nothing more to send.
     Gone,
+    /// The WebSocket layer queued a close (1009, frame too large); flush it.
+    Flush,
     /// We close with this code (after an ERROR frame or notice).
     Close(ErrorCode, String),
 }
@@ -95,6 +97,16 @@ async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(Duration::from_secs(2), graceful).await;
 }
 
+/// Sends whatever close the WebSocket layer queued and waits briefly for
+/// the peer's answer.
+async fn flush_close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws.flush().await;
+        while ws.next().await.is_some() {}
+    })
+    .await;
+}
+
 /// Runs a WebSocket connection to the end.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     shared: Arc<Shared>,
@@ -111,6 +123,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let reg = match register(&shared, &mut ws, &info).await {
         Ok(reg) => reg,
         Err(End::Gone) => {
+            shared.metrics.connections.fetch_sub(1, Relaxed);
+            return;
+        }
+        Err(End::Flush) => {
+            flush_close(&mut ws).await;
             shared.metrics.connections.fetch_sub(1, Relaxed);
             return;
         }
@@ -202,6 +219,7 @@ fn read_error(shared: &Shared, e: tokio_websockets::Error) -> End {
         // tokio-websockets has already queued a 1009 close.
         shared.metrics.error(ErrorCode::FrameTooLarge);
         tracing::debug!(len, max_len, "frame too large");
+        return End::Flush;
     }
     End::Gone
 }
@@ -281,6 +299,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
     match end {
         End::Gone => tracing::info!(address = %address.short(), "disconnected"),
+        End::Flush => {
+            tracing::info!(address = %address.short(), "frame too large, closing");
+            flush_close(&mut ws).await;
+        }
         End::Close(code, detail) => {
             tracing::info!(address = %address.short(), %code, "closing");
             close_with(&mut ws, &shared, code, &detail).await;

@@ -446,7 +446,7 @@ mod tests {
     fn rfc6455_accept_key_example() {
         assert_eq!(
             super::accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kD2YzhCWxo+p2s="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 

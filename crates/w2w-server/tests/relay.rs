@@ -1,0 +1,823 @@
+//! The relay against real WebSocket clients on loopback.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_websockets::Message;
+use w2w_client::{connect_raw, register, Client, ConnectOptions, Event, RelaySocket};
+use w2w_proto::frame::{
+    ty, ClientToRelay, Confirm, Hosted, Msg, MsgId, Notice, RelayToClient, RequestOp, ResponseBody,
+    Role, Scope, Status,
+};
+use w2w_proto::handshake::ClientHandshake;
+use w2w_proto::{Address, Dest, ErrorCode, Identity};
+use w2w_server::{Limits, Relay, RelayConfig};
+
+const T: Duration = Duration::from_secs(5);
+
+async fn start(limits: Limits) -> Relay {
+    let mut cfg = RelayConfig::new(
+        Identity::from_seed(rand::random()),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cfg.limits = limits;
+    Relay::start(cfg).await.unwrap()
+}
+
+fn id() -> Identity {
+    Identity::from_seed(rand::random())
+}
+
+async fn client(relay: &Relay) -> Client {
+    Client::connect(id(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap()
+}
+
+async fn raw(relay: &Relay) -> RelaySocket {
+    connect_raw(&ConnectOptions::new(relay.url())).await.unwrap()
+}
+
+async fn raw_registered(relay: &Relay) -> (RelaySocket, Identity) {
+    let mut ws = raw(relay).await;
+    let me = id();
+    register(&mut ws, &me, &relay.url(), Some(relay.relay_key()))
+        .await
+        .unwrap();
+    (ws, me)
+}
+
+async fn send_bin(ws: &mut RelaySocket, b: impl Into<Bytes>) {
+    ws.send(Message::binary(b.into())).await.unwrap();
+}
+
+/// Next binary frame from the relay, or the close code as `Err`.
+async fn next(ws: &mut RelaySocket) -> Result<RelayToClient, Option<u16>> {
+    loop {
+        let m = tokio::time::timeout(T, ws.next())
+            .await
+            .expect("relay did not answer in time");
+        let m = match m {
+            None | Some(Err(_)) => return Err(None),
+            Some(Ok(m)) => m,
+        };
+        if let Some((code, _)) = m.as_close() {
+            return Err(Some(code.into()));
+        }
+        if m.is_binary() {
+            let b: Bytes = m.into_payload().into();
+            return Ok(RelayToClient::decode(&b).expect("relay sent an invalid frame"));
+        }
+    }
+}
+
+/// Expects ERROR(code) followed by close 4000+code.
+async fn expect_refusal(ws: &mut RelaySocket, code: ErrorCode) {
+    match next(ws).await {
+        Ok(RelayToClient::Error(e)) => assert_eq!(
+            ErrorCode::from_u16(e.code),
+            Some(code),
+            "detail: {}",
+            e.detail
+        ),
+        other => panic!("expected ERROR {code}, got {other:?}"),
+    }
+    assert_eq!(next(ws).await.err(), Some(Some(code.close_code())));
+}
+
+async fn expect_error(ws: &mut RelaySocket, code: ErrorCode) {
+    match next(ws).await {
+        Ok(RelayToClient::Error(e)) => assert_eq!(
+            ErrorCode::from_u16(e.code),
+            Some(code),
+            "detail: {}",
+            e.detail
+        ),
+        other => panic!("expected ERROR {code}, got {other:?}"),
+    }
+}
+
+async fn recv_msg(c: &mut Client) -> Msg {
+    loop {
+        match tokio::time::timeout(T, c.recv()).await.expect("no message") {
+            Some(Event::Msg(m)) => return m,
+            Some(_) => continue,
+            None => panic!("connection ended: {:?}", c.close_reason()),
+        }
+    }
+}
+
+/// Asserts nothing arrives within a short window.
+async fn expect_silence(c: &mut Client) {
+    if let Ok(Some(Event::Msg(m))) = tokio::time::timeout(Duration::from_millis(200), c.recv()).await
+    {
+        panic!("unexpected message {m:?}");
+    }
+}
+
+fn no_rate_limit() -> Limits {
+    Limits {
+        rate_per_sec: 1_000_000,
+        rate_burst: 1_000_000,
+        ..Limits::default()
+    }
+}
+
+// ------------------------------------------------------------ the seed's tests
+
+#[tokio::test]
+async fn reply_back_on_registration() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    let c = Client::connect(me.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    let rb = &c.registration().reply_back;
+    assert_eq!(rb.address, me.address());
+    assert_eq!(rb.relay_url, relay.url());
+    assert_eq!(c.relay_key(), relay.relay_key());
+}
+
+#[tokio::test]
+async fn a2a_echoes_to_self() {
+    let relay = start(Limits::default()).await;
+    let mut a = client(&relay).await;
+    let r = a.send(Dest::A2a, "a2a hello w2w").await.unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 1));
+    let m = recv_msg(&mut a).await;
+    assert_eq!(&m.payload[..], b"a2a hello w2w");
+    assert_eq!(m.from, a.address());
+    assert_eq!(m.id, r.id);
+}
+
+#[tokio::test]
+async fn a2b_reaches_b_only() {
+    let relay = start(Limits::default()).await;
+    let mut a = client(&relay).await;
+    let mut b = client(&relay).await;
+    let mut c = client(&relay).await;
+    let r = a.send(Dest::A2b(b.address()), "a2b hello w2w").await.unwrap();
+    assert_eq!(r.status, Status::Delivered);
+    assert_eq!(r.entries.len(), 1);
+    assert_eq!(r.entries[0].to, b.address());
+    let m = recv_msg(&mut b).await;
+    assert_eq!(&m.payload[..], b"a2b hello w2w");
+    assert_eq!(m.from, a.address());
+    assert_eq!(m.dest, Dest::A2b(b.address()));
+    expect_silence(&mut a).await;
+    expect_silence(&mut c).await;
+}
+
+#[tokio::test]
+async fn a2g_reaches_listed_only() {
+    let relay = start(Limits::default()).await;
+    let mut a = client(&relay).await;
+    let mut b = client(&relay).await;
+    let mut c = client(&relay).await;
+    let mut d = client(&relay).await;
+    let r = a
+        .send(Dest::A2g(vec![b.address(), c.address()]), "a2g hi")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 2));
+    assert_eq!(&recv_msg(&mut b).await.payload[..], b"a2g hi");
+    assert_eq!(&recv_msg(&mut c).await.payload[..], b"a2g hi");
+    expect_silence(&mut a).await;
+    expect_silence(&mut d).await;
+
+    // One offline recipient: partial, with a per-recipient no_route.
+    let ghost = id().address();
+    let r = a
+        .send(Dest::A2g(vec![b.address(), ghost]), "x")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Partial, 1));
+    let e = r.entries.iter().find(|e| e.to == ghost).unwrap();
+    assert_eq!(
+        (e.status, e.reason),
+        (Status::NoRoute, ErrorCode::NoRoute.as_u16())
+    );
+}
+
+#[tokio::test]
+async fn a2n_reaches_everyone() {
+    let relay = start(Limits::default()).await;
+    let mut cs = Vec::new();
+    for _ in 0..4 {
+        cs.push(client(&relay).await);
+    }
+    let r = cs[0].send(Dest::A2n(Scope::Relay), "to all").await.unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 4));
+    for c in &mut cs {
+        assert_eq!(&recv_msg(c).await.payload[..], b"to all");
+        expect_silence(c).await;
+    }
+}
+
+#[tokio::test]
+async fn a2b_to_offline_address_is_no_route() {
+    let relay = start(Limits::default()).await;
+    let a = client(&relay).await;
+    let r = a.send(Dest::A2b(id().address()), "?").await.unwrap();
+    assert_eq!(r.status, Status::NoRoute);
+    assert_eq!(r.reason, ErrorCode::NoRoute.as_u16());
+}
+
+#[tokio::test]
+async fn payload_bytes_arrive_unchanged() {
+    let relay = start(Limits::default()).await;
+    let a = client(&relay).await;
+    let mut b = client(&relay).await;
+    let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    a.send(Dest::A2b(b.address()), payload.clone()).await.unwrap();
+    assert_eq!(recv_msg(&mut b).await.payload, payload);
+}
+
+// ----------------------------------------------------------- registration
+
+#[tokio::test]
+async fn registration_is_recorded_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    let relay = Relay::start(cfg).await.unwrap();
+    let me = id();
+    let c = Client::connect(me.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    c.close().await;
+    let db = rusqlite::Connection::open(dir.path().join("w2w.sqlite")).unwrap();
+    let (url, sig_a, sig_b, sig_c, first, last): (String, Vec<u8>, Vec<u8>, Vec<u8>, i64, i64) = db
+        .query_row(
+            "SELECT url, sig_a, sig_b, sig_c, first_seen_ms, last_seen_ms FROM registrations WHERE address = ?1",
+            [&me.address().0[..]],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .unwrap();
+    assert_eq!(url, relay.url());
+    assert_eq!((sig_a.len(), sig_b.len(), sig_c.len()), (64, 64, 64));
+    assert!(first > 0 && last >= first);
+}
+
+/// Runs the handshake by hand up to REGISTER, letting the test tamper.
+async fn challenge(ws: &mut RelaySocket) -> w2w_proto::frame::Challenge {
+    match next(ws).await {
+        Ok(RelayToClient::Challenge(c)) => c,
+        other => panic!("expected CHALLENGE, got {other:?}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    w2w_client::unix_ms()
+}
+
+#[tokio::test]
+async fn stale_timestamp_is_rejected() {
+    let relay = start(Limits::default()).await;
+    for skew in [-61_000i64, 61_000] {
+        let mut ws = raw(&relay).await;
+        let ch = challenge(&mut ws).await;
+        let mut hs = ClientHandshake::new(id(), Role::Client, relay.url(), rand::random(), None);
+        let reg = hs
+            .on_challenge(ch, (now_ms() as i64 + skew) as u64)
+            .unwrap();
+        send_bin(&mut ws, ClientToRelay::Register(reg).encode()).await;
+        expect_refusal(&mut ws, ErrorCode::StaleTimestamp).await;
+    }
+}
+
+#[tokio::test]
+async fn wrong_relay_is_rejected() {
+    let relay = start(Limits::default()).await;
+    let mut ws = raw(&relay).await;
+    let mut ch = challenge(&mut ws).await;
+    ch.relay_key = id().address();
+    let mut hs = ClientHandshake::new(id(), Role::Client, relay.url(), rand::random(), None);
+    let reg = hs.on_challenge(ch, now_ms()).unwrap();
+    send_bin(&mut ws, ClientToRelay::Register(reg).encode()).await;
+    expect_refusal(&mut ws, ErrorCode::WrongRelay).await;
+}
+
+#[tokio::test]
+async fn wrong_url_is_rejected() {
+    let relay = start(Limits::default()).await;
+    for url in [
+        "ws://evil.example:7777/".to_string(),
+        relay.url().replace("ws://", "wss://"),
+        "not a url".into(),
+    ] {
+        let mut ws = raw(&relay).await;
+        let ch = challenge(&mut ws).await;
+        let mut hs = ClientHandshake::new(id(), Role::Client, url, rand::random(), None);
+        let reg = hs.on_challenge(ch, now_ms()).unwrap();
+        send_bin(&mut ws, ClientToRelay::Register(reg).encode()).await;
+        expect_refusal(&mut ws, ErrorCode::WrongUrl).await;
+    }
+}
+
+#[tokio::test]
+async fn replayed_register_is_rejected() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    let mut ws = raw(&relay).await;
+    let ch = challenge(&mut ws).await;
+    let mut hs = ClientHandshake::new(me.clone(), Role::Client, relay.url(), rand::random(), None);
+    let captured = ClientToRelay::Register(hs.on_challenge(ch, now_ms()).unwrap()).encode();
+    send_bin(&mut ws, captured.clone()).await;
+    assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Countersign(_))));
+    // An eavesdropper replays the captured REGISTER on a new connection.
+    let mut ws2 = raw(&relay).await;
+    challenge(&mut ws2).await;
+    send_bin(&mut ws2, captured).await;
+    expect_refusal(&mut ws2, ErrorCode::Replay).await;
+}
+
+#[tokio::test]
+async fn bad_signatures_are_rejected() {
+    let relay = start(Limits::default()).await;
+    // sigA altered.
+    let mut ws = raw(&relay).await;
+    let ch = challenge(&mut ws).await;
+    let mut hs = ClientHandshake::new(id(), Role::Client, relay.url(), rand::random(), None);
+    let mut reg = hs.on_challenge(ch, now_ms()).unwrap();
+    reg.sig_a[10] ^= 1;
+    send_bin(&mut ws, ClientToRelay::Register(reg).encode()).await;
+    expect_refusal(&mut ws, ErrorCode::BadSignature).await;
+    // sigA made by another key than the one claimed.
+    let mut ws = raw(&relay).await;
+    let ch = challenge(&mut ws).await;
+    let mut hs = ClientHandshake::new(id(), Role::Client, relay.url(), rand::random(), None);
+    let mut reg = hs.on_challenge(ch, now_ms()).unwrap();
+    reg.client_key = id().address();
+    send_bin(&mut ws, ClientToRelay::Register(reg).encode()).await;
+    expect_refusal(&mut ws, ErrorCode::BadSignature).await;
+    // sigC forged.
+    let mut ws = raw(&relay).await;
+    let ch = challenge(&mut ws).await;
+    let mut hs = ClientHandshake::new(id(), Role::Client, relay.url(), rand::random(), None);
+    let reg = hs.on_challenge(ch, now_ms()).unwrap();
+    send_bin(&mut ws, ClientToRelay::Register(reg).encode()).await;
+    assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Countersign(_))));
+    send_bin(&mut ws, ClientToRelay::Confirm(Confirm { sig_c: [7; 64] }).encode()).await;
+    expect_refusal(&mut ws, ErrorCode::BadSignature).await;
+}
+
+#[tokio::test]
+async fn client_refuses_a_relay_whose_key_changed() {
+    let relay = start(Limits::default()).await;
+    let opts = ConnectOptions::new(relay.url()).pinned(Some(id().address()));
+    match Client::connect(id(), opts).await {
+        Err(w2w_client::ClientError::Handshake(
+            w2w_proto::handshake::HandshakeError::RelayKeyChanged { presented, .. },
+        )) => assert_eq!(presented, relay.relay_key()),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("connected despite a changed relay key"),
+    }
+}
+
+#[tokio::test]
+async fn registration_must_finish_within_auth_timeout() {
+    let relay = start(Limits {
+        auth_timeout_ms: 300,
+        ..Limits::default()
+    })
+    .await;
+    let mut ws = raw(&relay).await;
+    challenge(&mut ws).await;
+    expect_refusal(&mut ws, ErrorCode::AuthTimeout).await;
+    assert_eq!(relay.metrics().error_count(ErrorCode::AuthTimeout), 1);
+}
+
+#[tokio::test]
+async fn messages_before_registration_are_refused() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    let msg = Msg {
+        flags: 0,
+        id: MsgId([1; 16]),
+        from: me.address(),
+        dest: Dest::A2a,
+        payload: Bytes::from_static(b"early"),
+    };
+    let mut ws = raw(&relay).await;
+    challenge(&mut ws).await;
+    send_bin(&mut ws, msg.encode()).await;
+    expect_refusal(&mut ws, ErrorCode::NotRegistered).await;
+    // Garbage during registration is fatal too, with its own code.
+    let mut ws = raw(&relay).await;
+    challenge(&mut ws).await;
+    send_bin(&mut ws, vec![1u8, 0x77]).await;
+    expect_refusal(&mut ws, ErrorCode::UnknownFrameType).await;
+}
+
+// ------------------------------------------------------------ limits
+
+#[tokio::test]
+async fn frame_over_max_size_closes_with_1009_and_others_are_served() {
+    let relay = start(Limits {
+        max_frame_bytes: 1024,
+        ..Limits::default()
+    })
+    .await;
+    let (mut ws, _) = raw_registered(&relay).await;
+    send_bin(&mut ws, vec![0u8; 2048]).await;
+    assert_eq!(next(&mut ws).await.err(), Some(Some(1009)));
+    assert_eq!(relay.metrics().error_count(ErrorCode::FrameTooLarge), 1);
+    let a = client(&relay).await;
+    let mut b = client(&relay).await;
+    assert_eq!(
+        a.send(Dest::A2b(b.address()), "fine").await.unwrap().status,
+        Status::Delivered
+    );
+    recv_msg(&mut b).await;
+}
+
+#[tokio::test]
+async fn rate_limit_rejects_with_a_receipt() {
+    let relay = start(Limits {
+        rate_per_sec: 1,
+        rate_burst: 3,
+        ..Limits::default()
+    })
+    .await;
+    let mut a = client(&relay).await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = a.send(Dest::A2a, "x").await.unwrap();
+        statuses.push((r.status, r.reason));
+    }
+    let limited = (Status::Rejected, ErrorCode::RateLimited.as_u16());
+    assert_eq!(&statuses[..3], &[(Status::Delivered, 0); 3]);
+    assert_eq!(&statuses[3..], &[limited; 2]);
+    assert!(relay.metrics().error_count(ErrorCode::RateLimited) >= 2);
+    // c2s requests are limited too, with an error response.
+    match a.request(RequestOp::Lookup(a.address())).await {
+        Err(w2w_client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, ErrorCode::RateLimited)
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn max_connections_refuses_the_extra_one() {
+    let relay = start(Limits {
+        max_connections: 2,
+        ..Limits::default()
+    })
+    .await;
+    let a = client(&relay).await;
+    let _b = client(&relay).await;
+    let mut ws = raw(&relay).await;
+    expect_refusal(&mut ws, ErrorCode::MaxConnections).await;
+    // Existing clients are unaffected.
+    assert_eq!(a.send(Dest::A2a, "x").await.unwrap().status, Status::Delivered);
+}
+
+#[tokio::test]
+async fn a2g_list_limits() {
+    let relay = start(Limits {
+        max_group: 3,
+        ..Limits::default()
+    })
+    .await;
+    let a = client(&relay).await;
+    let r = a
+        .send(Dest::A2g((0..4).map(|_| id().address()).collect()), "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.reason),
+        (Status::Rejected, ErrorCode::ListTooLong.as_u16())
+    );
+    let r = a.send(Dest::A2g(vec![]), "x").await.unwrap();
+    assert_eq!(
+        (r.status, r.reason),
+        (Status::Rejected, ErrorCode::EmptyList.as_u16())
+    );
+}
+
+#[tokio::test]
+async fn spoofed_sender_is_rejected() {
+    let relay = start(Limits::default()).await;
+    let (mut ws, _me) = raw_registered(&relay).await;
+    let mut b = client(&relay).await;
+    let msg = Msg {
+        flags: 0,
+        id: MsgId([3; 16]),
+        from: id().address(),
+        dest: Dest::A2b(b.address()),
+        payload: Bytes::from_static(b"forged"),
+    };
+    send_bin(&mut ws, msg.encode()).await;
+    match next(&mut ws).await {
+        Ok(RelayToClient::Receipt(r)) => assert_eq!(
+            (r.status, r.reason),
+            (Status::Rejected, ErrorCode::SpoofedSender.as_u16())
+        ),
+        other => panic!("expected receipt, got {other:?}"),
+    }
+    expect_silence(&mut b).await;
+}
+
+#[tokio::test]
+async fn slow_consumer_is_disconnected_and_sender_told() {
+    let relay = start(Limits {
+        send_queue_bytes: 64 * 1024,
+        ..no_rate_limit()
+    })
+    .await;
+    let a = client(&relay).await;
+    // The victim registers and then never reads again.
+    let (_victim_ws, victim) = raw_registered(&relay).await;
+    let chunk = vec![0u8; 16 * 1024];
+    let mut slow = None;
+    for i in 0..5000 {
+        let r = a.send(Dest::A2b(victim.address()), chunk.clone()).await.unwrap();
+        if r.status != Status::Delivered {
+            slow = Some((i, r));
+            break;
+        }
+    }
+    let (i, r) = slow.expect("queue never filled");
+    assert!(i > 4, "some messages must fit first");
+    assert_eq!(r.status, Status::Rejected);
+    assert_eq!(r.entries[0].reason, ErrorCode::SlowConsumer.as_u16());
+    assert!(relay.metrics().error_count(ErrorCode::SlowConsumer) >= 1);
+    // The slow consumer's address is freed; others are still served.
+    let mut freed = false;
+    for _ in 0..50 {
+        let r = a.send(Dest::A2b(victim.address()), "x").await.unwrap();
+        if r.status == Status::NoRoute {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "slow consumer was not disconnected");
+    assert_eq!(a.send(Dest::A2a, "x").await.unwrap().status, Status::Delivered);
+}
+
+// -------------------------------------------------------- hostile input
+
+fn malformed_inputs(me: &Address) -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
+    let msg = |route: u8, rest: &[u8]| {
+        let mut v = vec![1, ty::MSG, route, 0];
+        v.extend([9u8; 16]);
+        v.extend(me.0);
+        v.extend(rest);
+        v
+    };
+    let good_reg = ClientToRelay::Register(w2w_proto::frame::Register {
+        role: Role::Client,
+        relay_key: *me,
+        client_key: *me,
+        client_nonce: [0; 32],
+        timestamp_ms: 0,
+        url: "ws://x/".into(),
+        sig_a: [0; 64],
+    })
+    .encode()
+    .to_vec();
+    use ErrorCode::*;
+    vec![
+        ("empty frame", vec![], Malformed),
+        ("version only", vec![1], Malformed),
+        ("version 2", vec![2, ty::MSG], UnsupportedVersion),
+        ("version 0", vec![0, ty::MSG, 1, 2, 3], UnsupportedVersion),
+        ("unknown type 0x77", vec![1, 0x77], UnknownFrameType),
+        ("unknown type 0xff", vec![1, 0xff, 0, 0], UnknownFrameType),
+        ("CHALLENGE from a client", vec![1, ty::CHALLENGE], UnexpectedFrame),
+        ("RECEIPT from a client", vec![1, ty::RECEIPT, 0], UnexpectedFrame),
+        ("ERROR from a client", vec![1, ty::ERROR, 0, 1], UnexpectedFrame),
+        ("MSG cut after route", vec![1, ty::MSG, 2], Malformed),
+        ("MSG cut inside id", vec![1, ty::MSG, 2, 0, 1, 2, 3], Malformed),
+        ("MSG route 0", msg(0, &[]), UnknownRoute),
+        ("MSG route 9", msg(9, &[]), UnknownRoute),
+        ("a2b with half an address", msg(2, &[1; 16]), Malformed),
+        ("a2g count larger than frame", msg(3, &[0xff, 0xff, 1, 2]), Malformed),
+        ("a2g count cut", msg(3, &[0]), Malformed),
+        ("a2n scope 7", msg(4, &[7]), Malformed),
+        ("a2n without scope", msg(4, &[]), Malformed),
+        ("REQUEST cut", vec![1, ty::REQUEST, 0, 0], Malformed),
+        ("REQUEST op 99", vec![1, ty::REQUEST, 0, 0, 0, 1, 99], UnknownOp),
+        ("LOOKUP cut address", vec![1, ty::REQUEST, 0, 0, 0, 1, 2, 5, 5], Malformed),
+        ("ONLINE with trailing bytes", vec![1, ty::REQUEST, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 10, 0xee], Malformed),
+        ("REGISTER cut", good_reg[..40].to_vec(), Malformed),
+        ("REGISTER after registration", good_reg.clone(), UnexpectedFrame),
+        ("CONFIRM after registration", {
+            let mut v = vec![1, ty::CONFIRM];
+            v.extend([0; 64]);
+            v
+        }, UnexpectedFrame),
+        ("CONFIRM with trailing byte", {
+            let mut v = vec![1, ty::CONFIRM];
+            v.extend([0; 65]);
+            v
+        }, Malformed),
+        ("REGISTER with bad role", {
+            let mut v = good_reg.clone();
+            v[2] = 7;
+            v
+        }, Malformed),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_inputs_get_codes_and_everyone_keeps_service() {
+    let relay = start(no_rate_limit()).await;
+    let (mut ws, me) = raw_registered(&relay).await;
+    let a = client(&relay).await;
+    let mut b = client(&relay).await;
+    let inputs = malformed_inputs(&me.address());
+    assert!(inputs.len() >= 20);
+    for (what, bytes, code) in inputs {
+        send_bin(&mut ws, bytes).await;
+        match next(&mut ws).await {
+            Ok(RelayToClient::Error(e)) => {
+                assert_eq!(ErrorCode::from_u16(e.code), Some(code), "{what}: {}", e.detail)
+            }
+            other => panic!("{what}: expected ERROR {code}, got {other:?}"),
+        }
+        // The sender itself is still served...
+        let echo = Msg {
+            flags: 0,
+            id: MsgId(rand::random()),
+            from: me.address(),
+            dest: Dest::A2a,
+            payload: Bytes::from_static(b"still here"),
+        };
+        send_bin(&mut ws, echo.encode()).await;
+        assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Msg(_))), "{what}");
+        assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Receipt(_))), "{what}");
+        // ...and so is everyone else.
+        let r = a.send(Dest::A2b(b.address()), what).await.unwrap();
+        assert_eq!(r.status, Status::Delivered, "{what}");
+        assert_eq!(&recv_msg(&mut b).await.payload[..], what.as_bytes());
+    }
+    // Text frames are not part of the protocol.
+    ws.send(Message::text("hello")).await.unwrap();
+    expect_error(&mut ws, ErrorCode::TextFrame).await;
+    assert!(relay.metrics().error_count(ErrorCode::Malformed) >= 10);
+}
+
+#[tokio::test]
+async fn random_garbage_never_breaks_the_relay() {
+    let relay = start(no_rate_limit()).await;
+    let (mut ws, _) = raw_registered(&relay).await;
+    let a = client(&relay).await;
+    let mut errors = 0;
+    for i in 0..300u32 {
+        let len = (i as usize * 7) % 200;
+        let mut v: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        if i % 2 == 0 && len >= 2 {
+            v[0] = 1; // valid version, random type and body
+        }
+        send_bin(&mut ws, v).await;
+        match next(&mut ws).await {
+            Ok(RelayToClient::Error(_)) => errors += 1,
+            Ok(RelayToClient::Receipt(_) | RelayToClient::Response(_) | RelayToClient::Msg(_)) => {}
+            other => panic!("garbage {i} ended the connection: {other:?}"),
+        }
+    }
+    assert!(errors > 200);
+    assert_eq!(a.send(Dest::A2a, "ok").await.unwrap().status, Status::Delivered);
+}
+
+// ------------------------------------------------------------ liveness
+
+#[tokio::test]
+async fn dead_client_is_noticed_and_its_address_freed() {
+    let relay = start(Limits {
+        ping_interval_ms: 200,
+        ping_timeout_ms: 300,
+        ..Limits::default()
+    })
+    .await;
+    let mut watcher = client(&relay).await;
+    // Registers, then never reads: never answers pings.
+    let (_dead_ws, dead) = raw_registered(&relay).await;
+    let t0 = std::time::Instant::now();
+    let mut gone = false;
+    while t0.elapsed() < Duration::from_secs(3) {
+        if watcher.request(RequestOp::Lookup(dead.address())).await.unwrap()
+            == ResponseBody::Lookup(None)
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "dead client still registered after 3 s");
+    // interval + timeout = 500 ms; allow scheduling slack.
+    assert!(t0.elapsed() < Duration::from_millis(1500), "took {:?}", t0.elapsed());
+    assert_eq!(relay.metrics().error_count(ErrorCode::PingTimeout), 1);
+    // A live client (its driver answers pings) stays registered meanwhile.
+    assert!(matches!(
+        watcher.request(RequestOp::Lookup(watcher.address())).await.unwrap(),
+        ResponseBody::Lookup(Some(Hosted { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn explicit_close_frees_the_address() {
+    let relay = start(Limits::default()).await;
+    let mut a = client(&relay).await;
+    let b = client(&relay).await;
+    let b_addr = b.address();
+    b.close().await;
+    let mut freed = false;
+    for _ in 0..50 {
+        if a.request(RequestOp::Lookup(b_addr)).await.unwrap() == ResponseBody::Lookup(None) {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed);
+}
+
+#[tokio::test]
+async fn newest_connection_wins_and_older_is_told() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    let mut old = Client::connect(me.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    let mut new = Client::connect(me.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(T, old.recv()).await.unwrap();
+    assert_eq!(ev, Some(Event::Notice(Notice::Replaced)));
+    assert_eq!(tokio::time::timeout(T, old.recv()).await.unwrap(), None);
+    assert!(old.close_reason().unwrap().contains("replaced"));
+    // Messages now reach the new connection.
+    let other = client(&relay).await;
+    other.send(Dest::A2b(me.address()), "to new").await.unwrap();
+    assert_eq!(&recv_msg(&mut new).await.payload[..], b"to new");
+}
+
+#[tokio::test]
+async fn presence_notices_and_online() {
+    let relay = start(Limits::default()).await;
+    let mut a = client(&relay).await;
+    a.request(RequestOp::Presence(true)).await.unwrap();
+    let b = client(&relay).await;
+    let b_addr = b.address();
+    let ev = tokio::time::timeout(T, a.recv()).await.unwrap();
+    assert_eq!(ev, Some(Event::Notice(Notice::Join(b_addr))));
+    let mut online = a.online().await.unwrap();
+    online.sort();
+    let mut want = vec![a.address(), b_addr];
+    want.sort();
+    assert_eq!(online, want);
+    b.close().await;
+    let ev = tokio::time::timeout(T, a.recv()).await.unwrap();
+    assert_eq!(ev, Some(Event::Notice(Notice::Leave(b_addr))));
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients() {
+    let relay = start(Limits::default()).await;
+    let mut a = client(&relay).await;
+    relay.shutdown(Duration::from_secs(3)).await;
+    let ev = tokio::time::timeout(T, a.recv()).await.unwrap();
+    assert_eq!(ev, Some(Event::Notice(Notice::ShuttingDown)));
+}
+
+// ------------------------------------------------------------ HTTP
+
+async fn http_get(relay: &Relay, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(relay.local_addr()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(T, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn http_endpoints() {
+    let relay = start(Limits::default()).await;
+    let a = client(&relay).await;
+    a.send(Dest::A2a, "x").await.unwrap();
+    assert_eq!(http_get(&relay, "/healthz").await, (200, "ok\n".into()));
+    let (st, metrics) = http_get(&relay, "/metrics").await;
+    assert_eq!(st, 200);
+    assert!(metrics.contains("w2w_registered 1"), "{metrics}");
+    assert!(metrics.contains("w2w_messages_total{route=\"a2a\"} 1"));
+    assert!(metrics.contains("w2w_receipts_total{status=\"delivered\"} 1"));
+    let (st, info) = http_get(&relay, "/.well-known/w2w").await;
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["relay_key"], relay.relay_key().to_hex());
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["limits"]["max_group"], 64);
+    assert_eq!(v["limits"]["max_frame_bytes"], 1 << 20);
+    assert_eq!(http_get(&relay, "/nope").await.0, 404);
+}
