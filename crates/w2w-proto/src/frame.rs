@@ -283,6 +283,17 @@ pub enum ResponseBody {
     Presence,
 }
 
+impl ResponseBody {
+    /// The op byte of the request this body answers.
+    pub fn op(&self) -> u8 {
+        match self {
+            ResponseBody::Online { .. } => 1,
+            ResponseBody::Lookup(_) => 2,
+            ResponseBody::Presence => 3,
+        }
+    }
+}
+
 /// Where an address is hosted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hosted {
@@ -593,7 +604,7 @@ impl ClientToRelay {
                         limit: r.u16("limit")?,
                     },
                     2 => RequestOp::Lookup(r.address("address")?),
-                    3 => RequestOp::Presence(r.u8("on")? != 0),
+                    3 => RequestOp::Presence(flag(&mut r, "on")?),
                     other => return Err(DecodeError::UnknownOp(other)),
                 };
                 ClientToRelay::Request(Request { req_id, op })
@@ -621,7 +632,7 @@ impl ClientToRelay {
                 b.put_slice(&m.client_key.0);
                 b.put_slice(&m.client_nonce);
                 b.put_u64(m.timestamp_ms);
-                put_string(&mut b, &m.url);
+                put_string(&mut b, &m.url, MAX_URL_LEN);
                 b.put_slice(&m.sig_a);
             }
             ClientToRelay::Confirm(m) => {
@@ -710,8 +721,7 @@ impl RelayToClient {
                             ResponseBody::Online { total, addresses }
                         }
                         2 => {
-                            let found = r.u8("found")?;
-                            if found == 0 {
+                            if !flag(&mut r, "found")? {
                                 ResponseBody::Lookup(None)
                             } else {
                                 ResponseBody::Lookup(Some(Hosted {
@@ -765,7 +775,7 @@ impl RelayToClient {
                 head(&mut b, ty::REPLY_BACK);
                 b.put_slice(&m.address.0);
                 b.put_u64(m.relay_time_ms);
-                put_string(&mut b, &m.relay_url);
+                put_string(&mut b, &m.relay_url, MAX_URL_LEN);
             }
             RelayToClient::Msg(m) => return m.encode(),
             RelayToClient::Receipt(m) => {
@@ -784,7 +794,11 @@ impl RelayToClient {
             RelayToClient::Response(m) => {
                 head(&mut b, ty::RESPONSE);
                 b.put_u32(m.req_id);
-                b.put_u8(m.op);
+                // A successful body determines the op byte.
+                b.put_u8(match &m.result {
+                    Ok(body) => body.op(),
+                    Err(_) => m.op,
+                });
                 match &m.result {
                     Err(code) => b.put_u16(*code),
                     Ok(body) => {
@@ -801,7 +815,7 @@ impl RelayToClient {
                             ResponseBody::Lookup(Some(h)) => {
                                 b.put_u8(1);
                                 b.put_slice(&h.relay_key.0);
-                                put_string(&mut b, &h.relay_url);
+                                put_string(&mut b, &h.relay_url, MAX_URL_LEN);
                             }
                             ResponseBody::Presence => {}
                         }
@@ -826,7 +840,7 @@ impl RelayToClient {
             RelayToClient::Error(e) => {
                 head(&mut b, ty::ERROR);
                 b.put_u16(e.code);
-                put_string(&mut b, &e.detail);
+                put_string(&mut b, &e.detail, MAX_DETAIL_LEN);
             }
         }
         b.freeze()
@@ -876,11 +890,26 @@ fn head(b: &mut BytesMut, t: u8) {
     b.put_u8(t);
 }
 
-fn put_string(b: &mut BytesMut, s: &str) {
-    // Callers bound strings (MAX_URL_LEN, MAX_DETAIL_LEN) well below u16::MAX.
-    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-    b.put_u16(bytes.len() as u16);
-    b.put_slice(bytes);
+/// Writes a length-prefixed string, cut (at a character boundary) to
+/// `max` bytes so that the decoder's limit always accepts what we encode.
+fn put_string(b: &mut BytesMut, s: &str, max: usize) {
+    let mut cut = s.len().min(max);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    b.put_u16(cut as u16);
+    b.put_slice(&s.as_bytes()[..cut]);
+}
+
+fn flag(r: &mut Reader<'_>, field: &'static str) -> Result<bool, DecodeError> {
+    match r.u8(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(DecodeError::BadValue {
+            field,
+            value: v as u32,
+        }),
+    }
 }
 
 fn truncate_utf8(s: &mut String, max: usize) {
@@ -1072,6 +1101,11 @@ mod tests {
             ClientToRelay::decode(&Bytes::from(c)).unwrap_err(),
             DecodeError::TrailingBytes(1)
         );
+        // Booleans are exactly 0 or 1, so decode → encode is the identity.
+        assert!(matches!(
+            ClientToRelay::decode(&b(&[1, ty::REQUEST, 0, 0, 0, 1, 3, 2])).unwrap_err(),
+            DecodeError::BadValue { field: "on", .. }
+        ));
         // A list count far larger than the frame must fail before allocating.
         let mut g = vec![1, ty::MSG, 3, 0];
         g.extend([0; 48]);

@@ -105,6 +105,9 @@ pub enum HandshakeError {
     /// Client side: sigB does not verify under the relay's key.
     #[error("sigB does not verify under the relay's key")]
     BadRelaySignature,
+    /// Client side: the URL is longer than the protocol allows.
+    #[error("relay URL is {0} bytes; the maximum is {max}", max = crate::frame::MAX_URL_LEN)]
+    UrlTooLong(usize),
     /// Client side: REPLY_BACK names an address other than ours.
     #[error("relay confirmed a different address")]
     WrongAddress,
@@ -121,6 +124,7 @@ impl HandshakeError {
             HandshakeError::BadSignature(_) => ErrorCode::BadSignature,
             HandshakeError::WrongRole(_) => ErrorCode::WrongRole,
             HandshakeError::Unexpected(_) => ErrorCode::UnexpectedFrame,
+            HandshakeError::UrlTooLong(_) => ErrorCode::Malformed,
             HandshakeError::RelayKeyChanged { .. }
             | HandshakeError::BadRelaySignature
             | HandshakeError::WrongAddress => ErrorCode::BadSignature,
@@ -375,6 +379,9 @@ impl ClientHandshake {
     pub fn on_challenge(&mut self, ch: Challenge, now_ms: u64) -> Result<Register, HandshakeError> {
         if !matches!(self.state, ClientState::AwaitChallenge) {
             return Err(HandshakeError::Unexpected("CHALLENGE"));
+        }
+        if self.url.len() > crate::frame::MAX_URL_LEN {
+            return Err(HandshakeError::UrlTooLong(self.url.len()));
         }
         if let Some(pinned) = self.pinned {
             if pinned != ch.relay_key {
