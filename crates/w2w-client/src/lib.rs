@@ -133,10 +133,13 @@ fn tls_connector(extra_pem: Option<&[u8]>) -> Result<tokio_websockets::Connector
 
 /// Opens a WebSocket to the relay (no registration).
 pub async fn connect_raw(opts: &ConnectOptions) -> Result<RelaySocket, ClientError> {
-    let uri: http::Uri = opts.url.parse().map_err(|e: http::uri::InvalidUri| ClientError::BadUrl {
-        url: opts.url.clone(),
-        reason: e.to_string(),
-    })?;
+    let uri: http::Uri =
+        opts.url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ClientError::BadUrl {
+                url: opts.url.clone(),
+                reason: e.to_string(),
+            })?;
     let connector = match uri.scheme_str() {
         Some("wss") => tls_connector(opts.extra_roots_pem.as_deref())?,
         Some("ws") => tokio_websockets::Connector::Plain,
@@ -195,7 +198,8 @@ where
             continue;
         }
         let bytes: Bytes = m.into_payload().into();
-        let frame = RelayToClient::decode(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame =
+            RelayToClient::decode(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let RelayToClient::Error(ErrorFrame { code, detail }) = &frame {
             if let Some(code) = ErrorCode::from_u16(*code) {
                 return Err(ClientError::Refused {
@@ -220,19 +224,23 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut hs = ClientHandshake::new(identity.clone(), Role::Client, url, rand::random(), pinned);
-    let unexpected = |f: &RelayToClient| ClientError::Protocol(format!("unexpected frame during registration: {f:?}"));
+    let unexpected = |f: &RelayToClient| {
+        ClientError::Protocol(format!("unexpected frame during registration: {f:?}"))
+    };
     let ch = match next_frame(ws).await? {
         RelayToClient::Challenge(c) => c,
         f => return Err(unexpected(&f)),
     };
     let reg = hs.on_challenge(ch, unix_ms())?;
-    ws.send(Message::binary(ClientToRelay::Register(reg).encode())).await?;
+    ws.send(Message::binary(ClientToRelay::Register(reg).encode()))
+        .await?;
     let cs = match next_frame(ws).await? {
         RelayToClient::Countersign(c) => c,
         f => return Err(unexpected(&f)),
     };
     let confirm = hs.on_countersign(cs)?;
-    ws.send(Message::binary(ClientToRelay::Confirm(confirm).encode())).await?;
+    ws.send(Message::binary(ClientToRelay::Confirm(confirm).encode()))
+        .await?;
     let rb = match next_frame(ws).await? {
         RelayToClient::ReplyBack(r) => r,
         f => return Err(unexpected(&f)),
@@ -246,7 +254,10 @@ pub enum Event {
     Msg(Msg),
     Notice(Notice),
     /// A non-fatal ERROR frame.
-    Error { code: u16, detail: String },
+    Error {
+        code: u16,
+        detail: String,
+    },
 }
 
 enum Cmd {
@@ -312,7 +323,11 @@ impl Client {
     }
 
     /// Sends a MSG and waits for its receipt.
-    pub async fn send(&self, dest: Dest, payload: impl Into<Bytes>) -> Result<Receipt, ClientError> {
+    pub async fn send(
+        &self,
+        dest: Dest,
+        payload: impl Into<Bytes>,
+    ) -> Result<Receipt, ClientError> {
         let msg = Msg {
             flags: 0,
             id: MsgId(rand::random()),
@@ -362,7 +377,9 @@ impl Client {
                 })
                 .await?;
             let ResponseBody::Online { total, addresses } = body else {
-                return Err(ClientError::Protocol("ONLINE answered with another op".into()));
+                return Err(ClientError::Protocol(
+                    "ONLINE answered with another op".into(),
+                ));
             };
             let done = addresses.is_empty() || out.len() + addresses.len() >= total as usize;
             out.extend(addresses);

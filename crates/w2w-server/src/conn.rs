@@ -25,7 +25,7 @@ use w2w_proto::frame::{
     ClientToRelay, ErrorFrame, Hosted, Msg, Notice, Receipt, RelayToClient, ReplyBack, Request,
     RequestOp, Response, ResponseBody, Status,
 };
-use w2w_proto::handshake::{HandshakeError, RelayHandshake, RelayPolicy, Registration};
+use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPolicy};
 use w2w_proto::{Address, ErrorCode};
 
 use crate::ratelimit::TokenBucket;
@@ -65,7 +65,10 @@ async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
     frame: Bytes,
 ) -> Result<(), tokio_websockets::Error> {
     shared.metrics.frames_out.fetch_add(1, Relaxed);
-    shared.metrics.bytes_out.fetch_add(frame.len() as u64, Relaxed);
+    shared
+        .metrics
+        .bytes_out
+        .fetch_add(frame.len() as u64, Relaxed);
     ws.send(Message::binary(frame)).await
 }
 
@@ -89,8 +92,10 @@ async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let graceful = async {
         send_frame(ws, shared, frame.encode()).await?;
-        let close_code = CloseCode::try_from(code.close_code()).unwrap_or(CloseCode::POLICY_VIOLATION);
-        ws.send(Message::close(Some(close_code), code.as_str())).await?;
+        let close_code =
+            CloseCode::try_from(code.close_code()).unwrap_or(CloseCode::POLICY_VIOLATION);
+        ws.send(Message::close(Some(close_code), code.as_str()))
+            .await?;
         while ws.next().await.is_some() {}
         Ok::<_, tokio_websockets::Error>(())
     };
@@ -115,7 +120,13 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let Ok(permit) = shared.conn_permits.clone().try_acquire_owned() else {
         tracing::warn!(peer = %info.peer, "max connections reached, refusing");
-        close_with(&mut ws, &shared, ErrorCode::MaxConnections, "relay is at its connection limit; retry later or use another relay").await;
+        close_with(
+            &mut ws,
+            &shared,
+            ErrorCode::MaxConnections,
+            "relay is at its connection limit; retry later or use another relay",
+        )
+        .await;
         return;
     };
     shared.metrics.connections.fetch_add(1, Relaxed);
@@ -154,7 +165,9 @@ async fn register<S: AsyncRead + AsyncWrite + Unpin>(
         ..RelayPolicy::default()
     };
     let challenge = RelayToClient::Challenge(hs.challenge()).encode();
-    send_frame(ws, shared, challenge).await.map_err(|_| End::Gone)?;
+    send_frame(ws, shared, challenge)
+        .await
+        .map_err(|_| End::Gone)?;
     let deadline = tokio::time::sleep(shared.limits.auth_timeout());
     tokio::pin!(deadline);
     let fail = |e: HandshakeError| End::Close(e.code(), e.to_string());
@@ -226,7 +239,10 @@ fn read_error(shared: &Shared, e: tokio_websockets::Error) -> End {
 
 fn count_in(shared: &Shared, bytes: &Bytes) {
     shared.metrics.frames_in.fetch_add(1, Relaxed);
-    shared.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
+    shared
+        .metrics
+        .bytes_in
+        .fetch_add(bytes.len() as u64, Relaxed);
 }
 
 /// Phase 2: the registered session.
@@ -248,7 +264,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .await
     {
         tracing::error!(error = %e, "recording registration");
-        close_with(&mut ws, &shared, ErrorCode::Internal, "could not record registration; retry").await;
+        close_with(
+            &mut ws,
+            &shared,
+            ErrorCode::Internal,
+            "could not record registration; retry",
+        )
+        .await;
         return;
     }
     let conn_id = shared.next_conn_id.fetch_add(1, Relaxed);
@@ -414,7 +436,10 @@ impl SessionLoop<'_> {
 
     fn on_message(&mut self, m: Message) {
         if m.is_text() {
-            self.error(ErrorCode::TextFrame, "w2w frames are binary WebSocket messages");
+            self.error(
+                ErrorCode::TextFrame,
+                "w2w frames are binary WebSocket messages",
+            );
             return;
         }
         if !m.is_binary() {

@@ -194,6 +194,8 @@ mod tests {
         assert!(out.contains("w2w_messages_total{route=\"a2g\"} 1"));
         assert!(out.contains("w2w_errors_total{reason=\"slow_consumer\"} 1"));
         assert!(out.contains("w2w_receipts_total{status=\"no_route\"} 0"));
-        assert!(ErrorCode::ALL.iter().all(|c| (c.as_u16() as usize) < CODE_SLOTS));
+        assert!(ErrorCode::ALL
+            .iter()
+            .all(|c| (c.as_u16() as usize) < CODE_SLOTS));
     }
 }

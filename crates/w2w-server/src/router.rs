@@ -77,7 +77,9 @@ impl Outbox {
             self.close(ErrorCode::SlowConsumer);
             return Err(EnqueueError::SlowConsumer);
         }
-        self.metrics.queued_bytes.fetch_add(len as i64, Ordering::Relaxed);
+        self.metrics
+            .queued_bytes
+            .fetch_add(len as i64, Ordering::Relaxed);
         if self.tx.send(frame).is_err() {
             self.dequeued(len);
             return Err(EnqueueError::Closed);
@@ -311,7 +313,12 @@ mod tests {
     use super::*;
     use w2w_proto::frame::MsgId;
 
-    fn outbox(b: u8, id: u64, max: usize, m: &Arc<Metrics>) -> (Arc<Outbox>, mpsc::UnboundedReceiver<Bytes>) {
+    fn outbox(
+        b: u8,
+        id: u64,
+        max: usize,
+        m: &Arc<Metrics>,
+    ) -> (Arc<Outbox>, mpsc::UnboundedReceiver<Bytes>) {
         Outbox::new(Address([b; 32]), id, max, m.clone())
     }
 

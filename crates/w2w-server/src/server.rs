@@ -83,7 +83,9 @@ fn scheme(tls: bool) -> &'static str {
 fn normalize_authority(auth: &str, tls: bool) -> String {
     let auth = auth.to_ascii_lowercase();
     let default = if tls { ":443" } else { ":80" };
-    auth.strip_suffix(default).map(str::to_owned).unwrap_or(auth)
+    auth.strip_suffix(default)
+        .map(str::to_owned)
+        .unwrap_or(auth)
 }
 
 impl Shared {
@@ -164,12 +166,13 @@ impl Relay {
             Some(paths) => Some(tls::acceptor(paths)?),
             None => None,
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| RelayError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
             addr: config.listen,
             source,
@@ -211,9 +214,7 @@ impl Relay {
         }
         let acceptor = tls.map(|(a, _)| a);
         let s = shared.clone();
-        shared
-            .tracker
-            .spawn(accept_loop(s, listener, acceptor));
+        shared.tracker.spawn(accept_loop(s, listener, acceptor));
         Ok(Relay { shared })
     }
 
@@ -368,7 +369,11 @@ fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
 }
 
-fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+fn handle(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     if is_upgrade(&req) {
         return upgrade(shared, &mut req, peer);
     }
@@ -396,18 +401,32 @@ fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr) -> 
     }
 }
 
-fn upgrade(shared: Arc<Shared>, req: &mut Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+fn upgrade(
+    shared: Arc<Shared>,
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     let version_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v.as_bytes() == b"13");
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return json_error(StatusCode::BAD_REQUEST, "bad_upgrade", "missing Sec-WebSocket-Key");
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_upgrade",
+            "missing Sec-WebSocket-Key",
+        );
     };
     if !version_ok || req.method() != http::Method::GET {
-        let mut r = json_error(StatusCode::BAD_REQUEST, "bad_upgrade", "WebSocket version 13 over GET is required");
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, http::HeaderValue::from_static("13"));
+        let mut r = json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_upgrade",
+            "WebSocket version 13 over GET is required",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            http::HeaderValue::from_static("13"),
+        );
         return r;
     }
     let host = req
@@ -452,7 +471,13 @@ mod tests {
 
     #[test]
     fn authority_normalization() {
-        assert_eq!(super::normalize_authority("Example.com:443", true), "example.com");
-        assert_eq!(super::normalize_authority("example.com:443", false), "example.com:443");
+        assert_eq!(
+            super::normalize_authority("Example.com:443", true),
+            "example.com"
+        );
+        assert_eq!(
+            super::normalize_authority("example.com:443", false),
+            "example.com:443"
+        );
     }
 }

@@ -97,9 +97,8 @@ impl Store {
                             Cmd::Get(addr, reply) => {
                                 // Reads see every write queued before them.
                                 flush(&mut backend, &mut writes, &mut waiters);
-                                let _ = reply.send(
-                                    backend.registration(&addr).map_err(|e| e.to_string()),
-                                );
+                                let _ = reply
+                                    .send(backend.registration(&addr).map_err(|e| e.to_string()));
                             }
                         }
                         if writes.len() < MAX_BATCH {

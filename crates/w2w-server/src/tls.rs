@@ -28,10 +28,7 @@ pub enum TlsError {
     #[error("{path} holds no PEM private key")]
     NoKey { path: String },
     #[error("unsupported private key in {path}: {source}")]
-    BadKey {
-        path: String,
-        source: rustls::Error,
-    },
+    BadKey { path: String, source: rustls::Error },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -78,8 +75,12 @@ pub struct ReloadingResolver {
 }
 
 fn mtime(paths: &TlsPaths) -> Option<SystemTime> {
-    let c = std::fs::metadata(&paths.cert).and_then(|m| m.modified()).ok()?;
-    let k = std::fs::metadata(&paths.key).and_then(|m| m.modified()).ok()?;
+    let c = std::fs::metadata(&paths.cert)
+        .and_then(|m| m.modified())
+        .ok()?;
+    let k = std::fs::metadata(&paths.key)
+        .and_then(|m| m.modified())
+        .ok()?;
     Some(c.max(k))
 }
 
@@ -109,7 +110,13 @@ impl ReloadingResolver {
 
 impl ResolvesServerCert for ReloadingResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).0.clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .clone(),
+        )
     }
 }
 

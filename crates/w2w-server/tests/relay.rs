@@ -37,7 +37,9 @@ async fn client(relay: &Relay) -> Client {
 }
 
 async fn raw(relay: &Relay) -> RelaySocket {
-    connect_raw(&ConnectOptions::new(relay.url())).await.unwrap()
+    connect_raw(&ConnectOptions::new(relay.url()))
+        .await
+        .unwrap()
 }
 
 async fn raw_registered(relay: &Relay) -> (RelaySocket, Identity) {
@@ -111,7 +113,8 @@ async fn recv_msg(c: &mut Client) -> Msg {
 
 /// Asserts nothing arrives within a short window.
 async fn expect_silence(c: &mut Client) {
-    if let Ok(Some(Event::Msg(m))) = tokio::time::timeout(Duration::from_millis(200), c.recv()).await
+    if let Ok(Some(Event::Msg(m))) =
+        tokio::time::timeout(Duration::from_millis(200), c.recv()).await
     {
         panic!("unexpected message {m:?}");
     }
@@ -158,7 +161,10 @@ async fn a2b_reaches_b_only() {
     let mut a = client(&relay).await;
     let mut b = client(&relay).await;
     let mut c = client(&relay).await;
-    let r = a.send(Dest::A2b(b.address()), "a2b hello w2w").await.unwrap();
+    let r = a
+        .send(Dest::A2b(b.address()), "a2b hello w2w")
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::Delivered);
     assert_eq!(r.entries.len(), 1);
     assert_eq!(r.entries[0].to, b.address());
@@ -231,7 +237,9 @@ async fn payload_bytes_arrive_unchanged() {
     let a = client(&relay).await;
     let mut b = client(&relay).await;
     let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
-    a.send(Dest::A2b(b.address()), payload.clone()).await.unwrap();
+    a.send(Dest::A2b(b.address()), payload.clone())
+        .await
+        .unwrap();
     assert_eq!(recv_msg(&mut b).await.payload, payload);
 }
 
@@ -326,7 +334,10 @@ async fn replayed_register_is_rejected() {
     let mut hs = ClientHandshake::new(me.clone(), Role::Client, relay.url(), rand::random(), None);
     let captured = ClientToRelay::Register(hs.on_challenge(ch, now_ms()).unwrap()).encode();
     send_bin(&mut ws, captured.clone()).await;
-    assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Countersign(_))));
+    assert!(matches!(
+        next(&mut ws).await,
+        Ok(RelayToClient::Countersign(_))
+    ));
     // An eavesdropper replays the captured REGISTER on a new connection.
     let mut ws2 = raw(&relay).await;
     challenge(&mut ws2).await;
@@ -359,8 +370,15 @@ async fn bad_signatures_are_rejected() {
     let mut hs = ClientHandshake::new(id(), Role::Client, relay.url(), rand::random(), None);
     let reg = hs.on_challenge(ch, now_ms()).unwrap();
     send_bin(&mut ws, ClientToRelay::Register(reg).encode()).await;
-    assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Countersign(_))));
-    send_bin(&mut ws, ClientToRelay::Confirm(Confirm { sig_c: [7; 64] }).encode()).await;
+    assert!(matches!(
+        next(&mut ws).await,
+        Ok(RelayToClient::Countersign(_))
+    ));
+    send_bin(
+        &mut ws,
+        ClientToRelay::Confirm(Confirm { sig_c: [7; 64] }).encode(),
+    )
+    .await;
     expect_refusal(&mut ws, ErrorCode::BadSignature).await;
 }
 
@@ -473,7 +491,10 @@ async fn max_connections_refuses_the_extra_one() {
     let mut ws = raw(&relay).await;
     expect_refusal(&mut ws, ErrorCode::MaxConnections).await;
     // Existing clients are unaffected.
-    assert_eq!(a.send(Dest::A2a, "x").await.unwrap().status, Status::Delivered);
+    assert_eq!(
+        a.send(Dest::A2a, "x").await.unwrap().status,
+        Status::Delivered
+    );
 }
 
 #[tokio::test]
@@ -535,7 +556,10 @@ async fn slow_consumer_is_disconnected_and_sender_told() {
     let chunk = vec![0u8; 16 * 1024];
     let mut slow = None;
     for i in 0..5000 {
-        let r = a.send(Dest::A2b(victim.address()), chunk.clone()).await.unwrap();
+        let r = a
+            .send(Dest::A2b(victim.address()), chunk.clone())
+            .await
+            .unwrap();
         if r.status != Status::Delivered {
             slow = Some((i, r));
             break;
@@ -557,7 +581,10 @@ async fn slow_consumer_is_disconnected_and_sender_told() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(freed, "slow consumer was not disconnected");
-    assert_eq!(a.send(Dest::A2a, "x").await.unwrap().status, Status::Delivered);
+    assert_eq!(
+        a.send(Dest::A2a, "x").await.unwrap().status,
+        Status::Delivered
+    );
 }
 
 // -------------------------------------------------------- hostile input
@@ -589,39 +616,87 @@ fn malformed_inputs(me: &Address) -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
         ("version 0", vec![0, ty::MSG, 1, 2, 3], UnsupportedVersion),
         ("unknown type 0x77", vec![1, 0x77], UnknownFrameType),
         ("unknown type 0xff", vec![1, 0xff, 0, 0], UnknownFrameType),
-        ("CHALLENGE from a client", vec![1, ty::CHALLENGE], UnexpectedFrame),
-        ("RECEIPT from a client", vec![1, ty::RECEIPT, 0], UnexpectedFrame),
-        ("ERROR from a client", vec![1, ty::ERROR, 0, 1], UnexpectedFrame),
+        (
+            "CHALLENGE from a client",
+            vec![1, ty::CHALLENGE],
+            UnexpectedFrame,
+        ),
+        (
+            "RECEIPT from a client",
+            vec![1, ty::RECEIPT, 0],
+            UnexpectedFrame,
+        ),
+        (
+            "ERROR from a client",
+            vec![1, ty::ERROR, 0, 1],
+            UnexpectedFrame,
+        ),
         ("MSG cut after route", vec![1, ty::MSG, 2], Malformed),
-        ("MSG cut inside id", vec![1, ty::MSG, 2, 0, 1, 2, 3], Malformed),
+        (
+            "MSG cut inside id",
+            vec![1, ty::MSG, 2, 0, 1, 2, 3],
+            Malformed,
+        ),
         ("MSG route 0", msg(0, &[]), UnknownRoute),
         ("MSG route 9", msg(9, &[]), UnknownRoute),
         ("a2b with half an address", msg(2, &[1; 16]), Malformed),
-        ("a2g count larger than frame", msg(3, &[0xff, 0xff, 1, 2]), Malformed),
+        (
+            "a2g count larger than frame",
+            msg(3, &[0xff, 0xff, 1, 2]),
+            Malformed,
+        ),
         ("a2g count cut", msg(3, &[0]), Malformed),
         ("a2n scope 7", msg(4, &[7]), Malformed),
         ("a2n without scope", msg(4, &[]), Malformed),
         ("REQUEST cut", vec![1, ty::REQUEST, 0, 0], Malformed),
-        ("REQUEST op 99", vec![1, ty::REQUEST, 0, 0, 0, 1, 99], UnknownOp),
-        ("LOOKUP cut address", vec![1, ty::REQUEST, 0, 0, 0, 1, 2, 5, 5], Malformed),
-        ("ONLINE with trailing bytes", vec![1, ty::REQUEST, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 10, 0xee], Malformed),
+        (
+            "REQUEST op 99",
+            vec![1, ty::REQUEST, 0, 0, 0, 1, 99],
+            UnknownOp,
+        ),
+        (
+            "LOOKUP cut address",
+            vec![1, ty::REQUEST, 0, 0, 0, 1, 2, 5, 5],
+            Malformed,
+        ),
+        (
+            "ONLINE with trailing bytes",
+            vec![1, ty::REQUEST, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 10, 0xee],
+            Malformed,
+        ),
         ("REGISTER cut", good_reg[..40].to_vec(), Malformed),
-        ("REGISTER after registration", good_reg.clone(), UnexpectedFrame),
-        ("CONFIRM after registration", {
-            let mut v = vec![1, ty::CONFIRM];
-            v.extend([0; 64]);
-            v
-        }, UnexpectedFrame),
-        ("CONFIRM with trailing byte", {
-            let mut v = vec![1, ty::CONFIRM];
-            v.extend([0; 65]);
-            v
-        }, Malformed),
-        ("REGISTER with bad role", {
-            let mut v = good_reg.clone();
-            v[2] = 7;
-            v
-        }, Malformed),
+        (
+            "REGISTER after registration",
+            good_reg.clone(),
+            UnexpectedFrame,
+        ),
+        (
+            "CONFIRM after registration",
+            {
+                let mut v = vec![1, ty::CONFIRM];
+                v.extend([0; 64]);
+                v
+            },
+            UnexpectedFrame,
+        ),
+        (
+            "CONFIRM with trailing byte",
+            {
+                let mut v = vec![1, ty::CONFIRM];
+                v.extend([0; 65]);
+                v
+            },
+            Malformed,
+        ),
+        (
+            "REGISTER with bad role",
+            {
+                let mut v = good_reg.clone();
+                v[2] = 7;
+                v
+            },
+            Malformed,
+        ),
     ]
 }
 
@@ -637,7 +712,12 @@ async fn hostile_inputs_get_codes_and_everyone_keeps_service() {
         send_bin(&mut ws, bytes).await;
         match next(&mut ws).await {
             Ok(RelayToClient::Error(e)) => {
-                assert_eq!(ErrorCode::from_u16(e.code), Some(code), "{what}: {}", e.detail)
+                assert_eq!(
+                    ErrorCode::from_u16(e.code),
+                    Some(code),
+                    "{what}: {}",
+                    e.detail
+                )
             }
             other => panic!("{what}: expected ERROR {code}, got {other:?}"),
         }
@@ -650,8 +730,14 @@ async fn hostile_inputs_get_codes_and_everyone_keeps_service() {
             payload: Bytes::from_static(b"still here"),
         };
         send_bin(&mut ws, echo.encode()).await;
-        assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Msg(_))), "{what}");
-        assert!(matches!(next(&mut ws).await, Ok(RelayToClient::Receipt(_))), "{what}");
+        assert!(
+            matches!(next(&mut ws).await, Ok(RelayToClient::Msg(_))),
+            "{what}"
+        );
+        assert!(
+            matches!(next(&mut ws).await, Ok(RelayToClient::Receipt(_))),
+            "{what}"
+        );
         // ...and so is everyone else.
         let r = a.send(Dest::A2b(b.address()), what).await.unwrap();
         assert_eq!(r.status, Status::Delivered, "{what}");
@@ -683,7 +769,10 @@ async fn random_garbage_never_breaks_the_relay() {
         }
     }
     assert!(errors > 200);
-    assert_eq!(a.send(Dest::A2a, "ok").await.unwrap().status, Status::Delivered);
+    assert_eq!(
+        a.send(Dest::A2a, "ok").await.unwrap().status,
+        Status::Delivered
+    );
 }
 
 // ------------------------------------------------------------ liveness
@@ -702,7 +791,10 @@ async fn dead_client_is_noticed_and_its_address_freed() {
     let t0 = std::time::Instant::now();
     let mut gone = false;
     while t0.elapsed() < Duration::from_secs(3) {
-        if watcher.request(RequestOp::Lookup(dead.address())).await.unwrap()
+        if watcher
+            .request(RequestOp::Lookup(dead.address()))
+            .await
+            .unwrap()
             == ResponseBody::Lookup(None)
         {
             gone = true;
@@ -712,11 +804,18 @@ async fn dead_client_is_noticed_and_its_address_freed() {
     }
     assert!(gone, "dead client still registered after 3 s");
     // interval + timeout = 500 ms; allow scheduling slack.
-    assert!(t0.elapsed() < Duration::from_millis(1500), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(relay.metrics().error_count(ErrorCode::PingTimeout), 1);
     // A live client (its driver answers pings) stays registered meanwhile.
     assert!(matches!(
-        watcher.request(RequestOp::Lookup(watcher.address())).await.unwrap(),
+        watcher
+            .request(RequestOp::Lookup(watcher.address()))
+            .await
+            .unwrap(),
         ResponseBody::Lookup(Some(Hosted { .. }))
     ));
 }
@@ -790,14 +889,22 @@ async fn shutdown_tells_clients() {
 // ------------------------------------------------------------ HTTP
 
 async fn http_get(relay: &Relay, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(relay.local_addr()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(relay.local_addr())
+        .await
+        .unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
-    tokio::time::timeout(T, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(T, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 

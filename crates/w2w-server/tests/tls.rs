@@ -54,9 +54,11 @@ async fn wss_and_certificate_reload_without_dropping_connections() {
     // A client that trusts nothing extra is refused by TLS verification.
     let mut untrusting = ConnectOptions::new(relay.url());
     untrusting.timeout = Duration::from_secs(5);
-    assert!(Client::connect(Identity::from_seed(rand::random()), untrusting)
-        .await
-        .is_err());
+    assert!(
+        Client::connect(Identity::from_seed(rand::random()), untrusting)
+            .await
+            .is_err()
+    );
 
     // Replace the certificate on disk.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -84,7 +86,10 @@ async fn wss_and_certificate_reload_without_dropping_connections() {
     assert_eq!(r.status, Status::Delivered);
     let mut bodies = Vec::new();
     while bodies.len() < 2 {
-        match tokio::time::timeout(Duration::from_secs(5), live.recv()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .unwrap()
+        {
             Some(Event::Msg(m)) => bodies.push(m.payload),
             Some(_) => {}
             None => panic!("live connection dropped: {:?}", live.close_reason()),
