@@ -91,6 +91,24 @@ error_codes! {
     NoRoute = 30, "no_route";
     /// The relay failed internally (storage error); the request may be retried.
     Internal = 31, "internal";
+    /// A relay key not admitted for peering (allowlist mode).
+    UnauthorizedPeer = 32, "unauthorized_peer";
+    /// The directory knows the address, but no path reaches its relay.
+    Unreachable = 33, "unreachable";
+    /// The relay has its maximum number of peers; a REDIRECT names others.
+    PeerLimit = 34, "peer_limit";
+    /// A forwarded message exceeded the hop limit.
+    HopLimit = 35, "hop_limit";
+    /// A forwarded message would go back where it came from.
+    Loop = 36, "loop";
+    /// A presence record whose signatures do not verify.
+    ForgedPresence = 37, "forged_presence";
+    /// A second link to a relay that is already a peer.
+    DuplicatePeer = 38, "duplicate_peer";
+    /// A remote relay's receipt did not arrive in time.
+    Timeout = 39, "timeout";
+    /// A forwarded message already seen (dropped, not delivered twice).
+    Duplicate = 40, "duplicate";
 }
 
 impl ErrorCode {

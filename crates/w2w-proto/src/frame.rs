@@ -420,21 +420,21 @@ impl DecodeError {
 
 /// A cursor over a received frame. Slices of the payload are taken from the
 /// original `Bytes` so they share its buffer.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a Bytes,
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a Bytes) -> Self {
+    pub(crate) fn new(buf: &'a Bytes) -> Self {
         Reader { buf, pos: 0 }
     }
 
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.remaining() < n {
             return Err(DecodeError::Truncated {
                 field,
@@ -447,37 +447,37 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         Ok(self.take(1, field)?[0])
     }
 
-    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         let b = self.take(2, field)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
-    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
         let b = self.take(4, field)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8, field)?);
         Ok(u64::from_be_bytes(a))
     }
 
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N, field)?);
         Ok(a)
     }
 
-    fn address(&mut self, field: &'static str) -> Result<Address, DecodeError> {
+    pub(crate) fn address(&mut self, field: &'static str) -> Result<Address, DecodeError> {
         Ok(Address(self.array::<32>(field)?))
     }
 
-    fn string(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
+    pub(crate) fn string(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
         let len = self.u16(field)? as usize;
         if len > max {
             return Err(DecodeError::TooLong { field, len, max });
@@ -490,7 +490,7 @@ impl<'a> Reader<'a> {
 
     /// A `u16` count followed by that many addresses. The count is checked
     /// against the bytes present before anything is allocated.
-    fn address_list(&mut self, field: &'static str) -> Result<Vec<Address>, DecodeError> {
+    pub(crate) fn address_list(&mut self, field: &'static str) -> Result<Vec<Address>, DecodeError> {
         let n = self.u16(field)? as usize;
         let need = n * Address::LEN;
         if self.remaining() < need {
@@ -503,13 +503,13 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| self.address(field)).collect()
     }
 
-    fn rest(&mut self) -> Bytes {
+    pub(crate) fn rest(&mut self) -> Bytes {
         let b = self.buf.slice(self.pos..);
         self.pos = self.buf.len();
         b
     }
 
-    fn finish(&self) -> Result<(), DecodeError> {
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
         match self.remaining() {
             0 => Ok(()),
             n => Err(DecodeError::TrailingBytes(n)),
@@ -518,7 +518,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Reads the 2-byte preamble and returns the type byte.
-fn preamble(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
+pub(crate) fn preamble(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
     let version = r.u8("version")?;
     let ty = r.u8("type")?;
     if version != PROTOCOL_VERSION {
@@ -527,7 +527,7 @@ fn preamble(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
     Ok(ty)
 }
 
-fn status(r: &mut Reader<'_>, field: &'static str) -> Result<Status, DecodeError> {
+pub(crate) fn status(r: &mut Reader<'_>, field: &'static str) -> Result<Status, DecodeError> {
     let v = r.u8(field)?;
     Status::from_u8(v).ok_or(DecodeError::BadValue {
         field,
@@ -616,6 +616,7 @@ impl ClientToRelay {
             | ty::RESPONSE
             | ty::NOTICE
             | ty::ERROR => return Err(DecodeError::WrongDirection(t)),
+            t if crate::s2s::is_s2s_type(t) => return Err(DecodeError::WrongDirection(t)),
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -885,14 +886,14 @@ impl Msg {
     }
 }
 
-fn head(b: &mut BytesMut, t: u8) {
+pub(crate) fn head(b: &mut BytesMut, t: u8) {
     b.put_u8(PROTOCOL_VERSION);
     b.put_u8(t);
 }
 
 /// Writes a length-prefixed string, cut (at a character boundary) to
 /// `max` bytes so that the decoder's limit always accepts what we encode.
-fn put_string(b: &mut BytesMut, s: &str, max: usize) {
+pub(crate) fn put_string(b: &mut BytesMut, s: &str, max: usize) {
     let mut cut = s.len().min(max);
     while !s.is_char_boundary(cut) {
         cut -= 1;
@@ -901,7 +902,7 @@ fn put_string(b: &mut BytesMut, s: &str, max: usize) {
     b.put_slice(&s.as_bytes()[..cut]);
 }
 
-fn flag(r: &mut Reader<'_>, field: &'static str) -> Result<bool, DecodeError> {
+pub(crate) fn flag(r: &mut Reader<'_>, field: &'static str) -> Result<bool, DecodeError> {
     match r.u8(field)? {
         0 => Ok(false),
         1 => Ok(true),

@@ -3,6 +3,7 @@
 //! * [`identity`] — Ed25519 identities; an address is a public key.
 //! * [`frame`] — the binary frame codec (`ClientToRelay`, `RelayToClient`).
 //! * [`handshake`] — the sigA → sigB → sigC registration state machines.
+//! * [`s2s`] — relay-to-relay frames: link state, presence, forwarding.
 //! * [`codes`] — every machine-readable error, receipt and close code.
 //!
 //! Time enters only as `now_ms` arguments and randomness only as byte
@@ -14,6 +15,7 @@ pub mod codes;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
+pub mod s2s;
 
 pub use codes::ErrorCode;
 pub use frame::{ClientToRelay, DecodeError, Dest, Msg, RelayToClient, Route};

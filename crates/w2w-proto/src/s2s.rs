@@ -1,0 +1,537 @@
+//! Relay-to-relay (s2s) frames, used on a peer link after two relays have
+//! authenticated each other with the sigA → sigB → sigC handshake
+//! (role = relay).
+//!
+//! Federation is link-state routing over relays plus a signed directory of
+//! addresses:
+//!
+//! * LINK_STATE — a relay's signed list of its current peers, flooded to
+//!   every relay. Each relay builds the relay graph (an edge counts only if
+//!   both ends list it) and computes shortest paths by BFS.
+//! * PRESENCE — "address X is (or was) registered at relay R". The client's
+//!   own sigA from its registration is the proof: it signs the relay key, the
+//!   relay URL and a timestamp, so no relay can claim an address that never
+//!   registered with it. The hosting relay countersigns whether the client
+//!   is online or has left. The newest timestamp wins; at equal timestamps
+//!   "left" wins.
+//! * FORWARD — a client's MSG frame, unchanged, wrapped with the origin
+//!   relay, a hop count and the target (one relay and its recipients, or a
+//!   federation-wide broadcast).
+//! * FWD_RECEIPT — the target relay's per-recipient outcome, routed back to
+//!   the origin relay, which answers the sender.
+//! * REDIRECT — "I am at my peer limit; dial one of these instead".
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::{
+    flag, head, preamble, put_string, status, DecodeError, MsgId, ReceiptEntry, Register, Role,
+    MAX_URL_LEN,
+};
+use crate::handshake::sig_a_message;
+use crate::identity::{Address, Identity, SignatureError};
+
+/// s2s frame type bytes.
+pub mod ty {
+    pub const LINK_STATE: u8 = 0x40;
+    pub const PRESENCE: u8 = 0x41;
+    pub const FORWARD: u8 = 0x42;
+    pub const FWD_RECEIPT: u8 = 0x43;
+    pub const REDIRECT: u8 = 0x44;
+}
+
+pub fn is_s2s_type(t: u8) -> bool {
+    (ty::LINK_STATE..=ty::REDIRECT).contains(&t)
+}
+
+pub const LINK_STATE_DOMAIN: &[u8] = b"w2w/v1 link-state\0";
+pub const PRESENCE_DOMAIN: &[u8] = b"w2w/v1 presence\0";
+
+/// Most peers one link-state record may list.
+pub const MAX_NEIGHBORS: usize = 256;
+/// Most URLs in a REDIRECT.
+pub const MAX_REDIRECT: usize = 16;
+
+/// A relay's signed statement of who its peers are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    pub relay: Address,
+    pub url: String,
+    /// Strictly increasing per relay (milliseconds since the epoch at
+    /// creation, bumped if needed), so a restarted relay's record wins.
+    pub seq: u64,
+    pub neighbors: Vec<Address>,
+    pub sig: [u8; 64],
+}
+
+impl LinkState {
+    fn signed_bytes(relay: &Address, url: &str, seq: u64, neighbors: &[Address]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(LINK_STATE_DOMAIN.len() + 32 + 2 + url.len() + 10 + 32 * neighbors.len());
+        m.extend_from_slice(LINK_STATE_DOMAIN);
+        m.extend_from_slice(&relay.0);
+        m.extend_from_slice(&(url.len() as u16).to_be_bytes());
+        m.extend_from_slice(url.as_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&(neighbors.len() as u16).to_be_bytes());
+        for n in neighbors {
+            m.extend_from_slice(&n.0);
+        }
+        m
+    }
+
+    pub fn sign(relay: &Identity, url: &str, seq: u64, mut neighbors: Vec<Address>) -> Self {
+        neighbors.sort_unstable();
+        neighbors.dedup();
+        neighbors.truncate(MAX_NEIGHBORS);
+        let mut url = url.to_owned();
+        url.truncate(MAX_URL_LEN);
+        let me = relay.address();
+        let sig = relay.sign(&Self::signed_bytes(&me, &url, seq, &neighbors));
+        LinkState {
+            relay: me,
+            url,
+            seq,
+            neighbors,
+            sig,
+        }
+    }
+
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        self.relay.verify(
+            &Self::signed_bytes(&self.relay, &self.url, self.seq, &self.neighbors),
+            &self.sig,
+        )
+    }
+}
+
+/// The fields of a client's REGISTER that its sigA covers: a proof that
+/// `address` registered with `relay_key` at `timestamp_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationProof {
+    pub address: Address,
+    pub relay_key: Address,
+    pub relay_nonce: [u8; 32],
+    pub client_nonce: [u8; 32],
+    pub timestamp_ms: u64,
+    pub url: String,
+    pub sig_a: [u8; 64],
+}
+
+impl RegistrationProof {
+    /// Checks sigA over the rebuilt registration transcript.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        let reg = Register {
+            role: Role::Client,
+            relay_key: self.relay_key,
+            client_key: self.address,
+            client_nonce: self.client_nonce,
+            timestamp_ms: self.timestamp_ms,
+            url: self.url.clone(),
+            sig_a: self.sig_a,
+        };
+        self.address
+            .verify(&sig_a_message(&reg, &self.relay_nonce), &self.sig_a)
+    }
+}
+
+/// A directory record: the client's proof plus the hosting relay's
+/// statement that the client is online (or has left).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub proof: RegistrationProof,
+    pub online: bool,
+    /// By `proof.relay_key` over PRESENCE_DOMAIN || address || timestamp || online.
+    pub relay_sig: [u8; 64],
+}
+
+/// Why a presence record was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PresenceError {
+    #[error("the client's sigA does not verify (forged presence)")]
+    BadClientSignature,
+    #[error("the hosting relay's signature does not verify")]
+    BadRelaySignature,
+}
+
+impl Presence {
+    fn relay_signed_bytes(p: &RegistrationProof, online: bool) -> Vec<u8> {
+        let mut m = Vec::with_capacity(PRESENCE_DOMAIN.len() + 32 + 8 + 1);
+        m.extend_from_slice(PRESENCE_DOMAIN);
+        m.extend_from_slice(&p.address.0);
+        m.extend_from_slice(&p.timestamp_ms.to_be_bytes());
+        m.push(online as u8);
+        m
+    }
+
+    /// The hosting relay's record for one of its clients.
+    pub fn sign(relay: &Identity, proof: RegistrationProof, online: bool) -> Self {
+        let relay_sig = relay.sign(&Self::relay_signed_bytes(&proof, online));
+        Presence {
+            proof,
+            online,
+            relay_sig,
+        }
+    }
+
+    pub fn verify(&self) -> Result<(), PresenceError> {
+        self.proof
+            .verify()
+            .map_err(|_| PresenceError::BadClientSignature)?;
+        self.proof
+            .relay_key
+            .verify(
+                &Self::relay_signed_bytes(&self.proof, self.online),
+                &self.relay_sig,
+            )
+            .map_err(|_| PresenceError::BadRelaySignature)
+    }
+
+    /// Ordering key: newer registrations win; at the same registration,
+    /// "left" (false) beats "online" (true).
+    pub fn rank(&self) -> (u64, bool) {
+        (self.proof.timestamp_ms, !self.online)
+    }
+}
+
+/// Where a FORWARD goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardTarget {
+    /// To `relay`, for delivery to these of its clients.
+    Relay { relay: Address, to: Vec<Address> },
+    /// To every relay, for delivery to all their clients (a2n federation).
+    Broadcast,
+}
+
+/// A client MSG travelling between relays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub origin: Address,
+    pub hops: u8,
+    pub target: ForwardTarget,
+    /// The client's MSG frame, byte for byte.
+    pub msg: Bytes,
+}
+
+/// A target relay's outcome for a FORWARD, routed back to `origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FwdReceipt {
+    pub origin: Address,
+    pub reporter: Address,
+    pub id: MsgId,
+    pub hops: u8,
+    pub delivered: u32,
+    pub entries: Vec<ReceiptEntry>,
+}
+
+/// Frames on a peer link (both directions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayToRelay {
+    LinkState(LinkState),
+    Presence(Presence),
+    Forward(Forward),
+    FwdReceipt(FwdReceipt),
+    Redirect(Vec<String>),
+}
+
+impl RelayToRelay {
+    /// Decodes one frame received on a peer link. Never panics.
+    pub fn decode(frame: &Bytes) -> Result<Self, DecodeError> {
+        use crate::frame::Reader;
+        let mut r = Reader::new(frame);
+        let t = preamble(&mut r)?;
+        let out = match t {
+            ty::LINK_STATE => {
+                let relay = r.address("relay")?;
+                let url = r.string("url", MAX_URL_LEN)?;
+                let seq = r.u64("seq")?;
+                let neighbors = r.address_list("neighbors")?;
+                if neighbors.len() > MAX_NEIGHBORS {
+                    return Err(DecodeError::TooLong {
+                        field: "neighbors",
+                        len: neighbors.len(),
+                        max: MAX_NEIGHBORS,
+                    });
+                }
+                RelayToRelay::LinkState(LinkState {
+                    relay,
+                    url,
+                    seq,
+                    neighbors,
+                    sig: r.array("sig")?,
+                })
+            }
+            ty::PRESENCE => RelayToRelay::Presence(Presence {
+                proof: RegistrationProof {
+                    address: r.address("address")?,
+                    relay_key: r.address("relay_key")?,
+                    relay_nonce: r.array("relay_nonce")?,
+                    client_nonce: r.array("client_nonce")?,
+                    timestamp_ms: r.u64("timestamp")?,
+                    url: r.string("url", MAX_URL_LEN)?,
+                    sig_a: r.array("sig_a")?,
+                },
+                online: flag(&mut r, "online")?,
+                relay_sig: r.array("relay_sig")?,
+            }),
+            ty::FORWARD => {
+                let origin = r.address("origin")?;
+                let hops = r.u8("hops")?;
+                let target = match r.u8("target kind")? {
+                    1 => ForwardTarget::Relay {
+                        relay: r.address("target relay")?,
+                        to: r.address_list("recipients")?,
+                    },
+                    2 => ForwardTarget::Broadcast,
+                    v => {
+                        return Err(DecodeError::BadValue {
+                            field: "target kind",
+                            value: v as u32,
+                        })
+                    }
+                };
+                return Ok(RelayToRelay::Forward(Forward {
+                    origin,
+                    hops,
+                    target,
+                    msg: r.rest(),
+                }));
+            }
+            ty::FWD_RECEIPT => {
+                let origin = r.address("origin")?;
+                let reporter = r.address("reporter")?;
+                let id = MsgId(r.array("id")?);
+                let hops = r.u8("hops")?;
+                let delivered = r.u32("delivered")?;
+                let n = r.u16("entries")? as usize;
+                if r.remaining() < n * 35 {
+                    return Err(DecodeError::Truncated {
+                        field: "entries",
+                        need: n * 35,
+                        have: r.remaining(),
+                    });
+                }
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(ReceiptEntry {
+                        to: r.address("entry.to")?,
+                        status: status(&mut r, "entry.status")?,
+                        reason: r.u16("entry.reason")?,
+                    });
+                }
+                RelayToRelay::FwdReceipt(FwdReceipt {
+                    origin,
+                    reporter,
+                    id,
+                    hops,
+                    delivered,
+                    entries,
+                })
+            }
+            ty::REDIRECT => {
+                let n = r.u8("count")? as usize;
+                if n > MAX_REDIRECT {
+                    return Err(DecodeError::TooLong {
+                        field: "redirect urls",
+                        len: n,
+                        max: MAX_REDIRECT,
+                    });
+                }
+                let mut urls = Vec::with_capacity(n);
+                for _ in 0..n {
+                    urls.push(r.string("url", MAX_URL_LEN)?);
+                }
+                RelayToRelay::Redirect(urls)
+            }
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(out)
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(256);
+        match self {
+            RelayToRelay::LinkState(ls) => {
+                head(&mut b, ty::LINK_STATE);
+                b.put_slice(&ls.relay.0);
+                put_string(&mut b, &ls.url, MAX_URL_LEN);
+                b.put_u64(ls.seq);
+                b.put_u16(ls.neighbors.len() as u16);
+                for n in &ls.neighbors {
+                    b.put_slice(&n.0);
+                }
+                b.put_slice(&ls.sig);
+            }
+            RelayToRelay::Presence(p) => {
+                head(&mut b, ty::PRESENCE);
+                let q = &p.proof;
+                b.put_slice(&q.address.0);
+                b.put_slice(&q.relay_key.0);
+                b.put_slice(&q.relay_nonce);
+                b.put_slice(&q.client_nonce);
+                b.put_u64(q.timestamp_ms);
+                put_string(&mut b, &q.url, MAX_URL_LEN);
+                b.put_slice(&q.sig_a);
+                b.put_u8(p.online as u8);
+                b.put_slice(&p.relay_sig);
+            }
+            RelayToRelay::Forward(f) => {
+                b.reserve(f.msg.len());
+                head(&mut b, ty::FORWARD);
+                b.put_slice(&f.origin.0);
+                b.put_u8(f.hops);
+                match &f.target {
+                    ForwardTarget::Relay { relay, to } => {
+                        b.put_u8(1);
+                        b.put_slice(&relay.0);
+                        b.put_u16(to.len().min(u16::MAX as usize) as u16);
+                        for a in to.iter().take(u16::MAX as usize) {
+                            b.put_slice(&a.0);
+                        }
+                    }
+                    ForwardTarget::Broadcast => b.put_u8(2),
+                }
+                b.put_slice(&f.msg);
+            }
+            RelayToRelay::FwdReceipt(fr) => {
+                head(&mut b, ty::FWD_RECEIPT);
+                b.put_slice(&fr.origin.0);
+                b.put_slice(&fr.reporter.0);
+                b.put_slice(&fr.id.0);
+                b.put_u8(fr.hops);
+                b.put_u32(fr.delivered);
+                b.put_u16(fr.entries.len() as u16);
+                for e in &fr.entries {
+                    b.put_slice(&e.to.0);
+                    b.put_u8(e.status as u8);
+                    b.put_u16(e.reason);
+                }
+            }
+            RelayToRelay::Redirect(urls) => {
+                head(&mut b, ty::REDIRECT);
+                let urls = &urls[..urls.len().min(MAX_REDIRECT)];
+                b.put_u8(urls.len() as u8);
+                for u in urls {
+                    put_string(&mut b, u, MAX_URL_LEN);
+                }
+            }
+        }
+        b.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Dest, Msg, Status};
+    use crate::handshake::ClientHandshake;
+    use proptest::prelude::*;
+
+    fn proof(client: &Identity, relay: &Identity) -> RegistrationProof {
+        let mut hs = ClientHandshake::new(client.clone(), Role::Client, "ws://r/", [5; 32], None);
+        let reg = hs
+            .on_challenge(
+                crate::frame::Challenge {
+                    relay_key: relay.address(),
+                    relay_nonce: [6; 32],
+                },
+                1_000,
+            )
+            .unwrap();
+        RegistrationProof {
+            address: client.address(),
+            relay_key: relay.address(),
+            relay_nonce: [6; 32],
+            client_nonce: reg.client_nonce,
+            timestamp_ms: reg.timestamp_ms,
+            url: reg.url,
+            sig_a: reg.sig_a,
+        }
+    }
+
+    #[test]
+    fn presence_verifies_and_forgeries_fail() {
+        let client = Identity::from_seed([1; 32]);
+        let relay = Identity::from_seed([2; 32]);
+        let evil = Identity::from_seed([3; 32]);
+        let p = Presence::sign(&relay, proof(&client, &relay), true);
+        assert_eq!(p.verify(), Ok(()));
+        let rt = RelayToRelay::decode(&RelayToRelay::Presence(p.clone()).encode()).unwrap();
+        assert_eq!(rt, RelayToRelay::Presence(p.clone()));
+        // A relay claiming a client that registered elsewhere.
+        let mut stolen = p.clone();
+        stolen.proof.relay_key = evil.address();
+        let stolen = Presence::sign(&evil, stolen.proof, true);
+        assert_eq!(stolen.verify(), Err(PresenceError::BadClientSignature));
+        // Flipping online without the hosting relay's key.
+        let mut flipped = p.clone();
+        flipped.online = false;
+        assert_eq!(flipped.verify(), Err(PresenceError::BadRelaySignature));
+        // Left beats online at the same registration.
+        let left = Presence::sign(&relay, p.proof.clone(), false);
+        assert!(left.rank() > p.rank());
+    }
+
+    #[test]
+    fn link_state_signs_and_round_trips() {
+        let relay = Identity::from_seed([2; 32]);
+        let ls = LinkState::sign(&relay, "ws://a/", 7, vec![Address([9; 32]), Address([1; 32])]);
+        assert_eq!(ls.verify(), Ok(()));
+        assert_eq!(ls.neighbors[0], Address([1; 32]), "sorted");
+        let f = RelayToRelay::LinkState(ls.clone());
+        assert_eq!(RelayToRelay::decode(&f.encode()).unwrap(), f);
+        let mut bad = ls;
+        bad.seq = 8;
+        assert!(bad.verify().is_err());
+    }
+
+    #[test]
+    fn forward_and_receipt_round_trip() {
+        let msg = Msg {
+            flags: 0,
+            id: MsgId([4; 16]),
+            from: Address([1; 32]),
+            dest: Dest::A2g(vec![Address([2; 32]), Address([3; 32])]),
+            payload: Bytes::from_static(b"hi"),
+        }
+        .encode();
+        for target in [
+            ForwardTarget::Relay {
+                relay: Address([8; 32]),
+                to: vec![Address([2; 32])],
+            },
+            ForwardTarget::Broadcast,
+        ] {
+            let f = RelayToRelay::Forward(Forward {
+                origin: Address([7; 32]),
+                hops: 3,
+                target,
+                msg: msg.clone(),
+            });
+            assert_eq!(RelayToRelay::decode(&f.encode()).unwrap(), f);
+        }
+        let r = RelayToRelay::FwdReceipt(FwdReceipt {
+            origin: Address([7; 32]),
+            reporter: Address([8; 32]),
+            id: MsgId([4; 16]),
+            hops: 1,
+            delivered: 1,
+            entries: vec![ReceiptEntry {
+                to: Address([2; 32]),
+                status: Status::Delivered,
+                reason: 0,
+            }],
+        });
+        assert_eq!(RelayToRelay::decode(&r.encode()).unwrap(), r);
+        let d = RelayToRelay::Redirect(vec!["ws://a/".into(), "ws://b/".into()]);
+        assert_eq!(RelayToRelay::decode(&d.encode()).unwrap(), d);
+    }
+
+    proptest! {
+        #[test]
+        fn random_s2s_bytes_never_panic(t in 0x40u8..0x45, body in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut v = vec![crate::PROTOCOL_VERSION, t];
+            v.extend(body);
+            let _ = RelayToRelay::decode(&Bytes::from(v));
+        }
+    }
+}
