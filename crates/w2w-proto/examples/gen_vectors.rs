@@ -1609,43 +1609,5 @@ fn h2b(s: &str) -> Vec<u8> {
 }
 
 fn describe(c: ErrorCode) -> &'static str {
-    match c {
-        ErrorCode::Malformed => {
-            "The frame is truncated, has trailing bytes, or a field is out of range."
-        }
-        ErrorCode::UnknownFrameType => "The frame type byte is not one this relay knows.",
-        ErrorCode::UnsupportedVersion => "The version byte is not a version this relay speaks.",
-        ErrorCode::NotRegistered => {
-            "A frame that needs a registered session arrived before sigC was accepted."
-        }
-        ErrorCode::UnexpectedFrame => {
-            "A frame arrived out of order, after registration, or in the wrong direction."
-        }
-        ErrorCode::UnknownRoute => "The route byte of a MSG frame is unknown.",
-        ErrorCode::UnknownOp => "The c2s request op is unknown.",
-        ErrorCode::TextFrame => {
-            "A WebSocket text message was received; frames are binary messages."
-        }
-        ErrorCode::AuthTimeout => {
-            "Registration (REGISTER + CONFIRM) not completed within the auth timeout."
-        }
-        ErrorCode::StaleTimestamp => "The REGISTER timestamp is outside the allowed clock skew.",
-        ErrorCode::WrongRelay => "REGISTER names a different relay key than this relay's.",
-        ErrorCode::Replay => "The client nonce was already used in an accepted registration.",
-        ErrorCode::BadSignature => "sigA or sigC does not verify under the client's key.",
-        ErrorCode::WrongUrl => "REGISTER names a URL this relay does not serve.",
-        ErrorCode::WrongRole => "The role byte is not one this endpoint accepts.",
-        ErrorCode::RateLimited => "The per-connection rate limit (token bucket) was exceeded.",
-        ErrorCode::FrameTooLarge => "A WebSocket message exceeded the relay's max frame size.",
-        ErrorCode::SlowConsumer => "A connection's send queue exceeded its byte bound.",
-        ErrorCode::MaxConnections => "The relay is at its connection limit.",
-        ErrorCode::ListTooLong => "An a2g list is longer than the relay's maximum.",
-        ErrorCode::SpoofedSender => "The MSG `from` field is not the sender's registered address.",
-        ErrorCode::Replaced => "A newer connection registered the same address.",
-        ErrorCode::ShuttingDown => "The relay is shutting down.",
-        ErrorCode::EmptyList => "An a2g list is empty.",
-        ErrorCode::PingTimeout => "No liveness reply within the ping timeout.",
-        ErrorCode::NoRoute => "The recipient is not connected to this relay.",
-        ErrorCode::Internal => "The relay failed internally; the request may be retried.",
-    }
+    c.description()
 }

@@ -4,12 +4,12 @@
 //! only sees the close event still learns the exact reason.
 
 macro_rules! error_codes {
-    ($( $(#[$doc:meta])* $name:ident = $num:literal, $slug:literal; )*) => {
+    ($( #[doc = $doc:literal] $name:ident = $num:literal, $slug:literal; )*) => {
         /// Every error a relay can report. The numeric value is on the wire.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[repr(u16)]
         pub enum ErrorCode {
-            $( $(#[$doc])* $name = $num, )*
+            $( #[doc = $doc] $name = $num, )*
         }
 
         impl ErrorCode {
@@ -30,6 +30,13 @@ macro_rules! error_codes {
             pub fn as_str(self) -> &'static str {
                 match self {
                     $( ErrorCode::$name => $slug, )*
+                }
+            }
+
+            /// One sentence on what the code means (its doc comment).
+            pub fn description(self) -> &'static str {
+                match self {
+                    $( ErrorCode::$name => $doc.trim_ascii_start(), )*
                 }
             }
         }
