@@ -223,7 +223,21 @@ pub async fn register<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut hs = ClientHandshake::new(identity.clone(), Role::Client, url, rand::random(), pinned);
+    register_as(ws, identity, url, pinned, Role::Client).await
+}
+
+/// [`register`] with an explicit role; relays peer with `Role::Relay`.
+pub async fn register_as<S>(
+    ws: &mut WebSocketStream<S>,
+    identity: &Identity,
+    url: &str,
+    pinned: Option<Address>,
+    role: Role,
+) -> Result<ClientRegistered, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut hs = ClientHandshake::new(identity.clone(), role, url, rand::random(), pinned);
     let unexpected = |f: &RelayToClient| {
         ClientError::Protocol(format!("unexpected frame during registration: {f:?}"))
     };

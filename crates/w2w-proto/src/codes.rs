@@ -52,7 +52,7 @@ error_codes! {
     UnsupportedVersion = 3, "unsupported_version";
     /// A frame that needs a registered session arrived before sigC was accepted.
     NotRegistered = 4, "not_registered";
-    /// A registration frame arrived out of order or after registration.
+    /// A frame arrived out of order, after registration, or in the wrong direction.
     UnexpectedFrame = 5, "unexpected_frame";
     /// The route byte of a MSG frame is unknown.
     UnknownRoute = 6, "unknown_route";

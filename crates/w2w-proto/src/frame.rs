@@ -467,7 +467,10 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(a))
     }
 
-    pub(crate) fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<[u8; N], DecodeError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N, field)?);
         Ok(a)
@@ -477,7 +480,11 @@ impl<'a> Reader<'a> {
         Ok(Address(self.array::<32>(field)?))
     }
 
-    pub(crate) fn string(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
+    pub(crate) fn string(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<String, DecodeError> {
         let len = self.u16(field)? as usize;
         if len > max {
             return Err(DecodeError::TooLong { field, len, max });
@@ -490,7 +497,10 @@ impl<'a> Reader<'a> {
 
     /// A `u16` count followed by that many addresses. The count is checked
     /// against the bytes present before anything is allocated.
-    pub(crate) fn address_list(&mut self, field: &'static str) -> Result<Vec<Address>, DecodeError> {
+    pub(crate) fn address_list(
+        &mut self,
+        field: &'static str,
+    ) -> Result<Vec<Address>, DecodeError> {
         let n = self.u16(field)? as usize;
         let need = n * Address::LEN;
         if self.remaining() < need {

@@ -193,6 +193,10 @@ pub struct Registration {
     pub url: String,
     pub timestamp_ms: u64,
     pub client_nonce: [u8; 32],
+    /// The relay's CHALLENGE nonce: with the fields above it lets anyone
+    /// re-verify sigA (federation presence records carry it).
+    pub relay_nonce: [u8; 32],
+    pub relay_key: Address,
     pub sig_a: [u8; 64],
     pub sig_b: [u8; 64],
     pub sig_c: [u8; 64],
@@ -219,15 +223,15 @@ pub struct RelayHandshake {
 #[derive(Debug, Clone)]
 pub struct RelayPolicy {
     pub max_skew_ms: u64,
-    /// Which role this endpoint accepts.
-    pub role: Role,
+    /// Whether relays (role 1) may register here to peer.
+    pub accept_relays: bool,
 }
 
 impl Default for RelayPolicy {
     fn default() -> Self {
         RelayPolicy {
             max_skew_ms: DEFAULT_MAX_SKEW_MS,
-            role: Role::Client,
+            accept_relays: false,
         }
     }
 }
@@ -264,7 +268,7 @@ impl RelayHandshake {
         if !matches!(self.state, RelayState::AwaitRegister) {
             return Err(HandshakeError::Unexpected("REGISTER"));
         }
-        if reg.role != policy.role {
+        if reg.role == Role::Relay && !policy.accept_relays {
             return Err(HandshakeError::WrongRole(reg.role));
         }
         let skew_ms = now_ms.abs_diff(reg.timestamp_ms);
@@ -318,6 +322,8 @@ impl RelayHandshake {
             url: reg.url,
             timestamp_ms: reg.timestamp_ms,
             client_nonce: reg.client_nonce,
+            relay_nonce: self.relay_nonce,
+            relay_key: self.relay_key,
             sig_a: reg.sig_a,
             sig_b,
             sig_c: c.sig_c,

@@ -65,7 +65,9 @@ pub struct LinkState {
 
 impl LinkState {
     fn signed_bytes(relay: &Address, url: &str, seq: u64, neighbors: &[Address]) -> Vec<u8> {
-        let mut m = Vec::with_capacity(LINK_STATE_DOMAIN.len() + 32 + 2 + url.len() + 10 + 32 * neighbors.len());
+        let mut m = Vec::with_capacity(
+            LINK_STATE_DOMAIN.len() + 32 + 2 + url.len() + 10 + 32 * neighbors.len(),
+        );
         m.extend_from_slice(LINK_STATE_DOMAIN);
         m.extend_from_slice(&relay.0);
         m.extend_from_slice(&(url.len() as u16).to_be_bytes());
@@ -474,7 +476,12 @@ mod tests {
     #[test]
     fn link_state_signs_and_round_trips() {
         let relay = Identity::from_seed([2; 32]);
-        let ls = LinkState::sign(&relay, "ws://a/", 7, vec![Address([9; 32]), Address([1; 32])]);
+        let ls = LinkState::sign(
+            &relay,
+            "ws://a/",
+            7,
+            vec![Address([9; 32]), Address([1; 32])],
+        );
         assert_eq!(ls.verify(), Ok(()));
         assert_eq!(ls.neighbors[0], Address([1; 32]), "sorted");
         let f = RelayToRelay::LinkState(ls.clone());

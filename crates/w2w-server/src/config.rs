@@ -26,6 +26,7 @@ pub struct RelayConfig {
     /// change on disk.
     pub tls: Option<TlsPaths>,
     pub limits: Limits,
+    pub federation: crate::federation::FederationConfig,
 }
 
 impl RelayConfig {
@@ -38,6 +39,7 @@ impl RelayConfig {
             public_urls: Vec::new(),
             tls: None,
             limits: Limits::default(),
+            federation: Default::default(),
         }
     }
 }

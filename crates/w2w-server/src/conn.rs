@@ -23,11 +23,12 @@ use tokio::time::Instant;
 use tokio_websockets::{CloseCode, Message, WebSocketStream};
 use w2w_proto::frame::{
     ClientToRelay, ErrorFrame, Hosted, Msg, Notice, Receipt, RelayToClient, ReplyBack, Request,
-    RequestOp, Response, ResponseBody, Status,
+    RequestOp, Response, ResponseBody, Role, Status,
 };
 use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPolicy};
 use w2w_proto::{Address, ErrorCode};
 
+use crate::federation::Dispatch;
 use crate::ratelimit::TokenBucket;
 use crate::router::{reject, Outbox};
 use crate::server::Shared;
@@ -47,10 +48,10 @@ pub struct ConnInfo {
     pub host: Option<String>,
 }
 
-type Ws<S> = WebSocketStream<S>;
+pub(crate) type Ws<S> = WebSocketStream<S>;
 
 /// Why a connection ends.
-enum End {
+pub(crate) enum End {
     /// The peer closed or the socket failed; nothing more to send.
     Gone,
     /// The WebSocket layer queued a close (1009, frame too large); flush it.
@@ -59,7 +60,7 @@ enum End {
     Close(ErrorCode, String),
 }
 
-async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut Ws<S>,
     shared: &Shared,
     frame: Bytes,
@@ -74,7 +75,7 @@ async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Sends ERROR (unless the code has its own notice), closes with
 /// `4000 + code`, and waits briefly for the peer's close.
-async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut Ws<S>,
     shared: &Shared,
     code: ErrorCode,
@@ -104,7 +105,7 @@ async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Sends whatever close the WebSocket layer queued and waits briefly for
 /// the peer's answer.
-async fn flush_close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>) {
+pub(crate) async fn flush_close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = ws.flush().await;
         while ws.next().await.is_some() {}
@@ -149,7 +150,25 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     };
-    session(shared.clone(), ws, info, reg, permit).await;
+    match reg.role {
+        Role::Client => session(shared.clone(), ws, info, reg, permit).await,
+        Role::Relay => {
+            if !shared.fed.config.admits(&reg.address) {
+                tracing::warn!(relay = %reg.address, peer = %info.peer, "relay not on the allowlist refused");
+                close_with(
+                    &mut ws,
+                    &shared,
+                    ErrorCode::UnauthorizedPeer,
+                    "this relay's key is not admitted for peering",
+                )
+                .await;
+            } else {
+                let end =
+                    crate::peer::run_link(&shared, &mut ws, reg.address, reg.url.clone()).await;
+                finish(&mut ws, &shared, end, &reg.address).await;
+            }
+        }
+    }
     shared.metrics.connections.fetch_sub(1, Relaxed);
 }
 
@@ -162,7 +181,7 @@ async fn register<S: AsyncRead + AsyncWrite + Unpin>(
     let mut hs = RelayHandshake::new(shared.relay_key, rand::random());
     let policy = RelayPolicy {
         max_skew_ms: shared.limits.max_skew_ms,
-        ..RelayPolicy::default()
+        accept_relays: true,
     };
     let challenge = RelayToClient::Challenge(hs.challenge()).encode();
     send_frame(ws, shared, challenge)
@@ -255,6 +274,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let address = reg.address;
     let now_ms = unix_ms();
+    let published = reg.clone();
     if let Err(e) = shared
         .store
         .write(Write::Registered {
@@ -280,23 +300,27 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         shared.limits.send_queue_bytes,
         shared.metrics.clone(),
     );
+    // Routable before REPLY_BACK: once the client hears it is registered,
+    // messages to it must arrive. They wait in the outbox meanwhile.
+    if let Some(old) = shared.router.insert(outbox.clone()) {
+        tracing::info!(address = %address.short(), "newer connection replaces older");
+        old.close(ErrorCode::Replaced);
+    }
     let reply = RelayToClient::ReplyBack(ReplyBack {
         address,
         relay_time_ms: now_ms,
         relay_url: shared.advertised_url(info.host.as_deref()),
     });
     if send_frame(&mut ws, &shared, reply.encode()).await.is_err() {
+        shared.router.remove(&outbox);
         return;
     }
-    if let Some(old) = shared.router.insert(outbox.clone()) {
-        tracing::info!(address = %address.short(), "newer connection replaces older");
-        old.close(ErrorCode::Replaced);
-    }
+    shared.fed.local_join(&published);
     shared.metrics.registered.fetch_add(1, Relaxed);
     shared.metrics.registrations_total.fetch_add(1, Relaxed);
     tracing::info!(address = %address.short(), peer = %info.peer, "registered");
 
-    let end = SessionLoop {
+    let mut handler = Session {
         shared: &shared,
         outbox: &outbox,
         bucket: TokenBucket::new(
@@ -304,11 +328,20 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             shared.limits.rate_burst,
             std::time::Instant::now(),
         ),
-    }
-    .run(&mut ws, &mut rx)
+    };
+    let end = pump(
+        &shared,
+        &outbox,
+        &mut ws,
+        &mut rx,
+        &mut handler,
+        shared.limits.ping_timeout(),
+    )
     .await;
 
-    shared.router.remove(&outbox);
+    if shared.router.remove(&outbox) {
+        shared.fed.local_leave(&address);
+    }
     shared.metrics.registered.fetch_sub(1, Relaxed);
     // Give back the queue's share of the queued-bytes gauge.
     outbox.dequeued(outbox.queued_bytes());
@@ -319,32 +352,48 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             at_ms: unix_ms(),
         })
         .await;
+    finish(&mut ws, &shared, end, &address).await;
+}
+
+/// Ends a connection the way `end` says.
+pub(crate) async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    shared: &Shared,
+    end: End,
+    who: &Address,
+) {
     match end {
-        End::Gone => tracing::info!(address = %address.short(), "disconnected"),
+        End::Gone => tracing::info!(address = %who.short(), "disconnected"),
         End::Flush => {
-            tracing::info!(address = %address.short(), "frame too large, closing");
-            flush_close(&mut ws).await;
+            tracing::info!(address = %who.short(), "frame too large, closing");
+            flush_close(ws).await;
         }
         End::Close(code, detail) => {
-            tracing::info!(address = %address.short(), %code, "closing");
-            close_with(&mut ws, &shared, code, &detail).await;
+            tracing::info!(address = %who.short(), %code, "closing");
+            close_with(ws, shared, code, &detail).await;
         }
     }
 }
 
-struct SessionLoop<'a> {
-    shared: &'a Shared,
-    outbox: &'a Arc<Outbox>,
-    bucket: TokenBucket,
+/// What a connection does with each received WebSocket message.
+pub(crate) trait Handler {
+    fn on_message(&mut self, m: Message);
 }
 
-impl SessionLoop<'_> {
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        ws: &mut Ws<S>,
-        rx: &mut mpsc::UnboundedReceiver<Bytes>,
-    ) -> End {
-        let limits = &self.shared.limits;
+/// The loop every registered connection (client or peer relay) runs: it
+/// owns the socket, writes what was queued for it, reads and hands frames
+/// to `handler`, and keeps liveness with pings. `write_timeout` bounds how
+/// long a peer that stops reading can hold the writer.
+pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
+    shared: &Shared,
+    outbox: &Outbox,
+    ws: &mut Ws<S>,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    handler: &mut H,
+    write_timeout: Duration,
+) -> End {
+    {
+        let limits = &shared.limits;
         let mut last_rx = Instant::now();
         let mut ping_sent: Option<Instant> = None;
         // The timer is reset only when it fires (to the real deadline),
@@ -355,15 +404,15 @@ impl SessionLoop<'_> {
             tokio::select! {
                 biased;
                 // A close request (replaced, slow consumer) beats everything.
-                code = self.outbox.closed() => {
+                code = outbox.closed() => {
                     return End::Close(code, String::new());
                 }
-                _ = self.shared.shutdown.cancelled() => {
+                _ = shared.shutdown.cancelled() => {
                     return End::Close(ErrorCode::ShuttingDown, String::new());
                 }
                 // Writes before reads: drain what we owe before taking more.
                 Some(first) = rx.recv() => {
-                    if let Err(end) = self.write_batch(ws, rx, first).await {
+                    if let Err(end) = write_batch(shared, outbox, ws, rx, first, write_timeout).await {
                         return end;
                     }
                 }
@@ -372,8 +421,8 @@ impl SessionLoop<'_> {
                     ping_sent = None;
                     match m {
                         None => return End::Gone,
-                        Some(Err(e)) => return read_error(self.shared, e),
-                        Some(Ok(m)) => self.on_message(m),
+                        Some(Err(e)) => return read_error(shared, e),
+                        Some(Ok(m)) => handler.on_message(m),
                     }
                 }
                 () = &mut timer => {
@@ -399,24 +448,26 @@ impl SessionLoop<'_> {
             }
         }
     }
+}
 
-    async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        ws: &mut Ws<S>,
-        rx: &mut mpsc::UnboundedReceiver<Bytes>,
-        first: Bytes,
-    ) -> Result<(), End> {
-        // A peer that stops reading must not hold this task forever.
-        let timeout = self.shared.limits.ping_timeout();
+async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    outbox: &Outbox,
+    ws: &mut Ws<S>,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    first: Bytes,
+    timeout: Duration,
+) -> Result<(), End> {
+    {
         let write = async {
             let mut next = Some(first);
             let mut n = 0;
             while let Some(frame) = next.take() {
                 let len = frame.len();
-                self.shared.metrics.frames_out.fetch_add(1, Relaxed);
-                self.shared.metrics.bytes_out.fetch_add(len as u64, Relaxed);
+                shared.metrics.frames_out.fetch_add(1, Relaxed);
+                shared.metrics.bytes_out.fetch_add(len as u64, Relaxed);
                 ws.feed(Message::binary(frame)).await?;
-                self.outbox.dequeued(len);
+                outbox.dequeued(len);
                 n += 1;
                 if n < WRITE_BATCH {
                     next = rx.try_recv().ok();
@@ -433,7 +484,16 @@ impl SessionLoop<'_> {
             )),
         }
     }
+}
 
+/// A registered client's connection.
+struct Session<'a> {
+    shared: &'a Shared,
+    outbox: &'a Arc<Outbox>,
+    bucket: TokenBucket,
+}
+
+impl Handler for Session<'_> {
     fn on_message(&mut self, m: Message) {
         if m.is_text() {
             self.error(
@@ -450,9 +510,10 @@ impl SessionLoop<'_> {
         let allowed = self.bucket.take(std::time::Instant::now());
         match ClientToRelay::decode(&bytes) {
             Ok(ClientToRelay::Msg(msg)) => {
-                let receipt = self.on_msg(&bytes, &msg, allowed);
-                self.shared.metrics.receipt(receipt.status);
-                self.enqueue(RelayToClient::Receipt(receipt).encode());
+                if let Dispatch::Done(receipt) = self.on_msg(&bytes, &msg, allowed) {
+                    self.shared.metrics.receipt(receipt.status);
+                    self.enqueue(RelayToClient::Receipt(receipt).encode());
+                }
             }
             Ok(ClientToRelay::Request(req)) => {
                 let resp = if allowed {
@@ -473,8 +534,10 @@ impl SessionLoop<'_> {
             Err(e) => self.error(e.code(), &e.to_string()),
         }
     }
+}
 
-    fn on_msg(&self, frame: &Bytes, msg: &Msg, allowed: bool) -> Receipt {
+impl Session<'_> {
+    fn on_msg(&self, frame: &Bytes, msg: &Msg, allowed: bool) -> Dispatch {
         let receipt = Receipt {
             id: msg.id,
             status: Status::Delivered,
@@ -484,15 +547,19 @@ impl SessionLoop<'_> {
         };
         let metrics = &self.shared.metrics;
         if !allowed {
-            return reject(receipt, ErrorCode::RateLimited, metrics);
+            return Dispatch::Done(reject(receipt, ErrorCode::RateLimited, metrics));
         }
         if msg.from != self.outbox.address {
-            return reject(receipt, ErrorCode::SpoofedSender, metrics);
+            return Dispatch::Done(reject(receipt, ErrorCode::SpoofedSender, metrics));
         }
         metrics.message(msg.dest.route());
-        self.shared
-            .router
-            .route(self.outbox, frame, msg, self.shared.limits.max_group)
+        self.shared.fed.dispatch(
+            &self.shared.router,
+            self.outbox,
+            frame,
+            msg,
+            self.shared.limits.max_group,
+        )
     }
 
     fn on_request(&self, req: Request) -> Response {
@@ -520,10 +587,13 @@ impl SessionLoop<'_> {
     }
 
     fn lookup(&self, addr: &Address) -> Option<Hosted> {
-        self.shared.router.get(addr).map(|_| Hosted {
-            relay_key: self.shared.relay_key,
-            relay_url: self.shared.advertised_url(None),
-        })
+        match self.shared.router.get(addr) {
+            Some(_) => Some(Hosted {
+                relay_key: self.shared.relay_key,
+                relay_url: self.shared.advertised_url(None),
+            }),
+            None => self.shared.fed.lookup(addr),
+        }
     }
 
     fn error(&self, code: ErrorCode, detail: &str) {

@@ -12,11 +12,15 @@
 //!   ever awaiting another connection (`try_enqueue` into byte-bounded queues).
 //! * [`store`] — durable state behind the [`store::Backend`] trait, run by one
 //!   writer thread that commits in batches; SQLite is the default backend.
+//! * [`federation`], [`peer`] — relays joined into one network: link-state
+//!   routing, the signed directory, forwarding, peer links.
 //! * [`metrics`], [`ratelimit`], [`tls`], [`config`] — support.
 
 pub mod config;
 pub mod conn;
+pub mod federation;
 pub mod metrics;
+pub mod peer;
 pub mod ratelimit;
 pub mod router;
 pub mod server;
@@ -24,6 +28,7 @@ pub mod store;
 pub mod tls;
 
 pub use config::{Limits, RelayConfig, TlsPaths};
+pub use federation::{FederationConfig, HopEvent};
 pub use server::{Relay, RelayError};
 
 /// Milliseconds since the Unix epoch, from the system clock. The only place

@@ -35,6 +35,14 @@ pub struct Metrics {
     /// Bytes currently waiting in all send queues.
     pub queued_bytes: AtomicI64,
     pub requests_total: AtomicU64,
+    /// Federation: live peer links.
+    pub peer_links: AtomicI64,
+    /// Federation: relays reachable from here.
+    pub known_relays: AtomicI64,
+    /// Federation: addresses in the directory.
+    pub known_addresses: AtomicI64,
+    /// Federation: FORWARD frames sent to peers.
+    pub forwarded: AtomicU64,
     messages: [AtomicU64; 4],
     receipts: [AtomicU64; 5],
     /// Errors and drops by [`ErrorCode`] (index = code).
@@ -54,6 +62,10 @@ impl Default for Metrics {
             bytes_out: AtomicU64::new(0),
             queued_bytes: AtomicI64::new(0),
             requests_total: AtomicU64::new(0),
+            peer_links: AtomicI64::new(0),
+            known_relays: AtomicI64::new(0),
+            known_addresses: AtomicI64::new(0),
+            forwarded: AtomicU64::new(0),
             messages: std::array::from_fn(|_| AtomicU64::new(0)),
             receipts: std::array::from_fn(|_| AtomicU64::new(0)),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -103,6 +115,21 @@ impl Metrics {
             "Bytes waiting in send queues.",
             self.queued_bytes.load(Relaxed),
         );
+        gauge(
+            "w2w_peer_links",
+            "Federation peer links.",
+            self.peer_links.load(Relaxed),
+        );
+        gauge(
+            "w2w_known_relays",
+            "Relays reachable through the federation.",
+            self.known_relays.load(Relaxed),
+        );
+        gauge(
+            "w2w_known_addresses",
+            "Addresses in the federation directory.",
+            self.known_addresses.load(Relaxed),
+        );
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
@@ -135,6 +162,11 @@ impl Metrics {
             "w2w_bytes_out_total",
             "Bytes sent in frames.",
             self.bytes_out.load(Relaxed),
+        );
+        counter(
+            "w2w_forwarded_total",
+            "Messages forwarded to peer relays.",
+            self.forwarded.load(Relaxed),
         );
         counter(
             "w2w_requests_total",

@@ -7,13 +7,13 @@
 //! sender's receipt says `rejected/slow_consumer`, and the recipient is
 //! told to close (policy: disconnect, counted in metrics).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
-use w2w_proto::frame::{Dest, Msg, Notice, Receipt, ReceiptEntry, RelayToClient, Status};
+use w2w_proto::frame::{Notice, Receipt, RelayToClient, Status};
 use w2w_proto::{Address, ErrorCode};
 
 use crate::metrics::Metrics;
@@ -124,22 +124,18 @@ impl Outbox {
 /// The table of registered connections on this relay.
 pub struct Router {
     clients: RwLock<HashMap<Address, Arc<Outbox>>>,
-    metrics: Arc<Metrics>,
 }
 
-fn status_of(r: Result<(), EnqueueError>) -> (Status, u16) {
-    match r {
-        Ok(()) => (Status::Delivered, 0),
-        Err(EnqueueError::SlowConsumer) => (Status::Rejected, ErrorCode::SlowConsumer.as_u16()),
-        Err(EnqueueError::Closed) => (Status::NoRoute, ErrorCode::NoRoute.as_u16()),
+impl Default for Router {
+    fn default() -> Self {
+        Router::new()
     }
 }
 
 impl Router {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new() -> Self {
         Router {
             clients: RwLock::new(HashMap::new()),
-            metrics,
         }
     }
 
@@ -215,86 +211,24 @@ impl Router {
         }
     }
 
-    /// Routes a MSG whose bytes are `frame` from `sender`; returns the
-    /// receipt. The same `frame` buffer is queued to every recipient.
-    pub fn route(&self, sender: &Outbox, frame: &Bytes, msg: &Msg, max_group: usize) -> Receipt {
-        let mut receipt = Receipt {
-            id: msg.id,
-            status: Status::Delivered,
-            reason: 0,
-            delivered: 0,
-            entries: Vec::new(),
-        };
-        match &msg.dest {
-            Dest::A2a => {
-                let (st, reason) = status_of(sender.try_enqueue(frame.clone()));
-                receipt.status = st;
-                receipt.reason = reason;
-                receipt.delivered = (st == Status::Delivered) as u32;
+    /// Queues `frame` for the connection registered as `to`.
+    pub fn deliver(&self, to: &Address, frame: &Bytes) -> (Status, Option<ErrorCode>) {
+        match self.get(to).map(|o| o.try_enqueue(frame.clone())) {
+            Some(Ok(())) => (Status::Delivered, None),
+            Some(Err(EnqueueError::SlowConsumer)) => {
+                (Status::Rejected, Some(ErrorCode::SlowConsumer))
             }
-            Dest::A2b(to) => {
-                let (st, reason) = match self.get(to) {
-                    Some(o) => status_of(o.try_enqueue(frame.clone())),
-                    None => (Status::NoRoute, ErrorCode::NoRoute.as_u16()),
-                };
-                receipt.status = st;
-                receipt.reason = reason;
-                receipt.delivered = (st == Status::Delivered) as u32;
-                receipt.entries.push(ReceiptEntry {
-                    to: *to,
-                    status: st,
-                    reason,
-                });
-            }
-            Dest::A2g(list) => {
-                if list.is_empty() {
-                    return reject(receipt, ErrorCode::EmptyList, &self.metrics);
-                }
-                if list.len() > max_group {
-                    return reject(receipt, ErrorCode::ListTooLong, &self.metrics);
-                }
-                let mut seen = HashSet::with_capacity(list.len());
-                let map = self.read();
-                for to in list.iter().filter(|a| seen.insert(**a)) {
-                    let (st, reason) = match map.get(to) {
-                        Some(o) => status_of(o.try_enqueue(frame.clone())),
-                        None => (Status::NoRoute, ErrorCode::NoRoute.as_u16()),
-                    };
-                    receipt.delivered += (st == Status::Delivered) as u32;
-                    receipt.entries.push(ReceiptEntry {
-                        to: *to,
-                        status: st,
-                        reason,
-                    });
-                }
-                let n = receipt.entries.len() as u32;
-                receipt.status = match receipt.delivered {
-                    d if d == n => Status::Delivered,
-                    0 => Status::NoRoute,
-                    _ => Status::Partial,
-                };
-                if receipt.status == Status::NoRoute {
-                    receipt.reason = ErrorCode::NoRoute.as_u16();
-                }
-            }
-            Dest::A2n(_) => {
-                // Federation scope is the same as relay scope until
-                // federation exists.
-                for o in self.read().values() {
-                    if o.try_enqueue(frame.clone()).is_ok() {
-                        receipt.delivered += 1;
-                    }
-                }
-                if receipt.delivered == 0 {
-                    receipt.status = Status::NoRoute;
-                    receipt.reason = ErrorCode::NoRoute.as_u16();
-                }
-            }
+            Some(Err(EnqueueError::Closed)) | None => (Status::NoRoute, Some(ErrorCode::NoRoute)),
         }
-        if receipt.status == Status::NoRoute {
-            self.metrics.error(ErrorCode::NoRoute);
-        }
-        receipt
+    }
+
+    /// Queues `frame` for every registered connection; returns how many
+    /// took it.
+    pub fn broadcast(&self, frame: &Bytes) -> u32 {
+        self.read()
+            .values()
+            .filter(|o| o.try_enqueue(frame.clone()).is_ok())
+            .count() as u32
     }
 }
 
@@ -311,7 +245,6 @@ pub fn reject(mut receipt: Receipt, code: ErrorCode, metrics: &Metrics) -> Recei
 #[cfg(test)]
 mod tests {
     use super::*;
-    use w2w_proto::frame::MsgId;
 
     fn outbox(
         b: u8,
@@ -323,36 +256,24 @@ mod tests {
     }
 
     #[test]
-    fn routes_and_receipts() {
+    fn deliver_and_broadcast_share_one_buffer() {
         let m = Arc::new(Metrics::default());
-        let r = Router::new(m.clone());
+        let r = Router::new();
         let (a, mut arx) = outbox(1, 1, 1 << 20, &m);
         let (b, mut brx) = outbox(2, 2, 1 << 20, &m);
         r.insert(a.clone());
         r.insert(b.clone());
-        let msg = |dest| Msg {
-            flags: 0,
-            id: MsgId([0; 16]),
-            from: a.address,
-            dest,
-            payload: Bytes::from_static(b"x"),
-        };
-        let m1 = msg(Dest::A2g(vec![b.address, Address([9; 32]), b.address]));
-        let f = m1.encode();
-        let rc = r.route(&a, &f, &m1, 64);
-        assert_eq!(rc.status, Status::Partial);
-        assert_eq!(rc.entries.len(), 2, "duplicates are delivered once");
-        assert_eq!(brx.try_recv().unwrap(), f);
-        assert!(brx.try_recv().is_err());
-        assert!(arx.try_recv().is_err());
-
-        let m2 = msg(Dest::A2g(vec![Address([0; 32]); 65]));
+        let f = Bytes::from_static(b"frame");
+        assert_eq!(r.deliver(&b.address, &f), (Status::Delivered, None));
         assert_eq!(
-            r.route(&a, &m2.encode(), &m2, 64).reason,
-            ErrorCode::ListTooLong.as_u16()
+            r.deliver(&Address([9; 32]), &f),
+            (Status::NoRoute, Some(ErrorCode::NoRoute))
         );
-        let m3 = msg(Dest::A2n(w2w_proto::frame::Scope::Relay));
-        assert_eq!(r.route(&a, &m3.encode(), &m3, 64).delivered, 2);
+        let got = brx.try_recv().unwrap();
+        assert_eq!(got.as_ptr(), f.as_ptr(), "the same buffer, not a copy");
+        assert!(arx.try_recv().is_err());
+        assert_eq!(r.broadcast(&f), 2);
+        assert_eq!(arx.try_recv().unwrap(), f);
     }
 
     #[test]
@@ -375,7 +296,7 @@ mod tests {
     #[test]
     fn replaced_connection_does_not_remove_successor() {
         let m = Arc::new(Metrics::default());
-        let r = Router::new(m.clone());
+        let r = Router::new();
         let (old, _a) = outbox(1, 1, 100, &m);
         let (new, _b) = outbox(1, 2, 100, &m);
         assert!(r.insert(old.clone()).is_none());

@@ -29,6 +29,7 @@ use w2w_proto::{Address, Identity};
 
 use crate::config::{Limits, RelayConfig};
 use crate::conn::{self, ConnInfo};
+use crate::federation::Federation;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::{SqliteBackend, Store, StoreError};
@@ -62,6 +63,7 @@ pub struct Shared {
     pub tls: bool,
     pub local_addr: SocketAddr,
     pub router: Router,
+    pub fed: Federation,
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub replay: Mutex<ReplayCache>,
@@ -178,6 +180,7 @@ impl Relay {
             source,
         })?;
         let metrics = Arc::new(Metrics::default());
+        let fed_identity = config.identity.clone();
         let shared = Arc::new(Shared {
             relay_key: config.identity.address(),
             identity: config.identity,
@@ -187,7 +190,8 @@ impl Relay {
             public_urls: config.public_urls,
             tls: tls.is_some(),
             local_addr,
-            router: Router::new(metrics.clone()),
+            router: Router::new(),
+            fed: Federation::new(fed_identity, config.federation.clone(), metrics.clone()),
             store: Store::spawn(backend),
             metrics,
             shutdown: CancellationToken::new(),
@@ -212,6 +216,26 @@ impl Relay {
                 }
             });
         }
+        shared.fed.set_url(shared.advertised_url(None));
+        // Remote receipts that never come back are answered `timeout`.
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut refresh =
+                tokio::time::interval(Duration::from_millis(s.fed.config.refresh_ms.max(1000)));
+            loop {
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => break,
+                    _ = tick.tick() => s.fed.expire_pending(std::time::Instant::now()),
+                    _ = refresh.tick() => s.fed.refresh(),
+                }
+            }
+        });
+        for url in &config.federation.peers {
+            shared
+                .tracker
+                .spawn(crate::peer::dial_loop(shared.clone(), url.clone()));
+        }
         let acceptor = tls.map(|(a, _)| a);
         let s = shared.clone();
         shared.tracker.spawn(accept_loop(s, listener, acceptor));
@@ -233,6 +257,11 @@ impl Relay {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
+    }
+
+    /// The federation core (peers, directory, hop events).
+    pub fn federation(&self) -> &Federation {
+        &self.shared.fed
     }
 
     /// Stops accepting, tells every client `shutting_down`, and waits (at

@@ -298,6 +298,8 @@ mod tests {
             url: "ws://127.0.0.1:1/".into(),
             timestamp_ms: 1,
             client_nonce: [0; 32],
+            relay_nonce: [0; 32],
+            relay_key: Address([0; 32]),
             sig_a: [1; 64],
             sig_b: [2; 64],
             sig_c: [3; 64],

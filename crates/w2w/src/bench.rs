@@ -46,10 +46,8 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let url = match &a.relay {
         Some(u) => u.clone(),
         None => {
-            let mut cfg = RelayConfig::new(
-                Identity::from_seed(rand::random()),
-                "127.0.0.1:0".parse()?,
-            );
+            let mut cfg =
+                RelayConfig::new(Identity::from_seed(rand::random()), "127.0.0.1:0".parse()?);
             cfg.limits = Limits {
                 rate_per_sec: u32::MAX / 2,
                 rate_burst: u32::MAX / 2,
@@ -69,9 +67,17 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
     for _ in 0..a.pairs {
-        let rx = Client::connect(Identity::from_seed(rand::random()), ConnectOptions::new(&url)).await?;
+        let rx = Client::connect(
+            Identity::from_seed(rand::random()),
+            ConnectOptions::new(&url),
+        )
+        .await?;
         let tx = Arc::new(
-            Client::connect(Identity::from_seed(rand::random()), ConnectOptions::new(&url)).await?,
+            Client::connect(
+                Identity::from_seed(rand::random()),
+                ConnectOptions::new(&url),
+            )
+            .await?,
         );
         let to = rx.address();
         let received = received.clone();
@@ -98,7 +104,8 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
                 let mut sent = 0u64;
                 while Instant::now() < deadline {
                     let mut payload = vec![0u8; size];
-                    payload[..8].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_le_bytes());
+                    payload[..8]
+                        .copy_from_slice(&(start.elapsed().as_nanos() as u64).to_le_bytes());
                     match tx.send(Dest::A2b(to), payload).await {
                         Ok(r) if r.status == Status::Delivered => sent += 1,
                         Ok(_) => {
@@ -118,7 +125,10 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         tokio::spawn(async move {
             for s in 1..=secs {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                eprint!("\r[{s:>3}/{secs}s] {} messages received", received.load(Relaxed));
+                eprint!(
+                    "\r[{s:>3}/{secs}s] {} messages received",
+                    received.load(Relaxed)
+                );
             }
             eprintln!();
         })
@@ -127,7 +137,10 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     for s in senders {
         sent += s.await.unwrap_or(0);
     }
-    let elapsed = start.elapsed().min(Duration::from_secs(a.seconds)).as_secs_f64();
+    let elapsed = start
+        .elapsed()
+        .min(Duration::from_secs(a.seconds))
+        .as_secs_f64();
     let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
     for r in receivers {
         if let Ok(h) = r.await {

@@ -86,8 +86,9 @@ pub struct KnownRelays {
 impl KnownRelays {
     pub fn load(path: PathBuf) -> Result<Self> {
         let map = match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t)
-                .with_context(|| format!("parsing {}", path.display()))?,
+            Ok(t) => {
+                serde_json::from_str(&t).with_context(|| format!("parsing {}", path.display()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };

@@ -161,7 +161,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -215,10 +218,11 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("parsing {}", p.display()))?,
         None => FileConfig::default(),
     };
-    let data = a
-        .data
-        .or(file.data)
-        .unwrap_or_else(|| dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("w2w"));
+    let data = a.data.or(file.data).unwrap_or_else(|| {
+        dirs::data_dir()
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("w2w")
+    });
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let key_path = data.join("relay.key");
     let (identity, created) = keys::load_or_create(&key_path)?;
@@ -351,7 +355,13 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
         let reason = ErrorCode::from_u16(r.reason)
             .map(|c| format!(" ({c})"))
             .unwrap_or_default();
-        println!("{} {}{} delivered={}", r.id, r.status.as_str(), reason, r.delivered);
+        println!(
+            "{} {}{} delivered={}",
+            r.id,
+            r.status.as_str(),
+            reason,
+            r.delivered
+        );
         for e in &r.entries {
             let reason = ErrorCode::from_u16(e.reason)
                 .map(|c| format!(" ({})", c.as_str()))
@@ -414,7 +424,9 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
             Some(Event::Notice(notice)) => match notice {
                 Notice::Join(x) if a.presence => eprintln!("+ {x} joined"),
                 Notice::Leave(x) if a.presence => eprintln!("- {x} left"),
-                Notice::Replaced => eprintln!("another connection with this identity replaced this one"),
+                Notice::Replaced => {
+                    eprintln!("another connection with this identity replaced this one")
+                }
                 Notice::ShuttingDown => eprintln!("the relay is shutting down"),
                 _ => {}
             },

@@ -1,0 +1,1026 @@
+//! Federation: relays joined into one network.
+//!
+//! Routing is link-state over relays plus a signed address directory (see
+//! `w2w_proto::s2s`). Every relay floods its signed peer list; each relay
+//! runs BFS over the two-way edges to get the next hop toward every other
+//! relay, so paths are shortest and loop-free once records have spread. The
+//! directory maps an address to the relay it registered with, proven by the
+//! client's own sigA and countersigned by that relay.
+//!
+//! A message for a remote address is wrapped in FORWARD and sent to the next
+//! hop toward the recipient's relay; that relay delivers and sends a
+//! FWD_RECEIPT back toward the origin, which answers the sender. Loops and
+//! duplicates are stopped three ways: a bounded seen-cache of (message id,
+//! origin), a hop limit, and never forwarding a message back to the peer it
+//! came from. Federation-wide a2n floods to every peer but the one it came
+//! from; the seen-cache makes each relay deliver it once.
+//!
+//! All state sits behind one mutex held only for map updates and
+//! non-blocking `try_enqueue` calls, never across an await.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use w2w_proto::frame::{
+    ClientToRelay, Dest, Hosted, Msg, MsgId, Receipt, ReceiptEntry, RelayToClient, Scope, Status,
+};
+use w2w_proto::handshake::Registration;
+use w2w_proto::s2s::{
+    Forward, ForwardTarget, FwdReceipt, LinkState, Presence, RegistrationProof, RelayToRelay,
+};
+use w2w_proto::{Address, ErrorCode, Identity};
+
+use crate::metrics::Metrics;
+use crate::router::{Outbox, Router};
+
+/// Federation settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Relay URLs to peer with (dialled, redialled with backoff).
+    pub peers: Vec<String>,
+    /// Relay keys admitted as peers. Empty: open admission (any relay that
+    /// completes the handshake is registered as a peer).
+    pub allow: Vec<Address>,
+    /// Most peer links (inbound + outbound); past it a relay is redirected
+    /// to our peers (default 5).
+    pub max_peers: usize,
+    /// Most relay hops a message may take (default 16).
+    pub hop_limit: u8,
+    /// How long the origin waits for remote receipts (default 5 s).
+    pub receipt_timeout_ms: u64,
+    /// Remembered (message id, origin) pairs (default 100,000).
+    pub seen_cache: usize,
+    /// Bytes a peer link's send queue may hold (default 16 MiB).
+    pub peer_queue_bytes: usize,
+    /// How often a relay re-floods its link state (default 30 s).
+    pub refresh_ms: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            peers: Vec::new(),
+            allow: Vec::new(),
+            max_peers: 5,
+            hop_limit: 16,
+            receipt_timeout_ms: 5000,
+            seen_cache: 100_000,
+            peer_queue_bytes: 16 << 20,
+            refresh_ms: 30_000,
+        }
+    }
+}
+
+impl FederationConfig {
+    pub fn admits(&self, relay: &Address) -> bool {
+        self.allow.is_empty() || self.allow.contains(relay)
+    }
+}
+
+/// What a relay did with a message, for `w2w demo` and debugging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HopEvent {
+    /// A client handed the message to this relay.
+    FromClient {
+        relay: Address,
+        id: MsgId,
+        from: Address,
+    },
+    /// This relay forwarded it to a peer relay.
+    ToPeer {
+        relay: Address,
+        id: MsgId,
+        peer: Address,
+    },
+    /// This relay delivered it to a connected client.
+    ToClient {
+        relay: Address,
+        id: MsgId,
+        to: Address,
+    },
+}
+
+struct Peer {
+    outbox: Arc<Outbox>,
+    url: String,
+}
+
+/// A receipt waiting for remote relays.
+struct Pending {
+    sender: Arc<Outbox>,
+    route: w2w_proto::frame::Route,
+    entries: Vec<ReceiptEntry>,
+    delivered: u32,
+    /// Relay → the addresses it was asked to deliver to (empty: broadcast).
+    waiting: HashMap<Address, Vec<Address>>,
+    deadline: Instant,
+}
+
+/// Bounded memory of (message id, origin) pairs, oldest dropped first.
+struct SeenCache {
+    cap: usize,
+    ttl: Duration,
+    order: VecDeque<(Instant, (MsgId, Address))>,
+    set: HashSet<(MsgId, Address)>,
+}
+
+impl SeenCache {
+    /// Records the pair; `false` if it was already there.
+    fn insert(&mut self, key: (MsgId, Address), now: Instant) -> bool {
+        while let Some(&(t, k)) = self.order.front() {
+            if now.duration_since(t) < self.ttl && self.order.len() < self.cap {
+                break;
+            }
+            self.order.pop_front();
+            self.set.remove(&k);
+        }
+        if !self.set.insert(key) {
+            return false;
+        }
+        self.order.push_back((now, key));
+        true
+    }
+}
+
+struct State {
+    seq: u64,
+    peers: HashMap<Address, Peer>,
+    lsdb: HashMap<Address, LinkState>,
+    /// Relay → (next hop, distance).
+    routes: HashMap<Address, (Address, u32)>,
+    directory: HashMap<Address, Presence>,
+    seen: SeenCache,
+    pending: HashMap<MsgId, Pending>,
+}
+
+/// The federation core of one relay.
+pub struct Federation {
+    identity: Identity,
+    me: Address,
+    url: Mutex<String>,
+    pub config: FederationConfig,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+    events: tokio::sync::broadcast::Sender<HopEvent>,
+}
+
+/// The outcome of routing a client's MSG.
+pub enum Dispatch {
+    Done(Receipt),
+    /// Remote relays were asked; the receipt is sent when they answer.
+    Pending,
+}
+
+fn summarize(
+    route: w2w_proto::frame::Route,
+    entries: &[ReceiptEntry],
+    delivered: u32,
+) -> (Status, u16) {
+    use w2w_proto::frame::Route;
+    match route {
+        Route::A2b => entries
+            .first()
+            .map_or((Status::NoRoute, ErrorCode::NoRoute.as_u16()), |e| {
+                (e.status, e.reason)
+            }),
+        Route::A2g => {
+            let ok = entries
+                .iter()
+                .filter(|e| e.status == Status::Delivered)
+                .count();
+            if ok == entries.len() {
+                (Status::Delivered, 0)
+            } else if ok == 0 {
+                let reason = entries
+                    .first()
+                    .map_or(ErrorCode::NoRoute.as_u16(), |e| e.reason);
+                (Status::NoRoute, reason)
+            } else {
+                (Status::Partial, 0)
+            }
+        }
+        Route::A2a | Route::A2n => {
+            if delivered > 0 {
+                (Status::Delivered, 0)
+            } else {
+                (Status::NoRoute, ErrorCode::NoRoute.as_u16())
+            }
+        }
+    }
+}
+
+fn entry(to: Address, status: Status, code: Option<ErrorCode>) -> ReceiptEntry {
+    ReceiptEntry {
+        to,
+        status,
+        reason: code.map_or(0, ErrorCode::as_u16),
+    }
+}
+
+impl Federation {
+    pub fn new(identity: Identity, config: FederationConfig, metrics: Arc<Metrics>) -> Self {
+        let me = identity.address();
+        let seen = SeenCache {
+            cap: config.seen_cache.max(16),
+            ttl: Duration::from_secs(120),
+            order: VecDeque::new(),
+            set: HashSet::new(),
+        };
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let f = Federation {
+            identity,
+            me,
+            url: Mutex::new(String::new()),
+            config,
+            state: Mutex::new(State {
+                seq: 0,
+                peers: HashMap::new(),
+                lsdb: HashMap::new(),
+                routes: HashMap::new(),
+                directory: HashMap::new(),
+                seen,
+                pending: HashMap::new(),
+            }),
+            metrics,
+            events,
+        };
+        {
+            let mut st = f.lock();
+            f.bump_link_state(&mut st);
+        }
+        f
+    }
+
+    /// Sets the URL this relay advertises in its link state.
+    pub fn set_url(&self, url: String) {
+        *self.url.lock().unwrap_or_else(|e| e.into_inner()) = url;
+        let mut st = self.lock();
+        self.bump_link_state(&mut st);
+        self.flood(
+            &st,
+            RelayToRelay::LinkState(st.lsdb[&self.me].clone()),
+            None,
+        );
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hop events, for `w2w demo`.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<HopEvent> {
+        self.events.subscribe()
+    }
+
+    fn event(&self, e: HopEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(e);
+        }
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.lock().peers.len()
+    }
+
+    /// (peer key, peer URL) of every current link.
+    pub fn peers(&self) -> Vec<(Address, String)> {
+        self.lock()
+            .peers
+            .iter()
+            .map(|(k, p)| (*k, p.url.clone()))
+            .collect()
+    }
+
+    /// Relays reachable from here.
+    pub fn reachable(&self) -> Vec<Address> {
+        self.lock().routes.keys().copied().collect()
+    }
+
+    pub fn directory_len(&self) -> usize {
+        self.lock().directory.len()
+    }
+
+    // -------------------------------------------------------- link state
+
+    fn bump_link_state(&self, st: &mut State) {
+        st.seq = (st.seq + 1).max(crate::unix_ms());
+        let url = self.url.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ls = LinkState::sign(
+            &self.identity,
+            &url,
+            st.seq,
+            st.peers.keys().copied().collect(),
+        );
+        st.lsdb.insert(self.me, ls);
+        self.recompute(st);
+    }
+
+    /// BFS over two-way edges from this relay.
+    fn recompute(&self, st: &mut State) {
+        let mut routes = HashMap::new();
+        let mut queue = VecDeque::new();
+        let mut seen = HashSet::from([self.me]);
+        if let Some(mine) = st.lsdb.get(&self.me) {
+            for n in &mine.neighbors {
+                if st.peers.contains_key(n) && seen.insert(*n) {
+                    routes.insert(*n, (*n, 1));
+                    queue.push_back(*n);
+                }
+            }
+        }
+        while let Some(u) = queue.pop_front() {
+            let (hop, d) = routes[&u];
+            let Some(ls) = st.lsdb.get(&u) else { continue };
+            for v in &ls.neighbors {
+                let two_way = st.lsdb.get(v).is_some_and(|x| x.neighbors.contains(&u));
+                if two_way && seen.insert(*v) {
+                    routes.insert(*v, (hop, d + 1));
+                    queue.push_back(*v);
+                }
+            }
+        }
+        st.routes = routes;
+        self.metrics
+            .known_relays
+            .store(st.routes.len() as i64, Relaxed);
+        self.metrics
+            .known_addresses
+            .store(st.directory.len() as i64, Relaxed);
+    }
+
+    /// Sends a frame to every peer except `except`.
+    fn flood(&self, st: &State, frame: RelayToRelay, except: Option<Address>) {
+        let bytes = frame.encode();
+        for (k, p) in &st.peers {
+            if Some(*k) != except {
+                let _ = p.outbox.try_enqueue(bytes.clone());
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ peers
+
+    /// Registers a peer link. On success the new peer is sent our whole
+    /// link-state database and directory.
+    pub fn peer_up(&self, key: Address, url: String, outbox: Arc<Outbox>) -> Result<(), ErrorCode> {
+        let mut st = self.lock();
+        if key == self.me {
+            return Err(ErrorCode::DuplicatePeer);
+        }
+        if st.peers.contains_key(&key) {
+            return Err(ErrorCode::DuplicatePeer);
+        }
+        if st.peers.len() >= self.config.max_peers {
+            return Err(ErrorCode::PeerLimit);
+        }
+        st.peers.insert(
+            key,
+            Peer {
+                outbox: outbox.clone(),
+                url,
+            },
+        );
+        self.metrics
+            .peer_links
+            .store(st.peers.len() as i64, Relaxed);
+        self.bump_link_state(&mut st);
+        for ls in st.lsdb.values() {
+            let _ = outbox.try_enqueue(RelayToRelay::LinkState(ls.clone()).encode());
+        }
+        for p in st.directory.values() {
+            let _ = outbox.try_enqueue(RelayToRelay::Presence(p.clone()).encode());
+        }
+        let mine = st.lsdb[&self.me].clone();
+        self.flood(&st, RelayToRelay::LinkState(mine), Some(key));
+        Ok(())
+    }
+
+    /// Removes a peer link (if `conn_id` is still the current one).
+    pub fn peer_down(&self, key: Address, conn_id: u64) {
+        let mut st = self.lock();
+        if st
+            .peers
+            .get(&key)
+            .is_some_and(|p| p.outbox.conn_id == conn_id)
+        {
+            st.peers.remove(&key);
+            self.metrics
+                .peer_links
+                .store(st.peers.len() as i64, Relaxed);
+            self.bump_link_state(&mut st);
+            let mine = st.lsdb[&self.me].clone();
+            self.flood(&st, RelayToRelay::LinkState(mine), None);
+        }
+    }
+
+    /// Re-signs and floods our link state (called periodically).
+    pub fn refresh(&self) {
+        let mut st = self.lock();
+        self.bump_link_state(&mut st);
+        let mine = st.lsdb[&self.me].clone();
+        self.flood(&st, RelayToRelay::LinkState(mine), None);
+    }
+
+    /// URLs of our peers, for a REDIRECT.
+    pub fn redirect_urls(&self) -> Vec<String> {
+        self.lock().peers.values().map(|p| p.url.clone()).collect()
+    }
+
+    // -------------------------------------------------------- directory
+
+    fn proof(reg: &Registration) -> RegistrationProof {
+        RegistrationProof {
+            address: reg.address,
+            relay_key: reg.relay_key,
+            relay_nonce: reg.relay_nonce,
+            client_nonce: reg.client_nonce,
+            timestamp_ms: reg.timestamp_ms,
+            url: reg.url.clone(),
+            sig_a: reg.sig_a,
+        }
+    }
+
+    /// A client registered here: publish its presence.
+    pub fn local_join(&self, reg: &Registration) {
+        let p = Presence::sign(&self.identity, Self::proof(reg), true);
+        let mut st = self.lock();
+        st.directory.insert(reg.address, p.clone());
+        self.flood(&st, RelayToRelay::Presence(p), None);
+        self.metrics
+            .known_addresses
+            .store(st.directory.len() as i64, Relaxed);
+    }
+
+    /// A client left: publish the withdrawal (if our record is current).
+    pub fn local_leave(&self, address: &Address) {
+        let mut st = self.lock();
+        let Some(cur) = st.directory.get(address) else {
+            return;
+        };
+        if cur.proof.relay_key != self.me || !cur.online {
+            return;
+        }
+        let p = Presence::sign(&self.identity, cur.proof.clone(), false);
+        st.directory.insert(*address, p.clone());
+        self.flood(&st, RelayToRelay::Presence(p), None);
+    }
+
+    /// Which relay hosts `address`, if the directory knows.
+    pub fn lookup(&self, address: &Address) -> Option<Hosted> {
+        let st = self.lock();
+        let p = st.directory.get(address).filter(|p| p.online)?;
+        let url = st
+            .lsdb
+            .get(&p.proof.relay_key)
+            .map(|l| l.url.clone())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| p.proof.url.clone());
+        Some(Hosted {
+            relay_key: p.proof.relay_key,
+            relay_url: url,
+        })
+    }
+
+    // ----------------------------------------------------- s2s frames in
+
+    /// Handles a frame from peer `from`. Returns a local address that a
+    /// newer registration elsewhere has displaced (its connection is to be
+    /// closed as replaced).
+    pub fn on_frame(&self, router: &Router, from: Address, frame: RelayToRelay) {
+        match frame {
+            RelayToRelay::LinkState(ls) => self.on_link_state(from, ls),
+            RelayToRelay::Presence(p) => self.on_presence(router, from, p),
+            RelayToRelay::Forward(f) => self.on_forward(router, from, f),
+            RelayToRelay::FwdReceipt(r) => self.on_fwd_receipt(from, r),
+            RelayToRelay::Redirect(_) => {} // handled by the dialler
+        }
+    }
+
+    fn on_link_state(&self, from: Address, ls: LinkState) {
+        if ls.verify().is_err() {
+            self.metrics.error(ErrorCode::BadSignature);
+            return;
+        }
+        let mut st = self.lock();
+        if ls.relay == self.me {
+            // An echo of an older record of ours (e.g. from before a
+            // restart): supersede it.
+            if ls.seq >= st.seq {
+                st.seq = ls.seq;
+                self.bump_link_state(&mut st);
+                let mine = st.lsdb[&self.me].clone();
+                self.flood(&st, RelayToRelay::LinkState(mine), None);
+            }
+            return;
+        }
+        if st.lsdb.get(&ls.relay).is_some_and(|cur| cur.seq >= ls.seq) {
+            return;
+        }
+        st.lsdb.insert(ls.relay, ls.clone());
+        self.recompute(&mut st);
+        self.flood(&st, RelayToRelay::LinkState(ls), Some(from));
+    }
+
+    fn on_presence(&self, router: &Router, from: Address, p: Presence) {
+        if p.verify().is_err() {
+            self.metrics.error(ErrorCode::ForgedPresence);
+            tracing::warn!(peer = %from.short(), address = %p.proof.address.short(), "forged presence record rejected");
+            return;
+        }
+        let addr = p.proof.address;
+        let mut st = self.lock();
+        if st
+            .directory
+            .get(&addr)
+            .is_some_and(|cur| cur.rank() >= p.rank())
+        {
+            return;
+        }
+        st.directory.insert(addr, p.clone());
+        self.metrics
+            .known_addresses
+            .store(st.directory.len() as i64, Relaxed);
+        self.flood(&st, RelayToRelay::Presence(p.clone()), Some(from));
+        drop(st);
+        // Newest registration wins across the federation too.
+        if p.online && p.proof.relay_key != self.me {
+            if let Some(local) = router.get(&addr) {
+                local.close(ErrorCode::Replaced);
+            }
+        }
+    }
+
+    fn send_toward(&self, st: &State, relay: &Address, frame: Bytes) -> Result<Address, ErrorCode> {
+        let (next, _) = st.routes.get(relay).ok_or(ErrorCode::Unreachable)?;
+        let peer = st.peers.get(next).ok_or(ErrorCode::Unreachable)?;
+        peer.outbox
+            .try_enqueue(frame)
+            .map(|_| *next)
+            .map_err(|_| ErrorCode::Unreachable)
+    }
+
+    fn reply(&self, st: &State, r: FwdReceipt) {
+        if r.origin == self.me {
+            return;
+        }
+        let origin = r.origin;
+        if self
+            .send_toward(st, &origin, RelayToRelay::FwdReceipt(r).encode())
+            .is_err()
+        {
+            self.metrics.error(ErrorCode::NoRoute);
+        }
+    }
+
+    fn deliver_local(
+        &self,
+        router: &Router,
+        to: &Address,
+        frame: &Bytes,
+        id: MsgId,
+    ) -> ReceiptEntry {
+        let (status, code) = router.deliver(to, frame);
+        if status == Status::Delivered {
+            self.event(HopEvent::ToClient {
+                relay: self.me,
+                id,
+                to: *to,
+            });
+        }
+        entry(*to, status, code)
+    }
+
+    fn on_forward(&self, router: &Router, from: Address, f: Forward) {
+        let Ok(ClientToRelay::Msg(msg)) = ClientToRelay::decode(&f.msg) else {
+            self.metrics.error(ErrorCode::Malformed);
+            return;
+        };
+        let now = Instant::now();
+        let mut st = self.lock();
+        if !st.seen.insert((msg.id, f.origin), now) {
+            self.metrics.error(ErrorCode::Duplicate);
+            return;
+        }
+        match f.target {
+            ForwardTarget::Relay { relay, to } if relay == self.me => {
+                let entries: Vec<_> = to
+                    .iter()
+                    .map(|a| self.deliver_local(router, a, &f.msg, msg.id))
+                    .collect();
+                let delivered = entries
+                    .iter()
+                    .filter(|e| e.status == Status::Delivered)
+                    .count() as u32;
+                self.reply(
+                    &st,
+                    FwdReceipt {
+                        origin: f.origin,
+                        reporter: self.me,
+                        id: msg.id,
+                        hops: 0,
+                        delivered,
+                        entries,
+                    },
+                );
+            }
+            ForwardTarget::Relay { relay, to } => {
+                let fail = |code: ErrorCode, st: &State| {
+                    self.metrics.error(code);
+                    self.reply(
+                        st,
+                        FwdReceipt {
+                            origin: f.origin,
+                            reporter: relay,
+                            id: msg.id,
+                            hops: 0,
+                            delivered: 0,
+                            entries: to
+                                .iter()
+                                .map(|a| entry(*a, Status::NoRoute, Some(code)))
+                                .collect(),
+                        },
+                    );
+                };
+                if f.hops >= self.config.hop_limit {
+                    return fail(ErrorCode::HopLimit, &st);
+                }
+                match st.routes.get(&relay) {
+                    None => return fail(ErrorCode::Unreachable, &st),
+                    Some((next, _)) if *next == from => return fail(ErrorCode::Loop, &st),
+                    Some(_) => {}
+                }
+                let fwd = RelayToRelay::Forward(Forward {
+                    origin: f.origin,
+                    hops: f.hops + 1,
+                    target: ForwardTarget::Relay {
+                        relay,
+                        to: to.clone(),
+                    },
+                    msg: f.msg.clone(),
+                });
+                match self.send_toward(&st, &relay, fwd.encode()) {
+                    Ok(next) => {
+                        self.metrics.forwarded.fetch_add(1, Relaxed);
+                        self.event(HopEvent::ToPeer {
+                            relay: self.me,
+                            id: msg.id,
+                            peer: next,
+                        });
+                    }
+                    Err(code) => fail(code, &st),
+                }
+            }
+            ForwardTarget::Broadcast => {
+                let delivered = router.broadcast(&f.msg);
+                self.reply(
+                    &st,
+                    FwdReceipt {
+                        origin: f.origin,
+                        reporter: self.me,
+                        id: msg.id,
+                        hops: 0,
+                        delivered,
+                        entries: Vec::new(),
+                    },
+                );
+                if f.hops >= self.config.hop_limit {
+                    self.metrics.error(ErrorCode::HopLimit);
+                    return;
+                }
+                let fwd = RelayToRelay::Forward(Forward {
+                    origin: f.origin,
+                    hops: f.hops + 1,
+                    target: ForwardTarget::Broadcast,
+                    msg: f.msg,
+                })
+                .encode();
+                for (k, p) in &st.peers {
+                    if *k != from && *k != f.origin && p.outbox.try_enqueue(fwd.clone()).is_ok() {
+                        self.metrics.forwarded.fetch_add(1, Relaxed);
+                        self.event(HopEvent::ToPeer {
+                            relay: self.me,
+                            id: msg.id,
+                            peer: *k,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_fwd_receipt(&self, from: Address, r: FwdReceipt) {
+        let mut st = self.lock();
+        if r.origin != self.me {
+            if r.hops >= self.config.hop_limit {
+                self.metrics.error(ErrorCode::HopLimit);
+                return;
+            }
+            let origin = r.origin;
+            let fwd = RelayToRelay::FwdReceipt(FwdReceipt {
+                hops: r.hops + 1,
+                ..r
+            })
+            .encode();
+            match st.routes.get(&origin) {
+                Some((next, _)) if *next == from => self.metrics.error(ErrorCode::Loop),
+                _ => {
+                    if self.send_toward(&st, &origin, fwd).is_err() {
+                        self.metrics.error(ErrorCode::NoRoute);
+                    }
+                }
+            }
+            return;
+        }
+        let Some(p) = st.pending.get_mut(&r.id) else {
+            return;
+        };
+        if p.waiting.remove(&r.reporter).is_none() {
+            return;
+        }
+        p.delivered += r.delivered;
+        p.entries.extend(r.entries);
+        if p.waiting.is_empty() {
+            if let Some(p) = st.pending.remove(&r.id) {
+                self.finish(r.id, p);
+            }
+        }
+    }
+
+    fn finish(&self, id: MsgId, p: Pending) {
+        let (status, reason) = summarize(p.route, &p.entries, p.delivered);
+        let entries = if matches!(p.route, w2w_proto::frame::Route::A2n) {
+            Vec::new()
+        } else {
+            p.entries
+        };
+        let receipt = Receipt {
+            id,
+            status,
+            reason,
+            delivered: p.delivered,
+            entries,
+        };
+        self.metrics.receipt(status);
+        let _ = p
+            .sender
+            .try_enqueue(RelayToClient::Receipt(receipt).encode());
+    }
+
+    /// Answers every pending receipt whose remote relays did not reply in
+    /// time; their recipients are reported `no_route` / `timeout`.
+    pub fn expire_pending(&self, now: Instant) {
+        let mut st = self.lock();
+        let expired: Vec<MsgId> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(mut p) = st.pending.remove(&id) {
+                self.metrics.error(ErrorCode::Timeout);
+                for (_, addrs) in p.waiting.drain() {
+                    for a in addrs {
+                        p.entries
+                            .push(entry(a, Status::NoRoute, Some(ErrorCode::Timeout)));
+                    }
+                }
+                self.finish(id, p);
+            }
+        }
+    }
+
+    // ------------------------------------------------ client messages out
+
+    /// Routes a client's MSG (already checked: registered sender, rate
+    /// limit, `from`). Local recipients are served at once; remote ones via
+    /// FORWARD, with the receipt completed when their relays answer.
+    pub fn dispatch(
+        &self,
+        router: &Router,
+        sender: &Arc<Outbox>,
+        frame: &Bytes,
+        msg: &Msg,
+        max_group: usize,
+    ) -> Dispatch {
+        use w2w_proto::frame::Route;
+        let route = msg.dest.route();
+        self.event(HopEvent::FromClient {
+            relay: self.me,
+            id: msg.id,
+            from: msg.from,
+        });
+        let done = |entries: Vec<ReceiptEntry>, delivered: u32| {
+            let (status, reason) = summarize(route, &entries, delivered);
+            let entries = if route == Route::A2n {
+                Vec::new()
+            } else {
+                entries
+            };
+            Dispatch::Done(Receipt {
+                id: msg.id,
+                status,
+                reason,
+                delivered,
+                entries,
+            })
+        };
+        let reject = |code: ErrorCode| {
+            self.metrics.error(code);
+            Dispatch::Done(Receipt {
+                id: msg.id,
+                status: Status::Rejected,
+                reason: code.as_u16(),
+                delivered: 0,
+                entries: Vec::new(),
+            })
+        };
+        let targets: Vec<Address> = match &msg.dest {
+            Dest::A2a => {
+                let e = self.deliver_local(router, &msg.from, frame, msg.id);
+                let d = (e.status == Status::Delivered) as u32;
+                return done(Vec::new(), d);
+            }
+            Dest::A2n(scope) => {
+                let mut st = self.lock();
+                let delivered = router.broadcast(frame);
+                if *scope == Scope::Relay || st.peers.is_empty() {
+                    return done(Vec::new(), delivered);
+                }
+                st.seen.insert((msg.id, self.me), Instant::now());
+                let fwd = RelayToRelay::Forward(Forward {
+                    origin: self.me,
+                    hops: 1,
+                    target: ForwardTarget::Broadcast,
+                    msg: frame.clone(),
+                })
+                .encode();
+                for (k, p) in &st.peers {
+                    if p.outbox.try_enqueue(fwd.clone()).is_ok() {
+                        self.metrics.forwarded.fetch_add(1, Relaxed);
+                        self.event(HopEvent::ToPeer {
+                            relay: self.me,
+                            id: msg.id,
+                            peer: *k,
+                        });
+                    }
+                }
+                let waiting = st.routes.keys().map(|r| (*r, Vec::new())).collect();
+                st.pending.insert(
+                    msg.id,
+                    Pending {
+                        sender: sender.clone(),
+                        route,
+                        entries: Vec::new(),
+                        delivered,
+                        waiting,
+                        deadline: Instant::now()
+                            + Duration::from_millis(self.config.receipt_timeout_ms),
+                    },
+                );
+                return Dispatch::Pending;
+            }
+            Dest::A2b(to) => vec![*to],
+            Dest::A2g(list) => {
+                if list.is_empty() {
+                    return reject(ErrorCode::EmptyList);
+                }
+                if list.len() > max_group {
+                    return reject(ErrorCode::ListTooLong);
+                }
+                let mut seen = HashSet::with_capacity(list.len());
+                list.iter().copied().filter(|a| seen.insert(*a)).collect()
+            }
+        };
+        let mut entries = Vec::with_capacity(targets.len());
+        let mut remote: HashMap<Address, Vec<Address>> = HashMap::new();
+        let mut st = self.lock();
+        for t in targets {
+            if router.get(&t).is_some() {
+                entries.push(self.deliver_local(router, &t, frame, msg.id));
+                continue;
+            }
+            match st.directory.get(&t).filter(|p| p.online) {
+                Some(p)
+                    if p.proof.relay_key != self.me
+                        && st.routes.contains_key(&p.proof.relay_key) =>
+                {
+                    remote.entry(p.proof.relay_key).or_default().push(t);
+                }
+                Some(p) if p.proof.relay_key != self.me => {
+                    self.metrics.error(ErrorCode::Unreachable);
+                    entries.push(entry(t, Status::NoRoute, Some(ErrorCode::Unreachable)));
+                }
+                _ => {
+                    self.metrics.error(ErrorCode::NoRoute);
+                    entries.push(entry(t, Status::NoRoute, Some(ErrorCode::NoRoute)));
+                }
+            }
+        }
+        let mut waiting = HashMap::new();
+        for (relay, to) in remote {
+            let fwd = RelayToRelay::Forward(Forward {
+                origin: self.me,
+                hops: 1,
+                target: ForwardTarget::Relay {
+                    relay,
+                    to: to.clone(),
+                },
+                msg: frame.clone(),
+            });
+            match self.send_toward(&st, &relay, fwd.encode()) {
+                Ok(next) => {
+                    self.metrics.forwarded.fetch_add(1, Relaxed);
+                    self.event(HopEvent::ToPeer {
+                        relay: self.me,
+                        id: msg.id,
+                        peer: next,
+                    });
+                    waiting.insert(relay, to);
+                }
+                Err(code) => {
+                    self.metrics.error(code);
+                    entries.extend(
+                        to.into_iter()
+                            .map(|a| entry(a, Status::NoRoute, Some(code))),
+                    );
+                }
+            }
+        }
+        if waiting.is_empty() {
+            let delivered = entries
+                .iter()
+                .filter(|e| e.status == Status::Delivered)
+                .count() as u32;
+            return done(entries, delivered);
+        }
+        let delivered = entries
+            .iter()
+            .filter(|e| e.status == Status::Delivered)
+            .count() as u32;
+        st.pending.insert(
+            msg.id,
+            Pending {
+                sender: sender.clone(),
+                route,
+                entries,
+                delivered,
+                waiting,
+                deadline: Instant::now() + Duration::from_millis(self.config.receipt_timeout_ms),
+            },
+        );
+        Dispatch::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_cache_is_bounded_and_dedupes() {
+        let mut c = SeenCache {
+            cap: 4,
+            ttl: Duration::from_secs(60),
+            order: VecDeque::new(),
+            set: HashSet::new(),
+        };
+        let t = Instant::now();
+        let k = |i: u8| (MsgId([i; 16]), Address([0; 32]));
+        assert!(c.insert(k(1), t));
+        assert!(!c.insert(k(1), t));
+        for i in 2..20 {
+            c.insert(k(i), t);
+        }
+        assert!(c.set.len() <= 4);
+        assert!(c.insert(k(1), t), "oldest entries are forgotten");
+    }
+
+    #[test]
+    fn bfs_uses_two_way_edges_and_shortest_paths() {
+        // Line me - b - c, plus a one-way claim d -> me that must not count.
+        let ids: Vec<Identity> = (1..=4).map(|i| Identity::from_seed([i; 32])).collect();
+        let m = Arc::new(Metrics::default());
+        let fed = Federation::new(ids[0].clone(), FederationConfig::default(), m.clone());
+        let (me, b, c, d) = (
+            ids[0].address(),
+            ids[1].address(),
+            ids[2].address(),
+            ids[3].address(),
+        );
+        let (ob, _rx) = Outbox::new(b, 1, 1 << 20, m.clone());
+        fed.peer_up(b, "ws://b/".into(), ob).unwrap();
+        fed.on_link_state(b, LinkState::sign(&ids[1], "ws://b/", 10, vec![me, c]));
+        fed.on_link_state(b, LinkState::sign(&ids[2], "ws://c/", 10, vec![b]));
+        fed.on_link_state(b, LinkState::sign(&ids[3], "ws://d/", 10, vec![me]));
+        let st = fed.lock();
+        assert_eq!(st.routes.get(&b), Some(&(b, 1)));
+        assert_eq!(st.routes.get(&c), Some(&(b, 2)));
+        assert_eq!(st.routes.get(&d), None, "one-way edge ignored");
+    }
+}

@@ -1,0 +1,167 @@
+//! Peer links: relay-to-relay connections, inbound and outbound.
+//!
+//! An outbound link is dialled from `FederationConfig::peers` and redialled
+//! with exponential backoff and jitter. Both directions run the same
+//! [`run_link`] after the handshake (role = relay): register with the
+//! federation core (which may refuse: duplicate link, or peer limit — then
+//! the newcomer gets a REDIRECT naming our peers), then pump s2s frames.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_websockets::Message;
+use w2w_client::{connect_raw, register_as, ConnectOptions};
+use w2w_proto::frame::Role;
+use w2w_proto::s2s::RelayToRelay;
+use w2w_proto::{Address, ErrorCode};
+
+use crate::conn::{finish, pump, send_frame, End, Handler, Ws};
+use crate::router::Outbox;
+use crate::server::Shared;
+
+struct Link<'a> {
+    shared: &'a Shared,
+    peer: Address,
+    /// URLs from a REDIRECT, for the dialler.
+    redirect: Vec<String>,
+}
+
+impl Handler for Link<'_> {
+    fn on_message(&mut self, m: Message) {
+        if !m.is_binary() {
+            return;
+        }
+        let bytes: Bytes = m.into_payload().into();
+        self.shared.metrics.frames_in.fetch_add(1, Relaxed);
+        self.shared
+            .metrics
+            .bytes_in
+            .fetch_add(bytes.len() as u64, Relaxed);
+        match RelayToRelay::decode(&bytes) {
+            Ok(RelayToRelay::Redirect(urls)) => self.redirect = urls,
+            Ok(frame) => self
+                .shared
+                .fed
+                .on_frame(&self.shared.router, self.peer, frame),
+            Err(e) => {
+                self.shared.metrics.error(e.code());
+                tracing::warn!(peer = %self.peer.short(), error = %e, "bad s2s frame");
+            }
+        }
+    }
+}
+
+/// Runs an authenticated peer link until it ends. Returns how it ended and
+/// any REDIRECT the peer sent.
+pub(crate) async fn run_link<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    ws: &mut Ws<S>,
+    peer: Address,
+    peer_url: String,
+) -> End {
+    run_link_inner(shared, ws, peer, peer_url).await.0
+}
+
+async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    ws: &mut Ws<S>,
+    peer: Address,
+    peer_url: String,
+) -> (End, Vec<String>) {
+    let conn_id = shared.next_conn_id.fetch_add(1, Relaxed);
+    let (outbox, mut rx) = Outbox::new(
+        peer,
+        conn_id,
+        shared.fed.config.peer_queue_bytes,
+        shared.metrics.clone(),
+    );
+    if let Err(code) = shared.fed.peer_up(peer, peer_url.clone(), outbox.clone()) {
+        if code == ErrorCode::PeerLimit {
+            let urls = shared.fed.redirect_urls();
+            tracing::info!(peer = %peer.short(), "peer limit reached; redirecting to {urls:?}");
+            let _ = send_frame(ws, shared, RelayToRelay::Redirect(urls).encode()).await;
+        }
+        return (End::Close(code, String::new()), Vec::new());
+    }
+    tracing::info!(peer = %peer.short(), url = %peer_url, "peer link up");
+    let mut link = Link {
+        shared,
+        peer,
+        redirect: Vec::new(),
+    };
+    // Peers get longer to drain a burst than clients do.
+    let end = pump(
+        shared,
+        &outbox,
+        ws,
+        &mut rx,
+        &mut link,
+        Duration::from_secs(30),
+    )
+    .await;
+    shared.fed.peer_down(peer, conn_id);
+    outbox.dequeued(outbox.queued_bytes());
+    tracing::info!(peer = %peer.short(), "peer link down");
+    (end, link.redirect)
+}
+
+/// Dials `url` as a peer until shutdown, with backoff and jitter. Follows a
+/// REDIRECT by dialling the named relays instead.
+pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
+    let mut backoff = Duration::from_millis(250);
+    let max = Duration::from_secs(30);
+    let mut target = url.clone();
+    loop {
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let started = Instant::now();
+        let mut redirect = Vec::new();
+        let opts = ConnectOptions::new(target.clone());
+        let attempt = async {
+            let mut ws = connect_raw(&opts).await?;
+            let reg = register_as(&mut ws, &shared.identity, &target, None, Role::Relay).await?;
+            Ok::<_, w2w_client::ClientError>((ws, reg))
+        };
+        let result = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match result {
+            Ok((mut ws, reg)) => {
+                let key = reg.relay_key;
+                if !shared.fed.config.admits(&key) {
+                    tracing::warn!(%target, relay = %key, "dialled relay is not on the allowlist");
+                    shared.metrics.error(ErrorCode::UnauthorizedPeer);
+                    let _ = ws.close().await;
+                } else {
+                    let (end, urls) = run_link_inner(&shared, &mut ws, key, target.clone()).await;
+                    redirect = urls;
+                    finish(&mut ws, &shared, end, &key).await;
+                }
+            }
+            Err(e) => tracing::debug!(%target, error = %e, "peer dial failed"),
+        }
+        // Follow a redirect to the first relay we are not already linked to.
+        let linked: Vec<String> = shared.fed.peers().into_iter().map(|(_, u)| u).collect();
+        if let Some(next) = redirect.into_iter().find(|u| !linked.contains(u)) {
+            tracing::info!(from = %target, to = %next, "following redirect");
+            target = next;
+            continue;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(250);
+        }
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
