@@ -163,8 +163,19 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 )
                 .await;
             } else {
-                let end =
-                    crate::peer::run_link(&shared, &mut ws, reg.address, reg.url.clone()).await;
+                let reply = RelayToClient::ReplyBack(ReplyBack {
+                    address: reg.address,
+                    relay_time_ms: unix_ms(),
+                    relay_url: shared.advertised_url(info.host.as_deref()),
+                });
+                // REGISTER names our URL, not the dialler's: its own URL is
+                // learned from its link state.
+                let end = match send_frame(&mut ws, &shared, reply.encode()).await {
+                    Ok(()) => {
+                        crate::peer::run_link(&shared, &mut ws, reg.address, String::new()).await
+                    }
+                    Err(_) => End::Gone,
+                };
                 finish(&mut ws, &shared, end, &reg.address).await;
             }
         }

@@ -287,12 +287,21 @@ impl Federation {
         self.lock().peers.len()
     }
 
-    /// (peer key, peer URL) of every current link.
+    /// (peer key, peer URL) of every current link; the URL is the one the
+    /// peer advertises in its link state, or the one we dialled.
     pub fn peers(&self) -> Vec<(Address, String)> {
-        self.lock()
-            .peers
+        let st = self.lock();
+        st.peers
             .iter()
-            .map(|(k, p)| (*k, p.url.clone()))
+            .map(|(k, p)| {
+                let url = st
+                    .lsdb
+                    .get(k)
+                    .map(|l| l.url.clone())
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| p.url.clone());
+                (*k, url)
+            })
             .collect()
     }
 
@@ -428,7 +437,18 @@ impl Federation {
 
     /// URLs of our peers, for a REDIRECT.
     pub fn redirect_urls(&self) -> Vec<String> {
-        self.lock().peers.values().map(|p| p.url.clone()).collect()
+        let st = self.lock();
+        st.peers
+            .iter()
+            .map(|(k, p)| {
+                st.lsdb
+                    .get(k)
+                    .map(|l| l.url.clone())
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| p.url.clone())
+            })
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     // -------------------------------------------------------- directory
@@ -676,7 +696,13 @@ impl Federation {
                 }
             }
             ForwardTarget::Broadcast => {
-                let delivered = router.broadcast(&f.msg);
+                let delivered = router.broadcast(&f.msg, |to| {
+                    self.event(HopEvent::ToClient {
+                        relay: self.me,
+                        id: msg.id,
+                        to: *to,
+                    })
+                });
                 self.reply(
                     &st,
                     FwdReceipt {
@@ -848,7 +874,13 @@ impl Federation {
             }
             Dest::A2n(scope) => {
                 let mut st = self.lock();
-                let delivered = router.broadcast(frame);
+                let delivered = router.broadcast(frame, |to| {
+                    self.event(HopEvent::ToClient {
+                        relay: self.me,
+                        id: msg.id,
+                        to: *to,
+                    })
+                });
                 if *scope == Scope::Relay || st.peers.is_empty() {
                     return done(Vec::new(), delivered);
                 }

@@ -223,12 +223,16 @@ impl Router {
     }
 
     /// Queues `frame` for every registered connection; returns how many
-    /// took it.
-    pub fn broadcast(&self, frame: &Bytes) -> u32 {
-        self.read()
-            .values()
-            .filter(|o| o.try_enqueue(frame.clone()).is_ok())
-            .count() as u32
+    /// took it, calling `delivered` for each.
+    pub fn broadcast(&self, frame: &Bytes, mut delivered: impl FnMut(&Address)) -> u32 {
+        let mut n = 0;
+        for o in self.read().values() {
+            if o.try_enqueue(frame.clone()).is_ok() {
+                delivered(&o.address);
+                n += 1;
+            }
+        }
+        n
     }
 }
 
@@ -272,7 +276,7 @@ mod tests {
         let got = brx.try_recv().unwrap();
         assert_eq!(got.as_ptr(), f.as_ptr(), "the same buffer, not a copy");
         assert!(arx.try_recv().is_err());
-        assert_eq!(r.broadcast(&f), 2);
+        assert_eq!(r.broadcast(&f, |_| {}), 2);
         assert_eq!(arx.try_recv().unwrap(), f);
     }
 

@@ -1,6 +1,7 @@
 //! `w2w`: the relay (`serve`) and the command-line client.
 
 mod bench;
+mod demo;
 mod keys;
 
 use std::io::Read;
@@ -14,7 +15,7 @@ use serde::Deserialize;
 use w2w_client::{Client, ConnectOptions, Event};
 use w2w_proto::frame::{Notice, Receipt, Scope, Status};
 use w2w_proto::{Address, Dest, ErrorCode};
-use w2w_server::{Limits, Relay, RelayConfig, TlsPaths};
+use w2w_server::{FederationConfig, Limits, Relay, RelayConfig, TlsPaths};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +52,15 @@ enum Cmd {
     Listen(ListenArgs),
     /// List the addresses online on the relay.
     Online(ClientArgs),
+    /// Which relay hosts an address, anywhere in the federation.
+    Lookup {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The address to look up.
+        address: Address,
+    },
+    /// Start three federated relays A-B-C, send a2b, a2g and a2n across them, show every hop.
+    Demo(demo::DemoArgs),
     /// Load generator: a2b throughput and latency through a relay.
     Bench(bench::BenchArgs),
 }
@@ -75,6 +85,15 @@ struct ServeArgs {
     /// Public URL clients dial (repeatable); default: any URL matching the Host header.
     #[arg(long = "public-url")]
     public_urls: Vec<String>,
+    /// Peer with the relay at this URL (repeatable); the link is kept up with backoff.
+    #[arg(long = "peer", value_name = "URL")]
+    peers: Vec<String>,
+    /// Admit only these relay keys as peers (repeatable); default: any relay (open).
+    #[arg(long = "peer-allow", value_name = "RELAY_KEY")]
+    peer_allow: Vec<Address>,
+    /// Most peer links before newcomers are redirected to our peers (default 5).
+    #[arg(long)]
+    max_peers: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -87,6 +106,8 @@ struct FileConfig {
     tls: Option<TlsPaths>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    federation: FederationConfig,
 }
 
 #[derive(Subcommand)]
@@ -126,9 +147,12 @@ struct SendArgs {
     /// Recipient address (repeat for a2g).
     #[arg(long = "to", conflicts_with_all = ["all", "self_"])]
     to: Vec<Address>,
-    /// Send to everyone on the relay (a2n).
+    /// Send to everyone (a2n): the whole federation, or see --scope.
     #[arg(long, conflicts_with = "self_")]
     all: bool,
+    /// With --all: "federation" (default) or "relay" (this relay's clients only).
+    #[arg(long, default_value = "federation", value_parser = ["federation", "relay"], requires = "all")]
+    scope: String,
     /// Send to yourself through the relay (a2a).
     #[arg(long = "self")]
     self_: bool,
@@ -207,6 +231,24 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(a) => bench::run(a).await,
+        Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Lookup { client, address } => {
+            let mut c = connect(&client).await?;
+            let r = c
+                .request(w2w_proto::frame::RequestOp::Lookup(address))
+                .await?;
+            c.close().await;
+            match r {
+                w2w_proto::frame::ResponseBody::Lookup(Some(h)) => {
+                    println!("{address} is at relay {} ({})", h.relay_url, h.relay_key);
+                    Ok(ExitCode::SUCCESS)
+                }
+                _ => {
+                    println!("{address} is not known to the federation");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
     }
 }
 
@@ -245,6 +287,12 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     if public_urls.is_empty() {
         public_urls = file.public_urls;
     }
+    let mut federation = file.federation;
+    federation.peers.extend(a.peers);
+    federation.allow.extend(a.peer_allow);
+    if let Some(n) = a.max_peers {
+        federation.max_peers = n;
+    }
     let config = RelayConfig {
         identity,
         listen,
@@ -252,13 +300,18 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
         public_urls,
         tls,
         limits: file.limits,
+        federation,
     };
+    let config_peers = config.federation.peers.clone();
     let relay = Relay::start(config).await?;
     println!("w2w relay listening on {}", relay.url());
     println!("relay key  {}", relay.relay_key());
     println!("data dir   {}", data.display());
     let http = relay.url().replacen("ws", "http", 1);
     println!("info       {http}.well-known/w2w   health {http}healthz   metrics {http}metrics");
+    for p in &config_peers {
+        println!("peering    {p}");
+    }
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),
         _ = relay.cancelled() => {}
@@ -341,7 +394,8 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
         Some(m) => m.as_bytes().to_vec(),
     };
     let dest = match (a.to.len(), a.all, a.self_) {
-        (_, true, _) => Dest::A2n(Scope::Relay),
+        (_, true, _) if a.scope == "relay" => Dest::A2n(Scope::Relay),
+        (_, true, _) => Dest::A2n(Scope::Federation),
         (_, _, true) => Dest::A2a,
         (0, _, _) => bail!("say where to send: --to ADDRESS (repeatable), --all or --self"),
         (1, _, _) => Dest::A2b(a.to[0]),
