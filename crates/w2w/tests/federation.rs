@@ -1,0 +1,462 @@
+//! Federation with real relay processes on distinct loopback ports.
+//!
+//! Each relay is a `w2w serve` child process; clients are the Rust client
+//! library in this test process. Topologies: line-3, ring-4, star-5,
+//! tree-7. In each, every client sends a2b to every other client and one
+//! federation-wide a2n; each message must arrive exactly once and each
+//! receipt must be right. Then relays are killed: the line loses its middle
+//! (the right receipt: unreachable) and the ring loses one relay (traffic
+//! goes the other way round).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use w2w_client::{Client, ConnectOptions, Event};
+use w2w_proto::frame::{RequestOp, ResponseBody, Scope, Status};
+use w2w_proto::{Address, Dest, ErrorCode, Identity};
+
+const BIN: &str = env!("CARGO_BIN_EXE_w2w");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A relay child process, killed on drop.
+struct RelayProc {
+    child: Child,
+    url: String,
+    key: Address,
+    data: tempfile::TempDir,
+    port: u16,
+    peers: Vec<String>,
+    extra: Vec<String>,
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(
+    data: &std::path::Path,
+    port: u16,
+    peers: &[String],
+    extra: &[String],
+) -> (Child, String, Address) {
+    let config = data.join("test.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nping_interval_ms = 500\nping_timeout_ms = 500\n\n[federation]\nreceipt_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data")
+        .arg(data)
+        .arg("--config")
+        .arg(&config)
+        .env("HOME", data)
+        .env("XDG_CONFIG_HOME", data.join("cfg"))
+        .env("W2W_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for p in peers {
+        cmd.arg("--peer").arg(p);
+    }
+    cmd.args(extra);
+    let mut child = cmd.spawn().expect("spawning w2w serve");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut url, mut key) = (None, None);
+    let deadline = Instant::now() + WAIT;
+    while (url.is_none() || key.is_none()) && Instant::now() < deadline {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if let Some(u) = line.trim().strip_prefix("w2w relay listening on ") {
+            url = Some(u.to_string());
+        }
+        if let Some(k) = line.trim().strip_prefix("relay key") {
+            key = Some(k.trim().parse().unwrap());
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    });
+    (
+        child,
+        url.expect("relay printed no URL"),
+        key.expect("relay printed no key"),
+    )
+}
+
+impl RelayProc {
+    fn start(peers: Vec<String>, extra: &[&str]) -> RelayProc {
+        let data = tempfile::tempdir().unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, url, key) = spawn(data.path(), 0, &peers, &extra);
+        let port = url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        RelayProc {
+            child,
+            url,
+            key,
+            data,
+            port,
+            peers,
+            extra,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the relay again on the same port and data dir (same key).
+    fn restart(&mut self) {
+        let (child, url, key) = spawn(self.data.path(), self.port, &self.peers, &self.extra);
+        assert_eq!((url.as_str(), key), (self.url.as_str(), self.key));
+        self.child = child;
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Starts relays; relay j dials relay i for every edge (i, j), i < j.
+fn topology(n: usize, edges: &[(usize, usize)]) -> Vec<RelayProc> {
+    let mut relays: Vec<RelayProc> = Vec::new();
+    for j in 0..n {
+        let peers = edges
+            .iter()
+            .filter(|(_, b)| *b == j)
+            .map(|(a, _)| relays[*a].url.clone())
+            .collect();
+        relays.push(RelayProc::start(peers, &[]));
+    }
+    relays
+}
+
+async fn converge(relays: &[RelayProc]) {
+    let n = relays.len() as f64 - 1.0;
+    for r in relays {
+        eventually("every relay reaches every other", || {
+            r.metric("w2w_known_relays ") == Some(n)
+        })
+        .await;
+    }
+}
+
+async fn clients(relays: &[RelayProc]) -> Vec<Client> {
+    let mut cs = Vec::new();
+    for r in relays {
+        cs.push(
+            Client::connect(
+                Identity::from_seed(rand::random()),
+                ConnectOptions::new(&r.url),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // Wait until every relay's directory knows every client.
+    let addrs: Vec<Address> = cs.iter().map(|c| c.address()).collect();
+    for c in cs.iter_mut() {
+        for a in &addrs {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let ResponseBody::Lookup(Some(_)) =
+                    c.request(RequestOp::Lookup(*a)).await.unwrap()
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "directory never learned {a}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    cs
+}
+
+/// Collects every message a client receives until `quiet` passes with none.
+async fn drain(c: &mut Client, quiet: Duration) -> Vec<(Address, String)> {
+    let mut got = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(quiet, c.recv()).await {
+        if let Event::Msg(m) = ev {
+            got.push((m.from, String::from_utf8_lossy(&m.payload).into_owned()));
+        }
+    }
+    got
+}
+
+/// Everyone sends a2b to everyone else and one a2n; checks receipts and
+/// that each message arrives exactly once.
+async fn all_to_all(cs: &mut [Client]) {
+    let n = cs.len();
+    let addrs: Vec<Address> = cs.iter().map(|c| c.address()).collect();
+    for i in 0..n {
+        for j in 0..n {
+            if i == j {
+                continue;
+            }
+            let r = cs[i]
+                .send(Dest::A2b(addrs[j]), format!("a2b {i}->{j}"))
+                .await
+                .unwrap();
+            assert_eq!(
+                (r.status, r.delivered, r.entries.len()),
+                (Status::Delivered, 1, 1),
+                "a2b {i}->{j}: {r:?}"
+            );
+            assert_eq!(r.entries[0].to, addrs[j]);
+        }
+        let r = cs[i]
+            .send(Dest::A2n(Scope::Federation), format!("a2n from {i}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.delivered),
+            (Status::Delivered, n as u32),
+            "a2n from {i}: {r:?}"
+        );
+    }
+    for (j, c) in cs.iter_mut().enumerate() {
+        let got = drain(c, Duration::from_millis(500)).await;
+        let mut counts: HashMap<(Address, String), usize> = HashMap::new();
+        for m in got {
+            *counts.entry(m).or_default() += 1;
+        }
+        for i in 0..n {
+            if i != j {
+                let k = (addrs[i], format!("a2b {i}->{j}"));
+                assert_eq!(counts.remove(&k), Some(1), "client {j}: {:?}", k.1);
+            }
+            let k = (addrs[i], format!("a2n from {i}"));
+            assert_eq!(counts.remove(&k), Some(1), "client {j}: {:?}", k.1);
+        }
+        assert!(
+            counts.is_empty(),
+            "client {j} got extra messages: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn line_3_then_the_middle_dies_and_returns() {
+    let mut relays = topology(3, &[(0, 1), (1, 2)]);
+    converge(&relays).await;
+    let mut cs = clients(&relays).await;
+    all_to_all(&mut cs).await;
+
+    // Kill B: A's client can no longer reach C's.
+    relays[1].kill();
+    let c_addr = cs[2].address();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = cs[0]
+            .send(Dest::A2b(c_addr), "across a dead relay")
+            .await
+            .unwrap();
+        if r.status == Status::NoRoute {
+            assert_eq!(r.reason, ErrorCode::Unreachable.as_u16(), "{r:?}");
+            assert_eq!(r.entries[0].reason, ErrorCode::Unreachable.as_u16());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never noticed B died: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A still knows where C's client is: lookup answers, delivery cannot.
+    assert!(matches!(
+        cs[0].request(RequestOp::Lookup(c_addr)).await.unwrap(),
+        ResponseBody::Lookup(Some(_))
+    ));
+
+    // B returns (same key, same port): routes return.
+    relays[1].restart();
+    converge(&relays).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = cs[0].send(Dest::A2b(c_addr), "B is back").await.unwrap();
+        if r.status == Status::Delivered {
+            break;
+        }
+        assert!(Instant::now() < deadline, "route never returned: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = drain(&mut cs[2], Duration::from_millis(300)).await;
+    assert_eq!(got.iter().filter(|m| m.1 == "B is back").count(), 1);
+    assert!(!got.iter().any(|m| m.1 == "across a dead relay"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_4_routes_around_a_dead_relay() {
+    let mut relays = topology(4, &[(0, 1), (1, 2), (2, 3), (0, 3)]);
+    converge(&relays).await;
+    let mut cs = clients(&relays).await;
+    all_to_all(&mut cs).await;
+
+    // Kill relay 1; 0, 2 and 3 still reach each other the other way round.
+    relays[1].kill();
+    drop(cs.remove(1));
+    let live = [&relays[0], &relays[2], &relays[3]];
+    for r in live {
+        eventually("ring re-converges without relay 1", || {
+            r.metric("w2w_known_relays ") == Some(2.0)
+        })
+        .await;
+    }
+    let addrs: Vec<Address> = cs.iter().map(|c| c.address()).collect();
+    for i in 0..cs.len() {
+        for j in 0..cs.len() {
+            if i != j {
+                let r = cs[i]
+                    .send(Dest::A2b(addrs[j]), format!("around {i}->{j}"))
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, Status::Delivered, "{i}->{j}: {r:?}");
+            }
+        }
+    }
+    for (j, c) in cs.iter_mut().enumerate() {
+        let got = drain(c, Duration::from_millis(300)).await;
+        for i in 0..addrs.len() {
+            if i != j {
+                let body = format!("around {i}->{j}");
+                assert_eq!(got.iter().filter(|m| m.1 == body).count(), 1, "{body}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn star_5() {
+    let relays = topology(5, &[(0, 1), (0, 2), (0, 3), (0, 4)]);
+    converge(&relays).await;
+    let mut cs = clients(&relays).await;
+    all_to_all(&mut cs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_7() {
+    let relays = topology(7, &[(0, 1), (0, 2), (1, 3), (1, 4), (2, 5), (2, 6)]);
+    converge(&relays).await;
+    let mut cs = clients(&relays).await;
+    all_to_all(&mut cs).await;
+    // Leaves 3 and 6 are four hops apart; the forward count shows the path.
+    let forwarded: f64 = relays
+        .iter()
+        .filter_map(|r| r.metric("w2w_forwarded_total "))
+        .sum();
+    assert!(forwarded > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowlist_refuses_unknown_relays() {
+    let stranger = Identity::from_seed([42; 32]).address().to_hex();
+    let guarded = RelayProc::start(vec![], &["--peer-allow", &stranger]);
+    let outsider = RelayProc::start(vec![guarded.url.clone()], &[]);
+    eventually("the guarded relay refuses the outsider", || {
+        guarded
+            .metric("w2w_errors_total{reason=\"unauthorized_peer\"} ")
+            .is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    assert_eq!(guarded.metric("w2w_peer_links "), Some(0.0));
+    assert_eq!(outsider.metric("w2w_known_relays "), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_presence_is_rejected_and_counted() {
+    use bytes::Bytes;
+    use futures_util::SinkExt;
+    use w2w_proto::frame::Role;
+    use w2w_proto::s2s::{Presence, RegistrationProof, RelayToRelay};
+
+    let relay = RelayProc::start(vec![], &[]);
+    // A rogue relay peers (open admission) and claims a client it never saw.
+    let rogue = Identity::from_seed(rand::random());
+    let mut ws = w2w_client::connect_raw(&ConnectOptions::new(&relay.url))
+        .await
+        .unwrap();
+    w2w_client::register_as(&mut ws, &rogue, &relay.url, None, Role::Relay)
+        .await
+        .unwrap();
+    let victim = Identity::from_seed(rand::random()).address();
+    let proof = RegistrationProof {
+        address: victim,
+        relay_key: rogue.address(),
+        relay_nonce: [1; 32],
+        client_nonce: [2; 32],
+        timestamp_ms: w2w_client::unix_ms(),
+        url: "ws://rogue/".into(),
+        sig_a: [3; 64],
+    };
+    let forged = RelayToRelay::Presence(Presence::sign(&rogue, proof, true)).encode();
+    ws.send(tokio_websockets::Message::binary(Bytes::from(forged)))
+        .await
+        .unwrap();
+    eventually("forged presence counted", || {
+        relay
+            .metric("w2w_errors_total{reason=\"forged_presence\"} ")
+            .is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    let mut c = Client::connect(
+        Identity::from_seed(rand::random()),
+        ConnectOptions::new(&relay.url),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.request(RequestOp::Lookup(victim)).await.unwrap(),
+        ResponseBody::Lookup(None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_limit_redirects_newcomers() {
+    let hub = RelayProc::start(vec![], &["--max-peers", "1"]);
+    let first = RelayProc::start(vec![hub.url.clone()], &[]);
+    eventually("first links to hub", || {
+        hub.metric("w2w_peer_links ") == Some(1.0)
+    })
+    .await;
+    // The hub is full: the newcomer is redirected to `first` and joins there.
+    let late = RelayProc::start(vec![hub.url.clone()], &[]);
+    eventually("late reaches both through first", || {
+        late.metric("w2w_known_relays ") == Some(2.0)
+    })
+    .await;
+    assert_eq!(hub.metric("w2w_peer_links "), Some(1.0));
+    assert_eq!(first.metric("w2w_peer_links "), Some(2.0));
+}
