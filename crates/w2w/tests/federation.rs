@@ -8,6 +8,9 @@
 //! (the right receipt: unreachable) and the ring loses one relay (traffic
 //! goes the other way round).
 
+// Index loops read better here: i and j name sender and recipient.
+#![allow(clippy::needless_range_loop)]
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
