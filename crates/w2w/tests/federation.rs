@@ -400,7 +400,6 @@ async fn allowlist_refuses_unknown_relays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_presence_is_rejected_and_counted() {
-    use bytes::Bytes;
     use futures_util::SinkExt;
     use w2w_proto::frame::Role;
     use w2w_proto::s2s::{Presence, RegistrationProof, RelayToRelay};
@@ -425,7 +424,7 @@ async fn forged_presence_is_rejected_and_counted() {
         sig_a: [3; 64],
     };
     let forged = RelayToRelay::Presence(Presence::sign(&rogue, proof, true)).encode();
-    ws.send(tokio_websockets::Message::binary(Bytes::from(forged)))
+    ws.send(tokio_websockets::Message::binary(forged))
         .await
         .unwrap();
     eventually("forged presence counted", || {
