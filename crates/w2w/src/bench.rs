@@ -36,49 +36,68 @@ pub struct BenchArgs {
     /// Messages in flight per sender.
     #[arg(long, default_value_t = 32)]
     window: usize,
+    /// In-process relays in a line; senders on the first, receivers on the
+    /// last (measures federation hops). Ignored with --relay.
+    #[arg(long, default_value_t = 1)]
+    relays: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
 pub async fn run(a: BenchArgs) -> Result<ExitCode> {
-    let mut _relay = None;
-    let url = match &a.relay {
-        Some(u) => u.clone(),
+    let mut relays: Vec<Relay> = Vec::new();
+    let (url, rx_url) = match &a.relay {
+        Some(u) => (u.clone(), u.clone()),
         None => {
-            let mut cfg =
-                RelayConfig::new(Identity::from_seed(rand::random()), "127.0.0.1:0".parse()?);
-            cfg.limits = Limits {
-                rate_per_sec: u32::MAX / 2,
-                rate_burst: u32::MAX / 2,
-                ..Limits::default()
-            };
-            let r = Relay::start(cfg).await?;
-            let u = r.url();
-            _relay = Some(r);
-            u
+            for i in 0..a.relays.max(1) {
+                let mut cfg =
+                    RelayConfig::new(Identity::from_seed(rand::random()), "127.0.0.1:0".parse()?);
+                cfg.limits = Limits {
+                    rate_per_sec: u32::MAX / 2,
+                    rate_burst: u32::MAX / 2,
+                    ..Limits::default()
+                };
+                if i > 0 {
+                    cfg.federation.peers = vec![relays[i - 1].url()];
+                }
+                relays.push(Relay::start(cfg).await?);
+            }
+            let (first, last) = (&relays[0], &relays[relays.len() - 1]);
+            let t0 = Instant::now();
+            while !first.federation().reachable().contains(&last.relay_key())
+                && relays.len() > 1
+            {
+                anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "relays did not link up");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (first.url(), last.url())
         }
     };
     let size = a.size.max(8);
+    let mut pairs = Vec::new();
+    for _ in 0..a.pairs {
+        let rx = Client::connect(Identity::from_seed(rand::random()), ConnectOptions::new(&rx_url))
+            .await?;
+        let tx = Client::connect(Identity::from_seed(rand::random()), ConnectOptions::new(&url))
+            .await?;
+        pairs.push((Arc::new(tx), rx));
+    }
+    // Remote receivers must be in the first relay's directory.
+    if relays.len() > 1 {
+        let t0 = Instant::now();
+        while relays[0].federation().directory_len() < 2 * a.pairs {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "directory did not converge");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.seconds);
     let received = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
-    for _ in 0..a.pairs {
-        let rx = Client::connect(
-            Identity::from_seed(rand::random()),
-            ConnectOptions::new(&url),
-        )
-        .await?;
-        let tx = Arc::new(
-            Client::connect(
-                Identity::from_seed(rand::random()),
-                ConnectOptions::new(&url),
-            )
-            .await?,
-        );
+    for (tx, rx) in pairs {
         let to = rx.address();
         let received = received.clone();
         receivers.push(tokio::spawn(async move {
@@ -87,6 +106,9 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             let stop = tokio::time::Instant::from_std(deadline + Duration::from_secs(2));
             while let Ok(Some(ev)) = tokio::time::timeout_at(stop, rx.recv()).await {
                 if let Event::Msg(m) = ev {
+                    if m.payload.len() < 8 || Instant::now() > deadline {
+                        continue; // not ours, or after the measured window
+                    }
                     let mut t = [0u8; 8];
                     t.copy_from_slice(&m.payload[..8]);
                     let sent_ns = u64::from_le_bytes(t);
@@ -116,6 +138,14 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
                 }
                 sent
             }));
+        }
+    }
+    // Remote receivers must be in the first relay's directory.
+    if let Some(first) = relays.first().filter(|_| relays.len() > 1) {
+        let t0 = Instant::now();
+        while first.federation().directory_len() < 2 * a.pairs {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "directory did not converge");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     // Progress, once a second.
@@ -152,6 +182,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let rate = got as f64 / elapsed;
     let result = serde_json::json!({
         "route": "a2b",
+        "relays_in_line": relays.len().max(1),
         "relay": url,
         "pairs": a.pairs,
         "window": a.window,
@@ -170,7 +201,8 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         }
     });
     println!(
-        "a2b {} pairs, {} B payload, window {}: {:.0} msgs/s ({:.2} MB/s), latency p50 {} µs, p99 {} µs, p99.9 {} µs; rejected {}",
+        "a2b through {} relay(s), {} pairs, {} B payload, window {}: {:.0} msgs/s ({:.2} MB/s), latency p50 {} µs, p99 {} µs, p99.9 {} µs; rejected {}",
+        relays.len().max(1),
         a.pairs,
         size,
         a.window,
