@@ -127,6 +127,12 @@ impl Identity {
         Address(self.key.verifying_key().to_bytes())
     }
 
+    /// The X25519 secret scalar bytes for this key (SHA-512 of the seed,
+    /// first half; X25519 clamps it), for end-to-end sealing.
+    pub(crate) fn scalar_bytes(&self) -> [u8; 32] {
+        self.key.to_scalar_bytes()
+    }
+
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.key.sign(msg).to_bytes()
     }

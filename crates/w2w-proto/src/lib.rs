@@ -4,6 +4,7 @@
 //! * [`frame`] — the binary frame codec (`ClientToRelay`, `RelayToClient`).
 //! * [`handshake`] — the sigA → sigB → sigC registration state machines.
 //! * [`s2s`] — relay-to-relay frames: link state, presence, forwarding.
+//! * [`seal`] — end-to-end sealing (a2b/a2g) and signing (a2n) of payloads.
 //! * [`codes`] — every machine-readable error, receipt and close code.
 //!
 //! Time enters only as `now_ms` arguments and randomness only as byte
@@ -16,6 +17,7 @@ pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod s2s;
+pub mod seal;
 
 pub use codes::ErrorCode;
 pub use frame::{ClientToRelay, DecodeError, Dest, Msg, RelayToClient, Route};

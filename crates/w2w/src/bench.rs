@@ -65,10 +65,11 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             }
             let (first, last) = (&relays[0], &relays[relays.len() - 1]);
             let t0 = Instant::now();
-            while !first.federation().reachable().contains(&last.relay_key())
-                && relays.len() > 1
-            {
-                anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "relays did not link up");
+            while !first.federation().reachable().contains(&last.relay_key()) && relays.len() > 1 {
+                anyhow::ensure!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "relays did not link up"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (first.url(), last.url())
@@ -77,17 +78,26 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let size = a.size.max(8);
     let mut pairs = Vec::new();
     for _ in 0..a.pairs {
-        let rx = Client::connect(Identity::from_seed(rand::random()), ConnectOptions::new(&rx_url))
-            .await?;
-        let tx = Client::connect(Identity::from_seed(rand::random()), ConnectOptions::new(&url))
-            .await?;
+        let rx = Client::connect(
+            Identity::from_seed(rand::random()),
+            ConnectOptions::new(&rx_url),
+        )
+        .await?;
+        let tx = Client::connect(
+            Identity::from_seed(rand::random()),
+            ConnectOptions::new(&url),
+        )
+        .await?;
         pairs.push((Arc::new(tx), rx));
     }
     // Remote receivers must be in the first relay's directory.
     if relays.len() > 1 {
         let t0 = Instant::now();
         while relays[0].federation().directory_len() < 2 * a.pairs {
-            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "directory did not converge");
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(10),
+                "directory did not converge"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -144,7 +154,10 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     if let Some(first) = relays.first().filter(|_| relays.len() > 1) {
         let t0 = Instant::now();
         while first.federation().directory_len() < 2 * a.pairs {
-            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "directory did not converge");
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(10),
+                "directory did not converge"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
