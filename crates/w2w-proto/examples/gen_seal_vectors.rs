@@ -57,6 +57,10 @@ fn main() {
     }
     let body = b"hello everyone".to_vec();
     let signed = seal::sign(&alice, id, &body);
+    let padding: Vec<_> = [0usize, 1, 62, 63, 64, 1000, 16383, 16384, 20000]
+        .iter()
+        .map(|n| serde_json::json!({"plaintext_len": n, "padded_len": seal::padded_len(*n)}))
+        .collect();
     let v = serde_json::json!({
         "description": "w2w end-to-end payload vectors (see crates/w2w-proto/src/seal.rs and docs/PROTOCOL.md)",
         "flags": {"plain": seal::FLAG_PLAIN, "sealed": seal::FLAG_SEALED, "signed": seal::FLAG_SIGNED},
@@ -72,7 +76,7 @@ fn main() {
             "body": hex::encode(&body),
             "payload": hex::encode(&signed),
         }],
-        "padding": [0usize, 1, 62, 63, 64, 1000, 16383, 16384, 20000].iter().map(|n| serde_json::json!({"plaintext_len": n, "padded_len": seal::padded_len(*n)})).collect::<Vec<_>>(),
+        "padding": padding,
     });
     println!("{}", serde_json::to_string_pretty(&v).expect("json"));
 }
