@@ -362,6 +362,11 @@ where
     }
 }
 
+/// The demo web app (clients/js/demo) and browser client bundle
+/// (clients/js/dist), served at `/` and `/w2w.js`.
+const DEMO_HTML: &str = include_str!("../../../clients/js/demo/index.html");
+const CLIENT_JS: &str = include_str!("../../../clients/js/dist/w2w.js");
+
 fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -416,17 +421,12 @@ fn handle(
         ("GET", "/.well-known/w2w") => {
             text(StatusCode::OK, "application/json", shared.info_document())
         }
-        ("GET", "/") => text(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            format!(
-                "<!doctype html><title>w2w relay</title><h1>w2w relay</h1>\
-                 <p>Relay key <code>{}</code></p><p>Connect a w2w client over WebSocket to this URL. \
-                 See <a href=\"/.well-known/w2w\">/.well-known/w2w</a> for limits.</p>",
-                shared.relay_key
-            ),
-        ),
-        _ => json_error(StatusCode::NOT_FOUND, "not_found", "try /, /healthz, /metrics or /.well-known/w2w"),
+        // The browser client and demo app, embedded at build time.
+        ("GET", "/") | ("GET", "/index.html") => {
+            text(StatusCode::OK, "text/html; charset=utf-8", DEMO_HTML)
+        }
+        ("GET", "/w2w.js") => text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS),
+        _ => json_error(StatusCode::NOT_FOUND, "not_found", "try /, /w2w.js, /healthz, /metrics or /.well-known/w2w"),
     }
 }
 

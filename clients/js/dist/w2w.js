@@ -1,0 +1,1 @@
+// placeholder: built from clients/js/src by npm run build
