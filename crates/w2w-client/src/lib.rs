@@ -10,8 +10,13 @@
 //! [`register`] exposes the handshake on a raw WebSocket for tests and tools
 //! that need to send arbitrary frames.
 //!
-//! Not yet here (see the project issues): reconnect with backoff, end-to-end
-//! encryption, deduplication of redelivered messages.
+//! End to end: [`Client::send`] seals a2a/a2b/a2g payloads for their
+//! recipients and signs a2n broadcasts (`w2w_proto::seal`); received
+//! payloads are opened or verified before the application sees them, and a
+//! forged one arrives as [`Event::Rejected`], never as data. Redelivered
+//! messages (same id) are dropped with bounded memory.
+//!
+//! Not yet here: reconnect with backoff.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,6 +33,7 @@ use w2w_proto::frame::{
     ResponseBody, Role,
 };
 use w2w_proto::handshake::{ClientHandshake, ClientRegistered, HandshakeError};
+use w2w_proto::seal::{self, SealError};
 use w2w_proto::{Address, Dest, ErrorCode, Identity};
 
 pub use w2w_proto;
@@ -262,10 +268,47 @@ where
     Ok(hs.on_reply_back(rb)?)
 }
 
+/// How a received message was protected end to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// No protection (sent with `send_plain`): the relays could read it.
+    Plain,
+    /// Sealed for us by `from`: confidential and authenticated.
+    Sealed,
+    /// Signed by `from` (broadcasts): authenticated, not confidential.
+    Signed,
+}
+
+impl Security {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Security::Plain => "plain",
+            Security::Sealed => "sealed",
+            Security::Signed => "signed",
+        }
+    }
+}
+
+/// A message delivered to the application, already opened or verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub id: MsgId,
+    pub from: Address,
+    pub dest: Dest,
+    pub security: Security,
+    pub body: Bytes,
+}
+
 /// Something the relay sent that nobody was waiting for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Msg(Msg),
+    Msg(Received),
+    /// A message that failed to open or verify; its body is withheld.
+    Rejected {
+        id: MsgId,
+        from: Address,
+        reason: SealError,
+    },
     Notice(Notice),
     /// A non-fatal ERROR frame.
     Error {
@@ -307,7 +350,7 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (events_tx, events_rx) = mpsc::channel(4096);
         let (closed_tx, closed_rx) = tokio::sync::watch::channel(None);
-        tokio::spawn(drive(ws, cmd_rx, events_tx, closed_tx));
+        tokio::spawn(drive(identity.clone(), ws, cmd_rx, events_tx, closed_tx));
         Client {
             identity,
             registered,
@@ -336,18 +379,55 @@ impl Client {
         }
     }
 
-    /// Sends a MSG and waits for its receipt.
-    pub async fn send(
-        &self,
-        dest: Dest,
-        payload: impl Into<Bytes>,
-    ) -> Result<Receipt, ClientError> {
+    /// Sends a message and waits for its receipt: sealed for its
+    /// recipients (a2a, a2b, a2g) or signed (a2n).
+    pub async fn send(&self, dest: Dest, body: impl AsRef<[u8]>) -> Result<Receipt, ClientError> {
+        let id = MsgId(rand::random());
+        let body = body.as_ref();
+        let (flags, payload) = match &dest {
+            Dest::A2n(_) => (seal::FLAG_SIGNED, seal::sign(&self.identity, id, body)),
+            _ => {
+                let recipients: Vec<Address> = match &dest {
+                    Dest::A2a => vec![self.address()],
+                    Dest::A2b(to) => vec![*to],
+                    Dest::A2g(list) => {
+                        let mut seen = std::collections::HashSet::new();
+                        list.iter().copied().filter(|a| seen.insert(*a)).collect()
+                    }
+                    Dest::A2n(_) => Vec::new(),
+                };
+                let mut fill = |b: &mut [u8]| rand::RngCore::fill_bytes(&mut rand::thread_rng(), b);
+                // An empty or oversize list is the relay's to refuse (with
+                // its own code), so it goes out unsealed and empty.
+                match seal::seal(&self.identity, id, &recipients, body, &mut fill) {
+                    Ok(p) => (seal::FLAG_SEALED, p),
+                    Err(_) => (seal::FLAG_PLAIN, Vec::new()),
+                }
+            }
+        };
         let msg = Msg {
-            flags: 0,
-            id: MsgId(rand::random()),
+            flags,
+            id,
             from: self.address(),
             dest,
             payload: payload.into(),
+        };
+        self.send_msg(&msg).await
+    }
+
+    /// Sends without end-to-end protection: every relay on the path can
+    /// read `body`. For public data and benchmarks.
+    pub async fn send_plain(
+        &self,
+        dest: Dest,
+        body: impl Into<Bytes>,
+    ) -> Result<Receipt, ClientError> {
+        let msg = Msg {
+            flags: seal::FLAG_PLAIN,
+            id: MsgId(rand::random()),
+            from: self.address(),
+            dest,
+            payload: body.into(),
         };
         self.send_msg(&msg).await
     }
@@ -423,7 +503,69 @@ impl Client {
 }
 
 /// The driver: owns the socket, matches receipts and responses to waiters.
+/// Opens or verifies a received MSG for the application.
+fn open_msg(me: &Identity, m: Msg) -> Event {
+    let result = match m.flags {
+        seal::FLAG_SEALED => {
+            seal::open(me, m.id, &m.from, &m.payload).map(|b| (Security::Sealed, Bytes::from(b)))
+        }
+        seal::FLAG_SIGNED => seal::verify(&m.id, &m.from, &m.payload)
+            .map(|b| (Security::Signed, m.payload.slice_ref(b))),
+        seal::FLAG_PLAIN => Ok((Security::Plain, m.payload.clone())),
+        _ => Err(SealError::Malformed),
+    };
+    match result {
+        Ok((security, body)) => Event::Msg(Received {
+            id: m.id,
+            from: m.from,
+            dest: m.dest,
+            security,
+            body,
+        }),
+        Err(reason) => Event::Rejected {
+            id: m.id,
+            from: m.from,
+            reason,
+        },
+    }
+}
+
+/// Remembers the last `cap` message ids, to drop redeliveries.
+struct Dedupe {
+    cap: usize,
+    order: std::collections::VecDeque<(MsgId, Address)>,
+    set: std::collections::HashSet<(MsgId, Address)>,
+}
+
+impl Dedupe {
+    fn new(cap: usize) -> Self {
+        Dedupe {
+            cap,
+            order: Default::default(),
+            set: Default::default(),
+        }
+    }
+
+    /// `true` the first time a (id, sender) pair is seen.
+    fn first(&mut self, key: (MsgId, Address)) -> bool {
+        if !self.set.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// Message ids remembered for deduplication.
+pub const DEDUPE_WINDOW: usize = 16_384;
+
 async fn drive(
+    identity: Identity,
     mut ws: RelaySocket,
     mut cmd_rx: mpsc::Receiver<Cmd>,
     events_tx: mpsc::Sender<Event>,
@@ -431,6 +573,7 @@ async fn drive(
 ) {
     let mut receipts: HashMap<MsgId, oneshot::Sender<Receipt>> = HashMap::new();
     let mut requests: HashMap<u32, oneshot::Sender<Result<ResponseBody, u16>>> = HashMap::new();
+    let mut dedupe = Dedupe::new(DEDUPE_WINDOW);
     let reason = loop {
         tokio::select! {
             cmd = cmd_rx.recv() => match cmd {
@@ -481,7 +624,12 @@ async fn drive(
                         }
                         continue;
                     }
-                    Ok(RelayToClient::Msg(m)) => Event::Msg(m),
+                    Ok(RelayToClient::Msg(m)) => {
+                        if !dedupe.first((m.id, m.from)) {
+                            continue;
+                        }
+                        open_msg(&identity, m)
+                    }
                     Ok(RelayToClient::Notice(n)) => Event::Notice(n),
                     Ok(RelayToClient::Error(e)) => Event::Error { code: e.code, detail: e.detail },
                     Ok(other) => Event::Error {

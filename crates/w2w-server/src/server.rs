@@ -426,7 +426,11 @@ fn handle(
             text(StatusCode::OK, "text/html; charset=utf-8", DEMO_HTML)
         }
         ("GET", "/w2w.js") => text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS),
-        _ => json_error(StatusCode::NOT_FOUND, "not_found", "try /, /w2w.js, /healthz, /metrics or /.well-known/w2w"),
+        _ => json_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "try /, /w2w.js, /healthz, /metrics or /.well-known/w2w",
+        ),
     }
 }
 

@@ -101,7 +101,7 @@ async fn expect_error(ws: &mut RelaySocket, code: ErrorCode) {
     }
 }
 
-async fn recv_msg(c: &mut Client) -> Msg {
+async fn recv_msg(c: &mut Client) -> w2w_client::Received {
     loop {
         match tokio::time::timeout(T, c.recv()).await.expect("no message") {
             Some(Event::Msg(m)) => return m,
@@ -150,7 +150,7 @@ async fn a2a_echoes_to_self() {
     let r = a.send(Dest::A2a, "a2a hello w2w").await.unwrap();
     assert_eq!((r.status, r.delivered), (Status::Delivered, 1));
     let m = recv_msg(&mut a).await;
-    assert_eq!(&m.payload[..], b"a2a hello w2w");
+    assert_eq!(&m.body[..], b"a2a hello w2w");
     assert_eq!(m.from, a.address());
     assert_eq!(m.id, r.id);
 }
@@ -169,7 +169,7 @@ async fn a2b_reaches_b_only() {
     assert_eq!(r.entries.len(), 1);
     assert_eq!(r.entries[0].to, b.address());
     let m = recv_msg(&mut b).await;
-    assert_eq!(&m.payload[..], b"a2b hello w2w");
+    assert_eq!(&m.body[..], b"a2b hello w2w");
     assert_eq!(m.from, a.address());
     assert_eq!(m.dest, Dest::A2b(b.address()));
     expect_silence(&mut a).await;
@@ -188,8 +188,8 @@ async fn a2g_reaches_listed_only() {
         .await
         .unwrap();
     assert_eq!((r.status, r.delivered), (Status::Delivered, 2));
-    assert_eq!(&recv_msg(&mut b).await.payload[..], b"a2g hi");
-    assert_eq!(&recv_msg(&mut c).await.payload[..], b"a2g hi");
+    assert_eq!(&recv_msg(&mut b).await.body[..], b"a2g hi");
+    assert_eq!(&recv_msg(&mut c).await.body[..], b"a2g hi");
     expect_silence(&mut a).await;
     expect_silence(&mut d).await;
 
@@ -217,7 +217,7 @@ async fn a2n_reaches_everyone() {
     let r = cs[0].send(Dest::A2n(Scope::Relay), "to all").await.unwrap();
     assert_eq!((r.status, r.delivered), (Status::Delivered, 4));
     for c in &mut cs {
-        assert_eq!(&recv_msg(c).await.payload[..], b"to all");
+        assert_eq!(&recv_msg(c).await.body[..], b"to all");
         expect_silence(c).await;
     }
 }
@@ -240,7 +240,7 @@ async fn payload_bytes_arrive_unchanged() {
     a.send(Dest::A2b(b.address()), payload.clone())
         .await
         .unwrap();
-    assert_eq!(recv_msg(&mut b).await.payload, payload);
+    assert_eq!(recv_msg(&mut b).await.body, payload);
 }
 
 // ----------------------------------------------------------- registration
@@ -741,7 +741,7 @@ async fn hostile_inputs_get_codes_and_everyone_keeps_service() {
         // ...and so is everyone else.
         let r = a.send(Dest::A2b(b.address()), what).await.unwrap();
         assert_eq!(r.status, Status::Delivered, "{what}");
-        assert_eq!(&recv_msg(&mut b).await.payload[..], what.as_bytes());
+        assert_eq!(&recv_msg(&mut b).await.body[..], what.as_bytes());
     }
     // Text frames are not part of the protocol.
     ws.send(Message::text("hello")).await.unwrap();
@@ -855,7 +855,7 @@ async fn newest_connection_wins_and_older_is_told() {
     // Messages now reach the new connection.
     let other = client(&relay).await;
     other.send(Dest::A2b(me.address()), "to new").await.unwrap();
-    assert_eq!(&recv_msg(&mut new).await.payload[..], b"to new");
+    assert_eq!(&recv_msg(&mut new).await.body[..], b"to new");
 }
 
 #[tokio::test]

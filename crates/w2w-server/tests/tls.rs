@@ -90,7 +90,7 @@ async fn wss_and_certificate_reload_without_dropping_connections() {
             .await
             .unwrap()
         {
-            Some(Event::Msg(m)) => bodies.push(m.payload),
+            Some(Event::Msg(m)) => bodies.push(m.body),
             Some(_) => {}
             None => panic!("live connection dropped: {:?}", live.close_reason()),
         }

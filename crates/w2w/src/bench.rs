@@ -116,11 +116,11 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             let stop = tokio::time::Instant::from_std(deadline + Duration::from_secs(2));
             while let Ok(Some(ev)) = tokio::time::timeout_at(stop, rx.recv()).await {
                 if let Event::Msg(m) = ev {
-                    if m.payload.len() < 8 || Instant::now() > deadline {
+                    if m.body.len() < 8 || Instant::now() > deadline {
                         continue; // not ours, or after the measured window
                     }
                     let mut t = [0u8; 8];
-                    t.copy_from_slice(&m.payload[..8]);
+                    t.copy_from_slice(&m.body[..8]);
                     let sent_ns = u64::from_le_bytes(t);
                     let now_ns = start.elapsed().as_nanos() as u64;
                     let _ = hist.record(now_ns.saturating_sub(sent_ns) / 1000);
@@ -138,7 +138,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
                     let mut payload = vec![0u8; size];
                     payload[..8]
                         .copy_from_slice(&(start.elapsed().as_nanos() as u64).to_le_bytes());
-                    match tx.send(Dest::A2b(to), payload).await {
+                    match tx.send_plain(Dest::A2b(to), payload).await {
                         Ok(r) if r.status == Status::Delivered => sent += 1,
                         Ok(_) => {
                             rejected.fetch_add(1, Relaxed);

@@ -37,7 +37,7 @@ async fn relay(peers: Vec<String>) -> Result<Relay> {
 async fn recv_body(c: &mut Client) -> Result<String> {
     loop {
         match tokio::time::timeout(Duration::from_secs(5), c.recv()).await {
-            Ok(Some(Event::Msg(m))) => return Ok(String::from_utf8_lossy(&m.payload).into_owned()),
+            Ok(Some(Event::Msg(m))) => return Ok(String::from_utf8_lossy(&m.body).into_owned()),
             Ok(Some(_)) => continue,
             Ok(None) => bail!("connection ended"),
             Err(_) => bail!("no message within 5 s"),

@@ -159,6 +159,10 @@ struct SendArgs {
     /// Print the receipt as JSON.
     #[arg(long)]
     json: bool,
+    /// Send without end-to-end protection (relays can read it). By default
+    /// a2a/a2b/a2g are sealed for their recipients and a2n is signed.
+    #[arg(long)]
+    plain: bool,
     /// The message; "-" or nothing reads standard input.
     message: Option<String>,
 }
@@ -402,7 +406,11 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
         _ => Dest::A2g(a.to.clone()),
     };
     let c = connect(&a.client).await?;
-    let r = c.send(dest, body).await?;
+    let r = if a.plain {
+        c.send_plain(dest, body).await?
+    } else {
+        c.send(dest, body).await?
+    };
     if a.json {
         println!("{}", receipt_json(&r));
     } else {
@@ -454,21 +462,28 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
                 c.close_reason().unwrap_or_else(|| "unknown".into())
             ),
             Some(Event::Msg(m)) => {
-                let body = String::from_utf8_lossy(&m.payload);
+                let body = String::from_utf8_lossy(&m.body);
                 if a.json {
-                    let text = std::str::from_utf8(&m.payload).ok();
+                    let text = std::str::from_utf8(&m.body).ok();
                     println!(
                         "{}",
                         serde_json::json!({
                             "from": m.from.to_hex(),
                             "route": m.dest.route().as_str(),
+                            "e2e": m.security.as_str(),
                             "id": m.id.to_string(),
                             "body": text,
-                            "body_hex": if text.is_none() { Some(hex::encode(&m.payload)) } else { None },
+                            "body_hex": if text.is_none() { Some(hex::encode(&m.body)) } else { None },
                         })
                     );
                 } else {
-                    println!("{} {} {}", m.dest.route().as_str(), m.from, body);
+                    println!(
+                        "{} [{}] {} {}",
+                        m.dest.route().as_str(),
+                        m.security.as_str(),
+                        m.from,
+                        body
+                    );
                 }
                 n += 1;
                 if a.count.is_some_and(|c| n >= c) {
@@ -485,6 +500,9 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
                 _ => {}
             },
             Some(Event::Error { code, detail }) => eprintln!("relay error {code}: {detail}"),
+            Some(Event::Rejected { id, from, reason }) => {
+                eprintln!("rejected message {id} claiming to be from {from}: {reason}")
+            }
         }
     }
     c.close().await;
