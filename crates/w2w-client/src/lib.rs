@@ -625,6 +625,12 @@ async fn drive(
                         continue;
                     }
                     Ok(RelayToClient::Msg(m)) => {
+                        // Acknowledge every copy, duplicates too: the relay
+                        // deletes a stored message only once it is acked.
+                        let ack = ClientToRelay::Ack(vec![m.id]).encode();
+                        if let Err(e) = ws.send(Message::binary(ack)).await {
+                            break format!("send failed: {e}");
+                        }
                         if !dedupe.first((m.id, m.from)) {
                             continue;
                         }

@@ -101,6 +101,7 @@ fn type_name(t: u8) -> &'static str {
         ty::REGISTER => "REGISTER",
         ty::COUNTERSIGN => "COUNTERSIGN",
         ty::CONFIRM => "CONFIRM",
+        ty::ACK => "ACK",
         ty::REPLY_BACK => "REPLY_BACK",
         ty::MSG => "MSG",
         ty::RECEIPT => "RECEIPT",
@@ -268,6 +269,9 @@ enum Fields {
     Confirm {
         sig_c: String,
     },
+    Ack {
+        ack_ids: Vec<String>,
+    },
     ReplyBack {
         address: String,
         relay_time_ms: u64,
@@ -400,6 +404,9 @@ fn c2r_fields(f: &ClientToRelay) -> Fields {
             sig_a: h(r.sig_a),
         },
         ClientToRelay::Confirm(c) => Fields::Confirm { sig_c: h(c.sig_c) },
+        ClientToRelay::Ack(ids) => Fields::Ack {
+            ack_ids: ids.iter().map(|i| h(i.0)).collect(),
+        },
         ClientToRelay::Msg(m) => msg_fields(m),
         ClientToRelay::Request(r) => {
             let (offset, limit, address, on) = match &r.op {
@@ -976,6 +983,11 @@ fn main() {
             "a2b to bob with a non-UTF-8 binary payload.",
             msg(8, 0, Dest::A2b(b), &[0x00, 0xff, 0x10, 0x80]),
         ),
+        c2r(
+            "ack_two",
+            "ACK: the client has received messages 0x01.. and 0x02..; the relay may drop them from its queue.",
+            ClientToRelay::Ack(vec![MsgId([1; 16]), MsgId([2; 16])]),
+        ),
         r2c(
             "receipt_a2a_delivered",
             "Receipt for msg_a2a: delivered to the sender's own connection; a2a has no entries.",
@@ -1537,6 +1549,7 @@ fn main() {
             ("REGISTER", ty::REGISTER),
             ("COUNTERSIGN", ty::COUNTERSIGN),
             ("CONFIRM", ty::CONFIRM),
+            ("ACK", ty::ACK),
             ("REPLY_BACK", ty::REPLY_BACK),
             ("MSG", ty::MSG),
             ("RECEIPT", ty::RECEIPT),

@@ -116,6 +116,8 @@ error_codes! {
     Timeout = 39, "timeout";
     /// A forwarded message already seen (dropped, not delivered twice).
     Duplicate = 40, "duplicate";
+    /// The recipient's store-and-forward queue is at its quota.
+    QueueFull = 41, "queue_full";
 }
 
 impl ErrorCode {

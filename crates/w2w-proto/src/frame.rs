@@ -31,6 +31,7 @@ pub mod ty {
     pub const COUNTERSIGN: u8 = 0x03;
     pub const CONFIRM: u8 = 0x04;
     pub const REPLY_BACK: u8 = 0x05;
+    pub const ACK: u8 = 0x06;
     pub const MSG: u8 = 0x10;
     pub const RECEIPT: u8 = 0x11;
     pub const REQUEST: u8 = 0x20;
@@ -341,6 +342,9 @@ impl ErrorFrame {
     }
 }
 
+/// Most message ids in one ACK frame.
+pub const MAX_ACK_IDS: usize = 1024;
+
 /// Frames a client (or a dialling relay) sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientToRelay {
@@ -348,6 +352,9 @@ pub enum ClientToRelay {
     Confirm(Confirm),
     Msg(Msg),
     Request(Request),
+    /// The client has received (and processed) these messages; the relay
+    /// may delete them from its store-and-forward queue.
+    Ack(Vec<MsgId>),
 }
 
 /// Frames a relay sends to a client.
@@ -606,6 +613,28 @@ impl ClientToRelay {
                 sig_c: r.array("sig_c")?,
             }),
             ty::MSG => return decode_msg(&mut r).map(ClientToRelay::Msg),
+            ty::ACK => {
+                let n = r.u16("ack count")? as usize;
+                if n > MAX_ACK_IDS {
+                    return Err(DecodeError::TooLong {
+                        field: "ack ids",
+                        len: n,
+                        max: MAX_ACK_IDS,
+                    });
+                }
+                if r.remaining() < n * 16 {
+                    return Err(DecodeError::Truncated {
+                        field: "ack ids",
+                        need: n * 16,
+                        have: r.remaining(),
+                    });
+                }
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(MsgId(r.array("ack id")?));
+                }
+                ClientToRelay::Ack(ids)
+            }
             ty::REQUEST => {
                 let req_id = r.u32("req_id")?;
                 let op = match r.u8("op")? {
@@ -651,6 +680,14 @@ impl ClientToRelay {
                 b.put_slice(&m.sig_c);
             }
             ClientToRelay::Msg(m) => return m.encode(),
+            ClientToRelay::Ack(ids) => {
+                head(&mut b, ty::ACK);
+                let ids = &ids[..ids.len().min(MAX_ACK_IDS)];
+                b.put_u16(ids.len() as u16);
+                for id in ids {
+                    b.put_slice(&id.0);
+                }
+            }
             ClientToRelay::Request(m) => {
                 head(&mut b, ty::REQUEST);
                 b.put_u32(m.req_id);
@@ -763,7 +800,9 @@ impl RelayToClient {
                 code: r.u16("code")?,
                 detail: r.string("detail", MAX_DETAIL_LEN)?,
             }),
-            ty::REGISTER | ty::CONFIRM | ty::REQUEST => return Err(DecodeError::WrongDirection(t)),
+            ty::REGISTER | ty::CONFIRM | ty::REQUEST | ty::ACK => {
+                return Err(DecodeError::WrongDirection(t))
+            }
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -979,6 +1018,7 @@ mod tests {
                 req_id: 10,
                 op: RequestOp::Lookup(addr(11)),
             }),
+            ClientToRelay::Ack(vec![MsgId([1; 16]), MsgId([2; 16])]),
         ]
     }
 

@@ -169,6 +169,21 @@ fn c2r_from_fields(t: &str, f: &Value) -> ClientToRelay {
             sig_c: fixed(f, "sig_c"),
         }),
         "MSG" => ClientToRelay::Msg(msg_from_fields(f)),
+        "ACK" => ClientToRelay::Ack(
+            f["ack_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    MsgId(
+                        hex::decode(v.as_str().unwrap())
+                            .unwrap()
+                            .try_into()
+                            .unwrap(),
+                    )
+                })
+                .collect(),
+        ),
         "REQUEST" => ClientToRelay::Request(Request {
             req_id: n(f, "req_id").try_into().unwrap(),
             op: match s(f, "op") {
@@ -265,6 +280,7 @@ fn type_byte(name: &str) -> u8 {
         "REGISTER" => ty::REGISTER,
         "COUNTERSIGN" => ty::COUNTERSIGN,
         "CONFIRM" => ty::CONFIRM,
+        "ACK" => ty::ACK,
         "REPLY_BACK" => ty::REPLY_BACK,
         "MSG" => ty::MSG,
         "RECEIPT" => ty::RECEIPT,
@@ -306,7 +322,7 @@ fn header_and_constants() {
     };
 
     let types = table("frame_types");
-    assert_eq!(types.len(), 11);
+    assert_eq!(types.len(), 12);
     for (name, value) in &types {
         assert_eq!(type_byte(name), *value, "{name}");
     }

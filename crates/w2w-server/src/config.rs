@@ -86,6 +86,10 @@ pub struct Limits {
     pub max_skew_ms: u64,
     /// Remembered client nonces for replay detection (default 100,000).
     pub replay_cache: usize,
+    /// How long a message waits for an offline recipient (default 7 days).
+    pub queue_ttl_ms: u64,
+    /// Most messages queued per offline recipient (default 10,000).
+    pub queue_quota: usize,
 }
 
 impl Default for Limits {
@@ -102,6 +106,8 @@ impl Default for Limits {
             ping_timeout_ms: 10_000,
             max_skew_ms: 60_000,
             replay_cache: 100_000,
+            queue_ttl_ms: 7 * 24 * 3600 * 1000,
+            queue_quota: 10_000,
         }
     }
 }

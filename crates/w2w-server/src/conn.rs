@@ -246,7 +246,7 @@ async fn register<S: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| End::Gone)?;
             }
             Ok(ClientToRelay::Confirm(c)) => return hs.on_confirm(c).map_err(fail),
-            Ok(ClientToRelay::Msg(_) | ClientToRelay::Request(_)) => {
+            Ok(ClientToRelay::Msg(_) | ClientToRelay::Request(_) | ClientToRelay::Ack(_)) => {
                 return Err(End::Close(
                     ErrorCode::NotRegistered,
                     "complete registration (REGISTER, CONFIRM) before sending".into(),
@@ -327,6 +327,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         return;
     }
     shared.fed.local_join(&published);
+    shared.fed.add_known([address]);
+    shared
+        .tracker
+        .spawn(drain_queue(shared.clone(), outbox.clone()));
     shared.metrics.registered.fetch_add(1, Relaxed);
     shared.metrics.registrations_total.fetch_add(1, Relaxed);
     tracing::info!(address = %address.short(), peer = %info.peer, "registered");
@@ -364,6 +368,36 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         })
         .await;
     finish(&mut ws, &shared, end, &address).await;
+}
+
+/// Delivers a returning client's stored messages, oldest first, keeping its
+/// send queue at most half full so live traffic and liveness still flow.
+/// Each stays stored until the client ACKs it.
+async fn drain_queue(shared: Arc<Shared>, outbox: Arc<Outbox>) {
+    let budget = shared.limits.send_queue_bytes / 2;
+    let mut after = 0;
+    loop {
+        let batch = match shared.store.queued(outbox.address, after, 64).await {
+            Ok(b) if !b.is_empty() => b,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the queue");
+                return;
+            }
+        };
+        for m in batch {
+            while outbox.queued_bytes() > 0 && outbox.queued_bytes() + m.frame.len() > budget {
+                if outbox.is_closing() || shared.shutdown.is_cancelled() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if outbox.enqueue_from_queue(m.id, m.frame).is_err() {
+                return;
+            }
+            after = m.seq;
+        }
+    }
 }
 
 /// Ends a connection the way `end` says.
@@ -518,8 +552,12 @@ impl Handler for Session<'_> {
         }
         let bytes: Bytes = m.into_payload().into();
         count_in(self.shared, &bytes);
-        let allowed = self.bucket.take(std::time::Instant::now());
-        match ClientToRelay::decode(&bytes) {
+        let decoded = ClientToRelay::decode(&bytes);
+        // ACKs answer what the relay sent; they are not rate limited (each
+        // costs a set lookup, and their number is bounded by our sends).
+        let allowed = matches!(decoded, Ok(ClientToRelay::Ack(_)))
+            || self.bucket.take(std::time::Instant::now());
+        match decoded {
             Ok(ClientToRelay::Msg(msg)) => {
                 if let Dispatch::Done(receipt) = self.on_msg(&bytes, &msg, allowed) {
                     self.shared.metrics.receipt(receipt.status);
@@ -538,6 +576,17 @@ impl Handler for Session<'_> {
                     }
                 };
                 self.enqueue(RelayToClient::Response(resp).encode());
+            }
+            Ok(ClientToRelay::Ack(ids)) => {
+                for id in ids {
+                    if self.outbox.acked_from_queue(&id) {
+                        let store = self.shared.store.clone();
+                        let recipient = self.outbox.address;
+                        tokio::spawn(async move {
+                            let _ = store.write_later(Write::Dequeue { recipient, id }).await;
+                        });
+                    }
+                }
             }
             Ok(ClientToRelay::Register(_) | ClientToRelay::Confirm(_)) => {
                 self.error(ErrorCode::UnexpectedFrame, "already registered");

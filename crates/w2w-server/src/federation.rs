@@ -110,6 +110,27 @@ struct Peer {
     url: String,
 }
 
+/// Where the answer for a store-and-forward write goes.
+#[derive(Debug, Clone)]
+pub enum QueueReply {
+    /// A client of this relay is waiting for the receipt.
+    Local,
+    /// The origin relay is waiting for a FWD_RECEIPT.
+    Remote { origin: Address },
+}
+
+/// Work for the queue writer: store `frame` durably for each offline
+/// recipient, then call [`Federation::queue_done`].
+#[derive(Debug, Clone)]
+pub struct QueueJob {
+    pub id: MsgId,
+    pub frame: Bytes,
+    pub recipients: Vec<Address>,
+    /// Outcomes already known for the same message (other recipients).
+    pub prior: Vec<ReceiptEntry>,
+    pub reply: QueueReply,
+}
+
 /// A receipt waiting for remote relays.
 struct Pending {
     sender: Arc<Outbox>,
@@ -162,6 +183,10 @@ struct State {
 pub struct Federation {
     identity: Identity,
     me: Address,
+    /// Addresses that ever registered here: an offline one gets its
+    /// messages queued instead of `no_route`.
+    known: std::sync::RwLock<HashSet<Address>>,
+    queue_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<QueueJob>>>,
     url: Mutex<String>,
     pub config: FederationConfig,
     state: Mutex<State>,
@@ -189,11 +214,18 @@ fn summarize(
                 (e.status, e.reason)
             }),
         Route::A2g => {
-            let ok = entries
+            let queued = entries
                 .iter()
-                .filter(|e| e.status == Status::Delivered)
+                .filter(|e| e.status == Status::Queued)
                 .count();
-            if ok == entries.len() {
+            let ok = queued
+                + entries
+                    .iter()
+                    .filter(|e| e.status == Status::Delivered)
+                    .count();
+            if ok == entries.len() && queued > 0 {
+                (Status::Queued, 0)
+            } else if ok == entries.len() {
                 (Status::Delivered, 0)
             } else if ok == 0 {
                 let reason = entries
@@ -235,6 +267,8 @@ impl Federation {
         let f = Federation {
             identity,
             me,
+            known: Default::default(),
+            queue_tx: Mutex::new(None),
             url: Mutex::new(String::new()),
             config,
             state: Mutex::new(State {
@@ -254,6 +288,70 @@ impl Federation {
             f.bump_link_state(&mut st);
         }
         f
+    }
+
+    /// Connects the store-and-forward writer.
+    pub fn set_queue(&self, tx: tokio::sync::mpsc::UnboundedSender<QueueJob>) {
+        *self.queue_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    /// Records addresses that registered here (loaded at start, then one
+    /// per registration).
+    pub fn add_known(&self, addrs: impl IntoIterator<Item = Address>) {
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(addrs);
+    }
+
+    fn is_known(&self, a: &Address) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(a)
+    }
+
+    /// Hands a job to the queue writer; `false` if there is none.
+    fn queue(&self, job: QueueJob) -> bool {
+        match &*self.queue_tx.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The queue writer finished `job` with `entries` (prior + queued).
+    pub fn queue_done(&self, job: QueueJob, entries: Vec<ReceiptEntry>) {
+        let delivered = entries
+            .iter()
+            .filter(|e| e.status == Status::Delivered)
+            .count() as u32;
+        match job.reply {
+            QueueReply::Remote { origin } => {
+                let st = self.lock();
+                self.reply(
+                    &st,
+                    FwdReceipt {
+                        origin,
+                        reporter: self.me,
+                        id: job.id,
+                        hops: 0,
+                        delivered,
+                        entries,
+                    },
+                );
+            }
+            QueueReply::Local => self.on_fwd_receipt(
+                self.me,
+                FwdReceipt {
+                    origin: self.me,
+                    reporter: self.me,
+                    id: job.id,
+                    hops: 0,
+                    delivered,
+                    entries,
+                },
+            ),
+        }
     }
 
     /// Sets the URL this relay advertises in its link state.
@@ -628,10 +726,32 @@ impl Federation {
         }
         match f.target {
             ForwardTarget::Relay { relay, to } if relay == self.me => {
-                let entries: Vec<_> = to
-                    .iter()
-                    .map(|a| self.deliver_local(router, a, &f.msg, msg.id))
-                    .collect();
+                let mut entries = Vec::with_capacity(to.len());
+                let mut offline = Vec::new();
+                for a in &to {
+                    if router.get(a).is_none() && self.is_known(a) {
+                        offline.push(*a);
+                    } else {
+                        entries.push(self.deliver_local(router, a, &f.msg, msg.id));
+                    }
+                }
+                if !offline.is_empty() {
+                    let job = QueueJob {
+                        id: msg.id,
+                        frame: f.msg.clone(),
+                        recipients: offline.clone(),
+                        prior: entries.clone(),
+                        reply: QueueReply::Remote { origin: f.origin },
+                    };
+                    if self.queue(job) {
+                        return;
+                    }
+                    entries.extend(
+                        offline
+                            .iter()
+                            .map(|a| entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute))),
+                    );
+                }
                 let delivered = entries
                     .iter()
                     .filter(|e| e.status == Status::Delivered)
@@ -931,23 +1051,30 @@ impl Federation {
         };
         let mut entries = Vec::with_capacity(targets.len());
         let mut remote: HashMap<Address, Vec<Address>> = HashMap::new();
+        let mut offline = Vec::new();
         let mut st = self.lock();
+        // Receipts are matched by id: a second message with the id of one
+        // still waiting is refused rather than allowed to take its receipt.
+        if st.pending.contains_key(&msg.id) {
+            drop(st);
+            return reject(ErrorCode::Duplicate);
+        }
         for t in targets {
             if router.get(&t).is_some() {
                 entries.push(self.deliver_local(router, &t, frame, msg.id));
                 continue;
             }
-            match st.directory.get(&t).filter(|p| p.online) {
-                Some(p)
-                    if p.proof.relay_key != self.me
-                        && st.routes.contains_key(&p.proof.relay_key) =>
-                {
-                    remote.entry(p.proof.relay_key).or_default().push(t);
-                }
+            match st.directory.get(&t) {
+                // Hosted elsewhere (online, or left: its home relay queues).
                 Some(p) if p.proof.relay_key != self.me => {
-                    self.metrics.error(ErrorCode::Unreachable);
-                    entries.push(entry(t, Status::NoRoute, Some(ErrorCode::Unreachable)));
+                    if st.routes.contains_key(&p.proof.relay_key) {
+                        remote.entry(p.proof.relay_key).or_default().push(t);
+                    } else {
+                        self.metrics.error(ErrorCode::Unreachable);
+                        entries.push(entry(t, Status::NoRoute, Some(ErrorCode::Unreachable)));
+                    }
                 }
+                _ if self.is_known(&t) => offline.push(t),
                 _ => {
                     self.metrics.error(ErrorCode::NoRoute);
                     entries.push(entry(t, Status::NoRoute, Some(ErrorCode::NoRoute)));
@@ -955,6 +1082,24 @@ impl Federation {
             }
         }
         let mut waiting = HashMap::new();
+        if !offline.is_empty() {
+            let job = QueueJob {
+                id: msg.id,
+                frame: frame.clone(),
+                recipients: offline.clone(),
+                prior: Vec::new(),
+                reply: QueueReply::Local,
+            };
+            if self.queue(job) {
+                waiting.insert(self.me, offline);
+            } else {
+                entries.extend(
+                    offline
+                        .into_iter()
+                        .map(|a| entry(a, Status::NoRoute, Some(ErrorCode::NoRoute))),
+                );
+            }
+        }
         for (relay, to) in remote {
             let fwd = RelayToRelay::Forward(Forward {
                 origin: self.me,

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub known_addresses: AtomicI64,
     /// Federation: FORWARD frames sent to peers.
     pub forwarded: AtomicU64,
+    /// Messages stored for offline recipients.
+    pub queued_total: AtomicU64,
     messages: [AtomicU64; 4],
     receipts: [AtomicU64; 5],
     /// Errors and drops by [`ErrorCode`] (index = code).
@@ -66,6 +68,7 @@ impl Default for Metrics {
             known_relays: AtomicI64::new(0),
             known_addresses: AtomicI64::new(0),
             forwarded: AtomicU64::new(0),
+            queued_total: AtomicU64::new(0),
             messages: std::array::from_fn(|_| AtomicU64::new(0)),
             receipts: std::array::from_fn(|_| AtomicU64::new(0)),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -167,6 +170,11 @@ impl Metrics {
             "w2w_forwarded_total",
             "Messages forwarded to peer relays.",
             self.forwarded.load(Relaxed),
+        );
+        counter(
+            "w2w_queued_total",
+            "Messages stored durably for offline recipients.",
+            self.queued_total.load(Relaxed),
         );
         counter(
             "w2w_requests_total",

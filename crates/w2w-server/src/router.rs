@@ -38,6 +38,9 @@ pub struct Outbox {
     close: Notify,
     /// Whether this connection asked for join/leave notices.
     pub presence: AtomicBool,
+    /// Ids of messages delivered from the store-and-forward queue and not
+    /// yet acknowledged: an ACK for one of these deletes it from the store.
+    from_queue: std::sync::Mutex<std::collections::HashSet<w2w_proto::frame::MsgId>>,
     metrics: Arc<Metrics>,
 }
 
@@ -58,6 +61,7 @@ impl Outbox {
             close_code: AtomicU16::new(0),
             close: Notify::new(),
             presence: AtomicBool::new(false),
+            from_queue: Default::default(),
             metrics,
         };
         (Arc::new(o), rx)
@@ -93,6 +97,32 @@ impl Outbox {
         self.metrics
             .queued_bytes
             .fetch_sub(len as i64, Ordering::Relaxed);
+    }
+
+    /// Queues a stored message, remembering that its ACK must delete it.
+    pub fn enqueue_from_queue(
+        &self,
+        id: w2w_proto::frame::MsgId,
+        frame: Bytes,
+    ) -> Result<(), EnqueueError> {
+        self.from_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+        self.try_enqueue(frame)
+    }
+
+    /// Whether `id` came from the store (and forgets it).
+    pub fn acked_from_queue(&self, id: &w2w_proto::frame::MsgId) -> bool {
+        self.from_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+    }
+
+    /// Whether the connection has been asked to close.
+    pub fn is_closing(&self) -> bool {
+        self.close_code.load(Ordering::Relaxed) != 0 || self.tx.is_closed()
     }
 
     pub fn queued_bytes(&self) -> usize {

@@ -140,6 +140,9 @@ impl Shared {
                 "ping_interval_ms": l.ping_interval_ms,
                 "ping_timeout_ms": l.ping_timeout_ms,
                 "max_skew_ms": l.max_skew_ms,
+                "replay_cache": l.replay_cache,
+                "queue_ttl_ms": l.queue_ttl_ms,
+                "queue_quota": l.queue_quota,
             }
         })
         .to_string()
@@ -217,6 +220,10 @@ impl Relay {
             });
         }
         shared.fed.set_url(shared.advertised_url(None));
+        shared.fed.add_known(shared.store.known_addresses().await?);
+        let (queue_tx, queue_rx) = tokio::sync::mpsc::unbounded_channel();
+        shared.fed.set_queue(queue_tx);
+        shared.tracker.spawn(queue_writer(shared.clone(), queue_rx));
         // Remote receipts that never come back are answered `timeout`.
         let s = shared.clone();
         shared.tracker.spawn(async move {
@@ -227,7 +234,10 @@ impl Relay {
                 tokio::select! {
                     _ = s.shutdown.cancelled() => break,
                     _ = tick.tick() => s.fed.expire_pending(std::time::Instant::now()),
-                    _ = refresh.tick() => s.fed.refresh(),
+                    _ = refresh.tick() => {
+                        s.fed.refresh();
+                        let _ = s.store.write_later(crate::store::Write::Expire { now_ms: crate::unix_ms() }).await;
+                    }
                 }
             }
         });
@@ -281,6 +291,66 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+    }
+}
+
+/// Store-and-forward: writes each job's frame durably for its offline
+/// recipients (one task per job, so concurrent jobs share the store's group
+/// commits), then reports the outcome. A recipient that came online
+/// meanwhile gets the message at once; its ACK deletes the stored copy.
+async fn queue_writer(
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::federation::QueueJob>,
+) {
+    use crate::store::{Outcome, Write};
+    use w2w_proto::frame::{ReceiptEntry, Status};
+    use w2w_proto::ErrorCode;
+    loop {
+        let job = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            j = rx.recv() => match j { Some(j) => j, None => break },
+        };
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
+            let now = crate::unix_ms();
+            let mut entries = job.prior.clone();
+            for to in &job.recipients {
+                let w = Write::Enqueue {
+                    recipient: *to,
+                    id: job.id,
+                    frame: job.frame.clone(),
+                    queued_ms: now,
+                    expires_ms: now.saturating_add(s.limits.queue_ttl_ms),
+                    quota: s.limits.queue_quota,
+                };
+                let (status, reason) = match s.store.write(w).await {
+                    Ok(Outcome::Done) => {
+                        s.metrics
+                            .queued_total
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(o) = s.router.get(to) {
+                            let _ = o.enqueue_from_queue(job.id, job.frame.clone());
+                        }
+                        (Status::Queued, 0)
+                    }
+                    Ok(Outcome::QueueFull) => {
+                        s.metrics.error(ErrorCode::QueueFull);
+                        (Status::Rejected, ErrorCode::QueueFull.as_u16())
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "queueing a message failed");
+                        s.metrics.error(ErrorCode::Internal);
+                        (Status::Rejected, ErrorCode::Internal.as_u16())
+                    }
+                };
+                entries.push(ReceiptEntry {
+                    to: *to,
+                    status,
+                    reason,
+                });
+            }
+            s.fed.queue_done(job, entries);
+        });
     }
 }
 

@@ -7,8 +7,10 @@
 
 use std::path::Path;
 
+use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
+use w2w_proto::frame::MsgId;
 use w2w_proto::handshake::Registration;
 use w2w_proto::Address;
 
@@ -45,9 +47,37 @@ pub struct RegistrationRow {
 
 /// What a storage engine must do. Called only from the store thread.
 pub trait Backend: Send + 'static {
-    /// Applies a batch of writes atomically.
-    fn apply(&mut self, batch: &[Write]) -> Result<(), StoreError>;
+    /// Applies a batch of writes in one durable transaction; one outcome
+    /// per write.
+    fn apply(&mut self, batch: &[Write]) -> Result<Vec<Outcome>, StoreError>;
     fn registration(&mut self, address: &Address) -> Result<Option<RegistrationRow>, StoreError>;
+    /// Up to `limit` unexpired queued messages for `recipient`, oldest
+    /// first, after sequence number `after`.
+    fn queued(
+        &mut self,
+        recipient: &Address,
+        after: i64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<QueuedMsg>, StoreError>;
+    /// Every address that ever registered here.
+    fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError>;
+}
+
+/// A stored message waiting for its recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMsg {
+    pub seq: i64,
+    pub id: MsgId,
+    pub frame: Bytes,
+}
+
+/// What one write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// Enqueue refused: the recipient's queue is at its quota.
+    QueueFull,
 }
 
 /// A write command.
@@ -58,14 +88,29 @@ pub enum Write {
     Registered { reg: Box<Registration>, at_ms: u64 },
     /// The address disconnected at this time.
     Seen { address: Address, at_ms: u64 },
+    /// Store a MSG frame for an offline recipient (idempotent per
+    /// recipient and message id).
+    Enqueue {
+        recipient: Address,
+        id: MsgId,
+        frame: Bytes,
+        queued_ms: u64,
+        expires_ms: u64,
+        quota: usize,
+    },
+    /// The recipient acknowledged the message: delete it.
+    Dequeue { recipient: Address, id: MsgId },
+    /// Delete every message whose time to live has passed.
+    Expire { now_ms: u64 },
 }
 
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
 enum Cmd {
-    Write(Write, Option<oneshot::Sender<Result<(), String>>>),
-    Get(
-        Address,
-        oneshot::Sender<Result<Option<RegistrationRow>, String>>,
-    ),
+    Write(Write, Option<Reply<Outcome>>),
+    Get(Address, Reply<Option<RegistrationRow>>),
+    Queued(Address, i64, usize, Reply<Vec<QueuedMsg>>),
+    Known(Reply<Vec<Address>>),
 }
 
 /// Async handle to the store thread. Cheap to clone.
@@ -89,16 +134,29 @@ impl Store {
                 while let Some(first) = rx.blocking_recv() {
                     let mut next = Some(first);
                     while let Some(cmd) = next.take() {
+                        // Reads see every write queued before them.
+                        if !matches!(cmd, Cmd::Write(..)) {
+                            flush(&mut backend, &mut writes, &mut waiters);
+                        }
                         match cmd {
                             Cmd::Write(w, reply) => {
                                 writes.push(w);
-                                waiters.extend(reply);
+                                waiters.push(reply);
                             }
                             Cmd::Get(addr, reply) => {
-                                // Reads see every write queued before them.
-                                flush(&mut backend, &mut writes, &mut waiters);
                                 let _ = reply
                                     .send(backend.registration(&addr).map_err(|e| e.to_string()));
+                            }
+                            Cmd::Queued(addr, after, limit, reply) => {
+                                let _ = reply.send(
+                                    backend
+                                        .queued(&addr, after, limit, crate::unix_ms())
+                                        .map_err(|e| e.to_string()),
+                                );
+                            }
+                            Cmd::Known(reply) => {
+                                let _ = reply
+                                    .send(backend.known_addresses().map_err(|e| e.to_string()));
                             }
                         }
                         if writes.len() < MAX_BATCH {
@@ -112,8 +170,8 @@ impl Store {
         Store { tx }
     }
 
-    /// Applies `w` and waits until it is committed.
-    pub async fn write(&self, w: Write) -> Result<(), StoreError> {
+    /// Applies `w` and waits until it is durably committed.
+    pub async fn write(&self, w: Write) -> Result<Outcome, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Write(w, Some(tx)))
@@ -132,25 +190,45 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
-    pub async fn registration(
-        &self,
-        address: Address,
-    ) -> Result<Option<RegistrationRow>, StoreError> {
+    async fn ask<T>(&self, cmd: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Get(address, tx))
+            .send(cmd(tx))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await
             .map_err(|_| StoreError::Closed)?
             .map_err(StoreError::Backend)
     }
+
+    pub async fn registration(
+        &self,
+        address: Address,
+    ) -> Result<Option<RegistrationRow>, StoreError> {
+        self.ask(|tx| Cmd::Get(address, tx)).await
+    }
+
+    /// Up to `limit` queued messages for `recipient` after `after`.
+    pub async fn queued(
+        &self,
+        recipient: Address,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<QueuedMsg>, StoreError> {
+        self.ask(|tx| Cmd::Queued(recipient, after, limit, tx))
+            .await
+    }
+
+    /// Every address that ever registered here.
+    pub async fn known_addresses(&self) -> Result<Vec<Address>, StoreError> {
+        self.ask(Cmd::Known).await
+    }
 }
 
 fn flush(
     backend: &mut impl Backend,
     writes: &mut Vec<Write>,
-    waiters: &mut Vec<oneshot::Sender<Result<(), String>>>,
+    waiters: &mut Vec<Option<Reply<Outcome>>>,
 ) {
     if writes.is_empty() {
         return;
@@ -160,8 +238,13 @@ fn flush(
         e.to_string()
     });
     writes.clear();
-    for w in waiters.drain(..) {
-        let _ = w.send(result.clone());
+    for (i, w) in waiters.drain(..).enumerate() {
+        if let Some(w) = w {
+            let _ = w.send(match &result {
+                Ok(outcomes) => Ok(outcomes.get(i).copied().unwrap_or(Outcome::Done)),
+                Err(e) => Err(e.clone()),
+            });
+        }
     }
 }
 
@@ -183,6 +266,18 @@ const MIGRATIONS: &[&str] = &[
         last_seen_ms  INTEGER NOT NULL,
         registrations INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // v2: store-and-forward queue, in send order per recipient.
+    "CREATE TABLE queue (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient  BLOB NOT NULL,
+        msg_id     BLOB NOT NULL,
+        frame      BLOB NOT NULL,
+        queued_ms  INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        UNIQUE (recipient, msg_id)
+    );
+    CREATE INDEX queue_by_recipient ON queue (recipient, seq);
+    CREATE INDEX queue_by_expiry ON queue (expires_ms);",
 ];
 
 impl SqliteBackend {
@@ -203,7 +298,8 @@ impl SqliteBackend {
 
     fn init(conn: Connection) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: a commit is on disk before the relay answers "queued".
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
@@ -215,9 +311,18 @@ impl SqliteBackend {
 }
 
 impl Backend for SqliteBackend {
-    fn apply(&mut self, batch: &[Write]) -> Result<(), StoreError> {
+    fn apply(&mut self, batch: &[Write]) -> Result<Vec<Outcome>, StoreError> {
         let tx = self.conn.transaction()?;
+        let mut outcomes = Vec::with_capacity(batch.len());
         {
+            let mut count = tx.prepare_cached("SELECT COUNT(*) FROM queue WHERE recipient = ?1")?;
+            let mut enqueue = tx.prepare_cached(
+                "INSERT OR IGNORE INTO queue (recipient, msg_id, frame, queued_ms, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut dequeue =
+                tx.prepare_cached("DELETE FROM queue WHERE recipient = ?1 AND msg_id = ?2")?;
+            let mut expire = tx.prepare_cached("DELETE FROM queue WHERE expires_ms <= ?1")?;
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO registrations
                    (address, role, url, sig_a, sig_b, sig_c, first_seen_ms, last_seen_ms, registrations)
@@ -245,11 +350,88 @@ impl Backend for SqliteBackend {
                     Write::Seen { address, at_ms } => {
                         seen.execute(params![&address.0[..], *at_ms as i64])?;
                     }
+                    Write::Enqueue {
+                        recipient,
+                        id,
+                        frame,
+                        queued_ms,
+                        expires_ms,
+                        quota,
+                    } => {
+                        let n: i64 = count.query_row(params![&recipient.0[..]], |r| r.get(0))?;
+                        if n as usize >= *quota {
+                            outcomes.push(Outcome::QueueFull);
+                            continue;
+                        }
+                        enqueue.execute(params![
+                            &recipient.0[..],
+                            &id.0[..],
+                            &frame[..],
+                            *queued_ms as i64,
+                            *expires_ms as i64
+                        ])?;
+                    }
+                    Write::Dequeue { recipient, id } => {
+                        dequeue.execute(params![&recipient.0[..], &id.0[..]])?;
+                    }
+                    Write::Expire { now_ms } => {
+                        expire.execute(params![*now_ms as i64])?;
+                    }
                 }
+                outcomes.push(Outcome::Done);
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(outcomes)
+    }
+
+    fn queued(
+        &mut self,
+        recipient: &Address,
+        after: i64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<QueuedMsg>, StoreError> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT seq, msg_id, frame FROM queue
+             WHERE recipient = ?1 AND seq > ?2 AND expires_ms > ?3
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = q.query_map(
+            params![&recipient.0[..], after, now_ms as i64, limit as i64],
+            |r| {
+                let id: Vec<u8> = r.get(1)?;
+                let frame: Vec<u8> = r.get(2)?;
+                Ok((r.get::<_, i64>(0)?, id, frame))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, id, frame) = row?;
+            let Ok(id) = <[u8; 16]>::try_from(id) else {
+                continue;
+            };
+            out.push(QueuedMsg {
+                seq,
+                id: MsgId(id),
+                frame: Bytes::from(frame),
+            });
+        }
+        Ok(out)
+    }
+
+    fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError> {
+        let mut q = self
+            .conn
+            .prepare_cached("SELECT address FROM registrations")?;
+        let rows = q.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(a) = <[u8; 32]>::try_from(row?) {
+                out.push(Address(a));
+            }
+        }
+        Ok(out)
     }
 
     fn registration(&mut self, address: &Address) -> Result<Option<RegistrationRow>, StoreError> {
@@ -341,5 +523,44 @@ mod tests {
         assert_eq!(row.registrations, 2);
         assert_eq!(row.sig_c, [3; 64]);
         assert!(b.registration(&Address([8; 32])).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn queue_is_ordered_bounded_idempotent_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap());
+        let bob = Address([2; 32]);
+        let enq = |i: u8, expires_ms: u64| Write::Enqueue {
+            recipient: bob,
+            id: MsgId([i; 16]),
+            frame: Bytes::from(vec![i; 10]),
+            queued_ms: 1,
+            expires_ms,
+            quota: 3,
+        };
+        let far = u64::MAX / 4;
+        for i in 1..=3 {
+            assert_eq!(store.write(enq(i, far)).await.unwrap(), Outcome::Done);
+        }
+        assert_eq!(store.write(enq(4, far)).await.unwrap(), Outcome::QueueFull);
+        // Same message again: accepted, stored once.
+        assert_eq!(store.write(enq(1, far)).await.unwrap(), Outcome::QueueFull);
+        let q = store.queued(bob, 0, 10).await.unwrap();
+        assert_eq!(
+            q.iter().map(|m| m.id.0[0]).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        store
+            .write(Write::Dequeue {
+                recipient: bob,
+                id: MsgId([2; 16]),
+            })
+            .await
+            .unwrap();
+        let q = store.queued(bob, q[0].seq, 10).await.unwrap();
+        assert_eq!(q.iter().map(|m| m.id.0[0]).collect::<Vec<_>>(), vec![3]);
+        store.write(enq(5, 10)).await.unwrap();
+        store.write(Write::Expire { now_ms: 20 }).await.unwrap();
+        assert_eq!(store.queued(bob, 0, 10).await.unwrap().len(), 2);
     }
 }
