@@ -310,25 +310,35 @@ async fn queue_writer(
             _ = shared.shutdown.cancelled() => break,
             j = rx.recv() => match j { Some(j) => j, None => break },
         };
+        // Submit in job order (so a recipient's queue keeps send order),
+        // then wait for the commits in a task (so jobs share group commits).
+        let now = crate::unix_ms();
+        let mut waits = Vec::with_capacity(job.recipients.len());
+        for to in &job.recipients {
+            let w = Write::Enqueue {
+                recipient: *to,
+                id: job.id,
+                frame: job.frame.clone(),
+                queued_ms: now,
+                expires_ms: now.saturating_add(shared.limits.queue_ttl_ms),
+                quota: shared.limits.queue_quota,
+            };
+            waits.push((*to, shared.store.submit(w).await));
+        }
         let s = shared.clone();
         shared.tracker.spawn(async move {
-            let now = crate::unix_ms();
             let mut entries = job.prior.clone();
-            for to in &job.recipients {
-                let w = Write::Enqueue {
-                    recipient: *to,
-                    id: job.id,
-                    frame: job.frame.clone(),
-                    queued_ms: now,
-                    expires_ms: now.saturating_add(s.limits.queue_ttl_ms),
-                    quota: s.limits.queue_quota,
+            for (to, wait) in waits {
+                let outcome = match wait {
+                    Ok(rx) => rx.await.unwrap_or_else(|_| Err("store stopped".into())),
+                    Err(e) => Err(e.to_string()),
                 };
-                let (status, reason) = match s.store.write(w).await {
+                let (status, reason) = match outcome {
                     Ok(Outcome::Done) => {
                         s.metrics
                             .queued_total
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if let Some(o) = s.router.get(to) {
+                        if let Some(o) = s.router.get(&to) {
                             let _ = o.enqueue_from_queue(job.id, job.frame.clone());
                         }
                         (Status::Queued, 0)
@@ -343,11 +353,7 @@ async fn queue_writer(
                         (Status::Rejected, ErrorCode::Internal.as_u16())
                     }
                 };
-                entries.push(ReceiptEntry {
-                    to: *to,
-                    status,
-                    reason,
-                });
+                entries.push(ReceiptEntry { to, status, reason });
             }
             s.fed.queue_done(job, entries);
         });

@@ -170,6 +170,20 @@ impl Store {
         Store { tx }
     }
 
+    /// Hands `w` to the writer (writes apply in submission order) and
+    /// returns a receiver for its outcome, resolved once it is committed.
+    pub async fn submit(
+        &self,
+        w: Write,
+    ) -> Result<oneshot::Receiver<Result<Outcome, String>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Write(w, Some(tx)))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
     /// Applies `w` and waits until it is durably committed.
     pub async fn write(&self, w: Write) -> Result<Outcome, StoreError> {
         let (tx, rx) = oneshot::channel();

@@ -928,3 +928,101 @@ async fn http_endpoints() {
     assert_eq!(v["limits"]["max_frame_bytes"], 1 << 20);
     assert_eq!(http_get(&relay, "/nope").await.0, 404);
 }
+
+// ------------------------------------------------------- store-and-forward
+
+#[tokio::test]
+async fn offline_recipient_gets_its_queue_in_order_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.limits.queue_quota = 5;
+    let relay = Relay::start(cfg).await.unwrap();
+    let alice = client(&relay).await;
+    let bob_id = id();
+    let bob = Client::connect(bob_id.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    let mut carol = client(&relay).await;
+    bob.close().await;
+    // Wait until the relay has noticed bob left.
+    for _ in 0..100 {
+        let r = alice.send(Dest::A2g(vec![]), "").await.unwrap();
+        assert_eq!(r.reason, ErrorCode::EmptyList.as_u16());
+        if relay
+            .metrics()
+            .registered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..4 {
+        let r = alice
+            .send(Dest::A2b(bob_id.address()), format!("queued {i}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.entries[0].status),
+            (Status::Queued, Status::Queued),
+            "{r:?}"
+        );
+    }
+    // a2g: carol is online (delivered), bob offline (queued): all accepted.
+    let r = alice
+        .send(
+            Dest::A2g(vec![carol.address(), bob_id.address()]),
+            "queued 4",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    assert_eq!(&recv_msg(&mut carol).await.body[..], b"queued 4");
+    // Quota: the sixth is refused with a clear code.
+    let r = alice
+        .send(Dest::A2b(bob_id.address()), "too many")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.reason),
+        (Status::Rejected, ErrorCode::QueueFull.as_u16())
+    );
+    // A never-registered address is not queued.
+    let r = alice
+        .send(Dest::A2b(id().address()), "nobody")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::NoRoute);
+
+    let mut bob = Client::connect(bob_id.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert_eq!(
+            recv_msg(&mut bob).await.body,
+            format!("queued {i}").as_bytes()
+        );
+    }
+    expect_silence(&mut bob).await;
+    // Acknowledged messages are deleted from the store.
+    let db = rusqlite::Connection::open(dir.path().join("w2w.sqlite")).unwrap();
+    let mut left = i64::MAX;
+    for _ in 0..100 {
+        left = db
+            .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "acked messages still stored");
+    // Reconnecting again delivers nothing twice.
+    bob.close().await;
+    let mut bob = Client::connect(bob_id, ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    expect_silence(&mut bob).await;
+}

@@ -1,0 +1,117 @@
+//! Nothing acknowledged is lost: messages receipted "queued" survive a
+//! SIGKILL of the relay process and arrive, in order and once, when the
+//! recipient comes back to the restarted relay.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use w2w_client::{Client, ConnectOptions, Event};
+use w2w_proto::frame::Status;
+use w2w_proto::{Dest, Identity};
+
+const BIN: &str = env!("CARGO_BIN_EXE_w2w");
+
+struct Relay {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &std::path::Path, listen: &str) -> Relay {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", listen, "--data"])
+        .arg(data)
+        .env("HOME", data)
+        .env("XDG_CONFIG_HOME", data.join("cfg"))
+        .env("W2W_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let url = line
+        .trim()
+        .strip_prefix("w2w relay listening on ")
+        .expect("serve prints its URL")
+        .to_string();
+    Relay { child, url }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_survive_sigkill() {
+    const N: usize = 100;
+    let data = tempfile::tempdir().unwrap();
+    let relay = start(data.path(), "127.0.0.1:0");
+    let url = relay.url.clone();
+    let bob_id = Identity::from_seed(rand::random());
+    // Bob registers once, then goes offline.
+    Client::connect(bob_id.clone(), ConnectOptions::new(&url))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let alice = std::sync::Arc::new(
+        Client::connect(
+            Identity::from_seed(rand::random()),
+            ConnectOptions::new(&url),
+        )
+        .await
+        .unwrap(),
+    );
+    // Concurrent sends (so the store commits them in groups), each numbered.
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let a = alice.clone();
+        let to = bob_id.address();
+        tasks.push(tokio::spawn(async move {
+            a.send(Dest::A2b(to), format!("msg {i:03}")).await.unwrap()
+        }));
+        // Keep send order = queue order for the ordering check below.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, Status::Queued, "{r:?}");
+    }
+
+    // SIGKILL: no shutdown path runs.
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    drop(relay);
+    let _relay = start(data.path(), &format!("127.0.0.1:{port}"));
+
+    let mut bob = Client::connect(bob_id, ConnectOptions::new(&url))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < N {
+        match tokio::time::timeout(Duration::from_secs(10), bob.recv()).await {
+            Ok(Some(Event::Msg(m))) => got.push(String::from_utf8(m.body.to_vec()).unwrap()),
+            Ok(Some(_)) => {}
+            other => panic!("after {} messages: {other:?}", got.len()),
+        }
+    }
+    let want: Vec<String> = (0..N).map(|i| format!("msg {i:03}")).collect();
+    assert_eq!(got, want, "all arrive, in send order");
+    // And nothing twice.
+    assert!(tokio::time::timeout(Duration::from_millis(300), bob.recv())
+        .await
+        .is_err());
+}
