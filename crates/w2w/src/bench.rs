@@ -40,12 +40,76 @@ pub struct BenchArgs {
     /// last (measures federation hops). Ignored with --relay.
     #[arg(long, default_value_t = 1)]
     relays: usize,
+    /// Instead of a2b: measure durable store-and-forward writes (this many
+    /// messages) with group commit vs one transaction per message.
+    #[arg(long, value_name = "N")]
+    store: Option<usize>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
+/// Queued messages per second into a real SQLite file (synchronous=FULL):
+/// `n` writers at once (the store thread batches them into shared commits)
+/// versus one write at a time (a commit, and an fsync, per message).
+async fn store_bench(n: usize, size: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
+    use w2w_server::store::{SqliteBackend, Store, Write};
+    let dir = tempfile_dir()?;
+    let store = Store::spawn(SqliteBackend::open(&dir)?);
+    let frame = bytes::Bytes::from(vec![7u8; size]);
+    let write = |i: usize| Write::Enqueue {
+        recipient: w2w_proto::Address([(i % 251) as u8; 32]),
+        id: w2w_proto::frame::MsgId(rand::random()),
+        frame: frame.clone(),
+        queued_ms: 0,
+        expires_ms: u64::MAX / 4,
+        quota: usize::MAX,
+    };
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (s, w) = (store.clone(), write(i));
+        tasks.push(tokio::spawn(async move { s.write(w).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let batched = n as f64 / t.elapsed().as_secs_f64();
+    let single_n = (n / 10).max(50);
+    let t = Instant::now();
+    for i in 0..single_n {
+        store.write(write(i)).await?;
+    }
+    let single = single_n as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "durable queue writes ({size} B frames, synchronous=FULL): group commit {batched:.0} msgs/s ({n} concurrent), one transaction per message {single:.0} msgs/s ({single_n} sequential): {:.1}x",
+        batched / single
+    );
+    if let Some(p) = json {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&serde_json::json!({
+                "frame_bytes": size,
+                "group_commit_msgs_per_sec": batched,
+                "one_txn_per_msg_msgs_per_sec": single,
+                "ratio": batched / single,
+            }))?,
+        )?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("w2w-store-bench-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 pub async fn run(a: BenchArgs) -> Result<ExitCode> {
+    if let Some(n) = a.store {
+        return store_bench(n, a.size, a.json.as_ref()).await;
+    }
     let mut relays: Vec<Relay> = Vec::new();
     let (url, rx_url) = match &a.relay {
         Some(u) => (u.clone(), u.clone()),
