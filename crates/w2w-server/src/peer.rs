@@ -115,9 +115,21 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
     let mut backoff = Duration::from_millis(250);
     let max = Duration::from_secs(30);
     let mut target = url.clone();
+    // The key behind `target`, once known: while we already have a link to
+    // that relay (e.g. it dialled us first), we wait instead of redialling.
+    let mut last_key: Option<Address> = None;
     loop {
         if shared.shutdown.is_cancelled() {
             return;
+        }
+        if let Some(k) = last_key {
+            if shared.fed.peers().iter().any(|(p, _)| *p == k) {
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
         }
         let started = Instant::now();
         let mut redirect = Vec::new();
@@ -134,6 +146,7 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
         match result {
             Ok((mut ws, reg)) => {
                 let key = reg.relay_key;
+                last_key = Some(key);
                 if !shared.fed.config.admits(&key) {
                     tracing::warn!(%target, relay = %key, "dialled relay is not on the allowlist");
                     shared.metrics.error(ErrorCode::UnauthorizedPeer);
@@ -144,14 +157,23 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                     finish(&mut ws, &shared, end, &key).await;
                 }
             }
-            Err(e) => tracing::debug!(%target, error = %e, "peer dial failed"),
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "peer dial failed");
+                // A redirect target that fails sends us back to the
+                // configured URL.
+                if target != url {
+                    target = url.clone();
+                    last_key = None;
+                }
+            }
         }
-        // Follow a redirect to the first relay we are not already linked to.
+        // Follow a redirect to the first relay we are not already linked to
+        // (after the usual backoff, so two full relays cannot make us spin).
         let linked: Vec<String> = shared.fed.peers().into_iter().map(|(_, u)| u).collect();
         if let Some(next) = redirect.into_iter().find(|u| !linked.contains(u)) {
             tracing::info!(from = %target, to = %next, "following redirect");
             target = next;
-            continue;
+            last_key = None;
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(250);
