@@ -457,8 +457,15 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                 }
                 // Writes before reads: drain what we owe before taking more.
                 Some(first) = rx.recv() => {
-                    if let Err(end) = write_batch(shared, outbox, ws, rx, first, write_timeout).await {
-                        return end;
+                    // A close request (e.g. slow consumer) must not wait for
+                    // a write the peer is not reading.
+                    let write = write_batch(shared, outbox, ws, rx, first, write_timeout);
+                    tokio::select! {
+                        biased;
+                        code = outbox.closed() => return End::Close(code, String::new()),
+                        r = write => if let Err(end) = r {
+                            return end;
+                        },
                     }
                 }
                 m = ws.next() => {

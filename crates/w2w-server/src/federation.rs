@@ -139,7 +139,14 @@ struct Pending {
     delivered: u32,
     /// Relay → the addresses it was asked to deliver to (empty: broadcast).
     waiting: HashMap<Address, Vec<Address>>,
+    /// The destinations in request order; receipt entries follow it.
+    order: Vec<Address>,
     deadline: Instant,
+}
+
+/// Puts receipt entries in the order the sender listed the recipients.
+fn order_entries(entries: &mut [ReceiptEntry], order: &[Address]) {
+    entries.sort_by_key(|e| order.iter().position(|a| *a == e.to).unwrap_or(usize::MAX));
 }
 
 /// Bounded memory of (message id, origin) pairs, oldest dropped first.
@@ -208,7 +215,7 @@ fn summarize(
 ) -> (Status, u16) {
     use w2w_proto::frame::Route;
     match route {
-        Route::A2b => entries
+        Route::A2a | Route::A2b => entries
             .first()
             .map_or((Status::NoRoute, ErrorCode::NoRoute.as_u16()), |e| {
                 (e.status, e.reason)
@@ -236,7 +243,7 @@ fn summarize(
                 (Status::Partial, 0)
             }
         }
-        Route::A2a | Route::A2n => {
+        Route::A2n => {
             if delivered > 0 {
                 (Status::Delivered, 0)
             } else {
@@ -695,22 +702,13 @@ impl Federation {
         }
     }
 
-    fn deliver_local(
-        &self,
-        router: &Router,
-        to: &Address,
-        frame: &Bytes,
-        id: MsgId,
-    ) -> ReceiptEntry {
-        let (status, code) = router.deliver(to, frame);
-        if status == Status::Delivered {
-            self.event(HopEvent::ToClient {
-                relay: self.me,
-                id,
-                to: *to,
-            });
-        }
-        entry(*to, status, code)
+    /// Reports a delivery to a local client (for hop traces).
+    pub fn delivered_event(&self, id: MsgId, to: Address) {
+        self.event(HopEvent::ToClient {
+            relay: self.me,
+            id,
+            to,
+        });
     }
 
     fn on_forward(&self, router: &Router, from: Address, f: Forward) {
@@ -728,11 +726,13 @@ impl Federation {
             ForwardTarget::Relay { relay, to } if relay == self.me => {
                 let mut entries = Vec::with_capacity(to.len());
                 let mut offline = Vec::new();
+                // Every recipient of ours, online or not, is stored first
+                // and delivered from the store (see `dispatch`).
                 for a in &to {
-                    if router.get(a).is_none() && self.is_known(a) {
+                    if router.get(a).is_some() || self.is_known(a) {
                         offline.push(*a);
                     } else {
-                        entries.push(self.deliver_local(router, a, &f.msg, msg.id));
+                        entries.push(entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute)));
                     }
                 }
                 if !offline.is_empty() {
@@ -897,9 +897,13 @@ impl Federation {
         }
     }
 
-    fn finish(&self, id: MsgId, p: Pending) {
+    fn finish(&self, id: MsgId, mut p: Pending) {
+        order_entries(&mut p.entries, &p.order);
         let (status, reason) = summarize(p.route, &p.entries, p.delivered);
-        let entries = if matches!(p.route, w2w_proto::frame::Route::A2n) {
+        let entries = if matches!(
+            p.route,
+            w2w_proto::frame::Route::A2n | w2w_proto::frame::Route::A2a
+        ) {
             Vec::new()
         } else {
             p.entries
@@ -963,7 +967,7 @@ impl Federation {
         });
         let done = |entries: Vec<ReceiptEntry>, delivered: u32| {
             let (status, reason) = summarize(route, &entries, delivered);
-            let entries = if route == Route::A2n {
+            let entries = if matches!(route, Route::A2n | Route::A2a) {
                 Vec::new()
             } else {
                 entries
@@ -987,11 +991,7 @@ impl Federation {
             })
         };
         let targets: Vec<Address> = match &msg.dest {
-            Dest::A2a => {
-                let e = self.deliver_local(router, &msg.from, frame, msg.id);
-                let d = (e.status == Status::Delivered) as u32;
-                return done(Vec::new(), d);
-            }
+            Dest::A2a => vec![msg.from],
             Dest::A2n(scope) => {
                 let mut st = self.lock();
                 let delivered = router.broadcast(frame, |to| {
@@ -1031,6 +1031,7 @@ impl Federation {
                         entries: Vec::new(),
                         delivered,
                         waiting,
+                        order: Vec::new(),
                         deadline: Instant::now()
                             + Duration::from_millis(self.config.receipt_timeout_ms),
                     },
@@ -1049,6 +1050,7 @@ impl Federation {
                 list.iter().copied().filter(|a| seen.insert(*a)).collect()
             }
         };
+        let order = targets.clone();
         let mut entries = Vec::with_capacity(targets.len());
         let mut remote: HashMap<Address, Vec<Address>> = HashMap::new();
         let mut offline = Vec::new();
@@ -1060,8 +1062,11 @@ impl Federation {
             return reject(ErrorCode::Duplicate);
         }
         for t in targets {
+            // Ours (connected, or registered here before): stored durably,
+            // then delivered if connected. "delivered" and "queued" receipts
+            // both mean the message is on disk.
             if router.get(&t).is_some() {
-                entries.push(self.deliver_local(router, &t, frame, msg.id));
+                offline.push(t);
                 continue;
             }
             match st.directory.get(&t) {
@@ -1134,6 +1139,7 @@ impl Federation {
                 .iter()
                 .filter(|e| e.status == Status::Delivered)
                 .count() as u32;
+            order_entries(&mut entries, &order);
             return done(entries, delivered);
         }
         let delivered = entries
@@ -1148,6 +1154,7 @@ impl Federation {
                 entries,
                 delivered,
                 waiting,
+                order,
                 deadline: Instant::now() + Duration::from_millis(self.config.receipt_timeout_ms),
             },
         );

@@ -302,16 +302,20 @@ async fn queue_writer(
     shared: Arc<Shared>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::federation::QueueJob>,
 ) {
-    use crate::store::{Outcome, Write};
-    use w2w_proto::frame::{ReceiptEntry, Status};
-    use w2w_proto::ErrorCode;
+    use crate::store::Write;
+    // Writes are submitted here in dispatch order; a second task awaits
+    // their commits in the same order and delivers, so each recipient sees
+    // messages in the order the relay accepted them, while the store thread
+    // still commits whatever has accumulated in one transaction.
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    shared
+        .tracker
+        .spawn(queue_completer(shared.clone(), done_rx));
     loop {
         let job = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             j = rx.recv() => match j { Some(j) => j, None => break },
         };
-        // Submit in job order (so a recipient's queue keeps send order),
-        // then wait for the commits in a task (so jobs share group commits).
         let now = crate::unix_ms();
         let mut waits = Vec::with_capacity(job.recipients.len());
         for to in &job.recipients {
@@ -325,38 +329,61 @@ async fn queue_writer(
             };
             waits.push((*to, shared.store.submit(w).await));
         }
-        let s = shared.clone();
-        shared.tracker.spawn(async move {
-            let mut entries = job.prior.clone();
-            for (to, wait) in waits {
-                let outcome = match wait {
-                    Ok(rx) => rx.await.unwrap_or_else(|_| Err("store stopped".into())),
-                    Err(e) => Err(e.to_string()),
-                };
-                let (status, reason) = match outcome {
-                    Ok(Outcome::Done) => {
-                        s.metrics
-                            .queued_total
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if let Some(o) = s.router.get(&to) {
-                            let _ = o.enqueue_from_queue(job.id, job.frame.clone());
-                        }
+        if done_tx.send((job, waits)).is_err() {
+            break;
+        }
+    }
+}
+
+type CommitWait = Result<
+    tokio::sync::oneshot::Receiver<Result<crate::store::Outcome, String>>,
+    crate::store::StoreError,
+>;
+
+/// Awaits each job's commits in order; delivers to connected recipients
+/// (their ACK deletes the stored copy) and reports delivered / queued.
+async fn queue_completer(
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(
+        crate::federation::QueueJob,
+        Vec<(w2w_proto::Address, CommitWait)>,
+    )>,
+) {
+    use crate::store::Outcome;
+    use std::sync::atomic::Ordering::Relaxed;
+    use w2w_proto::frame::{ReceiptEntry, Status};
+    use w2w_proto::ErrorCode;
+    while let Some((job, waits)) = rx.recv().await {
+        let mut entries = job.prior.clone();
+        for (to, wait) in waits {
+            let outcome = match wait {
+                Ok(rx) => rx.await.unwrap_or_else(|_| Err("store stopped".into())),
+                Err(e) => Err(e.to_string()),
+            };
+            let (status, reason) = match outcome {
+                Ok(Outcome::Done) => match shared.router.get(&to) {
+                    Some(o) if o.enqueue_from_queue(job.id, job.frame.clone()).is_ok() => {
+                        shared.fed.delivered_event(job.id, to);
+                        (Status::Delivered, 0)
+                    }
+                    _ => {
+                        shared.metrics.queued_total.fetch_add(1, Relaxed);
                         (Status::Queued, 0)
                     }
-                    Ok(Outcome::QueueFull) => {
-                        s.metrics.error(ErrorCode::QueueFull);
-                        (Status::Rejected, ErrorCode::QueueFull.as_u16())
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "queueing a message failed");
-                        s.metrics.error(ErrorCode::Internal);
-                        (Status::Rejected, ErrorCode::Internal.as_u16())
-                    }
-                };
-                entries.push(ReceiptEntry { to, status, reason });
-            }
-            s.fed.queue_done(job, entries);
-        });
+                },
+                Ok(Outcome::QueueFull) => {
+                    shared.metrics.error(ErrorCode::QueueFull);
+                    (Status::Rejected, ErrorCode::QueueFull.as_u16())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "storing a message failed");
+                    shared.metrics.error(ErrorCode::Internal);
+                    (Status::Rejected, ErrorCode::Internal.as_u16())
+                }
+            };
+            entries.push(ReceiptEntry { to, status, reason });
+        }
+        shared.fed.queue_done(job, entries);
     }
 }
 
