@@ -59,6 +59,12 @@ pub struct FederationConfig {
     pub peer_queue_bytes: usize,
     /// How often a relay re-floods its link state (default 30 s).
     pub refresh_ms: u64,
+    /// Store every a2a/a2b/a2g message durably before it is delivered or
+    /// receipted (default true): nothing receipted is lost in a crash.
+    /// False hands messages for connected recipients straight to their
+    /// connection (faster; a crash can lose receipted, unacknowledged ones);
+    /// offline recipients are still queued durably.
+    pub durable_delivery: bool,
 }
 
 impl Default for FederationConfig {
@@ -72,6 +78,7 @@ impl Default for FederationConfig {
             seen_cache: 100_000,
             peer_queue_bytes: 16 << 20,
             refresh_ms: 30_000,
+            durable_delivery: true,
         }
     }
 }
@@ -702,6 +709,15 @@ impl Federation {
         }
     }
 
+    /// Hands a frame straight to a connected client (durable_delivery off).
+    fn deliver_now(&self, router: &Router, to: &Address, frame: &Bytes, id: MsgId) -> ReceiptEntry {
+        let (status, code) = router.deliver(to, frame);
+        if status == Status::Delivered {
+            self.delivered_event(id, *to);
+        }
+        entry(*to, status, code)
+    }
+
     /// Reports a delivery to a local client (for hop traces).
     pub fn delivered_event(&self, id: MsgId, to: Address) {
         self.event(HopEvent::ToClient {
@@ -729,7 +745,9 @@ impl Federation {
                 // Every recipient of ours, online or not, is stored first
                 // and delivered from the store (see `dispatch`).
                 for a in &to {
-                    if router.get(a).is_some() || self.is_known(a) {
+                    if router.get(a).is_some() && !self.config.durable_delivery {
+                        entries.push(self.deliver_now(router, a, &f.msg, msg.id));
+                    } else if router.get(a).is_some() || self.is_known(a) {
                         offline.push(*a);
                     } else {
                         entries.push(entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute)));
@@ -1066,7 +1084,11 @@ impl Federation {
             // then delivered if connected. "delivered" and "queued" receipts
             // both mean the message is on disk.
             if router.get(&t).is_some() {
-                offline.push(t);
+                if self.config.durable_delivery {
+                    offline.push(t);
+                } else {
+                    entries.push(self.deliver_now(router, &t, frame, msg.id));
+                }
                 continue;
             }
             match st.directory.get(&t) {

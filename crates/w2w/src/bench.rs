@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// messages) with group commit vs one transaction per message.
     #[arg(long, value_name = "N")]
     store: Option<usize>,
+    /// Deliver to connected recipients without storing first (see
+    /// `federation.durable_delivery`); measures the cost of durability.
+    #[arg(long)]
+    no_durable: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -125,6 +129,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
                 if i > 0 {
                     cfg.federation.peers = vec![relays[i - 1].url()];
                 }
+                cfg.federation.durable_delivery = !a.no_durable;
                 relays.push(Relay::start(cfg).await?);
             }
             let (first, last) = (&relays[0], &relays[relays.len() - 1]);
@@ -260,6 +265,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let result = serde_json::json!({
         "route": "a2b",
         "relays_in_line": relays.len().max(1),
+        "durable_delivery": !a.no_durable,
         "relay": url,
         "pairs": a.pairs,
         "window": a.window,
