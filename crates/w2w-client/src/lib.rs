@@ -66,6 +66,10 @@ pub enum ClientError {
     TlsRoots { path: String, reason: String },
     #[error("websocket: {0}")]
     Ws(#[from] tokio_websockets::Error),
+    /// The message could not be sealed (e.g. a recipient address is not a
+    /// valid Ed25519 key).
+    #[error("cannot seal the message: {0}")]
+    Seal(#[from] SealError),
 }
 
 /// How to reach and trust a relay.
@@ -397,11 +401,15 @@ impl Client {
                     Dest::A2n(_) => Vec::new(),
                 };
                 let mut fill = |b: &mut [u8]| rand::RngCore::fill_bytes(&mut rand::thread_rng(), b);
-                // An empty or oversize list is the relay's to refuse (with
-                // its own code), so it goes out unsealed and empty.
-                match seal::seal(&self.identity, id, &recipients, body, &mut fill) {
-                    Ok(p) => (seal::FLAG_SEALED, p),
-                    Err(_) => (seal::FLAG_PLAIN, Vec::new()),
+                if recipients.is_empty() || recipients.len() > seal::MAX_RECIPIENTS {
+                    // The relay refuses these lists with its own code
+                    // (empty_list, list_too_long); nothing to seal.
+                    (seal::FLAG_PLAIN, Vec::new())
+                } else {
+                    (
+                        seal::FLAG_SEALED,
+                        seal::seal(&self.identity, id, &recipients, body, &mut fill)?,
+                    )
                 }
             }
         };

@@ -15,8 +15,10 @@
 //!
 //! The Ed25519 → X25519 conversion is the standard birational map (as in
 //! libsodium's `crypto_sign_ed25519_*_to_curve25519`), so an address is
-//! also an encryption key and no key directory is needed. Using one key for
-//! both is analysed in ePrint 2021/509 (secure for this combination).
+//! also an encryption key and no key directory is needed. Reusing an Ed25519
+//! key for X25519 is what libsodium's conversion functions exist for; ePrint
+//! 2021/509 analyses the closely related Ed25519 + X25519-KEM combination.
+//! No formal proof is claimed for this exact static-static use.
 //! Because K comes from the static pair, a recipient that opens a slot knows
 //! it was made by `from` (or by itself): the sender is authenticated to the
 //! recipient, deniably, as with NaCl's `crypto_box`. The AADs bind the

@@ -2,8 +2,8 @@
 //!
 //! Connection actors never touch SQLite: they send a command over a bounded
 //! channel to the store thread, which drains whatever is waiting and applies
-//! it in one transaction (group commit), then answers each caller. Issue #4's
-//! message queue will reuse the same writer.
+//! it in one transaction (group commit), then answers each caller. The
+//! store-and-forward queue and the registration table share this writer.
 
 use std::path::Path;
 
@@ -372,6 +372,11 @@ impl Backend for SqliteBackend {
                         expires_ms,
                         quota,
                     } => {
+                        // Idempotent: the same message again is already stored.
+                        if exists.exists(params![&recipient.0[..], &id.0[..]])? {
+                            outcomes.push(Outcome::Done);
+                            continue;
+                        }
                         let n: i64 = count.query_row(params![&recipient.0[..]], |r| r.get(0))?;
                         if n as usize >= *quota {
                             outcomes.push(Outcome::QueueFull);
@@ -557,8 +562,8 @@ mod tests {
             assert_eq!(store.write(enq(i, far)).await.unwrap(), Outcome::Done);
         }
         assert_eq!(store.write(enq(4, far)).await.unwrap(), Outcome::QueueFull);
-        // Same message again: accepted, stored once.
-        assert_eq!(store.write(enq(1, far)).await.unwrap(), Outcome::QueueFull);
+        // Same message again: accepted (already stored), stored once.
+        assert_eq!(store.write(enq(1, far)).await.unwrap(), Outcome::Done);
         let q = store.queued(bob, 0, 10).await.unwrap();
         assert_eq!(
             q.iter().map(|m| m.id.0[0]).collect::<Vec<_>>(),

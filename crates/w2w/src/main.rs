@@ -415,7 +415,7 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
         println!("{}", receipt_json(&r));
     } else {
         let reason = ErrorCode::from_u16(r.reason)
-            .map(|c| format!(" ({c})"))
+            .map(|c| format!(" ({})", c.as_str()))
             .unwrap_or_default();
         println!(
             "{} {}{} delivered={}",

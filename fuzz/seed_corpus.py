@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora for the fuzz targets into fuzz/corpus/<target>/.
+
+Seeds come from testdata/vectors.json (every frame hex, the invalid frames,
+the registration vector) and testdata/seal_vectors.json. Relay-to-relay
+seeds (LINK_STATE, PRESENCE, FORWARD, FWD_RECEIPT, REDIRECT) are built here
+from the registration vector, with genuine Ed25519 signatures made by the
+vector relay's key (a small RFC 8032 implementation below; no dependencies
+beyond the Python 3 standard library).
+
+Usage: python3 fuzz/seed_corpus.py   (from anywhere; idempotent)
+"""
+
+import hashlib
+import json
+import os
+import struct
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "fuzz", "corpus")
+
+# ----------------------------------------------------------------- Ed25519
+# RFC 8032 section 5.1, signing only; slow but we sign a handful of records.
+P = 2**255 - 19
+L = 2**252 + 27742317777372353535851937790883648493
+D = -121665 * pow(121666, P - 2, P) % P
+SQRT_M1 = pow(2, (P - 1) // 4, P)
+
+
+def _recover_x(y, sign):
+    x2 = (y * y - 1) * pow(D * y * y + 1, P - 2, P) % P
+    x = pow(x2, (P + 3) // 8, P)
+    if (x * x - x2) % P != 0:
+        x = x * SQRT_M1 % P
+    if x & 1 != sign:
+        x = P - x
+    return x
+
+
+_GY = 4 * pow(5, P - 2, P) % P
+G = (_recover_x(_GY, 0), _GY, 1, _recover_x(_GY, 0) * _GY % P)
+
+
+def _add(a, b):
+    A = (a[1] - a[0]) * (b[1] - b[0]) % P
+    B = (a[1] + a[0]) * (b[1] + b[0]) % P
+    C = 2 * a[3] * b[3] * D % P
+    Dd = 2 * a[2] * b[2] % P
+    E, F, Gg, H = B - A, Dd - C, Dd + C, B + A
+    return (E * F % P, Gg * H % P, F * Gg % P, E * H % P)
+
+
+def _mul(s, pt):
+    q = (0, 1, 1, 0)
+    while s:
+        if s & 1:
+            q = _add(q, pt)
+        pt = _add(pt, pt)
+        s >>= 1
+    return q
+
+
+def _compress(pt):
+    zi = pow(pt[2], P - 2, P)
+    x, y = pt[0] * zi % P, pt[1] * zi % P
+    return int.to_bytes(y | ((x & 1) << 255), 32, "little")
+
+
+def _h(*parts):
+    return int.from_bytes(hashlib.sha512(b"".join(parts)).digest(), "little")
+
+
+def ed25519_keypair(seed):
+    h = hashlib.sha512(seed).digest()
+    a = int.from_bytes(h[:32], "little")
+    a &= (1 << 254) - 8
+    a |= 1 << 254
+    return a, h[32:], _compress(_mul(a, G))
+
+
+def ed25519_sign(seed, msg):
+    a, prefix, pub = ed25519_keypair(seed)
+    r = _h(prefix, msg) % L
+    R = _compress(_mul(r, G))
+    s = (r + _h(R, pub, msg) * a) % L
+    return R + int.to_bytes(s, 32, "little")
+
+
+# ----------------------------------------------------------------- helpers
+def u16(n):
+    return struct.pack(">H", n)
+
+
+def u64(n):
+    return struct.pack(">Q", n)
+
+
+def string(s):
+    b = s.encode()
+    return u16(len(b)) + b
+
+
+def op(kind, body=b""):
+    return bytes([kind]) + u16(len(body)) + body
+
+
+def write(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "seed-" + name), "wb") as f:
+        f.write(data)
+
+
+def main():
+    with open(os.path.join(ROOT, "testdata", "vectors.json")) as f:
+        v = json.load(f)
+    with open(os.path.join(ROOT, "testdata", "seal_vectors.json")) as f:
+        sv = json.load(f)
+    counts = {}
+
+    def put(target, name, data):
+        write(target, name, data)
+        counts[target] = counts.get(target, 0) + 1
+
+    # Frame decoders: every vector frame for its direction(s).
+    for fr in v["frames"]:
+        b = bytes.fromhex(fr["hex"])
+        if fr["direction"] in ("c2r", "both"):
+            put("client_to_relay", fr["name"], b)
+        if fr["direction"] in ("r2c", "both"):
+            put("relay_to_client", fr["name"], b)
+    for fr in v["invalid_frames"]:
+        b = bytes.fromhex(fr["hex"])
+        target = "client_to_relay" if fr["direction"] == "c2r" else "relay_to_client"
+        put(target, "invalid-" + fr["name"], b)
+    for chk in v["registration_checks"]:
+        for k in ("register", "confirm"):
+            if chk.get(k):
+                put("client_to_relay", "check-%s-%s" % (chk["name"], k), bytes.fromhex(chk[k]))
+
+    frames = {fr["name"]: bytes.fromhex(fr["hex"]) for fr in v["frames"]}
+    reg = v["registration"]
+    relay_seed = bytes.fromhex(reg["relay_seed"])
+    relay_key = bytes.fromhex(reg["relay_key"])
+    register = frames["register"]
+
+    # Relay-to-relay frames (crates/w2w-proto/src/s2s.rs), signed genuinely.
+    url = "ws://127.0.0.1:7777/"
+    neighbors = sorted(bytes.fromhex(i["address"]) for i in v["identities"] if i["name"] != "relay")
+    seq = 1_700_000_000_123
+    ls_signed = (b"w2w/v1 link-state\0" + relay_key + string(url) + u64(seq)
+                 + u16(len(neighbors)) + b"".join(neighbors))
+    ls = (b"\x01\x40" + relay_key + string(url) + u64(seq) + u16(len(neighbors))
+          + b"".join(neighbors) + ed25519_sign(relay_seed, ls_signed))
+    put("relay_to_relay", "link_state", ls)
+    # PRESENCE: the vector REGISTER's proof fields, then online + relay sig.
+    # REGISTER body: role(1) relay_key(32) client_key(32) client_nonce(32)
+    # timestamp(8) url(2+n) sig_a(64).
+    body = register[2:]
+    client_key, client_nonce = body[33:65], body[65:97]
+    timestamp = struct.unpack(">Q", body[97:105])[0]
+    (ulen,) = struct.unpack(">H", body[105:107])
+    reg_url = body[107:107 + ulen]
+    sig_a = body[107 + ulen:107 + ulen + 64]
+    relay_nonce = bytes.fromhex(reg["relay_nonce"])
+    for online in (1, 0):
+        relay_sig = ed25519_sign(
+            relay_seed, b"w2w/v1 presence\0" + client_key + u64(timestamp) + bytes([online]))
+        pres = (b"\x01\x41" + client_key + relay_key + relay_nonce + client_nonce
+                + u64(timestamp) + u16(len(reg_url)) + reg_url + sig_a + bytes([online]) + relay_sig)
+        put("relay_to_relay", "presence_%s" % ("online" if online else "left"), pres)
+    msg = frames["msg_a2g"]
+    put("relay_to_relay", "forward_relay",
+        b"\x01\x42" + relay_key + b"\x02" + b"\x01" + relay_key + u16(2)
+        + neighbors[0] + neighbors[1] + msg)
+    put("relay_to_relay", "forward_broadcast",
+        b"\x01\x42" + relay_key + b"\x00" + b"\x02" + frames["msg_a2n_federation"])
+    entries = neighbors[0] + b"\x00" + u16(0) + neighbors[1] + b"\x02" + u16(16)
+    put("relay_to_relay", "fwd_receipt",
+        b"\x01\x43" + relay_key + neighbors[0] + bytes(range(16)) + b"\x03"
+        + struct.pack(">I", 1) + u16(2) + entries)
+    put("relay_to_relay", "redirect",
+        b"\x01\x44" + b"\x02" + string("ws://127.0.0.2:7777/") + string("wss://relay.example/"))
+
+    # Handshake: cfg, dt (i16 seconds), then (op, len, bytes)*.
+    z = u16(0)
+    put("handshake", "relay-vector",
+        b"\x00" + z + op(0, register) + op(0, frames["confirm"]))
+    put("handshake", "relay-vector-replay",
+        b"\x04" + z + op(0, register) + op(0, register) + op(0, frames["confirm"]))
+    put("handshake", "relay-honest", b"\x00" + z + op(1) + op(2))
+    put("handshake", "relay-honest-role-relay", b"\x12" + z + op(1) + op(2))
+    put("handshake", "relay-honest-tampered", b"\x00" + z + op(1, b"\x00\x40\x01") + op(2))
+    put("handshake", "relay-stale", b"\x00" + u16(61) + op(1) + op(2))
+    put("handshake", "client-vector",
+        b"\x01" + z + op(0, frames["challenge"]) + op(0, frames["countersign"])
+        + op(0, frames["reply_back"]))
+    put("handshake", "client-vector-pinned",
+        b"\x03" + z + op(0, frames["challenge"]) + op(0, frames["countersign"])
+        + op(0, frames["reply_back"]))
+    put("handshake", "client-honest", b"\x01" + z + op(1) + op(2) + op(3))
+    put("handshake", "client-honest-long-url", b"\x21" + z + op(1) + op(2) + op(3))
+    put("handshake", "client-honest-tampered", b"\x03" + z + op(1, b"\x00\x03\x01") + op(2) + op(3))
+
+    # Seal: mode (me = mode & 3: alice bob carol eve; from = (mode >> 2) & 3:
+    # alice bob carol input), [id], [from], payload.
+    for i, s in enumerate(sv["sealed"]):
+        sealed = bytes.fromhex(s["sealed"])
+        put("seal_open", "sealed%d-bob" % i, b"\x01" + sealed)
+        put("seal_open", "sealed%d-carol" % i, b"\x02" + sealed)
+        put("seal_open", "sealed%d-eve" % i, b"\x03" + sealed)
+        put("seal_open", "sealed%d-bob-id" % i, b"\x11" + bytes.fromhex(s["msg_id"]) + sealed)
+        put("seal_open", "sealed%d-bob-from" % i,
+            b"\x0d" + bytes.fromhex(sv["identities"]["alice"]["address"]) + sealed)
+    for i, s in enumerate(sv["signed"]):
+        put("seal_open", "signed%d" % i, b"\x01" + bytes.fromhex(s["payload"]))
+        put("seal_open", "signed%d-from" % i,
+            b"\x0d" + bytes.fromhex(s["from"]) + bytes.fromhex(s["payload"]))
+    put("seal_open", "roundtrip", b"\x40\x00hello")
+    put("seal_open", "roundtrip-extra",
+        b"\x40\x01" + bytes.fromhex(sv["identities"]["alice"]["address"]) + b"hi")
+
+    for t in sorted(counts):
+        print("%-16s %3d seeds -> %s" % (t, counts[t], os.path.relpath(os.path.join(CORPUS, t), ROOT)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
