@@ -22,8 +22,8 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use w2w_proto::frame::{Confirm, ReplyBack, Role};
 use w2w_proto::handshake::{
-    sig_a_message, sig_b_message, sig_c_message, transcript_hash, ClientHandshake,
-    RelayHandshake, RelayPolicy, ReplayCache,
+    sig_a_message, sig_b_message, sig_c_message, transcript_hash, ClientHandshake, RelayHandshake,
+    RelayPolicy, ReplayCache,
 };
 use w2w_proto::{Address, ClientToRelay, Identity, RelayToClient};
 
@@ -37,7 +37,12 @@ const URL: &str = "ws://127.0.0.1:7777/";
 /// (relay, client): key derivation is the slow part of a run, do it once.
 fn identities() -> &'static (Identity, Identity) {
     static IDS: OnceLock<(Identity, Identity)> = OnceLock::new();
-    IDS.get_or_init(|| (Identity::from_seed(RELAY_SEED), Identity::from_seed(CLIENT_SEED)))
+    IDS.get_or_init(|| {
+        (
+            Identity::from_seed(RELAY_SEED),
+            Identity::from_seed(CLIENT_SEED),
+        )
+    })
 }
 
 fn relay_nonce() -> [u8; 32] {
@@ -115,14 +120,12 @@ fn relay_side(cfg: u8, dt: i64, mut inp: Input<'_>) {
     let url_ok = |u: &str| any_url || u == URL;
     let mut replay = ReplayCache::new(4);
     let mut hs = RelayHandshake::new(relay.address(), relay_nonce());
-    let role = if cfg & 16 != 0 { Role::Relay } else { Role::Client };
-    let mut honest = ClientHandshake::new(
-        client.clone(),
-        role,
-        URL,
-        client_nonce(),
-        None,
-    );
+    let role = if cfg & 16 != 0 {
+        Role::Relay
+    } else {
+        Role::Client
+    };
+    let mut honest = ClientHandshake::new(client.clone(), role, URL, client_nonce(), None);
     let mut last_countersign = None;
     // The REGISTER accepted so far, for the sigC check.
     let mut accepted: Option<(w2w_proto::frame::Register, [u8; 64])> = None;
@@ -161,7 +164,10 @@ fn relay_side(cfg: u8, dt: i64, mut inp: Input<'_>) {
                     assert!(reg.role == Role::Client || policy.accept_relays);
                     relay
                         .address()
-                        .verify(&sig_b_message(&transcript_hash(&msg), &reg.sig_a), &cs.sig_b)
+                        .verify(
+                            &sig_b_message(&transcript_hash(&msg), &reg.sig_a),
+                            &cs.sig_b,
+                        )
                         .expect("sigB does not verify");
                     // The same REGISTER on a fresh connection (same nonce, so
                     // only the replay cache can stop it) must be refused.
@@ -197,7 +203,11 @@ fn client_side(cfg: u8, dt: i64, mut inp: Input<'_>) {
     let (relay, me) = identities();
     let now = TIMESTAMP_MS.wrapping_add(dt as u64);
     let pinned = (cfg & 2 != 0).then(|| relay.address());
-    let role = if cfg & 16 != 0 { Role::Relay } else { Role::Client };
+    let role = if cfg & 16 != 0 {
+        Role::Relay
+    } else {
+        Role::Client
+    };
     let url: String = if cfg & 32 != 0 {
         "ws://x/".repeat(200) // longer than MAX_URL_LEN
     } else {
@@ -244,7 +254,10 @@ fn client_side(cfg: u8, dt: i64, mut inp: Input<'_>) {
             Ok(RelayToClient::Challenge(ch)) => {
                 if let Ok(reg) = hs.on_challenge(ch.clone(), now) {
                     if let Some(p) = pinned {
-                        assert_eq!(ch.relay_key, p, "registered with a key other than the pinned one");
+                        assert_eq!(
+                            ch.relay_key, p,
+                            "registered with a key other than the pinned one"
+                        );
                     }
                     assert_eq!(reg.relay_key, ch.relay_key);
                     assert_eq!(reg.client_key, me.address());

@@ -330,6 +330,8 @@ impl Backend for SqliteBackend {
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut count = tx.prepare_cached("SELECT COUNT(*) FROM queue WHERE recipient = ?1")?;
+            let mut exists =
+                tx.prepare_cached("SELECT 1 FROM queue WHERE recipient = ?1 AND msg_id = ?2")?;
             let mut enqueue = tx.prepare_cached(
                 "INSERT OR IGNORE INTO queue (recipient, msg_id, frame, queued_ms, expires_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
