@@ -16,7 +16,10 @@
 //! forged one arrives as [`Event::Rejected`], never as data. Redelivered
 //! messages (same id) are dropped with bounded memory.
 //!
-//! Not yet here: reconnect with backoff.
+//! A lost connection is re-established with exponential backoff and jitter
+//! (same relay, pinned key, fresh handshake); messages still without a
+//! receipt are sent again with their original ids. A connection replaced by
+//! a newer one of ours, or a refused registration, is not retried.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -83,6 +86,9 @@ pub struct ConnectOptions {
     pub extra_roots_pem: Option<Vec<u8>>,
     /// Time allowed for TCP + TLS + WebSocket + registration.
     pub timeout: Duration,
+    /// Reconnect (with backoff) after a lost connection, resending messages
+    /// that got no receipt (default true).
+    pub reconnect: bool,
 }
 
 impl ConnectOptions {
@@ -92,6 +98,7 @@ impl ConnectOptions {
             pinned: None,
             extra_roots_pem: None,
             timeout: Duration::from_secs(10),
+            reconnect: true,
         }
     }
 
@@ -344,17 +351,30 @@ impl Client {
         tokio::time::timeout(timeout, async {
             let mut ws = connect_raw(&opts).await?;
             let registered = register(&mut ws, &identity, &opts.url, opts.pinned).await?;
-            Ok(Client::start(identity, registered, ws))
+            Ok(Client::start(identity, opts, registered, ws))
         })
         .await
         .map_err(|_| ClientError::Timeout(timeout))?
     }
 
-    fn start(identity: Identity, registered: ClientRegistered, ws: RelaySocket) -> Client {
+    fn start(
+        identity: Identity,
+        opts: ConnectOptions,
+        registered: ClientRegistered,
+        ws: RelaySocket,
+    ) -> Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (events_tx, events_rx) = mpsc::channel(4096);
         let (closed_tx, closed_rx) = tokio::sync::watch::channel(None);
-        tokio::spawn(drive(identity.clone(), ws, cmd_rx, events_tx, closed_tx));
+        tokio::spawn(drive(
+            identity.clone(),
+            opts,
+            registered.relay_key,
+            ws,
+            cmd_rx,
+            events_tx,
+            closed_tx,
+        ));
         Client {
             identity,
             registered,
@@ -572,90 +592,209 @@ impl Dedupe {
 /// Message ids remembered for deduplication.
 pub const DEDUPE_WINDOW: usize = 16_384;
 
+/// How one connection ended.
+enum SessionEnd {
+    /// `close()` was called or the handle dropped: stop for good.
+    Stop(String),
+    /// The relay refused us in a way reconnecting cannot fix (replaced by a
+    /// newer connection of ours, or registration refused).
+    Fatal(String),
+    /// The connection was lost: reconnect if allowed.
+    Lost(String),
+}
+
+/// Owns the socket; survives reconnects. Messages without a receipt are
+/// kept (in send order) and sent again, with the same id, after a
+/// reconnect; the relay stores each id once and the recipient drops
+/// duplicates, so the application sees each message once.
+struct Driver {
+    identity: Identity,
+    opts: ConnectOptions,
+    cmd_rx: mpsc::Receiver<Cmd>,
+    events_tx: mpsc::Sender<Event>,
+    receipts: HashMap<MsgId, oneshot::Sender<Receipt>>,
+    unreceipted: std::collections::BTreeMap<u64, (MsgId, Bytes)>,
+    seq_of: HashMap<MsgId, u64>,
+    next_seq: u64,
+    requests: HashMap<u32, oneshot::Sender<Result<ResponseBody, u16>>>,
+    dedupe: Dedupe,
+}
+
+impl Driver {
+    fn remember(&mut self, id: MsgId, frame: Bytes, tx: oneshot::Sender<Receipt>) {
+        self.receipts.insert(id, tx);
+        self.unreceipted.insert(self.next_seq, (id, frame));
+        self.seq_of.insert(id, self.next_seq);
+        self.next_seq += 1;
+    }
+
+    async fn session(&mut self, ws: &mut RelaySocket) -> SessionEnd {
+        loop {
+            tokio::select! {
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(Cmd::Send(frame, id, tx)) => {
+                        self.remember(id, frame.clone(), tx);
+                        if let Err(e) = ws.send(Message::binary(frame)).await {
+                            return SessionEnd::Lost(format!("send failed: {e}"));
+                        }
+                    }
+                    Some(Cmd::Request(req, tx)) => {
+                        self.requests.insert(req.req_id, tx);
+                        if let Err(e) = ws.send(Message::binary(ClientToRelay::Request(req).encode())).await {
+                            return SessionEnd::Lost(format!("send failed: {e}"));
+                        }
+                    }
+                    Some(Cmd::Close) => {
+                        let _ = ws.close().await;
+                        return SessionEnd::Stop("closed by client".into());
+                    }
+                    None => {
+                        let _ = ws.close().await;
+                        return SessionEnd::Stop("client handle dropped".into());
+                    }
+                },
+                m = ws.next() => {
+                    let m = match m {
+                        None => return SessionEnd::Lost("connection closed".into()),
+                        Some(Err(e)) => return SessionEnd::Lost(format!("connection failed: {e}")),
+                        Some(Ok(m)) => m,
+                    };
+                    if let Some((code, text)) = m.as_close() {
+                        let code = u16::from(code);
+                        return match ErrorCode::from_close_code(code) {
+                            Some(c @ ErrorCode::Replaced) => SessionEnd::Fatal(format!("relay closed the connection: {c}")),
+                            Some(c) => SessionEnd::Lost(format!("relay closed the connection: {c}")),
+                            None => SessionEnd::Lost(format!("relay closed the connection: {code} {text}")),
+                        };
+                    }
+                    if !m.is_binary() {
+                        continue;
+                    }
+                    let bytes: Bytes = m.into_payload().into();
+                    let event = match RelayToClient::decode(&bytes) {
+                        Ok(RelayToClient::Receipt(r)) => {
+                            if let Some(seq) = self.seq_of.remove(&r.id) {
+                                self.unreceipted.remove(&seq);
+                            }
+                            if let Some(tx) = self.receipts.remove(&r.id) {
+                                let _ = tx.send(r);
+                            }
+                            continue;
+                        }
+                        Ok(RelayToClient::Response(r)) => {
+                            if let Some(tx) = self.requests.remove(&r.req_id) {
+                                let _ = tx.send(r.result);
+                            }
+                            continue;
+                        }
+                        Ok(RelayToClient::Msg(m)) => {
+                            // Acknowledge every copy, duplicates too: the relay
+                            // deletes a stored message only once it is acked.
+                            let ack = ClientToRelay::Ack(vec![m.id]).encode();
+                            if let Err(e) = ws.send(Message::binary(ack)).await {
+                                return SessionEnd::Lost(format!("send failed: {e}"));
+                            }
+                            if !self.dedupe.first((m.id, m.from)) {
+                                continue;
+                            }
+                            open_msg(&self.identity, m)
+                        }
+                        Ok(RelayToClient::Notice(n)) => Event::Notice(n),
+                        Ok(RelayToClient::Error(e)) => Event::Error { code: e.code, detail: e.detail },
+                        Ok(other) => Event::Error {
+                            code: ErrorCode::UnexpectedFrame.as_u16(),
+                            detail: format!("unexpected frame from relay: {other:?}"),
+                        },
+                        Err(e) => Event::Error { code: e.code().as_u16(), detail: format!("undecodable frame from relay: {e}") },
+                    };
+                    // Backpressure: if the application stops reading, so do we.
+                    if self.events_tx.send(event).await.is_err() {
+                        let _ = ws.close().await;
+                        return SessionEnd::Stop("client handle dropped".into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconnects with exponential backoff and jitter, then resends every
+    /// message still without a receipt. `None`: stop (closed, or refused).
+    async fn reconnect(&mut self, relay_key: Address) -> Result<RelaySocket, String> {
+        // Requests cannot survive a reconnect; their callers get an error.
+        self.requests.clear();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let jitter =
+                Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+            let sleep = tokio::time::sleep(backoff + jitter);
+            tokio::pin!(sleep);
+            // Keep taking commands while waiting: sends are kept for later.
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    cmd = self.cmd_rx.recv() => match cmd {
+                        Some(Cmd::Send(frame, id, tx)) => self.remember(id, frame, tx),
+                        Some(Cmd::Request(..)) => {}
+                        Some(Cmd::Close) | None => return Err("closed by client".into()),
+                    },
+                }
+            }
+            let attempt = async {
+                let mut ws = connect_raw(&self.opts).await?;
+                register(&mut ws, &self.identity, &self.opts.url, Some(relay_key)).await?;
+                Ok::<_, ClientError>(ws)
+            };
+            match tokio::time::timeout(self.opts.timeout, attempt).await {
+                Ok(Ok(mut ws)) => {
+                    for (_, (_, frame)) in self.unreceipted.iter() {
+                        if ws.send(Message::binary(frame.clone())).await.is_err() {
+                            break;
+                        }
+                    }
+                    tracing::info!(resent = self.unreceipted.len(), "reconnected");
+                    return Ok(ws);
+                }
+                Ok(Err(e @ (ClientError::Handshake(_) | ClientError::Refused { .. }))) => {
+                    return Err(format!("reconnect refused: {e}"));
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "reconnect failed"),
+                Err(_) => tracing::debug!("reconnect timed out"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
 async fn drive(
     identity: Identity,
+    opts: ConnectOptions,
+    relay_key: Address,
     mut ws: RelaySocket,
-    mut cmd_rx: mpsc::Receiver<Cmd>,
+    cmd_rx: mpsc::Receiver<Cmd>,
     events_tx: mpsc::Sender<Event>,
     closed_tx: tokio::sync::watch::Sender<Option<String>>,
 ) {
-    let mut receipts: HashMap<MsgId, oneshot::Sender<Receipt>> = HashMap::new();
-    let mut requests: HashMap<u32, oneshot::Sender<Result<ResponseBody, u16>>> = HashMap::new();
-    let mut dedupe = Dedupe::new(DEDUPE_WINDOW);
+    let mut d = Driver {
+        identity,
+        opts,
+        cmd_rx,
+        events_tx,
+        receipts: HashMap::new(),
+        unreceipted: Default::default(),
+        seq_of: HashMap::new(),
+        next_seq: 0,
+        requests: HashMap::new(),
+        dedupe: Dedupe::new(DEDUPE_WINDOW),
+    };
     let reason = loop {
-        tokio::select! {
-            cmd = cmd_rx.recv() => match cmd {
-                Some(Cmd::Send(frame, id, tx)) => {
-                    receipts.insert(id, tx);
-                    if let Err(e) = ws.send(Message::binary(frame)).await {
-                        break format!("send failed: {e}");
-                    }
-                }
-                Some(Cmd::Request(req, tx)) => {
-                    requests.insert(req.req_id, tx);
-                    if let Err(e) = ws.send(Message::binary(ClientToRelay::Request(req).encode())).await {
-                        break format!("send failed: {e}");
-                    }
-                }
-                Some(Cmd::Close) | None => {
-                    let _ = ws.close().await;
-                    break "closed by client".to_string();
-                }
-            },
-            m = ws.next() => {
-                let m = match m {
-                    None => break "connection closed".to_string(),
-                    Some(Err(e)) => break format!("connection failed: {e}"),
-                    Some(Ok(m)) => m,
-                };
-                if let Some((code, text)) = m.as_close() {
-                    let code = u16::from(code);
-                    break match ErrorCode::from_close_code(code) {
-                        Some(c) => format!("relay closed the connection: {c}"),
-                        None => format!("relay closed the connection: {code} {text}"),
-                    };
-                }
-                if !m.is_binary() {
-                    continue;
-                }
-                let bytes: Bytes = m.into_payload().into();
-                let event = match RelayToClient::decode(&bytes) {
-                    Ok(RelayToClient::Receipt(r)) => {
-                        if let Some(tx) = receipts.remove(&r.id) {
-                            let _ = tx.send(r);
-                        }
-                        continue;
-                    }
-                    Ok(RelayToClient::Response(r)) => {
-                        if let Some(tx) = requests.remove(&r.req_id) {
-                            let _ = tx.send(r.result);
-                        }
-                        continue;
-                    }
-                    Ok(RelayToClient::Msg(m)) => {
-                        // Acknowledge every copy, duplicates too: the relay
-                        // deletes a stored message only once it is acked.
-                        let ack = ClientToRelay::Ack(vec![m.id]).encode();
-                        if let Err(e) = ws.send(Message::binary(ack)).await {
-                            break format!("send failed: {e}");
-                        }
-                        if !dedupe.first((m.id, m.from)) {
-                            continue;
-                        }
-                        open_msg(&identity, m)
-                    }
-                    Ok(RelayToClient::Notice(n)) => Event::Notice(n),
-                    Ok(RelayToClient::Error(e)) => Event::Error { code: e.code, detail: e.detail },
-                    Ok(other) => Event::Error {
-                        code: ErrorCode::UnexpectedFrame.as_u16(),
-                        detail: format!("unexpected frame from relay: {other:?}"),
-                    },
-                    Err(e) => Event::Error { code: e.code().as_u16(), detail: format!("undecodable frame from relay: {e}") },
-                };
-                // Backpressure: if the application stops reading, so do we.
-                if events_tx.send(event).await.is_err() {
-                    let _ = ws.close().await;
-                    break "client handle dropped".to_string();
+        match d.session(&mut ws).await {
+            SessionEnd::Stop(r) | SessionEnd::Fatal(r) => break r,
+            SessionEnd::Lost(r) if !d.opts.reconnect => break r,
+            SessionEnd::Lost(r) => {
+                tracing::info!(reason = %r, "connection lost; reconnecting");
+                match d.reconnect(relay_key).await {
+                    Ok(new) => ws = new,
+                    Err(r) => break r,
                 }
             }
         }
