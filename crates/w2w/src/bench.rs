@@ -48,9 +48,64 @@ pub struct BenchArgs {
     /// `federation.durable_delivery`); measures the cost of durability.
     #[arg(long)]
     no_durable: bool,
+    /// Instead of a2b: open this many idle registered connections to
+    /// --relay and report the relay's memory per connection (needs
+    /// --relay-pid, read from /proc).
+    #[arg(long, value_name = "N", requires_all = ["relay", "relay_pid"])]
+    idle: Option<usize>,
+    /// Process id of the relay behind --relay (for --idle).
+    #[arg(long)]
+    relay_pid: Option<u32>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))
+}
+
+/// Relay memory per idle registered connection: RSS delta / N.
+async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
+    use w2w_client::{connect_raw, register};
+    // Warm up: one connection, so one-time allocations are not counted.
+    let mut warm = connect_raw(&ConnectOptions::new(url)).await?;
+    register(&mut warm, &Identity::from_seed(rand::random()), url, None).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid)?;
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut ws = connect_raw(&ConnectOptions::new(url)).await?;
+        register(&mut ws, &Identity::from_seed(rand::random()), url, None).await?;
+        conns.push(ws);
+        if (i + 1) % 1000 == 0 {
+            eprint!("\r{} / {n} connections", i + 1);
+        }
+    }
+    eprintln!();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid)?;
+    let per = (after.saturating_sub(before) as f64 * 1024.0) / n as f64;
+    println!(
+        "{n} idle registered connections: relay RSS {before} KiB -> {after} KiB, {per:.0} bytes ({:.2} KiB) per connection",
+        per / 1024.0
+    );
+    if let Some(p) = json {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&serde_json::json!({
+                "connections": n, "rss_before_kib": before, "rss_after_kib": after,
+                "bytes_per_connection": per,
+            }))?,
+        )?;
+    }
+    drop(conns);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Queued messages per second into a real SQLite file (synchronous=FULL):
@@ -113,6 +168,9 @@ fn tempfile_dir() -> Result<PathBuf> {
 pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     if let Some(n) = a.store {
         return store_bench(n, a.size, a.json.as_ref()).await;
+    }
+    if let (Some(n), Some(url), Some(pid)) = (a.idle, &a.relay, a.relay_pid) {
+        return idle_bench(url, pid, n, a.json.as_ref()).await;
     }
     let mut relays: Vec<Relay> = Vec::new();
     let (url, rx_url) = match &a.relay {
