@@ -35,6 +35,7 @@ use w2w_proto::frame::{
     ClientToRelay, ErrorFrame, Msg, MsgId, Notice, Receipt, RelayToClient, Request, RequestOp,
     ResponseBody, Role,
 };
+use w2w_proto::group::{GroupAction, GroupInfo, GroupOp};
 use w2w_proto::handshake::{ClientHandshake, ClientRegistered, HandshakeError};
 use w2w_proto::seal::{self, SealError};
 use w2w_proto::{Address, Dest, ErrorCode, Identity};
@@ -341,7 +342,7 @@ pub struct Client {
     cmd_tx: mpsc::Sender<Cmd>,
     events_rx: mpsc::Receiver<Event>,
     closed_rx: tokio::sync::watch::Receiver<Option<String>>,
-    next_req: u32,
+    next_req: std::sync::atomic::AtomicU32,
 }
 
 impl Client {
@@ -381,7 +382,7 @@ impl Client {
             cmd_tx,
             events_rx,
             closed_rx,
-            next_req: 1,
+            next_req: std::sync::atomic::AtomicU32::new(1),
         }
     }
 
@@ -419,6 +420,16 @@ impl Client {
                         list.iter().copied().filter(|a| seen.insert(*a)).collect()
                     }
                     Dest::A2n(_) => Vec::new(),
+                    // Sealed for the members the relay reports; it delivers
+                    // to the same list (minus us).
+                    Dest::Group(name) => self
+                        .group_info(name)
+                        .await?
+                        .members
+                        .into_iter()
+                        .map(|(m, _)| m)
+                        .filter(|m| *m != self.address())
+                        .collect(),
                 };
                 let mut fill = |b: &mut [u8]| rand::RngCore::fill_bytes(&mut rand::thread_rng(), b);
                 if recipients.is_empty() || recipients.len() > seal::MAX_RECIPIENTS {
@@ -471,9 +482,10 @@ impl Client {
     }
 
     /// Sends a c2s request and waits for the answer.
-    pub async fn request(&mut self, op: RequestOp) -> Result<ResponseBody, ClientError> {
-        let req_id = self.next_req;
-        self.next_req = self.next_req.wrapping_add(1);
+    pub async fn request(&self, op: RequestOp) -> Result<ResponseBody, ClientError> {
+        let req_id = self
+            .next_req
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.cmd_tx
             .send(Cmd::Request(Request { req_id, op }, tx))
@@ -489,6 +501,37 @@ impl Client {
     }
 
     /// Every address online on this relay (pages through ONLINE).
+    /// Creates a named group on this relay, owned by us.
+    pub async fn group_create(&self, name: &str) -> Result<GroupInfo, ClientError> {
+        self.group_op(name, GroupAction::Create).await
+    }
+
+    /// Applies a signed membership change (we must be an admin).
+    pub async fn group_op(
+        &self,
+        name: &str,
+        action: GroupAction,
+    ) -> Result<GroupInfo, ClientError> {
+        // Milliseconds since the epoch: grows across calls and restarts.
+        let op = GroupOp::sign(&self.identity, name, action, unix_ms());
+        match self.request(RequestOp::Group(op)).await? {
+            ResponseBody::Group(g) => Ok(g),
+            _ => Err(ClientError::Protocol(
+                "group op answered with another op".into(),
+            )),
+        }
+    }
+
+    /// A group's owner and members.
+    pub async fn group_info(&self, name: &str) -> Result<GroupInfo, ClientError> {
+        match self.request(RequestOp::GroupInfo(name.to_owned())).await? {
+            ResponseBody::Group(g) => Ok(g),
+            _ => Err(ClientError::Protocol(
+                "group info answered with another op".into(),
+            )),
+        }
+    }
+
     pub async fn online(&mut self) -> Result<Vec<Address>, ClientError> {
         let mut out = Vec::new();
         loop {

@@ -375,6 +375,7 @@ fn msg_fields(m: &Msg) -> Fields {
         Dest::A2b(a) => (Some(a.to_hex()), None, None),
         Dest::A2g(l) => (None, Some(l.iter().map(Address::to_hex).collect()), None),
         Dest::A2n(s) => (None, None, Some(scope_name(*s))),
+        Dest::Group(_) => unreachable!("this vector set has no named-group frames"),
     };
     Fields::Msg {
         route: m.dest.route().as_str(),
@@ -413,11 +414,17 @@ fn c2r_fields(f: &ClientToRelay) -> Fields {
                 RequestOp::Online { offset, limit } => (Some(*offset), Some(*limit), None, None),
                 RequestOp::Lookup(a) => (None, None, Some(a.to_hex()), None),
                 RequestOp::Presence(on) => (None, None, None, Some(*on)),
+                RequestOp::Group(_) | RequestOp::GroupInfo(_) => {
+                    unreachable!("this vector set has no named-group frames")
+                }
             };
             let op = match &r.op {
                 RequestOp::Online { .. } => "online",
                 RequestOp::Lookup(_) => "lookup",
                 RequestOp::Presence(_) => "presence",
+                RequestOp::Group(_) | RequestOp::GroupInfo(_) => {
+                    unreachable!("this vector set has no named-group frames")
+                }
             };
             Fields::Request {
                 req_id: r.req_id,
@@ -467,6 +474,9 @@ fn r2c_fields(f: &RelayToClient) -> Fields {
             let mut relay_url = None;
             let error = match &r.result {
                 Err(code) => Some(code_name(*code).expect("error responses carry a code")),
+                Ok(ResponseBody::Group(_)) => {
+                    unreachable!("this vector set has no named-group frames")
+                }
                 Ok(ResponseBody::Online {
                     total: t,
                     addresses: a,

@@ -118,6 +118,14 @@ error_codes! {
     Duplicate = 40, "duplicate";
     /// The recipient's store-and-forward queue is at its quota.
     QueueFull = 41, "queue_full";
+    /// No group by that name on this relay.
+    UnknownGroup = 42, "unknown_group";
+    /// The sender is not a member of the group.
+    NotMember = 43, "not_member";
+    /// The group operation needs a right the actor lacks (admin or owner).
+    NotAllowed = 44, "not_allowed";
+    /// A group by that name already exists.
+    GroupExists = 45, "group_exists";
 }
 
 impl ErrorCode {

@@ -84,6 +84,8 @@ pub enum Route {
     A2g = 3,
     /// To everyone (see [`Scope`]).
     A2n = 4,
+    /// To the members of a named group hosted by the sender's relay.
+    Group = 5,
 }
 
 impl Route {
@@ -93,6 +95,7 @@ impl Route {
             Route::A2b => "a2b",
             Route::A2g => "a2g",
             Route::A2n => "a2n",
+            Route::Group => "group",
         }
     }
 }
@@ -114,6 +117,8 @@ pub enum Dest {
     A2b(Address),
     A2g(Vec<Address>),
     A2n(Scope),
+    /// A named group (see [`crate::group`]); the relay checks membership.
+    Group(String),
 }
 
 impl Dest {
@@ -123,6 +128,7 @@ impl Dest {
             Dest::A2b(_) => Route::A2b,
             Dest::A2g(_) => Route::A2g,
             Dest::A2n(_) => Route::A2n,
+            Dest::Group(_) => Route::Group,
         }
     }
 }
@@ -252,6 +258,10 @@ pub enum RequestOp {
     Lookup(Address),
     /// Turn join/leave notices on or off for this connection.
     Presence(bool),
+    /// Create a named group or change its membership (signed).
+    Group(crate::group::GroupOp),
+    /// Who is in a named group.
+    GroupInfo(String),
 }
 
 impl RequestOp {
@@ -261,6 +271,8 @@ impl RequestOp {
             RequestOp::Online { .. } => 1,
             RequestOp::Lookup(_) => 2,
             RequestOp::Presence(_) => 3,
+            RequestOp::Group(_) => 4,
+            RequestOp::GroupInfo(_) => 5,
         }
     }
 }
@@ -282,6 +294,8 @@ pub enum ResponseBody {
     /// `None` when the address is not known; otherwise the relay hosting it.
     Lookup(Option<Hosted>),
     Presence,
+    /// A group's owner and members (answer to op 4 and op 5).
+    Group(crate::group::GroupInfo),
 }
 
 impl ResponseBody {
@@ -291,6 +305,8 @@ impl ResponseBody {
             ResponseBody::Online { .. } => 1,
             ResponseBody::Lookup(_) => 2,
             ResponseBody::Presence => 3,
+            // Op 4 and op 5 both answer with the group; op 5 is canonical.
+            ResponseBody::Group(_) => 5,
         }
     }
 }
@@ -571,6 +587,18 @@ fn decode_msg(r: &mut Reader<'_>) -> Result<Msg, DecodeError> {
                 })
             }
         },
+        5 => {
+            let n = r.u8("group name")? as usize;
+            let b = r.take(n, "group name")?;
+            let name = std::str::from_utf8(b).map_err(|_| DecodeError::BadUtf8("group name"))?;
+            if !crate::group::valid_name(name) {
+                return Err(DecodeError::BadValue {
+                    field: "group name",
+                    value: n as u32,
+                });
+            }
+            Dest::Group(name.to_owned())
+        }
         other => return Err(DecodeError::UnknownRoute(other)),
     };
     Ok(Msg {
@@ -644,6 +672,8 @@ impl ClientToRelay {
                     },
                     2 => RequestOp::Lookup(r.address("address")?),
                     3 => RequestOp::Presence(flag(&mut r, "on")?),
+                    4 => RequestOp::Group(crate::group::GroupOp::read(&mut r)?),
+                    5 => RequestOp::GroupInfo(r.string("group name", crate::group::MAX_NAME)?),
                     other => return Err(DecodeError::UnknownOp(other)),
                 };
                 ClientToRelay::Request(Request { req_id, op })
@@ -699,6 +729,8 @@ impl ClientToRelay {
                     }
                     RequestOp::Lookup(a) => b.put_slice(&a.0),
                     RequestOp::Presence(on) => b.put_u8(*on as u8),
+                    RequestOp::Group(op) => op.write(&mut b),
+                    RequestOp::GroupInfo(name) => put_string(&mut b, name, crate::group::MAX_NAME),
                 }
             }
         }
@@ -779,6 +811,7 @@ impl RelayToClient {
                             }
                         }
                         3 => ResponseBody::Presence,
+                        4 | 5 => ResponseBody::Group(crate::group::GroupInfo::read(&mut r)?),
                         other => return Err(DecodeError::UnknownOp(other)),
                     })
                 };
@@ -868,6 +901,7 @@ impl RelayToClient {
                                 put_string(&mut b, &h.relay_url, MAX_URL_LEN);
                             }
                             ResponseBody::Presence => {}
+                            ResponseBody::Group(g) => g.write(&mut b),
                         }
                     }
                 }
@@ -906,6 +940,7 @@ impl Msg {
                 Dest::A2b(_) => 32,
                 Dest::A2g(l) => 2 + 32 * l.len(),
                 Dest::A2n(_) => 1,
+                Dest::Group(n) => 1 + n.len().min(crate::group::MAX_NAME),
             }
     }
 
@@ -929,6 +964,11 @@ impl Msg {
                 }
             }
             Dest::A2n(scope) => b.put_u8(*scope as u8),
+            Dest::Group(name) => {
+                let n = &name.as_bytes()[..name.len().min(crate::group::MAX_NAME)];
+                b.put_u8(n.len() as u8);
+                b.put_slice(n);
+            }
         }
         b.put_slice(&self.payload);
         b.freeze()

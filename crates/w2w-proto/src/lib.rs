@@ -14,6 +14,7 @@
 
 pub mod codes;
 pub mod frame;
+pub mod group;
 pub mod handshake;
 pub mod identity;
 pub mod s2s;

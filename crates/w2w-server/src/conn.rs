@@ -26,7 +26,7 @@ use w2w_proto::frame::{
     RequestOp, Response, ResponseBody, Role, Status,
 };
 use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPolicy};
-use w2w_proto::{Address, ErrorCode};
+use w2w_proto::{Address, Dest, ErrorCode};
 
 use crate::federation::Dispatch;
 use crate::ratelimit::TokenBucket;
@@ -576,13 +576,15 @@ impl Handler for Session<'_> {
                     self.on_request(req)
                 } else {
                     self.shared.metrics.error(ErrorCode::RateLimited);
-                    Response {
+                    Some(Response {
                         req_id: req.req_id,
                         op: req.op.code(),
                         result: Err(ErrorCode::RateLimited.as_u16()),
-                    }
+                    })
                 };
-                self.enqueue(RelayToClient::Response(resp).encode());
+                if let Some(resp) = resp {
+                    self.enqueue(RelayToClient::Response(resp).encode());
+                }
             }
             Ok(ClientToRelay::Ack(ids)) => {
                 for id in ids {
@@ -620,16 +622,32 @@ impl Session<'_> {
             return Dispatch::Done(reject(receipt, ErrorCode::SpoofedSender, metrics));
         }
         metrics.message(msg.dest.route());
+        let group = match &msg.dest {
+            Dest::Group(name) => Some(self.shared.groups.recipients(name, &self.outbox.address)),
+            _ => None,
+        };
         self.shared.fed.dispatch(
             &self.shared.router,
             self.outbox,
             frame,
             msg,
             self.shared.limits.max_group,
+            group,
         )
     }
 
-    fn on_request(&self, req: Request) -> Response {
+    fn failed(&self, req_id: u32, op: u8, code: ErrorCode) -> Option<Response> {
+        self.shared.metrics.error(code);
+        Some(Response {
+            req_id,
+            op,
+            result: Err(code.as_u16()),
+        })
+    }
+
+    /// Answers a c2s request; `None` when the answer comes later (group
+    /// changes are answered once durable).
+    fn on_request(&self, req: Request) -> Option<Response> {
         self.shared.metrics.requests_total.fetch_add(1, Relaxed);
         let op = req.op.code();
         let body = match req.op {
@@ -645,12 +663,34 @@ impl Session<'_> {
                 self.outbox.presence.store(on, Relaxed);
                 ResponseBody::Presence
             }
+            RequestOp::GroupInfo(name) => match self.shared.groups.get(&name) {
+                Some(g) => ResponseBody::Group(g),
+                None => return self.failed(req.req_id, op, ErrorCode::UnknownGroup),
+            },
+            RequestOp::Group(g) => {
+                let (info, write) = match self.shared.groups.apply(&g, &self.outbox.address) {
+                    Ok(x) => x,
+                    Err(code) => return self.failed(req.req_id, op, code),
+                };
+                // Answer once the change is durable.
+                let (store, outbox, req_id) =
+                    (self.shared.store.clone(), self.outbox.clone(), req.req_id);
+                self.shared.tracker.spawn(async move {
+                    let result = match store.write(write).await {
+                        Ok(_) => Ok(ResponseBody::Group(info)),
+                        Err(_) => Err(ErrorCode::Internal.as_u16()),
+                    };
+                    let resp = RelayToClient::Response(Response { req_id, op, result });
+                    let _ = outbox.try_enqueue(resp.encode());
+                });
+                return None;
+            }
         };
-        Response {
+        Some(Response {
             req_id: req.req_id,
             op,
             result: Ok(body),
-        }
+        })
     }
 
     fn lookup(&self, addr: &Address) -> Option<Hosted> {

@@ -227,7 +227,7 @@ fn summarize(
             .map_or((Status::NoRoute, ErrorCode::NoRoute.as_u16()), |e| {
                 (e.status, e.reason)
             }),
-        Route::A2g => {
+        Route::A2g | Route::Group => {
             let queued = entries
                 .iter()
                 .filter(|e| e.status == Status::Queued)
@@ -975,6 +975,7 @@ impl Federation {
         frame: &Bytes,
         msg: &Msg,
         max_group: usize,
+        group: Option<Result<Vec<Address>, ErrorCode>>,
     ) -> Dispatch {
         use w2w_proto::frame::Route;
         let route = msg.dest.route();
@@ -1057,6 +1058,12 @@ impl Federation {
                 return Dispatch::Pending;
             }
             Dest::A2b(to) => vec![*to],
+            Dest::Group(_) => match group {
+                Some(Ok(members)) if members.is_empty() => return done(Vec::new(), 0),
+                Some(Ok(members)) => members,
+                Some(Err(code)) => return reject(code),
+                None => return reject(ErrorCode::UnknownGroup),
+            },
             Dest::A2g(list) => {
                 if list.is_empty() {
                     return reject(ErrorCode::EmptyList);

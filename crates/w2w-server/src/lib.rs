@@ -19,6 +19,7 @@
 pub mod config;
 pub mod conn;
 pub mod federation;
+pub mod groups;
 pub mod metrics;
 pub mod peer;
 pub mod ratelimit;

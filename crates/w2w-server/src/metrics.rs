@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use w2w_proto::frame::{Route, Status};
 use w2w_proto::ErrorCode;
 
-const ROUTES: [Route; 4] = [Route::A2a, Route::A2b, Route::A2g, Route::A2n];
+const ROUTES: [Route; 5] = [Route::A2a, Route::A2b, Route::A2g, Route::A2n, Route::Group];
 const STATUSES: [Status; 5] = [
     Status::Delivered,
     Status::Queued,
@@ -45,7 +45,7 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
     /// Messages stored for offline recipients.
     pub queued_total: AtomicU64,
-    messages: [AtomicU64; 4],
+    messages: [AtomicU64; 5],
     receipts: [AtomicU64; 5],
     /// Errors and drops by [`ErrorCode`] (index = code).
     errors: [AtomicU64; CODE_SLOTS],

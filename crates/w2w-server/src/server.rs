@@ -64,6 +64,7 @@ pub struct Shared {
     pub local_addr: SocketAddr,
     pub router: Router,
     pub fed: Federation,
+    pub groups: crate::groups::Groups,
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub replay: Mutex<ReplayCache>,
@@ -184,6 +185,8 @@ impl Relay {
         })?;
         let metrics = Arc::new(Metrics::default());
         let fed_identity = config.identity.clone();
+        let store = Store::spawn(backend);
+        let groups = crate::groups::Groups::load(store.groups().await?);
         let shared = Arc::new(Shared {
             relay_key: config.identity.address(),
             identity: config.identity,
@@ -195,7 +198,8 @@ impl Relay {
             local_addr,
             router: Router::new(),
             fed: Federation::new(fed_identity, config.federation.clone(), metrics.clone()),
-            store: Store::spawn(backend),
+            store,
+            groups,
             metrics,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

@@ -62,7 +62,12 @@ pub trait Backend: Send + 'static {
     ) -> Result<Vec<QueuedMsg>, StoreError>;
     /// Every address that ever registered here.
     fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError>;
+    /// Every group: (name, owner, seq, members).
+    fn groups(&mut self) -> Result<Vec<GroupRow>, StoreError>;
 }
+
+/// A stored group: (name, owner, seq, members with admin flags).
+pub type GroupRow = (String, Address, u64, Vec<(Address, bool)>);
 
 /// A stored message waiting for its recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +107,13 @@ pub enum Write {
     Dequeue { recipient: Address, id: MsgId },
     /// Delete every message whose time to live has passed.
     Expire { now_ms: u64 },
+    /// A group's new state and the signed operation that made it.
+    Group {
+        op: Box<w2w_proto::group::GroupOp>,
+        owner: Address,
+        seq: u64,
+        members: Vec<(Address, bool)>,
+    },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -111,6 +123,7 @@ enum Cmd {
     Get(Address, Reply<Option<RegistrationRow>>),
     Queued(Address, i64, usize, Reply<Vec<QueuedMsg>>),
     Known(Reply<Vec<Address>>),
+    Groups(Reply<Vec<GroupRow>>),
 }
 
 /// Async handle to the store thread. Cheap to clone.
@@ -153,6 +166,9 @@ impl Store {
                                         .queued(&addr, after, limit, crate::unix_ms())
                                         .map_err(|e| e.to_string()),
                                 );
+                            }
+                            Cmd::Groups(reply) => {
+                                let _ = reply.send(backend.groups().map_err(|e| e.to_string()));
                             }
                             Cmd::Known(reply) => {
                                 let _ = reply
@@ -237,6 +253,11 @@ impl Store {
     pub async fn known_addresses(&self) -> Result<Vec<Address>, StoreError> {
         self.ask(Cmd::Known).await
     }
+
+    /// Every group.
+    pub async fn groups(&self) -> Result<Vec<GroupRow>, StoreError> {
+        self.ask(Cmd::Groups).await
+    }
 }
 
 fn flush(
@@ -292,6 +313,21 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX queue_by_recipient ON queue (recipient, seq);
     CREATE INDEX queue_by_expiry ON queue (expires_ms);",
+    // v3: named groups, their members, and the signed log of changes.
+    "CREATE TABLE groups (
+        name    TEXT PRIMARY KEY,
+        owner   BLOB NOT NULL,
+        seq     INTEGER NOT NULL,
+        members BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE group_ops (
+        name   TEXT NOT NULL,
+        seq    INTEGER NOT NULL,
+        actor  BLOB NOT NULL,
+        action BLOB NOT NULL,
+        sig    BLOB NOT NULL,
+        PRIMARY KEY (name, seq)
+    ) WITHOUT ROWID;",
 ];
 
 impl SqliteBackend {
@@ -339,6 +375,13 @@ impl Backend for SqliteBackend {
             let mut dequeue =
                 tx.prepare_cached("DELETE FROM queue WHERE recipient = ?1 AND msg_id = ?2")?;
             let mut expire = tx.prepare_cached("DELETE FROM queue WHERE expires_ms <= ?1")?;
+            let mut group = tx.prepare_cached(
+                "INSERT INTO groups (name, owner, seq, members) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET owner = ?2, seq = ?3, members = ?4",
+            )?;
+            let mut group_op = tx.prepare_cached(
+                "INSERT OR REPLACE INTO group_ops (name, seq, actor, action, sig) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO registrations
                    (address, role, url, sig_a, sig_b, sig_c, first_seen_ms, last_seen_ms, registrations)
@@ -398,6 +441,28 @@ impl Backend for SqliteBackend {
                     Write::Expire { now_ms } => {
                         expire.execute(params![*now_ms as i64])?;
                     }
+                    Write::Group {
+                        op,
+                        owner,
+                        seq,
+                        members,
+                    } => {
+                        let blob: Vec<u8> = members
+                            .iter()
+                            .flat_map(|(a, admin)| a.0.iter().copied().chain([*admin as u8]))
+                            .collect();
+                        group.execute(params![op.name, &owner.0[..], *seq as i64, blob])?;
+                        // The signed operation, exactly as signed, so the
+                        // log can be re-verified.
+                        let action = op.action.to_bytes();
+                        group_op.execute(params![
+                            op.name,
+                            op.seq as i64,
+                            &op.actor.0[..],
+                            action,
+                            &op.sig[..]
+                        ])?;
+                    }
                 }
                 outcomes.push(Outcome::Done);
             }
@@ -437,6 +502,33 @@ impl Backend for SqliteBackend {
                 id: MsgId(id),
                 frame: Bytes::from(frame),
             });
+        }
+        Ok(out)
+    }
+
+    fn groups(&mut self) -> Result<Vec<GroupRow>, StoreError> {
+        let mut q = self
+            .conn
+            .prepare_cached("SELECT name, owner, seq, members FROM groups")?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, owner, seq, blob) = row?;
+            let Ok(owner) = <[u8; 32]>::try_from(owner) else {
+                continue;
+            };
+            let members = blob
+                .chunks_exact(33)
+                .filter_map(|c| Some((Address(c[..32].try_into().ok()?), c[32] != 0)))
+                .collect();
+            out.push((name, Address(owner), seq as u64, members));
         }
         Ok(out)
     }

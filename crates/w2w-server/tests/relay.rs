@@ -1032,3 +1032,122 @@ async fn offline_recipient_gets_its_queue_in_order_once() {
         .unwrap();
     expect_silence(&mut bob).await;
 }
+
+// ------------------------------------------------------------ named groups
+
+#[tokio::test]
+async fn named_groups_reach_members_only_and_check_rights() {
+    use w2w_proto::group::{GroupAction, GroupOp};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    let relay = Relay::start(cfg).await.unwrap();
+    let alice = client(&relay).await;
+    let mut bob = client(&relay).await;
+    let mut carol = client(&relay).await;
+    let dave_id = id();
+    Client::connect(dave_id.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap()
+        .close()
+        .await;
+
+    let g = alice.group_create("team").await.unwrap();
+    assert_eq!(g.owner, alice.address());
+    alice
+        .group_op("team", GroupAction::Add(bob.address()))
+        .await
+        .unwrap();
+    let g = alice
+        .group_op("team", GroupAction::Add(dave_id.address()))
+        .await
+        .unwrap();
+    assert_eq!(g.members.len(), 3);
+
+    // To the group: bob gets it (sealed for members), dave's is queued,
+    // carol (not a member) gets nothing.
+    let r = alice
+        .send(Dest::Group("team".into()), "team news")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    assert_eq!(r.entries.len(), 2);
+    let m = recv_msg(&mut bob).await;
+    assert_eq!(
+        (&m.body[..], m.security),
+        (&b"team news"[..], w2w_client::Security::Sealed)
+    );
+    expect_silence(&mut carol).await;
+
+    // Non-members may not send; non-admins may not add; unknown groups.
+    let r = carol
+        .send_plain(Dest::Group("team".into()), "let me in")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.reason),
+        (Status::Rejected, ErrorCode::NotMember.as_u16())
+    );
+    let e = bob
+        .group_op("team", GroupAction::Add(carol.address()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            w2w_client::ClientError::Refused {
+                code: ErrorCode::NotAllowed,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let r = alice
+        .send_plain(Dest::Group("nope".into()), "?")
+        .await
+        .unwrap();
+    assert_eq!(r.reason, ErrorCode::UnknownGroup.as_u16());
+    // A membership change signed by someone else is refused.
+    let forged = GroupOp::sign(
+        &id(),
+        "team",
+        GroupAction::Add(carol.address()),
+        u64::MAX / 2,
+    );
+    let e = carol.request(RequestOp::Group(forged)).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            w2w_client::ClientError::Refused {
+                code: ErrorCode::NotAllowed,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Bob leaves; the next message skips him.
+    bob.group_op("team", GroupAction::Remove(bob.address()))
+        .await
+        .unwrap();
+    alice
+        .send(Dest::Group("team".into()), "after bob left")
+        .await
+        .unwrap();
+    expect_silence(&mut bob).await;
+    // Dave gets both team messages he missed, from the queue, in order.
+    let mut dave = Client::connect(dave_id, ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    assert_eq!(&recv_msg(&mut dave).await.body[..], b"team news");
+    assert_eq!(&recv_msg(&mut dave).await.body[..], b"after bob left");
+    // Groups survive a restart of the relay (same data dir).
+    let addr = relay.local_addr();
+    relay.shutdown(Duration::from_secs(2)).await;
+    let mut cfg = RelayConfig::new(id(), addr);
+    cfg.data_dir = Some(dir.path().to_owned());
+    let relay = Relay::start(cfg).await.unwrap();
+    let c = client(&relay).await;
+    let g = c.group_info("team").await.unwrap();
+    assert_eq!(g.owner, alice.address());
+    assert_eq!(g.members.len(), 2);
+}

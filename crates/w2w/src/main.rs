@@ -59,6 +59,13 @@ enum Cmd {
         /// The address to look up.
         address: Address,
     },
+    /// Named groups on your relay: create, add, remove, admin, list.
+    Group {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        op: GroupCmd,
+    },
     /// Start three federated relays A-B-C, send a2b, a2g and a2n across them, show every hop.
     Demo(demo::DemoArgs),
     /// Load generator: a2b throughput and latency through a relay.
@@ -111,6 +118,25 @@ struct FileConfig {
 }
 
 #[derive(Subcommand)]
+enum GroupCmd {
+    /// Create a group; you are its owner.
+    Create { name: String },
+    /// Add a member (admins only).
+    Add { name: String, member: Address },
+    /// Remove a member (admins; anyone may remove themselves).
+    Remove { name: String, member: Address },
+    /// Make a member an admin, or not (owner only).
+    Admin {
+        name: String,
+        member: Address,
+        #[arg(long)]
+        off: bool,
+    },
+    /// Show the owner and members.
+    List { name: String },
+}
+
+#[derive(Subcommand)]
 enum IdCmd {
     /// Create a new key file (mode 0600).
     New {
@@ -145,8 +171,11 @@ struct SendArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// Recipient address (repeat for a2g).
-    #[arg(long = "to", conflicts_with_all = ["all", "self_"])]
+    #[arg(long = "to", conflicts_with_all = ["all", "self_", "group"])]
     to: Vec<Address>,
+    /// Send to a named group on your relay (members only).
+    #[arg(long, conflicts_with_all = ["all", "self_"])]
+    group: Option<String>,
     /// Send to everyone (a2n): the whole federation, or see --scope.
     #[arg(long, conflicts_with = "self_")]
     all: bool,
@@ -236,6 +265,28 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Group { client, op } => {
+            use w2w_proto::group::GroupAction;
+            let c = connect(&client).await?;
+            let info = match op {
+                GroupCmd::Create { name } => c.group_create(&name).await,
+                GroupCmd::Add { name, member } => c.group_op(&name, GroupAction::Add(member)).await,
+                GroupCmd::Remove { name, member } => {
+                    c.group_op(&name, GroupAction::Remove(member)).await
+                }
+                GroupCmd::Admin { name, member, off } => {
+                    c.group_op(&name, GroupAction::Admin(member, !off)).await
+                }
+                GroupCmd::List { name } => c.group_info(&name).await,
+            };
+            c.close().await;
+            let info = info?;
+            println!("group {} (owner {})", info.name, info.owner);
+            for (m, admin) in &info.members {
+                println!("  {m}{}", if *admin { "  admin" } else { "" });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Lookup { client, address } => {
             let mut c = connect(&client).await?;
             let r = c
@@ -398,10 +449,13 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
         Some(m) => m.as_bytes().to_vec(),
     };
     let dest = match (a.to.len(), a.all, a.self_) {
+        _ if a.group.is_some() => Dest::Group(a.group.clone().unwrap_or_default()),
         (_, true, _) if a.scope == "relay" => Dest::A2n(Scope::Relay),
         (_, true, _) => Dest::A2n(Scope::Federation),
         (_, _, true) => Dest::A2a,
-        (0, _, _) => bail!("say where to send: --to ADDRESS (repeatable), --all or --self"),
+        (0, _, _) => {
+            bail!("say where to send: --to ADDRESS (repeatable), --group NAME, --all or --self")
+        }
         (1, _, _) => Dest::A2b(a.to[0]),
         _ => Dest::A2g(a.to.clone()),
     };
