@@ -26,7 +26,7 @@ pub struct Groups {
 
 impl Groups {
     /// Restores groups from stored rows: (name, owner, seq, members).
-    pub fn load(rows: Vec<(String, Address, u64, Vec<(Address, bool)>)>) -> Self {
+    pub fn load(rows: Vec<crate::store::GroupRow>) -> Self {
         let map = rows
             .into_iter()
             .map(|(name, owner, seq, members)| {
