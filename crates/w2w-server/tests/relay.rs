@@ -460,7 +460,7 @@ async fn rate_limit_rejects_with_a_receipt() {
         ..Limits::default()
     })
     .await;
-    let mut a = client(&relay).await;
+    let a = client(&relay).await;
     let mut statuses = Vec::new();
     for _ in 0..5 {
         let r = a.send(Dest::A2a, "x").await.unwrap();
@@ -573,7 +573,7 @@ async fn slow_consumer_is_disconnected_and_its_messages_kept() {
     assert!(relay.metrics().error_count(ErrorCode::SlowConsumer) >= 1);
     // The slow consumer is disconnected (no longer online); others are
     // still served.
-    let mut a = a;
+    let a = a;
     let mut freed = false;
     for _ in 0..50 {
         if a.request(RequestOp::Lookup(victim.address()))
@@ -791,7 +791,7 @@ async fn dead_client_is_noticed_and_its_address_freed() {
         ..Limits::default()
     })
     .await;
-    let mut watcher = client(&relay).await;
+    let watcher = client(&relay).await;
     // Registers, then never reads: never answers pings.
     let (_dead_ws, dead) = raw_registered(&relay).await;
     let t0 = std::time::Instant::now();
@@ -829,7 +829,7 @@ async fn dead_client_is_noticed_and_its_address_freed() {
 #[tokio::test]
 async fn explicit_close_frees_the_address() {
     let relay = start(Limits::default()).await;
-    let mut a = client(&relay).await;
+    let a = client(&relay).await;
     let b = client(&relay).await;
     let b_addr = b.address();
     b.close().await;

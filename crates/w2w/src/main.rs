@@ -288,7 +288,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Lookup { client, address } => {
-            let mut c = connect(&client).await?;
+            let c = connect(&client).await?;
             let r = c
                 .request(w2w_proto::frame::RequestOp::Lookup(address))
                 .await?;

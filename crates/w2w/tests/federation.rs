@@ -439,7 +439,7 @@ async fn forged_presence_is_rejected_and_counted() {
             .is_some_and(|v| v >= 1.0)
     })
     .await;
-    let mut c = Client::connect(
+    let c = Client::connect(
         Identity::from_seed(rand::random()),
         ConnectOptions::new(&relay.url),
     )
