@@ -357,6 +357,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if shared.router.remove(&outbox) {
         shared.fed.local_leave(&address);
     }
+    // Handed over but never acknowledged: still stored, so "queued".
+    for key in outbox.take_waiters() {
+        shared.fed.ack_lost(key, address);
+    }
     shared.metrics.registered.fetch_sub(1, Relaxed);
     // Give back the queue's share of the queued-bytes gauge.
     outbox.dequeued(outbox.queued_bytes());
@@ -392,7 +396,7 @@ async fn drain_queue(shared: Arc<Shared>, outbox: Arc<Outbox>) {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if outbox.enqueue_from_queue(m.id, m.frame).is_err() {
+            if outbox.enqueue_from_queue(m.id, m.frame, None).is_err() {
                 return;
             }
             after = m.seq;
@@ -587,14 +591,18 @@ impl Handler for Session<'_> {
                 }
             }
             Ok(ClientToRelay::Ack(ids)) => {
+                let recipient = self.outbox.address;
                 for id in ids {
-                    if self.outbox.acked_from_queue(&id) {
-                        let store = self.shared.store.clone();
-                        let recipient = self.outbox.address;
-                        tokio::spawn(async move {
-                            let _ = store.write_later(Write::Dequeue { recipient, id }).await;
-                        });
+                    let Some(waiter) = self.outbox.acked_from_queue(&id) else {
+                        continue;
+                    };
+                    if let Some(key) = waiter {
+                        self.shared.fed.on_ack(key, recipient);
                     }
+                    let store = self.shared.store.clone();
+                    tokio::spawn(async move {
+                        let _ = store.write_later(Write::Dequeue { recipient, id }).await;
+                    });
                 }
             }
             Ok(ClientToRelay::Register(_) | ClientToRelay::Confirm(_)) => {

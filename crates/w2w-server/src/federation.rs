@@ -138,9 +138,22 @@ pub struct QueueJob {
     pub reply: QueueReply,
 }
 
-/// A receipt waiting for remote relays.
+/// Who gets a completed receipt.
+enum PendingReply {
+    /// A client of this relay.
+    Local(Arc<Outbox>),
+    /// The origin relay of a FORWARD (as a FWD_RECEIPT).
+    Remote { origin: Address },
+}
+
+/// Identifies a pending receipt: (message id, origin relay).
+pub type PendingKey = (MsgId, Address);
+
+/// A receipt waiting for remote relays, store commits, or recipients' ACKs.
 struct Pending {
-    sender: Arc<Outbox>,
+    reply: PendingReply,
+    /// Local recipients the message was handed to, whose ACK we await.
+    awaiting_ack: HashSet<Address>,
     route: w2w_proto::frame::Route,
     entries: Vec<ReceiptEntry>,
     delivered: u32,
@@ -190,7 +203,7 @@ struct State {
     routes: HashMap<Address, (Address, u32)>,
     directory: HashMap<Address, Presence>,
     seen: SeenCache,
-    pending: HashMap<MsgId, Pending>,
+    pending: HashMap<PendingKey, Pending>,
 }
 
 /// The federation core of one relay.
@@ -333,38 +346,46 @@ impl Federation {
         }
     }
 
-    /// The queue writer finished `job` with `entries` (prior + queued).
-    pub fn queue_done(&self, job: QueueJob, entries: Vec<ReceiptEntry>) {
-        let delivered = entries
-            .iter()
-            .filter(|e| e.status == Status::Delivered)
-            .count() as u32;
+    /// The queue writer finished `job`: `entries` are settled outcomes
+    /// (prior ones, queued, refused); `awaiting` are recipients the message
+    /// is about to be handed to, whose ACK completes the receipt. Returns
+    /// the key their ACKs must name.
+    pub fn queue_done(
+        &self,
+        job: QueueJob,
+        entries: Vec<ReceiptEntry>,
+        awaiting: Vec<Address>,
+    ) -> PendingKey {
+        let mut st = self.lock();
         match job.reply {
             QueueReply::Remote { origin } => {
-                let st = self.lock();
-                self.reply(
-                    &st,
-                    FwdReceipt {
-                        origin,
-                        reporter: self.me,
-                        id: job.id,
-                        hops: 0,
-                        delivered,
-                        entries,
-                    },
-                );
-            }
-            QueueReply::Local => self.on_fwd_receipt(
-                self.me,
-                FwdReceipt {
-                    origin: self.me,
-                    reporter: self.me,
-                    id: job.id,
-                    hops: 0,
-                    delivered,
+                let key = (job.id, origin);
+                let p = Pending {
+                    reply: PendingReply::Remote { origin },
+                    awaiting_ack: awaiting.into_iter().collect(),
+                    route: w2w_proto::frame::Route::A2g,
                     entries,
-                },
-            ),
+                    delivered: 0,
+                    waiting: HashMap::new(),
+                    order: job.recipients.clone(),
+                    deadline: Instant::now()
+                        + Duration::from_millis(self.config.receipt_timeout_ms),
+                };
+                st.pending.insert(key, p);
+                self.maybe_finish(&mut st, key);
+                key
+            }
+            QueueReply::Local => {
+                let key = (job.id, self.me);
+                if let Some(p) = st.pending.get_mut(&key) {
+                    if p.waiting.remove(&self.me).is_some() {
+                        p.entries.extend(entries);
+                        p.awaiting_ack.extend(awaiting);
+                    }
+                }
+                self.maybe_finish(&mut st, key);
+                key
+            }
         }
     }
 
@@ -900,7 +921,8 @@ impl Federation {
             }
             return;
         }
-        let Some(p) = st.pending.get_mut(&r.id) else {
+        let key = (r.id, self.me);
+        let Some(p) = st.pending.get_mut(&key) else {
             return;
         };
         if p.waiting.remove(&r.reporter).is_none() {
@@ -908,49 +930,103 @@ impl Federation {
         }
         p.delivered += r.delivered;
         p.entries.extend(r.entries);
-        if p.waiting.is_empty() {
-            if let Some(p) = st.pending.remove(&r.id) {
-                self.finish(r.id, p);
+        self.maybe_finish(&mut st, key);
+    }
+
+    fn maybe_finish(&self, st: &mut State, key: PendingKey) {
+        let done = st
+            .pending
+            .get(&key)
+            .is_some_and(|p| p.waiting.is_empty() && p.awaiting_ack.is_empty());
+        if done {
+            if let Some(p) = st.pending.remove(&key) {
+                self.finish(st, key.0, p);
             }
         }
     }
 
-    fn finish(&self, id: MsgId, mut p: Pending) {
+    /// A recipient acknowledged a message it was handed: "delivered".
+    pub fn on_ack(&self, key: PendingKey, recipient: Address) {
+        self.ack_outcome(key, recipient, Status::Delivered);
+    }
+
+    /// A recipient went away before acknowledging: the message stays stored
+    /// for it, so the entry is "queued".
+    pub fn ack_lost(&self, key: PendingKey, recipient: Address) {
+        self.ack_outcome(key, recipient, Status::Queued);
+    }
+
+    fn ack_outcome(&self, key: PendingKey, recipient: Address, status: Status) {
+        let mut st = self.lock();
+        let Some(p) = st.pending.get_mut(&key) else {
+            return;
+        };
+        if !p.awaiting_ack.remove(&recipient) {
+            return;
+        }
+        p.entries.push(entry(recipient, status, None));
+        if status == Status::Delivered {
+            p.delivered += 1;
+        }
+        self.maybe_finish(&mut st, key);
+    }
+
+    fn finish(&self, st: &State, id: MsgId, mut p: Pending) {
         order_entries(&mut p.entries, &p.order);
-        let (status, reason) = summarize(p.route, &p.entries, p.delivered);
-        let entries = if matches!(
-            p.route,
-            w2w_proto::frame::Route::A2n | w2w_proto::frame::Route::A2a
-        ) {
-            Vec::new()
-        } else {
-            p.entries
-        };
-        let receipt = Receipt {
-            id,
-            status,
-            reason,
-            delivered: p.delivered,
-            entries,
-        };
-        self.metrics.receipt(status);
-        let _ = p
-            .sender
-            .try_enqueue(RelayToClient::Receipt(receipt).encode());
+        match p.reply {
+            PendingReply::Remote { origin } => {
+                let delivered = p
+                    .entries
+                    .iter()
+                    .filter(|e| e.status == Status::Delivered)
+                    .count() as u32;
+                self.reply(
+                    st,
+                    FwdReceipt {
+                        origin,
+                        reporter: self.me,
+                        id,
+                        hops: 0,
+                        delivered,
+                        entries: p.entries,
+                    },
+                );
+            }
+            PendingReply::Local(sender) => {
+                let (status, reason) = summarize(p.route, &p.entries, p.delivered);
+                let entries = if matches!(
+                    p.route,
+                    w2w_proto::frame::Route::A2n | w2w_proto::frame::Route::A2a
+                ) {
+                    Vec::new()
+                } else {
+                    p.entries
+                };
+                let receipt = Receipt {
+                    id,
+                    status,
+                    reason,
+                    delivered: p.delivered,
+                    entries,
+                };
+                self.metrics.receipt(status);
+                let _ = sender.try_enqueue(RelayToClient::Receipt(receipt).encode());
+            }
+        }
     }
 
     /// Answers every pending receipt whose remote relays did not reply in
     /// time; their recipients are reported `no_route` / `timeout`.
     pub fn expire_pending(&self, now: Instant) {
         let mut st = self.lock();
-        let expired: Vec<MsgId> = st
+        let expired: Vec<PendingKey> = st
             .pending
             .iter()
             .filter(|(_, p)| p.deadline <= now)
-            .map(|(id, _)| *id)
+            .map(|(k, _)| *k)
             .collect();
-        for id in expired {
-            if let Some(mut p) = st.pending.remove(&id) {
+        for key in expired {
+            if let Some(mut p) = st.pending.remove(&key) {
                 self.metrics.error(ErrorCode::Timeout);
                 for (_, addrs) in p.waiting.drain() {
                     for a in addrs {
@@ -958,7 +1034,12 @@ impl Federation {
                             .push(entry(a, Status::NoRoute, Some(ErrorCode::Timeout)));
                     }
                 }
-                self.finish(id, p);
+                // Handed over but not acknowledged in time: still stored,
+                // so it will be delivered (again) on the next connection.
+                for a in p.awaiting_ack.drain() {
+                    p.entries.push(entry(a, Status::Queued, None));
+                }
+                self.finish(&st, key.0, p);
             }
         }
     }
@@ -1043,9 +1124,10 @@ impl Federation {
                 }
                 let waiting = st.routes.keys().map(|r| (*r, Vec::new())).collect();
                 st.pending.insert(
-                    msg.id,
+                    (msg.id, self.me),
                     Pending {
-                        sender: sender.clone(),
+                        reply: PendingReply::Local(sender.clone()),
+                        awaiting_ack: HashSet::new(),
                         route,
                         entries: Vec::new(),
                         delivered,
@@ -1082,7 +1164,7 @@ impl Federation {
         let mut st = self.lock();
         // Receipts are matched by id: a second message with the id of one
         // still waiting is refused rather than allowed to take its receipt.
-        if st.pending.contains_key(&msg.id) {
+        if st.pending.contains_key(&(msg.id, self.me)) {
             drop(st);
             return reject(ErrorCode::Duplicate);
         }
@@ -1176,9 +1258,10 @@ impl Federation {
             .filter(|e| e.status == Status::Delivered)
             .count() as u32;
         st.pending.insert(
-            msg.id,
+            (msg.id, self.me),
             Pending {
-                sender: sender.clone(),
+                reply: PendingReply::Local(sender.clone()),
+                awaiting_ack: HashSet::new(),
                 route,
                 entries,
                 delivered,

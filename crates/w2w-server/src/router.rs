@@ -40,7 +40,9 @@ pub struct Outbox {
     pub presence: AtomicBool,
     /// Ids of messages delivered from the store-and-forward queue and not
     /// yet acknowledged: an ACK for one of these deletes it from the store.
-    from_queue: std::sync::Mutex<std::collections::HashSet<w2w_proto::frame::MsgId>>,
+    /// The value is the pending receipt this message's ACK completes, if any.
+    from_queue:
+        std::sync::Mutex<HashMap<w2w_proto::frame::MsgId, Option<crate::federation::PendingKey>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -99,25 +101,44 @@ impl Outbox {
             .fetch_sub(len as i64, Ordering::Relaxed);
     }
 
-    /// Queues a stored message, remembering that its ACK must delete it.
+    /// Queues a stored message, remembering that its ACK must delete it
+    /// (and complete `waiter`'s receipt).
     pub fn enqueue_from_queue(
         &self,
         id: w2w_proto::frame::MsgId,
         frame: Bytes,
+        waiter: Option<crate::federation::PendingKey>,
     ) -> Result<(), EnqueueError> {
-        self.from_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id);
+        {
+            let mut m = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = m.entry(id).or_insert(None);
+            if waiter.is_some() {
+                *slot = waiter;
+            }
+        }
         self.try_enqueue(frame)
     }
 
-    /// Whether `id` came from the store (and forgets it).
-    pub fn acked_from_queue(&self, id: &w2w_proto::frame::MsgId) -> bool {
+    /// `Some` if `id` came from the store (forgetting it), with the receipt
+    /// its ACK completes.
+    pub fn acked_from_queue(
+        &self,
+        id: &w2w_proto::frame::MsgId,
+    ) -> Option<Option<crate::federation::PendingKey>> {
         self.from_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id)
+    }
+
+    /// Receipts still waiting for this connection's ACKs (on close).
+    pub fn take_waiters(&self) -> Vec<crate::federation::PendingKey> {
+        self.from_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .filter_map(|(_, w)| w)
+            .collect()
     }
 
     /// Whether the connection has been asked to close.

@@ -359,6 +359,9 @@ async fn queue_completer(
     use w2w_proto::ErrorCode;
     while let Some((job, waits)) = rx.recv().await {
         let mut entries = job.prior.clone();
+        // Stored and connected: handed over once the receipt is set up to
+        // wait for the recipient's ACK ("delivered" means acknowledged).
+        let mut handover = Vec::new();
         for (to, wait) in waits {
             let outcome = match wait {
                 Ok(rx) => rx.await.unwrap_or_else(|_| Err("store stopped".into())),
@@ -366,11 +369,11 @@ async fn queue_completer(
             };
             let (status, reason) = match outcome {
                 Ok(Outcome::Done) => match shared.router.get(&to) {
-                    Some(o) if o.enqueue_from_queue(job.id, job.frame.clone()).is_ok() => {
-                        shared.fed.delivered_event(job.id, to);
-                        (Status::Delivered, 0)
+                    Some(o) => {
+                        handover.push(o);
+                        continue;
                     }
-                    _ => {
+                    None => {
                         shared.metrics.queued_total.fetch_add(1, Relaxed);
                         (Status::Queued, 0)
                     }
@@ -387,7 +390,17 @@ async fn queue_completer(
             };
             entries.push(ReceiptEntry { to, status, reason });
         }
-        shared.fed.queue_done(job, entries);
+        let (id, frame) = (job.id, job.frame.clone());
+        let awaiting = handover.iter().map(|o| o.address).collect();
+        let key = shared.fed.queue_done(job, entries, awaiting);
+        for o in handover {
+            if o.enqueue_from_queue(id, frame.clone(), Some(key)).is_ok() {
+                shared.fed.delivered_event(id, o.address);
+            } else {
+                shared.metrics.queued_total.fetch_add(1, Relaxed);
+                shared.fed.ack_lost(key, o.address);
+            }
+        }
     }
 }
 
