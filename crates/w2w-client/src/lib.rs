@@ -432,9 +432,9 @@ impl Client {
                         .collect(),
                 };
                 let mut fill = |b: &mut [u8]| rand::RngCore::fill_bytes(&mut rand::thread_rng(), b);
-                if recipients.is_empty() || recipients.len() > seal::MAX_RECIPIENTS {
-                    // The relay refuses these lists with its own code
-                    // (empty_list, list_too_long); nothing to seal.
+                if recipients.is_empty() {
+                    // An empty a2g list is the relay's to refuse (empty_list);
+                    // a group with no other member delivers to no one.
                     (seal::FLAG_PLAIN, Vec::new())
                 } else {
                     (

@@ -23,8 +23,9 @@ use crate::identity::{Address, Identity, SignatureError};
 
 pub const GROUP_DOMAIN: &[u8] = b"w2w/v1 group\0";
 pub const MAX_NAME: usize = 64;
-/// Most members a group may have (bounds every answer and fan-out).
-pub const MAX_MEMBERS: usize = 1024;
+/// Most members a group may have (bounds every answer and fan-out; every
+/// member but the sender must fit in one sealed payload).
+pub const MAX_MEMBERS: usize = crate::seal::MAX_RECIPIENTS + 1;
 
 /// Whether `name` is a valid group name.
 pub fn valid_name(name: &str) -> bool {

@@ -671,8 +671,12 @@ impl Session<'_> {
                 self.outbox.presence.store(on, Relaxed);
                 ResponseBody::Presence
             }
+            // Membership is visible to members only.
             RequestOp::GroupInfo(name) => match self.shared.groups.get(&name) {
-                Some(g) => ResponseBody::Group(g),
+                Some(g) if g.members.iter().any(|(m, _)| *m == self.outbox.address) => {
+                    ResponseBody::Group(g)
+                }
+                Some(_) => return self.failed(req.req_id, op, ErrorCode::NotMember),
                 None => return self.failed(req.req_id, op, ErrorCode::UnknownGroup),
             },
             RequestOp::Group(g) => {

@@ -1044,7 +1044,10 @@ async fn named_groups_reach_members_only_and_check_rights() {
     let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
     cfg.data_dir = Some(dir.path().to_owned());
     let relay = Relay::start(cfg).await.unwrap();
-    let alice = client(&relay).await;
+    let alice_id = id();
+    let alice = Client::connect(alice_id.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
     let mut bob = client(&relay).await;
     let mut carol = client(&relay).await;
     let dave_id = id();
@@ -1148,8 +1151,23 @@ async fn named_groups_reach_members_only_and_check_rights() {
     let mut cfg = RelayConfig::new(id(), addr);
     cfg.data_dir = Some(dir.path().to_owned());
     let relay = Relay::start(cfg).await.unwrap();
-    let c = client(&relay).await;
+    let c = Client::connect(alice_id, ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
     let g = c.group_info("team").await.unwrap();
     assert_eq!(g.owner, alice.address());
     assert_eq!(g.members.len(), 2);
+    // Non-members cannot read the member list.
+    let outsider = client(&relay).await;
+    let e = outsider.group_info("team").await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            w2w_client::ClientError::Refused {
+                code: ErrorCode::NotMember,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

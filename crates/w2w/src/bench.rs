@@ -38,8 +38,9 @@ pub struct BenchArgs {
     window: usize,
     /// In-process relays in a line; senders on the first, receivers on the
     /// last (measures federation hops). Ignored with --relay.
-    #[arg(long, default_value_t = 1)]
-    relays: usize,
+    /// Repeat to compare in one run, e.g. `--relays 1 --relays 3`.
+    #[arg(long, default_values_t = [1usize])]
+    relays: Vec<usize>,
     /// Instead of a2b: measure durable store-and-forward writes (this many
     /// messages) with group commit vs one transaction per message.
     #[arg(long, value_name = "N")]
@@ -166,17 +167,54 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 pub async fn run(a: BenchArgs) -> Result<ExitCode> {
+    if a.store.is_some() || a.idle.is_some() {
+        // These write their own JSON.
+        run_once(&a, 1).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.relay.is_some() || a.relays.len() == 1 {
+        let n = a.relays.first().copied().unwrap_or(1);
+        let r = run_once(&a, n).await?;
+        if let Some(p) = &a.json {
+            std::fs::write(p, serde_json::to_string_pretty(&r)?)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Several line lengths, measured one after another in this process.
+    let mut results = Vec::new();
+    for n in &a.relays {
+        results.push(run_once(&a, *n).await?);
+    }
+    let base = results[0]["msgs_per_sec"].as_f64().unwrap_or(0.0);
+    for r in &results[1..] {
+        let rate = r["msgs_per_sec"].as_f64().unwrap_or(0.0);
+        println!(
+            "through {} relays: {:.2}x the throughput through {} relay(s)",
+            r["relays_in_line"],
+            rate / base.max(1.0),
+            results[0]["relays_in_line"]
+        );
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_once(a: &BenchArgs, relay_count: usize) -> Result<serde_json::Value> {
     if let Some(n) = a.store {
-        return store_bench(n, a.size, a.json.as_ref()).await;
+        store_bench(n, a.size, a.json.as_ref()).await?;
+        return Ok(serde_json::Value::Null);
     }
     if let (Some(n), Some(url), Some(pid)) = (a.idle, &a.relay, a.relay_pid) {
-        return idle_bench(url, pid, n, a.json.as_ref()).await;
+        idle_bench(url, pid, n, a.json.as_ref()).await?;
+        return Ok(serde_json::Value::Null);
     }
     let mut relays: Vec<Relay> = Vec::new();
     let (url, rx_url) = match &a.relay {
         Some(u) => (u.clone(), u.clone()),
         None => {
-            for i in 0..a.relays.max(1) {
+            for i in 0..relay_count.max(1) {
                 let mut cfg =
                     RelayConfig::new(Identity::from_seed(rand::random()), "127.0.0.1:0".parse()?);
                 cfg.limits = Limits {
@@ -354,8 +392,5 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         hist.value_at_quantile(0.999),
         rejected.load(Relaxed),
     );
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&result)?)?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(result)
 }
