@@ -183,6 +183,28 @@ def main():
     put("relay_to_relay", "redirect",
         b"\x01\x44" + b"\x02" + string("ws://127.0.0.2:7777/") + string("wss://relay.example/"))
 
+    # Named groups (crates/w2w-proto/src/group.rs): signed GROUP ops in a
+    # REQUEST (op 4), GROUP_INFO (op 5), a MSG to a group (route 5), and the
+    # RESPONSE carrying a group.
+    client_seed = bytes.fromhex(reg["client_seed"])
+    client_key = bytes.fromhex(reg["client_key"])
+    bob = neighbors[0]
+    actions = [b"\x01", b"\x02" + bob, b"\x03" + bob, b"\x04" + bob + b"\x01"]
+    for i, action in enumerate(actions):
+        name = b"team"
+        seq = 7 + i
+        sig = ed25519_sign(client_seed, b"w2w/v1 group\0" + bytes([len(name)]) + name + action + u64(seq))
+        body = u16(len(name)) + name + action + u64(seq) + client_key + sig
+        put("client_to_relay", "group_op_%d" % (action[0]), b"\x01\x20" + struct.pack(">I", 40 + i) + b"\x04" + body)
+    put("client_to_relay", "group_info", b"\x01\x20" + struct.pack(">I", 50) + b"\x05" + string("team"))
+    group_msg = (b"\x01\x10\x05\x01" + bytes(range(16)) + client_key + b"\x04team" + b"sealed payload")
+    put("client_to_relay", "msg_group", group_msg)
+    put("relay_to_client", "msg_group", group_msg)
+    info = string("team") + client_key + u16(2) + client_key + b"\x01" + bob + b"\x00"
+    for op_byte in (4, 5):
+        put("relay_to_client", "response_group_op%d" % op_byte,
+            b"\x01\x21" + struct.pack(">I", 40) + bytes([op_byte]) + u16(0) + info)
+
     # Handshake: cfg, dt (i16 seconds), then (op, len, bytes)*.
     z = u16(0)
     put("handshake", "relay-vector",

@@ -48,7 +48,10 @@ const R2C_TYPES = new Set([
 /** s2s frame types (relay ↔ relay only): LINK_STATE … REDIRECT. */
 const S2S_TYPES = new Set([0x40, 0x41, 0x42, 0x43, 0x44]);
 
-export const ROUTES = Object.freeze(['', 'a2a', 'a2b', 'a2g', 'a2n']);
+export const ROUTES = Object.freeze(['', 'a2a', 'a2b', 'a2g', 'a2n', 'group']);
+/** Longest named-group name; names are 1–64 bytes of a-z 0-9 . _ - */
+export const MAX_GROUP_NAME = 64;
+const GROUP_NAME = /^[a-z0-9._-]{1,64}$/;
 export const SCOPES = Object.freeze(['relay', 'federation']);
 export const ROLES = Object.freeze(['client', 'relay']);
 export const STATUSES = Object.freeze(['delivered', 'queued', 'no_route', 'rejected', 'partial']);
@@ -66,6 +69,7 @@ export const ERROR_CODES = Object.freeze({
   29: 'ping_timeout', 30: 'no_route', 31: 'internal', 32: 'unauthorized_peer',
   33: 'unreachable', 34: 'peer_limit', 35: 'hop_limit', 36: 'loop', 37: 'forged_presence',
   38: 'duplicate_peer', 39: 'timeout', 40: 'duplicate', 41: 'queue_full',
+  42: 'unknown_group', 43: 'not_member', 44: 'not_allowed', 45: 'group_exists',
 });
 const ERROR_NUMBER = Object.fromEntries(Object.entries(ERROR_CODES).map(([n, s]) => [s, Number(n)]));
 
@@ -331,6 +335,21 @@ function decodeMsg(r) {
       m.route = 'a2n';
       m.scope = r.enumByte('scope', SCOPES);
       break;
+    case 5: {
+      // A named group hosted by the sender's relay, which checks membership.
+      const n = r.u8('group name');
+      let name;
+      try {
+        name = strictUtf8.decode(r.take(n, 'group name'));
+      } catch (e) {
+        if (e instanceof W2WDecodeError) throw e;
+        throw new W2WDecodeError('malformed', 'group name is not valid UTF-8');
+      }
+      if (!GROUP_NAME.test(name)) throw new W2WDecodeError('malformed', `invalid group name ${JSON.stringify(name)}`);
+      m.route = 'group';
+      m.group_name = name;
+      break;
+    }
     default:
       throw new W2WDecodeError('unknown_route', `unknown route ${route}`);
   }
@@ -530,6 +549,11 @@ export function encodeFrame(f) {
         w.u16(f.group.length);
         for (const a of f.group) w.bytes(bin(a, 32, 'group address'));
       } else if (f.route === 'a2n') w.u8(indexOf(SCOPES, f.scope ?? 'federation', 'scope'));
+      else if (f.route === 'group') {
+        if (!GROUP_NAME.test(f.group_name)) throw new TypeError('a group name is 1-64 bytes of a-z 0-9 . _ -');
+        w.u8(f.group_name.length);
+        w.bytes(enc.encode(f.group_name));
+      }
       w.bytes(f.payload ? toBytes(f.payload) : new Uint8Array(0));
       break;
     case 'RECEIPT':
@@ -992,8 +1016,20 @@ function closeCodeName(code) {
  *     scope: 'federation' // a2n scope for send('*', …)
  *   })
  *
- * Events (as on<name> properties or addEventListener): open, message,
- * receipt, presence, error, reconnecting, close.
+ * Events (as on<name> properties or addEventListener), each a plain object
+ * with `type` and `target`:
+ *   open         { relayKey, relayUrl, address, reconnected } after every
+ *                (re)registration
+ *   message      { from, id, route, data, text, flags, sealed, signed,
+ *                verified, to?, group?, scope? }: opened/verified already;
+ *                each (from, id) once
+ *   receipt      { receipt, id, status, reason, delivered, entries }
+ *   presence     { kind: 'join' | 'leave', address } after presence(true)
+ *   error        { code, message, from?, id? }: relay ERROR frames, refused
+ *                registrations, and messages that did not open or verify
+ *   reconnecting { code, reason, name, delay, attempt, wasOpen }
+ *   close        { code, reason, name, wasClean }: once, when the socket is
+ *                closed for good (close(), a fatal refusal, or reconnect: false)
  */
 export class W2WSocket {
   static CONNECTING = CONNECTING;
@@ -1025,9 +1061,11 @@ export class W2WSocket {
     this._WebSocket = opts.WebSocket ?? null;
     this._listeners = new Map();
     this._seen = new LruSet(this.opts.dedupe);
-    this._receipts = new Map(); // id hex → {resolve, reject, timer}
+    // Messages without a receipt yet, in send order: id hex → {bytes, resolve,
+    // reject, timer}. Sent again, with the same id, after a reconnect.
+    this._pending = new Map();
     this._requests = new Map(); // req_id → {resolve, reject, timer}
-    this._queue = []; // frames waiting for the connection to (re)open
+    this._queue = []; // requests waiting for the connection to (re)open
     this._waiters = []; // {resolve, reject} waiting for open
     this._nextReq = 1;
     this._backoff = this.opts.minBackoffMs;
@@ -1038,6 +1076,8 @@ export class W2WSocket {
     this._fatal = null;
     this._presence = false;
     this._everOpened = false;
+    /** Counters: messages delivered, repeats dropped, refused (forged etc.), reconnects. */
+    this.stats = { received: 0, duplicates: 0, refused: 0, reconnects: 0 };
     this._acks = []; // message ids to acknowledge (store-and-forward)
     this._ackTimer = null;
     this._ackOn = false;
@@ -1113,6 +1153,10 @@ export class W2WSocket {
       } catch (e) {
         this._emit('error', { code: e.code ?? 'malformed', message: `undecodable frame from the relay: ${e.message}` });
         if (!registered) this._fail(ws, e.code ?? 'malformed', e.message);
+        // A stored MSG we cannot read is still acknowledged, or the relay
+        // would send it again on every registration. Its id is at 4..20.
+        const b = new Uint8Array(ev.data);
+        if (registered && b.length >= 20 && b[0] === PROTOCOL_VERSION && b[1] === FRAME.MSG) this._ack(toHex(b.subarray(4, 20)));
         return;
       }
       if (!registered) {
@@ -1175,9 +1219,13 @@ export class W2WSocket {
     this._ackOn = this.opts.ack;
     this._ackSent = false;
     const reconnected = this._everOpened;
+    if (reconnected) this.stats.reconnects++;
     this._everOpened = true;
     this._attempt = 0;
     if (this._presence) this._sendNow(this._requestFrame('presence', { on: true }).frame, null);
+    // Messages that have no receipt yet go (again) with their ids: the relay
+    // stores an id once per recipient and recipients drop repeats.
+    for (const [id, e] of this._pending) this._transmit(id, e);
     const queued = this._queue.splice(0);
     for (const q of queued) this._sendNow(q.bytes, q.onSent);
     for (const w of this._waiters.splice(0)) w.resolve();
@@ -1187,8 +1235,10 @@ export class W2WSocket {
   _lost(code, reason, name = closeCodeName(code)) {
     const wasOpen = this.readyState === OPEN;
     if (this.readyState !== CLOSED && !this._closedByUser) this.readyState = CONNECTING;
-    // Whatever was in flight on this connection has no receipt coming.
-    this._rejectPending(new W2WError('connection_lost', `connection lost before the answer came (${name})`));
+    // Requests in flight get no answer now; messages without a receipt are
+    // kept and sent again after the reconnect.
+    this._rejectRequests(new W2WError('connection_lost', `connection lost before the answer came (${name})`));
+    for (const e of this._pending.values()) clearTimeout(e.timer);
     if (this._closedByUser) {
       this._finish(code, reason, code === 1000);
       return;
@@ -1212,18 +1262,18 @@ export class W2WSocket {
     this.readyState = CLOSED;
     clearTimeout(this._timer);
     const err = new W2WError(name, `the connection is closed (${name})`);
-    this._rejectPending(err);
+    this._rejectRequests(err);
+    for (const e of this._pending.values()) {
+      clearTimeout(e.timer);
+      e.reject(err);
+    }
+    this._pending.clear();
     for (const q of this._queue.splice(0)) q.onFail?.(err);
     for (const w of this._waiters.splice(0)) w.reject(err);
     this._emit('close', { code, reason, name, wasClean });
   }
 
-  _rejectPending(err) {
-    for (const [, p] of this._receipts) {
-      clearTimeout(p.timer);
-      p.reject(err);
-    }
-    this._receipts.clear();
+  _rejectRequests(err) {
     for (const [, p] of this._requests) {
       clearTimeout(p.timer);
       p.reject(err);
@@ -1252,12 +1302,14 @@ export class W2WSocket {
         ws.close();
       }
       // If the close handshake stalls, finish anyway.
-      setTimeout(() => {
+      const t = setTimeout(() => {
         if (this._ws === ws) {
           this._ws = null;
           this._finish(code, reason, true);
         }
       }, 3000);
+      t.unref?.(); // Node: do not keep the process alive for this
+
     } else {
       this._ws = null;
       this._finish(code, reason, true);
@@ -1269,6 +1321,16 @@ export class W2WSocket {
   _sendNow(bytes, onSent) {
     this._ws.send(bytes);
     onSent?.();
+  }
+
+  /** Sends a message and (re)arms its receipt timer. */
+  _transmit(id, e) {
+    this._ws.send(e.bytes);
+    clearTimeout(e.timer);
+    e.timer = setTimeout(() => {
+      this._pending.delete(id);
+      e.reject(new W2WError('timeout', 'no receipt from the relay in time'));
+    }, this.opts.receiptTimeoutMs);
   }
 
   /** Sends now if registered, else queues until the connection is open. */
@@ -1291,7 +1353,15 @@ export class W2WSocket {
    * `to`: an address (a2b; your own address: a2a), an array of addresses
    * (a2g), or '*' / 'all' (a2n). a2a, a2b and a2g are sealed end to end;
    * a2n is signed. Options: { plain: true } sends flags 0 (no protection),
-   * { scope: 'relay' | 'federation' } for a2n.
+   * { scope: 'relay' | 'federation' } for a2n. The returned promise
+   * carries the message id (hex) as `.id` at once.
+   *
+   * Sent while the socket is (re)connecting, the message waits for the
+   * connection; if the connection drops before the receipt, it is sent
+   * again with the same id after the reconnect (the relay stores an id once
+   * per recipient and recipients drop repeats). The promise rejects only
+   * when the socket closes for good or no receipt comes within
+   * receiptTimeoutMs of a send.
    */
   send(to, data, options = {}) {
     let msg;
@@ -1301,22 +1371,20 @@ export class W2WSocket {
       return Promise.reject(e);
     }
     const bytes = encodeFrame(msg);
-    return new Promise((resolve, reject) => {
-      const settle = (fn) => (v) => {
-        const p = this._receipts.get(msg.id);
-        if (p) clearTimeout(p.timer);
-        this._receipts.delete(msg.id);
-        fn(v);
-      };
-      const onSent = () => {
-        const timer = setTimeout(() => {
-          this._receipts.delete(msg.id);
-          reject(new W2WError('timeout', 'no receipt from the relay in time'));
-        }, this.opts.receiptTimeoutMs);
-        this._receipts.set(msg.id, { resolve: settle(resolve), reject: settle(reject), timer });
-      };
-      this._sendOrQueue(bytes, onSent, reject);
-    });
+    let p;
+    if (this.readyState === CLOSED || this.readyState === CLOSING) {
+      p = Promise.reject(new W2WError('closed', 'the connection is closed'));
+    } else if (this.readyState !== OPEN && this._pending.size >= this.opts.maxQueued) {
+      p = Promise.reject(new W2WError('queue_full', 'too many messages waiting for the connection'));
+    } else {
+      p = new Promise((resolve, reject) => {
+        const e = { bytes, resolve, reject, timer: null };
+        this._pending.set(msg.id, e);
+        if (this.readyState === OPEN && this._ws) this._transmit(msg.id, e);
+      });
+    }
+    p.id = msg.id; // the message id, known before the receipt comes
+    return p;
   }
 
   _buildMsg(to, data, options) {
@@ -1412,9 +1480,13 @@ export class W2WSocket {
         this._onMsg(f);
         break;
       case 'RECEIPT': {
-        const p = this._receipts.get(f.id);
+        const p = this._pending.get(f.id);
         const receipt = { id: f.id, status: f.status, reason: f.reason, delivered: f.delivered, entries: f.entries };
-        if (p) p.resolve(receipt);
+        if (p) {
+          clearTimeout(p.timer);
+          this._pending.delete(f.id);
+          p.resolve(receipt);
+        }
         this._emit('receipt', { receipt, ...receipt });
         break;
       }
@@ -1454,7 +1526,10 @@ export class W2WSocket {
     if (!this._ackOn) return;
     this._acks.push(id);
     if (this._ackTimer) return;
-    this._ackTimer = setTimeout(() => {
+    // Right after the frames that arrived together have been handled: the
+    // sender's receipt waits for this ACK.
+    this._ackTimer = true;
+    queueMicrotask(() => {
       this._ackTimer = null;
       const ids = this._acks.splice(0);
       if (!this._ackOn || this.readyState !== OPEN || !this._ws) return;
@@ -1462,13 +1537,16 @@ export class W2WSocket {
         this._ws.send(encodeFrame({ type: 'ACK', ack_ids: ids.slice(i, i + MAX_ACK_IDS) }));
         this._ackSent = true;
       }
-    }, 20);
+    });
   }
 
   _onMsg(m) {
     this._ack(m.id);
     const key = m.from + m.id;
-    if (this._seen.has(key)) return; // a redelivered copy
+    if (this._seen.has(key)) {
+      this.stats.duplicates++; // a redelivered copy (acknowledged again above)
+      return;
+    }
     let data;
     let verified = false;
     try {
@@ -1486,6 +1564,7 @@ export class W2WSocket {
     } catch (e) {
       // Never deliver what does not open or verify. Not marked as seen, so a
       // forgery cannot block the genuine message with the same id.
+      this.stats.refused++;
       this._emit('error', {
         code: e.code ?? 'forged',
         message: `dropped a message from ${m.from}: ${e.message}`,
@@ -1496,6 +1575,7 @@ export class W2WSocket {
       return;
     }
     this._seen.add(key);
+    this.stats.received++;
     data = Uint8Array.from(data);
     let text;
     this._emit('message', {
@@ -1508,6 +1588,7 @@ export class W2WSocket {
       verified,
       to: m.to,
       group: m.group,
+      groupName: m.group_name,
       scope: m.scope,
       data,
       get text() {

@@ -2,12 +2,12 @@
 // JS ↔ JS on every route and JS ↔ the Rust CLI (w2w listen / w2w send).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { writeFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { WebSocket } from 'ws';
 
 import { W2WSocket, Identity, encodeFrame, seal, sign, toHex, FLAGS } from '../src/w2w.js';
-import { startRelay, run, w2wBin, tempDir, withTimeout } from './relay.js';
+import { startRelay, run, w2wBin, tempDir, withTimeout, stopAll } from './relay.js';
 
 const T = { timeout: 60000 };
 
@@ -54,6 +54,7 @@ describe('JS client against the Rust relay', { timeout: 20 * 60 * 1000 }, () => 
     for (const s of sockets) s.close();
     await sleep(100);
     await relay?.stop();
+    await stopAll();
   });
 
   it('registers, and pins the relay key from the info document', T, async () => {
@@ -246,6 +247,60 @@ describe('JS client against the Rust relay', { timeout: 20 * 60 * 1000 }, () => 
     assert.deepEqual(errors.map((e) => e.id), [i1, i2, i3, i4, i5].map(toHex));
   });
 
+  it('store-and-forward: received messages are acknowledged; unacknowledged ones come again and are dropped as repeats', T, async () => {
+    const alice = await connect();
+    // Bob does not acknowledge: after a dropped connection the relay sends again.
+    const bobId = Identity.generate();
+    const bob = await connect(bobId, { ack: false });
+    const got = next(bob, 'message', (e) => e.text === 'once');
+    const sent = alice.send(bob.address, 'once');
+    await got;
+    const back = next(bob, 'open', () => true, 15000);
+    bob._ws.close(); // the connection drops; the socket reconnects by itself
+    // Never acknowledged, so still stored: 'queued' (relays before
+    // ACK-waiting receipts said 'delivered' once it was handed over).
+    assert.ok(['queued', 'delivered'].includes((await sent).status));
+    await back;
+    await withTimeout((async () => { while (bob.stats.duplicates < 1) await sleep(50); })(), 10000, 'the redelivered copy');
+    assert.equal(bob.stats.received, 1, 'the repeat is not delivered twice');
+    bob.close();
+
+    // Carol acknowledges (the default): a new session gets nothing again.
+    const carolId = Identity.generate();
+    const carol = await connect(carolId);
+    const got2 = next(carol, 'message', (e) => e.text === 'acked');
+    assert.equal((await alice.send(carol.address, 'acked')).status, 'delivered');
+    await got2;
+    await sleep(300);
+    carol.close();
+    await sleep(300);
+    const carol2 = await connect(carolId);
+    // Bob never acknowledged: he gets it again (listening before registration:
+    // stored messages follow REPLY_BACK at once).
+    const bob2 = new W2WSocket(relay.url, bobId, { WebSocket });
+    sockets.push(bob2);
+    await next(bob2, 'message', (e) => e.text === 'once', 15000);
+    await sleep(1000);
+    assert.equal(carol2.stats.received, 0, 'an acknowledged message is not sent again');
+  });
+
+  it('store-and-forward: a message for a known, offline address is queued and arrives on return', T, async () => {
+    const alice = await connect();
+    const daveId = Identity.generate();
+    const dave = await connect(daveId);
+    dave.close();
+    await next(dave, 'close').catch(() => {});
+    await sleep(300);
+    const r = await alice.send(daveId.address, 'while you were away');
+    assert.equal(r.status, 'queued');
+    assert.deepEqual(r.entries, [{ to: daveId.address, status: 'queued', reason: null }]);
+    const dave2 = new W2WSocket(relay.url, daveId, { WebSocket });
+    sockets.push(dave2);
+    const e = await next(dave2, 'message', (x) => x.text === 'while you were away', 15000);
+    assert.equal(e.from, alice.address);
+    assert.equal(e.sealed, true);
+  });
+
   it('a second connection with the same key replaces the first, which does not reconnect', T, async () => {
     const me = Identity.generate();
     const first = await connect(me);
@@ -317,6 +372,8 @@ describe('JS client and the Rust CLI', { timeout: 20 * 60 * 1000 }, () => {
   after(async () => {
     js?.close();
     await relay?.stop();
+    await stopAll();
+    rmSync(home, { recursive: true, force: true });
   });
 
   /** Runs `w2w listen --json --count n` and waits until it is registered. */
@@ -335,8 +392,8 @@ describe('JS client and the Rust CLI', { timeout: 20 * 60 * 1000 }, () => {
     const l = await listen(1);
     try {
       const r = await js.send(rustId.address, 'hello rust', { plain: true });
-      assert.equal(r.status, 'delivered');
       const [m] = await l.lines();
+      assert.equal(r.status, 'delivered', `receipt ${JSON.stringify(r)} for a message w2w listen printed (${JSON.stringify(m)})`);
       assert.equal(m.from, js.address);
       assert.equal(m.route, 'a2b');
       assert.equal(m.id, r.id);
@@ -350,8 +407,8 @@ describe('JS client and the Rust CLI', { timeout: 20 * 60 * 1000 }, () => {
     const l = await listen(1);
     try {
       const r = await js.send(rustId.address, 'sealed for rust');
-      assert.equal(r.status, 'delivered');
       const [m] = await l.lines();
+      assert.equal(r.status, 'delivered', `receipt ${JSON.stringify(r)} for a message w2w listen printed (${JSON.stringify(m)})`);
       assert.equal(m.from, js.address);
       assert.equal(m.id, r.id);
       if (m.e2e === undefined && m.body !== 'sealed for rust') {
@@ -403,5 +460,29 @@ describe('JS client and the Rust CLI', { timeout: 20 * 60 * 1000 }, () => {
     const ge = await g;
     assert.equal(ge.route, 'a2g');
     assert.deepEqual(ge.group, [js.address, other]);
+  });
+
+  it('Rust → JS: a message to a named group (route 5) is received, opened and acknowledged', T, async (t) => {
+    const key = path.join(home, 'owner.key');
+    const cli = async (...args) => {
+      const p = run(w2wBin, [args[0], '--relay', relay.url, '--id', key, ...args.slice(1)], { home });
+      const { code } = await withTimeout(p.exited, 30000, `w2w ${args.join(' ')}`);
+      return { code, out: p.stdoutText, err: p.stderrText };
+    };
+    const help = run(w2wBin, ['group', '--help'], { home });
+    if ((await withTimeout(help.exited, 10000, 'w2w group --help')).code !== 0) {
+      t.skip('this w2w has no named groups');
+      return;
+    }
+    const name = `team-${Math.floor(Math.random() * 1e6)}`;
+    for (const r of [await cli('group', 'create', name), await cli('group', 'add', name, js.address)]) assert.equal(r.code, 0, r.err);
+    const got = next(js, 'message', (x) => x.text === 'to the team');
+    const p = run(w2wBin, ['send', '--relay', relay.url, '--id', key, '--group', name, 'to the team'], { home });
+    assert.equal((await withTimeout(p.exited, 30000, 'w2w send --group')).code, 0, p.stderrText);
+    const e = await got;
+    assert.equal(e.route, 'group');
+    assert.equal(e.groupName, name);
+    assert.equal(e.sealed, true);
+    assert.equal(e.verified, true);
   });
 });

@@ -19,6 +19,11 @@ export function withTimeout(promise, ms, what) {
   return Promise.race([promise, t]).finally(() => clearTimeout(timer));
 }
 
+/** Stops every child process still running (an after() safety net). */
+export async function stopAll() {
+  await Promise.all([...children].map((c) => c.stop()));
+}
+
 export function tempDir(prefix = 'w2w-js-') {
   return mkdtempSync(path.join(tmpdir(), prefix));
 }
@@ -133,7 +138,7 @@ export async function startRelay() {
     home,
     proc,
     async stop() {
-      await proc.stop();
+      await this.proc.stop(); // this.proc: a test may have restarted it
       rmSync(home, { recursive: true, force: true });
     },
   };

@@ -617,6 +617,10 @@ impl Dedupe {
         }
     }
 
+    fn seen(&self, key: &(MsgId, Address)) -> bool {
+        self.set.contains(key)
+    }
+
     /// `true` the first time a (id, sender) pair is seen.
     fn first(&mut self, key: (MsgId, Address)) -> bool {
         if !self.set.insert(key) {
@@ -737,10 +741,18 @@ impl Driver {
                             if let Err(e) = ws.send(Message::binary(ack)).await {
                                 return SessionEnd::Lost(format!("send failed: {e}"));
                             }
-                            if !self.dedupe.first((m.id, m.from)) {
+                            let key = (m.id, m.from);
+                            if self.dedupe.seen(&key) {
                                 continue;
                             }
-                            open_msg(&self.identity, m)
+                            // Only a message that opens (or verifies) counts
+                            // as seen, so a forged copy cannot suppress the
+                            // real one.
+                            let event = open_msg(&self.identity, m);
+                            if matches!(event, Event::Msg(_)) {
+                                self.dedupe.first(key);
+                            }
+                            event
                         }
                         Ok(RelayToClient::Notice(n)) => Event::Notice(n),
                         Ok(RelayToClient::Error(e)) => Event::Error { code: e.code, detail: e.detail },

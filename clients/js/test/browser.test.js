@@ -1,0 +1,213 @@
+// Real headless Chromium (Debian's /usr/bin/chromium, driven by
+// playwright-core) against the Rust relay serving the demo app at / and the
+// bundle at /w2w.js. Screenshots go to artifacts/ at the repository root.
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+import { startRelay, stopAll, repo, withTimeout } from './relay.js';
+
+const CHROMIUM = process.env.W2W_CHROMIUM || '/usr/bin/chromium';
+const ARTIFACTS = path.join(repo, 'artifacts');
+// playwright's launch() makes a fresh temporary profile (--user-data-dir)
+// for every browser and deletes it afterwards; each newContext() is an
+// isolated, incognito-like profile (its own localStorage, so its own
+// identity).
+const ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+const T = { timeout: 90000 };
+
+describe('in headless Chromium', { timeout: 15 * 60 * 1000 }, () => {
+  let relay;
+  let browser;
+  const contexts = [];
+  const closeContexts = async () => {
+    await Promise.all(contexts.splice(0).map((c) => c.close().catch(() => {})));
+  };
+
+  before(async () => {
+    assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM}: apt-get install -y chromium (or set W2W_CHROMIUM)`);
+    relay = await startRelay();
+    browser = await withTimeout(
+      chromium.launch({ executablePath: CHROMIUM, headless: true, args: ARGS, timeout: 60000 }),
+      70000,
+      'Chromium to start',
+    );
+    mkdirSync(ARTIFACTS, { recursive: true });
+  });
+  after(async () => {
+    await closeContexts();
+    await browser?.close().catch(() => {});
+    await relay?.stop();
+    await stopAll();
+  });
+
+  /** A page in its own context (own storage → own identity), with its console errors collected. */
+  async function openPage(pathname = '/', viewport = { width: 1280, height: 860 }, extra = {}) {
+    const ctx = await browser.newContext({ viewport, ...extra });
+    contexts.push(ctx);
+    const page = await ctx.newPage();
+    page.setDefaultTimeout(20000);
+    page.errors = [];
+    page.on('pageerror', (e) => page.errors.push(String(e)));
+    page.on('console', (m) => {
+      // A plain-text page has no icon: the browser's /favicon.ico 404 is not ours.
+      if (m.type() === 'error' && !m.location()?.url?.endsWith('/favicon.ico')) page.errors.push(m.text());
+    });
+    await page.goto(relay.http + pathname);
+    return page;
+  }
+
+  async function openDemo(viewport, extra) {
+    const page = await openPage('/', viewport, extra);
+    await page.waitForSelector('#status[data-state="online"]');
+    page.address = (await page.textContent('#my-address')).trim();
+    assert.match(page.address, /^[0-9a-f]{64}$/);
+    return page;
+  }
+
+  it('the relay serves the committed bundle at /w2w.js', T, async () => {
+    const res = await fetch(`${relay.http}/w2w.js`);
+    assert.equal(res.status, 200);
+    assert.match(res.headers.get('content-type'), /javascript/);
+    const served = await res.text();
+    const committed = readFileSync(path.join(repo, 'clients/js/dist/w2w.js'), 'utf8');
+    assert.ok(served === committed, 'the relay serves an older dist/w2w.js: rebuild it (cargo build -p w2w)');
+  });
+
+  it('two pages exchange end-to-end messages with the W2WSocket API', T, async () => {
+    const setup = async (page) =>
+      page.evaluate(async () => {
+        const { W2WSocket, Identity } = await import('/w2w.js');
+        const me = Identity.generate();
+        const url = location.origin.replace(/^http/, 'ws') + '/';
+        const sock = new W2WSocket(url, me);
+        window.sock = sock;
+        window.inbox = [];
+        sock.onmessage = (e) => window.inbox.push({ from: e.from, text: e.text, route: e.route, sealed: e.sealed, signed: e.signed, verified: e.verified });
+        await sock.ready();
+        return me.address;
+      });
+    const a = await openPage('/healthz');
+    const b = await openPage('/healthz');
+    const addrA = await setup(a);
+    const addrB = await setup(b);
+
+    const receipt = await a.evaluate((to) => window.sock.send(to, 'sealed hello from page A'), addrB);
+    assert.equal(receipt.status, 'delivered');
+    await b.waitForFunction(() => window.inbox.length >= 1);
+    assert.deepEqual(await b.evaluate(() => window.inbox[0]), {
+      from: addrA, text: 'sealed hello from page A', route: 'a2b', sealed: true, signed: false, verified: true,
+    });
+
+    const r2 = await b.evaluate((list) => window.sock.send(list, 'group reply'), [addrA, addrB]);
+    assert.equal(r2.status, 'delivered');
+    assert.equal(r2.entries.length, 2);
+    await a.waitForFunction(() => window.inbox.some((m) => m.text === 'group reply'));
+    await b.waitForFunction(() => window.inbox.some((m) => m.text === 'group reply'));
+
+    const r3 = await a.evaluate(() => window.sock.send('*', 'signed broadcast'));
+    assert.equal(r3.status, 'delivered');
+    await b.waitForFunction(() => window.inbox.some((m) => m.text === 'signed broadcast' && m.signed && m.verified));
+
+    const online = await a.evaluate(() => window.sock.online());
+    assert.ok(online.includes(addrA) && online.includes(addrB));
+
+    // The identity survives a reload (localStorage).
+    const kept = async () => b.evaluate(async () => (await import('/w2w.js')).Identity.loadOrCreate('test.identity').address);
+    const first = await kept();
+    await b.reload();
+    assert.equal(await kept(), first);
+    assert.deepEqual([...a.errors, ...b.errors], []);
+    await closeContexts();
+  });
+
+  it('the demo app: a message typed into page A shows up on page B; screenshots', { timeout: 120000 }, async () => {
+    const a = await openDemo();
+    const b = await openDemo();
+    assert.notEqual(a.address, b.address);
+
+    // A sees B in the online list (live presence or refresh).
+    await a.click('#online-refresh');
+    await a.waitForSelector(`#online-list li[data-address="${b.address}"]`);
+
+    // a2b through the UI.
+    await a.click('button[data-mode="a2b"]');
+    await a.fill('#to', b.address);
+    await a.fill('#message', 'Hello from A — sealed end to end');
+    await a.click('#send');
+    await b.waitForSelector('#feed .item.in .body:text("Hello from A — sealed end to end")');
+    await a.waitForSelector('#feed .item.out .receipt[data-status="delivered"]');
+    const inB = b.locator('#feed .item.in').first();
+    assert.equal(await inB.getAttribute('data-from'), a.address);
+    assert.match(await inB.locator('.badge.sealed').textContent(), /encrypted/);
+
+    // B answers by clicking A in its online list, then a group message, then A broadcasts.
+    await b.click('#online-refresh');
+    await b.click(`#online-list li[data-address="${a.address}"] button`);
+    assert.equal(await b.inputValue('#to'), a.address);
+    await b.fill('#message', 'Hi A! Got it.');
+    await b.press('#message', 'Control+Enter');
+    await a.waitForSelector('#feed .item.in .body:text("Hi A! Got it.")');
+
+    await b.click('button[data-mode="a2g"]');
+    await b.fill('#to-group', `${a.address}\n${b.address}`);
+    await b.fill('#message', 'To the group: lunch at noon?');
+    await b.click('#send');
+    await a.waitForSelector('#feed .item.in .body:text("To the group: lunch at noon?")');
+    await b.waitForSelector('#feed .item.out .receipt:text("Delivered to all 2")');
+
+    await a.click('button[data-mode="a2n"]');
+    await a.fill('#message', 'Broadcast: the relay is up. Say hi!');
+    await a.click('#send');
+    await b.waitForSelector('#feed .item.in .body:text("Broadcast: the relay is up. Say hi!")');
+    assert.match(await b.locator('#feed .item.in').first().locator('.badge.signed').textContent(), /signed/);
+
+    // Validation: a bad address is explained, not sent.
+    await a.click('button[data-mode="a2b"]');
+    await a.fill('#to', 'not-an-address');
+    await a.fill('#message', 'x');
+    await a.click('#send');
+    assert.match(await a.textContent('#compose-error'), /64 hexadecimal/);
+    await a.fill('#to', '');
+    await a.fill('#message', '');
+
+    // Reload keeps the identity.
+    await b.reload();
+    await b.waitForSelector('#status[data-state="online"]');
+    assert.equal((await b.textContent('#my-address')).trim(), b.address);
+
+    await a.screenshot({ path: path.join(ARTIFACTS, 'demo.png') });
+
+    // Phone width: a third identity, sent a message so its feed is not empty.
+    const phone = await openDemo({ width: 375, height: 812 }, { deviceScaleFactor: 2, isMobile: true, hasTouch: true });
+    await a.fill('#to', phone.address);
+    await a.fill('#message', 'Welcome! This one is for your phone.');
+    await a.click('#send');
+    await phone.waitForSelector('#feed .item.in .body:text("Welcome! This one is for your phone.")');
+    await phone.fill('#to', a.address);
+    await phone.fill('#message', 'Thanks, reading it on a small screen.');
+    await phone.click('#send');
+    await phone.waitForSelector('#feed .item.out .receipt[data-status="delivered"]');
+    // No horizontal scrolling at 375 px.
+    const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 0, `the page is ${overflow}px wider than the phone`);
+    await phone.screenshot({ path: path.join(ARTIFACTS, 'demo-phone.png'), fullPage: true });
+
+    assert.deepEqual([...a.errors, ...b.errors, ...phone.errors], []);
+    await closeContexts();
+  });
+});
+
+// Remove stale screenshots only when asked (they are gitignored).
+if (process.env.W2W_CLEAN_ARTIFACTS === '1') rmSync(ARTIFACTS, { recursive: true, force: true });

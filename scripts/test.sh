@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (README: "run all tests"):
+#   1. cargo test --workspace — the Rust crates (protocol, relay, client, CLI)
+#   2. the JS client in clients/js — the shared test vectors, interop with a
+#      real Rust relay and the Rust CLI, and real headless Chromium (the
+#      demo app and two pages exchanging end-to-end messages)
+#
+# Needs: a Rust toolchain, Node.js 20.19+ with npm, and Chromium at
+# /usr/bin/chromium (Debian: apt-get install chromium; or set W2W_CHROMIUM).
+# `npm ci` installs the JS dependencies from clients/js/package-lock.json.
+# Screenshots of the demo app go to artifacts/ (gitignored).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "==> cargo test --workspace"
+cargo test --workspace
+
+echo
+echo "==> JS client: npm ci && npm test (clients/js)"
+cd clients/js
+npm ci --no-audit --no-fund
+npm test
