@@ -560,6 +560,39 @@ pub(crate) fn preamble(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
     Ok(ty)
 }
 
+/// A `u16` count, then that many (address, status, reason) entries; the
+/// count is checked against the bytes present before allocating.
+pub(crate) fn receipt_entries(r: &mut Reader<'_>) -> Result<Vec<ReceiptEntry>, DecodeError> {
+    let n = r.u16("entries")? as usize;
+    let need = n * (32 + 1 + 2);
+    if r.remaining() < need {
+        return Err(DecodeError::Truncated {
+            field: "entries",
+            need,
+            have: r.remaining(),
+        });
+    }
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        entries.push(ReceiptEntry {
+            to: r.address("entry.to")?,
+            status: status(r, "entry.status")?,
+            reason: r.u16("entry.reason")?,
+        });
+    }
+    Ok(entries)
+}
+
+pub(crate) fn put_receipt_entries(b: &mut BytesMut, entries: &[ReceiptEntry]) {
+    let entries = &entries[..entries.len().min(u16::MAX as usize)];
+    b.put_u16(entries.len() as u16);
+    for e in entries {
+        b.put_slice(&e.to.0);
+        b.put_u8(e.status as u8);
+        b.put_u16(e.reason);
+    }
+}
+
 pub(crate) fn status(r: &mut Reader<'_>, field: &'static str) -> Result<Status, DecodeError> {
     let v = r.u8(field)?;
     Status::from_u8(v).ok_or(DecodeError::BadValue {
@@ -762,23 +795,7 @@ impl RelayToClient {
                 let st = status(&mut r, "status")?;
                 let reason = r.u16("reason")?;
                 let delivered = r.u32("delivered")?;
-                let n = r.u16("entries")? as usize;
-                let need = n * (32 + 1 + 2);
-                if r.remaining() < need {
-                    return Err(DecodeError::Truncated {
-                        field: "entries",
-                        need,
-                        have: r.remaining(),
-                    });
-                }
-                let mut entries = Vec::with_capacity(n);
-                for _ in 0..n {
-                    entries.push(ReceiptEntry {
-                        to: r.address("entry.to")?,
-                        status: status(&mut r, "entry.status")?,
-                        reason: r.u16("entry.reason")?,
-                    });
-                }
+                let entries = receipt_entries(&mut r)?;
                 RelayToClient::Receipt(Receipt {
                     id,
                     status: st,
@@ -867,12 +884,7 @@ impl RelayToClient {
                 b.put_u8(m.status as u8);
                 b.put_u16(m.reason);
                 b.put_u32(m.delivered);
-                b.put_u16(m.entries.len() as u16);
-                for e in &m.entries {
-                    b.put_slice(&e.to.0);
-                    b.put_u8(e.status as u8);
-                    b.put_u16(e.reason);
-                }
+                put_receipt_entries(&mut b, &m.entries);
             }
             RelayToClient::Response(m) => {
                 head(&mut b, ty::RESPONSE);

@@ -24,8 +24,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{
-    flag, head, preamble, put_string, status, DecodeError, MsgId, ReceiptEntry, Register, Role,
-    MAX_URL_LEN,
+    flag, head, preamble, put_receipt_entries, put_string, receipt_entries, DecodeError, MsgId,
+    ReceiptEntry, Register, Role, MAX_URL_LEN,
 };
 use crate::handshake::sig_a_message;
 use crate::identity::{Address, Identity, SignatureError};
@@ -303,22 +303,7 @@ impl RelayToRelay {
                 let id = MsgId(r.array("id")?);
                 let hops = r.u8("hops")?;
                 let delivered = r.u32("delivered")?;
-                let n = r.u16("entries")? as usize;
-                if r.remaining() < n * 35 {
-                    return Err(DecodeError::Truncated {
-                        field: "entries",
-                        need: n * 35,
-                        have: r.remaining(),
-                    });
-                }
-                let mut entries = Vec::with_capacity(n);
-                for _ in 0..n {
-                    entries.push(ReceiptEntry {
-                        to: r.address("entry.to")?,
-                        status: status(&mut r, "entry.status")?,
-                        reason: r.u16("entry.reason")?,
-                    });
-                }
+                let entries = receipt_entries(&mut r)?;
                 RelayToRelay::FwdReceipt(FwdReceipt {
                     origin,
                     reporter,
@@ -401,12 +386,7 @@ impl RelayToRelay {
                 b.put_slice(&fr.id.0);
                 b.put_u8(fr.hops);
                 b.put_u32(fr.delivered);
-                b.put_u16(fr.entries.len() as u16);
-                for e in &fr.entries {
-                    b.put_slice(&e.to.0);
-                    b.put_u8(e.status as u8);
-                    b.put_u16(e.reason);
-                }
+                put_receipt_entries(&mut b, &fr.entries);
             }
             RelayToRelay::Redirect(urls) => {
                 head(&mut b, ty::REDIRECT);
