@@ -25,6 +25,7 @@ pub mod peer;
 pub mod ratelimit;
 pub mod router;
 pub mod server;
+pub mod spacerift;
 pub mod store;
 pub mod tls;
 

@@ -65,6 +65,7 @@ pub struct Shared {
     pub router: Router,
     pub fed: Federation,
     pub groups: crate::groups::Groups,
+    pub rifts: Mutex<crate::spacerift::Rifts>,
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub replay: Mutex<ReplayCache>,
@@ -200,6 +201,7 @@ impl Relay {
             fed: Federation::new(fed_identity, config.federation.clone(), metrics.clone()),
             store,
             groups,
+            rifts: Mutex::new(Default::default()),
             metrics,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -466,7 +468,7 @@ where
     let s = shared.clone();
     let svc = service_fn(move |req| {
         let s = s.clone();
-        async move { Ok::<_, Infallible>(handle(s, req, peer)) }
+        async move { Ok::<_, Infallible>(handle(s, req, peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -503,6 +505,64 @@ fn json_error(status: StatusCode, error: &str, detail: &str) -> Response<Full<By
     )
 }
 
+fn json_status(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_default()
+}
+
+/// POST /spacerift: WebRTC peer linking (see `spacerift.rs`). Bodies are
+/// capped at 64 KiB; the offerer's request waits at most 15 s.
+async fn spacerift(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use crate::spacerift::{parse, ParseError, Reply, REQUEST_TIMEOUT};
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json_status(
+                400,
+                serde_json::json!({"error": "bad_request", "detail": e.to_string()}),
+            )
+        }
+    };
+    let request = match parse(&body, crate::unix_ms(), shared.limits.max_skew_ms) {
+        Ok(r) => r,
+        Err(ParseError::Missing(field)) => {
+            return json_status(
+                499,
+                serde_json::json!({"error": "missing_parameter", "detail": field}),
+            )
+        }
+        Err(ParseError::Bad(error, detail)) => {
+            return json_status(400, serde_json::json!({"error": error, "detail": detail}))
+        }
+    };
+    let namespaced = !request.namespace.is_empty();
+    let reply = {
+        let mut rifts = shared.rifts.lock().unwrap_or_else(|e| e.into_inner());
+        rifts.handle(request, std::time::Instant::now(), rand::random())
+    };
+    let reply = match reply {
+        Reply::Wait(rx) => {
+            let wait = tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), rx);
+            tokio::select! {
+                r = wait => match r {
+                    Ok(Ok(reply)) => reply,
+                    _ => Reply::NoPeer { namespaced },
+                },
+                _ = shared.shutdown.cancelled() => Reply::NoPeer { namespaced },
+            }
+        }
+        r => r,
+    };
+    json_status(reply.status(), reply.json())
+}
+
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     let has = |name, token: &str| {
         req.headers().get_all(name).iter().any(|v| {
@@ -523,7 +583,7 @@ fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
 }
 
-fn handle(
+async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -546,6 +606,7 @@ fn handle(
             text(StatusCode::OK, "text/html; charset=utf-8", DEMO_HTML)
         }
         ("GET", "/w2w.js") => text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS),
+        ("POST", "/spacerift") => spacerift(shared, req).await,
         _ => json_error(
             StatusCode::NOT_FOUND,
             "not_found",
