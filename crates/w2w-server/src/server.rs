@@ -505,6 +505,14 @@ fn json_error(status: StatusCode, error: &str, detail: &str) -> Response<Full<By
     )
 }
 
+fn cors(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
+        "access-control-allow-origin",
+        http::HeaderValue::from_static("*"),
+    );
+    r
+}
+
 fn json_status(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
@@ -606,7 +614,26 @@ async fn handle(
             text(StatusCode::OK, "text/html; charset=utf-8", DEMO_HTML)
         }
         ("GET", "/w2w.js") => text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS),
-        ("POST", "/spacerift") => spacerift(shared, req).await,
+        ("POST", "/spacerift") => cors(spacerift(shared, req).await),
+        // CORS preflight: pages served elsewhere may link peers here too
+        // (requests are authenticated by their signature, not by origin).
+        ("OPTIONS", "/spacerift") => {
+            let mut r = cors(text(StatusCode::NO_CONTENT, "text/plain", ""));
+            let h = r.headers_mut();
+            h.insert(
+                "access-control-allow-methods",
+                http::HeaderValue::from_static("POST, OPTIONS"),
+            );
+            h.insert(
+                "access-control-allow-headers",
+                http::HeaderValue::from_static("content-type"),
+            );
+            h.insert(
+                "access-control-max-age",
+                http::HeaderValue::from_static("600"),
+            );
+            r
+        }
         _ => json_error(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -423,6 +423,7 @@ impl Rifts {
 
     /// A CONNECT with a nonce: Bob's answer to the offer he was leased.
     fn answer(&mut self, req: Request, n: [u8; 16], now: Instant, nonce: [u8; 16]) -> Reply {
+        let namespaced = !req.namespace.is_empty();
         let Some(i) = self
             .offers
             .iter()
@@ -448,7 +449,7 @@ impl Rifts {
                 Reply::Wait(_) => {
                     // Bob sent an answer, not an offer: don't park it.
                     self.offers.pop_back();
-                    Reply::NoPeer { namespaced: false }
+                    Reply::NoPeer { namespaced }
                 }
                 r => r,
             },
