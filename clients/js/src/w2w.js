@@ -1631,7 +1631,7 @@ export class W2WError extends Error {
  */
 
 export const SPACERIFT_DOMAIN = ascii('w2w/v1 spacerift\0');
-export const SPACERIFT_TYPES = Object.freeze(['CONNECT', 'BOUNCE']);
+export const SPACERIFT_TYPES = Object.freeze(['CONNECT', 'BOUNCE', 'RTT']);
 /** Longest namespace, in UTF-8 bytes. */
 export const MAX_SPACERIFT_NAMESPACE = 64;
 /** Longest signal, in UTF-8 bytes. */
@@ -1746,6 +1746,17 @@ export async function spaceriftRequest(relayUrl, request, { fetch: doFetch = glo
     clearTimeout(timer);
     signal?.removeEventListener?.('abort', onAbort);
   }
+}
+
+/**
+ * Best-latency peer rotation: reports the round trip measured to a linked
+ * peer (e.g. over its data channel). The relay then prefers lower-latency
+ * offerers when it pairs this key again. Resolves the relay's answer.
+ */
+export async function reportRtt(relayUrl, identity, peer, rttMs, opts = {}) {
+  const signal = `${String(peer).toLowerCase()}:${Math.max(0, Math.round(rttMs))}`;
+  const body = signSpaceriftRequest(identity, { type: 'RTT', signal, ts: opts.ts ?? Date.now() });
+  return spaceriftRequest(relayUrl, body, opts);
 }
 
 const sleep = (ms, signal) =>

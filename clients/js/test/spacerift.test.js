@@ -9,7 +9,7 @@ import { createPrivateKey, createPublicKey, sign as nodeSign, verify as nodeVeri
 
 import {
   Identity, spaceriftMessage, signSpaceriftRequest, verifySpaceriftRequest, spaceriftUrl,
-  spaceriftRequest, SPACERIFT_DOMAIN, SPACERIFT_STATUS, toHex, fromHex, linkPeer, W2WError,
+  spaceriftRequest, SPACERIFT_DOMAIN, SPACERIFT_STATUS, toHex, fromHex, linkPeer, W2WError, reportRtt,
 } from '../src/w2w.js';
 import { startRelay, stopAll } from './relay.js';
 
@@ -151,6 +151,18 @@ describe('against the Rust relay (opaque signals)', { timeout: 10 * 60 * 1000 },
     const res = await fetch(`${relay.http}/spacerift`, { method: 'POST', headers: { 'content-type': contentType }, body });
     return { status: res.status, body: await res.json().catch(() => null) };
   };
+
+  it('RTT reports are signed and recorded (best-latency rotation); a malformed one is refused', async () => {
+    const me = Identity.generate();
+    const peer = Identity.generate();
+    const r = await reportRtt(relay.http, me, peer.address, 42.4);
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    assert.equal(r.body.type, 'NOTED');
+    await new Promise((res) => setTimeout(res, 1100)); // 1 request/s per key
+    const bad = await spaceriftRequest(relay.http, signSpaceriftRequest(me, { type: 'RTT', signal: 'not-a-report' }));
+    assert.equal(bad.status, 400);
+    assert.equal(bad.body.error, 'bad_request');
+  });
 
   it('CONNECT → DEMOTE → CONNECT(nonce) → DELIVERED, and the waiting CONNECT gets the ANSWER: 3 round trips', async () => {
     const alice = Identity.generate();

@@ -58,6 +58,8 @@ pub enum Reply {
     },
     /// Your answer was handed over.
     Delivered,
+    /// Your RTT report was recorded.
+    Noted,
     /// Nobody to pair with right now (no namespace / in this namespace).
     NoPeer {
         namespaced: bool,
@@ -75,7 +77,11 @@ impl Reply {
     /// The seed's HTTP status codes.
     pub fn status(&self) -> u16 {
         match self {
-            Reply::Demote { .. } | Reply::Answer { .. } | Reply::Delivered | Reply::Wait(_) => 200,
+            Reply::Demote { .. }
+            | Reply::Answer { .. }
+            | Reply::Delivered
+            | Reply::Noted
+            | Reply::Wait(_) => 200,
             Reply::NoPeer { namespaced: false } => 299,
             Reply::NoPeer { namespaced: true } => 298,
             Reply::RateLimited { .. } => 297,
@@ -97,6 +103,7 @@ impl Reply {
                 json!({"type": "ANSWER", "signal": signal, "peer": peer.to_hex()})
             }
             Reply::Delivered => json!({"type": "DELIVERED"}),
+            Reply::Noted => json!({"type": "NOTED"}),
             Reply::NoPeer { namespaced: false } => json!({"error": "no_peer"}),
             Reply::NoPeer { namespaced: true } => json!({"error": "no_namespace_peer"}),
             Reply::RateLimited { retry_after } => {
@@ -112,6 +119,10 @@ impl Reply {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub bounce: bool,
+    /// An RTT report (type "RTT", signal "<peer hex>:<milliseconds>"):
+    /// the measured round trip to a linked peer, used to prefer
+    /// lower-latency offers (best-latency peer rotation).
+    pub rtt: Option<(Address, u32)>,
     pub namespace: String,
     pub signal: String,
     pub nonce: Option<[u8; 16]>,
@@ -165,7 +176,7 @@ pub fn parse(body: &[u8], now_ms: u64, max_skew_ms: u64) -> Result<Request, Pars
     };
     let ty = string("type")?;
     let bounce = match ty {
-        "CONNECT" => false,
+        "CONNECT" | "RTT" => false,
         "BOUNCE" => true,
         other => {
             return Err(ParseError::Bad(
@@ -240,8 +251,24 @@ pub fn parse(body: &[u8], now_ms: u64, max_skew_ms: u64) -> Result<Request, Pars
     );
     key.verify(&msg, &sig)
         .map_err(|_| ParseError::Bad("bad_signature", "sig does not verify under key".into()))?;
+    let rtt = if ty == "RTT" {
+        let (peer, ms) = signal.split_once(':').ok_or(ParseError::Bad(
+            "bad_request",
+            "RTT signal is \"<peer hex>:<ms>\"".into(),
+        ))?;
+        let peer: Address = peer
+            .parse()
+            .map_err(|e| ParseError::Bad("bad_request", format!("RTT peer: {e}")))?;
+        let ms: u32 = ms.parse().map_err(|_| {
+            ParseError::Bad("bad_request", "RTT milliseconds must be an integer".into())
+        })?;
+        Some((peer, ms))
+    } else {
+        None
+    };
     Ok(Request {
         bounce,
+        rtt,
         namespace: namespace.to_owned(),
         signal: signal.to_owned(),
         nonce,
@@ -268,6 +295,8 @@ pub struct Rifts {
     pair_order: VecDeque<((Address, Address), Instant)>,
     last_request: HashMap<Address, Instant>,
     last_pairing: HashMap<Address, Instant>,
+    /// Reported round trips between pairs of keys (latest wins).
+    rtts: HashMap<(Address, Address), u32>,
 }
 
 fn pair(a: Address, b: Address) -> (Address, Address) {
@@ -349,6 +378,13 @@ impl Rifts {
             }
             self.last_request.insert(req.key, now);
         }
+        if let Some((peer, ms)) = req.rtt {
+            if self.rtts.len() >= MAX_KEYS {
+                self.rtts.clear(); // bounded; reports are refreshed by clients
+            }
+            self.rtts.insert(pair(req.key, peer), ms);
+            return Reply::Noted;
+        }
         match (req.bounce, req.nonce) {
             (false, Some(n)) => self.answer(req, n, now, nonce),
             (true, Some(n)) => {
@@ -389,12 +425,28 @@ impl Rifts {
             }
             true
         });
-        let candidate = self.offers.iter().position(|o| {
-            o.namespace == req.namespace
-                && o.key != req.key
-                && o.lease.is_none()
-                && !self.recently_paired(o.key, req.key, now)
-        });
+        // Best-latency rotation: among eligible offers, the one whose key
+        // reported (or was reported with) the lowest RTT to this requester;
+        // otherwise the oldest.
+        let candidate = self
+            .offers
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| {
+                o.namespace == req.namespace
+                    && o.key != req.key
+                    && o.lease.is_none()
+                    && !self.recently_paired(o.key, req.key, now)
+            })
+            .min_by_key(|(i, o)| {
+                let rtt = self
+                    .rtts
+                    .get(&pair(o.key, req.key))
+                    .copied()
+                    .unwrap_or(u32::MAX);
+                (rtt, *i)
+            })
+            .map(|(i, _)| i);
         if let Some(i) = candidate {
             let o = &mut self.offers[i];
             o.lease = Some((req.key, nonce, now + LEASE));
@@ -469,6 +521,7 @@ mod tests {
     fn req(key: u8, ns: &str, signal: &str, nonce: Option<[u8; 16]>, bounce: bool) -> Request {
         Request {
             bounce,
+            rtt: None,
             namespace: ns.into(),
             signal: signal.into(),
             nonce,
@@ -592,6 +645,30 @@ mod tests {
             Reply::Demote { peer, .. } => {
                 assert!(peer == Address([1; 32]) || peer == Address([2; 32]))
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lower_latency_offers_are_preferred() {
+        let mut r = Rifts::default();
+        let t = Instant::now();
+        let _a = r.handle(req(1, "", "offer-1", None, false), t, [1; 16]);
+        // 1 and 2 were paired recently, so both offers wait.
+        r.pairs.insert(pair(Address([1; 32]), Address([2; 32])), t);
+        let _b = r.handle(req(2, "", "offer-2", None, false), t, [2; 16]);
+        assert!(matches!(_b, Reply::Wait(_)));
+        // Key 3 reports 200 ms to key 1 and 20 ms to key 2.
+        for (peer, ms, n) in [(1u8, 200u32, 5u8), (2, 20, 6)] {
+            let mut q = req(3, "", "", None, false);
+            q.rtt = Some((Address([peer; 32]), ms));
+            let later = t + Duration::from_secs(n as u64);
+            assert!(matches!(r.handle(q, later, [n; 16]), Reply::Noted));
+        }
+        // Without the reports key 1 (the oldest offer) would be chosen.
+        let t2 = t + Duration::from_secs(10);
+        match r.handle(req(3, "", "offer-3", None, false), t2, [7; 16]) {
+            Reply::Demote { peer, .. } => assert_eq!(peer, Address([2; 32])),
             other => panic!("{other:?}"),
         }
     }
