@@ -84,8 +84,11 @@ impl LinkState {
         neighbors.sort_unstable();
         neighbors.dedup();
         neighbors.truncate(MAX_NEIGHBORS);
-        let mut url = url.to_owned();
-        url.truncate(MAX_URL_LEN);
+        let mut cut = url.len().min(MAX_URL_LEN);
+        while !url.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let url = url[..cut].to_owned();
         let me = relay.address();
         let sig = relay.sign(&Self::signed_bytes(&me, &url, seq, &neighbors));
         LinkState {

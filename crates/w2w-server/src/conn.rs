@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_websockets::{CloseCode, Message, WebSocketStream};
@@ -107,8 +107,24 @@ pub(crate) async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
 /// the peer's answer.
 pub(crate) async fn flush_close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // tokio-websockets queues 1009 for one oversized frame and 1002/1007
+        // for protocol violations, but not for an oversized *fragmented*
+        // message: send 1009 ourselves (harmlessly refused as AlreadyClosed
+        // when a close is already queued).
+        let _ = ws
+            .send(Message::close(
+                Some(CloseCode::MESSAGE_TOO_BIG),
+                "message too big",
+            ))
+            .await;
         let _ = ws.flush().await;
         while ws.next().await.is_some() {}
+        // Linger: half-close and drain, so unread input does not make the
+        // kernel reset the connection and destroy the close frame.
+        let io = ws.get_mut();
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 16 * 1024];
+        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
 }
@@ -264,6 +280,11 @@ fn read_error(shared: &Shared, e: tokio_websockets::Error) -> End {
         tracing::debug!(len, max_len, "frame too large");
         return End::Flush;
     }
+    if let tokio_websockets::Error::Protocol(p) = &e {
+        // The matching close (1002/1007) is queued: send it.
+        tracing::debug!(error = %p, "WebSocket protocol violation");
+        return End::Flush;
+    }
     End::Gone
 }
 
@@ -414,7 +435,7 @@ pub(crate) async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     match end {
         End::Gone => tracing::info!(address = %who.short(), "disconnected"),
         End::Flush => {
-            tracing::info!(address = %who.short(), "frame too large, closing");
+            tracing::info!(address = %who.short(), "frame too large or WebSocket protocol violation, closing");
             flush_close(ws).await;
         }
         End::Close(code, detail) => {
