@@ -164,6 +164,14 @@ struct Pending {
     deadline: Instant,
 }
 
+/// How many entries say "delivered".
+fn delivered_count(entries: &[ReceiptEntry]) -> u32 {
+    entries
+        .iter()
+        .filter(|e| e.status == Status::Delivered)
+        .count() as u32
+}
+
 /// Puts receipt entries in the order the sender listed the recipients.
 fn order_entries(entries: &mut [ReceiptEntry], order: &[Address]) {
     entries.sort_by_key(|e| order.iter().position(|a| *a == e.to).unwrap_or(usize::MAX));
@@ -245,11 +253,7 @@ fn summarize(
                 .iter()
                 .filter(|e| e.status == Status::Queued)
                 .count();
-            let ok = queued
-                + entries
-                    .iter()
-                    .filter(|e| e.status == Status::Delivered)
-                    .count();
+            let ok = queued + delivered_count(entries) as usize;
             if ok == entries.len() && queued > 0 {
                 (Status::Queued, 0)
             } else if ok == entries.len() {
@@ -791,10 +795,7 @@ impl Federation {
                             .map(|a| entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute))),
                     );
                 }
-                let delivered = entries
-                    .iter()
-                    .filter(|e| e.status == Status::Delivered)
-                    .count() as u32;
+                let delivered = delivered_count(&entries);
                 self.reply(
                     &st,
                     FwdReceipt {
@@ -975,11 +976,7 @@ impl Federation {
         order_entries(&mut p.entries, &p.order);
         match p.reply {
             PendingReply::Remote { origin } => {
-                let delivered = p
-                    .entries
-                    .iter()
-                    .filter(|e| e.status == Status::Delivered)
-                    .count() as u32;
+                let delivered = delivered_count(&p.entries);
                 self.reply(
                     st,
                     FwdReceipt {
@@ -1245,18 +1242,11 @@ impl Federation {
                 }
             }
         }
+        let delivered = delivered_count(&entries);
         if waiting.is_empty() {
-            let delivered = entries
-                .iter()
-                .filter(|e| e.status == Status::Delivered)
-                .count() as u32;
             order_entries(&mut entries, &order);
             return done(entries, delivered);
         }
-        let delivered = entries
-            .iter()
-            .filter(|e| e.status == Status::Delivered)
-            .count() as u32;
         st.pending.insert(
             (msg.id, self.me),
             Pending {
