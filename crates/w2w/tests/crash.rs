@@ -2,50 +2,17 @@
 //! SIGKILL of the relay process and arrive, in order and once, when the
 //! recipient comes back to the restarted relay.
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use w2w_client::{Client, ConnectOptions, Event};
 use w2w_proto::frame::Status;
 use w2w_proto::{Dest, Identity};
 
-const BIN: &str = env!("CARGO_BIN_EXE_w2w");
+mod common;
+use common::{port, serve};
 
-struct Relay {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &std::path::Path, listen: &str) -> Relay {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", listen, "--data"])
-        .arg(data)
-        .env("HOME", data)
-        .env("XDG_CONFIG_HOME", data.join("cfg"))
-        .env("W2W_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = line
-        .trim()
-        .strip_prefix("w2w relay listening on ")
-        .expect("serve prints its URL")
-        .to_string();
-    Relay { child, url }
+fn start(data: &std::path::Path, listen: &str) -> common::ServeProc {
+    serve(data, listen, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,12 +49,7 @@ async fn queued_messages_survive_sigkill() {
     }
 
     // SIGKILL: no shutdown path runs.
-    let port = url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
+    let port = port(&url);
     drop(relay);
     let _relay = start(data.path(), &format!("127.0.0.1:{port}"));
 
@@ -116,12 +78,7 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     let data = tempfile::tempdir().unwrap();
     let relay = start(data.path(), "127.0.0.1:0");
     let url = relay.url.clone();
-    let port = url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
+    let port = port(&url);
     let mut bob = Client::connect(
         Identity::from_seed(rand::random()),
         ConnectOptions::new(&url),

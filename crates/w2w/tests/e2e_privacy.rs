@@ -6,7 +6,6 @@
 //! unmasked, so masking cannot hide a plaintext. A plain (unsealed) control
 //! message must be visible in the same recordings, proving they see payloads.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,41 +15,16 @@ use w2w_client::{Client, ConnectOptions, Event, Security};
 use w2w_proto::frame::{RequestOp, ResponseBody, Status};
 use w2w_proto::{Dest, Identity};
 
-const BIN: &str = env!("CARGO_BIN_EXE_w2w");
+mod common;
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(data: &std::path::Path, peers: &[String]) -> (Proc, String) {
-    use std::io::BufRead;
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .env("HOME", data)
-        .env("XDG_CONFIG_HOME", data.join("cfg"))
-        .env("W2W_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for p in peers {
-        cmd.arg("--peer").arg(p);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = line
-        .trim()
-        .strip_prefix("w2w relay listening on ")
-        .expect("serve prints its URL")
-        .to_string();
-    (Proc(child), url)
+fn serve(data: &std::path::Path, peers: &[String]) -> (common::ServeProc, String) {
+    let extra: Vec<String> = peers
+        .iter()
+        .flat_map(|p| ["--peer".to_string(), p.clone()])
+        .collect();
+    let p = common::serve(data, "127.0.0.1:0", &extra);
+    let url = p.url.clone();
+    (p, url)
 }
 
 /// Bytes seen by a proxy, per direction: (client → server, server → client).

@@ -12,125 +12,68 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use w2w_client::{Client, ConnectOptions, Event};
 use w2w_proto::frame::{RequestOp, ResponseBody, Scope, Status};
 use w2w_proto::{Address, Dest, ErrorCode, Identity};
 
-const BIN: &str = env!("CARGO_BIN_EXE_w2w");
+mod common;
+
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A relay child process, killed on drop.
+/// A relay child process (killed on drop) and what is needed to restart it.
 struct RelayProc {
-    child: Child,
+    proc: common::ServeProc,
     url: String,
     key: Address,
     data: tempfile::TempDir,
     port: u16,
-    peers: Vec<String>,
-    extra: Vec<String>,
+    args: Vec<String>,
 }
 
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(
-    data: &std::path::Path,
-    port: u16,
-    peers: &[String],
-    extra: &[String],
-) -> (Child, String, Address) {
+/// `w2w serve` with short liveness and receipt timeouts, peers and `extra`.
+fn spawn(data: &std::path::Path, port: u16, args: &[String]) -> common::ServeProc {
     let config = data.join("test.toml");
     std::fs::write(
         &config,
         "[limits]\nping_interval_ms = 500\nping_timeout_ms = 500\n\n[federation]\nreceipt_timeout_ms = 3000\n",
     )
     .unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data")
-        .arg(data)
-        .arg("--config")
-        .arg(&config)
-        .env("HOME", data)
-        .env("XDG_CONFIG_HOME", data.join("cfg"))
-        .env("W2W_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for p in peers {
-        cmd.arg("--peer").arg(p);
-    }
-    cmd.args(extra);
-    let mut child = cmd.spawn().expect("spawning w2w serve");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut url, mut key) = (None, None);
-    let deadline = Instant::now() + WAIT;
-    while (url.is_none() || key.is_none()) && Instant::now() < deadline {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        if let Some(u) = line.trim().strip_prefix("w2w relay listening on ") {
-            url = Some(u.to_string());
-        }
-        if let Some(k) = line.trim().strip_prefix("relay key") {
-            key = Some(k.trim().parse().unwrap());
-        }
-    }
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut out, &mut std::io::sink());
-    });
-    (
-        child,
-        url.expect("relay printed no URL"),
-        key.expect("relay printed no key"),
-    )
+    let mut all = vec!["--config".to_string(), config.display().to_string()];
+    all.extend_from_slice(args);
+    common::serve(data, &format!("127.0.0.1:{port}"), &all)
 }
 
 impl RelayProc {
     fn start(peers: Vec<String>, extra: &[&str]) -> RelayProc {
         let data = tempfile::tempdir().unwrap();
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (child, url, key) = spawn(data.path(), 0, &peers, &extra);
-        let port = url
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .trim_end_matches('/')
-            .parse()
-            .unwrap();
+        let mut args: Vec<String> = peers
+            .iter()
+            .flat_map(|p| ["--peer".to_string(), p.clone()])
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = spawn(data.path(), 0, &args);
         RelayProc {
-            child,
-            url,
-            key,
+            url: proc.url.clone(),
+            key: proc.key,
+            port: common::port(&proc.url),
+            proc,
             data,
-            port,
-            peers,
-            extra,
+            args,
         }
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 
     /// Starts the relay again on the same port and data dir (same key).
     fn restart(&mut self) {
-        let (child, url, key) = spawn(self.data.path(), self.port, &self.peers, &self.extra);
-        assert_eq!((url.as_str(), key), (self.url.as_str(), self.key));
-        self.child = child;
+        let proc = spawn(self.data.path(), self.port, &self.args);
+        assert_eq!((proc.url.as_str(), proc.key), (self.url.as_str(), self.key));
+        self.proc = proc;
     }
 
     fn metric(&self, name: &str) -> Option<f64> {
