@@ -179,7 +179,20 @@ pub async fn connect_raw(opts: &ConnectOptions) -> Result<RelaySocket, ClientErr
             url: opts.url.clone(),
             source,
         })?;
+    set_nodelay(&ws);
     Ok(ws)
+}
+
+/// Small frames (MSG, ACK) go out at once instead of waiting for Nagle's
+/// algorithm (up to 40 ms with delayed ACKs).
+fn set_nodelay(ws: &RelaySocket) {
+    let tcp = match ws.get_ref() {
+        MaybeTlsStream::Plain(t) => t,
+        MaybeTlsStream::Rustls(t) => t.get_ref().0,
+        #[allow(unreachable_patterns)]
+        _ => return,
+    };
+    let _ = tcp.set_nodelay(true);
 }
 
 /// Milliseconds since the Unix epoch.

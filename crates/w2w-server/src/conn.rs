@@ -378,9 +378,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if shared.router.remove(&outbox) {
         shared.fed.local_leave(&address);
     }
-    // Handed over but never acknowledged: still stored, so "queued".
-    for key in outbox.take_waiters() {
-        shared.fed.ack_lost(key, address);
+    // Handed over but never acknowledged: stored ones stay stored
+    // ("queued"); ones handed over unstored are stored now.
+    for (_, handed) in outbox.take_waiters() {
+        if let Some(key) = handed.waiter {
+            shared.fed.ack_lost(key, address, handed.unstored);
+        }
     }
     shared.metrics.registered.fetch_sub(1, Relaxed);
     // Give back the queue's share of the queued-bytes gauge.
@@ -404,7 +407,10 @@ async fn drain_queue(shared: Arc<Shared>, outbox: Arc<Outbox>) {
     loop {
         let batch = match shared.store.queued(outbox.address, after, 64).await {
             Ok(b) if !b.is_empty() => b,
-            Ok(_) => return,
+            Ok(_) => {
+                outbox.set_live();
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reading the queue");
                 return;
@@ -614,11 +620,17 @@ impl Handler for Session<'_> {
             Ok(ClientToRelay::Ack(ids)) => {
                 let recipient = self.outbox.address;
                 for id in ids {
-                    let Some(waiter) = self.outbox.acked_from_queue(&id) else {
+                    let Some(handed) = self.outbox.acked_from_queue(&id) else {
                         continue;
                     };
-                    if let Some(key) = waiter {
-                        self.shared.fed.on_ack(key, recipient);
+                    let stored = match handed.waiter {
+                        Some(key) => self.shared.fed.on_ack(key, recipient),
+                        None => true,
+                    };
+                    // Handed over unstored and acknowledged in time: the
+                    // store never saw it.
+                    if handed.unstored.is_some() && !stored {
+                        continue;
                     }
                     let store = self.shared.store.clone();
                     tokio::spawn(async move {

@@ -124,6 +124,10 @@ pub enum QueueReply {
     Local,
     /// The origin relay is waiting for a FWD_RECEIPT.
     Remote { origin: Address },
+    /// The message was handed to these (connected) recipients before being
+    /// stored and was not acknowledged in time: once stored, the pending
+    /// receipt `key` reports them `queued`.
+    AckMissed { key: PendingKey },
 }
 
 /// Work for the queue writer: store `frame` durably for each offline
@@ -162,6 +166,36 @@ struct Pending {
     /// The destinations in request order; receipt entries follow it.
     order: Vec<Address>,
     deadline: Instant,
+    /// The MSG frame, kept while recipients hold it unstored.
+    frame: Bytes,
+    /// Recipients (of `awaiting_ack`) handed the message before it was
+    /// stored: if their ACK does not come, it is stored for them then.
+    unstored: HashSet<Address>,
+    /// Recipients (of `awaiting_ack`) whose late store write is in flight.
+    storing: HashSet<Address>,
+}
+
+impl Pending {
+    fn new(
+        reply: PendingReply,
+        route: w2w_proto::frame::Route,
+        order: Vec<Address>,
+        timeout: Duration,
+    ) -> Self {
+        Pending {
+            reply,
+            awaiting_ack: HashSet::new(),
+            route,
+            entries: Vec::new(),
+            delivered: 0,
+            waiting: HashMap::new(),
+            order,
+            deadline: Instant::now() + timeout,
+            frame: Bytes::new(),
+            unstored: HashSet::new(),
+            storing: HashSet::new(),
+        }
+    }
 }
 
 /// How many entries say "delivered".
@@ -361,36 +395,36 @@ impl Federation {
         awaiting: Vec<Address>,
     ) -> PendingKey {
         let mut st = self.lock();
-        match job.reply {
-            QueueReply::Remote { origin } => {
-                let key = (job.id, origin);
-                let p = Pending {
-                    reply: PendingReply::Remote { origin },
-                    awaiting_ack: awaiting.into_iter().collect(),
-                    route: w2w_proto::frame::Route::A2g,
-                    entries,
-                    delivered: 0,
-                    waiting: HashMap::new(),
-                    order: job.recipients.clone(),
-                    deadline: Instant::now()
-                        + Duration::from_millis(self.config.receipt_timeout_ms),
-                };
-                st.pending.insert(key, p);
-                self.maybe_finish(&mut st, key);
-                key
-            }
-            QueueReply::Local => {
-                let key = (job.id, self.me);
+        let key = match job.reply {
+            QueueReply::Remote { origin } => (job.id, origin),
+            QueueReply::Local => (job.id, self.me),
+            QueueReply::AckMissed { key } => {
+                // Late store writes for recipients that did not ACK: an
+                // ACK that came meanwhile already settled the entry.
                 if let Some(p) = st.pending.get_mut(&key) {
-                    if p.waiting.remove(&self.me).is_some() {
-                        p.entries.extend(entries);
-                        p.awaiting_ack.extend(awaiting);
+                    for e in entries {
+                        if p.storing.remove(&e.to) && p.awaiting_ack.remove(&e.to) {
+                            if e.status == Status::Queued {
+                                self.metrics.queued_total.fetch_add(1, Relaxed);
+                            }
+                            p.entries.push(e);
+                        }
                     }
                 }
                 self.maybe_finish(&mut st, key);
-                key
+                return key;
+            }
+        };
+        // No pending: it expired while the store write was in flight, and
+        // the receipt has gone out already (those recipients timed out).
+        if let Some(p) = st.pending.get_mut(&key) {
+            if p.waiting.remove(&self.me).is_some() {
+                p.entries.extend(entries);
+                p.awaiting_ack.extend(awaiting);
             }
         }
+        self.maybe_finish(&mut st, key);
+        key
     }
 
     /// Sets the URL this relay advertises in its link state.
@@ -765,48 +799,75 @@ impl Federation {
         }
         match f.target {
             ForwardTarget::Relay { relay, to } if relay == self.me => {
+                let key = (msg.id, f.origin);
                 let mut entries = Vec::with_capacity(to.len());
                 let mut offline = Vec::new();
-                // Every recipient of ours, online or not, is stored first
-                // and delivered from the store (see `dispatch`).
+                let mut direct = HashSet::new();
+                // Connected recipients get it at once and it is stored only
+                // if their ACK does not come; others are stored (see
+                // `dispatch`).
                 for a in &to {
-                    if router.get(a).is_some() && !self.config.durable_delivery {
-                        entries.push(self.deliver_now(router, a, &f.msg, msg.id));
-                    } else if router.get(a).is_some() || self.is_known(a) {
-                        offline.push(*a);
-                    } else {
-                        entries.push(entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute)));
+                    match router.get(a) {
+                        Some(_) if !self.config.durable_delivery => {
+                            entries.push(self.deliver_now(router, a, &f.msg, msg.id));
+                        }
+                        Some(o) if o.is_live() && o.hand_over(msg.id, &f.msg, key).is_ok() => {
+                            self.delivered_event(msg.id, *a);
+                            direct.insert(*a);
+                        }
+                        Some(_) => offline.push(*a),
+                        None if self.is_known(a) => offline.push(*a),
+                        None => entries.push(entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute))),
                     }
                 }
+                if direct.is_empty() && offline.is_empty() {
+                    let delivered = delivered_count(&entries);
+                    self.reply(
+                        &st,
+                        FwdReceipt {
+                            origin: f.origin,
+                            reporter: self.me,
+                            id: msg.id,
+                            hops: 0,
+                            delivered,
+                            entries,
+                        },
+                    );
+                    return;
+                }
+                let mut p = Pending::new(
+                    PendingReply::Remote { origin: f.origin },
+                    w2w_proto::frame::Route::A2g,
+                    to.clone(),
+                    Duration::from_millis(self.config.receipt_timeout_ms),
+                );
+                if !direct.is_empty() {
+                    p.frame = f.msg.clone();
+                }
+                p.awaiting_ack = direct.clone();
+                p.unstored = direct;
                 if !offline.is_empty() {
                     let job = QueueJob {
                         id: msg.id,
                         frame: f.msg.clone(),
                         recipients: offline.clone(),
-                        prior: entries.clone(),
+                        prior: Vec::new(),
                         reply: QueueReply::Remote { origin: f.origin },
                     };
                     if self.queue(job) {
-                        return;
+                        p.waiting.insert(self.me, offline);
+                    } else {
+                        entries.extend(
+                            offline
+                                .iter()
+                                .map(|a| entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute))),
+                        );
                     }
-                    entries.extend(
-                        offline
-                            .iter()
-                            .map(|a| entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute))),
-                    );
                 }
-                let delivered = delivered_count(&entries);
-                self.reply(
-                    &st,
-                    FwdReceipt {
-                        origin: f.origin,
-                        reporter: self.me,
-                        id: msg.id,
-                        hops: 0,
-                        delivered,
-                        entries,
-                    },
-                );
+                p.delivered = delivered_count(&entries);
+                p.entries = entries;
+                st.pending.insert(key, p);
+                self.maybe_finish(&mut st, key);
             }
             ForwardTarget::Relay { relay, to } => {
                 let fail = |code: ErrorCode, st: &State| {
@@ -947,29 +1008,66 @@ impl Federation {
     }
 
     /// A recipient acknowledged a message it was handed: "delivered".
-    pub fn on_ack(&self, key: PendingKey, recipient: Address) {
-        self.ack_outcome(key, recipient, Status::Delivered);
-    }
-
-    /// A recipient went away before acknowledging: the message stays stored
-    /// for it, so the entry is "queued".
-    pub fn ack_lost(&self, key: PendingKey, recipient: Address) {
-        self.ack_outcome(key, recipient, Status::Queued);
-    }
-
-    fn ack_outcome(&self, key: PendingKey, recipient: Address, status: Status) {
+    /// Returns whether a stored copy may exist (to be deleted): false only
+    /// if it was handed over unstored and is known never to have been
+    /// written.
+    pub fn on_ack(&self, key: PendingKey, recipient: Address) -> bool {
         let mut st = self.lock();
+        let Some(p) = st.pending.get_mut(&key) else {
+            return true;
+        };
+        let never_stored = p.unstored.remove(&recipient);
+        p.storing.remove(&recipient);
+        if p.awaiting_ack.remove(&recipient) {
+            p.entries.push(entry(recipient, Status::Delivered, None));
+            p.delivered += 1;
+            self.maybe_finish(&mut st, key);
+        }
+        !never_stored
+    }
+
+    /// A recipient went away before acknowledging. A stored message stays
+    /// stored for it ("queued"); one handed over unstored (`unstored` is
+    /// its frame) is stored now and reported once written.
+    pub fn ack_lost(&self, key: PendingKey, recipient: Address, unstored: Option<Bytes>) {
+        let mut st = self.lock();
+        // Settled already (by a late write that has finished), or being
+        // written: nothing to do.
         let Some(p) = st.pending.get_mut(&key) else {
             return;
         };
-        if !p.awaiting_ack.remove(&recipient) {
+        if p.storing.contains(&recipient) || !p.awaiting_ack.contains(&recipient) {
             return;
         }
-        p.entries.push(entry(recipient, status, None));
-        if status == Status::Delivered {
-            p.delivered += 1;
+        if unstored.is_some() && p.unstored.remove(&recipient) {
+            p.storing.insert(recipient);
+            let frame = p.frame.clone();
+            if !self.queue_late(key, frame, vec![recipient]) {
+                p.storing.remove(&recipient);
+                p.awaiting_ack.remove(&recipient);
+                p.entries.push(entry(
+                    recipient,
+                    Status::Rejected,
+                    Some(ErrorCode::Internal),
+                ));
+                self.maybe_finish(&mut st, key);
+            }
+            return;
         }
+        p.awaiting_ack.remove(&recipient);
+        p.entries.push(entry(recipient, Status::Queued, None));
         self.maybe_finish(&mut st, key);
+    }
+
+    /// Stores a message handed over unstored whose ACK did not come.
+    fn queue_late(&self, key: PendingKey, frame: Bytes, recipients: Vec<Address>) -> bool {
+        self.queue(QueueJob {
+            id: key.0,
+            frame,
+            recipients,
+            prior: Vec::new(),
+            reply: QueueReply::AckMissed { key },
+        })
     }
 
     fn finish(&self, st: &State, id: MsgId, mut p: Pending) {
@@ -1022,21 +1120,51 @@ impl Federation {
             .filter(|(_, p)| p.deadline <= now)
             .map(|(k, _)| *k)
             .collect();
+        let timeout = Duration::from_millis(self.config.receipt_timeout_ms);
         for key in expired {
-            if let Some(mut p) = st.pending.remove(&key) {
+            let Some(mut p) = st.pending.remove(&key) else {
+                continue;
+            };
+            if !p.waiting.is_empty() {
                 self.metrics.error(ErrorCode::Timeout);
-                for (_, addrs) in p.waiting.drain() {
-                    for a in addrs {
+            }
+            for (_, addrs) in p.waiting.drain() {
+                for a in addrs {
+                    p.entries
+                        .push(entry(a, Status::NoRoute, Some(ErrorCode::Timeout)));
+                }
+            }
+            // Handed over unstored and not acknowledged in time: store it
+            // now; the receipt waits for that write.
+            let late: Vec<Address> = p.unstored.drain().collect();
+            if !late.is_empty() {
+                if self.queue_late(key, p.frame.clone(), late.clone()) {
+                    p.storing.extend(late);
+                } else {
+                    for a in late {
+                        p.awaiting_ack.remove(&a);
                         p.entries
-                            .push(entry(a, Status::NoRoute, Some(ErrorCode::Timeout)));
+                            .push(entry(a, Status::Rejected, Some(ErrorCode::Internal)));
                     }
                 }
-                // Handed over but not acknowledged in time: still stored,
-                // so it will be delivered (again) on the next connection.
-                for a in p.awaiting_ack.drain() {
-                    p.entries.push(entry(a, Status::Queued, None));
-                }
+            }
+            // Stored, handed over, not acknowledged in time: it will be
+            // delivered (again) on the next connection.
+            let stored: Vec<Address> = p
+                .awaiting_ack
+                .iter()
+                .filter(|a| !p.storing.contains(*a))
+                .copied()
+                .collect();
+            for a in stored {
+                p.awaiting_ack.remove(&a);
+                p.entries.push(entry(a, Status::Queued, None));
+            }
+            if p.awaiting_ack.is_empty() {
                 self.finish(&st, key.0, p);
+            } else {
+                p.deadline = now + timeout;
+                st.pending.insert(key, p);
             }
         }
     }
@@ -1120,20 +1248,15 @@ impl Federation {
                     }
                 }
                 let waiting = st.routes.keys().map(|r| (*r, Vec::new())).collect();
-                st.pending.insert(
-                    (msg.id, self.me),
-                    Pending {
-                        reply: PendingReply::Local(sender.clone()),
-                        awaiting_ack: HashSet::new(),
-                        route,
-                        entries: Vec::new(),
-                        delivered,
-                        waiting,
-                        order: Vec::new(),
-                        deadline: Instant::now()
-                            + Duration::from_millis(self.config.receipt_timeout_ms),
-                    },
+                let mut p = Pending::new(
+                    PendingReply::Local(sender.clone()),
+                    route,
+                    Vec::new(),
+                    Duration::from_millis(self.config.receipt_timeout_ms),
                 );
+                p.delivered = delivered;
+                p.waiting = waiting;
+                st.pending.insert((msg.id, self.me), p);
                 return Dispatch::Pending;
             }
             Dest::A2b(to) => vec![*to],
@@ -1165,15 +1288,24 @@ impl Federation {
             drop(st);
             return reject(ErrorCode::Duplicate);
         }
+        let key = (msg.id, self.me);
+        let mut direct = HashSet::new();
         for t in targets {
-            // Ours (connected, or registered here before): stored durably,
-            // then delivered if connected. "delivered" and "queued" receipts
-            // both mean the message is on disk.
-            if router.get(&t).is_some() {
-                if self.config.durable_delivery {
-                    offline.push(t);
-                } else {
+            // Ours and connected: handed over at once; "delivered" once it
+            // ACKs. Only if the ACK does not come in time (or the
+            // connection ends first) is it stored, and reported "queued"
+            // once on disk. Ours and offline (registered here before), or
+            // connected but still taking its stored backlog: stored first.
+            // Either way the relay's receipt means the recipient has it or
+            // it is on disk.
+            if let Some(o) = router.get(&t) {
+                if !self.config.durable_delivery {
                     entries.push(self.deliver_now(router, &t, frame, msg.id));
+                } else if o.is_live() && o.hand_over(msg.id, frame, key).is_ok() {
+                    self.delivered_event(msg.id, t);
+                    direct.insert(t);
+                } else {
+                    offline.push(t);
                 }
                 continue;
             }
@@ -1243,23 +1375,25 @@ impl Federation {
             }
         }
         let delivered = delivered_count(&entries);
-        if waiting.is_empty() {
+        if waiting.is_empty() && direct.is_empty() {
             order_entries(&mut entries, &order);
             return done(entries, delivered);
         }
-        st.pending.insert(
-            (msg.id, self.me),
-            Pending {
-                reply: PendingReply::Local(sender.clone()),
-                awaiting_ack: HashSet::new(),
-                route,
-                entries,
-                delivered,
-                waiting,
-                order,
-                deadline: Instant::now() + Duration::from_millis(self.config.receipt_timeout_ms),
-            },
+        let mut p = Pending::new(
+            PendingReply::Local(sender.clone()),
+            route,
+            order,
+            Duration::from_millis(self.config.receipt_timeout_ms),
         );
+        if !direct.is_empty() {
+            p.frame = frame.clone();
+        }
+        p.awaiting_ack = direct.clone();
+        p.unstored = direct;
+        p.entries = entries;
+        p.delivered = delivered;
+        p.waiting = waiting;
+        st.pending.insert(key, p);
         Dispatch::Pending
     }
 }

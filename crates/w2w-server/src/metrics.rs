@@ -43,8 +43,11 @@ pub struct Metrics {
     pub known_addresses: AtomicI64,
     /// Federation: FORWARD frames sent to peers.
     pub forwarded: AtomicU64,
-    /// Messages stored for offline recipients.
+    /// Receipt entries that said "queued" (stored for later delivery).
     pub queued_total: AtomicU64,
+    /// Message copies written to the store (one per recipient). Messages a
+    /// connected recipient acknowledged in time are never written.
+    pub stored_total: AtomicU64,
     messages: [AtomicU64; 5],
     receipts: [AtomicU64; 5],
     /// Errors and drops by [`ErrorCode`] (index = code).
@@ -69,6 +72,7 @@ impl Default for Metrics {
             known_addresses: AtomicI64::new(0),
             forwarded: AtomicU64::new(0),
             queued_total: AtomicU64::new(0),
+            stored_total: AtomicU64::new(0),
             messages: std::array::from_fn(|_| AtomicU64::new(0)),
             receipts: std::array::from_fn(|_| AtomicU64::new(0)),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -173,8 +177,13 @@ impl Metrics {
         );
         counter(
             "w2w_queued_total",
-            "Messages stored durably for offline recipients.",
+            "Receipt entries reporting a message stored for later delivery.",
             self.queued_total.load(Relaxed),
+        );
+        counter(
+            "w2w_stored_total",
+            "Message copies written to the durable queue (one per recipient).",
+            self.stored_total.load(Relaxed),
         );
         counter(
             "w2w_requests_total",

@@ -38,12 +38,25 @@ pub struct Outbox {
     close: Notify,
     /// Whether this connection asked for join/leave notices.
     pub presence: AtomicBool,
-    /// Ids of messages delivered from the store-and-forward queue and not
-    /// yet acknowledged: an ACK for one of these deletes it from the store.
-    /// The value is the pending receipt this message's ACK completes, if any.
-    from_queue:
-        std::sync::Mutex<HashMap<w2w_proto::frame::MsgId, Option<crate::federation::PendingKey>>>,
+    /// Messages handed to this connection whose ACK the relay waits for:
+    /// stored ones (an ACK deletes the stored copy) and ones handed over
+    /// before being stored (stored only if no ACK comes).
+    from_queue: std::sync::Mutex<HashMap<w2w_proto::frame::MsgId, Handed>>,
+    /// Set once the stored backlog has been handed over (see
+    /// `conn::drain_queue`); until then new messages go through the store
+    /// too, so they cannot overtake older stored ones.
+    live: AtomicBool,
     metrics: Arc<Metrics>,
+}
+
+/// A message handed to a connection and not yet acknowledged.
+#[derive(Debug, Clone)]
+pub struct Handed {
+    /// The pending receipt its ACK completes, if any.
+    pub waiter: Option<crate::federation::PendingKey>,
+    /// `Some(frame)`: handed over without being stored first; if the
+    /// connection ends before the ACK, the relay stores it then.
+    pub unstored: Option<Bytes>,
 }
 
 impl Outbox {
@@ -64,6 +77,7 @@ impl Outbox {
             close: Notify::new(),
             presence: AtomicBool::new(false),
             from_queue: Default::default(),
+            live: AtomicBool::new(false),
             metrics,
         };
         (Arc::new(o), rx)
@@ -111,34 +125,73 @@ impl Outbox {
     ) -> Result<(), EnqueueError> {
         {
             let mut m = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = m.entry(id).or_insert(None);
+            let slot = m.entry(id).or_insert(Handed {
+                waiter: None,
+                unstored: None,
+            });
+            slot.unstored = None;
             if waiter.is_some() {
-                *slot = waiter;
+                slot.waiter = waiter;
             }
         }
         self.try_enqueue(frame)
     }
 
-    /// `Some` if `id` came from the store (forgetting it), with the receipt
-    /// its ACK completes.
-    pub fn acked_from_queue(
+    /// Hands a message over before it is stored; the relay waits for its
+    /// ACK under `waiter`. Refused (nothing remembered) if the message could
+    /// not be queued, or if the same id is already waiting here.
+    pub fn hand_over(
         &self,
-        id: &w2w_proto::frame::MsgId,
-    ) -> Option<Option<crate::federation::PendingKey>> {
+        id: w2w_proto::frame::MsgId,
+        frame: &Bytes,
+        waiter: crate::federation::PendingKey,
+    ) -> Result<(), EnqueueError> {
+        {
+            let mut m = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
+            if m.contains_key(&id) {
+                return Err(EnqueueError::Closed);
+            }
+            m.insert(
+                id,
+                Handed {
+                    waiter: Some(waiter),
+                    unstored: Some(frame.clone()),
+                },
+            );
+        }
+        self.try_enqueue(frame.clone()).inspect_err(|_| {
+            self.from_queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        })
+    }
+
+    /// The hand-over record for `id`, if one was waiting (forgetting it).
+    pub fn acked_from_queue(&self, id: &w2w_proto::frame::MsgId) -> Option<Handed> {
         self.from_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id)
     }
 
-    /// Receipts still waiting for this connection's ACKs (on close).
-    pub fn take_waiters(&self) -> Vec<crate::federation::PendingKey> {
+    /// Everything still waiting for this connection's ACKs (on close).
+    pub fn take_waiters(&self) -> Vec<(w2w_proto::frame::MsgId, Handed)> {
         self.from_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain()
-            .filter_map(|(_, w)| w)
             .collect()
+    }
+
+    /// Whether the stored backlog has been handed over (new messages may
+    /// then be handed over directly).
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn set_live(&self) {
+        self.live.store(true, Ordering::Release);
     }
 
     /// Whether the connection has been asked to close.

@@ -333,6 +333,10 @@ async fn queue_writer(
                 expires_ms: now.saturating_add(shared.limits.queue_ttl_ms),
                 quota: shared.limits.queue_quota,
             };
+            shared
+                .metrics
+                .stored_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             waits.push((*to, shared.store.submit(w).await));
         }
         if done_tx.send((job, waits)).is_err() {
@@ -360,6 +364,9 @@ async fn queue_completer(
     use w2w_proto::frame::{ReceiptEntry, Status};
     use w2w_proto::ErrorCode;
     while let Some((job, waits)) = rx.recv().await {
+        // A late write for recipients that already hold the message: once
+        // on disk they are "queued" (their ACK, if it comes, deletes it).
+        let late = matches!(job.reply, crate::federation::QueueReply::AckMissed { .. });
         let mut entries = job.prior.clone();
         // Stored and connected: handed over once the receipt is set up to
         // wait for the recipient's ACK ("delivered" means acknowledged).
@@ -370,6 +377,7 @@ async fn queue_completer(
                 Err(e) => Err(e.to_string()),
             };
             let (status, reason) = match outcome {
+                Ok(Outcome::Done) if late => (Status::Queued, 0),
                 Ok(Outcome::Done) => match shared.router.get(&to) {
                     Some(o) => {
                         handover.push(o);
@@ -400,7 +408,7 @@ async fn queue_completer(
                 shared.fed.delivered_event(id, o.address);
             } else {
                 shared.metrics.queued_total.fetch_add(1, Relaxed);
-                shared.fed.ack_lost(key, o.address);
+                shared.fed.ack_lost(key, o.address, None);
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The relay against real WebSocket clients on loopback.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -1170,4 +1171,95 @@ async fn named_groups_reach_members_only_and_check_rights() {
         ),
         "{e}"
     );
+}
+
+/// Waits until `relay`'s store-and-forward queue holds `n` rows.
+async fn queue_rows(dir: &std::path::Path, n: i64) {
+    let db = rusqlite::Connection::open(dir.join("w2w.sqlite")).unwrap();
+    let mut rows = -1;
+    for _ in 0..200 {
+        rows = db
+            .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
+            .unwrap();
+        if rows == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("queue has {rows} rows, expected {n}");
+}
+
+#[tokio::test]
+async fn acknowledged_messages_are_never_written_to_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.limits = no_rate_limit();
+    let relay = Relay::start(cfg).await.unwrap();
+    let alice = client(&relay).await;
+    let mut bob = client(&relay).await;
+    // Let bob's (empty) stored backlog be handed over first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..50 {
+        let r = alice
+            .send(Dest::A2b(bob.address()), format!("m{i}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Delivered, "{r:?}");
+        assert_eq!(recv_msg(&mut bob).await.body, format!("m{i}").as_bytes());
+    }
+    let r = alice.send(Dest::A2a, "to myself").await.unwrap();
+    assert_eq!(r.status, Status::Delivered, "{r:?}");
+    assert_eq!(
+        relay.metrics().stored_total.load(Ordering::Relaxed),
+        0,
+        "a message its connected recipient acknowledged was written to disk"
+    );
+    queue_rows(dir.path(), 0).await;
+}
+
+#[tokio::test]
+async fn unacknowledged_handover_is_stored_then_redelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.limits = no_rate_limit();
+    cfg.federation.receipt_timeout_ms = 300;
+    let relay = Relay::start(cfg).await.unwrap();
+    let alice = client(&relay).await;
+    // Bob reads but never acknowledges.
+    let (mut bob_ws, bob) = raw_registered(&relay).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stored = || relay.metrics().stored_total.load(Ordering::Relaxed);
+
+    // 1. No ACK in time: stored, then reported "queued".
+    let r = alice.send(Dest::A2b(bob.address()), "m1").await.unwrap();
+    assert!(matches!(next(&mut bob_ws).await, Ok(RelayToClient::Msg(_))));
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    assert_eq!(stored(), 1);
+    queue_rows(dir.path(), 1).await;
+
+    // 2. The connection ends before the ACK: stored then, "queued".
+    let send = {
+        let to = bob.address();
+        let alice = &alice;
+        async move { alice.send(Dest::A2b(to), "m2").await.unwrap() }
+    };
+    let read_then_drop = async {
+        assert!(matches!(next(&mut bob_ws).await, Ok(RelayToClient::Msg(_))));
+        drop(bob_ws);
+    };
+    let (r, ()) = tokio::join!(send, read_then_drop);
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    assert_eq!(stored(), 2);
+    queue_rows(dir.path(), 2).await;
+
+    // Bob comes back: both, in order, once; acknowledged, they are deleted.
+    let mut bob = Client::connect(bob, ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    assert_eq!(&recv_msg(&mut bob).await.body[..], b"m1");
+    assert_eq!(&recv_msg(&mut bob).await.body[..], b"m2");
+    expect_silence(&mut bob).await;
+    queue_rows(dir.path(), 0).await;
 }

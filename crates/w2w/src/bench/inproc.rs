@@ -1,4 +1,4 @@
-//! `w2w bench`: a2b throughput and latency through a relay.
+//! `w2w bench a2b` (relays in this process, in a line), `store`, `idle`.
 //!
 //! N sender/receiver pairs; each sender keeps `window` messages in flight
 //! (each waits for its receipt). Receivers timestamp arrivals; latency is
@@ -19,9 +19,10 @@ use w2w_proto::frame::Status;
 use w2w_proto::{Dest, Identity};
 use w2w_server::{Limits, Relay, RelayConfig};
 
+/// Options of `w2w bench a2b`.
 #[derive(Args)]
-pub struct BenchArgs {
-    /// Relay URL; default: start an in-process relay on 127.0.0.1.
+pub struct A2bArgs {
+    /// Relay URL; default: start in-process relays on 127.0.0.1.
     #[arg(long)]
     relay: Option<String>,
     /// Sender/receiver pairs.
@@ -33,7 +34,7 @@ pub struct BenchArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Messages in flight per sender.
+    /// Messages in flight per sender (each waits for its receipt).
     #[arg(long, default_value_t = 32)]
     window: usize,
     /// In-process relays in a line; senders on the first, receivers on the
@@ -41,38 +42,19 @@ pub struct BenchArgs {
     /// Repeat to compare in one run, e.g. `--relays 1 --relays 3`.
     #[arg(long, default_values_t = [1usize])]
     relays: Vec<usize>,
-    /// Instead of a2b: measure durable store-and-forward writes (this many
-    /// messages) with group commit vs one transaction per message.
-    #[arg(long, value_name = "N")]
-    store: Option<usize>,
-    /// Deliver to connected recipients without storing first (see
-    /// `federation.durable_delivery`); measures the cost of durability.
+    /// Deliver to connected recipients without waiting for their ACK or
+    /// storing (see `federation.durable_delivery`).
     #[arg(long)]
     no_durable: bool,
-    /// Instead of a2b: open this many idle registered connections to
-    /// --relay and report the relay's memory per connection (needs
-    /// --relay-pid, read from /proc).
-    #[arg(long, value_name = "N", requires_all = ["relay", "relay_pid"])]
-    idle: Option<usize>,
-    /// Process id of the relay behind --relay (for --idle).
-    #[arg(long)]
-    relay_pid: Option<u32>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))
-}
+use super::proc::rss_kib;
 
 /// Relay memory per idle registered connection: RSS delta / N.
-async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
+pub async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
     use w2w_client::{connect_raw, register};
     // Warm up: one connection, so one-time allocations are not counted.
     let mut warm = connect_raw(&ConnectOptions::new(url)).await?;
@@ -112,7 +94,7 @@ async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -> Re
 /// Queued messages per second into a real SQLite file (synchronous=FULL):
 /// `n` writers at once (the store thread batches them into shared commits)
 /// versus one write at a time (a commit, and an fsync, per message).
-async fn store_bench(n: usize, size: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
+pub async fn store_bench(n: usize, size: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
     use w2w_server::store::{SqliteBackend, Store, Write};
     let dir = tempfile_dir()?;
     let store = Store::spawn(SqliteBackend::open(&dir)?);
@@ -166,12 +148,7 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-pub async fn run(a: BenchArgs) -> Result<ExitCode> {
-    if a.store.is_some() || a.idle.is_some() {
-        // These write their own JSON.
-        run_once(&a, 1).await?;
-        return Ok(ExitCode::SUCCESS);
-    }
+pub async fn run(a: A2bArgs) -> Result<ExitCode> {
     if a.relay.is_some() || a.relays.len() == 1 {
         let n = a.relays.first().copied().unwrap_or(1);
         let r = run_once(&a, n).await?;
@@ -201,15 +178,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_once(a: &BenchArgs, relay_count: usize) -> Result<serde_json::Value> {
-    if let Some(n) = a.store {
-        store_bench(n, a.size, a.json.as_ref()).await?;
-        return Ok(serde_json::Value::Null);
-    }
-    if let (Some(n), Some(url), Some(pid)) = (a.idle, &a.relay, a.relay_pid) {
-        idle_bench(url, pid, n, a.json.as_ref()).await?;
-        return Ok(serde_json::Value::Null);
-    }
+async fn run_once(a: &A2bArgs, relay_count: usize) -> Result<serde_json::Value> {
     let mut relays: Vec<Relay> = Vec::new();
     let (url, rx_url) = match &a.relay {
         Some(u) => (u.clone(), u.clone()),

@@ -1,0 +1,450 @@
+//! The a2b load: sender/receiver pairs with a window of messages in flight.
+//!
+//! The same load for every system: `pairs` sender/receiver pairs, each pair
+//! with its own two connections; each sender keeps at most `window`
+//! messages in flight, where a message stops being in flight when its
+//! receiver gets it; optionally paced to a total `rate`. Payload bytes
+//! 0..8 are the send time (ns since the run's start), 8..16 a per-pair
+//! sequence number, so receivers measure latency and count lost,
+//! duplicated and reordered messages. Only arrivals after the warm-up and
+//! before the deadline count toward throughput and latency.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::sync::Semaphore;
+use w2w_client::{Client, ConnectOptions, Event};
+use w2w_proto::frame::Status;
+use w2w_proto::{Dest, Identity};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub pairs: usize,
+    pub window: usize,
+    pub size: usize,
+    pub seconds: f64,
+    pub warmup: Duration,
+    /// Total messages per second across all pairs; `None`: as fast as the
+    /// window allows.
+    pub rate: Option<f64>,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub system: String,
+    pub pairs: usize,
+    pub window: usize,
+    pub payload_bytes: usize,
+    pub offered_rate: Option<f64>,
+    pub seconds: f64,
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    /// Receipts other than "delivered" (w2w only).
+    pub not_delivered: u64,
+    pub msgs_per_sec: f64,
+    pub mbytes_per_sec: f64,
+    pub latency_us: Latency,
+    /// The server process's CPU and memory during the run.
+    pub server: Option<super::proc::UsageReport>,
+    /// The load generator's CPU during the run.
+    pub loadgen: Option<super::proc::UsageReport>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, Default)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        Latency {
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// State shared by the senders and receivers of one run.
+struct Run {
+    start: Instant,
+    measure_from: Instant,
+    deadline: Instant,
+    received: AtomicU64,
+    received_all: AtomicU64,
+    sent: AtomicU64,
+    duplicated: AtomicU64,
+    reordered: AtomicU64,
+    not_delivered: AtomicU64,
+    windows: Vec<Semaphore>,
+    last_seq: Vec<AtomicU64>,
+}
+
+impl Run {
+    fn new(spec: &Spec) -> Arc<Run> {
+        let start = Instant::now();
+        Arc::new(Run {
+            start,
+            measure_from: start + spec.warmup,
+            deadline: start + spec.warmup + Duration::from_secs_f64(spec.seconds),
+            received: AtomicU64::new(0),
+            received_all: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            reordered: AtomicU64::new(0),
+            not_delivered: AtomicU64::new(0),
+            windows: (0..spec.pairs)
+                .map(|_| Semaphore::new(spec.window))
+                .collect(),
+            last_seq: (0..spec.pairs).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    /// The payload for pair's `seq`-th message (`seq` from 1).
+    fn payload(&self, size: usize, seq: u64) -> Vec<u8> {
+        let mut p = vec![0u8; size.max(16)];
+        p[..8].copy_from_slice(&(self.start.elapsed().as_nanos() as u64).to_le_bytes());
+        p[8..16].copy_from_slice(&seq.to_le_bytes());
+        p
+    }
+
+    /// A receiver of `pair` got `body`.
+    fn arrived(&self, pair: usize, body: &[u8], hist: &mut Histogram<u64>) {
+        if body.len() < 16 {
+            return;
+        }
+        let sent_ns = u64::from_le_bytes(body[..8].try_into().unwrap_or_default());
+        let seq = u64::from_le_bytes(body[8..16].try_into().unwrap_or_default());
+        let last = self.last_seq[pair].fetch_max(seq, Relaxed);
+        if seq == last {
+            self.duplicated.fetch_add(1, Relaxed);
+            return;
+        }
+        if seq < last {
+            self.reordered.fetch_add(1, Relaxed);
+        }
+        self.received_all.fetch_add(1, Relaxed);
+        self.windows[pair].add_permits(1);
+        let now = Instant::now();
+        if now >= self.measure_from && now < self.deadline {
+            let now_ns = self.start.elapsed().as_nanos() as u64;
+            let _ = hist.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
+            self.received.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Waits for a window slot, pacing to `interval` if set. `None` once
+    /// the deadline has passed.
+    /// Cancel-safe: the caller advances `next_at` once it has sent.
+    async fn next_slot(
+        &self,
+        pair: usize,
+        next_at: tokio::time::Instant,
+        interval: Option<Duration>,
+    ) -> Option<()> {
+        if interval.is_some() {
+            tokio::time::sleep_until(next_at).await;
+        }
+        let stall = Duration::from_secs(10);
+        match tokio::time::timeout(stall, self.windows[pair].acquire()).await {
+            Ok(Ok(p)) => p.forget(),
+            _ => return None, // nothing arrived for 10 s: give up (counted as lost)
+        }
+        (Instant::now() < self.deadline).then_some(())
+    }
+
+    fn interval(spec: &Spec) -> Option<Duration> {
+        spec.rate
+            .map(|r| Duration::from_secs_f64(spec.pairs as f64 / r.max(1e-3)))
+    }
+
+    fn outcome(&self, system: &str, spec: &Spec, hist: &Histogram<u64>) -> Outcome {
+        let got = self.received.load(Relaxed);
+        let sent = self.sent.load(Relaxed);
+        let all = self.received_all.load(Relaxed);
+        let rate = got as f64 / spec.seconds;
+        Outcome {
+            system: system.to_string(),
+            pairs: spec.pairs,
+            window: spec.window,
+            payload_bytes: spec.size.max(16),
+            offered_rate: spec.rate,
+            seconds: spec.seconds,
+            sent,
+            received: all,
+            lost: sent.saturating_sub(all),
+            duplicated: self.duplicated.load(Relaxed),
+            reordered: self.reordered.load(Relaxed),
+            not_delivered: self.not_delivered.load(Relaxed),
+            msgs_per_sec: rate,
+            mbytes_per_sec: rate * spec.size.max(16) as f64 / 1e6,
+            latency_us: Latency::of(hist),
+            server: None,
+            loadgen: None,
+        }
+    }
+}
+
+/// Prints received counts once a second until `done`.
+fn progress(run: &Arc<Run>, label: String) -> tokio::task::JoinHandle<()> {
+    let run = run.clone();
+    tokio::spawn(async move {
+        let total = run.deadline.duration_since(run.start).as_secs_f64();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let t = run.start.elapsed().as_secs_f64().min(total);
+            let filled = ((t / total) * 30.0) as usize;
+            eprint!(
+                "\r  {label:<14} [{}{}] {:>5.1}/{total:.1}s {:>9} received",
+                "#".repeat(filled),
+                " ".repeat(30 - filled.min(30)),
+                t,
+                run.received_all.load(Relaxed)
+            );
+            if t >= total {
+                eprintln!();
+                return;
+            }
+        }
+    })
+}
+
+/// Runs the load through a w2w relay at `url` (plain a2b, so the relay
+/// does its full work: registration, routing, receipts, ACKs, durability).
+pub async fn w2w(url: &str, spec: &Spec) -> Result<Outcome> {
+    let mut pairs = Vec::new();
+    for _ in 0..spec.pairs {
+        let rx = Client::connect(
+            Identity::from_seed(rand::random()),
+            ConnectOptions::new(url),
+        )
+        .await
+        .context("connecting a receiver")?;
+        let tx = Client::connect(
+            Identity::from_seed(rand::random()),
+            ConnectOptions::new(url),
+        )
+        .await
+        .context("connecting a sender")?;
+        pairs.push((tx, rx));
+    }
+    // A new connection first takes its (empty) stored backlog.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let run = Run::new(spec);
+    let bar = progress(&run, "w2w".into());
+    let mut tasks = Vec::new();
+    let mut receivers = Vec::new();
+    for (i, (tx, mut rx)) in pairs.into_iter().enumerate() {
+        let to = rx.address();
+        let run2 = run.clone();
+        receivers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("histogram");
+            let stop = tokio::time::Instant::from_std(run2.deadline + Duration::from_secs(3));
+            while let Ok(Some(ev)) = tokio::time::timeout_at(stop, rx.recv()).await {
+                if let Event::Msg(m) = ev {
+                    run2.arrived(i, &m.body, &mut hist);
+                }
+            }
+            hist
+        }));
+        let (run, size, interval) = (run.clone(), spec.size, Run::interval(spec));
+        tasks.push(tokio::spawn(async move {
+            let mut inflight = FuturesUnordered::new();
+            let mut next_at = tokio::time::Instant::now();
+            let mut seq = 0u64;
+            let mut sending = true;
+            loop {
+                tokio::select! {
+                    Some(r) = inflight.next() => {
+                        let r: Result<w2w_proto::frame::Receipt, _> = r;
+                        if !matches!(r, Ok(ref r) if r.status == Status::Delivered) {
+                            run.not_delivered.fetch_add(1, Relaxed);
+                        }
+                    }
+                    slot = run.next_slot(i, next_at, interval), if sending => {
+                        if slot.is_none() {
+                            sending = false;
+                            continue;
+                        }
+                        next_at += interval.unwrap_or_default();
+                        seq += 1;
+                        run.sent.fetch_add(1, Relaxed);
+                        inflight.push(tx.send_plain(Dest::A2b(to), run.payload(size, seq)));
+                    }
+                    else => break,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    for r in receivers {
+        hist.add(r.await?)?;
+    }
+    let _ = bar.await;
+    Ok(run.outcome("w2w", spec, &hist))
+}
+
+type BareWs =
+    tokio_websockets::WebSocketStream<tokio_websockets::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn bare_connect(url: &str, me: [u8; 32]) -> Result<BareWs> {
+    let uri: http::Uri = url.parse()?;
+    let (mut ws, _) = tokio_websockets::ClientBuilder::from_uri(uri)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the bare forwarder at {url}"))?;
+    if let tokio_websockets::MaybeTlsStream::Plain(t) = ws.get_ref() {
+        t.set_nodelay(true)?;
+    }
+    ws.send(tokio_websockets::Message::binary(Bytes::copy_from_slice(
+        &me,
+    )))
+    .await?;
+    Ok(ws)
+}
+
+/// Runs the load through the bare forwarder at `url`.
+pub async fn bare(url: &str, spec: &Spec) -> Result<Outcome> {
+    let mut pairs = Vec::new();
+    for _ in 0..spec.pairs {
+        let (a, b): ([u8; 32], [u8; 32]) = (rand::random(), rand::random());
+        let rx = bare_connect(url, b).await?;
+        let tx = bare_connect(url, a).await?;
+        pairs.push((tx, rx, b));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let run = Run::new(spec);
+    let bar = progress(&run, "bare".into());
+    let mut tasks = Vec::new();
+    let mut receivers = Vec::new();
+    for (i, (mut tx, mut rx, to)) in pairs.into_iter().enumerate() {
+        let run2 = run.clone();
+        receivers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("histogram");
+            let stop = tokio::time::Instant::from_std(run2.deadline + Duration::from_secs(3));
+            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(stop, rx.next()).await {
+                if m.is_binary() {
+                    let b = m.into_payload();
+                    if b.len() >= 32 {
+                        run2.arrived(i, &b[32..], &mut hist);
+                    }
+                }
+            }
+            hist
+        }));
+        let (run, size, interval) = (run.clone(), spec.size, Run::interval(spec));
+        tasks.push(tokio::spawn(async move {
+            let mut next_at = tokio::time::Instant::now();
+            let mut seq = 0u64;
+            while run.next_slot(i, next_at, interval).await.is_some() {
+                next_at += interval.unwrap_or_default();
+                seq += 1;
+                let mut m = Vec::with_capacity(32 + size.max(16));
+                m.extend_from_slice(&to);
+                m.extend_from_slice(&run.payload(size, seq));
+                run.sent.fetch_add(1, Relaxed);
+                if tx
+                    .send(tokio_websockets::Message::binary(Bytes::from(m)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = tx.close().await;
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    for r in receivers {
+        hist.add(r.await?)?;
+    }
+    let _ = bar.await;
+    Ok(run.outcome("bare forwarder", spec, &hist))
+}
+
+/// Runs the load against iroh-relay with the bench-only crate's load
+/// generator (a child process, pinned to `cpu`), which prints one JSON line.
+pub async fn iroh(
+    bin: &std::path::Path,
+    url: &str,
+    spec: &Spec,
+    cpu: Option<usize>,
+) -> Result<Outcome> {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["load", "--url", url])
+        .args(["--pairs", &spec.pairs.to_string()])
+        .args(["--window", &spec.window.to_string()])
+        .args(["--size", &spec.size.max(16).to_string()])
+        .args(["--seconds", &spec.seconds.to_string()])
+        .args(["--warmup-ms", &spec.warmup.as_millis().to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    if let Some(r) = spec.rate {
+        cmd.args(["--rate", &format!("{r:.0}")]);
+    }
+    if let Some(cpu) = cpu {
+        super::proc::pin_command(&mut cmd, cpu);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await?
+        .context("running the iroh-relay load generator")?;
+    if !out.status.success() {
+        bail!("the iroh-relay load generator failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON from the iroh-relay load generator")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    let u = |k: &str| v[k].as_u64().unwrap_or(0);
+    let lat: Latency = serde_json::from_value(v["latency_us"].clone()).unwrap_or_default();
+    Ok(Outcome {
+        system: format!(
+            "iroh-relay {}",
+            v["iroh_relay_version"].as_str().unwrap_or("")
+        )
+        .trim()
+        .to_string(),
+        pairs: spec.pairs,
+        window: spec.window,
+        payload_bytes: spec.size.max(16),
+        offered_rate: spec.rate,
+        seconds: f("seconds"),
+        sent: u("sent"),
+        received: u("received"),
+        lost: u("lost"),
+        duplicated: 0,
+        reordered: 0,
+        not_delivered: 0,
+        msgs_per_sec: f("msgs_per_sec"),
+        mbytes_per_sec: f("mbytes_per_sec"),
+        latency_us: lat,
+        server: None,
+        loadgen: None,
+    })
+}

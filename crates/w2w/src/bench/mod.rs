@@ -1,0 +1,485 @@
+//! `w2w bench`: measurements anyone can reproduce on their own machine.
+//!
+//! * `compare` — the same a2b load through the bare WebSocket forwarder
+//!   (the practical bound), a w2w relay, and iroh-relay; each server a
+//!   child process pinned to its own CPU, its CPU and memory read from
+//!   /proc; then again at half of each one's maximum rate for latency.
+//! * `fanout` — registrations per second, then a2n deliveries per second to
+//!   many clients.
+//! * `soak` — many clients, mixed routes, minutes; asserts nothing lost or
+//!   duplicated and reports the relay's memory over time.
+//! * `a2b` (relays in a line in this process), `store` (group commit),
+//!   `idle` (memory per idle connection), `smoke` (all of it, seconds long,
+//!   for CI), `forwarder` (the bare forwarder server itself).
+
+mod fanout;
+mod forwarder;
+mod inproc;
+mod load;
+mod plot;
+mod proc;
+mod soak;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+use load::{Outcome, Spec};
+use proc::{ServerProc, Usage};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    cmd: BenchCmd,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// a2b through the bare forwarder, w2w and iroh-relay (same load, same
+    /// machine, one run): throughput, latency at max and half rate, server
+    /// CPU and RSS, ratios; writes JSON and SVG plots.
+    Compare(CompareArgs),
+    /// Registrations per second, then a2n fan-out (deliveries per second)
+    /// to many clients on one relay (a child process).
+    Fanout(fanout::FanoutArgs),
+    /// Many clients, mixed routes (a2b, a2g, a2n, a2a) for minutes: asserts
+    /// 0 lost and 0 duplicated; plots the relay's RSS over time.
+    Soak(soak::SoakArgs),
+    /// a2b through relays in this process, optionally in a line (federation
+    /// hops), or through a running relay (--relay).
+    A2b(inproc::A2bArgs),
+    /// Durable queue writes: group commit vs one transaction per message.
+    Store {
+        /// Messages to write.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// Frame bytes per message.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Relay memory per idle registered connection (RSS delta / N); starts
+    /// a relay child process unless --relay and --relay-pid are given.
+    Idle {
+        /// Idle registered connections to open.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// A running relay to measure instead (needs --relay-pid).
+        #[arg(long, requires = "relay_pid")]
+        relay: Option<String>,
+        /// Its process id (memory is read from /proc).
+        #[arg(long)]
+        relay_pid: Option<u32>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Seconds-long versions of compare, fanout, idle, store and soak, with
+    /// their assertions (CI runs this so none of them rots).
+    Smoke,
+    /// Run the bare WebSocket forwarder (the baseline `compare` measures).
+    Forwarder {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+/// The load every `compare` system gets.
+#[derive(Args, Clone)]
+pub struct LoadArgs {
+    /// Sender/receiver pairs (two connections each).
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    /// Messages in flight per pair (until the receiver has it).
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Payload bytes per message (at least 16).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Measured seconds per run (after the warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Warm-up before measuring, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    warmup_ms: u64,
+}
+
+impl LoadArgs {
+    fn spec(&self) -> Spec {
+        Spec {
+            pairs: self.pairs.max(1),
+            window: self.window.max(1),
+            size: self.size.max(16),
+            seconds: self.seconds.max(0.1),
+            warmup: Duration::from_millis(self.warmup_ms),
+            rate: None,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// The iroh-relay bench binary (build: see bench/iroh/README.md);
+    /// default: bench/iroh/target/release/w2w-iroh-bench if it exists.
+    #[arg(long)]
+    iroh_bin: Option<PathBuf>,
+    /// Skip iroh-relay even if its binary is there.
+    #[arg(long)]
+    no_iroh: bool,
+    /// Also measure w2w with durable_delivery off.
+    #[arg(long)]
+    no_durable_too: bool,
+    /// Do not pin the server to CPU 0 and the load generator to CPU 1.
+    #[arg(long)]
+    no_pin: bool,
+    /// Skip the half-rate latency runs.
+    #[arg(long)]
+    no_half: bool,
+    /// Directory for compare.json and the SVG plots.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+pub async fn run(a: BenchArgs) -> Result<ExitCode> {
+    match a.cmd {
+        BenchCmd::Compare(c) => compare(c).await.map(|_| ExitCode::SUCCESS),
+        BenchCmd::Fanout(f) => fanout::run(f).await.map(|_| ExitCode::SUCCESS),
+        BenchCmd::Soak(s) => soak::run(s).await,
+        BenchCmd::A2b(a) => inproc::run(a).await,
+        BenchCmd::Store {
+            messages,
+            size,
+            json,
+        } => inproc::store_bench(messages, size, json.as_ref()).await,
+        BenchCmd::Idle {
+            connections,
+            relay,
+            relay_pid,
+            json,
+        } => {
+            proc::raise_nofile();
+            match (relay, relay_pid) {
+                (Some(url), Some(pid)) => {
+                    inproc::idle_bench(&url, pid, connections, json.as_ref()).await
+                }
+                _ => {
+                    let relay = ServerProc::w2w(None, true, &idle_limits(connections))?;
+                    inproc::idle_bench(&relay.url, relay.pid(), connections, json.as_ref()).await
+                }
+            }
+        }
+        BenchCmd::Smoke => smoke().await,
+        BenchCmd::Forwarder { listen } => forwarder::serve(listen).await.map(|_| ExitCode::SUCCESS),
+    }
+}
+
+/// Limits for a relay that must hold `n` connections.
+fn idle_limits(n: usize) -> String {
+    format!("max_connections = {}\n", n + 1000)
+}
+
+fn default_iroh_bin() -> Option<PathBuf> {
+    let rel = Path::new("bench/iroh/target/release/w2w-iroh-bench");
+    let mut dirs = vec![std::env::current_dir().ok()?];
+    // Also next to the workspace this binary was built in (target/release/w2w).
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(ws) = exe
+            .parent()
+            .and_then(|p| p.parent())
+            .and_then(|p| p.parent())
+        {
+            dirs.push(ws.to_path_buf());
+        }
+    }
+    dirs.into_iter().map(|d| d.join(rel)).find(|p| p.exists())
+}
+
+/// One system's measurement: its server started pinned to CPU 0, this
+/// process pinned to CPU 1 (when there are two CPUs and `pin`).
+async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) -> Result<Outcome> {
+    let (server_cpu, load_cpu) = if pin && proc::cpu_count() >= 2 {
+        (Some(0), Some(1))
+    } else {
+        (None, None)
+    };
+    let server = match system {
+        "bare" => ServerProc::bare(server_cpu)?,
+        "w2w" => ServerProc::w2w(server_cpu, true, "")?,
+        "w2w-nondurable" => ServerProc::w2w(server_cpu, false, "")?,
+        "iroh" => ServerProc::iroh(iroh_bin.context("no iroh-relay bench binary")?, server_cpu)?,
+        other => bail!("unknown system {other}"),
+    };
+    if let Some(c) = load_cpu {
+        proc::pin_self(c)?;
+    }
+    let usage = Usage::start(server.pid());
+    let me = Usage::start(std::process::id());
+    let r = match system {
+        "bare" => load::bare(&server.url, spec).await,
+        "iroh" => {
+            load::iroh(
+                iroh_bin.context("no iroh binary")?,
+                &server.url,
+                spec,
+                load_cpu,
+            )
+            .await
+        }
+        _ => load::w2w(&server.url, spec).await,
+    };
+    let (server_usage, my_usage) = (usage.finish(), me.finish());
+    proc::unpin_self()?;
+    drop(server);
+    let mut r = r?;
+    if system == "w2w-nondurable" {
+        r.system = "w2w (durable_delivery off)".into();
+    }
+    r.server = Some(server_usage);
+    if system != "iroh" {
+        r.loadgen = Some(my_usage);
+    }
+    Ok(r)
+}
+
+fn print_row(label: &str, r: &Outcome) {
+    let s = r.server.as_ref();
+    println!(
+        "{label:<28} {:>9.0} {:>7.2} {:>8} {:>8} {:>9} {:>6} {:>10} {:>9.0} {:>6} {:>4}",
+        r.msgs_per_sec,
+        r.mbytes_per_sec,
+        r.latency_us.p50,
+        r.latency_us.p99,
+        r.latency_us.p999,
+        s.map(|s| format!("{:.0}%", s.cpu_cores * 100.0))
+            .unwrap_or_default(),
+        s.map(|s| s.rss_peak_kib).unwrap_or(0),
+        r.loadgen.map(|l| l.cpu_cores * 100.0).unwrap_or(f64::NAN),
+        r.lost,
+        r.duplicated,
+    );
+}
+
+pub(crate) async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
+    let spec = a.load.spec();
+    let iroh_bin = if a.no_iroh {
+        None
+    } else {
+        a.iroh_bin.clone().or_else(default_iroh_bin)
+    };
+    let mut systems = vec!["bare", "w2w"];
+    if a.no_durable_too {
+        systems.push("w2w-nondurable");
+    }
+    match &iroh_bin {
+        Some(_) => systems.push("iroh"),
+        None if !a.no_iroh => eprintln!(
+            "note: iroh-relay skipped: build it with `cargo build --release --manifest-path bench/iroh/Cargo.toml` or pass --iroh-bin"
+        ),
+        None => {}
+    }
+    eprintln!(
+        "a2b, {} pairs, window {}, {} B payload, {:.1} s measured after {} ms warm-up; server on CPU 0, load on CPU 1{}",
+        spec.pairs,
+        spec.window,
+        spec.size,
+        spec.seconds,
+        spec.warmup.as_millis(),
+        if a.no_pin || proc::cpu_count() < 2 { " (not pinned)" } else { "" }
+    );
+    let mut max = Vec::new();
+    for s in &systems {
+        max.push(measure(s, &spec, !a.no_pin, iroh_bin.as_deref()).await?);
+    }
+    let mut half = Vec::new();
+    if !a.no_half {
+        for (s, m) in systems.iter().zip(&max) {
+            let mut sp = spec.clone();
+            sp.rate = Some((m.msgs_per_sec / 2.0).max(1.0));
+            half.push(measure(s, &sp, !a.no_pin, iroh_bin.as_deref()).await?);
+        }
+    }
+    println!(
+        "\n{:<28} {:>9} {:>7} {:>8} {:>8} {:>9} {:>6} {:>10} {:>9} {:>6} {:>4}",
+        "system (max rate)",
+        "msgs/s",
+        "MB/s",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "srvCPU",
+        "srvRSS KiB",
+        "loadCPU%",
+        "lost",
+        "dup"
+    );
+    for r in &max {
+        print_row(&r.system, r);
+    }
+    if !half.is_empty() {
+        println!("at half of each one's maximum rate:");
+        for r in &half {
+            print_row(&r.system, r);
+        }
+    }
+    let rate = |name: &str| {
+        systems
+            .iter()
+            .position(|s| *s == name)
+            .map(|i| max[i].msgs_per_sec)
+    };
+    let mut ratios = serde_json::Map::new();
+    if let (Some(w), Some(b)) = (rate("w2w"), rate("bare")) {
+        println!(
+            "\nw2w / bare forwarder throughput: {:.2}x (target >= 0.9x)",
+            w / b
+        );
+        ratios.insert("w2w_over_bare".into(), (w / b).into());
+    }
+    if let (Some(w), Some(i)) = (rate("w2w"), rate("iroh")) {
+        println!(
+            "w2w / iroh-relay throughput:     {:.2}x (target >= 1.2x)",
+            w / i
+        );
+        ratios.insert("w2w_over_iroh_relay".into(), (w / i).into());
+    }
+    if let Some(h) = systems
+        .iter()
+        .position(|s| *s == "w2w")
+        .and_then(|i| half.get(i))
+    {
+        let q = h.latency_us.p99 as f64 / h.latency_us.p50.max(1) as f64;
+        println!(
+            "w2w at half its max rate: p99 {} µs = {q:.2}x p50 {} µs (target <= 2x)",
+            h.latency_us.p99, h.latency_us.p50
+        );
+        ratios.insert("w2w_half_rate_p99_over_p50".into(), q.into());
+    }
+    let result = serde_json::json!({
+        "machine": machine(),
+        "max_rate": max,
+        "half_rate": half,
+        "ratios": ratios,
+    });
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    std::fs::write(
+        a.out.join("compare.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    let names: Vec<String> = max.iter().map(|r| r.system.clone()).collect();
+    std::fs::write(
+        a.out.join("compare-throughput.svg"),
+        plot::bars(
+            &format!(
+                "a2b throughput, {} pairs, window {}, {} B",
+                spec.pairs, spec.window, spec.size
+            ),
+            "messages / s",
+            &names,
+            &[(
+                "max rate".into(),
+                max.iter().map(|r| r.msgs_per_sec).collect(),
+            )],
+        ),
+    )?;
+    if !half.is_empty() {
+        std::fs::write(
+            a.out.join("compare-latency.svg"),
+            plot::bars(
+                "a2b latency at half of each system's max rate",
+                "microseconds",
+                &names,
+                &[
+                    (
+                        "p50".into(),
+                        half.iter().map(|r| r.latency_us.p50 as f64).collect(),
+                    ),
+                    (
+                        "p99".into(),
+                        half.iter().map(|r| r.latency_us.p99 as f64).collect(),
+                    ),
+                    (
+                        "p99.9".into(),
+                        half.iter().map(|r| r.latency_us.p999 as f64).collect(),
+                    ),
+                ],
+            ),
+        )?;
+    }
+    eprintln!("wrote {}/compare.json and SVG plots", a.out.display());
+    Ok(result)
+}
+
+/// What the numbers were measured on.
+pub(crate) fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    serde_json::json!({
+        "cpus": proc::cpu_count(),
+        "cpu_model": cpu,
+        "loadavg_at_end": load.trim(),
+        "w2w_version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// Everything, seconds long, with the assertions that must hold.
+async fn smoke() -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("w2w-smoke-{}", rand::random::<u32>()));
+    let r = compare(CompareArgs {
+        load: LoadArgs {
+            pairs: 2,
+            window: 8,
+            size: 64,
+            seconds: 1.0,
+            warmup_ms: 200,
+        },
+        iroh_bin: None,
+        no_iroh: true,
+        no_durable_too: false,
+        no_pin: false,
+        no_half: false,
+        out: dir.clone(),
+    })
+    .await?;
+    for run in r["max_rate"].as_array().into_iter().flatten() {
+        let name = run["system"].as_str().unwrap_or("?");
+        if run["msgs_per_sec"].as_f64().unwrap_or(0.0) <= 0.0 {
+            bail!("smoke: {name} moved no messages");
+        }
+        if run["lost"].as_u64() != Some(0) || run["duplicated"].as_u64() != Some(0) {
+            bail!("smoke: {name} lost or duplicated messages: {run}");
+        }
+    }
+    for f in [
+        "compare.json",
+        "compare-throughput.svg",
+        "compare-latency.svg",
+    ] {
+        anyhow::ensure!(dir.join(f).exists(), "smoke: {f} was not written");
+    }
+    fanout::run(fanout::FanoutArgs::smoke(dir.clone())).await?;
+    inproc::store_bench(500, 256, None).await?;
+    {
+        let relay = ServerProc::w2w(None, true, &idle_limits(200))?;
+        inproc::idle_bench(&relay.url, relay.pid(), 200, None).await?;
+    }
+    let code = soak::run(soak::SoakArgs::smoke(dir.clone())).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if code != ExitCode::SUCCESS {
+        bail!("smoke: soak failed");
+    }
+    println!("bench smoke: all ran, nothing lost or duplicated");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,307 @@
+//! Relay processes under test: spawning them, pinning CPUs, and reading
+//! their CPU time and memory from /proc.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A server child process (w2w relay, bare forwarder or iroh-relay), killed
+/// when dropped.
+pub struct ServerProc {
+    pub child: Child,
+    pub url: String,
+    /// Scratch directory (data dir, config), removed on drop.
+    dir: Option<PathBuf>,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl ServerProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Spawns `program args…` on `cpu` (if any), and waits (≤ 30 s) for a
+    /// stdout line starting with `marker`; the rest of that line is the URL.
+    pub fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        marker: &str,
+        cpu: Option<usize>,
+        dir: Option<PathBuf>,
+    ) -> Result<ServerProc> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(cpu) = cpu {
+            pin_command(&mut cmd, cpu);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting the {name} server ({cmd:?})"))?;
+        let out = child.stdout.take().context("piped stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let marker = marker.to_string();
+        // Keeps draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Some(u) = line.trim().strip_prefix(marker.as_str()) {
+                        let _ = tx.send(u.trim().to_string());
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let mut p = ServerProc {
+            child,
+            url: String::new(),
+            dir,
+        };
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => p.url = url,
+            Err(_) => bail!("the {name} server did not start within 30 s"),
+        }
+        Ok(p)
+    }
+
+    /// `w2w serve` (this executable) on a loopback port with a fresh data
+    /// dir, the per-client rate limit raised so the relay is measured, not
+    /// the limiter. `durable=false` sets `federation.durable_delivery`.
+    pub fn w2w(cpu: Option<usize>, durable: bool, extra_limits: &str) -> Result<ServerProc> {
+        let dir = std::env::temp_dir().join(format!("w2w-bench-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir)?;
+        let cfg = dir.join("relay.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[limits]\nrate_per_sec = 1000000000\nrate_burst = 1000000000\n{extra_limits}\n\
+                 [federation]\ndurable_delivery = {durable}\n"
+            ),
+        )?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&dir)
+            .arg("--config")
+            .arg(&cfg)
+            .env("HOME", &dir)
+            .env("W2W_LOG", "warn");
+        ServerProc::spawn("w2w", cmd, "w2w relay listening on ", cpu, Some(dir))
+    }
+
+    /// The bare WebSocket forwarder (`w2w bench forwarder`).
+    pub fn bare(cpu: Option<usize>) -> Result<ServerProc> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["bench", "forwarder", "--listen", "127.0.0.1:0"]);
+        ServerProc::spawn("bare", cmd, "LISTENING ", cpu, None)
+    }
+
+    /// iroh-relay, run by the bench-only crate in bench/iroh.
+    pub fn iroh(bin: &std::path::Path, cpu: Option<usize>) -> Result<ServerProc> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        ServerProc::spawn("iroh-relay", cmd, "LISTENING ", cpu, None)
+    }
+
+    pub fn rss_kib(&self) -> Result<u64> {
+        rss_kib(self.pid())
+    }
+}
+
+/// CPU seconds (utime + stime) of `pid`, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// Resident memory of `pid` in KiB, from /proc/PID/status.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))
+}
+
+/// Samples a process's CPU and RSS over a measured window.
+pub struct Usage {
+    pid: u32,
+    cpu0: f64,
+    t0: Instant,
+    peak_rss_kib: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio_util_stop::Stop,
+}
+
+/// A tiny stop flag for the sampler task (no extra dependency).
+mod tokio_util_stop {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    #[derive(Clone, Default)]
+    pub struct Stop(Arc<AtomicBool>);
+    impl Stop {
+        pub fn set(&self) {
+            self.0.store(true, Ordering::Relaxed)
+        }
+        pub fn is_set(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct UsageReport {
+    /// CPU cores the process used on average (1.0 = one core busy).
+    pub cpu_cores: f64,
+    pub rss_end_kib: u64,
+    pub rss_peak_kib: u64,
+}
+
+impl Usage {
+    pub fn start(pid: u32) -> Usage {
+        let peak =
+            std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+        let stop = tokio_util_stop::Stop::default();
+        {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_set() {
+                    if let Ok(r) = rss_kib(pid) {
+                        peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
+        Usage {
+            pid,
+            cpu0: cpu_seconds(pid).unwrap_or(0.0),
+            t0: Instant::now(),
+            peak_rss_kib: peak,
+            stop,
+        }
+    }
+
+    pub fn finish(self) -> UsageReport {
+        self.stop.set();
+        let cpu = cpu_seconds(self.pid).unwrap_or(self.cpu0) - self.cpu0;
+        let end = rss_kib(self.pid).unwrap_or(0);
+        let peak = self
+            .peak_rss_kib
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(end);
+        UsageReport {
+            cpu_cores: cpu / self.t0.elapsed().as_secs_f64().max(1e-9),
+            rss_end_kib: end,
+            rss_peak_kib: peak,
+        }
+    }
+}
+
+/// CPUs this process may run on.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        set
+    }
+}
+
+/// Makes the child run only on `cpu` (set between fork and exec; every
+/// thread it starts inherits it).
+pub fn pin_command(cmd: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    let set = cpu_set(cpu);
+    // SAFETY: sched_setaffinity is async-signal-safe and touches no memory
+    // of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Pins every thread of this process to `cpu` (threads started later
+/// inherit it from the thread that starts them).
+pub fn pin_self(cpu: usize) -> Result<()> {
+    let set = cpu_set(cpu);
+    for t in std::fs::read_dir("/proc/self/task")? {
+        let tid: libc::pid_t = t?.file_name().to_string_lossy().parse().unwrap_or(0);
+        // SAFETY: plain syscall on a thread id of this process.
+        unsafe {
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+    Ok(())
+}
+
+/// Undoes [`pin_self`]: every CPU again.
+pub fn unpin_self() -> Result<()> {
+    // SAFETY: as above; CPU_SET for each available CPU.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for c in 0..cpu_count().max(1) {
+            libc::CPU_SET(c, &mut set);
+        }
+        set
+    };
+    for t in std::fs::read_dir("/proc/self/task")? {
+        let tid: libc::pid_t = t?.file_name().to_string_lossy().parse().unwrap_or(0);
+        // SAFETY: as above.
+        unsafe {
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+    Ok(())
+}
+
+/// Raises this process's open-file limit to its hard limit (the idle and
+/// fan-out benchmarks hold thousands of sockets); children inherit it.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            return r.rlim_cur;
+        }
+    }
+    0
+}
