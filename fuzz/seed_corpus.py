@@ -8,6 +8,10 @@ from the registration vector, with genuine Ed25519 signatures made by the
 vector relay's key (a small RFC 8032 implementation below; no dependencies
 beyond the Python 3 standard library).
 
+Spacerifts seeds (target `spacerift`) are sequences of JSON HTTP bodies for
+POST /spacerift, signed genuinely by the harness's four identities and with
+the relay nonces the harness hands out, so they replay complete pairings.
+
 Usage: python3 fuzz/seed_corpus.py   (from anywhere; idempotent)
 """
 
@@ -110,6 +114,129 @@ def write(target, name, data):
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "seed-" + name), "wb") as f:
         f.write(data)
+
+
+# ----------------------------------------------------------------- Spacerifts
+# Mirrors fuzz/fuzz_targets/spacerift.rs: identities from seeds 0x11*(i+1),
+# relay wall clock 1_700_000_000_000 ms + elapsed, relay nonce of operation
+# i = 5a*8 || (i + 1) as u64 BE. Input: cfg (u8), then per operation flags
+# (u8), dt (u16 BE), len (u16 BE), body.
+RIFT_BASE_MS = 1_700_000_000_000
+RIFT_SEEDS = [bytes([0x11 * (i + 1)]) * 32 for i in range(4)]
+RIFT_KEYS = [ed25519_keypair(s)[2] for s in RIFT_SEEDS]
+F_RESIGN, F_TS, F_NONCE, F_SECS, F_DROP, F_REPEAT = 0x01, 0x08, 0x10, 0x20, 0x40, 0x80
+
+
+def rift_nonce(step):
+    return b"\x5a" * 8 + u64(step + 1)
+
+
+def rift_body(who, ty, signal, ts, ns="game", nonce=None):
+    """A JSON body signed by identity `who` (crates/w2w-server/src/spacerift.rs
+    signed_bytes: domain, type, namespace, nonce, signal, ts)."""
+    n = nonce or b""
+    msg = (b"w2w/v1 spacerift\0" + bytes([len(ty)]) + ty.encode() + string(ns)
+           + bytes([len(n)]) + n + struct.pack(">I", len(signal.encode())) + signal.encode() + u64(ts))
+    body = {"type": ty, "namespace": ns, "signal": signal, "key": RIFT_KEYS[who].hex(), "ts": ts,
+            "sig": ed25519_sign(RIFT_SEEDS[who], msg).hex()}
+    if nonce is not None:
+        body["nonce"] = nonce.hex()
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Rift:
+    """Builds one input; tracks elapsed time and operation index."""
+
+    def __init__(self, cfg=0):
+        self.data, self.ms, self.step = bytes([cfg]), 0, 0
+
+    def op(self, body, dt_ms=0, flags=0):
+        if dt_ms % 1000 == 0 and dt_ms >= 65536:
+            flags |= F_SECS
+            dt = dt_ms // 1000
+        else:
+            dt = dt_ms
+        self.ms += dt_ms
+        self.data += bytes([flags]) + u16(dt) + u16(len(body)) + body
+        self.step += 1
+        return self
+
+    def signed(self, who, ty, signal, dt_ms=0, ns="game", nonce=None, flags=0):
+        # the nonce the relay handed out at operation `nonce` (an int), if any
+        n = rift_nonce(nonce) if isinstance(nonce, int) else nonce
+        return self.op(rift_body(who, ty, signal, RIFT_BASE_MS + self.ms + dt_ms, ns, n), dt_ms, flags)
+
+    def resigned(self, who, obj, dt_ms=0, flags=F_TS):
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        return self.op(body, dt_ms, F_RESIGN | (who << 1) | flags)
+
+
+def spacerift_seeds(put):
+    A, B, C, D = 0, 1, 2, 3
+    s = "spacerift"
+    # CONNECT -> DEMOTE -> CONNECT(nonce) -> DELIVERED / ANSWER.
+    put(s, "link", Rift().signed(A, "CONNECT", "offer-a").signed(B, "CONNECT", "offer-b", 10)
+        .signed(B, "CONNECT", "answer-b", 10, nonce=1).data)
+    put(s, "link-no-namespace", Rift().signed(A, "CONNECT", "offer-a", ns="")
+        .signed(B, "CONNECT", "offer-b", 10, ns="").signed(B, "CONNECT", "answer-b", 10, ns="", nonce=1).data)
+    # The same pairing from unsigned bodies the harness re-signs.
+    put(s, "link-resigned", Rift()
+        .resigned(A, {"type": "CONNECT", "namespace": "game", "signal": "offer-a"})
+        .resigned(B, {"type": "CONNECT", "namespace": "game", "signal": "offer-b"}, 10)
+        .resigned(B, {"type": "CONNECT", "namespace": "game", "signal": "answer-b"}, 10, F_TS | F_NONCE).data)
+    # BOUNCE: Bob gives Alice's offer back and waits; Carol gets an offer.
+    put(s, "bounce", Rift().signed(A, "CONNECT", "offer-a").signed(B, "CONNECT", "offer-b", 10)
+        .signed(B, "BOUNCE", "offer-b2", 10, nonce=1).signed(C, "CONNECT", "offer-c", 2000).data)
+    # Lease expiry: Bob never answers, Dave gets the offer; Bob's nonce is dead.
+    put(s, "lease-expiry", Rift().signed(A, "CONNECT", "offer-a").signed(B, "CONNECT", "offer-b", 10)
+        .signed(D, "CONNECT", "offer-d", 5100).signed(B, "CONNECT", "late", 10, nonce=1)
+        .signed(D, "CONNECT", "answer-d", 10, nonce=2).signed(A, "CONNECT", "offer-a2", 6000)
+        .signed(D, "CONNECT", "offer-d2", 10).data)
+    # Two leases of the same offerer's two offers to one answerer, both answered.
+    put(s, "double-lease", Rift().signed(A, "CONNECT", "offer-a1").signed(B, "CONNECT", "offer-b", 10)
+        .signed(A, "CONNECT", "offer-a2", 1000).signed(B, "CONNECT", "offer-b2", 10)
+        .signed(B, "CONNECT", "answer-1", 10, nonce=1).signed(B, "CONNECT", "answer-2", 10, nonce=3).data)
+    # Request timeout (NO_PEER to the waiting offerer), namespaces.
+    put(s, "timeout", Rift().signed(A, "CONNECT", "offer-a", ns="x").signed(B, "CONNECT", "offer-b", 10, ns="y")
+        .signed(C, "CONNECT", "offer-c", 16000, ns="x").data)
+    # RTT reports steer the choice between two waiting offers (A and B were
+    # just linked, so they do not pair again and both wait).
+    pa, pb = RIFT_KEYS[A].hex(), RIFT_KEYS[B].hex()
+    put(s, "rtt", Rift().signed(C, "RTT", pa + ":200", ns="").signed(C, "RTT", pb + ":20", 1000, ns="")
+        .signed(A, "CONNECT", "offer-a", 10, ns="").signed(B, "CONNECT", "offer-b", 10, ns="")
+        .signed(B, "CONNECT", "answer-b", 10, ns="", nonce=3)
+        .signed(A, "CONNECT", "offer-a2", 5100, ns="").signed(B, "CONNECT", "offer-b2", 10, ns="")
+        .signed(C, "CONNECT", "offer-c", 10, ns="").data)
+    # Rate limits, a replaced offer, an offerer that goes away, repeated nonces.
+    put(s, "rate-limited", Rift().signed(A, "CONNECT", "offer-a").signed(A, "CONNECT", "again", 1)
+        .signed(A, "CONNECT", "replaces", 1000).data)
+    put(s, "offerer-gone", Rift().signed(A, "CONNECT", "offer-a").signed(B, "CONNECT", "offer-b", 10)
+        .signed(B, "CONNECT", "answer-b", 1000, nonce=1, flags=F_DROP).data)
+    put(s, "repeated-nonce", Rift().signed(A, "CONNECT", "offer-a").signed(B, "CONNECT", "offer-b", 10, ns="z")
+        .signed(C, "CONNECT", "offer-c", 10).signed(D, "CONNECT", "offer-d", 10, ns="z", flags=F_REPEAT).data)
+    # Clock skew: the widest policy accepts ts 0; the narrowest only now.
+    put(s, "skew-max", Rift(3).op(rift_body(A, "CONNECT", "offer-a", 0)).data)
+    put(s, "skew-zero", Rift(1).signed(A, "CONNECT", "offer-a").op(rift_body(B, "CONNECT", "x", RIFT_BASE_MS), 5).data)
+    # Single bodies the parser refuses, one per check.
+    key, sig = RIFT_KEYS[A].hex(), "00" * 64
+    bad = {
+        "not-json": b"not json",
+        "not-object": b"[1,2,3]",
+        "no-type": b'{"signal":"x"}',
+        "bad-type": b'{"type":"HELLO","signal":"x"}',
+        "no-signal": b'{"type":"CONNECT"}',
+        "ns-not-string": b'{"type":"CONNECT","signal":"x","namespace":7}',
+        "bad-key": b'{"type":"CONNECT","signal":"x","key":"zz"}',
+        "no-ts": ('{"type":"CONNECT","signal":"x","key":"%s"}' % key).encode(),
+        "float-ts": ('{"type":"CONNECT","signal":"x","key":"%s","ts":1.5e12,"sig":"%s"}' % (key, sig)).encode(),
+        "bad-sig": ('{"type":"CONNECT","signal":"x","key":"%s","ts":%d,"sig":"%s"}' % (key, RIFT_BASE_MS, sig)).encode(),
+        "bounce-no-nonce": ('{"type":"BOUNCE","signal":"x","key":"%s","ts":%d,"sig":"%s"}' % (key, RIFT_BASE_MS, sig)).encode(),
+        "bad-nonce": ('{"type":"CONNECT","signal":"x","key":"%s","ts":%d,"sig":"%s","nonce":"xyz"}' % (key, RIFT_BASE_MS, sig)).encode(),
+        "rtt-no-colon": rift_body(A, "RTT", "nocolon", RIFT_BASE_MS),
+        "rtt-bad-ms": rift_body(A, "RTT", pb + ":-1", RIFT_BASE_MS),
+    }
+    for name, body in bad.items():
+        put(s, "body-" + name, Rift().op(body).data)
 
 
 def main():
@@ -242,6 +369,8 @@ def main():
     put("seal_open", "roundtrip", b"\x40\x00hello")
     put("seal_open", "roundtrip-extra",
         b"\x40\x01" + bytes.fromhex(sv["identities"]["alice"]["address"]) + b"hi")
+
+    spacerift_seeds(put)
 
     for t in sorted(counts):
         print("%-16s %3d seeds -> %s" % (t, counts[t], os.path.relpath(os.path.join(CORPUS, t), ROOT)))

@@ -93,12 +93,18 @@ struct Run {
     not_delivered: AtomicU64,
     windows: Vec<Semaphore>,
     last_seq: Vec<AtomicU64>,
+    /// Set once everything sent has arrived (or given up on): receivers stop.
+    finished: std::sync::atomic::AtomicBool,
+    /// CPU and memory of the watched processes over the measured window.
+    usage: std::sync::Mutex<Vec<super::proc::UsageReport>>,
 }
 
 impl Run {
-    fn new(spec: &Spec) -> Arc<Run> {
+    /// `watch`: process ids whose CPU and memory are read over exactly the
+    /// measured window (server first, then the load generator).
+    fn new(spec: &Spec, watch: &[u32]) -> Arc<Run> {
         let start = Instant::now();
-        Arc::new(Run {
+        let run = Arc::new(Run {
             start,
             measure_from: start + spec.warmup,
             deadline: start + spec.warmup + Duration::from_secs_f64(spec.seconds),
@@ -112,7 +118,64 @@ impl Run {
                 .map(|_| Semaphore::new(spec.window))
                 .collect(),
             last_seq: (0..spec.pairs).map(|_| AtomicU64::new(0)).collect(),
-        })
+            finished: Default::default(),
+            usage: Default::default(),
+        });
+        let (r, pids) = (run.clone(), watch.to_vec());
+        tokio::spawn(async move {
+            use super::proc::{cpu_seconds, rss_kib, UsageReport};
+            tokio::time::sleep_until(r.measure_from.into()).await;
+            let cpu0: Vec<f64> = pids
+                .iter()
+                .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+                .collect();
+            let t0 = Instant::now();
+            let mut peak = vec![0u64; pids.len()];
+            while Instant::now() < r.deadline {
+                for (i, p) in pids.iter().enumerate() {
+                    peak[i] = peak[i].max(rss_kib(*p).unwrap_or(0));
+                }
+                let left = r.deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(left.min(Duration::from_millis(200))).await;
+            }
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            let reports = pids
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let cpu = cpu_seconds(*p).unwrap_or(cpu0[i]) - cpu0[i];
+                    let end = rss_kib(*p).unwrap_or(0);
+                    UsageReport {
+                        cpu_seconds: cpu,
+                        cpu_cores: cpu / secs,
+                        rss_end_kib: end,
+                        rss_peak_kib: peak[i].max(end),
+                    }
+                })
+                .collect();
+            *r.usage.lock().unwrap_or_else(|e| e.into_inner()) = reports;
+        });
+        run
+    }
+
+    /// After the senders are done: waits (≤ 3 s) for what is in flight, then
+    /// lets the receivers stop.
+    async fn settle(&self) {
+        let t = Instant::now();
+        while self.received_all.load(Relaxed) < self.sent.load(Relaxed)
+            && t.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The usage watcher finishes at the deadline.
+        while Instant::now() < self.deadline + Duration::from_millis(50) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.finished.store(true, Relaxed);
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished.load(Relaxed)
     }
 
     /// The payload for pair's `seq`-th message (`seq` from 1).
@@ -178,6 +241,7 @@ impl Run {
         let sent = self.sent.load(Relaxed);
         let all = self.received_all.load(Relaxed);
         let rate = got as f64 / spec.seconds;
+        let usage = self.usage.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Outcome {
             system: system.to_string(),
             pairs: spec.pairs,
@@ -194,8 +258,8 @@ impl Run {
             msgs_per_sec: rate,
             mbytes_per_sec: rate * spec.size.max(16) as f64 / 1e6,
             latency_us: Latency::of(hist),
-            server: None,
-            loadgen: None,
+            server: usage.first().copied(),
+            loadgen: usage.get(1).copied(),
         }
     }
 }
@@ -226,7 +290,7 @@ fn progress(run: &Arc<Run>, label: String) -> tokio::task::JoinHandle<()> {
 
 /// Runs the load through a w2w relay at `url` (plain a2b, so the relay
 /// does its full work: registration, routing, receipts, ACKs, durability).
-pub async fn w2w(url: &str, spec: &Spec) -> Result<Outcome> {
+pub async fn w2w(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
     let mut pairs = Vec::new();
     for _ in 0..spec.pairs {
         let rx = Client::connect(
@@ -245,7 +309,7 @@ pub async fn w2w(url: &str, spec: &Spec) -> Result<Outcome> {
     }
     // A new connection first takes its (empty) stored backlog.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let run = Run::new(spec);
+    let run = Run::new(spec, watch);
     let bar = progress(&run, "w2w".into());
     let mut tasks = Vec::new();
     let mut receivers = Vec::new();
@@ -254,10 +318,11 @@ pub async fn w2w(url: &str, spec: &Spec) -> Result<Outcome> {
         let run2 = run.clone();
         receivers.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("histogram");
-            let stop = tokio::time::Instant::from_std(run2.deadline + Duration::from_secs(3));
-            while let Ok(Some(ev)) = tokio::time::timeout_at(stop, rx.recv()).await {
-                if let Event::Msg(m) = ev {
-                    run2.arrived(i, &m.body, &mut hist);
+            while !run2.is_finished() {
+                match tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+                    Ok(Some(Event::Msg(m))) => run2.arrived(i, &m.body, &mut hist),
+                    Ok(Some(_)) | Err(_) => {}
+                    Ok(None) => break,
                 }
             }
             hist
@@ -294,6 +359,7 @@ pub async fn w2w(url: &str, spec: &Spec) -> Result<Outcome> {
     for t in tasks {
         t.await?;
     }
+    run.settle().await;
     let mut hist = Histogram::<u64>::new(3)?;
     for r in receivers {
         hist.add(r.await?)?;
@@ -322,7 +388,7 @@ async fn bare_connect(url: &str, me: [u8; 32]) -> Result<BareWs> {
 }
 
 /// Runs the load through the bare forwarder at `url`.
-pub async fn bare(url: &str, spec: &Spec) -> Result<Outcome> {
+pub async fn bare(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
     let mut pairs = Vec::new();
     for _ in 0..spec.pairs {
         let (a, b): ([u8; 32], [u8; 32]) = (rand::random(), rand::random());
@@ -331,7 +397,7 @@ pub async fn bare(url: &str, spec: &Spec) -> Result<Outcome> {
         pairs.push((tx, rx, b));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let run = Run::new(spec);
+    let run = Run::new(spec, watch);
     let bar = progress(&run, "bare".into());
     let mut tasks = Vec::new();
     let mut receivers = Vec::new();
@@ -339,13 +405,16 @@ pub async fn bare(url: &str, spec: &Spec) -> Result<Outcome> {
         let run2 = run.clone();
         receivers.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("histogram");
-            let stop = tokio::time::Instant::from_std(run2.deadline + Duration::from_secs(3));
-            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(stop, rx.next()).await {
-                if m.is_binary() {
-                    let b = m.into_payload();
-                    if b.len() >= 32 {
-                        run2.arrived(i, &b[32..], &mut hist);
+            while !run2.is_finished() {
+                match tokio::time::timeout(Duration::from_millis(50), rx.next()).await {
+                    Ok(Some(Ok(m))) if m.is_binary() => {
+                        let b = m.into_payload();
+                        if b.len() >= 32 {
+                            run2.arrived(i, &b[32..], &mut hist);
+                        }
                     }
+                    Ok(Some(Ok(_))) | Err(_) => {}
+                    Ok(Some(Err(_)) | None) => break,
                 }
             }
             hist
@@ -375,6 +444,7 @@ pub async fn bare(url: &str, spec: &Spec) -> Result<Outcome> {
     for t in tasks {
         t.await?;
     }
+    run.settle().await;
     let mut hist = Histogram::<u64>::new(3)?;
     for r in receivers {
         hist.add(r.await?)?;

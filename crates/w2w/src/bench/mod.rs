@@ -137,6 +137,10 @@ pub struct CompareArgs {
     /// Do not pin the server to CPU 0 and the load generator to CPU 1.
     #[arg(long)]
     no_pin: bool,
+    /// Measure only these systems (bare, w2w, w2w-nondurable, iroh);
+    /// default: all available.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Skip the half-rate latency runs.
     #[arg(long)]
     no_half: bool,
@@ -217,10 +221,12 @@ async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) 
     if let Some(c) = load_cpu {
         proc::pin_self(c)?;
     }
-    let usage = Usage::start(server.pid());
-    let me = Usage::start(std::process::id());
+    // iroh's load generator keeps its own clock: its server's usage is read
+    // over the whole child run (connection setup included).
+    let whole = (system == "iroh").then(|| Usage::start(server.pid()));
+    let watch = [server.pid(), std::process::id()];
     let r = match system {
-        "bare" => load::bare(&server.url, spec).await,
+        "bare" => load::bare(&server.url, spec, &watch).await,
         "iroh" => {
             load::iroh(
                 iroh_bin.context("no iroh binary")?,
@@ -230,18 +236,17 @@ async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) 
             )
             .await
         }
-        _ => load::w2w(&server.url, spec).await,
+        _ => load::w2w(&server.url, spec, &watch).await,
     };
-    let (server_usage, my_usage) = (usage.finish(), me.finish());
+    let whole = whole.map(Usage::finish);
     proc::unpin_self()?;
     drop(server);
     let mut r = r?;
     if system == "w2w-nondurable" {
         r.system = "w2w (durable_delivery off)".into();
     }
-    r.server = Some(server_usage);
-    if system != "iroh" {
-        r.loadgen = Some(my_usage);
+    if whole.is_some() {
+        r.server = whole;
     }
     Ok(r)
 }
@@ -249,7 +254,7 @@ async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) 
 fn print_row(label: &str, r: &Outcome) {
     let s = r.server.as_ref();
     println!(
-        "{label:<28} {:>9.0} {:>7.2} {:>8} {:>8} {:>9} {:>6} {:>10} {:>9.0} {:>6} {:>4}",
+        "{label:<28} {:>9.0} {:>7.2} {:>8} {:>8} {:>9} {:>6} {:>7.1} {:>10} {:>9} {:>6} {:>4}",
         r.msgs_per_sec,
         r.mbytes_per_sec,
         r.latency_us.p50,
@@ -257,8 +262,12 @@ fn print_row(label: &str, r: &Outcome) {
         r.latency_us.p999,
         s.map(|s| format!("{:.0}%", s.cpu_cores * 100.0))
             .unwrap_or_default(),
+        s.map(|s| s.cpu_seconds * 1e6 / (r.msgs_per_sec * r.seconds).max(1.0))
+            .unwrap_or(f64::NAN),
         s.map(|s| s.rss_peak_kib).unwrap_or(0),
-        r.loadgen.map(|l| l.cpu_cores * 100.0).unwrap_or(f64::NAN),
+        r.loadgen
+            .map(|l| format!("{:.0}%", l.cpu_cores * 100.0))
+            .unwrap_or_else(|| "-".into()),
         r.lost,
         r.duplicated,
     );
@@ -282,6 +291,22 @@ pub(crate) async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
         ),
         None => {}
     }
+    if !a.only.is_empty() {
+        systems = a
+            .only
+            .iter()
+            .map(|s| match s.as_str() {
+                "bare" => Ok("bare"),
+                "w2w" => Ok("w2w"),
+                "w2w-nondurable" => Ok("w2w-nondurable"),
+                "iroh" if iroh_bin.is_some() => Ok("iroh"),
+                "iroh" => bail!("--only iroh: no iroh-relay bench binary (see --iroh-bin)"),
+                other => {
+                    bail!("--only: unknown system {other:?} (bare, w2w, w2w-nondurable, iroh)")
+                }
+            })
+            .collect::<Result<_>>()?;
+    }
     eprintln!(
         "a2b, {} pairs, window {}, {} B payload, {:.1} s measured after {} ms warm-up; server on CPU 0, load on CPU 1{}",
         spec.pairs,
@@ -303,8 +328,9 @@ pub(crate) async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
             half.push(measure(s, &sp, !a.no_pin, iroh_bin.as_deref()).await?);
         }
     }
+    println!("\nat the maximum rate:");
     println!(
-        "\n{:<28} {:>9} {:>7} {:>8} {:>8} {:>9} {:>6} {:>10} {:>9} {:>6} {:>4}",
+        "{:<28} {:>9} {:>7} {:>8} {:>8} {:>9} {:>6} {:>10} {:>9} {:>6} {:>4}",
         "system (max rate)",
         "msgs/s",
         "MB/s",
@@ -450,6 +476,7 @@ async fn smoke() -> Result<ExitCode> {
         no_durable_too: false,
         no_pin: false,
         no_half: false,
+        only: Vec::new(),
         out: dir.clone(),
     })
     .await?;

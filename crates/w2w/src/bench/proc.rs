@@ -175,6 +175,8 @@ mod tokio_util_stop {
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct UsageReport {
+    /// CPU seconds (user + system) used in the window.
+    pub cpu_seconds: f64,
     /// CPU cores the process used on average (1.0 = one core busy).
     pub cpu_cores: f64,
     pub rss_end_kib: u64,
@@ -215,6 +217,7 @@ impl Usage {
             .load(std::sync::atomic::Ordering::Relaxed)
             .max(end);
         UsageReport {
+            cpu_seconds: cpu,
             cpu_cores: cpu / self.t0.elapsed().as_secs_f64().max(1e-9),
             rss_end_kib: end,
             rss_peak_kib: peak,
