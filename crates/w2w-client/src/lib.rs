@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_websockets::{MaybeTlsStream, Message, WebSocketStream};
@@ -652,6 +652,9 @@ impl Dedupe {
 /// Message ids remembered for deduplication.
 pub const DEDUPE_WINDOW: usize = 16_384;
 
+/// Most MSG ids acknowledged in one ACK frame.
+const MAX_ACK_BATCH: usize = 256;
+
 /// How one connection ended.
 enum SessionEnd {
     /// `close()` was called or the handle dropped: stop for good.
@@ -714,75 +717,110 @@ impl Driver {
                     }
                 },
                 m = ws.next() => {
-                    let m = match m {
-                        None => return SessionEnd::Lost("connection closed".into()),
-                        Some(Err(e)) => return SessionEnd::Lost(format!("connection failed: {e}")),
-                        Some(Ok(m)) => m,
-                    };
-                    if let Some((code, text)) = m.as_close() {
-                        let code = u16::from(code);
-                        return match ErrorCode::from_close_code(code) {
-                            Some(c @ ErrorCode::Replaced) => SessionEnd::Fatal(format!("relay closed the connection: {c}")),
-                            Some(c) => SessionEnd::Lost(format!("relay closed the connection: {c}")),
-                            None => SessionEnd::Lost(format!("relay closed the connection: {code} {text}")),
+                    let mut acks = Vec::new();
+                    let mut next = Some(m);
+                    // Take every frame that is already here before
+                    // acknowledging: one ACK frame covers a burst.
+                    while let Some(m) = next.take() {
+                        let m = match m {
+                            None => return SessionEnd::Lost("connection closed".into()),
+                            Some(Err(e)) => return SessionEnd::Lost(format!("connection failed: {e}")),
+                            Some(Ok(m)) => m,
                         };
+                        match self.on_frame(m, &mut acks) {
+                            Err(end) => return end,
+                            Ok(None) => {}
+                            // Backpressure: if the application stops
+                            // reading, so do we.
+                            // The message is acknowledged only once the
+                            // application has it (it is marked seen): were
+                            // the ACK sent first and this connection lost
+                            // in between, the resent copy would be dropped
+                            // as a duplicate of one the application never got.
+                            Ok(Some(event)) => {
+                                if self.events_tx.send(event).await.is_err() {
+                                    let _ = ws.close().await;
+                                    return SessionEnd::Stop("client handle dropped".into());
+                                }
+                            }
+                        }
+                        if acks.len() < MAX_ACK_BATCH {
+                            next = ws.next().now_or_never();
+                        }
                     }
-                    if !m.is_binary() {
-                        continue;
-                    }
-                    let bytes: Bytes = m.into_payload().into();
-                    let event = match RelayToClient::decode(&bytes) {
-                        Ok(RelayToClient::Receipt(r)) => {
-                            if let Some(seq) = self.seq_of.remove(&r.id) {
-                                self.unreceipted.remove(&seq);
-                            }
-                            if let Some(tx) = self.receipts.remove(&r.id) {
-                                let _ = tx.send(r);
-                            }
-                            continue;
+                    if !acks.is_empty() {
+                        if let Err(e) = ws.send(Message::binary(ClientToRelay::Ack(acks).encode())).await {
+                            return SessionEnd::Lost(format!("send failed: {e}"));
                         }
-                        Ok(RelayToClient::Response(r)) => {
-                            if let Some(tx) = self.requests.remove(&r.req_id) {
-                                let _ = tx.send(r.result);
-                            }
-                            continue;
-                        }
-                        Ok(RelayToClient::Msg(m)) => {
-                            // Acknowledge every copy, duplicates too: the relay
-                            // deletes a stored message only once it is acked.
-                            let ack = ClientToRelay::Ack(vec![m.id]).encode();
-                            if let Err(e) = ws.send(Message::binary(ack)).await {
-                                return SessionEnd::Lost(format!("send failed: {e}"));
-                            }
-                            let key = (m.id, m.from);
-                            if self.dedupe.seen(&key) {
-                                continue;
-                            }
-                            // Only a message that opens (or verifies) counts
-                            // as seen, so a forged copy cannot suppress the
-                            // real one.
-                            let event = open_msg(&self.identity, m);
-                            if matches!(event, Event::Msg(_)) {
-                                self.dedupe.first(key);
-                            }
-                            event
-                        }
-                        Ok(RelayToClient::Notice(n)) => Event::Notice(n),
-                        Ok(RelayToClient::Error(e)) => Event::Error { code: e.code, detail: e.detail },
-                        Ok(other) => Event::Error {
-                            code: ErrorCode::UnexpectedFrame.as_u16(),
-                            detail: format!("unexpected frame from relay: {other:?}"),
-                        },
-                        Err(e) => Event::Error { code: e.code().as_u16(), detail: format!("undecodable frame from relay: {e}") },
-                    };
-                    // Backpressure: if the application stops reading, so do we.
-                    if self.events_tx.send(event).await.is_err() {
-                        let _ = ws.close().await;
-                        return SessionEnd::Stop("client handle dropped".into());
                     }
                 }
             }
         }
+    }
+
+    /// One frame from the relay: settles receipts and requests here;
+    /// returns the event for the application, if any. MSG ids to
+    /// acknowledge are added to `acks` (every copy, duplicates too: the
+    /// relay deletes a stored message only once it is acked).
+    fn on_frame(&mut self, m: Message, acks: &mut Vec<MsgId>) -> Result<Option<Event>, SessionEnd> {
+        if let Some((code, text)) = m.as_close() {
+            let code = u16::from(code);
+            return Err(match ErrorCode::from_close_code(code) {
+                Some(c @ ErrorCode::Replaced) => {
+                    SessionEnd::Fatal(format!("relay closed the connection: {c}"))
+                }
+                Some(c) => SessionEnd::Lost(format!("relay closed the connection: {c}")),
+                None => SessionEnd::Lost(format!("relay closed the connection: {code} {text}")),
+            });
+        }
+        if !m.is_binary() {
+            return Ok(None);
+        }
+        let bytes: Bytes = m.into_payload().into();
+        Ok(Some(match RelayToClient::decode(&bytes) {
+            Ok(RelayToClient::Receipt(r)) => {
+                if let Some(seq) = self.seq_of.remove(&r.id) {
+                    self.unreceipted.remove(&seq);
+                }
+                if let Some(tx) = self.receipts.remove(&r.id) {
+                    let _ = tx.send(r);
+                }
+                return Ok(None);
+            }
+            Ok(RelayToClient::Response(r)) => {
+                if let Some(tx) = self.requests.remove(&r.req_id) {
+                    let _ = tx.send(r.result);
+                }
+                return Ok(None);
+            }
+            Ok(RelayToClient::Msg(m)) => {
+                acks.push(m.id);
+                let key = (m.id, m.from);
+                if self.dedupe.seen(&key) {
+                    return Ok(None);
+                }
+                // Only a message that opens (or verifies) counts as seen,
+                // so a forged copy cannot suppress the real one.
+                let event = open_msg(&self.identity, m);
+                if matches!(event, Event::Msg(_)) {
+                    self.dedupe.first(key);
+                }
+                event
+            }
+            Ok(RelayToClient::Notice(n)) => Event::Notice(n),
+            Ok(RelayToClient::Error(e)) => Event::Error {
+                code: e.code,
+                detail: e.detail,
+            },
+            Ok(other) => Event::Error {
+                code: ErrorCode::UnexpectedFrame.as_u16(),
+                detail: format!("unexpected frame from relay: {other:?}"),
+            },
+            Err(e) => Event::Error {
+                code: e.code().as_u16(),
+                detail: format!("undecodable frame from relay: {e}"),
+            },
+        }))
     }
 
     /// Reconnects with exponential backoff and jitter, then resends every

@@ -476,14 +476,19 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
         // not on every received frame.
         let timer = tokio::time::sleep(limits.ping_interval());
         tokio::pin!(timer);
+        // Made once, not per frame: each would register (and drop) a waiter.
+        let closed = outbox.closed();
+        tokio::pin!(closed);
+        let shutdown = shared.shutdown.cancelled();
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 biased;
                 // A close request (replaced, slow consumer) beats everything.
-                code = outbox.closed() => {
+                code = &mut closed => {
                     return End::Close(code, String::new());
                 }
-                _ = shared.shutdown.cancelled() => {
+                _ = &mut shutdown => {
                     return End::Close(ErrorCode::ShuttingDown, String::new());
                 }
                 // Writes before reads: drain what we owe before taking more.
@@ -493,7 +498,7 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                     let write = write_batch(shared, outbox, ws, rx, first, write_timeout);
                     tokio::select! {
                         biased;
-                        code = outbox.closed() => return End::Close(code, String::new()),
+                        code = &mut closed => return End::Close(code, String::new()),
                         r = write => if let Err(end) = r {
                             return end;
                         },

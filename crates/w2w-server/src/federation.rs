@@ -18,7 +18,12 @@
 //! All state sits behind one mutex held only for map updates and
 //! non-blocking `try_enqueue` calls, never across an await.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+/// Maps keyed by addresses and message ids on the hot path: aHash (keyed
+/// per process, so still resistant to chosen-key flooding) instead of SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<T> = std::collections::HashSet<T, ahash::RandomState>;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -184,16 +189,16 @@ impl Pending {
     ) -> Self {
         Pending {
             reply,
-            awaiting_ack: HashSet::new(),
+            awaiting_ack: HashSet::default(),
             route,
             entries: Vec::new(),
             delivered: 0,
-            waiting: HashMap::new(),
+            waiting: HashMap::default(),
             order,
             deadline: Instant::now() + timeout,
             frame: Bytes::new(),
-            unstored: HashSet::new(),
-            storing: HashSet::new(),
+            unstored: HashSet::default(),
+            storing: HashSet::default(),
         }
     }
 }
@@ -326,7 +331,7 @@ impl Federation {
             cap: config.seen_cache.max(16),
             ttl: Duration::from_secs(120),
             order: VecDeque::new(),
-            set: HashSet::new(),
+            set: HashSet::default(),
         };
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let f = Federation {
@@ -338,12 +343,12 @@ impl Federation {
             config,
             state: Mutex::new(State {
                 seq: 0,
-                peers: HashMap::new(),
-                lsdb: HashMap::new(),
-                routes: HashMap::new(),
-                directory: HashMap::new(),
+                peers: HashMap::default(),
+                lsdb: HashMap::default(),
+                routes: HashMap::default(),
+                directory: HashMap::default(),
                 seen,
-                pending: HashMap::new(),
+                pending: HashMap::default(),
             }),
             metrics,
             events,
@@ -502,9 +507,9 @@ impl Federation {
 
     /// BFS over two-way edges from this relay.
     fn recompute(&self, st: &mut State) {
-        let mut routes = HashMap::new();
+        let mut routes = HashMap::default();
         let mut queue = VecDeque::new();
-        let mut seen = HashSet::from([self.me]);
+        let mut seen = std::iter::once(self.me).collect::<HashSet<_>>();
         if let Some(mine) = st.lsdb.get(&self.me) {
             for n in &mine.neighbors {
                 if st.peers.contains_key(n) && seen.insert(*n) {
@@ -802,7 +807,7 @@ impl Federation {
                 let key = (msg.id, f.origin);
                 let mut entries = Vec::with_capacity(to.len());
                 let mut offline = Vec::new();
-                let mut direct = HashSet::new();
+                let mut direct = HashSet::default();
                 // Connected recipients get it at once and it is stored only
                 // if their ACK does not come; others are stored (see
                 // `dispatch`).
@@ -1273,13 +1278,13 @@ impl Federation {
                 if list.len() > max_group {
                     return reject(ErrorCode::ListTooLong);
                 }
-                let mut seen = HashSet::with_capacity(list.len());
+                let mut seen = HashSet::with_capacity_and_hasher(list.len(), Default::default());
                 list.iter().copied().filter(|a| seen.insert(*a)).collect()
             }
         };
         let order = targets.clone();
         let mut entries = Vec::with_capacity(targets.len());
-        let mut remote: HashMap<Address, Vec<Address>> = HashMap::new();
+        let mut remote: HashMap<Address, Vec<Address>> = HashMap::default();
         let mut offline = Vec::new();
         let mut st = self.lock();
         // Receipts are matched by id: a second message with the id of one
@@ -1289,7 +1294,7 @@ impl Federation {
             return reject(ErrorCode::Duplicate);
         }
         let key = (msg.id, self.me);
-        let mut direct = HashSet::new();
+        let mut direct = HashSet::default();
         for t in targets {
             // Ours and connected: handed over at once; "delivered" once it
             // ACKs. Only if the ACK does not come in time (or the
@@ -1326,7 +1331,7 @@ impl Federation {
                 }
             }
         }
-        let mut waiting = HashMap::new();
+        let mut waiting = HashMap::default();
         if !offline.is_empty() {
             let job = QueueJob {
                 id: msg.id,
@@ -1408,7 +1413,7 @@ mod tests {
             cap: 4,
             ttl: Duration::from_secs(60),
             order: VecDeque::new(),
-            set: HashSet::new(),
+            set: HashSet::default(),
         };
         let t = Instant::now();
         let k = |i: u8| (MsgId([i; 16]), Address([0; 32]));

@@ -7,7 +7,8 @@
 //! sender's receipt says `rejected/slow_consumer`, and the recipient is
 //! told to close (policy: disconnect, counted in metrics).
 
-use std::collections::HashMap;
+/// aHash, keyed per process (see `federation`).
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -239,7 +240,7 @@ impl Default for Router {
 impl Router {
     pub fn new() -> Self {
         Router {
-            clients: RwLock::new(HashMap::new()),
+            clients: RwLock::new(HashMap::default()),
         }
     }
 

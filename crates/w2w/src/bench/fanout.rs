@@ -184,10 +184,12 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     );
     proc::unpin_self()?;
     let _ = sender.close().await;
-    drop(relay);
+    // Clients go before the relay, so none of them tries to reconnect.
     for t in tasks {
         t.abort();
     }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(relay);
     anyhow::ensure!(
         got == want,
         "a2n: receipts counted {want} deliveries but clients received {got}"

@@ -237,9 +237,12 @@ pub async fn run(a: SoakArgs) -> Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     rss.push((t0.elapsed().as_secs_f64(), relay.rss_kib().unwrap_or(0)));
+    // Clients go before the relay, so none of them tries to reconnect.
     for r in receivers {
         r.abort();
     }
+    drop(handles);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let b = books.lock().unwrap_or_else(|e| e.into_inner());
     let mut lost = 0u64;
     for (tag, exp) in &b.expected {
