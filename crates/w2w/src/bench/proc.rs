@@ -225,11 +225,16 @@ impl Usage {
     }
 }
 
-/// CPUs this process may run on.
+/// CPUs online on this machine (not just the ones this process is pinned
+/// to at the moment, which is what `available_parallelism` would say).
 pub fn cpu_count() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        1
+    }
 }
 
 fn cpu_set(cpu: usize) -> libc::cpu_set_t {
