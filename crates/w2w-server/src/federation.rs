@@ -760,6 +760,28 @@ impl Federation {
             .map_err(|_| ErrorCode::Unreachable)
     }
 
+    /// Answers the origin of a FORWARD for the recipients this relay served.
+    fn reply_served(
+        &self,
+        st: &State,
+        origin: Address,
+        id: MsgId,
+        delivered: u32,
+        entries: Vec<ReceiptEntry>,
+    ) {
+        self.reply(
+            st,
+            FwdReceipt {
+                origin,
+                reporter: self.me,
+                id,
+                hops: 0,
+                delivered,
+                entries,
+            },
+        );
+    }
+
     fn reply(&self, st: &State, r: FwdReceipt) {
         if r.origin == self.me {
             return;
@@ -827,17 +849,7 @@ impl Federation {
                 }
                 if direct.is_empty() && offline.is_empty() {
                     let delivered = delivered_count(&entries);
-                    self.reply(
-                        &st,
-                        FwdReceipt {
-                            origin: f.origin,
-                            reporter: self.me,
-                            id: msg.id,
-                            hops: 0,
-                            delivered,
-                            entries,
-                        },
-                    );
+                    self.reply_served(&st, f.origin, msg.id, delivered, entries);
                     return;
                 }
                 let mut p = Pending::new(
@@ -929,17 +941,7 @@ impl Federation {
                         to: *to,
                     })
                 });
-                self.reply(
-                    &st,
-                    FwdReceipt {
-                        origin: f.origin,
-                        reporter: self.me,
-                        id: msg.id,
-                        hops: 0,
-                        delivered,
-                        entries: Vec::new(),
-                    },
-                );
+                self.reply_served(&st, f.origin, msg.id, delivered, Vec::new());
                 if f.hops >= self.config.hop_limit {
                     self.metrics.error(ErrorCode::HopLimit);
                     return;
@@ -1080,17 +1082,7 @@ impl Federation {
         match p.reply {
             PendingReply::Remote { origin } => {
                 let delivered = delivered_count(&p.entries);
-                self.reply(
-                    st,
-                    FwdReceipt {
-                        origin,
-                        reporter: self.me,
-                        id,
-                        hops: 0,
-                        delivered,
-                        entries: p.entries,
-                    },
-                );
+                self.reply_served(st, origin, id, delivered, p.entries);
             }
             PendingReply::Local(sender) => {
                 let (status, reason) = summarize(p.route, &p.entries, p.delivered);

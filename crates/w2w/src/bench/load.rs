@@ -174,6 +174,28 @@ impl Run {
         self.finished.store(true, Relaxed);
     }
 
+    /// Waits for the senders, lets what is in flight land, merges the
+    /// receivers' histograms and reports.
+    async fn finish(
+        &self,
+        system: &str,
+        spec: &Spec,
+        senders: Vec<tokio::task::JoinHandle<()>>,
+        receivers: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+        progress: tokio::task::JoinHandle<()>,
+    ) -> Result<Outcome> {
+        for t in senders {
+            t.await?;
+        }
+        self.settle().await;
+        let mut hist = Histogram::<u64>::new(3)?;
+        for r in receivers {
+            hist.add(r.await?)?;
+        }
+        let _ = progress.await;
+        Ok(self.outcome(system, spec, &hist))
+    }
+
     fn is_finished(&self) -> bool {
         self.finished.load(Relaxed)
     }
@@ -356,16 +378,7 @@ pub async fn w2w(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
             }
         }));
     }
-    for t in tasks {
-        t.await?;
-    }
-    run.settle().await;
-    let mut hist = Histogram::<u64>::new(3)?;
-    for r in receivers {
-        hist.add(r.await?)?;
-    }
-    let _ = bar.await;
-    Ok(run.outcome("w2w", spec, &hist))
+    run.finish("w2w", spec, tasks, receivers, bar).await
 }
 
 type BareWs =
@@ -441,16 +454,8 @@ pub async fn bare(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
             let _ = tx.close().await;
         }));
     }
-    for t in tasks {
-        t.await?;
-    }
-    run.settle().await;
-    let mut hist = Histogram::<u64>::new(3)?;
-    for r in receivers {
-        hist.add(r.await?)?;
-    }
-    let _ = bar.await;
-    Ok(run.outcome("bare forwarder", spec, &hist))
+    run.finish("bare forwarder", spec, tasks, receivers, bar)
+        .await
 }
 
 /// Runs the load against iroh-relay with the bench-only crate's load
