@@ -437,6 +437,7 @@ impl Rifts {
                     && o.key != req.key
                     && o.lease.is_none()
                     && !self.recently_paired(o.key, req.key, now)
+                    && !self.holds_lease_from(req.key, o.key)
             })
             .min_by_key(|(i, o)| {
                 let rtt = self
@@ -471,6 +472,15 @@ impl Rifts {
             lease: None,
         });
         Reply::Wait(rx)
+    }
+
+    /// Whether `answerer` holds a lease on an offer from `offerer` now: a
+    /// second offer of the same key must not be leased to it as well, or
+    /// the pair could be linked twice within the pair memory.
+    fn holds_lease_from(&self, answerer: Address, offerer: Address) -> bool {
+        self.offers
+            .iter()
+            .any(|o| o.key == offerer && o.lease.is_some_and(|(k, _, _)| k == answerer))
     }
 
     /// A CONNECT with a nonce: Bob's answer to the offer he was leased.
@@ -561,6 +571,34 @@ mod tests {
         assert!(matches!(
             r.handle(req(2, "ns", "again", Some(nonce), false), later, [4; 16]),
             Reply::BadNonce
+        ));
+    }
+
+    #[test]
+    fn one_answerer_is_never_leased_two_offers_of_one_key() {
+        // Fuzzing finding F3: Alice offers, Bob is leased it; Alice offers
+        // again (the leased offer stays); Bob's next CONNECT must not be
+        // leased Alice's second offer, or both answers would be delivered
+        // and the pair linked twice within the pair memory.
+        let mut r = Rifts::default();
+        let t = Instant::now();
+        let _alice1 = r.handle(req(1, "ns", "offer-a1", None, false), t, [1; 16]);
+        let Reply::Demote { nonce: n1, .. } =
+            r.handle(req(2, "ns", "offer-b", None, false), t, [2; 16])
+        else {
+            panic!("bob should be demoted")
+        };
+        let t1 = t + Duration::from_millis(1500);
+        let _alice2 = r.handle(req(1, "ns", "offer-a2", None, false), t1, [3; 16]);
+        let again = r.handle(req(2, "ns", "offer-b2", None, false), t1, [4; 16]);
+        assert!(
+            !matches!(again, Reply::Demote { peer, .. } if peer == Address([1; 32])),
+            "bob was leased a second offer from alice"
+        );
+        // His answer to the first lease still links them, once.
+        assert!(matches!(
+            r.handle(req(2, "ns", "answer-b", Some(n1), false), t1, [5; 16]),
+            Reply::Delivered
         ));
     }
 
