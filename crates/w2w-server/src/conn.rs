@@ -378,15 +378,19 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await;
 
-    if shared.router.remove(&outbox) {
-        shared.fed.local_leave(&address);
-    }
-    // Handed over but never acknowledged: stored ones stay stored
-    // ("queued"); ones handed over unstored are stored now.
+    // From here on new messages for this address go through the store, and
+    // the ones handed over but never acknowledged are written first: stored
+    // ones stay stored ("queued"); ones handed over unstored are written now
+    // (late writes). Both before the address leaves the router, so they
+    // are queued ahead of any message that arrives once it has.
+    shared.fed.retire(&outbox);
     for (_, handed) in outbox.take_waiters() {
         if let Some(key) = handed.waiter {
             shared.fed.ack_lost(key, address, handed.unstored);
         }
+    }
+    if shared.router.remove(&outbox) {
+        shared.fed.local_leave(&address);
     }
     shared.metrics.registered.fetch_sub(1, Relaxed);
     // Give back the queue's share of the queued-bytes gauge.
@@ -410,9 +414,17 @@ async fn drain_queue(shared: Arc<Shared>, outbox: Arc<Outbox>) {
     loop {
         let batch = match shared.store.queued(outbox.address, after, 64).await {
             Ok(b) if !b.is_empty() => b,
+            // Caught up: go live, unless a store job for this address is
+            // still on its way (then read again once it has landed).
             Ok(_) => {
-                outbox.set_live();
-                return;
+                if shared.fed.go_live(&outbox) {
+                    return;
+                }
+                if outbox.is_closing() || shared.shutdown.is_cancelled() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
             }
             Err(e) => {
                 tracing::error!(error = %e, "reading the queue");

@@ -261,6 +261,11 @@ pub struct Federation {
     /// messages queued instead of `no_route`.
     known: std::sync::RwLock<HashSet<Address>>,
     queue_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<QueueJob>>>,
+    /// Store jobs submitted and not yet finished (committed and handed
+    /// over), per recipient. A connection goes live (direct hand-over)
+    /// only when its recipient has none, so a message on its way through
+    /// the store is never overtaken by a newer one handed over directly.
+    store_inflight: Mutex<HashMap<Address, u32>>,
     url: Mutex<String>,
     pub config: FederationConfig,
     state: Mutex<State>,
@@ -339,6 +344,7 @@ impl Federation {
             me,
             known: Default::default(),
             queue_tx: Mutex::new(None),
+            store_inflight: Default::default(),
             url: Mutex::new(String::new()),
             config,
             state: Mutex::new(State {
@@ -381,12 +387,64 @@ impl Federation {
             .contains(a)
     }
 
-    /// Hands a job to the queue writer; `false` if there is none.
+    /// Hands a job to the queue writer; `false` if there is none. Callers
+    /// hold the state lock, which orders this against [`Self::go_live`].
     fn queue(&self, job: QueueJob) -> bool {
-        match &*self.queue_tx.lock().unwrap_or_else(|e| e.into_inner()) {
+        let recipients = job.recipients.clone();
+        let sent = match &*self.queue_tx.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(tx) => tx.send(job).is_ok(),
             None => false,
+        };
+        if sent {
+            let mut m = self
+                .store_inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for r in recipients {
+                *m.entry(r).or_default() += 1;
+            }
         }
+        sent
+    }
+
+    /// The queue writer has finished a job for `recipients` (written, and
+    /// handed to those connected).
+    pub fn store_job_finished(&self, recipients: &[Address]) {
+        let mut m = self
+            .store_inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for r in recipients {
+            if let Some(n) = m.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(r);
+                }
+            }
+        }
+    }
+
+    /// Lets `outbox` take messages directly (not through the store) if no
+    /// store job for its address is unfinished; `false` means try again
+    /// after the store has caught up.
+    pub fn go_live(&self, outbox: &Outbox) -> bool {
+        let _st = self.lock();
+        let busy = self
+            .store_inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&outbox.address);
+        if !busy {
+            outbox.set_live(true);
+        }
+        !busy
+    }
+
+    /// Stops direct hand-over to a connection that is ending; once this
+    /// returns, no dispatch is still handing it a message.
+    pub fn retire(&self, outbox: &Outbox) {
+        let _st = self.lock();
+        outbox.set_live(false);
     }
 
     /// The queue writer finished `job`: `entries` are settled outcomes
@@ -1416,6 +1474,49 @@ mod tests {
         }
         assert!(c.set.len() <= 4);
         assert!(c.insert(k(1), t), "oldest entries are forgotten");
+    }
+
+    #[test]
+    fn a_connection_goes_live_only_after_its_store_jobs_finish() {
+        use w2w_proto::frame::{Msg, MsgId};
+        let m = Arc::new(Metrics::default());
+        let me = Identity::from_seed([1; 32]);
+        let fed = Federation::new(me, FederationConfig::default(), m.clone());
+        let (qtx, mut qrx) = tokio::sync::mpsc::unbounded_channel();
+        fed.set_queue(qtx);
+        let router = Router::new();
+        let (alice, bob) = (Address([2; 32]), Address([3; 32]));
+        let (sender, _srx) = Outbox::new(alice, 1, 1 << 20, m.clone());
+        let (ob, _brx) = Outbox::new(bob, 2, 1 << 20, m.clone());
+        router.insert(sender.clone());
+        router.insert(ob.clone());
+        fed.add_known([bob]);
+        // Bob is connected but not live (his backlog is being handed over):
+        // the message goes through the store.
+        let msg = Msg {
+            flags: 0,
+            id: MsgId([7; 16]),
+            from: alice,
+            dest: Dest::A2b(bob),
+            payload: Bytes::from_static(b"m1"),
+        };
+        let frame = ClientToRelay::Msg(msg.clone()).encode();
+        assert!(matches!(
+            fed.dispatch(&router, &sender, &frame, &msg, 16, None),
+            Dispatch::Pending
+        ));
+        let job = qrx.try_recv().expect("a store job");
+        assert_eq!(job.recipients, vec![bob]);
+        // While it is on its way, bob may not go live (a newer message
+        // handed over directly would overtake it).
+        assert!(!fed.go_live(&ob));
+        assert!(!ob.is_live());
+        fed.store_job_finished(&job.recipients);
+        assert!(fed.go_live(&ob));
+        assert!(ob.is_live());
+        // Ending: retired, new messages go through the store again.
+        fed.retire(&ob);
+        assert!(!ob.is_live());
     }
 
     #[test]

@@ -191,8 +191,9 @@ impl Outbox {
         self.live.load(Ordering::Acquire)
     }
 
-    pub fn set_live(&self) {
-        self.live.store(true, Ordering::Release);
+    /// See [`crate::federation::Federation::go_live`] and `retire`.
+    pub fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::Release);
     }
 
     /// Whether the connection has been asked to close.

@@ -401,6 +401,7 @@ async fn queue_completer(
             entries.push(ReceiptEntry { to, status, reason });
         }
         let (id, frame) = (job.id, job.frame.clone());
+        let recipients = job.recipients.clone();
         let awaiting = handover.iter().map(|o| o.address).collect();
         let key = shared.fed.queue_done(job, entries, awaiting);
         for o in handover {
@@ -411,6 +412,9 @@ async fn queue_completer(
                 shared.fed.ack_lost(key, o.address, None);
             }
         }
+        // Only now may these recipients' connections go live: the message
+        // is in their send queues ahead of anything handed over directly.
+        shared.fed.store_job_finished(&recipients);
     }
 }
 
