@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
 use futures_util::SinkExt;
 use tokio_websockets::Message;
-use w2w_client::{Client, ConnectOptions, Event};
+use w2w_client::{ConnectOptions, Event};
 use w2w_proto::frame::Scope;
 use w2w_proto::frame::{ClientToRelay, Msg, MsgId, RelayToClient};
 use w2w_proto::{Dest, Identity};
@@ -68,32 +68,10 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     // 1. Registrations: connect + the full sigA/sigB/sigC handshake.
     let usage = Usage::start(relay.pid());
     let t0 = Instant::now();
-    let mut clients = Vec::with_capacity(a.clients);
-    let mut pending = FuturesUnordered::new();
-    let mut started = 0;
-    while clients.len() < a.clients {
-        while started < a.clients && pending.len() < a.concurrency.max(1) {
-            let url = url.clone();
-            pending.push(async move {
-                Client::connect(
-                    Identity::from_seed(rand::random()),
-                    ConnectOptions::new(url),
-                )
-                .await
-            });
-            started += 1;
-        }
-        if let Some(c) = pending.next().await {
-            clients.push(c.context("registering a client")?);
-            if clients.len() % 200 == 0 {
-                eprint!("\r  registered {:>6} / {}", clients.len(), a.clients);
-            }
-        }
-    }
+    let clients = super::connect_many(&url, a.clients, a.concurrency).await?;
     let reg_secs = t0.elapsed().as_secs_f64();
     let reg_usage = usage.finish();
     let regs_per_sec = a.clients as f64 / reg_secs;
-    eprintln!();
     println!(
         "registrations: {} clients in {reg_secs:.2} s = {regs_per_sec:.0} /s ({} at once); relay CPU {:.0}%",
         a.clients,
@@ -206,10 +184,6 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
         "a2n_deliveries_received": got,
         "fanout_relay": fan_usage,
     });
-    std::fs::create_dir_all(&a.out)?;
-    std::fs::write(
-        a.out.join("fanout.json"),
-        serde_json::to_string_pretty(&result)?,
-    )?;
+    super::write_json(&a.out, "fanout.json", &result)?;
     Ok(result)
 }

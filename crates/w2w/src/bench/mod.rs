@@ -391,11 +391,7 @@ pub(crate) async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
         "half_rate": half,
         "ratios": ratios,
     });
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    std::fs::write(
-        a.out.join("compare.json"),
-        serde_json::to_string_pretty(&result)?,
-    )?;
+    write_json(&a.out, "compare.json", &result)?;
     let names: Vec<String> = max.iter().map(|r| r.system.clone()).collect();
     std::fs::write(
         a.out.join("compare-throughput.svg"),
@@ -438,6 +434,51 @@ pub(crate) async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
     }
     eprintln!("wrote {}/compare.json and SVG plots", a.out.display());
     Ok(result)
+}
+
+/// Registers `n` clients (fresh keys) at `url`, `concurrency` handshakes
+/// at a time, printing progress every 200.
+pub(crate) async fn connect_many(
+    url: &str,
+    n: usize,
+    concurrency: usize,
+) -> Result<Vec<w2w_client::Client>> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    use w2w_client::{Client, ConnectOptions};
+    let mut clients = Vec::with_capacity(n);
+    let mut pending = FuturesUnordered::new();
+    let mut started = 0;
+    while clients.len() < n {
+        while started < n && pending.len() < concurrency.max(1) {
+            let url = url.to_string();
+            pending.push(async move {
+                Client::connect(
+                    w2w_proto::Identity::from_seed(rand::random()),
+                    ConnectOptions::new(url),
+                )
+                .await
+            });
+            started += 1;
+        }
+        if let Some(c) = pending.next().await {
+            clients.push(c.context("registering a client")?);
+            if clients.len() % 200 == 0 {
+                eprint!("\r  registered {:>6} / {n}", clients.len());
+            }
+        }
+    }
+    if n >= 200 {
+        eprintln!();
+    }
+    Ok(clients)
+}
+
+/// Writes `value` as pretty JSON to `dir/name`, creating `dir`.
+pub(crate) fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// What the numbers were measured on.

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
-use w2w_client::{Client, ConnectOptions, Event};
+use w2w_client::Event;
 use w2w_proto::frame::{Scope, Status};
-use w2w_proto::{Dest, Identity};
+use w2w_proto::Dest;
 
 use super::proc::{self, ServerProc};
 
@@ -91,26 +91,7 @@ pub async fn run(a: SoakArgs) -> Result<ExitCode> {
         a.seconds,
         relay.pid()
     );
-    let mut clients = Vec::with_capacity(n);
-    let mut pending = FuturesUnordered::new();
-    for _ in 0..n {
-        let url = url.clone();
-        pending.push(async move {
-            Client::connect(
-                Identity::from_seed(rand::random()),
-                ConnectOptions::new(url),
-            )
-            .await
-        });
-        if pending.len() >= 32 {
-            if let Some(c) = pending.next().await {
-                clients.push(c.context("connecting a client")?);
-            }
-        }
-    }
-    while let Some(c) = pending.next().await {
-        clients.push(c.context("connecting a client")?);
-    }
+    let clients = super::connect_many(&url, n, 32).await?;
     let addrs: Vec<_> = clients.iter().map(|c| c.address()).collect();
     let books = Arc::new(Mutex::new(Books::default()));
     let received = Arc::new(AtomicU64::new(0));
@@ -296,11 +277,7 @@ pub async fn run(a: SoakArgs) -> Result<ExitCode> {
         "rss_flat": flat,
         "pass": ok,
     });
-    std::fs::create_dir_all(&a.out)?;
-    std::fs::write(
-        a.out.join("soak.json"),
-        serde_json::to_string_pretty(&result)?,
-    )?;
+    super::write_json(&a.out, "soak.json", &result)?;
     std::fs::write(
         a.out.join("soak-rss.svg"),
         super::plot::lines(
