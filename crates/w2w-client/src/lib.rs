@@ -519,19 +519,45 @@ impl Client {
         self.group_op(name, GroupAction::Create).await
     }
 
-    /// Applies a signed membership change (we must be an admin).
+    /// Applies a signed membership change (we must be an admin, or a
+    /// member removing itself).
+    ///
+    /// A group's operations are numbered 1, 2, 3, … and each must carry
+    /// the group's current number + 1. This reads the group's number, signs
+    /// the next one, and if another operation took that number first
+    /// (`stale_seq`) reads and signs again, up to 16 times with a short
+    /// random pause, so quick successive operations, several admins and
+    /// skewed clocks never collide for the caller.
     pub async fn group_op(
         &self,
         name: &str,
         action: GroupAction,
     ) -> Result<GroupInfo, ClientError> {
-        // Milliseconds since the epoch: grows across calls and restarts.
-        let op = GroupOp::sign(&self.identity, name, action, unix_ms());
-        match self.request(RequestOp::Group(op)).await? {
-            ResponseBody::Group(g) => Ok(g),
-            _ => Err(ClientError::Protocol(
-                "group op answered with another op".into(),
-            )),
+        const ATTEMPTS: u32 = 16;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let seq = match action {
+                GroupAction::Create => 1,
+                _ => self.group_info(name).await?.seq.saturating_add(1),
+            };
+            let op = GroupOp::sign(&self.identity, name, action.clone(), seq);
+            match self.request(RequestOp::Group(op)).await {
+                Ok(ResponseBody::Group(g)) => return Ok(g),
+                Ok(_) => {
+                    return Err(ClientError::Protocol(
+                        "group op answered with another op".into(),
+                    ))
+                }
+                Err(ClientError::Refused {
+                    code: ErrorCode::StaleSeq,
+                    ..
+                }) if attempt < ATTEMPTS && !matches!(action, GroupAction::Create) => {
+                    let pause = rand::random::<u64>() % (2 * u64::from(attempt)) + 1;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

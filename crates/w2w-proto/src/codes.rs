@@ -126,6 +126,14 @@ error_codes! {
     NotAllowed = 44, "not_allowed";
     /// A group by that name already exists.
     GroupExists = 45, "group_exists";
+    /// The group operation's seq is not the group's current seq + 1: read the group again and sign anew.
+    StaleSeq = 46, "stale_seq";
+    /// The relay's store is momentarily saturated; nothing was accepted: retry after a short wait.
+    StoreBusy = 47, "store_busy";
+    /// A storage budget (the relay's, the sender's or the recipient's bytes on disk) is used up.
+    StorageFull = 48, "storage_full";
+    /// A table the request would grow is at its configured bound (groups, connections per IP).
+    LimitReached = 49, "limit_reached";
 }
 
 impl ErrorCode {

@@ -12,9 +12,15 @@
 //! ```
 //!
 //! Rules (enforced by the relay): `create` makes the actor the owner (an
-//! admin); `add` and `remove` need an admin; `admin` needs the owner; the
-//! owner cannot be removed; `seq` must grow for each group, so a captured
-//! operation cannot be replayed.
+//! admin); `add` and `remove` need an admin (any member may remove itself);
+//! `admin` needs the owner; the owner cannot be removed. A group's `seq`
+//! counts its accepted operations: `create` has seq 1 and every later
+//! operation must carry exactly the group's current seq + 1 (compare and
+//! set). So a captured operation cannot be applied twice, the log has no
+//! gaps, clocks play no part, and nobody can jump the counter to its end.
+//! Two operations racing for the same seq: one wins, the other is refused
+//! `stale_seq` and is signed again over the new state (the Rust client does
+//! this itself).
 
 use bytes::{BufMut, BytesMut};
 
@@ -139,6 +145,8 @@ pub struct GroupInfo {
     pub owner: Address,
     /// (member, is admin), in address order.
     pub members: Vec<(Address, bool)>,
+    /// Operations applied so far: the next operation must carry `seq + 1`.
+    pub seq: u64,
 }
 
 impl GroupInfo {
@@ -151,6 +159,7 @@ impl GroupInfo {
             b.put_slice(&m.0);
             b.put_u8(*admin as u8);
         }
+        b.put_u64(self.seq);
     }
 
     pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -172,6 +181,7 @@ impl GroupInfo {
             name,
             owner,
             members,
+            seq: r.u64("seq")?,
         })
     }
 }

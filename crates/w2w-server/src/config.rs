@@ -90,6 +90,13 @@ pub struct Limits {
     pub queue_ttl_ms: u64,
     /// Most messages queued per offline recipient (default 10,000).
     pub queue_quota: usize,
+    /// Named groups this relay hosts (default 100,000).
+    pub max_groups: usize,
+    /// Named groups one address may own (default 64).
+    pub max_groups_per_owner: usize,
+    /// Operations kept in each group's signed log; older ones are deleted
+    /// (default 1,000).
+    pub group_log_len: u64,
 }
 
 impl Default for Limits {
@@ -108,11 +115,21 @@ impl Default for Limits {
             replay_cache: 100_000,
             queue_ttl_ms: 7 * 24 * 3600 * 1000,
             queue_quota: 10_000,
+            max_groups: 100_000,
+            max_groups_per_owner: 64,
+            group_log_len: 1000,
         }
     }
 }
 
 impl Limits {
+    pub fn group_limits(&self) -> crate::groups::GroupLimits {
+        crate::groups::GroupLimits {
+            max_groups: self.max_groups,
+            max_groups_per_owner: self.max_groups_per_owner,
+            log_len: self.group_log_len.max(1),
+        }
+    }
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_millis(self.auth_timeout_ms)
     }

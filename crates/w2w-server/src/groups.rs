@@ -18,6 +18,17 @@ struct Group {
     seq: u64,
 }
 
+/// Bounds on the group tables (see [`crate::config::Limits`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupLimits {
+    /// Groups this relay hosts.
+    pub max_groups: usize,
+    /// Groups one address may own.
+    pub max_groups_per_owner: usize,
+    /// Operations kept in each group's stored log (older ones are pruned).
+    pub log_len: u64,
+}
+
 /// All groups of this relay, in memory (loaded from the store at start).
 #[derive(Default)]
 pub struct Groups {
@@ -50,6 +61,7 @@ impl Groups {
             name: name.to_owned(),
             owner: g.owner,
             members: g.members.iter().map(|(a, admin)| (*a, *admin)).collect(),
+            seq: g.seq,
         }
     }
 
@@ -60,10 +72,13 @@ impl Groups {
 
     /// Checks and applies `op` from the registered client `requester`;
     /// returns the new state and the store write that makes it durable.
+    /// Rights are checked before the sequence, so only an operation that
+    /// may change the group ever moves its counter (see `w2w_proto::group`).
     pub fn apply(
         &self,
         op: &GroupOp,
         requester: &Address,
+        limits: &GroupLimits,
     ) -> Result<(GroupInfo, Write), ErrorCode> {
         if !valid_name(&op.name) {
             return Err(ErrorCode::Malformed);
@@ -75,19 +90,27 @@ impl Groups {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         let next = match (&op.action, map.get(&op.name)) {
             (GroupAction::Create, Some(_)) => return Err(ErrorCode::GroupExists),
-            (GroupAction::Create, None) => Group {
-                owner: op.actor,
-                members: BTreeMap::from([(op.actor, true)]),
-                seq: op.seq,
-            },
+            (GroupAction::Create, None) => {
+                if map.len() >= limits.max_groups {
+                    return Err(ErrorCode::LimitReached);
+                }
+                let owned = map.values().filter(|g| g.owner == op.actor).count();
+                if owned >= limits.max_groups_per_owner {
+                    return Err(ErrorCode::LimitReached);
+                }
+                if op.seq != 1 {
+                    return Err(ErrorCode::StaleSeq);
+                }
+                Group {
+                    owner: op.actor,
+                    members: BTreeMap::from([(op.actor, true)]),
+                    seq: 1,
+                }
+            }
             (_, None) => return Err(ErrorCode::UnknownGroup),
             (action, Some(g)) => {
-                if op.seq <= g.seq {
-                    return Err(ErrorCode::Replay);
-                }
                 let is_admin = g.members.get(&op.actor).copied().unwrap_or(false);
                 let mut g = g.clone();
-                g.seq = op.seq;
                 match action {
                     GroupAction::Create => unreachable!("matched above"),
                     GroupAction::Add(m) => {
@@ -101,11 +124,14 @@ impl Groups {
                     }
                     GroupAction::Remove(m) => {
                         // Members may leave; admins may remove others; the
-                        // owner stays.
+                        // owner stays. Removing a non-member changes nothing
+                        // and is refused, so outsiders cannot touch the log.
                         if (!is_admin && *m != op.actor) || *m == g.owner {
                             return Err(ErrorCode::NotAllowed);
                         }
-                        g.members.remove(m);
+                        if g.members.remove(m).is_none() {
+                            return Err(ErrorCode::NotMember);
+                        }
                     }
                     GroupAction::Admin(m, on) => {
                         if op.actor != g.owner || *m == g.owner {
@@ -117,6 +143,11 @@ impl Groups {
                         }
                     }
                 }
+                // Compare and set: exactly the next number, never a jump.
+                if op.seq != g.seq.saturating_add(1) {
+                    return Err(ErrorCode::StaleSeq);
+                }
+                g.seq = op.seq;
                 g
             }
         };
@@ -126,6 +157,7 @@ impl Groups {
             owner: next.owner,
             seq: next.seq,
             members: info.members.clone(),
+            keep_log: limits.log_len,
         };
         map.insert(op.name.clone(), next);
         Ok((info, write))
@@ -148,6 +180,12 @@ mod tests {
     use super::*;
     use w2w_proto::Identity;
 
+    const LIMITS: GroupLimits = GroupLimits {
+        max_groups: 4,
+        max_groups_per_owner: 2,
+        log_len: 100,
+    };
+
     #[test]
     fn rules() {
         let (alice, bob, carol) = (
@@ -158,25 +196,36 @@ mod tests {
         let g = Groups::default();
         let a = alice.address();
         let op = |who: &Identity, action, seq| GroupOp::sign(who, "team", action, seq);
-        g.apply(&op(&alice, GroupAction::Create, 1), &a).unwrap();
         assert_eq!(
-            g.apply(&op(&alice, GroupAction::Create, 2), &a)
+            g.apply(&op(&alice, GroupAction::Create, 7), &a, &LIMITS)
+                .unwrap_err(),
+            ErrorCode::StaleSeq,
+            "a group starts at seq 1"
+        );
+        g.apply(&op(&alice, GroupAction::Create, 1), &a, &LIMITS)
+            .unwrap();
+        assert_eq!(
+            g.apply(&op(&alice, GroupAction::Create, 1), &a, &LIMITS)
                 .unwrap_err(),
             ErrorCode::GroupExists
         );
-        g.apply(&op(&alice, GroupAction::Add(bob.address()), 2), &a)
-            .unwrap();
+        let info = g
+            .apply(&op(&alice, GroupAction::Add(bob.address()), 2), &a, &LIMITS)
+            .unwrap()
+            .0;
+        assert_eq!(info.seq, 2);
         // Replayed op.
         assert_eq!(
-            g.apply(&op(&alice, GroupAction::Add(bob.address()), 2), &a)
+            g.apply(&op(&alice, GroupAction::Add(bob.address()), 2), &a, &LIMITS)
                 .unwrap_err(),
-            ErrorCode::Replay
+            ErrorCode::StaleSeq
         );
         // Bob is not an admin.
         assert_eq!(
             g.apply(
                 &op(&bob, GroupAction::Add(carol.address()), 3),
-                &bob.address()
+                &bob.address(),
+                &LIMITS
             )
             .unwrap_err(),
             ErrorCode::NotAllowed
@@ -184,15 +233,19 @@ mod tests {
         // Someone else's signature presented by bob.
         assert_eq!(
             g.apply(
-                &op(&alice, GroupAction::Add(carol.address()), 4),
-                &bob.address()
+                &op(&alice, GroupAction::Add(carol.address()), 3),
+                &bob.address(),
+                &LIMITS
             )
             .unwrap_err(),
             ErrorCode::NotAllowed
         );
-        let mut forged = op(&alice, GroupAction::Add(carol.address()), 5);
+        let mut forged = op(&alice, GroupAction::Add(carol.address()), 3);
         forged.action = GroupAction::Add(bob.address());
-        assert_eq!(g.apply(&forged, &a).unwrap_err(), ErrorCode::BadSignature);
+        assert_eq!(
+            g.apply(&forged, &a, &LIMITS).unwrap_err(),
+            ErrorCode::BadSignature
+        );
         assert_eq!(g.recipients("team", &a).unwrap(), vec![bob.address()]);
         assert_eq!(
             g.recipients("team", &carol.address()).unwrap_err(),
@@ -203,10 +256,88 @@ mod tests {
             ErrorCode::UnknownGroup
         );
         assert_eq!(
-            g.apply(&op(&alice, GroupAction::Remove(a), 6), &a)
+            g.apply(&op(&alice, GroupAction::Remove(a), 3), &a, &LIMITS)
                 .unwrap_err(),
             ErrorCode::NotAllowed,
             "the owner stays"
         );
+        assert_eq!(g.get("team").unwrap().seq, 2, "refusals move nothing");
+    }
+
+    /// The hardening finding: a non-member "removing itself" with seq
+    /// 2^64-1 froze the group for everyone. Now it is refused before the
+    /// sequence is looked at, and no operation can jump the counter.
+    #[test]
+    fn outsiders_cannot_freeze_or_exhaust_a_group() {
+        let (alice, mallory) = (Identity::from_seed([1; 32]), Identity::from_seed([9; 32]));
+        let g = Groups::default();
+        let a = alice.address();
+        let m = mallory.address();
+        g.apply(&GroupOp::sign(&alice, "team", GroupAction::Create, 1), &a, &LIMITS)
+            .unwrap();
+        for seq in [2, u64::MAX] {
+            let leave = GroupOp::sign(&mallory, "team", GroupAction::Remove(m), seq);
+            assert_eq!(
+                g.apply(&leave, &m, &LIMITS).unwrap_err(),
+                ErrorCode::NotMember
+            );
+        }
+        let jump = GroupOp::sign(&alice, "team", GroupAction::Add(m), u64::MAX);
+        assert_eq!(g.apply(&jump, &a, &LIMITS).unwrap_err(), ErrorCode::StaleSeq);
+        assert_eq!(g.get("team").unwrap().seq, 1);
+        // The owner's next operation still works.
+        let add = GroupOp::sign(&alice, "team", GroupAction::Add(m), 2);
+        assert_eq!(g.apply(&add, &a, &LIMITS).unwrap().0.seq, 2);
+    }
+
+    #[test]
+    fn two_admins_racing_for_one_seq_one_wins_the_other_resigns() {
+        let (alice, bob) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+        let (a, b) = (alice.address(), bob.address());
+        let g = Groups::default();
+        let op = |who: &Identity, action, seq| GroupOp::sign(who, "team", action, seq);
+        g.apply(&op(&alice, GroupAction::Create, 1), &a, &LIMITS)
+            .unwrap();
+        g.apply(&op(&alice, GroupAction::Add(b), 2), &a, &LIMITS)
+            .unwrap();
+        g.apply(&op(&alice, GroupAction::Admin(b, true), 3), &a, &LIMITS)
+            .unwrap();
+        // Both read seq 3 and sign seq 4.
+        let x = Address([7; 32]);
+        let y = Address([8; 32]);
+        g.apply(&op(&alice, GroupAction::Add(x), 4), &a, &LIMITS)
+            .unwrap();
+        assert_eq!(
+            g.apply(&op(&bob, GroupAction::Add(y), 4), &b, &LIMITS)
+                .unwrap_err(),
+            ErrorCode::StaleSeq
+        );
+        let seq = g.get("team").unwrap().seq;
+        g.apply(&op(&bob, GroupAction::Add(y), seq + 1), &b, &LIMITS)
+            .unwrap();
+        assert_eq!(g.get("team").unwrap().members.len(), 4);
+    }
+
+    #[test]
+    fn group_tables_are_bounded() {
+        let g = Groups::default();
+        let create = |who: &Identity, name: &str| {
+            g.apply(
+                &GroupOp::sign(who, name, GroupAction::Create, 1),
+                &who.address(),
+                &LIMITS,
+            )
+        };
+        let (a, b, c) = (
+            Identity::from_seed([1; 32]),
+            Identity::from_seed([2; 32]),
+            Identity::from_seed([3; 32]),
+        );
+        create(&a, "a1").unwrap();
+        create(&a, "a2").unwrap();
+        assert_eq!(create(&a, "a3").unwrap_err(), ErrorCode::LimitReached);
+        create(&b, "b1").unwrap();
+        create(&b, "b2").unwrap();
+        assert_eq!(create(&c, "c1").unwrap_err(), ErrorCode::LimitReached);
     }
 }

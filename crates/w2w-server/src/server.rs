@@ -131,21 +131,8 @@ impl Shared {
             } else {
                 self.public_urls.clone()
             },
-            "limits": {
-                "max_frame_bytes": l.max_frame_bytes,
-                "max_group": l.max_group,
-                "send_queue_bytes": l.send_queue_bytes,
-                "rate_per_sec": l.rate_per_sec,
-                "rate_burst": l.rate_burst,
-                "max_connections": l.max_connections,
-                "auth_timeout_ms": l.auth_timeout_ms,
-                "ping_interval_ms": l.ping_interval_ms,
-                "ping_timeout_ms": l.ping_timeout_ms,
-                "max_skew_ms": l.max_skew_ms,
-                "replay_cache": l.replay_cache,
-                "queue_ttl_ms": l.queue_ttl_ms,
-                "queue_quota": l.queue_quota,
-            }
+            // Every limit, by its config name: one source of truth.
+            "limits": serde_json::to_value(l).unwrap_or_default(),
         })
         .to_string()
     }

@@ -113,6 +113,8 @@ pub enum Write {
         owner: Address,
         seq: u64,
         members: Vec<(Address, bool)>,
+        /// Operations of the log to keep (the newest); older are deleted.
+        keep_log: u64,
     },
 }
 
@@ -382,6 +384,8 @@ impl Backend for SqliteBackend {
             let mut group_op = tx.prepare_cached(
                 "INSERT OR REPLACE INTO group_ops (name, seq, actor, action, sig) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
+            let mut prune_log =
+                tx.prepare_cached("DELETE FROM group_ops WHERE name = ?1 AND seq <= ?2")?;
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO registrations
                    (address, role, url, sig_a, sig_b, sig_c, first_seen_ms, last_seen_ms, registrations)
@@ -446,6 +450,7 @@ impl Backend for SqliteBackend {
                         owner,
                         seq,
                         members,
+                        keep_log,
                     } => {
                         let blob: Vec<u8> = members
                             .iter()
@@ -462,6 +467,11 @@ impl Backend for SqliteBackend {
                             action,
                             &op.sig[..]
                         ])?;
+                        // The log is bounded: the newest `keep_log` stay.
+                        let oldest_kept = op.seq.saturating_sub(*keep_log);
+                        if oldest_kept > 0 {
+                            prune_log.execute(params![op.name, oldest_kept.min(i64::MAX as u64) as i64])?;
+                        }
                     }
                 }
                 outcomes.push(Outcome::Done);

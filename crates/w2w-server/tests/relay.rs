@@ -1173,6 +1173,52 @@ async fn named_groups_reach_members_only_and_check_rights() {
     );
 }
 
+/// Issue 16: operations back to back (many in one millisecond) from one
+/// client, and two admins changing one group at the same time, all apply:
+/// the sequence is the group's own counter (compare and set, re-signed on
+/// `stale_seq`), not a clock.
+#[tokio::test]
+async fn group_operations_back_to_back_and_from_racing_admins_all_apply() {
+    use w2w_proto::group::GroupAction;
+    let relay = Relay::start(RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let alice = client(&relay).await;
+    let bob = client(&relay).await;
+    alice.group_create("ops").await.unwrap();
+    alice
+        .group_op("ops", GroupAction::Add(bob.address()))
+        .await
+        .unwrap();
+    alice
+        .group_op("ops", GroupAction::Admin(bob.address(), true))
+        .await
+        .unwrap();
+    // Back to back from one client.
+    for i in 0..40u8 {
+        alice
+            .group_op("ops", GroupAction::Add(Address([i; 32])))
+            .await
+            .unwrap();
+    }
+    // Two admins at once, each adding and removing its own range.
+    async fn run(c: &Client, base: u8) {
+        for i in 0..30u8 {
+            let m = Address([base + i; 32]);
+            c.group_op("ops", GroupAction::Add(m)).await.unwrap();
+            if i % 3 == 0 {
+                c.group_op("ops", GroupAction::Remove(m)).await.unwrap();
+            }
+        }
+    }
+    tokio::join!(run(&alice, 100), run(&bob, 200));
+    let g = alice.group_info("ops").await.unwrap();
+    // alice, bob, 40 back-to-back, 2 × (30 - 10 removed).
+    assert_eq!(g.members.len(), 2 + 40 + 2 * 20);
+    // create, add, admin, 40, and 2 × (30 adds + 10 removes).
+    assert_eq!(g.seq, 3 + 40 + 2 * 40);
+}
+
 /// Waits until `relay`'s store-and-forward queue holds `n` rows.
 async fn queue_rows(dir: &std::path::Path, n: i64) {
     let db = rusqlite::Connection::open(dir.join("w2w.sqlite")).unwrap();
