@@ -74,6 +74,9 @@ pub enum ClientError {
     /// valid Ed25519 key).
     #[error("cannot seal the message: {0}")]
     Seal(#[from] SealError),
+    /// The MSG frame is larger than the relay accepts: nothing was sent.
+    #[error("message too large: the frame is {size} bytes and the relay accepts at most {limit} (limits.max_frame_bytes in its /.well-known/w2w); send a smaller body or split it")]
+    TooLarge { size: usize, limit: usize },
 }
 
 /// How to reach and trust a relay.
@@ -90,6 +93,13 @@ pub struct ConnectOptions {
     /// Reconnect (with backoff) after a lost connection, resending messages
     /// that got no receipt (default true).
     pub reconnect: bool,
+    /// The relay's largest WebSocket message (default
+    /// [`w2w_proto::DEFAULT_MAX_FRAME_BYTES`]): larger MSG frames are refused
+    /// with [`ClientError::TooLarge`] before anything is sent. If the relay
+    /// closes with 1009 anyway (its limit is lower), the largest unreceipted
+    /// messages get a local `rejected` / `frame_too_large` receipt, the
+    /// limit is lowered, and they are never resent.
+    pub max_frame_bytes: usize,
 }
 
 impl ConnectOptions {
@@ -100,6 +110,7 @@ impl ConnectOptions {
             extra_roots_pem: None,
             timeout: Duration::from_secs(10),
             reconnect: true,
+            max_frame_bytes: w2w_proto::DEFAULT_MAX_FRAME_BYTES,
         }
     }
 
@@ -356,6 +367,9 @@ pub struct Client {
     events_rx: mpsc::Receiver<Event>,
     closed_rx: tokio::sync::watch::Receiver<Option<String>>,
     next_req: std::sync::atomic::AtomicU32,
+    /// The largest frame the relay is known to accept (lowered by the
+    /// driver when the relay closes with 1009).
+    frame_limit: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Client {
@@ -380,8 +394,10 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (events_tx, events_rx) = mpsc::channel(4096);
         let (closed_tx, closed_rx) = tokio::sync::watch::channel(None);
+        let frame_limit = Arc::new(std::sync::atomic::AtomicUsize::new(opts.max_frame_bytes));
         tokio::spawn(drive(
             identity.clone(),
+            frame_limit.clone(),
             opts,
             registered.relay_key,
             ws,
@@ -396,6 +412,7 @@ impl Client {
             events_rx,
             closed_rx,
             next_req: std::sync::atomic::AtomicU32::new(1),
+            frame_limit,
         }
     }
 
@@ -485,10 +502,21 @@ impl Client {
     }
 
     /// Sends a prepared MSG (its `from` must be this client's address).
+    /// A frame over the relay's limit is refused here, unsent.
     pub async fn send_msg(&self, msg: &Msg) -> Result<Receipt, ClientError> {
+        let frame = msg.encode();
+        let limit = self
+            .frame_limit
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if frame.len() > limit {
+            return Err(ClientError::TooLarge {
+                size: frame.len(),
+                limit,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         self.cmd_tx
-            .send(Cmd::Send(msg.encode(), msg.id, tx))
+            .send(Cmd::Send(frame, msg.id, tx))
             .await
             .map_err(|_| self.closed_error())?;
         rx.await.map_err(|_| self.closed_error())
@@ -690,6 +718,9 @@ enum SessionEnd {
     Fatal(String),
     /// The connection was lost: reconnect if allowed.
     Lost(String),
+    /// The relay closed with 1009 (message too big): its limit is lower
+    /// than we thought. Drop the too-large messages, then reconnect.
+    TooBig,
 }
 
 /// Owns the socket; survives reconnects. Messages without a receipt are
@@ -699,6 +730,7 @@ enum SessionEnd {
 struct Driver {
     identity: Identity,
     opts: ConnectOptions,
+    frame_limit: Arc<std::sync::atomic::AtomicUsize>,
     cmd_rx: mpsc::Receiver<Cmd>,
     events_tx: mpsc::Sender<Event>,
     receipts: HashMap<MsgId, oneshot::Sender<Receipt>>,
@@ -791,6 +823,9 @@ impl Driver {
     fn on_frame(&mut self, m: Message, acks: &mut Vec<MsgId>) -> Result<Option<Event>, SessionEnd> {
         if let Some((code, text)) = m.as_close() {
             let code = u16::from(code);
+            if code == 1009 {
+                return Err(SessionEnd::TooBig);
+            }
             return Err(match ErrorCode::from_close_code(code) {
                 Some(c @ ErrorCode::Replaced) => {
                     SessionEnd::Fatal(format!("relay closed the connection: {c}"))
@@ -849,6 +884,46 @@ impl Driver {
         }))
     }
 
+    /// The relay refused a frame as too large (1009), so its limit is below
+    /// our largest unreceipted frame: lower the limit under that frame and
+    /// answer every unreceipted message at least that large with a local
+    /// `rejected` / `frame_too_large` receipt. They are never resent (a
+    /// resend would be refused again, forever, and hold up the messages
+    /// behind it). Repeated 1009s converge on the relay's real limit.
+    fn drop_too_big(&mut self) {
+        let Some(largest) = self.unreceipted.values().map(|(_, f)| f.len()).max() else {
+            return;
+        };
+        let limit = largest.saturating_sub(1);
+        self.frame_limit
+            .fetch_min(limit, std::sync::atomic::Ordering::Relaxed);
+        let too_big: Vec<u64> = self
+            .unreceipted
+            .iter()
+            .filter(|(_, (_, f))| f.len() > limit)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in too_big {
+            let Some((id, frame)) = self.unreceipted.remove(&seq) else {
+                continue;
+            };
+            self.seq_of.remove(&id);
+            tracing::warn!(
+                size = frame.len(),
+                "the relay refused a message as too large; it will not be resent"
+            );
+            if let Some(tx) = self.receipts.remove(&id) {
+                let _ = tx.send(Receipt {
+                    id,
+                    status: w2w_proto::frame::Status::Rejected,
+                    reason: ErrorCode::FrameTooLarge.as_u16(),
+                    delivered: 0,
+                    entries: Vec::new(),
+                });
+            }
+        }
+    }
+
     /// Reconnects with exponential backoff and jitter, then resends every
     /// message still without a receipt. `None`: stop (closed, or refused).
     async fn reconnect(&mut self, relay_key: Address) -> Result<RelaySocket, String> {
@@ -897,8 +972,10 @@ impl Driver {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     identity: Identity,
+    frame_limit: Arc<std::sync::atomic::AtomicUsize>,
     opts: ConnectOptions,
     relay_key: Address,
     mut ws: RelaySocket,
@@ -908,6 +985,7 @@ async fn drive(
 ) {
     let mut d = Driver {
         identity,
+        frame_limit,
         opts,
         cmd_rx,
         events_tx,
@@ -921,6 +999,18 @@ async fn drive(
     let reason = loop {
         match d.session(&mut ws).await {
             SessionEnd::Stop(r) | SessionEnd::Fatal(r) => break r,
+            SessionEnd::TooBig if !d.opts.reconnect => {
+                d.drop_too_big();
+                break "relay closed the connection: message too big (1009)".into();
+            }
+            SessionEnd::TooBig => {
+                d.drop_too_big();
+                tracing::info!("relay refused a message as too large; reconnecting without it");
+                match d.reconnect(relay_key).await {
+                    Ok(new) => ws = new,
+                    Err(r) => break r,
+                }
+            }
             SessionEnd::Lost(r) if !d.opts.reconnect => break r,
             SessionEnd::Lost(r) => {
                 tracing::info!(reason = %r, "connection lost; reconnecting");

@@ -27,3 +27,8 @@ pub use identity::{Address, Identity};
 /// The protocol version carried in the first byte of every frame and signed
 /// into every registration transcript.
 pub const PROTOCOL_VERSION: u8 = 1;
+
+/// The default largest WebSocket message a relay accepts (its info
+/// document's `limits.max_frame_bytes`); clients check frames against it
+/// before sending.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

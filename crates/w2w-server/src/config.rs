@@ -102,7 +102,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_frame_bytes: 1 << 20,
+            max_frame_bytes: w2w_proto::DEFAULT_MAX_FRAME_BYTES,
             max_group: 64,
             send_queue_bytes: 4 << 20,
             rate_per_sec: 1000,

@@ -1309,3 +1309,69 @@ async fn unacknowledged_handover_is_stored_then_redelivered() {
     expect_silence(&mut bob).await;
     queue_rows(dir.path(), 0).await;
 }
+
+/// Issue 10, item 10 (poison messages): a message over the frame limit is
+/// refused by the client before sending, and one the relay refuses with
+/// 1009 (its limit is lower than the client believed) gets a local
+/// `rejected` / `frame_too_large` receipt, is never resent, and does not
+/// hold up the messages behind it.
+#[tokio::test]
+async fn oversized_messages_are_refused_once_and_never_resent() {
+    let relay = start(Limits {
+        max_frame_bytes: 64 * 1024,
+        ..Limits::default()
+    })
+    .await;
+    let mut bob = client(&relay).await;
+    // The client knows the limit: refused locally, nothing sent.
+    let mut opts = ConnectOptions::new(relay.url());
+    opts.max_frame_bytes = 64 * 1024;
+    let careful = Client::connect(id(), opts).await.unwrap();
+    match careful
+        .send_plain(Dest::A2b(bob.address()), vec![0u8; 100 * 1024])
+        .await
+    {
+        Err(w2w_client::ClientError::TooLarge { size, limit }) => {
+            assert!(size > 100 * 1024);
+            assert_eq!(limit, 64 * 1024);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let r = careful
+        .send_plain(Dest::A2b(bob.address()), "small")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Delivered);
+    assert_eq!(&recv_msg(&mut bob).await.body[..], b"small");
+
+    // The client believes the default 1 MiB: the relay closes with 1009.
+    let naive = client(&relay).await;
+    let registrations = relay.metrics().registrations_total.load(Ordering::Relaxed);
+    let big = naive.send_plain(Dest::A2b(bob.address()), vec![1u8; 100 * 1024]);
+    let small = async {
+        // Queued right behind the big one.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        naive.send_plain(Dest::A2b(bob.address()), "after").await
+    };
+    let (big, small) = tokio::time::timeout(T, async { tokio::join!(big, small) })
+        .await
+        .expect("both sends answered");
+    let big = big.unwrap();
+    assert_eq!(
+        (big.status, big.reason),
+        (Status::Rejected, ErrorCode::FrameTooLarge.as_u16())
+    );
+    assert_eq!(small.unwrap().status, Status::Delivered);
+    assert_eq!(&recv_msg(&mut bob).await.body[..], b"after");
+    // One reconnect, not a loop; and it stays that way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = relay.metrics().registrations_total.load(Ordering::Relaxed);
+    assert_eq!(after - registrations, 1, "exactly one reconnect");
+    // The lowered limit now refuses it locally.
+    assert!(matches!(
+        naive
+            .send_plain(Dest::A2b(bob.address()), vec![1u8; 100 * 1024])
+            .await,
+        Err(w2w_client::ClientError::TooLarge { .. })
+    ));
+}
