@@ -90,6 +90,17 @@ pub struct Limits {
     pub queue_ttl_ms: u64,
     /// Most messages queued per offline recipient (default 10,000).
     pub queue_quota: usize,
+    /// Most bytes queued per offline recipient (default 32 MiB). Every
+    /// stored copy is charged at least 512 bytes.
+    pub queue_quota_bytes: u64,
+    /// Most bytes of queued messages one sender may have on disk here
+    /// (default 64 MiB).
+    pub store_sender_bytes: u64,
+    /// Most bytes of queued messages on disk in all (default 1 GiB).
+    pub store_max_bytes: u64,
+    /// Most bytes of queued messages admitted and not yet committed: past
+    /// it new ones are refused `store_busy` at once (default 32 MiB).
+    pub store_pending_bytes: u64,
     /// Named groups this relay hosts (default 100,000).
     pub max_groups: usize,
     /// Named groups one address may own (default 64).
@@ -115,6 +126,10 @@ impl Default for Limits {
             replay_cache: 100_000,
             queue_ttl_ms: 7 * 24 * 3600 * 1000,
             queue_quota: 10_000,
+            queue_quota_bytes: 32 << 20,
+            store_sender_bytes: 64 << 20,
+            store_max_bytes: 1 << 30,
+            store_pending_bytes: 32 << 20,
             max_groups: 100_000,
             max_groups_per_owner: 64,
             group_log_len: 1000,
@@ -123,6 +138,15 @@ impl Default for Limits {
 }
 
 impl Limits {
+    pub fn budget_limits(&self) -> crate::budget::BudgetLimits {
+        crate::budget::BudgetLimits {
+            pending_bytes: self.store_pending_bytes,
+            max_bytes: self.store_max_bytes,
+            sender_bytes: self.store_sender_bytes,
+            recipient_messages: self.queue_quota as u64,
+            recipient_bytes: self.queue_quota_bytes,
+        }
+    }
     pub fn group_limits(&self) -> crate::groups::GroupLimits {
         crate::groups::GroupLimits {
             max_groups: self.max_groups,

@@ -39,6 +39,7 @@ use w2w_proto::s2s::{
 };
 use w2w_proto::{Address, ErrorCode, Identity};
 
+use crate::budget::StoreBudget;
 use crate::metrics::Metrics;
 use crate::router::{Outbox, Router};
 
@@ -140,6 +141,8 @@ pub enum QueueReply {
 #[derive(Debug, Clone)]
 pub struct QueueJob {
     pub id: MsgId,
+    /// The MSG's `from` (charged against its sender's storage budget).
+    pub sender: Address,
     pub frame: Bytes,
     pub recipients: Vec<Address>,
     /// Outcomes already known for the same message (other recipients).
@@ -178,6 +181,8 @@ struct Pending {
     unstored: HashSet<Address>,
     /// Recipients (of `awaiting_ack`) whose late store write is in flight.
     storing: HashSet<Address>,
+    /// The MSG's `from` (charged for late store writes).
+    sender: Address,
 }
 
 impl Pending {
@@ -199,6 +204,7 @@ impl Pending {
             frame: Bytes::new(),
             unstored: HashSet::default(),
             storing: HashSet::default(),
+            sender: Address([0; 32]),
         }
     }
 }
@@ -260,7 +266,8 @@ pub struct Federation {
     /// Addresses that ever registered here: an offline one gets its
     /// messages queued instead of `no_route`.
     known: std::sync::RwLock<HashSet<Address>>,
-    queue_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<QueueJob>>>,
+    /// The store-and-forward writer and the budgets that admit its jobs.
+    queue_tx: Mutex<Option<(tokio::sync::mpsc::Sender<QueueJob>, Arc<StoreBudget>)>>,
     /// Store jobs submitted and not yet finished (committed and handed
     /// over), per recipient. A connection goes live (direct hand-over)
     /// only when its recipient has none, so a message on its way through
@@ -367,8 +374,8 @@ impl Federation {
     }
 
     /// Connects the store-and-forward writer.
-    pub fn set_queue(&self, tx: tokio::sync::mpsc::UnboundedSender<QueueJob>) {
-        *self.queue_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    pub fn set_queue(&self, tx: tokio::sync::mpsc::Sender<QueueJob>, budget: Arc<StoreBudget>) {
+        *self.queue_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, budget));
     }
 
     /// Records addresses that registered here (loaded at start, then one
@@ -387,24 +394,68 @@ impl Federation {
             .contains(a)
     }
 
-    /// Hands a job to the queue writer; `false` if there is none. Callers
-    /// hold the state lock, which orders this against [`Self::go_live`].
-    fn queue(&self, job: QueueJob) -> bool {
-        let recipients = job.recipients.clone();
-        let sent = match &*self.queue_tx.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(tx) => tx.send(job).is_ok(),
-            None => false,
+    /// Admits `job`'s recipients to the store against its budgets (in
+    /// memory: nothing waits and no row is counted) and hands the job, cut
+    /// down to those admitted, to the queue writer. Returns the admitted
+    /// recipients and a `rejected` entry for each refused one
+    /// (`store_busy`, `storage_full`, `queue_full`; `internal` if there is
+    /// no writer). Callers hold the state lock, which orders this against
+    /// [`Self::go_live`].
+    fn queue(&self, mut job: QueueJob) -> (Vec<Address>, Vec<ReceiptEntry>) {
+        let writer = self
+            .queue_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((tx, budget)) = writer else {
+            let refused = job
+                .recipients
+                .iter()
+                .map(|a| entry(*a, Status::Rejected, Some(ErrorCode::Internal)));
+            return (Vec::new(), refused.collect());
         };
-        if sent {
+        let admitted = budget.admit(&job.sender, &job.recipients, job.frame.len());
+        let mut refused = Vec::new();
+        let mut accepted = Vec::with_capacity(job.recipients.len());
+        for (to, ok) in job.recipients.iter().zip(admitted) {
+            match ok {
+                Ok(()) => accepted.push(*to),
+                Err(code) => {
+                    self.metrics.error(code);
+                    refused.push(entry(*to, Status::Rejected, Some(code)));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return (accepted, refused);
+        }
+        job.recipients = accepted.clone();
+        let (sender, len) = (job.sender, job.frame.len());
+        // Counted before the writer can finish the job.
+        {
             let mut m = self
                 .store_inflight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            for r in recipients {
-                *m.entry(r).or_default() += 1;
+            for r in &accepted {
+                *m.entry(*r).or_default() += 1;
             }
         }
-        sent
+        if let Err(e) = tx.try_send(job) {
+            // Bounded in jobs as well as bytes: a full channel is busy.
+            let code = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => ErrorCode::StoreBusy,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => ErrorCode::Internal,
+            };
+            self.metrics.error(code);
+            self.store_job_finished(&accepted);
+            for to in &accepted {
+                budget.released(&sender, to, len);
+                refused.push(entry(*to, Status::Rejected, Some(code)));
+            }
+            return (Vec::new(), refused);
+        }
+        (accepted, refused)
     }
 
     /// The queue writer has finished a job for `recipients` (written, and
@@ -921,22 +972,20 @@ impl Federation {
                 }
                 p.awaiting_ack = direct.clone();
                 p.unstored = direct;
+                p.sender = msg.from;
                 if !offline.is_empty() {
                     let job = QueueJob {
                         id: msg.id,
+                        sender: msg.from,
                         frame: f.msg.clone(),
-                        recipients: offline.clone(),
+                        recipients: offline,
                         prior: Vec::new(),
                         reply: QueueReply::Remote { origin: f.origin },
                     };
-                    if self.queue(job) {
-                        p.waiting.insert(self.me, offline);
-                    } else {
-                        entries.extend(
-                            offline
-                                .iter()
-                                .map(|a| entry(*a, Status::NoRoute, Some(ErrorCode::NoRoute))),
-                        );
+                    let (accepted, refused) = self.queue(job);
+                    entries.extend(refused);
+                    if !accepted.is_empty() {
+                        p.waiting.insert(self.me, accepted);
                     }
                 }
                 p.delivered = delivered_count(&entries);
@@ -1106,15 +1155,15 @@ impl Federation {
         }
         if unstored.is_some() && p.unstored.remove(&recipient) {
             p.storing.insert(recipient);
-            let frame = p.frame.clone();
-            if !self.queue_late(key, frame, vec![recipient]) {
+            let (frame, sender) = (p.frame.clone(), p.sender);
+            let (_, refused) = self.queue_late(key, sender, frame, vec![recipient]);
+            if !refused.is_empty() {
+                let Some(p) = st.pending.get_mut(&key) else {
+                    return;
+                };
                 p.storing.remove(&recipient);
                 p.awaiting_ack.remove(&recipient);
-                p.entries.push(entry(
-                    recipient,
-                    Status::Rejected,
-                    Some(ErrorCode::Internal),
-                ));
+                p.entries.extend(refused);
                 self.maybe_finish(&mut st, key);
             }
             return;
@@ -1124,10 +1173,18 @@ impl Federation {
         self.maybe_finish(&mut st, key);
     }
 
-    /// Stores a message handed over unstored whose ACK did not come.
-    fn queue_late(&self, key: PendingKey, frame: Bytes, recipients: Vec<Address>) -> bool {
+    /// Stores a message handed over unstored whose ACK did not come;
+    /// returns the recipients admitted and entries for those refused.
+    fn queue_late(
+        &self,
+        key: PendingKey,
+        sender: Address,
+        frame: Bytes,
+        recipients: Vec<Address>,
+    ) -> (Vec<Address>, Vec<ReceiptEntry>) {
         self.queue(QueueJob {
             id: key.0,
+            sender,
             frame,
             recipients,
             prior: Vec::new(),
@@ -1180,6 +1237,10 @@ impl Federation {
             let Some(mut p) = st.pending.remove(&key) else {
                 continue;
             };
+            // A store write of ours always answers (committed or failed):
+            // it is waited for, never reported as a timeout, so the receipt
+            // cannot say `no_route` for a message that is then stored.
+            let storing_here = p.waiting.remove(&self.me);
             if !p.waiting.is_empty() {
                 self.metrics.error(ErrorCode::Timeout);
             }
@@ -1193,14 +1254,11 @@ impl Federation {
             // now; the receipt waits for that write.
             let late: Vec<Address> = p.unstored.drain().collect();
             if !late.is_empty() {
-                if self.queue_late(key, p.frame.clone(), late.clone()) {
-                    p.storing.extend(late);
-                } else {
-                    for a in late {
-                        p.awaiting_ack.remove(&a);
-                        p.entries
-                            .push(entry(a, Status::Rejected, Some(ErrorCode::Internal)));
-                    }
+                let (accepted, refused) = self.queue_late(key, p.sender, p.frame.clone(), late);
+                p.storing.extend(accepted);
+                for e in refused {
+                    p.awaiting_ack.remove(&e.to);
+                    p.entries.push(e);
                 }
             }
             // Stored, handed over, not acknowledged in time: it will be
@@ -1215,7 +1273,10 @@ impl Federation {
                 p.awaiting_ack.remove(&a);
                 p.entries.push(entry(a, Status::Queued, None));
             }
-            if p.awaiting_ack.is_empty() {
+            if let Some(addrs) = storing_here {
+                p.waiting.insert(self.me, addrs);
+            }
+            if p.awaiting_ack.is_empty() && p.waiting.is_empty() {
                 self.finish(&st, key.0, p);
             } else {
                 p.deadline = now + timeout;
@@ -1385,19 +1446,16 @@ impl Federation {
         if !offline.is_empty() {
             let job = QueueJob {
                 id: msg.id,
+                sender: msg.from,
                 frame: frame.clone(),
-                recipients: offline.clone(),
+                recipients: offline,
                 prior: Vec::new(),
                 reply: QueueReply::Local,
             };
-            if self.queue(job) {
-                waiting.insert(self.me, offline);
-            } else {
-                entries.extend(
-                    offline
-                        .into_iter()
-                        .map(|a| entry(a, Status::NoRoute, Some(ErrorCode::NoRoute))),
-                );
+            let (accepted, refused) = self.queue(job);
+            entries.extend(refused);
+            if !accepted.is_empty() {
+                waiting.insert(self.me, accepted);
             }
         }
         for (relay, to) in remote {
@@ -1445,6 +1503,7 @@ impl Federation {
         }
         p.awaiting_ack = direct.clone();
         p.unstored = direct;
+        p.sender = msg.from;
         p.entries = entries;
         p.delivered = delivered;
         p.waiting = waiting;
@@ -1482,8 +1541,15 @@ mod tests {
         let m = Arc::new(Metrics::default());
         let me = Identity::from_seed([1; 32]);
         let fed = Federation::new(me, FederationConfig::default(), m.clone());
-        let (qtx, mut qrx) = tokio::sync::mpsc::unbounded_channel();
-        fed.set_queue(qtx);
+        let (qtx, mut qrx) = tokio::sync::mpsc::channel(16);
+        let budget = crate::budget::BudgetLimits {
+            pending_bytes: 1 << 20,
+            max_bytes: 1 << 20,
+            sender_bytes: 1 << 20,
+            recipient_messages: 10,
+            recipient_bytes: 1 << 20,
+        };
+        fed.set_queue(qtx, Arc::new(StoreBudget::new(budget, [])));
         let router = Router::new();
         let (alice, bob) = (Address([2; 32]), Address([3; 32]));
         let (sender, _srx) = Outbox::new(alice, 1, 1 << 20, m.clone());

@@ -11,11 +11,14 @@
 //! * [`router`] — who is connected; routes a MSG to its recipients without
 //!   ever awaiting another connection (`try_enqueue` into byte-bounded queues).
 //! * [`store`] — durable state behind the [`store::Backend`] trait, run by one
-//!   writer thread that commits in batches; SQLite is the default backend.
+//!   writer thread that commits in batches (a priority lane for what clients
+//!   wait on); SQLite is the default backend. [`budget`] admits queued
+//!   messages against byte budgets in memory before they are submitted.
 //! * [`federation`], [`peer`] — relays joined into one network: link-state
 //!   routing, the signed directory, forwarding, peer links.
 //! * [`metrics`], [`ratelimit`], [`tls`], [`config`] — support.
 
+pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod federation;

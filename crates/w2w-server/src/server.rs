@@ -173,7 +173,7 @@ impl Relay {
         })?;
         let metrics = Arc::new(Metrics::default());
         let fed_identity = config.identity.clone();
-        let store = Store::spawn(backend);
+        let store = Store::spawn(backend, config.limits.budget_limits())?;
         let groups = crate::groups::Groups::load(store.groups().await?);
         let shared = Arc::new(Shared {
             relay_key: config.identity.address(),
@@ -214,8 +214,9 @@ impl Relay {
         }
         shared.fed.set_url(shared.advertised_url(None));
         shared.fed.add_known(shared.store.known_addresses().await?);
-        let (queue_tx, queue_rx) = tokio::sync::mpsc::unbounded_channel();
-        shared.fed.set_queue(queue_tx);
+        // Bounded in jobs here and in bytes by the store budget (admission).
+        let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(QUEUE_JOBS);
+        shared.fed.set_queue(queue_tx, shared.store.budget().clone());
         shared.tracker.spawn(queue_writer(shared.clone(), queue_rx));
         // Remote receipts that never come back are answered `timeout`.
         let s = shared.clone();
@@ -287,13 +288,16 @@ impl Drop for Relay {
     }
 }
 
+/// Store jobs admitted and not yet taken by the queue writer.
+const QUEUE_JOBS: usize = 16_384;
+
 /// Store-and-forward: writes each job's frame durably for its offline
 /// recipients (one task per job, so concurrent jobs share the store's group
 /// commits), then reports the outcome. A recipient that came online
 /// meanwhile gets the message at once; its ACK deletes the stored copy.
 async fn queue_writer(
     shared: Arc<Shared>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::federation::QueueJob>,
+    mut rx: tokio::sync::mpsc::Receiver<crate::federation::QueueJob>,
 ) {
     use crate::store::Write;
     // Writes are submitted here in dispatch order; a second task awaits
@@ -314,11 +318,11 @@ async fn queue_writer(
         for to in &job.recipients {
             let w = Write::Enqueue {
                 recipient: *to,
+                sender: job.sender,
                 id: job.id,
                 frame: job.frame.clone(),
                 queued_ms: now,
                 expires_ms: now.saturating_add(shared.limits.queue_ttl_ms),
-                quota: shared.limits.queue_quota,
             };
             shared
                 .metrics
@@ -364,8 +368,8 @@ async fn queue_completer(
                 Err(e) => Err(e.to_string()),
             };
             let (status, reason) = match outcome {
-                Ok(Outcome::Done) if late => (Status::Queued, 0),
-                Ok(Outcome::Done) => match shared.router.get(&to) {
+                Ok(Outcome::Done | Outcome::AlreadyStored) if late => (Status::Queued, 0),
+                Ok(Outcome::Done | Outcome::AlreadyStored) => match shared.router.get(&to) {
                     Some(o) => {
                         handover.push(o);
                         continue;
@@ -375,9 +379,9 @@ async fn queue_completer(
                         (Status::Queued, 0)
                     }
                 },
-                Ok(Outcome::QueueFull) => {
-                    shared.metrics.error(ErrorCode::QueueFull);
-                    (Status::Rejected, ErrorCode::QueueFull.as_u16())
+                Ok(Outcome::Duplicate) => {
+                    shared.metrics.error(ErrorCode::Duplicate);
+                    (Status::Rejected, ErrorCode::Duplicate.as_u16())
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "storing a message failed");

@@ -4,8 +4,18 @@
 //! channel to the store thread, which drains whatever is waiting and applies
 //! it in one transaction (group commit), then answers each caller. The
 //! store-and-forward queue and the registration table share this writer.
+//!
+//! Two lanes: a small **priority** lane for what a client is waiting on
+//! (registrations, group changes, reads of a returning client's backlog)
+//! and the **bulk** lane for queued messages. The thread always empties the
+//! priority lane first, and a bulk transaction is capped in count and bytes,
+//! so a registration waits for at most one bulk commit, never behind a
+//! flood. What the bulk lane may hold is bounded in bytes by the
+//! [`StoreBudget`] before anything is submitted.
 
 use std::path::Path;
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -13,6 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use w2w_proto::frame::MsgId;
 use w2w_proto::handshake::Registration;
 use w2w_proto::Address;
+
+use crate::budget::{StoreBudget, StoredUse};
 
 /// Storage failures. The relay answers the client with `internal` and logs.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +59,11 @@ pub struct RegistrationRow {
 
 /// What a storage engine must do. Called only from the store thread.
 pub trait Backend: Send + 'static {
-    /// Applies a batch of writes in one durable transaction; one outcome
-    /// per write.
-    fn apply(&mut self, batch: &[Write]) -> Result<Vec<Outcome>, StoreError>;
+    /// Applies a batch of writes in one durable transaction: one outcome
+    /// per write, and every queued message the batch deleted.
+    fn apply(&mut self, batch: &[Write]) -> Result<Applied, StoreError>;
+    /// What the queue holds: (recipient, sender, messages, charged bytes).
+    fn stored_use(&mut self) -> Result<Vec<StoredUse>, StoreError>;
     fn registration(&mut self, address: &Address) -> Result<Option<RegistrationRow>, StoreError>;
     /// Up to `limit` unexpired queued messages for `recipient`, oldest
     /// first, after sequence number `after`.
@@ -81,8 +95,21 @@ pub struct QueuedMsg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done,
-    /// Enqueue refused: the recipient's queue is at its quota.
-    QueueFull,
+    /// Enqueue: this message (same recipient, id and sender) is already
+    /// stored; nothing new was written.
+    AlreadyStored,
+    /// Enqueue refused: the recipient already has a stored message with this
+    /// id from another sender (ids are the sender's to choose, so a reused
+    /// id must not replace or hide someone else's message).
+    Duplicate,
+}
+
+/// What a batch did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub outcomes: Vec<Outcome>,
+    /// Queued messages deleted: (sender, recipient, frame length).
+    pub removed: Vec<(Address, Address, usize)>,
 }
 
 /// A write command.
@@ -94,14 +121,15 @@ pub enum Write {
     /// The address disconnected at this time.
     Seen { address: Address, at_ms: u64 },
     /// Store a MSG frame for an offline recipient (idempotent per
-    /// recipient and message id).
+    /// recipient, message id and sender). Admitted by the [`StoreBudget`]
+    /// first; the store thread settles the reservation.
     Enqueue {
         recipient: Address,
+        sender: Address,
         id: MsgId,
         frame: Bytes,
         queued_ms: u64,
         expires_ms: u64,
-        quota: usize,
     },
     /// The recipient acknowledged the message: delete it.
     Dequeue { recipient: Address, id: MsgId },
@@ -131,81 +159,107 @@ enum Cmd {
 /// Async handle to the store thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    tx: mpsc::Sender<Cmd>,
+    /// Queued messages and their deletions.
+    bulk_tx: mpsc::Sender<Cmd>,
+    /// What a client is waiting on: registrations, groups, reads.
+    prio_tx: mpsc::Sender<Cmd>,
+    budget: Arc<StoreBudget>,
 }
 
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 1024;
+/// Most frame bytes in one bulk transaction: bounds how long a
+/// priority command can wait behind a bulk commit.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+impl Cmd {
+    fn bytes(&self) -> usize {
+        match self {
+            Cmd::Write(Write::Enqueue { frame, .. }, _) => frame.len(),
+            _ => 0,
+        }
+    }
+}
 
 impl Store {
-    /// Starts the writer thread over `backend`.
-    pub fn spawn(mut backend: impl Backend) -> Store {
-        let (tx, mut rx) = mpsc::channel::<Cmd>(8192);
+    /// Starts the writer thread over `backend`, with the queue's budgets
+    /// starting from what the backend already holds.
+    pub fn spawn(
+        mut backend: impl Backend,
+        limits: crate::budget::BudgetLimits,
+    ) -> Result<Store, StoreError> {
+        let budget = Arc::new(StoreBudget::new(limits, backend.stored_use()?));
+        let (bulk_tx, mut bulk_rx) = mpsc::channel::<Cmd>(8192);
+        let (prio_tx, mut prio_rx) = mpsc::channel::<Cmd>(8192);
+        let b = budget.clone();
         std::thread::Builder::new()
             .name("w2w-store".into())
             .spawn(move || {
-                let mut writes = Vec::new();
-                let mut waiters = Vec::new();
-                while let Some(first) = rx.blocking_recv() {
+                // Only to wait on two channels at once; all work is blocking.
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                    tracing::error!("store thread: no runtime; the store is stopped");
+                    return;
+                };
+                let mut batch = Batch::default();
+                loop {
+                    let first = rt.block_on(async {
+                        tokio::select! {
+                            biased;
+                            c = prio_rx.recv() => c.map(|c| (true, c)),
+                            c = bulk_rx.recv() => c.map(|c| (false, c)),
+                        }
+                    });
+                    let Some((prio, first)) = first else { break };
+                    let (rx, limit_bytes) = if prio {
+                        (&mut prio_rx, usize::MAX)
+                    } else {
+                        (&mut bulk_rx, MAX_BATCH_BYTES)
+                    };
                     let mut next = Some(first);
+                    let mut bytes = 0;
                     while let Some(cmd) = next.take() {
-                        // Reads see every write queued before them.
-                        if !matches!(cmd, Cmd::Write(..)) {
-                            flush(&mut backend, &mut writes, &mut waiters);
-                        }
-                        match cmd {
-                            Cmd::Write(w, reply) => {
-                                writes.push(w);
-                                waiters.push(reply);
-                            }
-                            Cmd::Get(addr, reply) => {
-                                let _ = reply
-                                    .send(backend.registration(&addr).map_err(|e| e.to_string()));
-                            }
-                            Cmd::Queued(addr, after, limit, reply) => {
-                                let _ = reply.send(
-                                    backend
-                                        .queued(&addr, after, limit, crate::unix_ms())
-                                        .map_err(|e| e.to_string()),
-                                );
-                            }
-                            Cmd::Groups(reply) => {
-                                let _ = reply.send(backend.groups().map_err(|e| e.to_string()));
-                            }
-                            Cmd::Known(reply) => {
-                                let _ = reply
-                                    .send(backend.known_addresses().map_err(|e| e.to_string()));
-                            }
-                        }
-                        if writes.len() < MAX_BATCH {
+                        bytes += cmd.bytes();
+                        batch.run(&mut backend, &b, cmd);
+                        if batch.writes.len() < MAX_BATCH && bytes < limit_bytes {
                             next = rx.try_recv().ok();
                         }
                     }
-                    flush(&mut backend, &mut writes, &mut waiters);
+                    batch.flush(&mut backend, &b);
                 }
             })
-            .expect("spawning the store thread");
-        Store { tx }
+            .map_err(|e| StoreError::Backend(format!("spawning the store thread: {e}")))?;
+        Ok(Store {
+            bulk_tx,
+            prio_tx,
+            budget,
+        })
     }
 
-    /// Hands `w` to the writer (writes apply in submission order) and
-    /// returns a receiver for its outcome, resolved once it is committed.
+    /// The queue's budgets (admission happens before [`Store::submit`]).
+    pub fn budget(&self) -> &Arc<StoreBudget> {
+        &self.budget
+    }
+
+    /// Hands `w` to the writer (bulk lane: writes apply in submission
+    /// order) and returns a receiver for its outcome, resolved once it is
+    /// committed.
     pub async fn submit(
         &self,
         w: Write,
     ) -> Result<oneshot::Receiver<Result<Outcome, String>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
+        self.bulk_tx
             .send(Cmd::Write(w, Some(tx)))
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
     }
 
-    /// Applies `w` and waits until it is durably committed.
+    /// Applies `w` and waits until it is durably committed (priority lane:
+    /// for writes a client is waiting on).
     pub async fn write(&self, w: Write) -> Result<Outcome, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
+        self.prio_tx
             .send(Cmd::Write(w, Some(tx)))
             .await
             .map_err(|_| StoreError::Closed)?;
@@ -214,9 +268,10 @@ impl Store {
             .map_err(StoreError::Backend)
     }
 
-    /// Queues `w` without waiting for the commit (still applied in order).
+    /// Queues `w` without waiting for the commit (bulk lane, in order with
+    /// the queued messages it may delete).
     pub async fn write_later(&self, w: Write) -> Result<(), StoreError> {
-        self.tx
+        self.bulk_tx
             .send(Cmd::Write(w, None))
             .await
             .map_err(|_| StoreError::Closed)
@@ -224,7 +279,7 @@ impl Store {
 
     async fn ask<T>(&self, cmd: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
+        self.prio_tx
             .send(cmd(tx))
             .await
             .map_err(|_| StoreError::Closed)?;
@@ -262,25 +317,80 @@ impl Store {
     }
 }
 
-fn flush(
-    backend: &mut impl Backend,
-    writes: &mut Vec<Write>,
-    waiters: &mut Vec<Option<Reply<Outcome>>>,
-) {
-    if writes.is_empty() {
-        return;
+/// Writes collected for one transaction and their waiters.
+#[derive(Default)]
+struct Batch {
+    writes: Vec<Write>,
+    waiters: Vec<Option<Reply<Outcome>>>,
+}
+
+impl Batch {
+    fn run(&mut self, backend: &mut impl Backend, budget: &StoreBudget, cmd: Cmd) {
+        // Reads see every write collected before them.
+        if !matches!(cmd, Cmd::Write(..)) {
+            self.flush(backend, budget);
+        }
+        match cmd {
+            Cmd::Write(w, reply) => {
+                self.writes.push(w);
+                self.waiters.push(reply);
+            }
+            Cmd::Get(addr, reply) => {
+                let _ = reply.send(backend.registration(&addr).map_err(|e| e.to_string()));
+            }
+            Cmd::Queued(addr, after, limit, reply) => {
+                let _ = reply.send(
+                    backend
+                        .queued(&addr, after, limit, crate::unix_ms())
+                        .map_err(|e| e.to_string()),
+                );
+            }
+            Cmd::Groups(reply) => {
+                let _ = reply.send(backend.groups().map_err(|e| e.to_string()));
+            }
+            Cmd::Known(reply) => {
+                let _ = reply.send(backend.known_addresses().map_err(|e| e.to_string()));
+            }
+        }
     }
-    let result = backend.apply(writes).map_err(|e| {
-        tracing::error!(error = %e, "store write failed");
-        e.to_string()
-    });
-    writes.clear();
-    for (i, w) in waiters.drain(..).enumerate() {
-        if let Some(w) = w {
-            let _ = w.send(match &result {
-                Ok(outcomes) => Ok(outcomes.get(i).copied().unwrap_or(Outcome::Done)),
-                Err(e) => Err(e.clone()),
-            });
+
+    /// Commits the collected writes, settles their budget reservations,
+    /// and answers their waiters.
+    fn flush(&mut self, backend: &mut impl Backend, budget: &StoreBudget) {
+        if self.writes.is_empty() {
+            return;
+        }
+        let result = backend.apply(&self.writes).map_err(|e| {
+            tracing::error!(error = %e, "store write failed");
+            e.to_string()
+        });
+        for (i, w) in self.writes.iter().enumerate() {
+            if let Write::Enqueue {
+                recipient,
+                sender,
+                frame,
+                ..
+            } = w
+            {
+                match result.as_ref().map(|a| a.outcomes.get(i).copied()) {
+                    Ok(Some(Outcome::Done)) => budget.committed(frame.len()),
+                    _ => budget.released(sender, recipient, frame.len()),
+                }
+            }
+        }
+        if let Ok(applied) = &result {
+            for (sender, recipient, len) in &applied.removed {
+                budget.removed(sender, recipient, *len);
+            }
+        }
+        self.writes.clear();
+        for (i, w) in self.waiters.drain(..).enumerate() {
+            if let Some(w) = w {
+                let _ = w.send(match &result {
+                    Ok(a) => Ok(a.outcomes.get(i).copied().unwrap_or(Outcome::Done)),
+                    Err(e) => Err(e.clone()),
+                });
+            }
         }
     }
 }
@@ -330,7 +440,16 @@ const MIGRATIONS: &[&str] = &[
         sig    BLOB NOT NULL,
         PRIMARY KEY (name, seq)
     ) WITHOUT ROWID;",
+    // v4: who sent each queued message (per-sender disk budget; a reused
+    // message id from another sender is refused, not taken as stored).
+    "ALTER TABLE queue ADD COLUMN sender BLOB NOT NULL DEFAULT x'';",
 ];
+
+/// A stored sender or recipient column as an address (rows from before v4
+/// have no sender: they count as the all-zero address).
+fn address_of(v: Vec<u8>) -> Address {
+    Address(<[u8; 32]>::try_from(v).unwrap_or([0; 32]))
+}
 
 impl SqliteBackend {
     /// Opens (creating if needed) `dir/w2w.sqlite` and migrates it.
@@ -363,20 +482,29 @@ impl SqliteBackend {
 }
 
 impl Backend for SqliteBackend {
-    fn apply(&mut self, batch: &[Write]) -> Result<Vec<Outcome>, StoreError> {
+    fn apply(&mut self, batch: &[Write]) -> Result<Applied, StoreError> {
         let tx = self.conn.transaction()?;
-        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut applied = Applied {
+            outcomes: Vec::with_capacity(batch.len()),
+            removed: Vec::new(),
+        };
         {
-            let mut count = tx.prepare_cached("SELECT COUNT(*) FROM queue WHERE recipient = ?1")?;
-            let mut exists =
-                tx.prepare_cached("SELECT 1 FROM queue WHERE recipient = ?1 AND msg_id = ?2")?;
+            // Quotas are the budget's (checked in memory before a write is
+            // submitted): nothing here counts rows.
+            let mut existing =
+                tx.prepare_cached("SELECT sender FROM queue WHERE recipient = ?1 AND msg_id = ?2")?;
             let mut enqueue = tx.prepare_cached(
-                "INSERT OR IGNORE INTO queue (recipient, msg_id, frame, queued_ms, expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO queue (recipient, msg_id, frame, queued_ms, expires_ms, sender)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
-            let mut dequeue =
-                tx.prepare_cached("DELETE FROM queue WHERE recipient = ?1 AND msg_id = ?2")?;
-            let mut expire = tx.prepare_cached("DELETE FROM queue WHERE expires_ms <= ?1")?;
+            let mut dequeue = tx.prepare_cached(
+                "DELETE FROM queue WHERE recipient = ?1 AND msg_id = ?2
+                 RETURNING sender, length(frame)",
+            )?;
+            let mut expire = tx.prepare_cached(
+                "DELETE FROM queue WHERE expires_ms <= ?1
+                 RETURNING sender, recipient, length(frame)",
+            )?;
             let mut group = tx.prepare_cached(
                 "INSERT INTO groups (name, owner, seq, members) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO UPDATE SET owner = ?2, seq = ?3, members = ?4",
@@ -415,20 +543,24 @@ impl Backend for SqliteBackend {
                     }
                     Write::Enqueue {
                         recipient,
+                        sender,
                         id,
                         frame,
                         queued_ms,
                         expires_ms,
-                        quota,
                     } => {
-                        // Idempotent: the same message again is already stored.
-                        if exists.exists(params![&recipient.0[..], &id.0[..]])? {
-                            outcomes.push(Outcome::Done);
-                            continue;
-                        }
-                        let n: i64 = count.query_row(params![&recipient.0[..]], |r| r.get(0))?;
-                        if n as usize >= *quota {
-                            outcomes.push(Outcome::QueueFull);
+                        // Idempotent for the same sender; a reused id from
+                        // another sender is refused.
+                        let prior: Option<Vec<u8>> = existing
+                            .query_row(params![&recipient.0[..], &id.0[..]], |r| r.get(0))
+                            .optional()?;
+                        if let Some(prior) = prior {
+                            let same = prior.is_empty() || prior == sender.0;
+                            applied.outcomes.push(if same {
+                                Outcome::AlreadyStored
+                            } else {
+                                Outcome::Duplicate
+                            });
                             continue;
                         }
                         enqueue.execute(params![
@@ -436,14 +568,37 @@ impl Backend for SqliteBackend {
                             &id.0[..],
                             &frame[..],
                             *queued_ms as i64,
-                            *expires_ms as i64
+                            *expires_ms as i64,
+                            &sender.0[..],
                         ])?;
                     }
                     Write::Dequeue { recipient, id } => {
-                        dequeue.execute(params![&recipient.0[..], &id.0[..]])?;
+                        let rows = dequeue.query_map(params![&recipient.0[..], &id.0[..]], |r| {
+                            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                        })?;
+                        for row in rows {
+                            let (sender, len) = row?;
+                            applied
+                                .removed
+                                .push((address_of(sender), *recipient, len as usize));
+                        }
                     }
                     Write::Expire { now_ms } => {
-                        expire.execute(params![*now_ms as i64])?;
+                        let rows = expire.query_map(params![*now_ms as i64], |r| {
+                            Ok((
+                                r.get::<_, Vec<u8>>(0)?,
+                                r.get::<_, Vec<u8>>(1)?,
+                                r.get::<_, i64>(2)?,
+                            ))
+                        })?;
+                        for row in rows {
+                            let (sender, recipient, len) = row?;
+                            applied.removed.push((
+                                address_of(sender),
+                                address_of(recipient),
+                                len as usize,
+                            ));
+                        }
                     }
                     Write::Group {
                         op,
@@ -474,11 +629,28 @@ impl Backend for SqliteBackend {
                         }
                     }
                 }
-                outcomes.push(Outcome::Done);
+                applied.outcomes.push(Outcome::Done);
             }
         }
         tx.commit()?;
-        Ok(outcomes)
+        Ok(applied)
+    }
+
+    fn stored_use(&mut self) -> Result<Vec<StoredUse>, StoreError> {
+        let mut q = self.conn.prepare_cached(&format!(
+            "SELECT recipient, sender, COUNT(*), SUM(MAX(length(frame), {}))
+             FROM queue GROUP BY recipient, sender",
+            crate::budget::MIN_CHARGE
+        ))?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                address_of(r.get(0)?),
+                address_of(r.get(1)?),
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn queued(
@@ -611,11 +783,21 @@ mod tests {
         }
     }
 
+    fn budget(quota: u64) -> crate::budget::BudgetLimits {
+        crate::budget::BudgetLimits {
+            pending_bytes: 1 << 20,
+            max_bytes: 1 << 30,
+            sender_bytes: 1 << 30,
+            recipient_messages: quota,
+            recipient_bytes: 1 << 30,
+        }
+    }
+
     #[tokio::test]
     async fn registrations_persist_in_a_real_file() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap());
+            let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap(), budget(3)).unwrap();
             store
                 .write(Write::Registered {
                     reg: Box::new(reg(7)),
@@ -649,30 +831,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn queue_is_ordered_bounded_idempotent_and_expires() {
+    async fn queue_is_ordered_idempotent_settles_its_budget_and_expires() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap());
-        let bob = Address([2; 32]);
-        let enq = |i: u8, expires_ms: u64| Write::Enqueue {
+        let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap(), budget(3)).unwrap();
+        let (alice, bob, mallory) = (Address([1; 32]), Address([2; 32]), Address([9; 32]));
+        let enq = |i: u8, sender: Address, expires_ms: u64| Write::Enqueue {
             recipient: bob,
+            sender,
             id: MsgId([i; 16]),
             frame: Bytes::from(vec![i; 10]),
             queued_ms: 1,
             expires_ms,
-            quota: 3,
+        };
+        // Admission is the budget's; the store thread settles it.
+        let admit = |n: usize| {
+            let r = store.budget().admit(&alice, &vec![bob; n], 10);
+            assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
         };
         let far = u64::MAX / 4;
+        admit(3);
         for i in 1..=3 {
-            assert_eq!(store.write(enq(i, far)).await.unwrap(), Outcome::Done);
+            assert_eq!(store.write(enq(i, alice, far)).await.unwrap(), Outcome::Done);
         }
-        assert_eq!(store.write(enq(4, far)).await.unwrap(), Outcome::QueueFull);
-        // Same message again: accepted (already stored), stored once.
-        assert_eq!(store.write(enq(1, far)).await.unwrap(), Outcome::Done);
+        assert_eq!(
+            store.budget().admit(&alice, &[bob], 10),
+            vec![Err(w2w_proto::ErrorCode::QueueFull)]
+        );
+        // Same message again: already stored, stored once, reservation back.
+        store.budget().released(&alice, &bob, 10);
+        admit(1);
+        assert_eq!(
+            store.write(enq(1, alice, far)).await.unwrap(),
+            Outcome::AlreadyStored
+        );
+        // The same id from someone else is refused, not taken as stored.
+        store.budget().released(&alice, &bob, 10);
+        assert_eq!(
+            store.write(enq(1, mallory, far)).await.unwrap(),
+            Outcome::Duplicate
+        );
         let q = store.queued(bob, 0, 10).await.unwrap();
         assert_eq!(
             q.iter().map(|m| m.id.0[0]).collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
+        assert_eq!(&q[0].frame[..], &[1; 10], "alice's copy, not mallory's");
+        assert_eq!(store.budget().totals(), (0, 3 * crate::budget::MIN_CHARGE));
         store
             .write(Write::Dequeue {
                 recipient: bob,
@@ -680,10 +884,20 @@ mod tests {
             })
             .await
             .unwrap();
+        assert_eq!(store.budget().totals(), (0, 2 * crate::budget::MIN_CHARGE));
         let q = store.queued(bob, q[0].seq, 10).await.unwrap();
         assert_eq!(q.iter().map(|m| m.id.0[0]).collect::<Vec<_>>(), vec![3]);
-        store.write(enq(5, 10)).await.unwrap();
+        admit(1);
+        store.write(enq(5, alice, 10)).await.unwrap();
         store.write(Write::Expire { now_ms: 20 }).await.unwrap();
         assert_eq!(store.queued(bob, 0, 10).await.unwrap().len(), 2);
+        assert_eq!(store.budget().totals(), (0, 2 * crate::budget::MIN_CHARGE));
+        // The figures are loaded again after a restart.
+        drop(store);
+        let mut b = SqliteBackend::open(dir.path()).unwrap();
+        assert_eq!(
+            b.stored_use().unwrap(),
+            vec![(bob, alice, 2, 2 * crate::budget::MIN_CHARGE)]
+        );
     }
 }
