@@ -70,6 +70,7 @@ export const ERROR_CODES = Object.freeze({
   33: 'unreachable', 34: 'peer_limit', 35: 'hop_limit', 36: 'loop', 37: 'forged_presence',
   38: 'duplicate_peer', 39: 'timeout', 40: 'duplicate', 41: 'queue_full',
   42: 'unknown_group', 43: 'not_member', 44: 'not_allowed', 45: 'group_exists',
+  46: 'stale_seq', 47: 'store_busy', 48: 'storage_full', 49: 'limit_reached',
 });
 const ERROR_NUMBER = Object.fromEntries(Object.entries(ERROR_CODES).map(([n, s]) => [s, Number(n)]));
 
@@ -89,6 +90,12 @@ function errorNumber(name) {
 export const MAX_URL_LEN = 1024;
 export const MAX_DETAIL_LEN = 1024;
 export const MSG_FIXED_HEADER = 52;
+/**
+ * The protocol's default largest WebSocket message (PROTOCOL.md 11): 1 MiB.
+ * A relay publishes its own value as limits.max_frame_bytes in its info
+ * document (GET /.well-known/w2w).
+ */
+export const DEFAULT_MAX_FRAME_BYTES = 1 << 20;
 /** Most message ids in one ACK frame. */
 export const MAX_ACK_IDS = 1024;
 
@@ -1006,6 +1013,64 @@ function closeCodeName(code) {
   return `close_${code}`;
 }
 
+/** The info document URL of a relay URL: ws → http, wss → https, path /.well-known/w2w. */
+export function infoUrl(relayUrl) {
+  const u = new URL(String(relayUrl), globalThis.location?.href);
+  if (u.protocol === 'ws:') u.protocol = 'http:';
+  else if (u.protocol === 'wss:') u.protocol = 'https:';
+  return new URL('/.well-known/w2w', u.origin).href;
+}
+
+/**
+ * Fetches a relay's info document (PROTOCOL.md 13): { protocol, version,
+ * relay_key, urls, limits: { max_frame_bytes, … } }. Rejects with
+ * W2WError('network' | 'timeout' | 'bad_response', …).
+ */
+export async function fetchInfo(relayUrl, { fetch: doFetch = globalThis.fetch, timeoutMs = 5000, signal } = {}) {
+  if (typeof doFetch !== 'function') throw new W2WError('no_fetch', 'no fetch() here: pass { fetch }');
+  const url = infoUrl(relayUrl);
+  const ac = new AbortController();
+  const onAbort = () => ac.abort();
+  signal?.addEventListener?.('abort', onAbort);
+  const timer = setTimeout(() => ac.abort(), timeoutMs);
+  timer.unref?.(); // Node: do not keep the process alive for this
+  try {
+    let res;
+    try {
+      res = await doFetch(url, { signal: ac.signal, cache: 'no-store', headers: { accept: 'application/json' } });
+    } catch (e) {
+      if (ac.signal.aborted && !signal?.aborted) throw new W2WError('timeout', `no answer from ${url} within ${timeoutMs} ms`);
+      throw new W2WError('network', `GET ${url} failed: ${e.message}`);
+    }
+    if (!res.ok) throw new W2WError('bad_response', `GET ${url}: HTTP ${res.status}`);
+    let doc;
+    try {
+      doc = JSON.parse(await res.text());
+    } catch {
+      throw new W2WError('bad_response', `GET ${url}: not JSON`);
+    }
+    if (doc === null || typeof doc !== 'object') throw new W2WError('bad_response', `GET ${url}: not an info document`);
+    return doc;
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener?.('abort', onAbort);
+  }
+}
+
+/** limits.max_frame_bytes of an info document, or null if it has none that makes sense. */
+function infoMaxFrame(doc) {
+  const n = doc?.limits?.max_frame_bytes;
+  return Number.isSafeInteger(n) && n > 0 ? n : null;
+}
+
+/** The error of a message whose frame is over the relay's limit. */
+function frameTooLarge(message, size, limit) {
+  const e = new W2WError('frame_too_large', message);
+  e.size = size;
+  e.limit = limit;
+  return e;
+}
+
 /**
  * A registered connection to a w2w relay, with the shape of a WebSocket.
  *
@@ -1013,8 +1078,23 @@ function closeCodeName(code) {
  *     WebSocket,          // constructor to use (default: global, else the `ws` package)
  *     pinnedRelayKey,     // refuse a relay with another key (default: pin on first use)
  *     reconnect: true,    // reconnect after an unexpected close, with backoff + jitter
- *     scope: 'federation' // a2n scope for send('*', …)
+ *     scope: 'federation', // a2n scope for send('*', …)
+ *     maxFrameBytes,      // the relay's largest WebSocket message (default 1 MiB, the
+ *                         // protocol default); replaced by the relay's own value
+ *     fetchInfo: true,    // read it from the info document, GET /.well-known/w2w
+ *                         // (http(s) on the relay's host), in the background
+ *     fetch,              // fetch() to use for that (default: the global)
+ *     infoTimeoutMs: 5000 // how long to wait for the info document
  *   })
+ *
+ * The known limit is `maxFrameBytes` (and the info document, once fetched,
+ * is `info`). send() refuses a message whose MSG frame (after sealing) is
+ * larger, with code 'frame_too_large', and nothing is queued. If the relay
+ * still closes with 1009 (message too big: its limit is lower than known),
+ * the limit is lowered — to the info document's value if it can be read
+ * again, otherwise below the largest frame sent on that connection — every
+ * unreceipted message over it fails with 'frame_too_large' and is never
+ * sent again, and the rest go again after the reconnect.
  *
  * Events (as on<name> properties or addEventListener), each a plain object
  * with `type` and `target`:
@@ -1057,7 +1137,22 @@ export class W2WSocket {
       scope: opts.scope ?? 'federation',
       maxQueued: opts.maxQueued ?? 1000,
       ack: opts.ack ?? true,
+      fetchInfo: opts.fetchInfo ?? true,
+      infoTimeoutMs: opts.infoTimeoutMs ?? 5000,
     };
+    const maxFrame = opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+    if (!Number.isSafeInteger(maxFrame) || maxFrame <= MSG_FIXED_HEADER) {
+      throw new TypeError(`maxFrameBytes must be an integer above ${MSG_FIXED_HEADER}`);
+    }
+    /** The largest frame the relay accepts, as far as this client knows (bytes). */
+    this.maxFrameBytes = maxFrame;
+    /** The relay's info document, once fetched (null until then, or if it cannot be). */
+    this.info = null;
+    this._fetch = opts.fetch ?? null;
+    this._refused = Infinity; // smallest frame the relay closed 1009 on (info doc or not)
+    this._sentMax = 0; // largest MSG frame sent on the current connection
+    this._limitCheck = null; // the re-read of the limit after a 1009, awaited before reconnecting
+    this._infoAbort = new AbortController();
     this._WebSocket = opts.WebSocket ?? null;
     this._listeners = new Map();
     this._seen = new LruSet(this.opts.dedupe);
@@ -1084,6 +1179,7 @@ export class W2WSocket {
     this._ackSent = false;
     this.onopen = this.onmessage = this.onreceipt = this.onpresence = null;
     this.onerror = this.onclose = this.onreconnecting = null;
+    if (this.opts.fetchInfo) this._readInfo();
     this._connect();
   }
 
@@ -1113,11 +1209,86 @@ export class W2WSocket {
     }
   }
 
+  // --- the frame limit
+
+  /**
+   * Fetches the info document and takes its max_frame_bytes (never above a
+   * size the relay has refused). Resolves the relay's value, or null when
+   * there is none (fetch disabled, unavailable, failed): never rejects.
+   */
+  async _readInfo(refused = null) {
+    if (!this.opts.fetchInfo) return null;
+    let doc;
+    try {
+      // A local: fetch called as a method of this socket would be an illegal invocation.
+      const doFetch = this._fetch ?? globalThis.fetch;
+      if (typeof doFetch !== 'function') return null;
+      doc = await fetchInfo(this.url, { fetch: doFetch, timeoutMs: this.opts.infoTimeoutMs, signal: this._infoAbort.signal });
+    } catch {
+      return null; // not fatal: the connection goes on with the limit it knows
+    }
+    const n = infoMaxFrame(doc);
+    if (n === null || this.readyState === CLOSED) return null;
+    this.info = doc;
+    this._setMaxFrame(Math.min(n, this._refused - 1), refused);
+    return n;
+  }
+
+  /**
+   * Takes `limit` as the relay's limit and fails every unreceipted message
+   * over it. `refused`: after the relay closed with 1009 — 'info' when the
+   * limit is the info document's, 'guess' when it is inferred.
+   */
+  _setMaxFrame(limit, refused = null) {
+    this.maxFrameBytes = limit;
+    for (const [id, e] of this._pending) {
+      const size = e.bytes.length;
+      if (size <= limit) continue;
+      clearTimeout(e.timer);
+      this._pending.delete(id);
+      const closed = 'the relay refused a frame as too large (WebSocket close 1009)';
+      const why =
+        refused === 'guess'
+          ? `${closed}; this message is ${size} bytes as a MSG frame, the largest sent before the close, so the relay's limit (max_frame_bytes) is taken to be below that`
+          : refused
+            ? `${closed}; this message is ${size} bytes as a MSG frame and the relay's limit is ${limit} bytes (max_frame_bytes)`
+            : `this message is ${size} bytes as a MSG frame, over the relay's limit of ${limit} bytes (max_frame_bytes)`;
+      e.reject(frameTooLarge(`${why}: it is not sent again; split it or send a smaller payload`, size, limit));
+    }
+  }
+
+  /**
+   * After a 1009 close (the relay refused a frame as too big): learn the
+   * real limit — the info document's value if it can be read and explains
+   * the refusal, otherwise one byte below the largest frame sent on that
+   * connection — and fail what is over it, so that it is never sent again.
+   */
+  async _afterTooLarge(sentMax) {
+    await this._readInfo('info'); // updates maxFrameBytes when it can be read
+    let limit = this.maxFrameBytes;
+    let how = 'info';
+    if (sentMax > 0 && sentMax <= limit) {
+      // The relay's limit is lower than it says (or we could not ask):
+      // assume the largest frame it was sent is what it refused.
+      this._refused = Math.min(this._refused, sentMax);
+      limit = sentMax - 1;
+      how = 'guess';
+    }
+    if (this.readyState === CLOSED) return;
+    this._setMaxFrame(limit, how);
+  }
+
   // --- connection
 
   async _connect() {
     this._timer = null;
     if (this._closedByUser) return;
+    if (this._limitCheck) {
+      // Work out which messages the relay refused before sending any again.
+      await this._limitCheck;
+      this._limitCheck = null;
+      if (this._closedByUser || this.readyState === CLOSED) return;
+    }
     this._attempt++;
     let WS;
     try {
@@ -1222,6 +1393,7 @@ export class W2WSocket {
     if (reconnected) this.stats.reconnects++;
     this._everOpened = true;
     this._attempt = 0;
+    this._sentMax = 0;
     if (this._presence) this._sendNow(this._requestFrame('presence', { on: true }).frame, null);
     // Messages that have no receipt yet go (again) with their ids: the relay
     // stores an id once per recipient and recipients drop repeats.
@@ -1250,6 +1422,14 @@ export class W2WSocket {
       this._finish(code, reason, false, name);
       return;
     }
+    if (code === 1009) {
+      // The relay refused a frame as too big: find out which messages were
+      // (they fail, and are never sent again) before reconnecting.
+      const sentMax = this._sentMax;
+      this._sentMax = 0;
+      const prev = this._limitCheck;
+      this._limitCheck = (prev ?? Promise.resolve()).then(() => this._afterTooLarge(sentMax));
+    }
     const base = this._backoff;
     const delay = Math.round(base + Math.random() * (base / 2));
     this._backoff = Math.min(this.opts.maxBackoffMs, base * 2);
@@ -1261,6 +1441,7 @@ export class W2WSocket {
     if (this.readyState === CLOSED) return;
     this.readyState = CLOSED;
     clearTimeout(this._timer);
+    this._infoAbort.abort();
     const err = new W2WError(name, `the connection is closed (${name})`);
     this._rejectRequests(err);
     for (const e of this._pending.values()) {
@@ -1326,6 +1507,7 @@ export class W2WSocket {
   /** Sends a message and (re)arms its receipt timer. */
   _transmit(id, e) {
     this._ws.send(e.bytes);
+    if (e.bytes.length > this._sentMax) this._sentMax = e.bytes.length;
     clearTimeout(e.timer);
     e.timer = setTimeout(() => {
       this._pending.delete(id);
@@ -1362,17 +1544,41 @@ export class W2WSocket {
    * per recipient and recipients drop repeats). The promise rejects only
    * when the socket closes for good or no receipt comes within
    * receiptTimeoutMs of a send.
+   *
+   * A message whose MSG frame (after sealing) is larger than the relay's
+   * limit (`maxFrameBytes`) is refused at once: the promise rejects with a
+   * W2WError of code 'frame_too_large' (with `size` and `limit`), and
+   * nothing is sent or queued. It also rejects so if the relay closes the
+   * connection with 1009 on it; it is then not sent again.
    */
   send(to, data, options = {}) {
     let msg;
+    const limit = this.maxFrameBytes;
     try {
-      msg = this._buildMsg(to, data, options);
+      const payload = toBytes(data);
+      if (payload.length + MSG_FIXED_HEADER > limit) {
+        // Too big whatever the route: do not seal it to find out.
+        throw frameTooLarge(
+          `a ${payload.length}-byte payload cannot be sent: with the ${MSG_FIXED_HEADER}-byte MSG header (and sealing) it is over the relay's limit of ${limit} bytes per frame (max_frame_bytes); split it or send a smaller payload`,
+          payload.length + MSG_FIXED_HEADER,
+          limit,
+        );
+      }
+      msg = this._buildMsg(to, payload, options);
     } catch (e) {
       return Promise.reject(e);
     }
     const bytes = encodeFrame(msg);
     let p;
-    if (this.readyState === CLOSED || this.readyState === CLOSING) {
+    if (bytes.length > limit) {
+      p = Promise.reject(
+        frameTooLarge(
+          `this message is ${bytes.length} bytes as a MSG frame (its payload ${msg.payload.length} bytes${msg.flags === FLAGS.sealed ? ' after sealing' : msg.flags === FLAGS.signed ? ' with its signature' : ''}), over the relay's limit of ${limit} bytes (max_frame_bytes): it was not sent; split it or send a smaller payload`,
+          bytes.length,
+          limit,
+        ),
+      );
+    } else if (this.readyState === CLOSED || this.readyState === CLOSING) {
       p = Promise.reject(new W2WError('closed', 'the connection is closed'));
     } else if (this.readyState !== OPEN && this._pending.size >= this.opts.maxQueued) {
       p = Promise.reject(new W2WError('queue_full', 'too many messages waiting for the connection'));

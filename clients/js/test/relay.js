@@ -1,7 +1,7 @@
 // Test helpers: build and run the real Rust relay (target/debug/w2w) and the
 // w2w CLI as child processes, with bounded waits, and kill them afterwards.
 import { spawn, execFile } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -123,13 +123,22 @@ export function run(cmd, args, { home, cwd = repo } = {}) {
 
 /**
  * Starts `w2w serve --listen 127.0.0.1:0` with a fresh data dir and HOME.
+ * `limits` (e.g. { max_frame_bytes: 8192 }) go into a config file's
+ * [limits] table (`w2w serve --config`).
  * Returns { url: 'ws://127.0.0.1:PORT/', http: 'http://127.0.0.1:PORT', home, stop() }.
  */
-export async function startRelay() {
+export async function startRelay({ limits } = {}) {
   await buildRelay();
   const home = tempDir('w2w-relay-');
   const data = path.join(home, 'relay-data');
-  const proc = run(w2wBin, ['serve', '--listen', '127.0.0.1:0', '--data', data], { home });
+  const args = ['serve', '--listen', '127.0.0.1:0', '--data', data];
+  if (limits) {
+    const config = path.join(home, 'relay.toml');
+    const lines = Object.entries(limits).map(([k, v]) => `${k} = ${JSON.stringify(v)}`);
+    writeFileSync(config, ['[limits]', ...lines, ''].join('\n'));
+    args.push('--config', config);
+  }
+  const proc = run(w2wBin, args, { home });
   const m = await proc.waitFor('stdout', /w2w relay listening on (ws:\/\/127\.0\.0\.1:(\d+)\/)/, 20000, 'the relay to listen');
   return {
     url: m[1],

@@ -609,9 +609,12 @@ async fn handle(
             "text/plain; version=0.0.4",
             shared.metrics.render(),
         ),
-        ("GET", "/.well-known/w2w") => {
-            text(StatusCode::OK, "application/json", shared.info_document())
-        }
+        // Public facts; pages on other origins read the limits too.
+        ("GET", "/.well-known/w2w") => cors(text(
+            StatusCode::OK,
+            "application/json",
+            shared.info_document(),
+        )),
         // The browser client and demo app, embedded at build time.
         ("GET", "/") | ("GET", "/index.html") => {
             text(StatusCode::OK, "text/html; charset=utf-8", DEMO_HTML)
