@@ -25,6 +25,9 @@ pub struct RelayConfig {
     /// Serve wss (TLS) with this certificate and key, reloaded when the files
     /// change on disk.
     pub tls: Option<TlsPaths>,
+    /// Reverse proxies whose `X-Forwarded-For` names the real client: per-IP
+    /// limits and logs use that address instead of the proxy's.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub limits: Limits,
     pub federation: crate::federation::FederationConfig,
 }
@@ -38,6 +41,7 @@ impl RelayConfig {
             data_dir: None,
             public_urls: Vec::new(),
             tls: None,
+            trusted_proxies: Vec::new(),
             limits: Limits::default(),
             federation: Default::default(),
         }
@@ -76,6 +80,15 @@ pub struct Limits {
     pub rate_burst: u32,
     /// Registered-or-registering WebSocket connections (default 10,000).
     pub max_connections: usize,
+    /// Open TCP connections from one IP address (default 256).
+    pub max_connections_per_ip: usize,
+    /// WebSocket upgrades per second from one IP address (default 50).
+    pub handshake_rate_per_ip: u32,
+    /// Burst of WebSocket upgrades from one IP address (default 200).
+    pub handshake_burst_per_ip: u32,
+    /// Longest a plain HTTP connection (not a WebSocket) stays open, headers,
+    /// body, answers and keep-alive together (default 30 s).
+    pub http_timeout_ms: u64,
     /// Time allowed to finish registration (default 10 s).
     pub auth_timeout_ms: u64,
     /// Idle time before the relay pings (default 15 s).
@@ -119,6 +132,10 @@ impl Default for Limits {
             rate_per_sec: 1000,
             rate_burst: 2000,
             max_connections: 10_000,
+            max_connections_per_ip: 256,
+            handshake_rate_per_ip: 50,
+            handshake_burst_per_ip: 200,
+            http_timeout_ms: 30_000,
             auth_timeout_ms: 10_000,
             ping_interval_ms: 15_000,
             ping_timeout_ms: 10_000,
@@ -159,6 +176,9 @@ impl Limits {
     }
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn http_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_timeout_ms)
     }
     pub fn ping_timeout(&self) -> Duration {
         Duration::from_millis(self.ping_timeout_ms)

@@ -25,6 +25,7 @@ pub mod federation;
 pub mod groups;
 pub mod metrics;
 pub mod peer;
+pub mod per_ip;
 pub mod ratelimit;
 pub mod router;
 pub mod server;
@@ -35,6 +36,24 @@ pub mod tls;
 pub use config::{Limits, RelayConfig, TlsPaths};
 pub use federation::{FederationConfig, HopEvent};
 pub use server::{Relay, RelayError};
+
+/// Whether the process's log sink accepts writes. The binary's log writer
+/// reports failures here (and drops the line: a full disk must never kill
+/// a connection); `/healthz` says unhealthy while it fails.
+pub mod log_health {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static FAILING: AtomicBool = AtomicBool::new(false);
+
+    /// Records the outcome of the latest log write.
+    pub fn report(ok: bool) {
+        FAILING.store(!ok, Ordering::Relaxed);
+    }
+
+    pub fn failing() -> bool {
+        FAILING.load(Ordering::Relaxed)
+    }
+}
 
 /// Milliseconds since the Unix epoch, from the system clock. The only place
 /// the relay reads wall-clock time (the protocol crate takes it as input).

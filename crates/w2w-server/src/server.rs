@@ -73,6 +73,9 @@ pub struct Shared {
     pub tracker: TaskTracker,
     pub next_conn_id: AtomicU64,
     pub conn_permits: Arc<Semaphore>,
+    /// Per-IP connection and handshake budgets.
+    pub ip_gate: Arc<crate::per_ip::IpGate>,
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 fn scheme(tls: bool) -> &'static str {
@@ -180,6 +183,12 @@ impl Relay {
             identity: config.identity,
             replay: Mutex::new(ReplayCache::new(config.limits.replay_cache)),
             conn_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            ip_gate: crate::per_ip::IpGate::new(
+                config.limits.max_connections_per_ip,
+                config.limits.handshake_rate_per_ip,
+                config.limits.handshake_burst_per_ip,
+            ),
+            trusted_proxies: config.trusted_proxies.clone(),
             limits: config.limits,
             public_urls: config.public_urls,
             tls: tls.is_some(),
@@ -432,17 +441,43 @@ async fn accept_loop(
         };
         let Ok(permit) = tcp_permits.clone().try_acquire_owned() else {
             shared.metrics.error(w2w_proto::ErrorCode::MaxConnections);
-            drop(tcp);
+            refuse_tcp(&tcp, "max_connections");
             continue;
+        };
+        // A trusted proxy's clients are counted by their own address, at
+        // the upgrade (see `upgrade`).
+        let ip_slot = if shared.trusted_proxies.contains(&peer.ip()) {
+            None
+        } else {
+            match shared.ip_gate.connect(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    shared.metrics.error(w2w_proto::ErrorCode::LimitReached);
+                    tracing::debug!(%peer, "per-IP connection limit reached");
+                    refuse_tcp(&tcp, "limit_reached");
+                    continue;
+                }
+            }
         };
         let _ = tcp.set_nodelay(true);
         let s = shared.clone();
         let tls = tls.clone();
         shared.tracker.spawn(async move {
             let _permit = permit;
-            serve_tcp(s, tcp, peer, tls).await;
+            serve_tcp(s, tcp, peer, tls, ip_slot).await;
         });
     }
+}
+
+/// Answers a refused TCP connection with a canned HTTP 429 if the socket
+/// takes it at once (never waits), then drops it.
+fn refuse_tcp(tcp: &TcpStream, error: &str) {
+    let body = format!(r#"{{"error":"{error}","detail":"too many connections; retry later"}}"#);
+    let reply = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.try_write(reply.as_bytes());
 }
 
 async fn serve_tcp(
@@ -450,13 +485,14 @@ async fn serve_tcp(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    ip_slot: Option<crate::per_ip::IpSlot>,
 ) {
     match tls {
-        None => serve_http(shared, tcp, peer).await,
+        None => serve_http(shared, tcp, peer, ip_slot).await,
         Some(acceptor) => {
             let hs = tokio::time::timeout(shared.limits.auth_timeout(), acceptor.accept(tcp));
             match hs.await {
-                Ok(Ok(stream)) => serve_http(shared, stream, peer).await,
+                Ok(Ok(stream)) => serve_http(shared, stream, peer, ip_slot).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -464,14 +500,24 @@ async fn serve_tcp(
     }
 }
 
-async fn serve_http<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr)
-where
+/// Serves HTTP/1 on one connection until it ends, upgrades, or has been
+/// open `http_timeout_ms` (whatever it is doing: a trickled body, unread
+/// answers, an idle keep-alive). The per-IP slot is held as long as the
+/// connection, including a WebSocket it upgrades to.
+async fn serve_http<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    ip_slot: Option<crate::per_ip::IpSlot>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let s = shared.clone();
+    // Handed to the WebSocket task if the connection upgrades.
+    let slot = Arc::new(Mutex::new(ip_slot));
     let svc = service_fn(move |req| {
-        let s = s.clone();
-        async move { Ok::<_, Infallible>(handle(s, req, peer).await) }
+        let (s, slot) = (s.clone(), slot.clone());
+        async move { Ok::<_, Infallible>(handle(s, req, peer, slot).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -483,6 +529,9 @@ where
         r = conn.as_mut() => if let Err(e) = r {
             tracing::debug!(%peer, error = %e, "http connection error");
         },
+        _ = tokio::time::sleep(shared.limits.http_timeout()) => {
+            tracing::debug!(%peer, "http connection open too long, closed");
+        }
         _ = shared.shutdown.cancelled() => {}
     }
 }
@@ -529,15 +578,19 @@ fn json_status(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
 async fn spacerift(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     use crate::spacerift::{parse, ParseError, Reply, REQUEST_TIMEOUT};
     use http_body_util::BodyExt;
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    let collect = http_body_util::Limited::new(req.into_body(), 64 * 1024).collect();
+    let body = match tokio::time::timeout(shared.limits.auth_timeout(), collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             return json_status(
                 400,
                 serde_json::json!({"error": "bad_request", "detail": e.to_string()}),
+            )
+        }
+        Err(_) => {
+            return json_status(
+                408,
+                serde_json::json!({"error": "timeout", "detail": "request body not received in time"}),
             )
         }
     };
@@ -574,6 +627,26 @@ async fn spacerift(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full
     json_status(reply.status(), reply.json())
 }
 
+/// `ok` (200), or 503 with what cannot write: the store (its latest write
+/// failed) or the log (its latest line could not be written).
+fn health(shared: &Shared) -> Response<Full<Bytes>> {
+    let mut failing = Vec::new();
+    if !shared.store.healthy() {
+        failing.push("store");
+    }
+    if crate::log_health::failing() {
+        failing.push("log");
+    }
+    if failing.is_empty() {
+        return text(StatusCode::OK, "text/plain", "ok\n");
+    }
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unhealthy",
+        &format!("cannot write: {}", failing.join(", ")),
+    )
+}
+
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     let has = |name, token: &str| {
         req.headers().get_all(name).iter().any(|v| {
@@ -594,16 +667,19 @@ fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
 }
 
+type SharedSlot = Arc<Mutex<Option<crate::per_ip::IpSlot>>>;
+
 async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    slot: SharedSlot,
 ) -> Response<Full<Bytes>> {
     if is_upgrade(&req) {
-        return upgrade(shared, &mut req, peer);
+        return upgrade(shared, &mut req, peer, slot);
     }
     match (req.method().as_str(), req.uri().path()) {
-        ("GET", "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        ("GET" | "HEAD", "/healthz") => health(&shared),
         ("GET", "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -651,8 +727,40 @@ async fn handle(
 fn upgrade(
     shared: Arc<Shared>,
     req: &mut Request<Incoming>,
-    peer: SocketAddr,
+    mut peer: SocketAddr,
+    slot: SharedSlot,
 ) -> Response<Full<Bytes>> {
+    // The client's own address: a trusted proxy's forwarded one. The
+    // connection's slot moves to the WebSocket task only once the upgrade
+    // is accepted (a refused one keeps counting against the connection).
+    let mut forwarded_slot = None;
+    if shared.trusted_proxies.contains(&peer.ip()) {
+        if let Some(ip) = crate::per_ip::forwarded_for(req.headers()) {
+            peer = SocketAddr::new(ip, 0);
+            match shared.ip_gate.connect(ip) {
+                Some(s) => forwarded_slot = Some(s),
+                None => {
+                    shared.metrics.error(w2w_proto::ErrorCode::LimitReached);
+                    return json_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "limit_reached",
+                        "too many connections from your address; retry later",
+                    );
+                }
+            }
+        }
+    }
+    if !shared
+        .ip_gate
+        .handshake(peer.ip(), std::time::Instant::now())
+    {
+        shared.metrics.error(w2w_proto::ErrorCode::RateLimited);
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many WebSocket handshakes from your address; retry in a second",
+        );
+    }
     let version_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -681,9 +789,11 @@ fn upgrade(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned);
+    let slot = forwarded_slot.or_else(|| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
     let on_upgrade = hyper::upgrade::on(req);
     let s = shared.clone();
     shared.tracker.spawn(async move {
+        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = tokio_websockets::ServerBuilder::new()

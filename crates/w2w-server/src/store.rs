@@ -164,6 +164,8 @@ pub struct Store {
     /// What a client is waiting on: registrations, groups, reads.
     prio_tx: mpsc::Sender<Cmd>,
     budget: Arc<StoreBudget>,
+    /// False while the latest write failed (e.g. a full disk).
+    healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Most commands applied in one transaction.
@@ -192,6 +194,8 @@ impl Store {
         let (bulk_tx, mut bulk_rx) = mpsc::channel::<Cmd>(8192);
         let (prio_tx, mut prio_rx) = mpsc::channel::<Cmd>(8192);
         let b = budget.clone();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let h = healthy.clone();
         std::thread::Builder::new()
             .name("w2w-store".into())
             .spawn(move || {
@@ -225,6 +229,7 @@ impl Store {
                         }
                     }
                     batch.flush(&mut backend, &b);
+                    h.store(!batch.failed, std::sync::atomic::Ordering::Relaxed);
                 }
             })
             .map_err(|e| StoreError::Backend(format!("spawning the store thread: {e}")))?;
@@ -232,7 +237,14 @@ impl Store {
             bulk_tx,
             prio_tx,
             budget,
+            healthy,
         })
+    }
+
+    /// Whether the latest write committed (false after a failed one, until
+    /// one succeeds).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The queue's budgets (admission happens before [`Store::submit`]).
@@ -322,6 +334,8 @@ impl Store {
 struct Batch {
     writes: Vec<Write>,
     waiters: Vec<Option<Reply<Outcome>>>,
+    /// Whether the latest flush failed.
+    failed: bool,
 }
 
 impl Batch {
@@ -364,6 +378,7 @@ impl Batch {
             tracing::error!(error = %e, "store write failed");
             e.to_string()
         });
+        self.failed = result.is_err();
         for (i, w) in self.writes.iter().enumerate() {
             if let Write::Enqueue {
                 recipient,

@@ -101,6 +101,11 @@ struct ServeArgs {
     /// Most peer links before newcomers are redirected to our peers (default 5).
     #[arg(long)]
     max_peers: Option<usize>,
+    /// A reverse proxy in front of the relay (repeatable): connections from
+    /// this IP are counted and logged by the client address in its
+    /// X-Forwarded-For header.
+    #[arg(long = "trusted-proxy", value_name = "IP")]
+    trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -110,6 +115,8 @@ struct FileConfig {
     data: Option<PathBuf>,
     #[serde(default)]
     public_urls: Vec<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<std::net::IpAddr>,
     tls: Option<TlsPaths>,
     #[serde(default)]
     limits: Limits,
@@ -211,12 +218,40 @@ struct ListenArgs {
     presence: bool,
 }
 
+/// stderr for the log, never failing: a line that cannot be written (a full
+/// disk, a closed pipe) is dropped and reported to `/healthz` instead of
+/// ending the connection or the relay that logged it.
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let ok = std::io::stderr().write_all(buf).is_ok();
+        w2w_server::log_health::report(ok);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Prints a line to stdout, ignoring failure (println! panics on it).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or(cli.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogSink)
+        // Its own report of a failed write would go to stderr with
+        // eprintln!, which panics when stderr fails.
+        .log_internal_errors(false)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -354,18 +389,21 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
         data_dir: Some(data.clone()),
         public_urls,
         tls,
+        trusted_proxies: [file.trusted_proxies, a.trusted_proxies].concat(),
         limits: file.limits,
         federation,
     };
     let config_peers = config.federation.peers.clone();
     let relay = Relay::start(config).await?;
-    println!("w2w relay listening on {}", relay.url());
-    println!("relay key  {}", relay.relay_key());
-    println!("data dir   {}", data.display());
+    // A full disk under stdout must not stop the relay (a crash loop under
+    // a supervisor): these lines are best effort.
+    out!("w2w relay listening on {}", relay.url());
+    out!("relay key  {}", relay.relay_key());
+    out!("data dir   {}", data.display());
     let http = relay.url().replacen("ws", "http", 1);
-    println!("info       {http}.well-known/w2w   health {http}healthz   metrics {http}metrics");
+    out!("info       {http}.well-known/w2w   health {http}healthz   metrics {http}metrics");
     for p in &config_peers {
-        println!("peering    {p}");
+        out!("peering    {p}");
     }
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),

@@ -97,21 +97,37 @@ pub async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -
 pub async fn store_bench(n: usize, size: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
     use w2w_server::store::{SqliteBackend, Store, Write};
     let dir = tempfile_dir()?;
-    let store = Store::spawn(SqliteBackend::open(&dir)?);
+    // The queue's budgets are the relay's business, not this benchmark's.
+    let unlimited = w2w_server::budget::BudgetLimits {
+        pending_bytes: u64::MAX / 4,
+        max_bytes: u64::MAX / 4,
+        sender_bytes: u64::MAX / 4,
+        recipient_messages: u64::MAX / 4,
+        recipient_bytes: u64::MAX / 4,
+    };
+    let store = Store::spawn(SqliteBackend::open(&dir)?, unlimited)?;
     let frame = bytes::Bytes::from(vec![7u8; size]);
     let write = |i: usize| Write::Enqueue {
         recipient: w2w_proto::Address([(i % 251) as u8; 32]),
+        sender: w2w_proto::Address([0; 32]),
         id: w2w_proto::frame::MsgId(rand::random()),
         frame: frame.clone(),
         queued_ms: 0,
         expires_ms: u64::MAX / 4,
-        quota: usize::MAX,
+    };
+    // Through the bulk lane, as the relay's queued messages go.
+    let commit = |s: Store, w: Write| async move {
+        s.submit(w)
+            .await?
+            .await
+            .map_err(|_| anyhow::anyhow!("store stopped"))?
+            .map_err(|e| anyhow::anyhow!(e))
     };
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let (s, w) = (store.clone(), write(i));
-        tasks.push(tokio::spawn(async move { s.write(w).await }));
+        tasks.push(tokio::spawn(commit(s, w)));
     }
     for t in tasks {
         t.await??;
@@ -120,7 +136,7 @@ pub async fn store_bench(n: usize, size: usize, json: Option<&PathBuf>) -> Resul
     let single_n = (n / 10).max(50);
     let t = Instant::now();
     for i in 0..single_n {
-        store.write(write(i)).await?;
+        commit(store.clone(), write(i)).await?;
     }
     let single = single_n as f64 / t.elapsed().as_secs_f64();
     println!(

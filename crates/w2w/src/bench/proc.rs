@@ -88,7 +88,7 @@ impl ServerProc {
         std::fs::write(
             &cfg,
             format!(
-                "[limits]\nrate_per_sec = 1000000000\nrate_burst = 1000000000\n{extra_limits}\n\
+                "[limits]\nrate_per_sec = 1000000000\nrate_burst = 1000000000\nmax_connections_per_ip = 1000000000\nhandshake_rate_per_ip = 1000000000\nhandshake_burst_per_ip = 1000000000\n{extra_limits}\n\
                  [federation]\ndurable_delivery = {durable}\n"
             ),
         )?;
