@@ -505,9 +505,7 @@ impl Client {
     /// A frame over the relay's limit is refused here, unsent.
     pub async fn send_msg(&self, msg: &Msg) -> Result<Receipt, ClientError> {
         let frame = msg.encode();
-        let limit = self
-            .frame_limit
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let limit = self.frame_limit.load(std::sync::atomic::Ordering::Relaxed);
         if frame.len() > limit {
             return Err(ClientError::TooLarge {
                 size: frame.len(),

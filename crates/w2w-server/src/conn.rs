@@ -733,7 +733,11 @@ impl Session<'_> {
                 None => return self.failed(req.req_id, op, ErrorCode::UnknownGroup),
             },
             RequestOp::Group(g) => {
-                let (info, write) = match self.shared.groups.apply(&g, &self.outbox.address, &self.shared.limits.group_limits()) {
+                let (info, write) = match self.shared.groups.apply(
+                    &g,
+                    &self.outbox.address,
+                    &self.shared.limits.group_limits(),
+                ) {
                     Ok(x) => x,
                     Err(code) => return self.failed(req.req_id, op, code),
                 };

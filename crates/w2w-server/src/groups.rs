@@ -273,8 +273,12 @@ mod tests {
         let g = Groups::default();
         let a = alice.address();
         let m = mallory.address();
-        g.apply(&GroupOp::sign(&alice, "team", GroupAction::Create, 1), &a, &LIMITS)
-            .unwrap();
+        g.apply(
+            &GroupOp::sign(&alice, "team", GroupAction::Create, 1),
+            &a,
+            &LIMITS,
+        )
+        .unwrap();
         for seq in [2, u64::MAX] {
             let leave = GroupOp::sign(&mallory, "team", GroupAction::Remove(m), seq);
             assert_eq!(
@@ -283,7 +287,10 @@ mod tests {
             );
         }
         let jump = GroupOp::sign(&alice, "team", GroupAction::Add(m), u64::MAX);
-        assert_eq!(g.apply(&jump, &a, &LIMITS).unwrap_err(), ErrorCode::StaleSeq);
+        assert_eq!(
+            g.apply(&jump, &a, &LIMITS).unwrap_err(),
+            ErrorCode::StaleSeq
+        );
         assert_eq!(g.get("team").unwrap().seq, 1);
         // The owner's next operation still works.
         let add = GroupOp::sign(&alice, "team", GroupAction::Add(m), 2);

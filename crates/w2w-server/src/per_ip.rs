@@ -86,9 +86,8 @@ impl IpGate {
         if !t.buckets.contains_key(&ip) && t.buckets.len() >= MAX_TRACKED {
             // A bucket unused for long enough to refill is the same as a
             // new one: forget those.
-            let refill = Duration::from_secs_f64(
-                f64::from(self.burst.max(1)) / f64::from(self.rate.max(1)),
-            );
+            let refill =
+                Duration::from_secs_f64(f64::from(self.burst.max(1)) / f64::from(self.rate.max(1)));
             t.buckets
                 .retain(|_, (_, last)| now.saturating_duration_since(*last) < refill);
             if t.buckets.len() >= MAX_TRACKED {
@@ -108,13 +107,7 @@ impl IpGate {
 /// the last `X-Forwarded-For` header (the one the proxy appended).
 pub fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
     let last = headers.get_all("x-forwarded-for").iter().next_back()?;
-    last.to_str()
-        .ok()?
-        .rsplit(',')
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+    last.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
 }
 
 #[cfg(test)]

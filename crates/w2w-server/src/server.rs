@@ -225,7 +225,9 @@ impl Relay {
         shared.fed.add_known(shared.store.known_addresses().await?);
         // Bounded in jobs here and in bytes by the store budget (admission).
         let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(QUEUE_JOBS);
-        shared.fed.set_queue(queue_tx, shared.store.budget().clone());
+        shared
+            .fed
+            .set_queue(queue_tx, shared.store.budget().clone());
         shared.tracker.spawn(queue_writer(shared.clone(), queue_rx));
         // Remote receipts that never come back are answered `timeout`.
         let s = shared.clone();

@@ -588,9 +588,10 @@ impl Backend for SqliteBackend {
                         ])?;
                     }
                     Write::Dequeue { recipient, id } => {
-                        let rows = dequeue.query_map(params![&recipient.0[..], &id.0[..]], |r| {
-                            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
-                        })?;
+                        let rows = dequeue
+                            .query_map(params![&recipient.0[..], &id.0[..]], |r| {
+                                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                            })?;
                         for row in rows {
                             let (sender, len) = row?;
                             applied
@@ -640,7 +641,10 @@ impl Backend for SqliteBackend {
                         // The log is bounded: the newest `keep_log` stay.
                         let oldest_kept = op.seq.saturating_sub(*keep_log);
                         if oldest_kept > 0 {
-                            prune_log.execute(params![op.name, oldest_kept.min(i64::MAX as u64) as i64])?;
+                            prune_log.execute(params![
+                                op.name,
+                                oldest_kept.min(i64::MAX as u64) as i64
+                            ])?;
                         }
                     }
                 }
@@ -866,7 +870,10 @@ mod tests {
         let far = u64::MAX / 4;
         admit(3);
         for i in 1..=3 {
-            assert_eq!(store.write(enq(i, alice, far)).await.unwrap(), Outcome::Done);
+            assert_eq!(
+                store.write(enq(i, alice, far)).await.unwrap(),
+                Outcome::Done
+            );
         }
         assert_eq!(
             store.budget().admit(&alice, &[bob], 10),
