@@ -798,7 +798,11 @@ impl Rifts {
         if self.seen.contains(&id) {
             return Reply::Replayed;
         }
-        let until = now.checked_add(req.fresh_for).unwrap_or(now);
+        // A second's margin: the window is in wall-clock ms, `now` is an
+        // Instant, and a replay at the window's last ms still parses.
+        let until = now
+            .checked_add(req.fresh_for + Duration::from_secs(1))
+            .unwrap_or(now);
         if !self.seen.insert(id, until, now) {
             return Reply::Full { retry_after: 1 };
         }
