@@ -37,8 +37,8 @@ use serde_json::Value;
 use tokio::sync::oneshot::{self, error::TryRecvError};
 use w2w_proto::{Address, Identity};
 use w2w_server::spacerift::{
-    parse, signed_bytes, Reply, Rifts, MAX_NAMESPACE, MAX_OFFERS, MAX_SIGNAL, PAIR_INTERVAL,
-    REQUEST_INTERVAL,
+    parse, signed_bytes, Reply, Rifts, MAX_NAMESPACE, MAX_OFFERS, MAX_PARKED_BYTES, MAX_SIGNAL,
+    PAIR_INTERVAL, REQUEST_INTERVAL,
 };
 
 const BASE_MS: u64 = 1_700_000_000_000;
@@ -170,7 +170,28 @@ fuzz_target!(|data: &[u8]| {
         if trace() {
             eprintln!("op {step} t+{elapsed_ms} ms flags {flags:#04x}: parse {parsed:?}");
         }
-        let Ok(req) = parsed else {
+        let Ok(unverified) = parsed else {
+            continue;
+        };
+        // As the handler does: the per-IP gate (each operation from its own
+        // address, so the gate does not starve the harness), the cheap
+        // limits, then the signature.
+        let ip = std::net::IpAddr::V4((step as u32).into());
+        let Ok(pass) = rifts.gate(ip, now) else {
+            panic!("a fresh address was gated");
+        };
+        let admitted = match rifts.admit(pass, unverified, now) {
+            Ok(a) => a,
+            Err(reply) => {
+                check_reply(&reply);
+                assert!(
+                    matches!(reply, Reply::Replayed | Reply::RateLimited { .. }),
+                    "admit refused with {reply:?}"
+                );
+                continue;
+            }
+        };
+        let Ok(req) = admitted.verify() else {
             continue;
         };
 
@@ -192,6 +213,7 @@ fuzz_target!(|data: &[u8]| {
             eprintln!("    -> {} {}", reply.status(), reply.json());
         }
         assert!(rifts.waiting() <= MAX_OFFERS);
+        assert!(rifts.parked_bytes() <= MAX_PARKED_BYTES);
 
         // What reached the parked offerers.
         let mut answers = 0;
@@ -261,7 +283,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Reply::Delivered => assert!(req.rtt.is_none() && !req.bounce),
             Reply::Answer { .. } => panic!("ANSWER returned to a requester"),
-            Reply::NoPeer { .. } | Reply::BadNonce => {
+            Reply::NoPeer { .. } | Reply::BadNonce | Reply::Replayed | Reply::Full { .. } => {
                 assert!(req.rtt.is_none());
             }
         }

@@ -576,10 +576,24 @@ fn json_status(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 /// POST /spacerift: WebRTC peer linking (see `spacerift.rs`). Bodies are
-/// capped at 64 KiB; the offerer's request waits at most 15 s.
-async fn spacerift(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    use crate::spacerift::{parse, ParseError, Reply, REQUEST_TIMEOUT};
+/// capped at 64 KiB; the offerer's request waits at most 15 s. Cheapest
+/// checks first: the per-IP gate before the body is read, the key's limit
+/// and the replay memory before the signature (which is checked outside the
+/// lock).
+async fn spacerift(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    ip: std::net::IpAddr,
+) -> Response<Full<Bytes>> {
+    use crate::spacerift::{parse, Reply, REQUEST_TIMEOUT};
     use http_body_util::BodyExt;
+    use std::time::Instant;
+    let rifts = || shared.rifts.lock().unwrap_or_else(|e| e.into_inner());
+    let gated = rifts().gate(ip, Instant::now());
+    let pass = match gated {
+        Ok(p) => p,
+        Err(r) => return json_status(r.status(), r.json()),
+    };
     let collect = http_body_util::Limited::new(req.into_body(), 64 * 1024).collect();
     let body = match tokio::time::timeout(shared.limits.auth_timeout(), collect).await {
         Ok(Ok(b)) => b.to_bytes(),
@@ -596,23 +610,20 @@ async fn spacerift(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full
             )
         }
     };
-    let request = match parse(&body, crate::unix_ms(), shared.limits.max_skew_ms) {
+    let parsed = parse(&body, crate::unix_ms(), shared.limits.max_skew_ms);
+    // A parked offer keeps its signal only, not the body (nor the
+    // connection's read buffer the body may share).
+    drop(body);
+    let admitted = parsed.map_err(|e| (e.status(), e.json())).and_then(|u| {
+        let admitted = rifts().admit(pass, u, Instant::now());
+        admitted.map_err(|r| (r.status(), r.json()))
+    });
+    let request = match admitted.and_then(|a| a.verify().map_err(|e| (e.status(), e.json()))) {
         Ok(r) => r,
-        Err(ParseError::Missing(field)) => {
-            return json_status(
-                499,
-                serde_json::json!({"error": "missing_parameter", "detail": field}),
-            )
-        }
-        Err(ParseError::Bad(error, detail)) => {
-            return json_status(400, serde_json::json!({"error": error, "detail": detail}))
-        }
+        Err((status, body)) => return json_status(status, body),
     };
     let namespaced = !request.namespace.is_empty();
-    let reply = {
-        let mut rifts = shared.rifts.lock().unwrap_or_else(|e| e.into_inner());
-        rifts.handle(request, std::time::Instant::now(), rand::random())
-    };
+    let reply = rifts().handle(request, Instant::now(), rand::random());
     let reply = match reply {
         Reply::Wait(rx) => {
             let wait = tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), rx);
@@ -698,7 +709,14 @@ async fn handle(
             text(StatusCode::OK, "text/html; charset=utf-8", DEMO_HTML)
         }
         ("GET", "/w2w.js") => text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS),
-        ("POST", "/spacerift") => cors(spacerift(shared, req).await),
+        ("POST", "/spacerift") => {
+            // Behind a trusted proxy, the client's own address.
+            let ip = match shared.trusted_proxies.contains(&peer.ip()) {
+                true => crate::per_ip::forwarded_for(req.headers()).unwrap_or(peer.ip()),
+                false => peer.ip(),
+            };
+            cors(spacerift(shared, req, ip).await)
+        }
         // CORS preflight: pages served elsewhere may link peers here too
         // (requests are authenticated by their signature, not by origin).
         ("OPTIONS", "/spacerift") => {

@@ -1,6 +1,7 @@
 //! Spacerifts over real HTTP: signed CONNECT → DEMOTE → CONNECT(nonce) →
 //! DELIVERED / ANSWER, and each error status. Lease expiry, pair memory and
-//! the 15 s timeouts are covered with injected time in `spacerift.rs`.
+//! the 15 s timeouts are covered with injected time in `spacerift.rs`; so
+//! are the per-IP gate, the byte bound and the cost of a CONNECT.
 
 use std::time::Duration;
 
@@ -163,4 +164,27 @@ async fn error_statuses() {
     )
     .await;
     assert_eq!((st, e["error"].as_str()), (409, Some("bad_nonce")));
+}
+
+#[tokio::test]
+async fn a_replayed_connect_is_refused() {
+    // The attack from the issue: a captured CONNECT sent again 1.5 s later.
+    let relay = std::sync::Arc::new(relay().await);
+    let alice = Identity::from_seed(rand::random());
+    let captured = signed(&alice, "CONNECT", "replay", "offer-a", None);
+    let r = relay.clone();
+    let body = captured.clone();
+    let waiting = tokio::spawn(async move { post(&r, &body).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (st, e) = post(&relay, &captured).await;
+    assert_eq!((st, e["error"].as_str()), (409, Some("replayed")), "{e}");
+    // Alice's own offer is still parked: Bob is demoted to it.
+    let bob = Identity::from_seed(rand::random());
+    let (st, demote) = post(&relay, &signed(&bob, "CONNECT", "replay", "offer-b", None)).await;
+    assert_eq!(
+        (st, demote["signal"].as_str()),
+        (200, Some("offer-a")),
+        "{demote}"
+    );
+    waiting.abort();
 }
