@@ -314,7 +314,9 @@ async fn queue_writer(
     // Writes are submitted here in dispatch order; a second task awaits
     // their commits in the same order and delivers, so each recipient sees
     // messages in the order the relay accepted them, while the store thread
-    // still commits whatever has accumulated in one transaction.
+    // still commits whatever has accumulated in one transaction. Unbounded
+    // in count only: every job in it was admitted by the store budget, so
+    // its bytes are bounded by `store_pending_bytes`.
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     shared
         .tracker
