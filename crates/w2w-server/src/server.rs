@@ -314,9 +314,10 @@ async fn queue_writer(
     // Writes are submitted here in dispatch order; a second task awaits
     // their commits in the same order and delivers, so each recipient sees
     // messages in the order the relay accepted them, while the store thread
-    // still commits whatever has accumulated in one transaction. Unbounded
-    // in count only: every job in it was admitted by the store budget, so
-    // its bytes are bounded by `store_pending_bytes`.
+    // still commits whatever has accumulated in one transaction. Not
+    // bounded by count: every job in it was admitted by the store budget
+    // (at most `store_pending_bytes` uncommitted) and waits here only for
+    // its commit, which the store thread delivers in order.
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     shared
         .tracker
