@@ -70,7 +70,7 @@ export const ERROR_CODES = Object.freeze({
   33: 'unreachable', 34: 'peer_limit', 35: 'hop_limit', 36: 'loop', 37: 'forged_presence',
   38: 'duplicate_peer', 39: 'timeout', 40: 'duplicate', 41: 'queue_full',
   42: 'unknown_group', 43: 'not_member', 44: 'not_allowed', 45: 'group_exists',
-  46: 'stale_seq', 47: 'store_busy', 48: 'storage_full', 49: 'limit_reached',
+  46: 'stale_seq', 47: 'store_busy', 48: 'storage_full', 49: 'limit_reached', 50: 'forged_forward',
 });
 const ERROR_NUMBER = Object.fromEntries(Object.entries(ERROR_CODES).map(([n, s]) => [s, Number(n)]));
 

@@ -74,7 +74,7 @@ error_codes! {
     WrongUrl = 15, "wrong_url";
     /// The role byte is not one this endpoint accepts.
     WrongRole = 16, "wrong_role";
-    /// The per-connection message rate limit (token bucket) was exceeded.
+    /// The sender's rate limit (frames, or fan-out bytes) was exceeded; retry later.
     RateLimited = 20, "rate_limited";
     /// A WebSocket message exceeded the relay's max frame size.
     FrameTooLarge = 21, "frame_too_large";
@@ -134,6 +134,8 @@ error_codes! {
     StorageFull = 48, "storage_full";
     /// A table the request would grow is at its configured bound (groups, connections per IP).
     LimitReached = 49, "limit_reached";
+    /// A peer's FORWARD contradicts the message it carries (recipients the header does not name, or a sender hosted here).
+    ForgedForward = 50, "forged_forward";
 }
 
 impl ErrorCode {

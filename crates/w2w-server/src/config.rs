@@ -74,10 +74,19 @@ pub struct Limits {
     /// Bytes a connection's send queue may hold before the connection is
     /// closed as a slow consumer (default 4 MiB).
     pub send_queue_bytes: usize,
-    /// Sustained MSG/REQUEST frames per second per connection (default 1000).
+    /// Sustained MSG/REQUEST frames per second per sending address, all its
+    /// connections together (default 1000).
     pub rate_per_sec: u32,
     /// Token-bucket burst (default 2000).
     pub rate_burst: u32,
+    /// Sustained fan-out bytes per second per sending address: a message
+    /// costs its frame size times its copies (recipients; for a2n, the
+    /// relay's connections and peer links). Past it, MSGs are refused
+    /// `rate_limited` until the debt is paid off (default 8 MiB/s).
+    pub fanout_bytes_per_sec: u64,
+    /// Fan-out burst (default 16 MiB). One message may cost more than the
+    /// burst; its sender then waits the debt off.
+    pub fanout_bytes_burst: u64,
     /// Registered-or-registering WebSocket connections (default 10,000).
     pub max_connections: usize,
     /// Open TCP connections from one IP address (default 256).
@@ -131,6 +140,8 @@ impl Default for Limits {
             send_queue_bytes: 4 << 20,
             rate_per_sec: 1000,
             rate_burst: 2000,
+            fanout_bytes_per_sec: 8 << 20,
+            fanout_bytes_burst: 16 << 20,
             max_connections: 10_000,
             max_connections_per_ip: 256,
             handshake_rate_per_ip: 50,
@@ -162,6 +173,14 @@ impl Limits {
             sender_bytes: self.store_sender_bytes,
             recipient_messages: self.queue_quota as u64,
             recipient_bytes: self.queue_quota_bytes,
+        }
+    }
+    pub fn sender_rates(&self) -> crate::ratelimit::SenderRates {
+        crate::ratelimit::SenderRates {
+            frames_per_sec: self.rate_per_sec,
+            frames_burst: self.rate_burst,
+            bytes_per_sec: self.fanout_bytes_per_sec,
+            bytes_burst: self.fanout_bytes_burst,
         }
     }
     pub fn group_limits(&self) -> crate::groups::GroupLimits {

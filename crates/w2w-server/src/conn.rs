@@ -29,7 +29,7 @@ use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPo
 use w2w_proto::{Address, Dest, ErrorCode};
 
 use crate::federation::Dispatch;
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::SenderBudget;
 use crate::router::{reject, Outbox};
 use crate::server::Shared;
 use crate::store::Write;
@@ -81,6 +81,18 @@ pub(crate) async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
     code: ErrorCode,
     detail: &str,
 ) {
+    close_as(ws, shared, code, detail, true).await
+}
+
+/// [`close_with`]; `client_frame` false for an established peer link,
+/// which speaks s2s frames only: the close code alone says why.
+async fn close_as<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    shared: &Shared,
+    code: ErrorCode,
+    detail: &str,
+    client_frame: bool,
+) {
     shared.metrics.error(code);
     let notice = match code {
         ErrorCode::Replaced => Some(Notice::Replaced),
@@ -92,7 +104,9 @@ pub(crate) async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
         None => RelayToClient::Error(ErrorFrame::new(code, detail)),
     };
     let graceful = async {
-        send_frame(ws, shared, frame.encode()).await?;
+        if client_frame {
+            send_frame(ws, shared, frame.encode()).await?;
+        }
         let close_code =
             CloseCode::try_from(code.close_code()).unwrap_or(CloseCode::POLICY_VIOLATION);
         ws.send(Message::close(Some(close_code), code.as_str()))
@@ -195,7 +209,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Err(_) => End::Gone,
                 };
-                finish(&mut ws, &shared, end, &reg.address).await;
+                finish_link(&mut ws, &shared, end, &reg.address).await;
             }
         }
     }
@@ -362,11 +376,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut handler = Session {
         shared: &shared,
         outbox: &outbox,
-        bucket: TokenBucket::new(
-            shared.limits.rate_per_sec,
-            shared.limits.rate_burst,
-            std::time::Instant::now(),
-        ),
+        budget: shared.senders.get(&address.0, std::time::Instant::now()),
     };
     let end = pump(
         &shared,
@@ -446,12 +456,32 @@ async fn drain_queue(shared: Arc<Shared>, outbox: Arc<Outbox>) {
     }
 }
 
-/// Ends a connection the way `end` says.
+/// Ends a client connection the way `end` says.
 pub(crate) async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut Ws<S>,
     shared: &Shared,
     end: End,
     who: &Address,
+) {
+    finish_as(ws, shared, end, who, true).await
+}
+
+/// Ends an established peer link: no client ERROR or NOTICE frame.
+pub(crate) async fn finish_link<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    shared: &Shared,
+    end: End,
+    who: &Address,
+) {
+    finish_as(ws, shared, end, who, false).await
+}
+
+async fn finish_as<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    shared: &Shared,
+    end: End,
+    who: &Address,
+    client: bool,
 ) {
     match end {
         End::Gone => tracing::info!(address = %who.short(), "disconnected"),
@@ -461,7 +491,7 @@ pub(crate) async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
         }
         End::Close(code, detail) => {
             tracing::info!(address = %who.short(), %code, "closing");
-            close_with(ws, shared, code, &detail).await;
+            close_as(ws, shared, code, &detail, client).await;
         }
     }
 }
@@ -593,7 +623,9 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
 struct Session<'a> {
     shared: &'a Shared,
     outbox: &'a Arc<Outbox>,
-    bucket: TokenBucket,
+    /// This address's frame and fan-out budgets (shared by all its
+    /// connections).
+    budget: Arc<std::sync::Mutex<SenderBudget>>,
 }
 
 impl Handler for Session<'_> {
@@ -613,8 +645,10 @@ impl Handler for Session<'_> {
         let decoded = ClientToRelay::decode(&bytes);
         // ACKs answer what the relay sent; they are not rate limited (each
         // costs a set lookup, and their number is bounded by our sends).
-        let allowed = matches!(decoded, Ok(ClientToRelay::Ack(_)))
-            || self.bucket.take(std::time::Instant::now());
+        let allowed = matches!(decoded, Ok(ClientToRelay::Ack(_))) || {
+            let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+            b.frames.take(std::time::Instant::now())
+        };
         match decoded {
             Ok(ClientToRelay::Msg(msg)) => {
                 if let Dispatch::Done(receipt) = self.on_msg(&bytes, &msg, allowed) {
@@ -687,6 +721,21 @@ impl Session<'_> {
             Dest::Group(name) => Some(self.shared.groups.recipients(name, &self.outbox.address)),
             _ => None,
         };
+        // Charged by what it costs to deliver: one copy per recipient.
+        let copies = match &msg.dest {
+            Dest::A2a | Dest::A2b(_) => 1,
+            Dest::A2g(list) => list.len().min(self.shared.limits.max_group),
+            Dest::Group(_) => group.as_ref().map_or(1, |g| g.as_ref().map_or(1, Vec::len)),
+            Dest::A2n(_) => self.shared.router.len() + self.shared.fed.peer_count(),
+        };
+        let charged = {
+            let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+            let cost = (frame.len() * copies.max(1)) as u64;
+            b.bytes.charge(cost, std::time::Instant::now())
+        };
+        if !charged {
+            return Dispatch::Done(reject(receipt, ErrorCode::RateLimited, metrics));
+        }
         self.shared.fed.dispatch(
             &self.shared.router,
             self.outbox,

@@ -52,9 +52,23 @@ pub struct FederationConfig {
     /// Relay keys admitted as peers. Empty: open admission (any relay that
     /// completes the handshake is registered as a peer).
     pub allow: Vec<Address>,
-    /// Most peer links (inbound + outbound); past it a relay is redirected
-    /// to our peers (default 5).
+    /// Most links with trusted relays: dialled by us (`peers`) or on the
+    /// allowlist; past it a relay is redirected to our peers (default 5).
     pub max_peers: usize,
+    /// Most links with relays on probation: open admission, inbound, not
+    /// on the allowlist and not one we dial (default 3). They do not take
+    /// trusted relays' slots.
+    pub max_probation_peers: usize,
+    /// New relays (link-state records) a peer on probation may introduce
+    /// (default 16).
+    pub probation_relays: usize,
+    /// New addresses (directory records) a peer on probation may introduce
+    /// (default 10,000).
+    pub probation_records: usize,
+    /// Most relays in the link-state database (default 10,000).
+    pub max_relays: usize,
+    /// Most addresses in the directory (default 1,000,000).
+    pub max_directory: usize,
     /// Most relay hops a message may take (default 16).
     pub hop_limit: u8,
     /// How long the origin waits for remote receipts (default 5 s).
@@ -65,6 +79,12 @@ pub struct FederationConfig {
     pub peer_queue_bytes: usize,
     /// How often a relay re-floods its link state (default 30 s).
     pub refresh_ms: u64,
+    /// Fan-out bytes per second one peer's broadcast FORWARDs may cost here
+    /// (frame size times this relay's connections and peer links); past it
+    /// they are dropped, and counted as `rate_limited` (default 16 MiB/s).
+    pub peer_broadcast_bytes_per_sec: u64,
+    /// Burst of the above (default 32 MiB).
+    pub peer_broadcast_bytes_burst: u64,
     /// Store every a2a/a2b/a2g message durably before it is delivered or
     /// receipted (default true): nothing receipted is lost in a crash.
     /// False hands messages for connected recipients straight to their
@@ -79,11 +99,18 @@ impl Default for FederationConfig {
             peers: Vec::new(),
             allow: Vec::new(),
             max_peers: 5,
+            max_probation_peers: 3,
+            probation_relays: 16,
+            probation_records: 10_000,
+            max_relays: 10_000,
+            max_directory: 1_000_000,
             hop_limit: 16,
             receipt_timeout_ms: 5000,
             seen_cache: 100_000,
             peer_queue_bytes: 16 << 20,
             refresh_ms: 30_000,
+            peer_broadcast_bytes_per_sec: 16 << 20,
+            peer_broadcast_bytes_burst: 32 << 20,
             durable_delivery: true,
         }
     }
@@ -121,6 +148,12 @@ pub enum HopEvent {
 struct Peer {
     outbox: Arc<Outbox>,
     url: String,
+    /// Dialled by us, allow-listed, or reached at a URL we dial; else on
+    /// probation (see [`FederationConfig::max_probation_peers`]).
+    trusted: bool,
+    /// Relays and addresses this link was first to tell us about.
+    introduced_relays: usize,
+    introduced_records: usize,
 }
 
 /// Where the answer for a store-and-forward write goes.
@@ -222,17 +255,31 @@ fn order_entries(entries: &mut [ReceiptEntry], order: &[Address]) {
     entries.sort_by_key(|e| order.iter().position(|a| *a == e.to).unwrap_or(usize::MAX));
 }
 
-/// Bounded memory of (message id, origin) pairs, oldest dropped first.
+/// (message id, origin relay, digest of the MSG frame): a forged frame
+/// that reuses a real message's id and origin is a different key, so it
+/// cannot make the real one look like a duplicate.
+type SeenKey = (MsgId, Address, [u8; 16]);
+
+/// The first 16 bytes of SHA-256 over a MSG frame.
+fn digest(frame: &[u8]) -> [u8; 16] {
+    use sha2::Digest;
+    let full = sha2::Sha256::digest(frame);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// Bounded memory of seen messages, oldest dropped first.
 struct SeenCache {
     cap: usize,
     ttl: Duration,
-    order: VecDeque<(Instant, (MsgId, Address))>,
-    set: HashSet<(MsgId, Address)>,
+    order: VecDeque<(Instant, SeenKey)>,
+    set: HashSet<SeenKey>,
 }
 
 impl SeenCache {
-    /// Records the pair; `false` if it was already there.
-    fn insert(&mut self, key: (MsgId, Address), now: Instant) -> bool {
+    /// Records the key; `false` if it was already there.
+    fn insert(&mut self, key: SeenKey, now: Instant) -> bool {
         while let Some(&(t, k)) = self.order.front() {
             if now.duration_since(t) < self.ttl && self.order.len() < self.cap {
                 break;
@@ -257,6 +304,9 @@ struct State {
     directory: HashMap<Address, Presence>,
     seen: SeenCache,
     pending: HashMap<PendingKey, Pending>,
+    /// Keys of relays we reached by dialling a configured URL: trusted
+    /// whichever side's link wins.
+    configured: HashSet<Address>,
 }
 
 /// The federation core of one relay.
@@ -362,6 +412,7 @@ impl Federation {
                 directory: HashMap::default(),
                 seen,
                 pending: HashMap::default(),
+                configured: HashSet::default(),
             }),
             metrics,
             events,
@@ -659,9 +710,16 @@ impl Federation {
 
     // ------------------------------------------------------------ peers
 
-    /// Registers a peer link. On success the new peer is sent our whole
-    /// link-state database and directory.
-    pub fn peer_up(&self, key: Address, url: String, outbox: Arc<Outbox>) -> Result<(), ErrorCode> {
+    /// Registers a peer link (`dialled`: we dialled it). On success the
+    /// new peer is sent our link-state database; returns whether it is
+    /// trusted. The directory follows, paced, from [`Self::directory_for`].
+    pub fn peer_up(
+        &self,
+        key: Address,
+        url: String,
+        outbox: Arc<Outbox>,
+        dialled: bool,
+    ) -> Result<bool, ErrorCode> {
         let mut st = self.lock();
         if key == self.me {
             return Err(ErrorCode::DuplicatePeer);
@@ -669,7 +727,14 @@ impl Federation {
         if st.peers.contains_key(&key) {
             return Err(ErrorCode::DuplicatePeer);
         }
-        if st.peers.len() >= self.config.max_peers {
+        let trusted = dialled || self.config.allow.contains(&key) || st.configured.contains(&key);
+        let same_kind = st.peers.values().filter(|p| p.trusted == trusted).count();
+        let cap = if trusted {
+            self.config.max_peers
+        } else {
+            self.config.max_probation_peers
+        };
+        if same_kind >= cap {
             return Err(ErrorCode::PeerLimit);
         }
         st.peers.insert(
@@ -677,6 +742,9 @@ impl Federation {
             Peer {
                 outbox: outbox.clone(),
                 url,
+                trusted,
+                introduced_relays: 0,
+                introduced_records: 0,
             },
         );
         self.metrics
@@ -686,12 +754,53 @@ impl Federation {
         for ls in st.lsdb.values() {
             let _ = outbox.try_enqueue(RelayToRelay::LinkState(ls.clone()).encode());
         }
-        for p in st.directory.values() {
-            let _ = outbox.try_enqueue(RelayToRelay::Presence(p.clone()).encode());
-        }
         let mine = st.lsdb[&self.me].clone();
         self.flood(&st, RelayToRelay::LinkState(mine), Some(key));
-        Ok(())
+        Ok(trusted)
+    }
+
+    /// We reached relay `key` by dialling a configured URL: its link is
+    /// trusted from now on, whichever side made it. Returns the outbox of a
+    /// link that was on probation until now (it is owed the directory).
+    pub fn dialled_key(&self, key: Address) -> Option<Arc<Outbox>> {
+        let mut st = self.lock();
+        st.configured.insert(key);
+        let p = st.peers.get_mut(&key)?;
+        if p.trusted {
+            return None;
+        }
+        p.trusted = true;
+        Some(p.outbox.clone())
+    }
+
+    /// The addresses whose records a new link is sent: the whole directory
+    /// for a trusted peer; for one on probation only the addresses online
+    /// here now, which any client can list (ONLINE), so an unknown relay
+    /// cannot enumerate who ever registered here or who is elsewhere.
+    pub fn directory_for(&self, trusted: bool) -> Vec<Address> {
+        let st = self.lock();
+        st.directory
+            .iter()
+            .filter(|(_, p)| trusted || (p.online && p.proof.relay_key == self.me))
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// Queues the current records of `addrs` (a slice of
+    /// [`Self::directory_for`]) for a peer; false once the link is gone.
+    pub fn send_records(&self, outbox: &Outbox, addrs: &[Address]) -> bool {
+        let st = self.lock();
+        for a in addrs {
+            if let Some(p) = st.directory.get(a) {
+                if outbox
+                    .try_enqueue(RelayToRelay::Presence(p.clone()).encode())
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Removes a peer link (if `conn_id` is still the current one).
@@ -823,8 +932,18 @@ impl Federation {
             }
             return;
         }
-        if st.lsdb.get(&ls.relay).is_some_and(|cur| cur.seq >= ls.seq) {
-            return;
+        match st.lsdb.get(&ls.relay) {
+            Some(cur) if cur.seq >= ls.seq => return,
+            Some(_) => {}
+            None => {
+                let limit = self.config.probation_relays;
+                if !self.introduce(&mut st, from, |p| &mut p.introduced_relays, limit)
+                    || st.lsdb.len() >= self.config.max_relays
+                {
+                    self.metrics.records_refused.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
         }
         st.lsdb.insert(ls.relay, ls.clone());
         self.recompute(&mut st);
@@ -839,12 +958,18 @@ impl Federation {
         }
         let addr = p.proof.address;
         let mut st = self.lock();
-        if st
-            .directory
-            .get(&addr)
-            .is_some_and(|cur| cur.rank() >= p.rank())
-        {
-            return;
+        match st.directory.get(&addr) {
+            Some(cur) if cur.rank() >= p.rank() => return,
+            Some(_) => {}
+            None => {
+                let limit = self.config.probation_records;
+                if !self.introduce(&mut st, from, |p| &mut p.introduced_records, limit)
+                    || st.directory.len() >= self.config.max_directory
+                {
+                    self.metrics.records_refused.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
         }
         st.directory.insert(addr, p.clone());
         self.metrics
@@ -858,6 +983,29 @@ impl Federation {
                 local.close(ErrorCode::Replaced);
             }
         }
+    }
+
+    /// Counts a new record brought by `from`: false if `from` is on
+    /// probation and has introduced `limit` of that kind already.
+    fn introduce(
+        &self,
+        st: &mut State,
+        from: Address,
+        count: impl Fn(&mut Peer) -> &mut usize,
+        limit: usize,
+    ) -> bool {
+        let Some(peer) = st.peers.get_mut(&from) else {
+            return false;
+        };
+        if peer.trusted {
+            return true;
+        }
+        let n = count(peer);
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
     }
 
     fn send_toward(&self, st: &State, relay: &Address, frame: Bytes) -> Result<Address, ErrorCode> {
@@ -928,14 +1076,30 @@ impl Federation {
             return;
         };
         let now = Instant::now();
+        if f.origin == self.me {
+            // Our own messages never come back to us legitimately (the
+            // seen cache would drop an echo): a peer claiming to forward
+            // one of ours is forging it.
+            self.metrics.error(ErrorCode::ForgedForward);
+            return;
+        }
         let mut st = self.lock();
-        if !st.seen.insert((msg.id, f.origin), now) {
+        if !st.seen.insert((msg.id, f.origin, digest(&f.msg)), now) {
             self.metrics.error(ErrorCode::Duplicate);
             return;
         }
         match f.target {
             ForwardTarget::Relay { relay, to } if relay == self.me => {
                 let key = (msg.id, f.origin);
+                if let Err(code) = self.check_forward(&st, router, &msg, &to, key) {
+                    self.metrics.error(code);
+                    let entries = to
+                        .iter()
+                        .map(|a| entry(*a, Status::Rejected, Some(code)))
+                        .collect();
+                    self.reply_served(&st, f.origin, msg.id, 0, entries);
+                    return;
+                }
                 let mut entries = Vec::with_capacity(to.len());
                 let mut offline = Vec::new();
                 let mut direct = HashSet::default();
@@ -1041,6 +1205,12 @@ impl Federation {
                 }
             }
             ForwardTarget::Broadcast => {
+                if !matches!(msg.dest, Dest::A2n(Scope::Federation))
+                    || self.hosts(router, &st, &msg.from)
+                {
+                    self.metrics.error(ErrorCode::ForgedForward);
+                    return;
+                }
                 let delivered = router.broadcast(&f.msg, |to| {
                     self.event(HopEvent::ToClient {
                         relay: self.me,
@@ -1072,6 +1242,44 @@ impl Federation {
                 }
             }
         }
+    }
+
+    /// Whether `addr` is a client of this relay (connected, or its current
+    /// directory record names us): its messages start here, never at a peer.
+    fn hosts(&self, router: &Router, st: &State, addr: &Address) -> bool {
+        router.get(addr).is_some()
+            || st
+                .directory
+                .get(addr)
+                .is_some_and(|p| p.online && p.proof.relay_key == self.me)
+    }
+
+    /// Checks a FORWARD for delivery here against the MSG it carries: the
+    /// recipients must be ones its header names (a2b: that one; a2g: a
+    /// subset of its list; a group is resolved by its own relay and cannot
+    /// be checked here), its sender must not be one of our own clients,
+    /// and no other message may be waiting under the same (id, origin).
+    fn check_forward(
+        &self,
+        st: &State,
+        router: &Router,
+        msg: &Msg,
+        to: &[Address],
+        key: PendingKey,
+    ) -> Result<(), ErrorCode> {
+        let named = match &msg.dest {
+            Dest::A2b(b) => to.iter().all(|t| t == b),
+            Dest::A2g(list) => to.iter().all(|t| list.contains(t)),
+            Dest::Group(_) => true,
+            Dest::A2a | Dest::A2n(_) => false,
+        };
+        if !named || self.hosts(router, st, &msg.from) {
+            return Err(ErrorCode::ForgedForward);
+        }
+        if st.pending.contains_key(&key) {
+            return Err(ErrorCode::Duplicate);
+        }
+        Ok(())
     }
 
     fn on_fwd_receipt(&self, from: Address, r: FwdReceipt) {
@@ -1335,6 +1543,10 @@ impl Federation {
             Dest::A2a => vec![msg.from],
             Dest::A2n(scope) => {
                 let mut st = self.lock();
+                if st.pending.contains_key(&(msg.id, self.me)) {
+                    drop(st);
+                    return reject(ErrorCode::Duplicate);
+                }
                 let delivered = router.broadcast(frame, |to| {
                     self.event(HopEvent::ToClient {
                         relay: self.me,
@@ -1345,7 +1557,8 @@ impl Federation {
                 if *scope == Scope::Relay || st.peers.is_empty() {
                     return done(Vec::new(), delivered);
                 }
-                st.seen.insert((msg.id, self.me), Instant::now());
+                st.seen
+                    .insert((msg.id, self.me, digest(frame)), Instant::now());
                 let fwd = RelayToRelay::Forward(Forward {
                     origin: self.me,
                     hops: 1,
@@ -1525,7 +1738,7 @@ mod tests {
             set: HashSet::default(),
         };
         let t = Instant::now();
-        let k = |i: u8| (MsgId([i; 16]), Address([0; 32]));
+        let k = |i: u8| (MsgId([i; 16]), Address([0; 32]), [0u8; 16]);
         assert!(c.insert(k(1), t));
         assert!(!c.insert(k(1), t));
         for i in 2..20 {
@@ -1533,6 +1746,132 @@ mod tests {
         }
         assert!(c.set.len() <= 4);
         assert!(c.insert(k(1), t), "oldest entries are forgotten");
+        // The same id and origin with another frame is another message.
+        let other = (MsgId([1; 16]), Address([0; 32]), [1u8; 16]);
+        assert!(c.insert(other, t));
+    }
+
+    fn peer_box(
+        b: u8,
+        m: &Arc<Metrics>,
+    ) -> (Arc<Outbox>, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+        Outbox::new(Address([b; 32]), b as u64, 1 << 20, m.clone())
+    }
+
+    #[test]
+    fn relays_on_probation_have_their_own_slots_and_a_bounded_allowance() {
+        let m = Arc::new(Metrics::default());
+        let config = FederationConfig {
+            max_peers: 1,
+            max_probation_peers: 1,
+            probation_relays: 1,
+            ..FederationConfig::default()
+        };
+        let fed = Federation::new(Identity::from_seed([1; 32]), config, m.clone());
+        let rogue = Identity::from_seed([2; 32]).address();
+        let (o1, _r1) = peer_box(2, &m);
+        assert_eq!(fed.peer_up(rogue, String::new(), o1, false), Ok(false));
+        // A second unknown relay finds the probation slot taken...
+        let (o2, _r2) = peer_box(3, &m);
+        let other = Identity::from_seed([3; 32]).address();
+        assert_eq!(
+            fed.peer_up(other, String::new(), o2, false),
+            Err(ErrorCode::PeerLimit)
+        );
+        // ...but a relay we dial still gets its reserved slot.
+        let (o3, _r3) = peer_box(4, &m);
+        let configured = Identity::from_seed([4; 32]).address();
+        assert_eq!(fed.peer_up(configured, String::new(), o3, true), Ok(true));
+        // The rogue may introduce one invented relay, not two.
+        let router = Router::new();
+        for seed in [10u8, 11] {
+            let fake = Identity::from_seed([seed; 32]);
+            let ls = LinkState::sign(&fake, "ws://fake", 1, vec![rogue]);
+            fed.on_frame(&router, rogue, RelayToRelay::LinkState(ls));
+        }
+        assert_eq!(m.records_refused.load(Relaxed), 1);
+        // Once we reach it by dialling a configured URL, it is trusted.
+        assert!(fed.dialled_key(rogue).is_some());
+        let fake = Identity::from_seed([12; 32]);
+        let ls = LinkState::sign(&fake, "ws://fake", 1, vec![rogue]);
+        fed.on_frame(&router, rogue, RelayToRelay::LinkState(ls));
+        assert_eq!(m.records_refused.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_forward_that_contradicts_its_message_is_refused() {
+        let m = Arc::new(Metrics::default());
+        let me = Identity::from_seed([1; 32]);
+        let my_key = me.address();
+        let fed = Federation::new(me, FederationConfig::default(), m.clone());
+        let rogue = Identity::from_seed([2; 32]).address();
+        let (link, _lr) = peer_box(2, &m);
+        fed.peer_up(rogue, String::new(), link, false).unwrap();
+        let router = Router::new();
+        let (alice, bob, carol) = (Address([5; 32]), Address([6; 32]), Address([7; 32]));
+        let mut queues = Vec::new();
+        for a in [alice, bob, carol] {
+            let (o, rx) = Outbox::new(a, a.0[0] as u64, 1 << 20, m.clone());
+            o.set_live(true);
+            router.insert(o);
+            queues.push(rx);
+        }
+        let forward =
+            |id: u8, from: Address, dest: Dest, origin: Address, target: ForwardTarget| {
+                let msg = Msg {
+                    flags: 0,
+                    id: MsgId([id; 16]),
+                    from,
+                    dest,
+                    payload: Bytes::from_static(b"x"),
+                };
+                RelayToRelay::Forward(Forward {
+                    origin,
+                    hops: 1,
+                    target,
+                    msg: ClientToRelay::Msg(msg).encode(),
+                })
+            };
+        let outsider = Address([9; 32]);
+        let to = |a: Address| ForwardTarget::Relay {
+            relay: my_key,
+            to: vec![a],
+        };
+        // The header names bob; the FORWARD asks for carol.
+        fed.on_frame(
+            &router,
+            rogue,
+            forward(1, outsider, Dest::A2b(bob), rogue, to(carol)),
+        );
+        // A "from" that is one of our own clients.
+        fed.on_frame(
+            &router,
+            rogue,
+            forward(2, alice, Dest::A2b(bob), rogue, to(bob)),
+        );
+        // A broadcast claiming to come from us.
+        fed.on_frame(
+            &router,
+            rogue,
+            forward(
+                3,
+                outsider,
+                Dest::A2n(Scope::Federation),
+                my_key,
+                ForwardTarget::Broadcast,
+            ),
+        );
+        assert_eq!(m.error_count(ErrorCode::ForgedForward), 3);
+        for rx in &mut queues {
+            assert!(rx.try_recv().is_err(), "nothing was delivered");
+        }
+        // An honest one is delivered.
+        fed.on_frame(
+            &router,
+            rogue,
+            forward(4, outsider, Dest::A2g(vec![bob, carol]), rogue, to(carol)),
+        );
+        assert!(queues[2].try_recv().is_ok());
     }
 
     #[test]
@@ -1598,7 +1937,7 @@ mod tests {
             ids[3].address(),
         );
         let (ob, _rx) = Outbox::new(b, 1, 1 << 20, m.clone());
-        fed.peer_up(b, "ws://b/".into(), ob).unwrap();
+        fed.peer_up(b, "ws://b/".into(), ob, true).unwrap();
         fed.on_link_state(b, LinkState::sign(&ids[1], "ws://b/", 10, vec![me, c]));
         fed.on_link_state(b, LinkState::sign(&ids[2], "ws://c/", 10, vec![b]));
         fed.on_link_state(b, LinkState::sign(&ids[3], "ws://d/", 10, vec![me]));

@@ -43,6 +43,13 @@ pub struct Metrics {
     pub known_addresses: AtomicI64,
     /// Federation: FORWARD frames sent to peers.
     pub forwarded: AtomicU64,
+    /// Broadcast (a2n) and presence-notice copies not queued for a
+    /// receiver whose send queue was past half its bound (best effort: the
+    /// receiver is skipped, not disconnected).
+    pub broadcast_skipped: AtomicU64,
+    /// Federation records (relays, addresses) refused: a peer on probation
+    /// past its allowance, or a table at its bound.
+    pub records_refused: AtomicU64,
     /// Receipt entries that said "queued" (stored for later delivery).
     pub queued_total: AtomicU64,
     /// Message copies written to the store (one per recipient). Messages a
@@ -71,6 +78,8 @@ impl Default for Metrics {
             known_relays: AtomicI64::new(0),
             known_addresses: AtomicI64::new(0),
             forwarded: AtomicU64::new(0),
+            broadcast_skipped: AtomicU64::new(0),
+            records_refused: AtomicU64::new(0),
             queued_total: AtomicU64::new(0),
             stored_total: AtomicU64::new(0),
             messages: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -174,6 +183,16 @@ impl Metrics {
             "w2w_forwarded_total",
             "Messages forwarded to peer relays.",
             self.forwarded.load(Relaxed),
+        );
+        counter(
+            "w2w_broadcast_skipped_total",
+            "Broadcast and notice copies skipped for receivers past half their send queue.",
+            self.broadcast_skipped.load(Relaxed),
+        );
+        counter(
+            "w2w_federation_records_refused_total",
+            "Relay and address records refused from peers (probation allowance or table bound).",
+            self.records_refused.load(Relaxed),
         );
         counter(
             "w2w_queued_total",

@@ -16,16 +16,20 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_websockets::Message;
 use w2w_client::{connect_raw, register_as, ConnectOptions};
 use w2w_proto::frame::Role;
-use w2w_proto::s2s::RelayToRelay;
+use w2w_proto::s2s::{Forward, ForwardTarget, RelayToRelay};
+
+use crate::ratelimit::ByteBudget;
 use w2w_proto::{Address, ErrorCode};
 
-use crate::conn::{finish, pump, send_frame, End, Handler, Ws};
+use crate::conn::{finish_link, pump, send_frame, End, Handler, Ws};
 use crate::router::Outbox;
 use crate::server::Shared;
 
 struct Link<'a> {
     shared: &'a Shared,
     peer: Address,
+    /// What this peer's broadcasts may cost here.
+    broadcast: ByteBudget,
     /// URLs from a REDIRECT, for the dialler.
     redirect: Vec<String>,
 }
@@ -43,6 +47,12 @@ impl Handler for Link<'_> {
             .fetch_add(bytes.len() as u64, Relaxed);
         match RelayToRelay::decode(&bytes) {
             Ok(RelayToRelay::Redirect(urls)) => self.redirect = urls,
+            Ok(RelayToRelay::Forward(f))
+                if f.target == ForwardTarget::Broadcast && !self.afford_broadcast(&f) =>
+            {
+                self.shared.metrics.error(ErrorCode::RateLimited);
+                tracing::debug!(peer = %self.peer.short(), "peer broadcast over its budget dropped");
+            }
             Ok(frame) => self
                 .shared
                 .fed
@@ -52,6 +62,15 @@ impl Handler for Link<'_> {
                 tracing::warn!(peer = %self.peer.short(), error = %e, "bad s2s frame");
             }
         }
+    }
+}
+
+impl Link<'_> {
+    /// Charges a broadcast FORWARD by its fan-out here.
+    fn afford_broadcast(&mut self, f: &Forward) -> bool {
+        let copies = self.shared.router.len() + self.shared.fed.peer_count();
+        let cost = (f.msg.len() * copies.max(1)) as u64;
+        self.broadcast.charge(cost, Instant::now())
     }
 }
 
@@ -79,18 +98,34 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
         shared.fed.config.peer_queue_bytes,
         shared.metrics.clone(),
     );
-    if let Err(code) = shared.fed.peer_up(peer, peer_url.clone(), outbox.clone()) {
-        if code == ErrorCode::PeerLimit {
-            let urls = shared.fed.redirect_urls();
-            tracing::info!(peer = %peer.short(), "peer limit reached; redirecting to {urls:?}");
-            let _ = send_frame(ws, shared, RelayToRelay::Redirect(urls).encode()).await;
+    let dialled = !peer_url.is_empty();
+    let trusted = match shared
+        .fed
+        .peer_up(peer, peer_url.clone(), outbox.clone(), dialled)
+    {
+        Ok(trusted) => trusted,
+        Err(code) => {
+            if code == ErrorCode::PeerLimit {
+                let urls = shared.fed.redirect_urls();
+                tracing::info!(peer = %peer.short(), "peer limit reached; redirecting to {urls:?}");
+                let _ = send_frame(ws, shared, RelayToRelay::Redirect(urls).encode()).await;
+            }
+            return (End::Close(code, String::new()), Vec::new());
         }
-        return (End::Close(code, String::new()), Vec::new());
-    }
-    tracing::info!(peer = %peer.short(), url = %peer_url, "peer link up");
+    };
+    tracing::info!(peer = %peer.short(), url = %peer_url, trusted, "peer link up");
+    shared
+        .tracker
+        .spawn(send_directory(shared.clone(), outbox.clone(), trusted));
+    let fc = &shared.fed.config;
     let mut link = Link {
         shared,
         peer,
+        broadcast: ByteBudget::new(
+            fc.peer_broadcast_bytes_per_sec,
+            fc.peer_broadcast_bytes_burst,
+            Instant::now(),
+        ),
         redirect: Vec::new(),
     };
     // Peers get longer to drain a burst than clients do.
@@ -107,6 +142,33 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
     outbox.dequeued(outbox.queued_bytes());
     tracing::info!(peer = %peer.short(), "peer link down");
     (end, link.redirect)
+}
+
+/// Records sent to a new peer per step of the directory dump.
+const DUMP_BATCH: usize = 256;
+
+/// Sends a new peer our directory (see `Federation::directory_for`),
+/// paced by its send queue: a batch is queued only while the queue holds
+/// less than a quarter of its bound, so a directory of any size reaches the
+/// peer without the link ever being closed as a slow consumer, and live
+/// traffic keeps its room. Records that change meanwhile are flooded as
+/// usual; the receiver keeps the newest of each.
+async fn send_directory(shared: Arc<Shared>, outbox: Arc<Outbox>, trusted: bool) {
+    let addrs = shared.fed.directory_for(trusted);
+    let room = shared.fed.config.peer_queue_bytes / 4;
+    for batch in addrs.chunks(DUMP_BATCH) {
+        while outbox.queued_bytes() > room {
+            if outbox.is_closing() || shared.shutdown.is_cancelled() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !shared.fed.send_records(&outbox, batch) {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    tracing::debug!(peer = %outbox.address.short(), records = addrs.len(), "directory sent");
 }
 
 /// Dials `url` as a peer until shutdown, with backoff and jitter. Follows a
@@ -147,6 +209,16 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
             Ok((mut ws, reg)) => {
                 let key = reg.relay_key;
                 last_key = Some(key);
+                if shared.fed.config.admits(&key) {
+                    // A link the other side made first is trusted now too,
+                    // and is owed the rest of the directory.
+                    if let Some(outbox) = shared.fed.dialled_key(key) {
+                        tracing::info!(peer = %key.short(), "peer link now trusted (reached at a configured URL)");
+                        shared
+                            .tracker
+                            .spawn(send_directory(shared.clone(), outbox, true));
+                    }
+                }
                 if !shared.fed.config.admits(&key) {
                     tracing::warn!(%target, relay = %key, "dialled relay is not on the allowlist");
                     shared.metrics.error(ErrorCode::UnauthorizedPeer);
@@ -154,7 +226,7 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                 } else {
                     let (end, urls) = run_link_inner(&shared, &mut ws, key, target.clone()).await;
                     redirect = urls;
-                    finish(&mut ws, &shared, end, &key).await;
+                    finish_link(&mut ws, &shared, end, &key).await;
                 }
             }
             Err(e) => {

@@ -94,7 +94,7 @@ impl Outbox {
         let before = self.queued.fetch_add(len, Ordering::Relaxed);
         if before + len > self.max_bytes {
             self.queued.fetch_sub(len, Ordering::Relaxed);
-            self.metrics.error(ErrorCode::SlowConsumer);
+            // Counted once, when the connection is closed with this code.
             self.close(ErrorCode::SlowConsumer);
             return Err(EnqueueError::SlowConsumer);
         }
@@ -106,6 +106,20 @@ impl Outbox {
             return Err(EnqueueError::Closed);
         }
         Ok(())
+    }
+
+    /// Queues a best-effort frame (broadcast, presence notice) only if the
+    /// queue is under half its bound: a receiver that is behind misses it
+    /// instead of being closed as a slow consumer, so one sender's large
+    /// broadcasts cannot disconnect everyone. `false`: skipped or closed.
+    pub fn try_enqueue_soft(&self, frame: Bytes) -> bool {
+        if self.queued.load(Ordering::Relaxed) + frame.len() > self.max_bytes / 2 {
+            self.metrics
+                .broadcast_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.try_enqueue(frame).is_ok()
     }
 
     /// Called by the connection actor once a frame has been written.
@@ -199,6 +213,11 @@ impl Outbox {
     /// Whether the connection has been asked to close.
     pub fn is_closing(&self) -> bool {
         self.close_code.load(Ordering::Relaxed) != 0 || self.tx.is_closed()
+    }
+
+    /// The code the connection was asked to close with, if any.
+    pub fn close_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u16(self.close_code.load(Ordering::Acquire))
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -312,7 +331,7 @@ impl Router {
         let frame = RelayToClient::Notice(notice).encode();
         for o in self.read().values() {
             if o.presence.load(Ordering::Relaxed) && &o.address != subject {
-                let _ = o.try_enqueue(frame.clone());
+                o.try_enqueue_soft(frame.clone());
             }
         }
     }
@@ -328,12 +347,13 @@ impl Router {
         }
     }
 
-    /// Queues `frame` for every registered connection; returns how many
-    /// took it, calling `delivered` for each.
+    /// Queues `frame` for every registered connection with room for it
+    /// (see [`Outbox::try_enqueue_soft`]); returns how many took it,
+    /// calling `delivered` for each.
     pub fn broadcast(&self, frame: &Bytes, mut delivered: impl FnMut(&Address)) -> u32 {
         let mut n = 0;
         for o in self.read().values() {
-            if o.try_enqueue(frame.clone()).is_ok() {
+            if o.try_enqueue_soft(frame.clone()) {
                 delivered(&o.address);
                 n += 1;
             }
@@ -355,6 +375,23 @@ pub fn reject(mut receipt: Receipt, code: ErrorCode, metrics: &Metrics) -> Recei
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broadcast_skips_a_receiver_that_is_behind_and_never_closes_it() {
+        let m = Arc::new(Metrics::default());
+        let r = Router::new();
+        let (slow, _srx) = outbox(1, 1, 100, &m);
+        let (fast, _frx) = outbox(2, 2, 100, &m);
+        r.insert(slow.clone());
+        r.insert(fast.clone());
+        assert!(slow.try_enqueue(Bytes::from_static(&[0; 40])).is_ok());
+        // 40 + 20 > 100 / 2: the slow one is skipped, the fast one served.
+        assert_eq!(r.broadcast(&Bytes::from_static(&[1; 20]), |_| {}), 1);
+        assert_eq!(fast.queued_bytes(), 20);
+        assert_eq!(slow.queued_bytes(), 40);
+        assert_eq!(slow.close_code(), None, "skipped, not closed");
+        assert_eq!(m.broadcast_skipped.load(Ordering::Relaxed), 1);
+    }
 
     fn outbox(
         b: u8,
@@ -396,7 +433,7 @@ mod tests {
             Err(EnqueueError::SlowConsumer)
         );
         assert_eq!(o.queued_bytes(), 8);
-        assert_eq!(m.error_count(ErrorCode::SlowConsumer), 1);
+        assert_eq!(o.close_code(), Some(ErrorCode::SlowConsumer));
         assert_eq!(
             o.try_enqueue(Bytes::from_static(&[0; 1])),
             Err(EnqueueError::Closed)

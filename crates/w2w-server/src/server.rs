@@ -76,6 +76,8 @@ pub struct Shared {
     /// Per-IP connection and handshake budgets.
     pub ip_gate: Arc<crate::per_ip::IpGate>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Frame and fan-out budgets per sending address.
+    pub senders: crate::ratelimit::SenderLimits,
 }
 
 fn scheme(tls: bool) -> &'static str {
@@ -189,6 +191,7 @@ impl Relay {
                 config.limits.handshake_burst_per_ip,
             ),
             trusted_proxies: config.trusted_proxies.clone(),
+            senders: crate::ratelimit::SenderLimits::new(config.limits.sender_rates()),
             limits: config.limits,
             public_urls: config.public_urls,
             tls: tls.is_some(),

@@ -98,9 +98,14 @@ struct ServeArgs {
     /// Admit only these relay keys as peers (repeatable); default: any relay (open).
     #[arg(long = "peer-allow", value_name = "RELAY_KEY")]
     peer_allow: Vec<Address>,
-    /// Most peer links before newcomers are redirected to our peers (default 5).
+    /// Most links with trusted relays (ones we dial with --peer, or on the
+    /// --peer-allow list) before newcomers are redirected (default 5).
     #[arg(long)]
     max_peers: Option<usize>,
+    /// Most links with unknown relays that dialled us (open admission):
+    /// they are on probation, with their own slots (default 3).
+    #[arg(long)]
+    max_probation_peers: Option<usize>,
     /// A reverse proxy in front of the relay (repeatable): connections from
     /// this IP are counted and logged by the client address in its
     /// X-Forwarded-For header.
@@ -382,6 +387,9 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     federation.allow.extend(a.peer_allow);
     if let Some(n) = a.max_peers {
         federation.max_peers = n;
+    }
+    if let Some(n) = a.max_probation_peers {
+        federation.max_probation_peers = n;
     }
     let config = RelayConfig {
         identity,

@@ -396,7 +396,8 @@ async fn forged_presence_is_rejected_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_limit_redirects_newcomers() {
-    let hub = RelayProc::start(vec![], &["--max-peers", "1"]);
+    // `first` dials the hub, so at the hub it is a relay on probation.
+    let hub = RelayProc::start(vec![], &["--max-probation-peers", "1"]);
     let first = RelayProc::start(vec![hub.url.clone()], &[]);
     eventually("first links to hub", || {
         hub.metric("w2w_peer_links ") == Some(1.0)
