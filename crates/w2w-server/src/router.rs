@@ -42,12 +42,37 @@ pub struct Outbox {
     /// Messages handed to this connection whose ACK the relay waits for:
     /// stored ones (an ACK deletes the stored copy) and ones handed over
     /// before being stored (stored only if no ACK comes).
-    from_queue: std::sync::Mutex<HashMap<w2w_proto::frame::MsgId, Handed>>,
+    from_queue: std::sync::Mutex<Handoffs>,
     /// Set once the stored backlog has been handed over (see
     /// `conn::drain_queue`); until then new messages go through the store
     /// too, so they cannot overtake older stored ones.
     live: AtomicBool,
     metrics: Arc<Metrics>,
+}
+
+/// What a connection was handed and has not acknowledged, and (until it
+/// goes live) every id it was handed while taking its stored backlog.
+#[derive(Default)]
+struct Handoffs {
+    waiting: HashMap<w2w_proto::frame::MsgId, Handed>,
+    /// While not live, a stored message can reach the connection two ways:
+    /// read by its backlog reader, and handed over by the store writer once
+    /// committed. This set makes the second one a no-op, even after the
+    /// first was acknowledged. Emptied (and freed) when the connection goes
+    /// live, after which only the writer hands stored messages over.
+    draining: std::collections::HashSet<w2w_proto::frame::MsgId, ahash::RandomState>,
+}
+
+/// How [`Outbox::enqueue_from_queue`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// Queued for the connection.
+    Sent,
+    /// Already handed over and not yet acknowledged: not sent again; its
+    /// ACK completes the waiter.
+    AlreadyWaiting,
+    /// Already handed over on this connection and acknowledged.
+    AlreadyAcked,
 }
 
 /// A message handed to a connection and not yet acknowledged.
@@ -131,25 +156,36 @@ impl Outbox {
     }
 
     /// Queues a stored message, remembering that its ACK must delete it
-    /// (and complete `waiter`'s receipt).
+    /// (and complete `waiter`'s receipt). A message this connection already
+    /// holds, or (while it takes its backlog) already acknowledged, is not
+    /// sent again.
     pub fn enqueue_from_queue(
         &self,
         id: w2w_proto::frame::MsgId,
         frame: Bytes,
         waiter: Option<crate::federation::PendingKey>,
-    ) -> Result<(), EnqueueError> {
+    ) -> Result<Handoff, EnqueueError> {
         {
-            let mut m = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = m.entry(id).or_insert(Handed {
-                waiter: None,
-                unstored: None,
-            });
-            slot.unstored = None;
-            if waiter.is_some() {
-                slot.waiter = waiter;
+            let mut h = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = h.waiting.get_mut(&id) {
+                slot.unstored = None;
+                if waiter.is_some() {
+                    slot.waiter = waiter;
+                }
+                return Ok(Handoff::AlreadyWaiting);
             }
+            if !self.is_live() && !h.draining.insert(id) {
+                return Ok(Handoff::AlreadyAcked);
+            }
+            h.waiting.insert(
+                id,
+                Handed {
+                    waiter,
+                    unstored: None,
+                },
+            );
         }
-        self.try_enqueue(frame)
+        self.try_enqueue(frame).map(|()| Handoff::Sent)
     }
 
     /// Hands a message over before it is stored; the relay waits for its
@@ -163,10 +199,10 @@ impl Outbox {
     ) -> Result<(), EnqueueError> {
         {
             let mut m = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
-            if m.contains_key(&id) {
+            if m.waiting.contains_key(&id) {
                 return Err(EnqueueError::Closed);
             }
-            m.insert(
+            m.waiting.insert(
                 id,
                 Handed {
                     waiter: Some(waiter),
@@ -178,6 +214,7 @@ impl Outbox {
             self.from_queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
+                .waiting
                 .remove(&id);
         })
     }
@@ -187,6 +224,7 @@ impl Outbox {
         self.from_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .waiting
             .remove(id)
     }
 
@@ -195,6 +233,7 @@ impl Outbox {
         self.from_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .waiting
             .drain()
             .collect()
     }
@@ -207,6 +246,10 @@ impl Outbox {
 
     /// See [`crate::federation::Federation::go_live`] and `retire`.
     pub fn set_live(&self, live: bool) {
+        if live {
+            let mut h = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
+            h.draining = Default::default();
+        }
         self.live.store(live, Ordering::Release);
     }
 

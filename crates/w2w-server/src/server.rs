@@ -367,6 +367,7 @@ async fn queue_completer(
         Vec<(w2w_proto::Address, CommitWait)>,
     )>,
 ) {
+    use crate::router::Handoff;
     use crate::store::Outcome;
     use std::sync::atomic::Ordering::Relaxed;
     use w2w_proto::frame::{ReceiptEntry, Status};
@@ -413,11 +414,19 @@ async fn queue_completer(
         let awaiting = handover.iter().map(|o| o.address).collect();
         let key = shared.fed.queue_done(job, entries, awaiting);
         for o in handover {
-            if o.enqueue_from_queue(id, frame.clone(), Some(key)).is_ok() {
-                shared.fed.delivered_event(id, o.address);
-            } else {
-                shared.metrics.queued_total.fetch_add(1, Relaxed);
-                shared.fed.ack_lost(key, o.address, None);
+            match o.enqueue_from_queue(id, frame.clone(), Some(key)) {
+                Ok(Handoff::Sent | Handoff::AlreadyWaiting) => {
+                    shared.fed.delivered_event(id, o.address);
+                }
+                // Its backlog reader handed it over first and it was
+                // acknowledged: delivered.
+                Ok(Handoff::AlreadyAcked) => {
+                    shared.fed.on_ack(key, o.address);
+                }
+                Err(_) => {
+                    shared.metrics.queued_total.fetch_add(1, Relaxed);
+                    shared.fed.ack_lost(key, o.address, None);
+                }
             }
         }
         // Only now may these recipients' connections go live: the message

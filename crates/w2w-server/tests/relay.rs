@@ -1375,3 +1375,93 @@ async fn oversized_messages_are_refused_once_and_never_resent() {
         Err(w2w_client::ClientError::TooLarge { .. })
     ));
 }
+
+/// Issue 10 (11): a receiver that reconnects while messages for it are on
+/// their way through the store got some of them twice on one connection
+/// (handed over by the store writer and read again from the store by the
+/// backlog reader). Each connection must see each message at most once, and
+/// nothing may be lost across the reconnections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_receiver_never_gets_a_message_twice_on_one_connection() {
+    let relay = start(no_rate_limit()).await;
+    let sender = std::sync::Arc::new(client(&relay).await);
+    let me = id();
+    // Registered once, so messages sent while it is away are stored.
+    let (ws, _) = {
+        let mut ws = raw(&relay).await;
+        register(&mut ws, &me, &relay.url(), Some(relay.relay_key()))
+            .await
+            .unwrap();
+        (ws, ())
+    };
+    drop(ws);
+    let to = me.address();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sending = {
+        let (sender, stop) = (sender.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for t in 0..4 {
+                let (sender, stop) = (sender.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut sent = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = sender
+                            .send(Dest::A2b(to), format!("{t}/{sent}"))
+                            .await
+                            .unwrap();
+                        assert!(
+                            matches!(r.status, Status::Delivered | Status::Queued),
+                            "{r:?}"
+                        );
+                        sent += 1;
+                    }
+                    sent
+                }));
+            }
+            let mut sent = 0;
+            for t in tasks {
+                sent += t.await.unwrap();
+            }
+            sent
+        })
+    };
+    let mut all = std::collections::HashSet::new();
+    let mut twice = 0;
+    const ROUNDS: usize = 30;
+    for round in 0..=ROUNDS {
+        if round == ROUNDS {
+            stop.store(true, Ordering::Relaxed);
+            while !sending.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let mut ws = raw(&relay).await;
+        register(&mut ws, &me, &relay.url(), Some(relay.relay_key()))
+            .await
+            .unwrap();
+        let mut here = std::collections::HashSet::new();
+        // Read for a moment; the last round, once the sender is done,
+        // until the backlog is drained.
+        let read_for = if round == ROUNDS { 2000 } else { 40 };
+        let end = tokio::time::Instant::now() + Duration::from_millis(read_for);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(end, ws.next()).await {
+            if !m.is_binary() {
+                continue;
+            }
+            let b: Bytes = m.into_payload().into();
+            if let Ok(RelayToClient::Msg(msg)) = RelayToClient::decode(&b) {
+                if !here.insert(msg.id) {
+                    twice += 1;
+                }
+                all.insert(msg.id);
+                send_bin(&mut ws, ClientToRelay::Ack(vec![msg.id]).encode()).await;
+            }
+        }
+        let _ = ws.close().await;
+    }
+    let sent = sending.await.unwrap();
+    assert_eq!(twice, 0, "messages handed twice on one connection");
+    assert_eq!(all.len(), sent, "every receipted message arrived");
+    assert!(sent > 100, "only {sent} messages were sent");
+}
