@@ -438,6 +438,37 @@ impl Federation {
             .extend(addrs);
     }
 
+    /// Forgets addresses whose registrations the store dropped (gone
+    /// longer than the queue's time to live, nothing queued): they leave
+    /// `known` and our own "left" records leave the directory.
+    /// `connected` is asked under the `known` lock: a registration inserts
+    /// its connection before it calls [`Self::add_known`], so an address
+    /// that registers meanwhile is either skipped here or added again.
+    pub fn forget(&self, addrs: &[Address], connected: impl Fn(&Address) -> bool) {
+        let addrs: Vec<Address> = {
+            let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+            addrs
+                .iter()
+                .filter(|a| !connected(a))
+                .filter(|a| known.remove(*a))
+                .copied()
+                .collect()
+        };
+        let mut st = self.lock();
+        for a in &addrs {
+            if st
+                .directory
+                .get(a)
+                .is_some_and(|p| !p.online && p.proof.relay_key == self.me)
+            {
+                st.directory.remove(a);
+            }
+        }
+        self.metrics
+            .known_addresses
+            .store(st.directory.len() as i64, Relaxed);
+    }
+
     fn is_known(&self, a: &Address) -> bool {
         self.known
             .read()

@@ -245,6 +245,7 @@ impl Relay {
                     _ = refresh.tick() => {
                         s.fed.refresh();
                         let _ = s.store.write_later(crate::store::Write::Expire { now_ms: crate::unix_ms() }).await;
+                        s.tracker.spawn(forget_gone(s.clone()));
                     }
                 }
             }
@@ -299,6 +300,43 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+    }
+}
+
+/// Registrations forgotten per maintenance round (every `refresh_ms`).
+const FORGET_BATCH: usize = 1000;
+
+/// Forgets registrations last seen longer than `queue_ttl_ms` ago with
+/// nothing queued (a message for them could not wait that long anyway):
+/// throwaway registrations do not grow the relay's memory and directory
+/// forever. A connected address is never forgotten; one seen again between
+/// the list and the delete is kept (the delete re-checks `last_seen_ms`).
+async fn forget_gone(shared: Arc<Shared>) {
+    let before = crate::unix_ms().saturating_sub(shared.limits.queue_ttl_ms);
+    let Ok(gone) = shared.store.forgettable(before, FORGET_BATCH).await else {
+        return;
+    };
+    let mut forgotten = Vec::with_capacity(gone.len());
+    for address in gone {
+        if shared.router.get(&address).is_some() {
+            continue;
+        }
+        let forget = crate::store::Write::Forget {
+            address,
+            before_ms: before,
+        };
+        if shared.store.write_later(forget).await.is_ok() {
+            forgotten.push(address);
+        }
+    }
+    if !forgotten.is_empty() {
+        tracing::debug!(
+            count = forgotten.len(),
+            "forgot registrations gone longer than the queue's time to live"
+        );
+        shared
+            .fed
+            .forget(&forgotten, |a| shared.router.get(a).is_some());
     }
 }
 

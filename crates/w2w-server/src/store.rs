@@ -74,8 +74,11 @@ pub trait Backend: Send + 'static {
         limit: usize,
         now_ms: u64,
     ) -> Result<Vec<QueuedMsg>, StoreError>;
-    /// Every address that ever registered here.
+    /// Every address that registered here and is not forgotten.
     fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError>;
+    /// Up to `limit` client addresses last seen before `before_ms` with no
+    /// message queued for them: candidates for [`Write::Forget`].
+    fn forgettable(&mut self, before_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError>;
     /// Every group: (name, owner, seq, members).
     fn groups(&mut self) -> Result<Vec<GroupRow>, StoreError>;
 }
@@ -135,6 +138,10 @@ pub enum Write {
     Dequeue { recipient: Address, id: MsgId },
     /// Delete every message whose time to live has passed.
     Expire { now_ms: u64 },
+    /// Forget a registration, if it was still last seen before `before_ms`
+    /// and nothing is queued for it (then messages for the address are
+    /// `no_route` here, as for one that never registered).
+    Forget { address: Address, before_ms: u64 },
     /// A group's new state and the signed operation that made it.
     Group {
         op: Box<w2w_proto::group::GroupOp>,
@@ -153,6 +160,7 @@ enum Cmd {
     Get(Address, Reply<Option<RegistrationRow>>),
     Queued(Address, i64, usize, Reply<Vec<QueuedMsg>>),
     Known(Reply<Vec<Address>>),
+    Forgettable(u64, usize, Reply<Vec<Address>>),
     Groups(Reply<Vec<GroupRow>>),
 }
 
@@ -323,6 +331,15 @@ impl Store {
         self.ask(Cmd::Known).await
     }
 
+    /// See [`Backend::forgettable`].
+    pub async fn forgettable(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Address>, StoreError> {
+        self.ask(|tx| Cmd::Forgettable(before_ms, limit, tx)).await
+    }
+
     /// Every group.
     pub async fn groups(&self) -> Result<Vec<GroupRow>, StoreError> {
         self.ask(Cmd::Groups).await
@@ -364,6 +381,13 @@ impl Batch {
             }
             Cmd::Known(reply) => {
                 let _ = reply.send(backend.known_addresses().map_err(|e| e.to_string()));
+            }
+            Cmd::Forgettable(before, limit, reply) => {
+                let _ = reply.send(
+                    backend
+                        .forgettable(before, limit)
+                        .map_err(|e| e.to_string()),
+                );
             }
         }
     }
@@ -458,6 +482,9 @@ const MIGRATIONS: &[&str] = &[
     // v4: who sent each queued message (per-sender disk budget; a reused
     // message id from another sender is refused, not taken as stored).
     "ALTER TABLE queue ADD COLUMN sender BLOB NOT NULL DEFAULT x'';",
+    // v5: registrations by last seen, to forget the ones gone longer than
+    // the queue's time to live without reading every row.
+    "CREATE INDEX registrations_by_last_seen ON registrations (last_seen_ms);",
 ];
 
 /// A stored sender or recipient column as an address (rows from before v4
@@ -540,6 +567,10 @@ impl Backend for SqliteBackend {
             let mut seen = tx.prepare_cached(
                 "UPDATE registrations SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE address = ?1",
             )?;
+            let mut forget = tx.prepare_cached(
+                "DELETE FROM registrations WHERE address = ?1 AND last_seen_ms < ?2
+                 AND NOT EXISTS (SELECT 1 FROM queue WHERE recipient = ?1)",
+            )?;
             for w in batch {
                 match w {
                     Write::Registered { reg, at_ms } => {
@@ -555,6 +586,9 @@ impl Backend for SqliteBackend {
                     }
                     Write::Seen { address, at_ms } => {
                         seen.execute(params![&address.0[..], *at_ms as i64])?;
+                    }
+                    Write::Forget { address, before_ms } => {
+                        forget.execute(params![&address.0[..], *before_ms as i64])?;
                     }
                     Write::Enqueue {
                         recipient,
@@ -734,6 +768,23 @@ impl Backend for SqliteBackend {
         Ok(out)
     }
 
+    fn forgettable(&mut self, before_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT address FROM registrations r WHERE role = 0 AND last_seen_ms < ?1
+             AND NOT EXISTS (SELECT 1 FROM queue WHERE recipient = r.address) LIMIT ?2",
+        )?;
+        let rows = q.query_map(params![before_ms as i64, limit as i64], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(a) = <[u8; 32]>::try_from(row?) {
+                out.push(Address(a));
+            }
+        }
+        Ok(out)
+    }
+
     fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError> {
         let mut q = self
             .conn
@@ -810,6 +861,64 @@ mod tests {
             recipient_messages: quota,
             recipient_bytes: 1 << 30,
         }
+    }
+
+    #[tokio::test]
+    async fn registrations_gone_long_with_nothing_queued_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap(), budget(3)).unwrap();
+        for (b, at) in [(1u8, 100u64), (2, 100), (3, 900)] {
+            store
+                .write(Write::Registered {
+                    reg: Box::new(reg(b)),
+                    at_ms: at,
+                })
+                .await
+                .unwrap();
+        }
+        // 2 has a message waiting: kept while it waits.
+        store
+            .budget()
+            .admit(&Address([9; 32]), &[Address([2; 32])], 10);
+        store
+            .write(Write::Enqueue {
+                recipient: Address([2; 32]),
+                sender: Address([9; 32]),
+                id: MsgId([1; 16]),
+                frame: Bytes::from_static(b"0123456789"),
+                queued_ms: 100,
+                expires_ms: 10_000,
+            })
+            .await
+            .unwrap();
+        let gone = store.forgettable(500, 100).await.unwrap();
+        assert_eq!(gone, vec![Address([1; 32])]);
+        // Seen again after the list was made: not forgotten.
+        store
+            .write(Write::Seen {
+                address: Address([1; 32]),
+                at_ms: 600,
+            })
+            .await
+            .unwrap();
+        store
+            .write(Write::Forget {
+                address: Address([1; 32]),
+                before_ms: 500,
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.known_addresses().await.unwrap().len(), 3);
+        store
+            .write(Write::Forget {
+                address: Address([1; 32]),
+                before_ms: 700,
+            })
+            .await
+            .unwrap();
+        let mut known = store.known_addresses().await.unwrap();
+        known.sort_by_key(|a| a.0);
+        assert_eq!(known, vec![Address([2; 32]), Address([3; 32])]);
     }
 
     #[tokio::test]

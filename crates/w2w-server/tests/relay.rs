@@ -1465,3 +1465,53 @@ async fn a_reconnecting_receiver_never_gets_a_message_twice_on_one_connection() 
     assert_eq!(all.len(), sent, "every receipted message arrived");
     assert!(sent > 100, "only {sent} messages were sent");
 }
+
+/// Issue 10 (6): registrations were never pruned, so throwaway ones grew
+/// memory and the directory forever. One gone longer than `queue_ttl_ms`
+/// with nothing queued is forgotten (then it is `no_route`, like one that
+/// never registered); a connected one never is, however old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_gone_longer_than_the_queue_ttl_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_path_buf());
+    cfg.limits = Limits {
+        queue_ttl_ms: 1000,
+        ..no_rate_limit()
+    };
+    cfg.federation.refresh_ms = 1000;
+    let relay = Relay::start(cfg).await.unwrap();
+    let stays = client(&relay).await;
+    let gone = client(&relay).await;
+    let gone_addr = gone.address();
+    gone.close().await;
+    let db = rusqlite::Connection::open(dir.path().join("w2w.sqlite")).unwrap();
+    let rows = |a: Address| -> i64 {
+        db.query_row(
+            "SELECT count(*) FROM registrations WHERE address = ?1",
+            [&a.0[..]],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(rows(gone_addr), 1);
+    let mut forgotten = false;
+    for _ in 0..80 {
+        if rows(gone_addr) == 0 {
+            forgotten = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(forgotten, "the registration was not forgotten");
+    // Forgotten by the router too: no longer stored for, but no_route.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = stays.send(Dest::A2b(gone_addr), "late").await.unwrap();
+    assert_eq!(r.status, Status::NoRoute, "{r:?}");
+    // The connected one, registered as long ago, is kept and served.
+    assert_eq!(rows(stays.address()), 1);
+    assert_eq!(
+        stays.send(Dest::A2a, "me").await.unwrap().status,
+        Status::Delivered
+    );
+}
