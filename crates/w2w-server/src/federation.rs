@@ -183,6 +183,13 @@ pub struct QueueJob {
     pub reply: QueueReply,
 }
 
+/// The kinds of record a peer's allowance counts.
+#[derive(Clone, Copy)]
+enum NewRecord {
+    Relay,
+    Address,
+}
+
 /// Who gets a completed receipt.
 enum PendingReply {
     /// A client of this relay.
@@ -967,11 +974,7 @@ impl Federation {
             Some(cur) if cur.seq >= ls.seq => return,
             Some(_) => {}
             None => {
-                let limit = self.config.probation_relays;
-                if !self.introduce(&mut st, from, |p| &mut p.introduced_relays, limit)
-                    || st.lsdb.len() >= self.config.max_relays
-                {
-                    self.metrics.records_refused.fetch_add(1, Relaxed);
+                if !self.admit_new(&mut st, from, NewRecord::Relay) {
                     return;
                 }
             }
@@ -993,11 +996,7 @@ impl Federation {
             Some(cur) if cur.rank() >= p.rank() => return,
             Some(_) => {}
             None => {
-                let limit = self.config.probation_records;
-                if !self.introduce(&mut st, from, |p| &mut p.introduced_records, limit)
-                    || st.directory.len() >= self.config.max_directory
-                {
-                    self.metrics.records_refused.fetch_add(1, Relaxed);
+                if !self.admit_new(&mut st, from, NewRecord::Address) {
                     return;
                 }
             }
@@ -1016,27 +1015,29 @@ impl Federation {
         }
     }
 
-    /// Counts a new record brought by `from`: false if `from` is on
-    /// probation and has introduced `limit` of that kind already.
-    fn introduce(
-        &self,
-        st: &mut State,
-        from: Address,
-        count: impl Fn(&mut Peer) -> &mut usize,
-        limit: usize,
-    ) -> bool {
-        let Some(peer) = st.peers.get_mut(&from) else {
-            return false;
+    /// Admits a record for a relay or address we do not know yet, brought
+    /// by peer `from`: false (counted) if its table is at its bound, or if
+    /// `from` is on probation and has brought its allowance of that kind.
+    fn admit_new(&self, st: &mut State, from: Address, kind: NewRecord) -> bool {
+        let c = &self.config;
+        let (len, max, allowance) = match kind {
+            NewRecord::Relay => (st.lsdb.len(), c.max_relays, c.probation_relays),
+            NewRecord::Address => (st.directory.len(), c.max_directory, c.probation_records),
         };
-        if peer.trusted {
-            return true;
+        let admitted = len < max
+            && st.peers.get_mut(&from).is_some_and(|peer| {
+                let n = match kind {
+                    NewRecord::Relay => &mut peer.introduced_relays,
+                    NewRecord::Address => &mut peer.introduced_records,
+                };
+                let ok = peer.trusted || *n < allowance;
+                *n += ok as usize;
+                ok
+            });
+        if !admitted {
+            self.metrics.records_refused.fetch_add(1, Relaxed);
         }
-        let n = count(peer);
-        if *n >= limit {
-            return false;
-        }
-        *n += 1;
-        true
+        admitted
     }
 
     fn send_toward(&self, st: &State, relay: &Address, frame: Bytes) -> Result<Address, ErrorCode> {

@@ -11,48 +11,63 @@ use std::time::Instant;
 /// aHash, keyed per process (see `federation`).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
-/// A token bucket of `burst` tokens refilled at `rate` per second.
+/// A level that refills at `rate` per second up to `cap`, starting full.
 #[derive(Debug)]
-pub struct TokenBucket {
+struct Level {
     rate: f64,
-    burst: f64,
-    tokens: f64,
+    cap: f64,
+    level: f64,
     last: Instant,
 }
 
-impl TokenBucket {
-    pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
-        let burst = burst.max(1) as f64;
-        TokenBucket {
-            rate: rate_per_sec as f64,
-            burst,
-            tokens: burst,
+impl Level {
+    fn new(rate: f64, cap: f64, now: Instant) -> Self {
+        let cap = cap.max(1.0);
+        Level {
+            rate,
+            cap,
+            level: cap,
             last: now,
         }
     }
 
-    fn refill(&mut self, now: Instant) {
+    /// The level at `now`.
+    fn at(&mut self, now: Instant) -> f64 {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = self.last.max(now);
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.level = (self.level + dt * self.rate).min(self.cap);
+        self.level
+    }
+
+    /// Whether the level is back at its cap at `now` (a budget can then be
+    /// forgotten: a new one would behave the same).
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.at(now) >= self.cap
+    }
+}
+
+/// A token bucket of `burst` tokens refilled at `rate` per second.
+#[derive(Debug)]
+pub struct TokenBucket(Level);
+
+impl TokenBucket {
+    pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
+        TokenBucket(Level::new(rate_per_sec as f64, burst as f64, now))
     }
 
     /// Takes one token; `false` when the bucket is empty.
     pub fn take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.0.at(now) >= 1.0 {
+            self.0.level -= 1.0;
             true
         } else {
             false
         }
     }
 
-    /// Whether the bucket is full again at `now` (it can then be forgotten:
-    /// a new one would behave the same).
+    /// Whether the bucket is full again at `now`.
     pub fn is_full(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens >= self.burst
+        self.0.is_full(now)
     }
 }
 
@@ -61,45 +76,26 @@ impl TokenBucket {
 /// (so a single message larger than the burst can still be sent, and its
 /// sender then waits until the debt is paid off).
 #[derive(Debug)]
-pub struct ByteBudget {
-    rate: f64,
-    burst: f64,
-    balance: f64,
-    last: Instant,
-}
+pub struct ByteBudget(Level);
 
 impl ByteBudget {
     pub fn new(rate_per_sec: u64, burst: u64, now: Instant) -> Self {
-        let burst = burst.max(1) as f64;
-        ByteBudget {
-            rate: rate_per_sec as f64,
-            burst,
-            balance: burst,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = self.last.max(now);
-        self.balance = (self.balance + dt * self.rate).min(self.burst);
+        ByteBudget(Level::new(rate_per_sec as f64, burst as f64, now))
     }
 
     /// Charges `bytes` if the budget is not in debt; `false` (nothing
     /// charged) when it is.
     pub fn charge(&mut self, bytes: u64, now: Instant) -> bool {
-        self.refill(now);
-        if self.balance <= 0.0 {
+        if self.0.at(now) <= 0.0 {
             return false;
         }
-        self.balance -= bytes as f64;
+        self.0.level -= bytes as f64;
         true
     }
 
     /// Whether the budget is full again at `now`.
     pub fn is_full(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.balance >= self.burst
+        self.0.is_full(now)
     }
 }
 

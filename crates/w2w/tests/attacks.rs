@@ -465,8 +465,7 @@ async fn an_outsider_cannot_freeze_a_group() {
         .await
         .unwrap();
     owner.group_create("team").await.unwrap();
-    let mallory_id = id();
-    let mallory = Client::connect(mallory_id.clone(), ConnectOptions::new(&relay.url))
+    let mallory = Client::connect(id(), ConnectOptions::new(&relay.url))
         .await
         .unwrap();
     let mut probe = Probe::new(&relay.url).await;
@@ -476,7 +475,6 @@ async fn an_outsider_cannot_freeze_a_group() {
     let attack = {
         let stop = stop.clone();
         let url = relay.url.clone();
-        // Another outsider (one key holds one connection).
         let mallory_id = id();
         tokio::spawn(async move {
             let m = Client::connect(mallory_id.clone(), ConnectOptions::new(&url))
@@ -512,21 +510,7 @@ async fn an_outsider_cannot_freeze_a_group() {
     let tries = attack.await.unwrap();
     println!("group freeze: {tries} operations from a non-member, all refused");
     judge("group freeze", &base, &attacked);
-    for seq in [2, u64::MAX] {
-        let op = GroupOp::sign(
-            &mallory_id,
-            "team",
-            GroupAction::Remove(mallory_id.address()),
-            seq,
-        );
-        match mallory.request(RequestOp::Group(op)).await {
-            Err(w2w_client::ClientError::Refused {
-                code: ErrorCode::NotMember,
-                ..
-            }) => {}
-            other => panic!("expected not_member, got {other:?}"),
-        }
-    }
+    // Nothing froze the group: the owner's next change is seq 2.
     let g = owner
         .group_op("team", GroupAction::Add(mallory.address()))
         .await
