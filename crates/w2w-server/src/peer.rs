@@ -17,11 +17,10 @@ use tokio_websockets::Message;
 use w2w_client::{connect_raw, register_as, ConnectOptions};
 use w2w_proto::frame::Role;
 use w2w_proto::s2s::{Forward, ForwardTarget, RelayToRelay};
-
-use crate::ratelimit::ByteBudget;
 use w2w_proto::{Address, ErrorCode};
 
 use crate::conn::{finish_link, pump, send_frame, End, Handler, Ws};
+use crate::ratelimit::ByteBudget;
 use crate::router::Outbox;
 use crate::server::Shared;
 

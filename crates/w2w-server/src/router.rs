@@ -246,8 +246,10 @@ impl Outbox {
 
     /// See [`crate::federation::Federation::go_live`] and `retire`.
     pub fn set_live(&self, live: bool) {
+        // Under the hand-off lock, so `enqueue_from_queue` sees the set
+        // emptied and `live` set together.
+        let mut h = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
         if live {
-            let mut h = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
             h.draining = Default::default();
         }
         self.live.store(live, Ordering::Release);
