@@ -1904,6 +1904,16 @@ mod tests {
             forward(4, outsider, Dest::A2g(vec![bob, carol]), rogue, to(carol)),
         );
         assert!(queues[2].try_recv().is_ok());
+        // A forgery reusing its id and origin (another frame, so the
+        // seen-cache does not take it for a copy) while carol's ACK is
+        // awaited: refused, not delivered, the waiting receipt untouched.
+        fed.on_frame(
+            &router,
+            rogue,
+            forward(4, outsider, Dest::A2b(carol), rogue, to(carol)),
+        );
+        assert_eq!(m.error_count(ErrorCode::Duplicate), 1);
+        assert!(queues[2].try_recv().is_err());
     }
 
     #[test]
