@@ -1,0 +1,62 @@
+//! Runs the delivery simulation over many seeds, or replays one:
+//! `cargo run --release -p w2w-core --example sim -- --seeds 100000`
+//! `cargo run -p w2w-core --example sim -- --seed 1234`
+
+use std::time::Instant;
+
+use w2w_core::sim::{run, Report, SimConfig};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse::<u64>().expect("a number"))
+    };
+    let cfg = SimConfig::default();
+    let (from, to) = match (value("--seed"), value("--seeds")) {
+        (Some(s), _) => (s, s + 1),
+        (None, Some(n)) => (value("--from").unwrap_or(0), value("--from").unwrap_or(0) + n),
+        (None, None) => (0, 1000),
+    };
+    let started = Instant::now();
+    let mut total = Report::default();
+    let mut failed = 0;
+    for seed in from..to {
+        match run(seed, &cfg) {
+            Ok(r) => {
+                total.sent += r.sent;
+                total.events += r.events;
+                total.crashes += r.crashes;
+                total.drops += r.drops;
+                total.delivered_entries += r.delivered_entries;
+                total.queued_entries += r.queued_entries;
+                total.rejected_entries += r.rejected_entries;
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("FAILED {e}\n  replay: cargo run -p w2w-core --example sim -- --seed {seed}");
+            }
+        }
+        if (seed - from + 1) % 10_000 == 0 {
+            eprintln!("{} seeds…", seed - from + 1);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages, {} events ({:.0} events/s), {} crashes, {} link drops; entries: {} delivered, {} queued, {} rejected",
+        to - from,
+        total.sent,
+        total.events,
+        total.events as f64 / secs,
+        total.crashes,
+        total.drops,
+        total.delivered_entries,
+        total.queued_entries,
+        total.rejected_entries
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

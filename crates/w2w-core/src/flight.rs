@@ -1,0 +1,143 @@
+//! A message in flight: one record, one state per recipient.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use w2w_proto::frame::{MsgId, Receipt, ReceiptEntry, Route, Status};
+use w2w_proto::{Address, ErrorCode};
+
+use crate::{ConnId, Token};
+
+/// Identifies a message in flight: (id, sender).
+pub type FlightKey = (MsgId, Address);
+
+/// Where one recipient's copy is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipient {
+    /// Handed to a live connection without being stored; its ACK settles
+    /// it `delivered`. If the ACK does not come in time or the connection
+    /// ends, it is written (`Storing { late: true }`).
+    Unstored { conn: ConnId },
+    /// A write is on its way. `late`: the recipient was handed it unstored
+    /// and missed the ACK deadline (or left), so once on disk it is
+    /// `queued`, not handed over again. `acked`: its ACK came meanwhile.
+    Storing {
+        token: Token,
+        late: bool,
+        acked: bool,
+    },
+    /// On disk; handed to `conn` (or, `None`, waiting for the backlog
+    /// reader of a connection that is still draining). Its ACK settles it
+    /// `delivered`; the connection ending or the deadline, `queued`.
+    Stored { conn: Option<ConnId> },
+    /// The receipt entry is known.
+    Settled(ReceiptEntry),
+}
+
+/// One message in flight.
+#[derive(Debug, Clone)]
+pub struct Flight {
+    /// The connection that sent it (the receipt goes there).
+    pub reply_to: ConnId,
+    pub route: Route,
+    pub frame: Bytes,
+    /// Recipients in the order the sender listed them, each with its state.
+    pub recipients: Vec<(Address, Recipient)>,
+    /// When recipients handed over unstored stop waiting for their ACK
+    /// (with the timer's sequence number, which makes it unique).
+    pub deadline: (Instant, u64),
+    /// Whether the deadline has been applied.
+    pub expired: bool,
+}
+
+impl Flight {
+    pub fn state_mut(&mut self, to: &Address) -> Option<&mut Recipient> {
+        self.recipients
+            .iter_mut()
+            .find(|(a, _)| a == to)
+            .map(|(_, s)| s)
+    }
+
+    pub fn settled(&self) -> bool {
+        self.recipients
+            .iter()
+            .all(|(_, s)| matches!(s, Recipient::Settled(_)))
+    }
+
+    /// The sender's receipt, once every recipient is settled.
+    pub fn receipt(&self, id: MsgId) -> Option<Receipt> {
+        let entries: Vec<ReceiptEntry> = self
+            .recipients
+            .iter()
+            .map(|(_, s)| match s {
+                Recipient::Settled(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        Some(receipt(id, self.route, entries))
+    }
+}
+
+/// A receipt entry.
+pub fn entry(to: Address, status: Status, code: Option<ErrorCode>) -> ReceiptEntry {
+    ReceiptEntry {
+        to,
+        status,
+        reason: code.map_or(0, ErrorCode::as_u16),
+    }
+}
+
+/// The overall receipt from the entries (PROTOCOL.md 7.2): a2a and a2b
+/// carry their one entry's status; a2g and group are `delivered`, `queued`
+/// (all delivered or queued, at least one queued), `partial` or `no_route`.
+pub fn receipt(id: MsgId, route: Route, entries: Vec<ReceiptEntry>) -> Receipt {
+    let delivered = entries
+        .iter()
+        .filter(|e| e.status == Status::Delivered)
+        .count() as u32;
+    let (status, reason) = match route {
+        Route::A2a | Route::A2b => entries
+            .first()
+            .map_or((Status::NoRoute, ErrorCode::NoRoute.as_u16()), |e| {
+                (e.status, e.reason)
+            }),
+        Route::A2g | Route::Group => {
+            let queued = entries
+                .iter()
+                .filter(|e| e.status == Status::Queued)
+                .count();
+            let ok = queued + delivered as usize;
+            if ok == entries.len() && queued > 0 {
+                (Status::Queued, 0)
+            } else if ok == entries.len() {
+                (Status::Delivered, 0)
+            } else if ok == 0 {
+                let reason = entries
+                    .first()
+                    .map_or(ErrorCode::NoRoute.as_u16(), |e| e.reason);
+                (Status::NoRoute, reason)
+            } else {
+                (Status::Partial, 0)
+            }
+        }
+        Route::A2n => {
+            if delivered > 0 {
+                (Status::Delivered, 0)
+            } else {
+                (Status::NoRoute, ErrorCode::NoRoute.as_u16())
+            }
+        }
+    };
+    let entries = if route == Route::A2a {
+        Vec::new()
+    } else {
+        entries
+    };
+    Receipt {
+        id,
+        status,
+        reason,
+        delivered,
+        entries,
+    }
+}
