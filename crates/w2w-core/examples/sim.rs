@@ -17,7 +17,10 @@ fn main() {
     let cfg = SimConfig::default();
     let (from, to) = match (value("--seed"), value("--seeds")) {
         (Some(s), _) => (s, s + 1),
-        (None, Some(n)) => (value("--from").unwrap_or(0), value("--from").unwrap_or(0) + n),
+        (None, Some(n)) => (
+            value("--from").unwrap_or(0),
+            value("--from").unwrap_or(0) + n,
+        ),
         (None, None) => (0, 1000),
     };
     let started = Instant::now();
@@ -36,7 +39,9 @@ fn main() {
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("FAILED {e}\n  replay: cargo run -p w2w-core --example sim -- --seed {seed}");
+                eprintln!(
+                    "FAILED {e}\n  replay: cargo run -p w2w-core --example sim -- --seed {seed}"
+                );
             }
         }
         if (seed - from + 1) % 10_000 == 0 {

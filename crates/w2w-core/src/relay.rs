@@ -199,7 +199,10 @@ impl RelayCore {
         let mut touched = BTreeSet::new();
         for (_, h) in session.handed {
             let Some(key) = h.flight else { continue };
-            let Some(state) = self.flights.get_mut(&key).and_then(|f| f.state_mut(&address))
+            let Some(state) = self
+                .flights
+                .get_mut(&key)
+                .and_then(|f| f.state_mut(&address))
             else {
                 continue;
             };
@@ -220,7 +223,11 @@ impl RelayCore {
             .collect();
         for (k, key) in waiting {
             self.awaiting_drain.remove(&k);
-            if let Some(state) = self.flights.get_mut(&key).and_then(|f| f.state_mut(&address)) {
+            if let Some(state) = self
+                .flights
+                .get_mut(&key)
+                .and_then(|f| f.state_mut(&address))
+            {
                 *state = Recipient::Settled(entry(address, Status::Queued, None));
             }
             touched.insert(key);
@@ -288,9 +295,7 @@ impl RelayCore {
                 None if self.known.contains(&to) => {
                     self.enqueue(key, to, msg.from, msg.id, &frame, false)
                 }
-                None => {
-                    Recipient::Settled(entry(to, Status::NoRoute, Some(ErrorCode::NoRoute)))
-                }
+                None => Recipient::Settled(entry(to, Status::NoRoute, Some(ErrorCode::NoRoute))),
             };
             recipients.push((to, state));
         }
@@ -328,7 +333,11 @@ impl RelayCore {
                 });
             }
             let Some(key) = h.flight else { continue };
-            let Some(state) = self.flights.get_mut(&key).and_then(|f| f.state_mut(&address)) else {
+            let Some(state) = self
+                .flights
+                .get_mut(&key)
+                .and_then(|f| f.state_mut(&address))
+            else {
                 continue;
             };
             match state {
@@ -530,9 +539,13 @@ impl RelayCore {
                         }
                         Recipient::Settled(entry(to, Status::Queued, None))
                     }
-                    (Ok(()), false) if expired => Recipient::Settled(entry(to, Status::Queued, None)),
+                    (Ok(()), false) if expired => {
+                        Recipient::Settled(entry(to, Status::Queued, None))
+                    }
                     (Ok(()), false) => self.after_commit(key, to, conn),
-                    (Err(_), true) if acked => Recipient::Settled(entry(to, Status::Delivered, None)),
+                    (Err(_), true) if acked => {
+                        Recipient::Settled(entry(to, Status::Delivered, None))
+                    }
                     (Err(code), _) => Recipient::Settled(entry(to, Status::Rejected, Some(code))),
                 };
                 if let Some(s) = self.flights.get_mut(&key).and_then(|f| f.state_mut(&to)) {
@@ -546,7 +559,11 @@ impl RelayCore {
         if let Some(c) = conn {
             if let Some(s) = self.sessions.get_mut(&c) {
                 match &mut s.phase {
-                    Phase::Draining { reading: true, dirty, .. } => *dirty = true,
+                    Phase::Draining {
+                        reading: true,
+                        dirty,
+                        ..
+                    } => *dirty = true,
                     Phase::Draining { reading: false, .. } => self.read_next(c),
                     Phase::Live => {}
                 }
@@ -563,6 +580,9 @@ impl RelayCore {
             return queued;
         };
         match s.phase {
+            // Not reached today: a connection goes live only when no write
+            // for its address is on its way. Handed over (not left on
+            // disk) should that rule ever change.
             Phase::Live if !s.handed.contains_key(&key.0) => {
                 s.handed.insert(
                     key.0,
@@ -629,7 +649,11 @@ impl RelayCore {
                 frame: m.frame,
             });
             if let Some(key) = flight {
-                if let Some(st) = self.flights.get_mut(&key).and_then(|f| f.state_mut(&address)) {
+                if let Some(st) = self
+                    .flights
+                    .get_mut(&key)
+                    .and_then(|f| f.state_mut(&address))
+                {
                     *st = Recipient::Stored { conn: Some(conn) };
                 }
                 touched.push(key);

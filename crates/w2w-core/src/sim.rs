@@ -48,6 +48,10 @@ pub struct SimConfig {
     pub store_delay_us: (u64, u64),
     /// How long a client takes to acknowledge (µs).
     pub ack_delay_us: (u64, u64),
+    /// Chance per frame that its link stalls (1 in N; 0: never), and for
+    /// how long (µs).
+    pub stall_one_in: u64,
+    pub stall_us: (u64, u64),
     pub core: Config,
 }
 
@@ -63,6 +67,8 @@ impl Default for SimConfig {
             link_delay_us: (50, 2_000),
             store_delay_us: (20, 1_500),
             ack_delay_us: (0, 3_000),
+            stall_one_in: 50,
+            stall_us: (2_000, 30_000),
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 max_group: 8,
@@ -107,7 +113,7 @@ impl Rng {
     }
     /// True one time in `n` (never when `n` is 0).
     pub fn one_in(&mut self, n: u64) -> bool {
-        n != 0 && self.next_u64() % n == 0
+        n != 0 && self.next_u64().is_multiple_of(n)
     }
     fn bytes<const N: usize>(&mut self) -> [u8; N] {
         let mut out = [0u8; N];
@@ -211,29 +217,52 @@ struct Sim<'a> {
 fn describe(ev: &Ev) -> String {
     let short = |a: &Address| hex(&a.0[..3]);
     match ev {
-        Ev::ToRelay { conn, up: Up::Msg(_, m) } => {
+        Ev::ToRelay {
+            conn,
+            up: Up::Msg(_, m),
+        } => {
             let dest = match &m.dest {
                 Dest::A2b(a) => format!("a2b {}", short(a)),
                 Dest::A2g(l) => format!("a2g {:?}", l.iter().map(short).collect::<Vec<_>>()),
                 other => format!("{:?}", other.route()),
             };
-            format!("relay <- c{} MSG {} from {} {dest}", conn.0, hex(&m.id.0[..3]), short(&m.from))
+            format!(
+                "relay <- c{} MSG {} from {} {dest}",
+                conn.0,
+                hex(&m.id.0[..3]),
+                short(&m.from)
+            )
         }
-        Ev::ToRelay { conn, up: Up::Ack(ids) } => {
+        Ev::ToRelay {
+            conn,
+            up: Up::Ack(ids),
+        } => {
             format!("relay <- c{} ACK {}", conn.0, hex(&ids[0].0[..3]))
         }
-        Ev::ToClient { conn, client, frame } => match RelayToClient::decode(frame) {
-            Ok(RelayToClient::Msg(m)) => format!("client {client} <- c{} MSG {}", conn.0, hex(&m.id.0[..3])),
+        Ev::ToClient {
+            conn,
+            client,
+            frame,
+        } => match RelayToClient::decode(frame) {
+            Ok(RelayToClient::Msg(m)) => {
+                format!("client {client} <- c{} MSG {}", conn.0, hex(&m.id.0[..3]))
+            }
             Ok(RelayToClient::Receipt(r)) => format!(
                 "client {client} <- c{} RECEIPT {} {:?} {:?}",
                 conn.0,
                 hex(&r.id.0[..3]),
                 r.status,
-                r.entries.iter().map(|e| (short(&e.to), e.status)).collect::<Vec<_>>()
+                r.entries
+                    .iter()
+                    .map(|e| (short(&e.to), e.status))
+                    .collect::<Vec<_>>()
             ),
             _ => format!("client {client} <- c{} other", conn.0),
         },
-        Ev::StoreAnswer { gen, done } => format!("store answer (gen {gen}) {done:?}").chars().take(160).collect(),
+        Ev::StoreAnswer { gen, done } => format!("store answer (gen {gen}) {done:?}")
+            .chars()
+            .take(160)
+            .collect(),
         other => format!("{other:?}"),
     }
 }
@@ -333,6 +362,17 @@ impl Sim<'_> {
         match ev {
             Ev::Send => self.send()?,
             Ev::Connect { client } => self.connect(client),
+            Ev::Drop { client } if self.rng.one_in(3) && self.clients[client].conn.is_some() => {
+                // The same key connects again while its old connection is
+                // still up (another device, a fast reconnect): the newer
+                // one replaces the older.
+                self.report.drops += 1;
+                let old = self.clients[client].conn.take();
+                if let Some(old) = old {
+                    self.by_conn.remove(&old);
+                }
+                self.connect(client);
+            }
             Ev::Drop { client } => {
                 if let Some(conn) = self.clients[client].conn {
                     self.report.drops += 1;
@@ -421,10 +461,11 @@ impl Sim<'_> {
             let i = sim.rng.range((0, sim.clients.len() as u64 - 1)) as usize;
             sim.clients[i].address
         };
-        let dest = match self.rng.range((0, 9)) {
-            0 => Dest::A2a,
-            1 => Dest::A2b(Address(self.rng.bytes())), // never registered
-            2 | 3 => {
+        let dest = match self.rng.range((0, 19)) {
+            0 | 10 => Dest::A2a,
+            11 => Dest::A2n(w2w_proto::frame::Scope::Relay),
+            1 | 12 => Dest::A2b(Address(self.rng.bytes())), // never registered
+            2 | 3 | 13 | 14 => {
                 let n = self.rng.range((2, 4));
                 Dest::A2g((0..n).map(|_| pick(self)).collect())
             }
@@ -452,7 +493,12 @@ impl Sim<'_> {
     }
 
     fn link_delay(&mut self, conn: ConnId, up: bool) -> u64 {
-        let want = self.now_us + self.rng.range(self.cfg.link_delay_us);
+        let mut want = self.now_us + self.rng.range(self.cfg.link_delay_us);
+        // Now and then a link stalls (a congested or lossy path: TCP
+        // retransmits, everything behind waits).
+        if self.rng.one_in(self.cfg.stall_one_in) {
+            want += self.rng.range(self.cfg.stall_us);
+        }
         let last = self.link_last.entry((conn, up)).or_insert(0);
         let arrive = want.max(*last);
         *last = arrive;
@@ -550,6 +596,9 @@ impl Sim<'_> {
         }
         for (conn, _) in closes {
             if let Some(client) = self.by_conn.get(&conn).copied() {
+                if self.clients[client].conn != Some(conn) {
+                    continue;
+                }
                 // Closed by the relay: the client comes back later.
                 self.by_conn.remove(&conn);
                 self.clients[client].conn = None;
@@ -579,9 +628,15 @@ impl Sim<'_> {
         };
         if self.trace {
             let line = match &op {
-                StoreOp::Enqueue { recipient, id, .. } => format!("enqueue {} for {}", hex(&id.0[..3]), hex(&recipient.0[..3])),
-                StoreOp::Dequeue { recipient, id } => format!("dequeue {} for {}", hex(&id.0[..3]), hex(&recipient.0[..3])),
-                StoreOp::Read { recipient, after, .. } => format!("read for {} after {after}", hex(&recipient.0[..3])),
+                StoreOp::Enqueue { recipient, id, .. } => {
+                    format!("enqueue {} for {}", hex(&id.0[..3]), hex(&recipient.0[..3]))
+                }
+                StoreOp::Dequeue { recipient, id } => {
+                    format!("dequeue {} for {}", hex(&id.0[..3]), hex(&recipient.0[..3]))
+                }
+                StoreOp::Read {
+                    recipient, after, ..
+                } => format!("read for {} after {after}", hex(&recipient.0[..3])),
             };
             eprintln!("{:>9}   store: {line}", self.now_us);
         }
@@ -686,8 +741,7 @@ impl Sim<'_> {
                 }
                 Status::Queued => {
                     self.report.queued_entries += 1;
-                    if !self.got.contains(&(to, r.id))
-                        && !self.disk.index.contains_key(&(to, r.id))
+                    if !self.got.contains(&(to, r.id)) && !self.disk.index.contains_key(&(to, r.id))
                     {
                         return Err(format!(
                             "receipt says queued for {to}, but it is neither on disk nor arrived"
