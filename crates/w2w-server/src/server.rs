@@ -283,6 +283,16 @@ impl Relay {
         &self.shared.fed
     }
 
+    /// Spacerift offers currently parked, waiting for a peer (for tests:
+    /// a request is known to be parked, not just sent).
+    pub fn spacerift_waiting(&self) -> usize {
+        self.shared
+            .rifts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting()
+    }
+
     /// Stops accepting, tells every client `shutting_down`, and waits (at
     /// most `grace`) for all connection tasks to end.
     pub async fn shutdown(self, grace: Duration) {

@@ -16,7 +16,29 @@ use w2w_proto::handshake::ClientHandshake;
 use w2w_proto::{Address, Dest, ErrorCode, Identity};
 use w2w_server::{Limits, Relay, RelayConfig};
 
-const T: Duration = Duration::from_secs(5);
+const T: Duration = Duration::from_secs(10);
+
+/// How long a test waits for something the relay does in the background.
+/// Generous: the suite must pass on a loaded machine; a healthy run never
+/// waits this long.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `$cond` (an expression, it may `.await`) every 20 ms until it
+/// holds; fails the test with `$what` after [`WAIT`]. For waiting on
+/// background work instead of sleeping a fixed time and hoping.
+macro_rules! wait_until {
+    ($what:expr, $cond:expr) => {{
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !$cond {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting until {}",
+                $what
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }};
+}
 
 async fn start(limits: Limits) -> Relay {
     let mut cfg = RelayConfig::new(
@@ -455,8 +477,10 @@ async fn frame_over_max_size_closes_with_1009_and_others_are_served() {
 
 #[tokio::test]
 async fn rate_limit_rejects_with_a_receipt() {
+    // No refill at all: the outcome cannot depend on how long the sends
+    // take (at 1/s, a second-long stall let a fourth one through).
     let relay = start(Limits {
-        rate_per_sec: 1,
+        rate_per_sec: 0,
         rate_burst: 3,
         ..Limits::default()
     })
@@ -572,22 +596,20 @@ async fn slow_consumer_is_disconnected_and_its_messages_kept() {
         let r = s.await.unwrap();
         assert_eq!(r.status, Status::Queued, "{r:?}");
     }
-    assert!(relay.metrics().error_count(ErrorCode::SlowConsumer) >= 1);
     // The slow consumer is disconnected (no longer online); others are
-    // still served.
-    let mut freed = false;
-    for _ in 0..50 {
-        if a.request(RequestOp::Lookup(victim.address()))
+    // still served. The error is counted as the connection closes, after
+    // the receipts above may already have been sent: wait for it.
+    wait_until!(
+        "the slow consumer is disconnected",
+        a.request(RequestOp::Lookup(victim.address()))
             .await
             .unwrap()
             == ResponseBody::Lookup(None)
-        {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(freed, "slow consumer was not disconnected");
+    );
+    wait_until!(
+        "slow_consumer is counted",
+        relay.metrics().error_count(ErrorCode::SlowConsumer) >= 1
+    );
     assert_eq!(
         a.send(Dest::A2a, "x").await.unwrap().status,
         Status::Delivered
@@ -797,26 +819,21 @@ async fn dead_client_is_noticed_and_its_address_freed() {
     let watcher = client(&relay).await;
     // Registers, then never reads: never answers pings.
     let (_dead_ws, dead) = raw_registered(&relay).await;
-    let t0 = std::time::Instant::now();
-    let mut gone = false;
-    while t0.elapsed() < Duration::from_secs(3) {
-        if watcher
+    // interval + timeout = 500 ms, but no upper bound on the time: on a
+    // loaded machine it takes longer. Nothing else would end the dead
+    // connection, and the ping_timeout count below shows what did.
+    wait_until!(
+        "the dead client is no longer registered",
+        watcher
             .request(RequestOp::Lookup(dead.address()))
             .await
             .unwrap()
             == ResponseBody::Lookup(None)
-        {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gone, "dead client still registered after 3 s");
-    // interval + timeout = 500 ms; allow scheduling slack.
-    assert!(
-        t0.elapsed() < Duration::from_millis(1500),
-        "took {:?}",
-        t0.elapsed()
+    );
+    // Counted as the connection closes, after it left the router.
+    wait_until!(
+        "ping_timeout is counted",
+        relay.metrics().error_count(ErrorCode::PingTimeout) >= 1
     );
     assert_eq!(relay.metrics().error_count(ErrorCode::PingTimeout), 1);
     // A live client (its driver answers pings) stays registered meanwhile.
@@ -836,15 +853,10 @@ async fn explicit_close_frees_the_address() {
     let b = client(&relay).await;
     let b_addr = b.address();
     b.close().await;
-    let mut freed = false;
-    for _ in 0..50 {
-        if a.request(RequestOp::Lookup(b_addr)).await.unwrap() == ResponseBody::Lookup(None) {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(freed);
+    wait_until!(
+        "the closed client's address is free",
+        a.request(RequestOp::Lookup(b_addr)).await.unwrap() == ResponseBody::Lookup(None)
+    );
 }
 
 #[tokio::test]
@@ -955,19 +967,10 @@ async fn offline_recipient_gets_its_queue_in_order_once() {
     let mut carol = client(&relay).await;
     bob.close().await;
     // Wait until the relay has noticed bob left.
-    for _ in 0..100 {
-        let r = alice.send(Dest::A2g(vec![]), "").await.unwrap();
-        assert_eq!(r.reason, ErrorCode::EmptyList.as_u16());
-        if relay
-            .metrics()
-            .registered
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 2
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until!(
+        "the relay noticed bob left",
+        relay.metrics().registered.load(Ordering::Relaxed) == 2
+    );
     for i in 0..4 {
         let r = alice
             .send(Dest::A2b(bob_id.address()), format!("queued {i}"))
@@ -1016,18 +1019,7 @@ async fn offline_recipient_gets_its_queue_in_order_once() {
     }
     expect_silence(&mut bob).await;
     // Acknowledged messages are deleted from the store.
-    let db = rusqlite::Connection::open(dir.path().join("w2w.sqlite")).unwrap();
-    let mut left = i64::MAX;
-    for _ in 0..100 {
-        left = db
-            .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
-            .unwrap();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(left, 0, "acked messages still stored");
+    queue_rows(dir.path(), 0).await;
     // Reconnecting again delivers nothing twice.
     bob.close().await;
     let mut bob = Client::connect(bob_id, ConnectOptions::new(relay.url()))
@@ -1222,17 +1214,35 @@ async fn group_operations_back_to_back_and_from_racing_admins_all_apply() {
 /// Waits until `relay`'s store-and-forward queue holds `n` rows.
 async fn queue_rows(dir: &std::path::Path, n: i64) {
     let db = rusqlite::Connection::open(dir.join("w2w.sqlite")).unwrap();
-    let mut rows = -1;
-    for _ in 0..200 {
-        rows = db
-            .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
-            .unwrap();
-        if rows == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("queue has {rows} rows, expected {n}");
+    let rows = || -> i64 {
+        db.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
+            .unwrap()
+    };
+    wait_until!(
+        format!("the queue holds {n} rows (now {})", rows()),
+        rows() == n
+    );
+}
+
+/// Messages stored so far (committed to the store).
+fn stored_total(relay: &Relay) -> u64 {
+    relay.metrics().stored_total.load(Ordering::Relaxed)
+}
+
+/// Waits until `to` takes messages directly: until its (empty) stored
+/// backlog has been handed over, messages for it go through the store.
+/// Nothing tells a client when that is done, and a fixed sleep is a guess
+/// a loaded machine can miss; so probes are sent (and read and
+/// acknowledged by `$take_and_ack`) until one arrives without being stored.
+macro_rules! until_live {
+    ($relay:expr, $from:expr, $to:expr, $take_and_ack:expr) => {{
+        wait_until!("the recipient goes live (its backlog handed over)", {
+            let before = stored_total($relay);
+            let (r, ()) = tokio::join!($from.send(Dest::A2b($to), "probe"), $take_and_ack);
+            assert_eq!(r.unwrap().status, Status::Delivered);
+            stored_total($relay) == before
+        });
+    }};
 }
 
 #[tokio::test]
@@ -1245,7 +1255,10 @@ async fn acknowledged_messages_are_never_written_to_the_store() {
     let alice = client(&relay).await;
     let mut bob = client(&relay).await;
     // Let bob's (empty) stored backlog be handed over first.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_live!(&relay, alice, bob.address(), async {
+        assert_eq!(&recv_msg(&mut bob).await.body[..], b"probe");
+    });
+    let before = stored_total(&relay);
     for i in 0..50 {
         let r = alice
             .send(Dest::A2b(bob.address()), format!("m{i}"))
@@ -1257,8 +1270,8 @@ async fn acknowledged_messages_are_never_written_to_the_store() {
     let r = alice.send(Dest::A2a, "to myself").await.unwrap();
     assert_eq!(r.status, Status::Delivered, "{r:?}");
     assert_eq!(
-        relay.metrics().stored_total.load(Ordering::Relaxed),
-        0,
+        stored_total(&relay),
+        before,
         "a message its connected recipient acknowledged was written to disk"
     );
     queue_rows(dir.path(), 0).await;
@@ -1270,13 +1283,23 @@ async fn unacknowledged_handover_is_stored_then_redelivered() {
     let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
     cfg.data_dir = Some(dir.path().to_owned());
     cfg.limits = no_rate_limit();
-    cfg.federation.receipt_timeout_ms = 300;
+    // Long enough that the probes below are surely acknowledged in time.
+    cfg.federation.receipt_timeout_ms = 1000;
     let relay = Relay::start(cfg).await.unwrap();
     let alice = client(&relay).await;
-    // Bob reads but never acknowledges.
+    // Bob reads but never acknowledges (but for the probes).
     let (mut bob_ws, bob) = raw_registered(&relay).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let stored = || relay.metrics().stored_total.load(Ordering::Relaxed);
+    until_live!(&relay, alice, bob.address(), async {
+        match next(&mut bob_ws).await {
+            Ok(RelayToClient::Msg(m)) => {
+                send_bin(&mut bob_ws, ClientToRelay::Ack(vec![m.id]).encode()).await
+            }
+            other => panic!("expected the probe, got {other:?}"),
+        }
+    });
+    let base = stored_total(&relay);
+    // Counted from here.
+    let stored = || stored_total(&relay) - base;
 
     // 1. No ACK in time: stored, then reported "queued".
     let r = alice.send(Dest::A2b(bob.address()), "m1").await.unwrap();
@@ -1349,8 +1372,11 @@ async fn oversized_messages_are_refused_once_and_never_resent() {
     let registrations = relay.metrics().registrations_total.load(Ordering::Relaxed);
     let big = naive.send_plain(Dest::A2b(bob.address()), vec![1u8; 100 * 1024]);
     let small = async {
-        // Queued right behind the big one.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Queued right behind the big one: `join!` polls `big` first (it
+        // hands its frame to the driver), then this, which yields once so
+        // `big` is polled again first. No timing involved (a sleep let a
+        // fast machine answer the big one before this was sent).
+        tokio::task::yield_now().await;
         naive.send_plain(Dest::A2b(bob.address()), "after").await
     };
     let (big, small) = tokio::time::timeout(T, async { tokio::join!(big, small) })
@@ -1397,12 +1423,14 @@ async fn a_reconnecting_receiver_never_gets_a_message_twice_on_one_connection() 
     drop(ws);
     let to = me.address();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sending = {
-        let (sender, stop) = (sender.clone(), stop.clone());
+    let sent_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut sending = {
+        let (sender, stop, sent_so_far) = (sender.clone(), stop.clone(), sent_so_far.clone());
         tokio::spawn(async move {
             let mut tasks = Vec::new();
             for t in 0..4 {
-                let (sender, stop) = (sender.clone(), stop.clone());
+                let (sender, stop, sent_so_far) =
+                    (sender.clone(), stop.clone(), sent_so_far.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut sent = 0;
                     while !stop.load(Ordering::Relaxed) {
@@ -1415,6 +1443,7 @@ async fn a_reconnecting_receiver_never_gets_a_message_twice_on_one_connection() 
                             "{r:?}"
                         );
                         sent += 1;
+                        sent_so_far.fetch_add(1, Ordering::Relaxed);
                     }
                     sent
                 }));
@@ -1429,22 +1458,33 @@ async fn a_reconnecting_receiver_never_gets_a_message_twice_on_one_connection() 
     let mut all = std::collections::HashSet::new();
     let mut twice = 0;
     const ROUNDS: usize = 30;
-    for round in 0..=ROUNDS {
-        if round == ROUNDS {
+    // At least ROUNDS reconnections, and then until enough was sent (a
+    // slow machine sends less per round).
+    let mut sent = None;
+    let mut round = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sent.is_none() {
+        if round >= ROUNDS
+            && (sent_so_far.load(Ordering::Relaxed) > 100 || tokio::time::Instant::now() > deadline)
+        {
             stop.store(true, Ordering::Relaxed);
-            while !sending.is_finished() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            sent = Some((&mut sending).await.unwrap());
         }
+        round += 1;
         let mut ws = raw(&relay).await;
         register(&mut ws, &me, &relay.url(), Some(relay.relay_key()))
             .await
             .unwrap();
         let mut here = std::collections::HashSet::new();
         // Read for a moment; the last round, once the sender is done,
-        // until the backlog is drained.
-        let read_for = if round == ROUNDS { 2000 } else { 40 };
-        let end = tokio::time::Instant::now() + Duration::from_millis(read_for);
+        // until every message sent has arrived (then a moment more, for
+        // any sent twice).
+        let now = tokio::time::Instant::now();
+        let mut end = match sent {
+            None => now + Duration::from_millis(40),
+            Some(n) if all.len() == n => now + Duration::from_millis(300),
+            Some(_) => now + WAIT,
+        };
         while let Ok(Some(Ok(m))) = tokio::time::timeout_at(end, ws.next()).await {
             if !m.is_binary() {
                 continue;
@@ -1456,11 +1496,14 @@ async fn a_reconnecting_receiver_never_gets_a_message_twice_on_one_connection() 
                 }
                 all.insert(msg.id);
                 send_bin(&mut ws, ClientToRelay::Ack(vec![msg.id]).encode()).await;
+                if Some(all.len()) == sent {
+                    end = end.min(tokio::time::Instant::now() + Duration::from_millis(300));
+                }
             }
         }
         let _ = ws.close().await;
     }
-    let sent = sending.await.unwrap();
+    let sent = sent.unwrap();
     assert_eq!(twice, 0, "messages handed twice on one connection");
     assert_eq!(all.len(), sent, "every receipted message arrived");
     assert!(sent > 100, "only {sent} messages were sent");
@@ -1495,17 +1538,15 @@ async fn registrations_gone_longer_than_the_queue_ttl_are_forgotten() {
         .unwrap()
     };
     assert_eq!(rows(gone_addr), 1);
-    let mut forgotten = false;
-    for _ in 0..80 {
-        if rows(gone_addr) == 0 {
-            forgotten = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(forgotten, "the registration was not forgotten");
+    wait_until!("the registration is forgotten", rows(gone_addr) == 0);
     // Forgotten by the router too: no longer stored for, but no_route.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // That happens after the store's delete is submitted (and so maybe
+    // after it commits): wait for its record to leave the directory (the
+    // last step) rather than sleep.
+    wait_until!(
+        "the forgotten address leaves the directory",
+        relay.federation().directory_len() == 1
+    );
     let r = stays.send(Dest::A2b(gone_addr), "late").await.unwrap();
     assert_eq!(r.status, Status::NoRoute, "{r:?}");
     // The connected one, registered as long ago, is kept and served.

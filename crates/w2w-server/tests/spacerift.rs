@@ -45,6 +45,20 @@ async fn post(relay: &Relay, body: &Value) -> (u16, Value) {
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// Waits until `n` offers are parked at the relay (a spawned request is
+/// sent; whether the relay has taken it yet depends on the machine).
+async fn until_waiting(relay: &Relay, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while relay.spacerift_waiting() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} offers parked, expected {n}",
+            relay.spacerift_waiting()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn signed(id: &Identity, ty: &str, ns: &str, signal: &str, nonce: Option<&str>) -> Value {
     let ts = w2w_server::unix_ms();
     let nb = nonce.map(|n| hex::decode(n).unwrap()).unwrap_or_default();
@@ -71,7 +85,7 @@ async fn two_peers_link_in_three_requests() {
         tokio::spawn(
             async move { post(&r, &signed(&a, "CONNECT", "game", "offer-a", None)).await },
         );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_waiting(&relay, 1).await;
     // Bob is demoted to answerer and gets Alice's offer.
     let (st, demote) = post(&relay, &signed(&bob, "CONNECT", "game", "offer-b", None)).await;
     assert_eq!(st, 200, "{demote}");
@@ -95,7 +109,8 @@ async fn two_peers_link_in_three_requests() {
     assert_eq!(answer["type"], "ANSWER");
     assert_eq!(answer["signal"], "answer-b");
     assert_eq!(answer["peer"], bob.address().to_hex());
-    // The nonce was single-use.
+    // The nonce was single-use. (Past Bob's 1 request/s: a sleep as a lower
+    // bound on the time passed holds on any machine.)
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (st, e) = post(
         &relay,
@@ -127,6 +142,7 @@ async fn error_statuses() {
     assert_eq!((st, e["error"].as_str()), (400, Some("bad_request")));
     // 297: two requests within a second. The first waits (nobody else),
     // the second is refused at once with retry_after.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let r1 = {
         let v = signed(&id, "CONNECT", "solo", "offer", None);
         let addr = relay.local_addr();
@@ -143,11 +159,12 @@ async fn error_statuses() {
             )
             .await
             .unwrap();
-            // Hang up before the 15 s answer: the relay must not keep the offer.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Hang up before the 15 s answer: the relay must not keep the
+            // offer. (Not before the second request below was answered.)
+            let _ = rx.await;
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_waiting(&relay, 1).await;
     let (st, e) = post(&relay, &signed(&id, "CONNECT", "solo", "offer2", None)).await;
     assert_eq!(
         (st, e["error"].as_str()),
@@ -155,6 +172,7 @@ async fn error_statuses() {
         "{e}"
     );
     assert!(e["retry_after"].as_u64().unwrap() >= 1);
+    drop(tx);
     r1.await.unwrap();
     // 409: a nonce nobody issued.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -175,6 +193,9 @@ async fn a_replayed_connect_is_refused() {
     let r = relay.clone();
     let body = captured.clone();
     let waiting = tokio::spawn(async move { post(&r, &body).await });
+    // Parked (however long that took), then 1.5 s later: past the key's
+    // 1 request/s, well within the timestamp's freshness.
+    until_waiting(&relay, 1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (st, e) = post(&relay, &captured).await;
     assert_eq!((st, e["error"].as_str()), (409, Some("replayed")), "{e}");

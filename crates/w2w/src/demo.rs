@@ -1,7 +1,7 @@
 //! `w2w demo`: three federated relays in a line, A — B — C, on loopback.
 //! Clients on A and C exchange a2b, a2g and a2n; every hop is printed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -93,6 +93,44 @@ fn print_hops(events: &[HopEvent], id: MsgId, names: &Names) {
     }
 }
 
+/// Takes hop events until message `id`'s whole path is in: its origin,
+/// both links (A → B, B → C) and `deliveries` deliveries to clients. The
+/// relays report hops on their own tasks, so they may come a little after
+/// the message itself; waited for (at most 5 s), not guessed with a sleep.
+async fn collect_hops(
+    rx: &mut mpsc::UnboundedReceiver<HopEvent>,
+    events: &mut Vec<HopEvent>,
+    id: MsgId,
+    deliveries: usize,
+) {
+    let complete = |events: &[HopEvent]| {
+        let (mut origin, mut links, mut delivered) = (false, HashSet::new(), 0);
+        for e in events {
+            match e {
+                HopEvent::FromClient { id: i, .. } if *i == id => origin = true,
+                HopEvent::ToPeer {
+                    id: i, relay, peer, ..
+                } if *i == id => {
+                    links.insert((*relay, *peer));
+                }
+                HopEvent::ToClient { id: i, .. } if *i == id => delivered += 1,
+                _ => {}
+            }
+        }
+        origin && links.len() >= 2 && delivered >= deliveries
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !complete(events) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) => events.push(e),
+            _ => break,
+        }
+    }
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+}
+
 fn print_receipt(r: &Receipt, names: &Names) {
     let mut line = format!(
         "    receipt: {} (delivered to {})",
@@ -115,19 +153,16 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
         names.0.insert(r.relay_key(), n.to_string());
         println!("  relay {n}  {}  key {}…", r.url(), r.relay_key().short());
     }
-    // Wait until A can reach C through B.
-    let mut ready = false;
-    for _ in 0..100 {
-        if ra.federation().reachable().contains(&rc.relay_key())
-            && rc.federation().reachable().contains(&ra.relay_key())
-        {
-            ready = true;
-            break;
+    // Wait until A can reach C through B (quick, but give a loaded
+    // machine its time).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(ra.federation().reachable().contains(&rc.relay_key())
+        && rc.federation().reachable().contains(&ra.relay_key()))
+    {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("relays did not link up within 20 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if !ready {
-        bail!("relays did not link up within 5 s");
     }
     println!("  links    A — B — C (B peers with A, C peers with B)\n");
 
@@ -166,9 +201,10 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
     println!("  carol {}… on relay C", carol.address().short());
     println!("  dave  {}… on relay C", dave.address().short());
     // Presence records travel A ← B ← C; wait until A knows carol and dave.
-    for _ in 0..100 {
-        if ra.federation().directory_len() >= 3 {
-            break;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ra.federation().directory_len() < 3 {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("relay A did not learn where carol and dave are within 20 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -183,10 +219,7 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
         .await?;
     let got = recv_body(&mut carol).await.context("carol")?;
     println!("    carol got: {got:?}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    while let Ok(e) = ev_rx.try_recv() {
-        events.push(e);
-    }
+    collect_hops(&mut ev_rx, &mut events, r.id, 1).await;
     print_hops(&events, r.id, &names);
     print_receipt(&r, &names);
     ok &= r.status == w2w_proto::frame::Status::Delivered;
@@ -200,10 +233,7 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
         .await?;
     println!("    carol got: {:?}", recv_body(&mut carol).await?);
     println!("    dave  got: {:?}", recv_body(&mut dave).await?);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    while let Ok(e) = ev_rx.try_recv() {
-        events.push(e);
-    }
+    collect_hops(&mut ev_rx, &mut events, r.id, 2).await;
     print_hops(&events, r.id, &names);
     print_receipt(&r, &names);
     ok &= r.status == w2w_proto::frame::Status::Delivered && r.delivered == 2;
@@ -216,10 +246,7 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
     println!("    alice got: {:?}", recv_body(&mut alice).await?);
     println!("    carol got: {:?}", recv_body(&mut carol).await?);
     println!("    dave  got: {:?}", recv_body(&mut dave).await?);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    while let Ok(e) = ev_rx.try_recv() {
-        events.push(e);
-    }
+    collect_hops(&mut ev_rx, &mut events, r.id, 3).await;
     print_hops(&events, r.id, &names);
     print_receipt(&r, &names);
     ok &= r.delivered == 3;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use w2w_client::{Client, ConnectOptions, Event};
-use w2w_proto::frame::Status;
+use w2w_proto::frame::{RequestOp, ResponseBody, Status};
 use w2w_proto::{Dest, Identity};
 
 mod common;
@@ -28,7 +28,6 @@ async fn queued_messages_survive_sigkill() {
         .unwrap()
         .close()
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let alice = std::sync::Arc::new(
         Client::connect(
@@ -38,6 +37,17 @@ async fn queued_messages_survive_sigkill() {
         .await
         .unwrap(),
     );
+    // Wait until the relay has noticed Bob left (not a fixed sleep).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while alice
+        .request(RequestOp::Lookup(bob_id.address()))
+        .await
+        .unwrap()
+        != ResponseBody::Lookup(None)
+    {
+        assert!(std::time::Instant::now() < deadline, "Bob still online");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Numbered sends, each answered before the next (so send order is
     // defined); every receipt must say "queued".
     for i in 0..N {
