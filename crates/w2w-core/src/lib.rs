@@ -48,6 +48,7 @@
 
 pub mod flight;
 mod relay;
+pub mod routing;
 pub mod sim;
 
 pub use relay::{Config, RelayCore};

@@ -39,6 +39,8 @@ use w2w_proto::s2s::{
 };
 use w2w_proto::{Address, ErrorCode, Identity};
 
+use w2w_core::routing::LinkStates;
+
 use crate::budget::StoreBudget;
 use crate::metrics::Metrics;
 use crate::router::{Outbox, Router};
@@ -305,9 +307,9 @@ impl SeenCache {
 struct State {
     seq: u64,
     peers: HashMap<Address, Peer>,
-    lsdb: HashMap<Address, LinkState>,
-    /// Relay → (next hop, distance).
-    routes: HashMap<Address, (Address, u32)>,
+    /// Link-state records and the routes they give (BFS over two-way
+    /// edges, `w2w_core::routing`).
+    links: LinkStates,
     directory: HashMap<Address, Presence>,
     seen: SeenCache,
     pending: HashMap<PendingKey, Pending>,
@@ -414,8 +416,7 @@ impl Federation {
             state: Mutex::new(State {
                 seq: 0,
                 peers: HashMap::default(),
-                lsdb: HashMap::default(),
-                routes: HashMap::default(),
+                links: LinkStates::new(me),
                 directory: HashMap::default(),
                 seen,
                 pending: HashMap::default(),
@@ -635,11 +636,7 @@ impl Federation {
         *self.url.lock().unwrap_or_else(|e| e.into_inner()) = url;
         let mut st = self.lock();
         self.bump_link_state(&mut st);
-        self.flood(
-            &st,
-            RelayToRelay::LinkState(st.lsdb[&self.me].clone()),
-            None,
-        );
+        self.flood_mine(&st, None);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -669,7 +666,7 @@ impl Federation {
             .iter()
             .map(|(k, p)| {
                 let url = st
-                    .lsdb
+                    .links
                     .get(k)
                     .map(|l| l.url.clone())
                     .filter(|u| !u.is_empty())
@@ -681,7 +678,7 @@ impl Federation {
 
     /// Relays reachable from here.
     pub fn reachable(&self) -> Vec<Address> {
-        self.lock().routes.keys().copied().collect()
+        self.lock().links.reachable().copied().collect()
     }
 
     pub fn directory_len(&self) -> usize {
@@ -699,41 +696,29 @@ impl Federation {
             st.seq,
             st.peers.keys().copied().collect(),
         );
-        st.lsdb.insert(self.me, ls);
+        st.links.insert(ls);
         self.recompute(st);
     }
 
-    /// BFS over two-way edges from this relay.
+    /// Recomputes the routes (BFS over two-way edges from this relay,
+    /// first hops among the peers we are linked to).
     fn recompute(&self, st: &mut State) {
-        let mut routes = HashMap::default();
-        let mut queue = VecDeque::new();
-        let mut seen = std::iter::once(self.me).collect::<HashSet<_>>();
-        if let Some(mine) = st.lsdb.get(&self.me) {
-            for n in &mine.neighbors {
-                if st.peers.contains_key(n) && seen.insert(*n) {
-                    routes.insert(*n, (*n, 1));
-                    queue.push_back(*n);
-                }
-            }
-        }
-        while let Some(u) = queue.pop_front() {
-            let (hop, d) = routes[&u];
-            let Some(ls) = st.lsdb.get(&u) else { continue };
-            for v in &ls.neighbors {
-                let two_way = st.lsdb.get(v).is_some_and(|x| x.neighbors.contains(&u));
-                if two_way && seen.insert(*v) {
-                    routes.insert(*v, (hop, d + 1));
-                    queue.push_back(*v);
-                }
-            }
-        }
-        st.routes = routes;
+        let State { links, peers, .. } = st;
+        links.recompute(|p| peers.contains_key(p));
         self.metrics
             .known_relays
-            .store(st.routes.len() as i64, Relaxed);
+            .store(st.links.reachable_count() as i64, Relaxed);
         self.metrics
             .known_addresses
             .store(st.directory.len() as i64, Relaxed);
+    }
+
+    /// Floods our own link state (signed at start, re-signed by
+    /// [`Self::bump_link_state`]) to every peer except `except`.
+    fn flood_mine(&self, st: &State, except: Option<Address>) {
+        if let Some(mine) = st.links.mine() {
+            self.flood(st, RelayToRelay::LinkState(mine.clone()), except);
+        }
     }
 
     /// Sends a frame to every peer except `except`.
@@ -789,11 +774,10 @@ impl Federation {
             .peer_links
             .store(st.peers.len() as i64, Relaxed);
         self.bump_link_state(&mut st);
-        for ls in st.lsdb.values() {
+        for ls in st.links.records() {
             let _ = outbox.try_enqueue(RelayToRelay::LinkState(ls.clone()).encode());
         }
-        let mine = st.lsdb[&self.me].clone();
-        self.flood(&st, RelayToRelay::LinkState(mine), Some(key));
+        self.flood_mine(&st, Some(key));
         Ok(trusted)
     }
 
@@ -854,8 +838,7 @@ impl Federation {
                 .peer_links
                 .store(st.peers.len() as i64, Relaxed);
             self.bump_link_state(&mut st);
-            let mine = st.lsdb[&self.me].clone();
-            self.flood(&st, RelayToRelay::LinkState(mine), None);
+            self.flood_mine(&st, None);
         }
     }
 
@@ -863,8 +846,7 @@ impl Federation {
     pub fn refresh(&self) {
         let mut st = self.lock();
         self.bump_link_state(&mut st);
-        let mine = st.lsdb[&self.me].clone();
-        self.flood(&st, RelayToRelay::LinkState(mine), None);
+        self.flood_mine(&st, None);
     }
 
     /// URLs of our peers, for a REDIRECT.
@@ -873,7 +855,7 @@ impl Federation {
         st.peers
             .iter()
             .map(|(k, p)| {
-                st.lsdb
+                st.links
                     .get(k)
                     .map(|l| l.url.clone())
                     .filter(|u| !u.is_empty())
@@ -927,7 +909,7 @@ impl Federation {
         let st = self.lock();
         let p = st.directory.get(address).filter(|p| p.online)?;
         let url = st
-            .lsdb
+            .links
             .get(&p.proof.relay_key)
             .map(|l| l.url.clone())
             .filter(|u| !u.is_empty())
@@ -965,21 +947,17 @@ impl Federation {
             if ls.seq >= st.seq {
                 st.seq = ls.seq;
                 self.bump_link_state(&mut st);
-                let mine = st.lsdb[&self.me].clone();
-                self.flood(&st, RelayToRelay::LinkState(mine), None);
+                self.flood_mine(&st, None);
             }
             return;
         }
-        match st.lsdb.get(&ls.relay) {
-            Some(cur) if cur.seq >= ls.seq => return,
-            Some(_) => {}
-            None => {
-                if !self.admit_new(&mut st, from, NewRecord::Relay) {
-                    return;
-                }
-            }
+        if !st.links.is_newer(&ls) {
+            return;
         }
-        st.lsdb.insert(ls.relay, ls.clone());
+        if st.links.get(&ls.relay).is_none() && !self.admit_new(&mut st, from, NewRecord::Relay) {
+            return;
+        }
+        st.links.insert(ls.clone());
         self.recompute(&mut st);
         self.flood(&st, RelayToRelay::LinkState(ls), Some(from));
     }
@@ -1021,7 +999,7 @@ impl Federation {
     fn admit_new(&self, st: &mut State, from: Address, kind: NewRecord) -> bool {
         let c = &self.config;
         let (len, max, allowance) = match kind {
-            NewRecord::Relay => (st.lsdb.len(), c.max_relays, c.probation_relays),
+            NewRecord::Relay => (st.links.len(), c.max_relays, c.probation_relays),
             NewRecord::Address => (st.directory.len(), c.max_directory, c.probation_records),
         };
         let admitted = len < max
@@ -1041,11 +1019,11 @@ impl Federation {
     }
 
     fn send_toward(&self, st: &State, relay: &Address, frame: Bytes) -> Result<Address, ErrorCode> {
-        let (next, _) = st.routes.get(relay).ok_or(ErrorCode::Unreachable)?;
-        let peer = st.peers.get(next).ok_or(ErrorCode::Unreachable)?;
+        let next = st.links.hop(relay).ok_or(ErrorCode::Unreachable)?.next;
+        let peer = st.peers.get(&next).ok_or(ErrorCode::Unreachable)?;
         peer.outbox
             .try_enqueue(frame)
-            .map(|_| *next)
+            .map(|_| next)
             .map_err(|_| ErrorCode::Unreachable)
     }
 
@@ -1210,9 +1188,9 @@ impl Federation {
                 if f.hops >= self.config.hop_limit {
                     return fail(ErrorCode::HopLimit, &st);
                 }
-                match st.routes.get(&relay) {
+                match st.links.hop(&relay) {
                     None => return fail(ErrorCode::Unreachable, &st),
-                    Some((next, _)) if *next == from => return fail(ErrorCode::Loop, &st),
+                    Some(hop) if hop.next == from => return fail(ErrorCode::Loop, &st),
                     Some(_) => {}
                 }
                 let fwd = RelayToRelay::Forward(Forward {
@@ -1327,8 +1305,8 @@ impl Federation {
                 ..r
             })
             .encode();
-            match st.routes.get(&origin) {
-                Some((next, _)) if *next == from => self.metrics.error(ErrorCode::Loop),
+            match st.links.hop(&origin) {
+                Some(hop) if hop.next == from => self.metrics.error(ErrorCode::Loop),
                 _ => {
                     if self.send_toward(&st, &origin, fwd).is_err() {
                         self.metrics.error(ErrorCode::NoRoute);
@@ -1608,7 +1586,7 @@ impl Federation {
                         });
                     }
                 }
-                let waiting = st.routes.keys().map(|r| (*r, Vec::new())).collect();
+                let waiting = st.links.reachable().map(|r| (*r, Vec::new())).collect();
                 let mut p = Pending::new(
                     PendingReply::Local(sender.clone()),
                     route,
@@ -1673,7 +1651,7 @@ impl Federation {
             match st.directory.get(&t) {
                 // Hosted elsewhere (online, or left: its home relay queues).
                 Some(p) if p.proof.relay_key != self.me => {
-                    if st.routes.contains_key(&p.proof.relay_key) {
+                    if st.links.hop(&p.proof.relay_key).is_some() {
                         remote.entry(p.proof.relay_key).or_default().push(t);
                     } else {
                         self.metrics.error(ErrorCode::Unreachable);
@@ -1967,25 +1945,22 @@ mod tests {
     }
 
     #[test]
-    fn bfs_uses_two_way_edges_and_shortest_paths() {
-        // Line me - b - c, plus a one-way claim d -> me that must not count.
+    fn link_states_from_a_peer_give_routes_through_it() {
+        // me - b - c, plus a one-way claim d -> me (BFS itself is tested in
+        // w2w_core::routing).
         let ids: Vec<Identity> = (1..=4).map(|i| Identity::from_seed([i; 32])).collect();
         let m = Arc::new(Metrics::default());
         let fed = Federation::new(ids[0].clone(), FederationConfig::default(), m.clone());
-        let (me, b, c, d) = (
-            ids[0].address(),
-            ids[1].address(),
-            ids[2].address(),
-            ids[3].address(),
-        );
+        let [me, b, c, _d] = std::array::from_fn(|i| ids[i].address());
         let (ob, _rx) = Outbox::new(b, 1, 1 << 20, m.clone());
         fed.peer_up(b, "ws://b/".into(), ob, true).unwrap();
         fed.on_link_state(b, LinkState::sign(&ids[1], "ws://b/", 10, vec![me, c]));
         fed.on_link_state(b, LinkState::sign(&ids[2], "ws://c/", 10, vec![b]));
         fed.on_link_state(b, LinkState::sign(&ids[3], "ws://d/", 10, vec![me]));
-        let st = fed.lock();
-        assert_eq!(st.routes.get(&b), Some(&(b, 1)));
-        assert_eq!(st.routes.get(&c), Some(&(b, 2)));
-        assert_eq!(st.routes.get(&d), None, "one-way edge ignored");
+        let mut reachable = fed.reachable();
+        reachable.sort();
+        let mut want = vec![b, c];
+        want.sort();
+        assert_eq!(reachable, want, "c through b; d's one-way edge ignored");
     }
 }
