@@ -49,6 +49,7 @@
 pub mod flight;
 mod relay;
 pub mod routing;
+pub mod seen;
 pub mod sim;
 
 pub use relay::{Config, RelayCore};

@@ -18,8 +18,6 @@
 //! All state sits behind one mutex held only for map updates and
 //! non-blocking `try_enqueue` calls, never across an await.
 
-use std::collections::VecDeque;
-
 /// Maps keyed by addresses and message ids on the hot path: aHash (keyed
 /// per process, so still resistant to chosen-key flooding) instead of SipHash.
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -40,6 +38,7 @@ use w2w_proto::s2s::{
 use w2w_proto::{Address, ErrorCode, Identity};
 
 use w2w_core::routing::LinkStates;
+use w2w_core::seen::{digest, SeenCache};
 
 use crate::budget::StoreBudget;
 use crate::metrics::Metrics;
@@ -264,46 +263,6 @@ fn order_entries(entries: &mut [ReceiptEntry], order: &[Address]) {
     entries.sort_by_key(|e| order.iter().position(|a| *a == e.to).unwrap_or(usize::MAX));
 }
 
-/// (message id, origin relay, digest of the MSG frame): a forged frame
-/// that reuses a real message's id and origin is a different key, so it
-/// cannot make the real one look like a duplicate.
-type SeenKey = (MsgId, Address, [u8; 16]);
-
-/// The first 16 bytes of SHA-256 over a MSG frame.
-fn digest(frame: &[u8]) -> [u8; 16] {
-    use sha2::Digest;
-    let full = sha2::Sha256::digest(frame);
-    let mut d = [0u8; 16];
-    d.copy_from_slice(&full[..16]);
-    d
-}
-
-/// Bounded memory of seen messages, oldest dropped first.
-struct SeenCache {
-    cap: usize,
-    ttl: Duration,
-    order: VecDeque<(Instant, SeenKey)>,
-    set: HashSet<SeenKey>,
-}
-
-impl SeenCache {
-    /// Records the key; `false` if it was already there.
-    fn insert(&mut self, key: SeenKey, now: Instant) -> bool {
-        while let Some(&(t, k)) = self.order.front() {
-            if now.duration_since(t) < self.ttl && self.order.len() < self.cap {
-                break;
-            }
-            self.order.pop_front();
-            self.set.remove(&k);
-        }
-        if !self.set.insert(key) {
-            return false;
-        }
-        self.order.push_back((now, key));
-        true
-    }
-}
-
 struct State {
     seq: u64,
     peers: HashMap<Address, Peer>,
@@ -398,12 +357,7 @@ fn entry(to: Address, status: Status, code: Option<ErrorCode>) -> ReceiptEntry {
 impl Federation {
     pub fn new(identity: Identity, config: FederationConfig, metrics: Arc<Metrics>) -> Self {
         let me = identity.address();
-        let seen = SeenCache {
-            cap: config.seen_cache.max(16),
-            ttl: Duration::from_secs(120),
-            order: VecDeque::new(),
-            set: HashSet::default(),
-        };
+        let seen = SeenCache::new(config.seen_cache, Duration::from_secs(120));
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let f = Federation {
             identity,
@@ -1738,28 +1692,6 @@ impl Federation {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seen_cache_is_bounded_and_dedupes() {
-        let mut c = SeenCache {
-            cap: 4,
-            ttl: Duration::from_secs(60),
-            order: VecDeque::new(),
-            set: HashSet::default(),
-        };
-        let t = Instant::now();
-        let k = |i: u8| (MsgId([i; 16]), Address([0; 32]), [0u8; 16]);
-        assert!(c.insert(k(1), t));
-        assert!(!c.insert(k(1), t));
-        for i in 2..20 {
-            c.insert(k(i), t);
-        }
-        assert!(c.set.len() <= 4);
-        assert!(c.insert(k(1), t), "oldest entries are forgotten");
-        // The same id and origin with another frame is another message.
-        let other = (MsgId([1; 16]), Address([0; 32]), [1u8; 16]);
-        assert!(c.insert(other, t));
-    }
 
     fn peer_box(
         b: u8,
