@@ -51,6 +51,7 @@ mod relay;
 pub mod routing;
 pub mod seen;
 pub mod sim;
+pub mod sim_routing;
 
 pub use relay::{Config, RelayCore};
 
