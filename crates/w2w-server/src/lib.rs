@@ -16,11 +16,12 @@
 //!   messages against byte budgets in memory before they are submitted.
 //! * [`federation`], [`peer`] — relays joined into one network: link-state
 //!   routing, the signed directory, forwarding, peer links.
-//! * [`metrics`], [`ratelimit`], [`tls`], [`config`] — support.
+//! * [`metrics`], [`ratelimit`], [`tls`], [`config`], [`datadir`] — support.
 
 pub mod budget;
 pub mod config;
 pub mod conn;
+pub mod datadir;
 pub mod federation;
 pub mod groups;
 pub mod metrics;

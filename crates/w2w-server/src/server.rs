@@ -43,11 +43,8 @@ pub enum RelayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("creating data directory {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -153,10 +150,7 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
         let backend = match &config.data_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| RelayError::DataDir {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
+                crate::datadir::prepare(dir)?;
                 SqliteBackend::open(dir)?
             }
             None => SqliteBackend::in_memory()?,

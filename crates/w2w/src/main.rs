@@ -360,7 +360,10 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| PathBuf::from("."))
             .join("w2w")
     });
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    // Private, and ours alone, before the key is read or created: the lock
+    // lives as long as this function, i.e. until the relay has shut down.
+    w2w_server::datadir::prepare(&data)?;
+    let _lock = w2w_server::datadir::DataDirLock::acquire(&data)?;
     let key_path = data.join("relay.key");
     let (identity, created) = keys::load_or_create(&key_path)?;
     if created {
