@@ -153,7 +153,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     info: ConnInfo,
 ) {
     let Ok(permit) = shared.conn_permits.clone().try_acquire_owned() else {
-        tracing::warn!(peer = %info.peer, "max connections reached, refusing");
+        if let Some(suppressed) = shared
+            .oplog
+            .allow("refused max_connections", std::time::Instant::now())
+        {
+            tracing::warn!(peer = %info.peer, suppressed, "max connections ({}) reached, refusing", shared.limits.max_connections);
+        }
         close_with(
             &mut ws,
             &shared,
@@ -177,7 +182,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
         Err(End::Close(code, detail)) => {
-            tracing::debug!(peer = %info.peer, %code, detail, "registration failed");
+            crate::oplog::registration_refused(&shared, info.peer.ip(), code, &detail);
             close_with(&mut ws, &shared, code, &detail).await;
             shared.metrics.connections.fetch_sub(1, Relaxed);
             return;
@@ -187,7 +192,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Role::Client => session(shared.clone(), ws, info, reg, permit).await,
         Role::Relay => {
             if !shared.fed.config.admits(&reg.address) {
-                tracing::warn!(relay = %reg.address, peer = %info.peer, "relay not on the allowlist refused");
+                if let Some(suppressed) = shared
+                    .oplog
+                    .allow("refused unauthorized_peer", std::time::Instant::now())
+                {
+                    tracing::warn!(relay = %reg.address, peer = %info.peer, suppressed, "peer link refused: relay {} is not on the --peer-allow list", reg.address);
+                }
                 close_with(
                     &mut ws,
                     &shared,
@@ -233,7 +243,12 @@ async fn register<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| End::Gone)?;
     let deadline = tokio::time::sleep(shared.limits.auth_timeout());
     tokio::pin!(deadline);
-    let fail = |e: HandshakeError| End::Close(e.code(), e.to_string());
+    let fail = |e: HandshakeError| {
+        if let HandshakeError::WrongUrl(signed) = &e {
+            crate::oplog::wrong_url(shared, info.peer.ip(), signed, info.host.as_deref());
+        }
+        End::Close(e.code(), e.to_string())
+    };
     loop {
         let msg = tokio::select! {
             _ = &mut deadline => return Err(End::Close(

@@ -25,6 +25,7 @@ pub mod datadir;
 pub mod federation;
 pub mod groups;
 pub mod metrics;
+pub mod oplog;
 pub mod peer;
 pub mod per_ip;
 pub mod ratelimit;

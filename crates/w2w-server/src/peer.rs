@@ -219,7 +219,11 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                     }
                 }
                 if !shared.fed.config.admits(&key) {
-                    tracing::warn!(%target, relay = %key, "dialled relay is not on the allowlist");
+                    if let Some(suppressed) =
+                        shared.oplog.allow(&format!("dial {url}"), Instant::now())
+                    {
+                        tracing::warn!(relay = %key, suppressed, "peer link to {target} not made: that relay is not on the --peer-allow list");
+                    }
                     shared.metrics.error(ErrorCode::UnauthorizedPeer);
                     let _ = ws.close().await;
                 } else {
@@ -229,7 +233,12 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                 }
             }
             Err(e) => {
-                tracing::debug!(%target, error = %e, "peer dial failed");
+                let error = e.to_string();
+                if let Some(suppressed) = shared.oplog.allow(&format!("dial {url}"), Instant::now())
+                {
+                    let hint = crate::oplog::dial_hint(&target, &error);
+                    tracing::warn!(%error, suppressed, "peer link to {target} failed{hint}");
+                }
                 // A redirect target that fails sends us back to the
                 // configured URL.
                 if target != url {

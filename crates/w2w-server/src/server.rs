@@ -75,6 +75,8 @@ pub struct Shared {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Frame and fan-out budgets per sending address.
     pub senders: crate::ratelimit::SenderLimits,
+    /// Rate limit for the operator's log lines (refusals, peer dials).
+    pub oplog: crate::oplog::Throttle,
 }
 
 fn scheme(tls: bool) -> &'static str {
@@ -199,6 +201,7 @@ impl Relay {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
+            oplog: Default::default(),
         });
         if let (Some((_, resolver)), Some(paths)) = (&tls, &config.tls) {
             let resolver = resolver.clone();

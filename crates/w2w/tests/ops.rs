@@ -57,12 +57,18 @@ fn w2w(home: &Path) -> Command {
     c
 }
 
-/// `w2w serve --listen 127.0.0.1:0 --data <data> <extra…>`, its log in
+/// `w2w serve --listen 127.0.0.1:0 --data <data> <extra…>` (or the
+/// `--listen` in `extra`), its log in
 /// `<data>.log`; waits for the banner.
 fn serve(data: &Path, extra: &[&str]) -> Serve {
     let log = data.with_extension("log");
-    let mut child = w2w(data.parent().unwrap())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+    let mut cmd = w2w(data.parent().unwrap());
+    cmd.arg("serve");
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    let mut child = cmd
+        .arg("--data")
         .arg(data)
         .args(extra)
         .stdout(Stdio::piped())
@@ -168,4 +174,157 @@ fn a_loose_data_dir_is_tightened_at_start_with_a_warning() {
     let relay = serve(&data, &[]);
     assert_eq!((mode(&data), mode(&db)), (0o700, 0o600));
     relay.wait_log(&["WARN", "w2w.sqlite", "644"]);
+}
+
+/// Registers over a plain connection to `relay` while signing `signed` as
+/// the URL, as a client behind a TLS-terminating proxy does; returns the
+/// refusal.
+fn register_signing(relay: &Serve, signed: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = w2w_client::ConnectOptions::new(relay.url.clone());
+        let mut ws = w2w_client::connect_raw(&opts).await.unwrap();
+        let id = w2w_proto::Identity::from_seed(rand::random());
+        let r = w2w_client::register_as(&mut ws, &id, signed, None, w2w_proto::frame::Role::Client)
+            .await;
+        match r {
+            Ok(_) => panic!("registration signing {signed} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    })
+}
+
+/// Issue 15: behind a TLS proxy every client failed with wrong_url and the
+/// relay logged nothing. Now the refusal is logged at the default level,
+/// with the URL the client signed, the one expected and the fix; five
+/// more in a row add no line (rate-limited). Logs written to a file carry
+/// no colour codes.
+#[test]
+fn a_wrong_url_refusal_is_logged_once_with_the_signed_url_and_a_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = serve(&tmp.path().join("data"), &[]);
+    let signed = "wss://chat.example.com/";
+    for _ in 0..6 {
+        let e = register_signing(&relay, signed);
+        assert!(e.contains("wrong_url"), "{e}");
+    }
+    let line = relay.wait_log(&["wrong_url", signed, "--public-url"]);
+    assert!(line.contains(&relay.url), "names the URL expected: {line}");
+    assert!(line.contains("127.0.0.1"), "names the client's IP: {line}");
+    // Let any straggling line reach the file, then count.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = relay.log();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("wrong_url")).count(),
+        1,
+        "one line per reason per 10 s\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
+}
+
+/// Other refusals are logged too (code and IP), and a relay started with
+/// `--public-url` says which URLs it serves.
+#[test]
+fn refusals_are_logged_with_code_and_ip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free.local_addr().unwrap().to_string();
+    drop(free);
+    let mut relay = serve(
+        &tmp.path().join("data"),
+        &[
+            "--listen",
+            &listen,
+            "--public-url",
+            "wss://chat.example.com/",
+        ],
+    );
+    assert_eq!(relay.url, "wss://chat.example.com/");
+    relay.url = format!("ws://{listen}/");
+    let e = register_signing(&relay, &relay.url);
+    assert!(e.contains("wrong_url"), "{e}");
+    relay.wait_log(&[
+        "wrong_url",
+        &relay.url,
+        "expected=wss://chat.example.com/",
+        "--public-url",
+    ]);
+    // A text frame before registering: refused `text_frame` (8).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use futures_util::SinkExt;
+        let opts = w2w_client::ConnectOptions::new(relay.url.clone());
+        let mut ws = w2w_client::connect_raw(&opts).await.unwrap();
+        let _ = ws.send(tokio_websockets::Message::text("hello")).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            use futures_util::StreamExt;
+            while ws.next().await.is_some() {}
+        })
+        .await;
+    });
+    relay.wait_log(&["registration refused", "text_frame (8)", "127.0.0.1"]);
+}
+
+/// `--log-format json`: every line is one JSON object, with the level, the
+/// message and its fields.
+#[test]
+fn json_log_format_is_one_object_per_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = serve(&tmp.path().join("data"), &["--log-format", "json"]);
+    register_signing(&relay, "wss://chat.example.com/");
+    relay.wait_log(&["wrong_url"]);
+    let log = relay.log();
+    let mut found = false;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line:?}"));
+        if v["fields"]["reason"] == "wrong_url" {
+            assert_eq!(v["level"], "WARN", "{line}");
+            assert_eq!(v["fields"]["signed"], "wss://chat.example.com/", "{line}");
+            assert!(v["fields"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--public-url"));
+            found = true;
+        }
+    }
+    assert!(found, "{log}");
+}
+
+/// Issue 15: a `--peer` to a dead port failed silently at the default log
+/// level, and one with the wrong scheme was accepted. Now the dial failure
+/// is logged with the URL, the error and a hint, and a wrong scheme is
+/// refused at start.
+#[test]
+fn peer_dial_failures_are_logged_and_a_wrong_scheme_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A port with nothing listening: bind, note, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("ws://{}/", dead.local_addr().unwrap());
+    drop(dead);
+    let relay = serve(&tmp.path().join("data"), &["--peer", &dead_url]);
+    let line = relay.wait_log(&["WARN", "peer link to", &dead_url, "running"]);
+    assert!(line.to_lowercase().contains("refused"), "{line}");
+
+    let mut wrong = w2w(tmp.path());
+    wrong
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("other"))
+        .args(["--peer", "http://127.0.0.1:7777/"]);
+    let out = run_bounded(wrong, Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with an http:// peer");
+    assert!(
+        stderr.contains("http://127.0.0.1:7777/") && stderr.contains("ws://"),
+        "{stderr}"
+    );
 }
