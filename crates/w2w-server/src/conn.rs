@@ -170,6 +170,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     };
     shared.metrics.connections.fetch_add(1, Relaxed);
     shared.metrics.connections_total.fetch_add(1, Relaxed);
+    let started = Instant::now();
     let reg = match register(&shared, &mut ws, &info).await {
         Ok(reg) => reg,
         Err(End::Gone) => {
@@ -189,7 +190,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     match reg.role {
-        Role::Client => session(shared.clone(), ws, info, reg, permit).await,
+        Role::Client => session(shared.clone(), ws, info, reg, permit, started).await,
         Role::Relay => {
             if !shared.fed.config.admits(&reg.address) {
                 if let Some(suppressed) = shared
@@ -335,6 +336,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     info: ConnInfo,
     reg: Registration,
     _permit: OwnedSemaphorePermit,
+    started: Instant,
 ) {
     let address = reg.address;
     let now_ms = unix_ms();
@@ -386,6 +388,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .spawn(drain_queue(shared.clone(), outbox.clone()));
     shared.metrics.registered.fetch_add(1, Relaxed);
     shared.metrics.registrations_total.fetch_add(1, Relaxed);
+    shared
+        .metrics
+        .registration_seconds
+        .observe(started.elapsed());
     tracing::info!(address = %address.short(), peer = %info.peer, "registered");
 
     let mut handler = Session {

@@ -208,6 +208,14 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
             Ok((mut ws, reg)) => {
                 let key = reg.relay_key;
                 last_key = Some(key);
+                if let Some(k) = shared
+                    .dials
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&url)
+                {
+                    *k = Some(key);
+                }
                 if shared.fed.config.admits(&key) {
                     // A link the other side made first is trusted now too,
                     // and is owed the rest of the directory.
