@@ -3,7 +3,7 @@
 //! Layers, each talking only to the one below:
 //!
 //! * [`server`] — binds the port, accepts TCP (and TLS), serves HTTP
-//!   (`/healthz`, `/metrics`, `/.well-known/w2w`) and upgrades WebSockets;
+//!   (`/healthz`, `/metrics`, `/status`, `/.well-known/w2w`) and upgrades WebSockets;
 //!   owns shutdown.
 //! * [`conn`] — one actor per WebSocket: runs the registration handshake
 //!   from `w2w_proto::handshake`, then reads frames, routes them and writes
@@ -32,6 +32,7 @@ pub mod ratelimit;
 pub mod router;
 pub mod server;
 pub mod spacerift;
+pub mod status;
 pub mod store;
 pub mod tls;
 

@@ -823,6 +823,11 @@ async fn handle(
             "text/plain; version=0.0.4",
             shared.metrics_page(),
         ),
+        ("GET", "/status") => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::status::render(&shared),
+        ),
         // Public facts; pages on other origins read the limits too.
         ("GET", "/.well-known/w2w") => cors(text(
             StatusCode::OK,
@@ -864,7 +869,7 @@ async fn handle(
         _ => json_error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "try /, /w2w.js, /healthz, /metrics or /.well-known/w2w",
+            "try /, /w2w.js, /healthz, /metrics, /status or /.well-known/w2w",
         ),
     }
 }

@@ -156,3 +156,64 @@ async fn head_works_on_every_get_endpoint() {
         assert!(body.is_empty(), "HEAD {path} sent a body: {body:?}");
     }
 }
+
+/// Issue 15: there was no status page. `/status` is one HTML page without
+/// script: the relay, its connections, its peer links and their state,
+/// the queue, and refusals by reason.
+#[tokio::test]
+async fn status_page_shows_peers_queue_connections_and_refusals() {
+    let b = Relay::start(config()).await.unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("ws://{}/", dead.local_addr().unwrap());
+    drop(dead);
+    let mut cfg = config();
+    cfg.federation.peers = vec![b.url(), dead_url.clone()];
+    let a = Relay::start(cfg).await.unwrap();
+    let _c = Client::connect(id(), ConnectOptions::new(a.url()))
+        .await
+        .unwrap();
+    // One refusal: a text frame before registering.
+    {
+        use futures_util::{SinkExt, StreamExt};
+        let mut ws = w2w_client::connect_raw(&ConnectOptions::new(a.url()))
+            .await
+            .unwrap();
+        ws.send(tokio_websockets::Message::text("hello"))
+            .await
+            .unwrap();
+        let _ = tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
+    }
+    let up_row = format!(
+        "<td class=\"up\">up</td><td><code>{}</code></td><td>{}</td>",
+        b.relay_key().short(),
+        b.url()
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let page = loop {
+        let (status, head, page) = http(&a, "GET", "/status").await;
+        assert_eq!(status, 200);
+        assert!(head.contains("text/html"), "{head}");
+        if page.contains(&up_row) && page.contains("<td>text_frame</td>") {
+            break page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(page.contains(&a.relay_key().to_hex()), "{page}");
+    assert!(
+        page.contains(&format!(
+            "<td class=\"down\">down</td><td><code>?</code></td><td>{dead_url}</td>"
+        )),
+        "{page}"
+    );
+    assert!(
+        page.contains("<th>registered clients</th><td class=\"n\">1</td>"),
+        "{page}"
+    );
+    assert!(page.contains("<th>messages queued on disk</th>"), "{page}");
+    assert!(
+        page.contains("<td>text_frame</td><td class=\"n\">8</td><td class=\"n\">1</td>"),
+        "{page}"
+    );
+    assert!(!page.contains("<script"), "no script on the status page");
+}
