@@ -172,6 +172,12 @@ impl StoreBudget {
         }
     }
 
+    /// Messages queued (on disk or being written), all recipients together:
+    /// one pass over the recipients that have any, for metrics.
+    pub fn queued_messages(&self) -> u64 {
+        self.lock().recipients.values().map(|r| r.messages).sum()
+    }
+
     /// (pending bytes, stored bytes), for metrics and health.
     pub fn totals(&self) -> (u64, u64) {
         let u = self.lock();

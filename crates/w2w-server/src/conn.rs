@@ -153,7 +153,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     info: ConnInfo,
 ) {
     let Ok(permit) = shared.conn_permits.clone().try_acquire_owned() else {
-        tracing::warn!(peer = %info.peer, "max connections reached, refusing");
+        if let Some(suppressed) = shared
+            .oplog
+            .allow("refused max_connections", std::time::Instant::now())
+        {
+            tracing::warn!(peer = %info.peer, suppressed, "max connections ({}) reached, refusing", shared.limits.max_connections);
+        }
         close_with(
             &mut ws,
             &shared,
@@ -165,6 +170,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     };
     shared.metrics.connections.fetch_add(1, Relaxed);
     shared.metrics.connections_total.fetch_add(1, Relaxed);
+    let started = Instant::now();
     let reg = match register(&shared, &mut ws, &info).await {
         Ok(reg) => reg,
         Err(End::Gone) => {
@@ -177,17 +183,22 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
         Err(End::Close(code, detail)) => {
-            tracing::debug!(peer = %info.peer, %code, detail, "registration failed");
+            crate::oplog::registration_refused(&shared, info.peer.ip(), code, &detail);
             close_with(&mut ws, &shared, code, &detail).await;
             shared.metrics.connections.fetch_sub(1, Relaxed);
             return;
         }
     };
     match reg.role {
-        Role::Client => session(shared.clone(), ws, info, reg, permit).await,
+        Role::Client => session(shared.clone(), ws, info, reg, permit, started).await,
         Role::Relay => {
             if !shared.fed.config.admits(&reg.address) {
-                tracing::warn!(relay = %reg.address, peer = %info.peer, "relay not on the allowlist refused");
+                if let Some(suppressed) = shared
+                    .oplog
+                    .allow("refused unauthorized_peer", std::time::Instant::now())
+                {
+                    tracing::warn!(relay = %reg.address, peer = %info.peer, suppressed, "peer link refused: relay {} is not on the --peer-allow list", reg.address);
+                }
                 close_with(
                     &mut ws,
                     &shared,
@@ -233,7 +244,12 @@ async fn register<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| End::Gone)?;
     let deadline = tokio::time::sleep(shared.limits.auth_timeout());
     tokio::pin!(deadline);
-    let fail = |e: HandshakeError| End::Close(e.code(), e.to_string());
+    let fail = |e: HandshakeError| {
+        if let HandshakeError::WrongUrl(signed) = &e {
+            crate::oplog::wrong_url(shared, info.peer.ip(), signed, info.host.as_deref());
+        }
+        End::Close(e.code(), e.to_string())
+    };
     loop {
         let msg = tokio::select! {
             _ = &mut deadline => return Err(End::Close(
@@ -320,6 +336,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     info: ConnInfo,
     reg: Registration,
     _permit: OwnedSemaphorePermit,
+    started: Instant,
 ) {
     let address = reg.address;
     let now_ms = unix_ms();
@@ -371,6 +388,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .spawn(drain_queue(shared.clone(), outbox.clone()));
     shared.metrics.registered.fetch_add(1, Relaxed);
     shared.metrics.registrations_total.fetch_add(1, Relaxed);
+    shared
+        .metrics
+        .registration_seconds
+        .observe(started.elapsed());
     tracing::info!(address = %address.short(), peer = %info.peer, "registered");
 
     let mut handler = Session {

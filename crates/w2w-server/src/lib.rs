@@ -3,7 +3,7 @@
 //! Layers, each talking only to the one below:
 //!
 //! * [`server`] — binds the port, accepts TCP (and TLS), serves HTTP
-//!   (`/healthz`, `/metrics`, `/.well-known/w2w`) and upgrades WebSockets;
+//!   (`/healthz`, `/metrics`, `/status`, `/.well-known/w2w`) and upgrades WebSockets;
 //!   owns shutdown.
 //! * [`conn`] — one actor per WebSocket: runs the registration handshake
 //!   from `w2w_proto::handshake`, then reads frames, routes them and writes
@@ -16,20 +16,23 @@
 //!   messages against byte budgets in memory before they are submitted.
 //! * [`federation`], [`peer`] — relays joined into one network: link-state
 //!   routing, the signed directory, forwarding, peer links.
-//! * [`metrics`], [`ratelimit`], [`tls`], [`config`] — support.
+//! * [`metrics`], [`ratelimit`], [`tls`], [`config`], [`datadir`] — support.
 
 pub mod budget;
 pub mod config;
 pub mod conn;
+pub mod datadir;
 pub mod federation;
 pub mod groups;
 pub mod metrics;
+pub mod oplog;
 pub mod peer;
 pub mod per_ip;
 pub mod ratelimit;
 pub mod router;
 pub mod server;
 pub mod spacerift;
+pub mod status;
 pub mod store;
 pub mod tls;
 

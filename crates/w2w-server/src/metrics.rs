@@ -55,6 +55,9 @@ pub struct Metrics {
     /// Message copies written to the store (one per recipient). Messages a
     /// connected recipient acknowledged in time are never written.
     pub stored_total: AtomicU64,
+    /// Time from the WebSocket upgrade to REPLY_BACK (registration
+    /// recorded and answered), clients only.
+    pub registration_seconds: Histogram,
     messages: [AtomicU64; 5],
     receipts: [AtomicU64; 5],
     /// Errors and drops by [`ErrorCode`] (index = code).
@@ -82,6 +85,7 @@ impl Default for Metrics {
             records_refused: AtomicU64::new(0),
             queued_total: AtomicU64::new(0),
             stored_total: AtomicU64::new(0),
+            registration_seconds: Histogram::default(),
             messages: std::array::from_fn(|_| AtomicU64::new(0)),
             receipts: std::array::from_fn(|_| AtomicU64::new(0)),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -245,7 +249,150 @@ impl Metrics {
                 self.error_count(*c)
             );
         }
+        self.registration_seconds.render(
+            &mut s,
+            "w2w_registration_seconds",
+            "Time from WebSocket upgrade to REPLY_BACK for client registrations.",
+        );
         s
+    }
+}
+
+/// Upper bounds of the histogram buckets, in seconds (Prometheus'
+/// defaults with a 1 ms and a 2.5 ms bucket added at the bottom).
+const BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram in fixed buckets: one relaxed add per observation,
+/// rendered cumulatively in the Prometheus histogram format.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is +Inf.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    fn render(&self, s: &mut String, name: &str, help: &str) {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Relaxed);
+            match BUCKETS.get(i) {
+                Some(b) => {
+                    let _ = writeln!(s, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(s, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// One peer link as `/metrics` and `/status` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLinkView {
+    /// The peer's relay key, if known (a configured peer never reached has none).
+    pub peer: Option<w2w_proto::Address>,
+    pub url: String,
+    pub up: bool,
+    /// Dialled from `--peer` (else: it dialled us).
+    pub configured: bool,
+}
+
+/// What `/metrics` adds about the relay as a whole, beyond the counters.
+#[derive(Debug, Clone, Default)]
+pub struct RelayGauges {
+    pub uptime: std::time::Duration,
+    pub peers: Vec<PeerLinkView>,
+    /// Messages (copies, one per recipient) in the durable queue.
+    pub store_messages: u64,
+    /// Bytes they are charged (see `budget`): on disk, committed.
+    pub store_bytes: u64,
+    /// Bytes admitted and not yet committed.
+    pub store_pending_bytes: u64,
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl RelayGauges {
+    /// Appends these gauges to `s` (the output of [`Metrics::render`]).
+    pub fn render(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "# HELP w2w_uptime_seconds Seconds since the relay started.\n# TYPE w2w_uptime_seconds gauge\nw2w_uptime_seconds {}",
+            self.uptime.as_secs()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP w2w_build_info The relay's version.\n# TYPE w2w_build_info gauge\nw2w_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        let _ = writeln!(
+            s,
+            "# HELP w2w_peer_link_up Peer links: 1 up, 0 down (configured peers not reached).\n# TYPE w2w_peer_link_up gauge"
+        );
+        for p in &self.peers {
+            let _ = writeln!(
+                s,
+                "w2w_peer_link_up{{peer=\"{}\",url=\"{}\",configured=\"{}\"}} {}",
+                p.peer.map(|k| k.short()).unwrap_or_default(),
+                label(&p.url),
+                p.configured,
+                u8::from(p.up)
+            );
+        }
+        let mut gauge = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            "w2w_store_queued_messages",
+            "Message copies in the durable queue for offline recipients (stored or being written).",
+            self.store_messages,
+        );
+        gauge(
+            "w2w_store_queued_bytes",
+            "Bytes of queued messages on disk (each copy charged at least 512).",
+            self.store_bytes,
+        );
+        gauge(
+            "w2w_store_pending_bytes",
+            "Bytes of queued messages admitted and not yet committed.",
+            self.store_pending_bytes,
+        );
     }
 }
 
@@ -262,8 +409,33 @@ mod tests {
         assert!(out.contains("w2w_messages_total{route=\"a2g\"} 1"));
         assert!(out.contains("w2w_errors_total{reason=\"slow_consumer\"} 1"));
         assert!(out.contains("w2w_receipts_total{status=\"no_route\"} 0"));
+        assert!(out.contains("# TYPE w2w_registration_seconds histogram"));
         assert!(ErrorCode::ALL
             .iter()
             .all(|c| (c.as_u16() as usize) < CODE_SLOTS));
+    }
+
+    #[test]
+    fn histogram_is_cumulative_with_sum_and_count() {
+        let h = Histogram::default();
+        h.observe(std::time::Duration::from_micros(500));
+        h.observe(std::time::Duration::from_millis(30));
+        h.observe(std::time::Duration::from_secs(60));
+        let mut s = String::new();
+        h.render(&mut s, "x_seconds", "X.");
+        assert!(s.contains("x_seconds_bucket{le=\"0.001\"} 1\n"), "{s}");
+        assert!(s.contains("x_seconds_bucket{le=\"0.025\"} 1\n"), "{s}");
+        assert!(s.contains("x_seconds_bucket{le=\"0.05\"} 2\n"), "{s}");
+        assert!(s.contains("x_seconds_bucket{le=\"10\"} 2\n"), "{s}");
+        assert!(s.contains("x_seconds_bucket{le=\"+Inf\"} 3\n"), "{s}");
+        assert!(
+            s.contains("x_seconds_sum 60.0305\nx_seconds_count 3\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

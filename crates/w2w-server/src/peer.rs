@@ -208,6 +208,14 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
             Ok((mut ws, reg)) => {
                 let key = reg.relay_key;
                 last_key = Some(key);
+                if let Some(k) = shared
+                    .dials
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&url)
+                {
+                    *k = Some(key);
+                }
                 if shared.fed.config.admits(&key) {
                     // A link the other side made first is trusted now too,
                     // and is owed the rest of the directory.
@@ -219,7 +227,11 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                     }
                 }
                 if !shared.fed.config.admits(&key) {
-                    tracing::warn!(%target, relay = %key, "dialled relay is not on the allowlist");
+                    if let Some(suppressed) =
+                        shared.oplog.allow(&format!("dial {url}"), Instant::now())
+                    {
+                        tracing::warn!(relay = %key, suppressed, "peer link to {target} not made: that relay is not on the --peer-allow list");
+                    }
                     shared.metrics.error(ErrorCode::UnauthorizedPeer);
                     let _ = ws.close().await;
                 } else {
@@ -229,7 +241,12 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                 }
             }
             Err(e) => {
-                tracing::debug!(%target, error = %e, "peer dial failed");
+                let error = e.to_string();
+                if let Some(suppressed) = shared.oplog.allow(&format!("dial {url}"), Instant::now())
+                {
+                    let hint = crate::oplog::dial_hint(&target, &error);
+                    tracing::warn!(%error, suppressed, "peer link to {target} failed{hint}");
+                }
                 // A redirect target that fails sends us back to the
                 // configured URL.
                 if target != url {

@@ -43,11 +43,8 @@ pub enum RelayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("creating data directory {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -78,6 +75,12 @@ pub struct Shared {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Frame and fan-out budgets per sending address.
     pub senders: crate::ratelimit::SenderLimits,
+    /// Rate limit for the operator's log lines (refusals, peer dials).
+    pub oplog: crate::oplog::Throttle,
+    pub started: std::time::Instant,
+    /// Configured peer URLs (`--peer`) and the relay key last reached at
+    /// each, for `/metrics` and `/status`.
+    pub dials: Mutex<std::collections::BTreeMap<String, Option<Address>>>,
 }
 
 fn scheme(tls: bool) -> &'static str {
@@ -124,6 +127,53 @@ impl Shared {
         }
     }
 
+    /// Peer links: every configured peer (up if a link to the key last
+    /// reached there is up), then every other live link (they dialled us).
+    pub fn peer_links(&self) -> Vec<crate::metrics::PeerLinkView> {
+        use crate::metrics::PeerLinkView;
+        let live = self.fed.peers();
+        let dials = self.dials.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out: Vec<PeerLinkView> = dials
+            .iter()
+            .map(|(url, key)| PeerLinkView {
+                peer: *key,
+                url: url.clone(),
+                up: key.is_some_and(|k| live.iter().any(|(p, _)| *p == k)),
+                configured: true,
+            })
+            .collect();
+        for (key, url) in live {
+            if !dials.values().any(|k| *k == Some(key)) {
+                out.push(PeerLinkView {
+                    peer: Some(key),
+                    url,
+                    up: true,
+                    configured: false,
+                });
+            }
+        }
+        out
+    }
+
+    /// The gauges `/metrics` adds to the counters.
+    pub fn gauges(&self) -> crate::metrics::RelayGauges {
+        let budget = self.store.budget();
+        let (pending, stored) = budget.totals();
+        crate::metrics::RelayGauges {
+            uptime: self.started.elapsed(),
+            peers: self.peer_links(),
+            store_messages: budget.queued_messages(),
+            store_bytes: stored,
+            store_pending_bytes: pending,
+        }
+    }
+
+    fn metrics_page(&self) -> String {
+        let mut s = self.metrics.render();
+        self.gauges().render(&mut s);
+        s
+    }
+
     fn info_document(&self) -> String {
         let l = &self.limits;
         serde_json::json!({
@@ -153,10 +203,7 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
         let backend = match &config.data_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| RelayError::DataDir {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
+                crate::datadir::prepare(dir)?;
                 SqliteBackend::open(dir)?
             }
             None => SqliteBackend::in_memory()?,
@@ -205,6 +252,16 @@ impl Relay {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
+            oplog: Default::default(),
+            started: std::time::Instant::now(),
+            dials: Mutex::new(
+                config
+                    .federation
+                    .peers
+                    .iter()
+                    .map(|u| (u.clone(), None))
+                    .collect(),
+            ),
         });
         if let (Some((_, resolver)), Some(paths)) = (&tls, &config.tls) {
             let resolver = resolver.clone();
@@ -754,12 +811,22 @@ async fn handle(
     if is_upgrade(&req) {
         return upgrade(shared, &mut req, peer, slot);
     }
-    match (req.method().as_str(), req.uri().path()) {
-        ("GET" | "HEAD", "/healthz") => health(&shared),
+    // HEAD is GET without the body (hyper sends the headers only).
+    let method = match req.method().as_str() {
+        "HEAD" => "GET",
+        m => m,
+    };
+    match (method, req.uri().path()) {
+        ("GET", "/healthz") => health(&shared),
         ("GET", "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            shared.metrics.render(),
+            shared.metrics_page(),
+        ),
+        ("GET", "/status") => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::status::render(&shared),
         ),
         // Public facts; pages on other origins read the limits too.
         ("GET", "/.well-known/w2w") => cors(text(
@@ -802,7 +869,7 @@ async fn handle(
         _ => json_error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "try /, /w2w.js, /healthz, /metrics or /.well-known/w2w",
+            "try /, /w2w.js, /healthz, /metrics, /status or /.well-known/w2w",
         ),
     }
 }

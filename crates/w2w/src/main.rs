@@ -35,8 +35,24 @@ struct Cli {
     /// Log filter, e.g. info, debug, w2w_server=trace (RUST_LOG also works).
     #[arg(long, global = true, default_value = "info", env = "W2W_LOG")]
     log: String,
+    /// Log lines as text, or as JSON (one object per line). Text has colour
+    /// only when standard error is a terminal (and NO_COLOR is unset).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "W2W_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -251,13 +267,22 @@ macro_rules! out {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or(cli.log.clone());
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(|| LogSink)
         // Its own report of a failed write would go to stderr with
         // eprintln!, which panics when stderr fails.
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match cli.log_format {
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            // Colour codes only for a person at a terminal, never in files.
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            log.with_ansi(colour).init()
+        }
+        LogFormat::Json => log.json().with_ansi(false).init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -360,7 +385,10 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| PathBuf::from("."))
             .join("w2w")
     });
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    // Private, and ours alone, before the key is read or created: the lock
+    // lives as long as this function, i.e. until the relay has shut down.
+    w2w_server::datadir::prepare(&data)?;
+    let _lock = w2w_server::datadir::DataDirLock::acquire(&data)?;
     let key_path = data.join("relay.key");
     let (identity, created) = keys::load_or_create(&key_path)?;
     if created {
@@ -384,6 +412,11 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     }
     let mut federation = file.federation;
     federation.peers.extend(a.peers);
+    for p in &federation.peers {
+        if !(p.starts_with("ws://") || p.starts_with("wss://")) {
+            bail!("peer URL {p:?}: a relay's URL starts with ws:// or wss:// (e.g. ws://relay.example:7777/)");
+        }
+    }
     federation.allow.extend(a.peer_allow);
     if let Some(n) = a.max_peers {
         federation.max_peers = n;
