@@ -57,11 +57,23 @@ pub fn prepare(dir: &Path) -> Result<(), DataDirError> {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
+    // A directory that holds other things (say `--data ~`) is not ours to
+    // chmod: only one that is new or already a w2w data directory is
+    // tightened; any other gets a warning.
+    let ours = !dir.exists()
+        || ["w2w.sqlite", "relay.key", LOCK_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists())
+        || std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
     builder.create(dir).map_err(|source| DataDirError::Create {
         path: dir.to_owned(),
         source,
     })?;
-    tighten(dir, 0o700)?;
+    if ours {
+        tighten(dir, 0o700)?;
+    } else {
+        warn_if_open(dir);
+    }
     for name in STORE_FILES {
         tighten(&dir.join(name), 0o600)?;
     }
@@ -108,6 +120,26 @@ fn tighten(path: &Path, mode: u32) -> Result<(), DataDirError> {
 #[cfg(not(unix))]
 fn tighten(_path: &Path, _mode: u32) -> Result<(), DataDirError> {
     Ok(())
+}
+
+/// Warns (without changing anything) if other users can read `dir`.
+fn warn_if_open(dir: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "{} (mode {mode:o}) holds other files, so it was left as it is; \
+                     the store files in it are private, but a dedicated --data directory is safer",
+                    dir.display()
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
 }
 
 /// An exclusive lock on a data directory, held until dropped (or the
@@ -198,6 +230,22 @@ mod tests {
         std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o644)).unwrap();
         prepare(&dir).unwrap();
         assert_eq!((mode(&dir), mode(&wal)), (0o700, 0o600));
+    }
+
+    #[test]
+    fn a_directory_holding_other_files_is_not_chmodded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::write(home.join("notes.txt"), b"mine").unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare(&home).unwrap();
+        assert_eq!(mode(&home), 0o755, "left as the user had it");
+        assert_eq!(
+            mode(&home.join("w2w.sqlite")),
+            0o600,
+            "the store is private"
+        );
     }
 
     #[test]
