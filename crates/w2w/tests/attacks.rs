@@ -791,7 +791,11 @@ async fn broadcast_flood(name: &str, limits: &str) {
         tokio::spawn(async move {
             let (mut sent, mut limited) = (0u64, 0u64);
             let body = vec![7u8; 256 * 1024];
+            // Within its frame rate (1000/s): 500 broadcasts a second, as
+            // in the issue; the fan-out budget is what must refuse them.
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
             while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
                 let r = attacker
                     .send_plain(Dest::A2n(w2w_proto::frame::Scope::Relay), body.clone())
                     .await
