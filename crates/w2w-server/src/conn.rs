@@ -398,6 +398,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         shared: &shared,
         outbox: &outbox,
         budget: shared.senders.get(&address.0, std::time::Instant::now()),
+        refused: 0,
     };
     let end = pump(
         &shared,
@@ -647,7 +648,16 @@ struct Session<'a> {
     /// This address's frame and fan-out budgets (shared by all its
     /// connections).
     budget: Arc<std::sync::Mutex<SenderBudget>>,
+    /// Frames refused `rate_limited` in a row: a client that ignores
+    /// [`REFUSED_IN_A_ROW`] refusals is closed instead of answered forever.
+    refused: u32,
 }
+
+/// Frames a connection may send past its rate limit, without one being
+/// accepted in between, before it is closed with `rate_limited` (4020): a
+/// client that backs off never gets near it; one that ignores every refusal
+/// would otherwise cost a decode and a receipt per frame, forever.
+const REFUSED_IN_A_ROW: u32 = 10_000;
 
 impl Handler for Session<'_> {
     fn on_message(&mut self, m: Message) {
@@ -670,6 +680,15 @@ impl Handler for Session<'_> {
             let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
             b.frames.take(std::time::Instant::now())
         };
+        if allowed {
+            self.refused = 0;
+        } else {
+            self.refused += 1;
+            if self.refused > REFUSED_IN_A_ROW {
+                self.outbox.close(ErrorCode::RateLimited);
+                return;
+            }
+        }
         match decoded {
             Ok(ClientToRelay::Msg(msg)) => {
                 if let Dispatch::Done(receipt) = self.on_msg(&bytes, &msg, allowed) {

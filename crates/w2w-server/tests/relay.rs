@@ -1556,3 +1556,55 @@ async fn registrations_gone_longer_than_the_queue_ttl_are_forgotten() {
         Status::Delivered
     );
 }
+
+/// A client that ignores every `rate_limited` refusal is closed (4020)
+/// after 10,000 in a row instead of being answered forever; others are
+/// still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_ignores_rate_limit_refusals_is_closed() {
+    let relay = start(Limits {
+        rate_per_sec: 0,
+        rate_burst: 1,
+        ..Limits::default()
+    })
+    .await;
+    let (mut ws, me) = raw_registered(&relay).await;
+    let frame = |i: u32| {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        ClientToRelay::Msg(Msg {
+            flags: 0,
+            id: MsgId(id),
+            from: me.address(),
+            dest: Dest::A2a,
+            payload: Bytes::from_static(b"x"),
+        })
+        .encode()
+    };
+    // Sent without reading; the relay's answers wait in its queue for us.
+    let sending = async {
+        for i in 0..10_100u32 {
+            if ws.send(Message::binary(frame(i))).await.is_err() {
+                break;
+            }
+        }
+        ws
+    };
+    let mut ws = tokio::time::timeout(Duration::from_secs(60), sending)
+        .await
+        .expect("sending took too long");
+    let mut code = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        if let Some((c, _)) = m.as_close() {
+            code = Some(u16::from(c));
+            break;
+        }
+    }
+    assert_eq!(code, Some(ErrorCode::RateLimited.close_code()));
+    let other = client(&relay).await;
+    assert_eq!(
+        other.send(Dest::A2a, "fine").await.unwrap().status,
+        Status::Delivered
+    );
+}
