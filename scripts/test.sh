@@ -6,12 +6,18 @@
 #      demo app and two pages exchanging end-to-end messages)
 #
 # Needs: a Rust toolchain, Node.js 20.19+ with npm, and Chromium at
-# /usr/bin/chromium (Debian: apt-get install chromium; or set W2W_CHROMIUM).
+# /usr/bin/chromium (or set W2W_CHROMIUM). scripts/install-deps.sh, run
+# first, installs what is missing with apt-get (as root or through sudo), or
+# says in one line what to install.
 # `npm ci` installs the JS dependencies from clients/js/package-lock.json.
 # Screenshots of the demo app go to artifacts/ (gitignored).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Chromium, Node.js, a C compiler…: installed if missing (apt-get, as root
+# or through sudo), or named in one line with how to get them.
+scripts/install-deps.sh
 
 echo "==> cargo test --workspace"
 cargo test --workspace
