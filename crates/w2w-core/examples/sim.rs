@@ -28,15 +28,7 @@ fn main() {
     let mut failed = 0;
     for seed in from..to {
         match run(seed, &cfg) {
-            Ok(r) => {
-                total.sent += r.sent;
-                total.events += r.events;
-                total.crashes += r.crashes;
-                total.drops += r.drops;
-                total.delivered_entries += r.delivered_entries;
-                total.queued_entries += r.queued_entries;
-                total.rejected_entries += r.rejected_entries;
-            }
+            Ok(r) => total.add(&r),
             Err(e) => {
                 failed += 1;
                 eprintln!(

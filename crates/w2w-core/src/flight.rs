@@ -87,15 +87,20 @@ pub fn entry(to: Address, status: Status, code: Option<ErrorCode>) -> ReceiptEnt
     }
 }
 
-/// The overall receipt from the entries (PROTOCOL.md 7.2): a2a and a2b
-/// carry their one entry's status; a2g and group are `delivered`, `queued`
-/// (all delivered or queued, at least one queued), `partial` or `no_route`.
-pub fn receipt(id: MsgId, route: Route, entries: Vec<ReceiptEntry>) -> Receipt {
-    let delivered = entries
+/// How many entries say "delivered".
+pub fn delivered_count(entries: &[ReceiptEntry]) -> u32 {
+    entries
         .iter()
         .filter(|e| e.status == Status::Delivered)
-        .count() as u32;
-    let (status, reason) = match route {
+        .count() as u32
+}
+
+/// The overall status and reason from the entries (PROTOCOL.md 7.2): a2a
+/// and a2b carry their one entry's; a2g and group are `delivered`,
+/// `queued` (all delivered or queued, at least one queued), `partial` or
+/// `no_route`; a2n is `delivered` when `delivered` (its count) is above 0.
+pub fn summarize(route: Route, entries: &[ReceiptEntry], delivered: u32) -> (Status, u16) {
+    match route {
         Route::A2a | Route::A2b => entries
             .first()
             .map_or((Status::NoRoute, ErrorCode::NoRoute.as_u16()), |e| {
@@ -106,7 +111,7 @@ pub fn receipt(id: MsgId, route: Route, entries: Vec<ReceiptEntry>) -> Receipt {
                 .iter()
                 .filter(|e| e.status == Status::Queued)
                 .count();
-            let ok = queued + delivered as usize;
+            let ok = queued + delivered_count(entries) as usize;
             if ok == entries.len() && queued > 0 {
                 (Status::Queued, 0)
             } else if ok == entries.len() {
@@ -127,7 +132,14 @@ pub fn receipt(id: MsgId, route: Route, entries: Vec<ReceiptEntry>) -> Receipt {
                 (Status::NoRoute, ErrorCode::NoRoute.as_u16())
             }
         }
-    };
+    }
+}
+
+/// The receipt for a message whose recipients are all settled (a2a
+/// receipts carry no entries).
+pub fn receipt(id: MsgId, route: Route, entries: Vec<ReceiptEntry>) -> Receipt {
+    let delivered = delivered_count(&entries);
+    let (status, reason) = summarize(route, &entries, delivered);
     let entries = if route == Route::A2a {
         Vec::new()
     } else {

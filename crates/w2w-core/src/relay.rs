@@ -78,6 +78,12 @@ enum Waiting {
     Read { conn: ConnId },
 }
 
+/// Every `(address, id)` key of `address`, for ranges over
+/// `awaiting_drain`.
+fn ids_of(address: Address) -> std::ops::RangeInclusive<(Address, MsgId)> {
+    (address, MsgId([0; 16]))..=(address, MsgId([0xff; 16]))
+}
+
 /// The delivery state of one relay. See the crate docs for the contract.
 #[derive(Debug)]
 pub struct RelayCore {
@@ -218,7 +224,7 @@ impl RelayCore {
         // Committed messages its reader had not reached: they stay stored.
         let waiting: Vec<_> = self
             .awaiting_drain
-            .range((address, MsgId([0; 16]))..=(address, MsgId([0xff; 16])))
+            .range(ids_of(address))
             .map(|(k, f)| (*k, *f))
             .collect();
         for (k, key) in waiting {
@@ -664,11 +670,7 @@ impl RelayCore {
         // read was executed. Live only when nothing is on its way and
         // nothing committed waits to be read.
         let writing = self.writes.contains_key(&address);
-        let committed = self
-            .awaiting_drain
-            .range((address, MsgId([0; 16]))..=(address, MsgId([0xff; 16])))
-            .next()
-            .is_some();
+        let committed = self.awaiting_drain.range(ids_of(address)).next().is_some();
         let caught_up = !full && !writing && !committed && !dirty;
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.phase = if caught_up {

@@ -92,6 +92,21 @@ pub struct Report {
     pub events: u64,
 }
 
+impl Report {
+    /// Adds another run's counts (for totals over many seeds).
+    pub fn add(&mut self, r: &Report) {
+        self.sent += r.sent;
+        self.receipts += r.receipts;
+        self.delivered_entries += r.delivered_entries;
+        self.queued_entries += r.queued_entries;
+        self.rejected_entries += r.rejected_entries;
+        self.arrived += r.arrived;
+        self.crashes += r.crashes;
+        self.drops += r.drops;
+        self.events += r.events;
+    }
+}
+
 /// splitmix64: small, fast and enough for fault schedules.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);

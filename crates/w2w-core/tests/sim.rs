@@ -11,12 +11,7 @@ fn a_thousand_seeds_keep_every_invariant() {
     let mut total = w2w_core::sim::Report::default();
     for seed in 0..1000 {
         let r = run(seed, &cfg).unwrap_or_else(|e| panic!("{e}"));
-        total.sent += r.sent;
-        total.crashes += r.crashes;
-        total.drops += r.drops;
-        total.queued_entries += r.queued_entries;
-        total.delivered_entries += r.delivered_entries;
-        total.rejected_entries += r.rejected_entries;
+        total.add(&r);
     }
     println!("{total:?}");
     // The schedules must have exercised what they are for.

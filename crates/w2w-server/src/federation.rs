@@ -37,6 +37,7 @@ use w2w_proto::s2s::{
 };
 use w2w_proto::{Address, ErrorCode, Identity};
 
+use w2w_core::flight::{delivered_count, entry, summarize};
 use w2w_core::routing::LinkStates;
 use w2w_core::seen::{digest, SeenCache};
 
@@ -250,14 +251,6 @@ impl Pending {
     }
 }
 
-/// How many entries say "delivered".
-fn delivered_count(entries: &[ReceiptEntry]) -> u32 {
-    entries
-        .iter()
-        .filter(|e| e.status == Status::Delivered)
-        .count() as u32
-}
-
 /// Puts receipt entries in the order the sender listed the recipients.
 fn order_entries(entries: &mut [ReceiptEntry], order: &[Address]) {
     entries.sort_by_key(|e| order.iter().position(|a| *a == e.to).unwrap_or(usize::MAX));
@@ -303,55 +296,6 @@ pub enum Dispatch {
     Done(Receipt),
     /// Remote relays were asked; the receipt is sent when they answer.
     Pending,
-}
-
-fn summarize(
-    route: w2w_proto::frame::Route,
-    entries: &[ReceiptEntry],
-    delivered: u32,
-) -> (Status, u16) {
-    use w2w_proto::frame::Route;
-    match route {
-        Route::A2a | Route::A2b => entries
-            .first()
-            .map_or((Status::NoRoute, ErrorCode::NoRoute.as_u16()), |e| {
-                (e.status, e.reason)
-            }),
-        Route::A2g | Route::Group => {
-            let queued = entries
-                .iter()
-                .filter(|e| e.status == Status::Queued)
-                .count();
-            let ok = queued + delivered_count(entries) as usize;
-            if ok == entries.len() && queued > 0 {
-                (Status::Queued, 0)
-            } else if ok == entries.len() {
-                (Status::Delivered, 0)
-            } else if ok == 0 {
-                let reason = entries
-                    .first()
-                    .map_or(ErrorCode::NoRoute.as_u16(), |e| e.reason);
-                (Status::NoRoute, reason)
-            } else {
-                (Status::Partial, 0)
-            }
-        }
-        Route::A2n => {
-            if delivered > 0 {
-                (Status::Delivered, 0)
-            } else {
-                (Status::NoRoute, ErrorCode::NoRoute.as_u16())
-            }
-        }
-    }
-}
-
-fn entry(to: Address, status: Status, code: Option<ErrorCode>) -> ReceiptEntry {
-    ReceiptEntry {
-        to,
-        status,
-        reason: code.map_or(0, ErrorCode::as_u16),
-    }
 }
 
 impl Federation {

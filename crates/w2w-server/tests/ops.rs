@@ -54,10 +54,9 @@ fn sample(metrics: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Issue 15: `/metrics` had no uptime, version, per-peer link state,
-/// stored-queue size or latency histogram.
-#[tokio::test]
-async fn metrics_show_uptime_version_peer_links_queue_and_registration_latency() {
+/// Relay `a` configured to peer with a live relay `b` and with a URL
+/// where nothing listens: (a, b, that URL).
+async fn peered_with_one_dead() -> (Relay, Relay, String) {
     let b = Relay::start(config()).await.unwrap();
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("ws://{}/", dead.local_addr().unwrap());
@@ -65,6 +64,14 @@ async fn metrics_show_uptime_version_peer_links_queue_and_registration_latency()
     let mut cfg = config();
     cfg.federation.peers = vec![b.url(), dead_url.clone()];
     let a = Relay::start(cfg).await.unwrap();
+    (a, b, dead_url)
+}
+
+/// Issue 15: `/metrics` had no uptime, version, per-peer link state,
+/// stored-queue size or latency histogram.
+#[tokio::test]
+async fn metrics_show_uptime_version_peer_links_queue_and_registration_latency() {
+    let (a, b, dead_url) = peered_with_one_dead().await;
 
     // The link to b comes up; the dead one stays down.
     let up = format!(
@@ -162,13 +169,7 @@ async fn head_works_on_every_get_endpoint() {
 /// the queue, and refusals by reason.
 #[tokio::test]
 async fn status_page_shows_peers_queue_connections_and_refusals() {
-    let b = Relay::start(config()).await.unwrap();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("ws://{}/", dead.local_addr().unwrap());
-    drop(dead);
-    let mut cfg = config();
-    cfg.federation.peers = vec![b.url(), dead_url.clone()];
-    let a = Relay::start(cfg).await.unwrap();
+    let (a, b, dead_url) = peered_with_one_dead().await;
     let _c = Client::connect(id(), ConnectOptions::new(a.url()))
         .await
         .unwrap();
