@@ -1,6 +1,8 @@
-//! Runs the delivery simulation over many seeds, or replays one:
+//! Runs the simulation over many seeds, or replays one:
 //! `cargo run --release -p w2w-core --example sim -- --seeds 100000`
 //! `cargo run -p w2w-core --example sim -- --seed 1234`
+//! Presets: `--federation` (6 relays, link cuts, partitions), `--scale`
+//! (100 relays, 10,000 clients, 1,000,000 messages; `--messages N`).
 
 use std::time::Instant;
 
@@ -14,7 +16,24 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .map(|v| v.parse::<u64>().expect("a number"))
     };
-    let cfg = SimConfig::default();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let mut cfg = if flag("--scale") {
+        SimConfig::scale()
+    } else if flag("--federation") {
+        SimConfig::federation()
+    } else {
+        SimConfig::default()
+    };
+    if let Some(m) = value("--messages") {
+        cfg.messages = m as usize;
+    }
+    let preset = if flag("--scale") {
+        " --scale"
+    } else if flag("--federation") {
+        " --federation"
+    } else {
+        ""
+    };
     let (from, to) = match (value("--seed"), value("--seeds")) {
         (Some(s), _) => (s, s + 1),
         (None, Some(n)) => (
@@ -32,7 +51,7 @@ fn main() {
             Err(e) => {
                 failed += 1;
                 eprintln!(
-                    "FAILED {e}\n  replay: cargo run -p w2w-core --example sim -- --seed {seed}"
+                    "FAILED {e}\n  replay: cargo run -p w2w-core --example sim -- --seed {seed}{preset}"
                 );
             }
         }
@@ -42,13 +61,18 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s, {failed} failed: {} messages, {} events ({:.0} events/s), {} crashes, {} link drops; entries: {} delivered, {} queued, {} rejected",
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops, {} link cuts, {} partitions, {} loops cut; entries: {} delivered, {} queued, {} rejected",
         to - from,
         total.sent,
+        total.sent as f64 / secs,
         total.events,
         total.events as f64 / secs,
+        total.peer_frames,
         total.crashes,
         total.drops,
+        total.cuts,
+        total.partitions,
+        total.loops,
         total.delivered_entries,
         total.queued_entries,
         total.rejected_entries

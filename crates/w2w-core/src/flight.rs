@@ -30,15 +30,35 @@ pub enum Recipient {
     /// reader of a connection that is still draining). Its ACK settles it
     /// `delivered`; the connection ending or the deadline, `queued`.
     Stored { conn: Option<ConnId> },
+    /// Forwarded toward `relay`, whose FWD_RECEIPT settles it (or the
+    /// deadline: `no_route`, reason `timeout`).
+    Forwarded { relay: Address },
     /// The receipt entry is known.
     Settled(ReceiptEntry),
+}
+
+/// Who is told the outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// A client of this relay (a RECEIPT).
+    Client(ConnId),
+    /// The origin relay of a FORWARD (a FWD_RECEIPT).
+    Relay(Address),
+}
+
+/// An a2n across the federation: how many connections had it, and which
+/// relays have not answered yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Broadcast {
+    pub delivered: u32,
+    pub waiting: std::collections::BTreeSet<Address>,
 }
 
 /// One message in flight.
 #[derive(Debug, Clone)]
 pub struct Flight {
-    /// The connection that sent it (the receipt goes there).
-    pub reply_to: ConnId,
+    /// Who gets the outcome.
+    pub reply: Reply,
     pub route: Route,
     pub frame: Bytes,
     /// Recipients in the order the sender listed them, each with its state.
@@ -48,6 +68,8 @@ pub struct Flight {
     pub deadline: (Instant, u64),
     /// Whether the deadline has been applied.
     pub expired: bool,
+    /// For an a2n sent to the federation.
+    pub broadcast: Option<Broadcast>,
 }
 
 impl Flight {
@@ -62,19 +84,37 @@ impl Flight {
         self.recipients
             .iter()
             .all(|(_, s)| matches!(s, Recipient::Settled(_)))
+            && self.broadcast.as_ref().is_none_or(|b| b.waiting.is_empty())
     }
 
-    /// The sender's receipt, once every recipient is settled.
-    pub fn receipt(&self, id: MsgId) -> Option<Receipt> {
-        let entries: Vec<ReceiptEntry> = self
-            .recipients
+    /// The settled entries, in the order the sender listed the recipients
+    /// (`None` while one is not settled).
+    pub fn entries(&self) -> Option<Vec<ReceiptEntry>> {
+        self.recipients
             .iter()
             .map(|(_, s)| match s {
                 Recipient::Settled(e) => Some(e.clone()),
                 _ => None,
             })
-            .collect::<Option<_>>()?;
-        Some(receipt(id, self.route, entries))
+            .collect()
+    }
+
+    /// The sender's receipt, once every recipient is settled.
+    pub fn receipt(&self, id: MsgId) -> Option<Receipt> {
+        if !self.settled() {
+            return None;
+        }
+        if let Some(b) = &self.broadcast {
+            let r = receipt(id, self.route, Vec::new());
+            let (status, reason) = summarize(self.route, &[], b.delivered);
+            return Some(Receipt {
+                status,
+                reason,
+                delivered: b.delivered,
+                ..r
+            });
+        }
+        Some(receipt(id, self.route, self.entries()?))
     }
 }
 

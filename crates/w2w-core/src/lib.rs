@@ -16,16 +16,26 @@
 //!   after which the caller still calls `disconnect`).
 //! * `handle_msg` and `handle_ack` for each MSG and ACK a registered
 //!   connection sends, in the order they arrived on it.
+//! * `peer_up(peer, key, url, dialled)` once a peer link's handshake is
+//!   done (if it returns `Err`, close the link and never mention `peer`
+//!   again); then `handle_peer_frame` for each frame it sends, in order;
+//!   `peer_down(peer)` once when it ends. A new link is owed the
+//!   directory: send it `directory_for(trusted)` through `send_records`,
+//!   paced as the link's queue allows.
 //! * The store executes [`StoreOp`]s in the order they were polled. Every
 //!   op with a token is answered with exactly one [`StoreDone`] carrying
-//!   that token; the answers may arrive in any order. `Dequeue` is not
-//!   answered. After a
-//!   crash the caller builds a new core (`RelayCore::new` with the addresses
-//!   the store knows); answers for the old core's ops are dropped.
+//!   that token; the answers may arrive in any order (a write refused at
+//!   once, e.g. over a budget, is answered at once). `Dequeue` is not
+//!   answered. After a crash the caller builds a new core
+//!   (`RelayCore::new` with the addresses the store knows); answers for
+//!   the old core's ops are dropped.
 //! * `handle_timeout(now)` whenever `poll_timeout()` has passed; calling it
-//!   early or often is harmless.
-//! * After any input, drain `poll_transmit`, `poll_store` and `poll_close`
-//!   until they return `None`.
+//!   early or often is harmless. `refresh()` now and then (e.g. every 30 s).
+//! * After any input, drain `poll_transmit`, `poll_store`, `poll_close`
+//!   (and `poll_event` if events are on) until they return `None`. A
+//!   transmit the caller cannot queue closes its connection or link (then
+//!   `disconnect` / `peer_down`), except a `soft` one, which may be
+//!   skipped.
 //!
 //! # What it decides
 //!
@@ -39,13 +49,20 @@
 //! `Live` and get messages handed over directly: so a message on its way
 //! through the store is never overtaken by a newer one.
 //!
+//! A message for a client of another relay is a recipient in state
+//! `Forwarded` until that relay's FWD_RECEIPT settles it; a FORWARD for
+//! clients of this relay starts a flight whose outcome goes back as a
+//! FWD_RECEIPT. Local delivery is one code path for both.
+//!
 //! # Not here yet (issue 11)
 //!
-//! Federation (link state, directory, FORWARD and its receipts), named
-//! groups, a2n across relays, the store budgets and pacing the backlog by
-//! the connection's send queue still live in `w2w-server`, which does not
-//! use this crate yet.
+//! `w2w-server` does not run on this core yet: it still has its own
+//! delivery and federation (`federation.rs`, `router.rs`), which this
+//! crate is to replace. The per-sender budgets, the peer broadcast budget
+//! and the store budgets stay in the shell (they gate inputs and store
+//! ops).
 
+mod federation;
 pub mod flight;
 mod relay;
 pub mod routing;
@@ -53,7 +70,7 @@ pub mod seen;
 pub mod sim;
 pub mod sim_routing;
 
-pub use relay::{Config, RelayCore};
+pub use relay::{Config, FedConfig, RelayCore};
 
 use bytes::Bytes;
 use w2w_proto::frame::MsgId;
@@ -67,11 +84,60 @@ pub struct ConnId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Token(pub u64);
 
-/// A frame for a connection.
+/// A peer link (to another relay), named by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+/// Where a frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Conn(ConnId),
+    Peer(PeerId),
+}
+
+/// A frame for a connection or a peer link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
-    pub conn: ConnId,
+    pub to: Target,
     pub frame: Bytes,
+    /// A broadcast copy or a presence notice: the caller may skip it for a
+    /// receiver whose send queue is behind, rather than close that
+    /// receiver. Everything else must be queued or the receiver closed.
+    pub soft: bool,
+}
+
+/// What the relay did with a message, for hop traces (`w2w demo`); only
+/// produced when [`Config::events`] is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A client of this relay sent it.
+    FromClient { id: MsgId, from: Address },
+    /// Handed to a peer link toward another relay.
+    ToPeer { id: MsgId, peer: Address },
+    /// Handed to a connection of this relay.
+    ToClient { id: MsgId, to: Address },
+}
+
+/// Counters the caller may export (they only grow).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// FORWARDs handed to peer links.
+    pub forwarded: u64,
+    /// Directory or link-state records refused at a bound or allowance.
+    pub records_refused: u64,
+    /// Refusals and failures by error code.
+    pub errors: std::collections::BTreeMap<u16, u64>,
+}
+
+impl Stats {
+    pub(crate) fn error(&mut self, code: ErrorCode) {
+        *self.errors.entry(code.as_u16()).or_default() += 1;
+    }
+
+    /// How many times `code` was counted.
+    pub fn count(&self, code: ErrorCode) -> u64 {
+        self.errors.get(&code.as_u16()).copied().unwrap_or(0)
+    }
 }
 
 /// Work for the store, in order.

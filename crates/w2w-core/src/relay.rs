@@ -9,10 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use w2w_proto::frame::{Dest, Msg, MsgId, Receipt, RelayToClient, Route, Status};
-use w2w_proto::{Address, ErrorCode};
+use w2w_proto::s2s::{Presence, RegistrationProof};
+use w2w_proto::{Address, ErrorCode, Identity};
 
-use crate::flight::{entry, receipt, Flight, FlightKey, Recipient};
-use crate::{ConnId, StoreDone, StoreOp, Stored, Token, Transmit};
+use crate::federation::Peer;
+use crate::flight::{entry, Flight, FlightKey, Recipient, Reply};
+use crate::routing::LinkStates;
+use crate::seen::SeenCache;
+use crate::{ConnId, Event, PeerId, Stats, StoreDone, StoreOp, Stored, Target, Token, Transmit};
 
 /// Settings of the delivery core.
 #[derive(Debug, Clone)]
@@ -24,6 +28,13 @@ pub struct Config {
     pub max_group: usize,
     /// Stored messages read per step of a connection's backlog (default 64).
     pub read_batch: usize,
+    /// Write every message durably before it counts (default true). False:
+    /// a connected recipient is handed it and it is `delivered` at once
+    /// (faster; a crash can lose it); offline recipients are still stored.
+    pub durable: bool,
+    /// Produce [`Event`]s (default false).
+    pub events: bool,
+    pub federation: FedConfig,
 }
 
 impl Default for Config {
@@ -32,6 +43,60 @@ impl Default for Config {
             receipt_timeout: Duration::from_secs(5),
             max_group: 64,
             read_batch: 64,
+            durable: true,
+            events: false,
+            federation: FedConfig::default(),
+        }
+    }
+}
+
+/// Settings of the federation part of the core.
+#[derive(Debug, Clone)]
+pub struct FedConfig {
+    /// The URL this relay advertises in its link state.
+    pub url: String,
+    /// Relay keys trusted as peers whichever side dials (empty: none
+    /// beyond those we dial).
+    pub allow: Vec<Address>,
+    /// Most links with trusted relays (default 5).
+    pub max_peers: usize,
+    /// Most links with relays on probation (default 3).
+    pub max_probation_peers: usize,
+    /// New relays a peer on probation may introduce (default 16).
+    pub probation_relays: usize,
+    /// New addresses a peer on probation may introduce (default 10,000).
+    pub probation_records: usize,
+    /// Most relays in the link-state database (default 10,000).
+    pub max_relays: usize,
+    /// Most addresses in the directory (default 1,000,000).
+    pub max_directory: usize,
+    /// Most relay hops a message may take (default 16).
+    pub hop_limit: u8,
+    /// Remembered forwarded messages (default 100,000) and for how long
+    /// (default 10 min).
+    pub seen_cache: usize,
+    pub seen_ttl: Duration,
+    /// Check the signatures of link-state and presence records (default
+    /// true). Simulations that stand for honest relays turn it off: a
+    /// check costs ~100 µs and cannot fail there.
+    pub check_signatures: bool,
+}
+
+impl Default for FedConfig {
+    fn default() -> Self {
+        FedConfig {
+            url: String::new(),
+            allow: Vec::new(),
+            max_peers: 5,
+            max_probation_peers: 3,
+            probation_relays: 16,
+            probation_records: 10_000,
+            max_relays: 10_000,
+            max_directory: 1_000_000,
+            hop_limit: 16,
+            seen_cache: 100_000,
+            seen_ttl: Duration::from_secs(600),
+            check_signatures: true,
         }
     }
 }
@@ -84,16 +149,21 @@ fn ids_of(address: Address) -> std::ops::RangeInclusive<(Address, MsgId)> {
     (address, MsgId([0; 16]))..=(address, MsgId([0xff; 16]))
 }
 
-/// The delivery state of one relay. See the crate docs for the contract.
+/// The state of one relay. See the crate docs for the contract.
 #[derive(Debug)]
 pub struct RelayCore {
-    config: Config,
+    pub(crate) config: Config,
+    pub(crate) identity: Identity,
+    pub(crate) me: Address,
     sessions: BTreeMap<ConnId, Session>,
-    by_address: HashMap<Address, ConnId>,
+    pub(crate) by_address: HashMap<Address, ConnId>,
     /// Addresses that registered here: messages for them are stored while
     /// they are offline.
-    known: BTreeSet<Address>,
-    flights: HashMap<FlightKey, Flight>,
+    pub(crate) known: std::collections::HashSet<Address>,
+    pub(crate) flights: HashMap<FlightKey, Flight>,
+    /// Flights of this relay's clients by message id (a FWD_RECEIPT names
+    /// the id only).
+    pub(crate) local_ids: HashMap<MsgId, FlightKey>,
     /// Deadlines of messages in flight, in time order.
     deadlines: BTreeMap<(Instant, u64), FlightKey>,
     /// Committed messages waiting for a draining connection's reader.
@@ -103,36 +173,105 @@ pub struct RelayCore {
     writes: HashMap<Address, u32>,
     tokens: HashMap<Token, Waiting>,
     next: u64,
-    transmits: VecDeque<Transmit>,
+    // Federation (federation.rs).
+    pub(crate) peers: BTreeMap<PeerId, Peer>,
+    pub(crate) peer_by_key: BTreeMap<Address, PeerId>,
+    /// Relays reached by dialling a configured URL: trusted whichever
+    /// side's link wins.
+    pub(crate) configured: BTreeSet<Address>,
+    pub(crate) links: LinkStates,
+    /// Routes are recomputed when next asked for after a change.
+    pub(crate) links_dirty: bool,
+    pub(crate) link_seq: u64,
+    /// Looked up per recipient: a hash map (outputs never follow its order).
+    pub(crate) directory: HashMap<Address, Presence>,
+    pub(crate) seen: SeenCache,
+    pub(crate) stats: Stats,
+    pub(crate) transmits: VecDeque<Transmit>,
     store_ops: VecDeque<StoreOp>,
-    closes: VecDeque<(ConnId, ErrorCode)>,
+    pub(crate) closes: VecDeque<(ConnId, ErrorCode)>,
+    pub(crate) events: VecDeque<Event>,
 }
 
 impl RelayCore {
-    /// A core for a relay whose store knows `known` (addresses that
-    /// registered here before).
-    pub fn new(config: Config, known: impl IntoIterator<Item = Address>) -> Self {
-        RelayCore {
+    /// A core for relay `identity` whose store knows `known` (addresses
+    /// that registered here before). `link_seq` numbers this relay's
+    /// link-state records: start it above any number an earlier run used
+    /// (e.g. the wall clock in ms); an echo of a higher one moves it on.
+    pub fn new(
+        config: Config,
+        identity: Identity,
+        link_seq: u64,
+        known: impl IntoIterator<Item = Address>,
+    ) -> Self {
+        let me = identity.address();
+        let seen = SeenCache::new(config.federation.seen_cache, config.federation.seen_ttl);
+        let mut core = RelayCore {
             config,
+            identity,
+            me,
             sessions: BTreeMap::new(),
             by_address: HashMap::new(),
             known: known.into_iter().collect(),
             flights: HashMap::new(),
+            local_ids: HashMap::new(),
             deadlines: BTreeMap::new(),
             awaiting_drain: BTreeMap::new(),
             writes: HashMap::new(),
             tokens: HashMap::new(),
             next: 0,
+            peers: BTreeMap::new(),
+            peer_by_key: BTreeMap::new(),
+            configured: BTreeSet::new(),
+            links: LinkStates::new(me),
+            links_dirty: false,
+            link_seq,
+            directory: HashMap::new(),
+            seen,
+            stats: Stats::default(),
             transmits: VecDeque::new(),
             store_ops: VecDeque::new(),
             closes: VecDeque::new(),
-        }
+            events: VecDeque::new(),
+        };
+        core.bump_link_state();
+        core
+    }
+
+    /// This relay's key.
+    pub fn address(&self) -> Address {
+        self.me
     }
 
     // ------------------------------------------------------------ outputs
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
+    }
+
+    /// A hop event (only with [`Config::events`]).
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Counters since the core was made.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Connected sessions.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether `address` has a session here.
+    pub fn is_connected(&self, address: &Address) -> bool {
+        self.by_address.contains_key(address)
+    }
+
+    /// Every connection, in id order.
+    pub(crate) fn conns(&self) -> Vec<(ConnId, Address)> {
+        self.sessions.iter().map(|(c, s)| (*c, s.address)).collect()
     }
 
     pub fn poll_store(&mut self) -> Option<StoreOp> {
@@ -158,6 +297,7 @@ impl RelayCore {
     /// a quiet relay must come back to.
     pub fn is_idle(&self) -> bool {
         self.flights.is_empty()
+            && self.local_ids.is_empty()
             && self.tokens.is_empty()
             && self.awaiting_drain.is_empty()
             && self.writes.is_empty()
@@ -168,8 +308,15 @@ impl RelayCore {
     // ------------------------------------------------------------- inputs
 
     /// A connection completed registration as `address`. An older session
-    /// of the same address is replaced (closed).
-    pub fn connect(&mut self, now: Instant, conn: ConnId, address: Address) {
+    /// of the same address is replaced (closed). With `proof` (the
+    /// registration's), its presence is published to the federation.
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        address: Address,
+        proof: Option<RegistrationProof>,
+    ) {
         if let Some(&old) = self.by_address.get(&address) {
             self.closes.push_back((old, ErrorCode::Replaced));
             self.disconnect(now, old);
@@ -188,6 +335,9 @@ impl RelayCore {
                 handed: BTreeMap::new(),
             },
         );
+        if let Some(proof) = proof {
+            self.local_join(proof);
+        }
         self.read_next(conn);
     }
 
@@ -201,6 +351,7 @@ impl RelayCore {
         let address = session.address;
         if self.by_address.get(&address) == Some(&conn) {
             self.by_address.remove(&address);
+            self.local_leave(&address);
         }
         let mut touched = BTreeSet::new();
         for (_, h) in session.handed {
@@ -244,8 +395,16 @@ impl RelayCore {
     }
 
     /// A MSG from a registered connection (the frame exactly as received,
-    /// and its decoded form).
-    pub fn handle_msg(&mut self, now: Instant, conn: ConnId, frame: Bytes, msg: &Msg) {
+    /// and its decoded form). For a named group, `group` holds its members
+    /// as the caller's group store resolved them (`None`: unknown group).
+    pub fn handle_msg(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        frame: Bytes,
+        msg: &Msg,
+        group: Option<Result<Vec<Address>, ErrorCode>>,
+    ) {
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
@@ -257,23 +416,29 @@ impl RelayCore {
             entries: Vec::new(),
         };
         if msg.from != session.address {
+            self.stats.error(ErrorCode::SpoofedSender);
             return self.send_receipt(conn, reject(ErrorCode::SpoofedSender));
         }
+        let key = (msg.id, msg.from);
+        // Receipts from other relays name the id only: a second message
+        // with the id of one still in flight is refused rather than
+        // allowed to take its receipt.
+        if self.local_ids.contains_key(&msg.id) || self.flights.contains_key(&key) {
+            self.stats.error(ErrorCode::Duplicate);
+            return self.send_receipt(conn, reject(ErrorCode::Duplicate));
+        }
+        self.event(Event::FromClient {
+            id: msg.id,
+            from: msg.from,
+        });
         let route = msg.dest.route();
         let targets: Vec<Address> = match &msg.dest {
-            Dest::A2n(_) => {
-                let mut delivered = 0;
-                for c in self.sessions.keys() {
-                    self.transmits.push_back(Transmit {
-                        conn: *c,
-                        frame: frame.clone(),
-                    });
-                    delivered += 1;
-                }
-                let r = receipt(msg.id, Route::A2n, Vec::new());
-                return self.send_receipt(conn, Receipt { delivered, ..r });
-            }
-            Dest::Group(_) => return self.send_receipt(conn, reject(ErrorCode::UnknownGroup)),
+            Dest::A2n(scope) => return self.broadcast_from_client(now, conn, key, frame, *scope),
+            Dest::Group(_) => match group {
+                Some(Ok(members)) => members,
+                Some(Err(code)) => return self.send_receipt(conn, reject(code)),
+                None => return self.send_receipt(conn, reject(ErrorCode::UnknownGroup)),
+            },
             Dest::A2a => vec![msg.from],
             Dest::A2b(to) => vec![*to],
             Dest::A2g(list) if list.is_empty() => {
@@ -287,39 +452,99 @@ impl RelayCore {
                 list.iter().copied().filter(|a| seen.insert(*a)).collect()
             }
         };
-        let key = (msg.id, msg.from);
-        if self.flights.contains_key(&key) {
-            return self.send_receipt(conn, reject(ErrorCode::Duplicate));
-        }
+        self.start_flight(now, (key, Reply::Client(conn), route), frame, targets, None);
+    }
+
+    /// Starts the record of a message for `targets`: each is handed over,
+    /// stored, forwarded toward its relay or settled at once.
+    pub(crate) fn start_flight(
+        &mut self,
+        now: Instant,
+        (key, reply, route): (FlightKey, Reply, Route),
+        frame: Bytes,
+        targets: Vec<Address>,
+        broadcast: Option<crate::flight::Broadcast>,
+    ) {
+        let from_peer = matches!(reply, Reply::Relay(_));
         let mut recipients = Vec::with_capacity(targets.len());
+        let mut remote: BTreeMap<Address, Vec<Address>> = BTreeMap::new();
         for to in targets {
-            let state = match self.by_address.get(&to).copied() {
-                Some(c) if self.hand_unstored(c, msg.id, &frame, key) => {
-                    Recipient::Unstored { conn: c }
-                }
-                Some(_) => self.enqueue(key, to, msg.from, msg.id, &frame, false),
-                None if self.known.contains(&to) => {
-                    self.enqueue(key, to, msg.from, msg.id, &frame, false)
-                }
-                None => Recipient::Settled(entry(to, Status::NoRoute, Some(ErrorCode::NoRoute))),
+            let state = match self.deliver_local(key, to, &frame, from_peer) {
+                Some(state) => state,
+                None => match self.home_elsewhere(&to) {
+                    // Hosted elsewhere (online, or left: its home relay
+                    // stores it). Never forwarded again by a relay that
+                    // was forwarded it.
+                    Some(relay) if !from_peer => match self.hop(&relay) {
+                        Some(_) => {
+                            remote.entry(relay).or_default().push(to);
+                            Recipient::Forwarded { relay }
+                        }
+                        None => self.settle_now(to, ErrorCode::Unreachable),
+                    },
+                    _ => self.settle_now(to, ErrorCode::NoRoute),
+                },
             };
             recipients.push((to, state));
         }
         self.next += 1;
         let deadline = (now + self.config.receipt_timeout, self.next);
         self.deadlines.insert(deadline, key);
+        if let Reply::Client(_) = reply {
+            self.local_ids.insert(key.0, key);
+        }
         self.flights.insert(
             key,
             Flight {
-                reply_to: conn,
+                reply,
                 route,
-                frame,
+                frame: frame.clone(),
                 recipients,
                 deadline,
                 expired: false,
+                broadcast,
             },
         );
+        for (relay, to) in remote {
+            self.forward_to(key, relay, to, &frame);
+        }
         self.finish_if_settled(key);
+    }
+
+    /// A recipient that cannot be reached: settled `no_route` with `code`.
+    fn settle_now(&mut self, to: Address, code: ErrorCode) -> Recipient {
+        self.stats.error(code);
+        Recipient::Settled(entry(to, Status::NoRoute, Some(code)))
+    }
+
+    /// Delivers to `to` if it is a client of this relay: handed over to a
+    /// live connection without being stored (its ACK or the deadline
+    /// decides), or stored first (offline, or still taking its backlog).
+    /// `None`: not ours.
+    fn deliver_local(
+        &mut self,
+        key: FlightKey,
+        to: Address,
+        frame: &Bytes,
+        from_peer: bool,
+    ) -> Option<Recipient> {
+        if let Some(c) = self.by_address.get(&to).copied() {
+            if !self.config.durable {
+                self.send_conn(c, frame.clone(), false);
+                self.event(Event::ToClient { id: key.0, to });
+                return Some(Recipient::Settled(entry(to, Status::Delivered, None)));
+            }
+            if self.hand_unstored(c, key.0, frame, key) {
+                self.event(Event::ToClient { id: key.0, to });
+                return Some(Recipient::Unstored { conn: c });
+            }
+            return Some(self.enqueue(key, to, key.1, key.0, frame, false));
+        }
+        let elsewhere = !from_peer && self.home_elsewhere(&to).is_some();
+        if self.known.contains(&to) && !elsewhere {
+            return Some(self.enqueue(key, to, key.1, key.0, frame, false));
+        }
+        None
     }
 
     /// An ACK: the connection has these messages.
@@ -384,10 +609,24 @@ impl RelayCore {
                 continue;
             };
             f.expired = true;
+            if let Some(b) = &mut f.broadcast {
+                if !b.waiting.is_empty() {
+                    b.waiting.clear();
+                    self.stats.error(ErrorCode::Timeout);
+                }
+            }
             let mut late = Vec::new();
             for (to, state) in &mut f.recipients {
                 match state {
                     Recipient::Unstored { .. } => late.push(*to),
+                    Recipient::Forwarded { .. } => {
+                        self.stats.error(ErrorCode::Timeout);
+                        *state = Recipient::Settled(entry(
+                            *to,
+                            Status::NoRoute,
+                            Some(ErrorCode::Timeout),
+                        ));
+                    }
                     Recipient::Stored { conn } => {
                         if conn.is_none() {
                             self.awaiting_drain.remove(&(*to, key.0));
@@ -430,10 +669,7 @@ impl RelayCore {
                 stored: false,
             },
         );
-        self.transmits.push_back(Transmit {
-            conn,
-            frame: frame.clone(),
-        });
+        self.send_conn(conn, frame.clone(), false);
         true
     }
 
@@ -599,7 +835,7 @@ impl RelayCore {
                 );
                 let frame = self.flights.get(&key).map(|f| f.frame.clone());
                 if let Some(frame) = frame {
-                    self.transmits.push_back(Transmit { conn: c, frame });
+                    self.send_conn(c, frame, false);
                 }
                 Recipient::Stored { conn: Some(c) }
             }
@@ -650,10 +886,7 @@ impl RelayCore {
                     stored: true,
                 },
             );
-            self.transmits.push_back(Transmit {
-                conn,
-                frame: m.frame,
-            });
+            self.send_conn(conn, m.frame, false);
             if let Some(key) = flight {
                 if let Some(st) = self
                     .flights
@@ -692,8 +925,8 @@ impl RelayCore {
         }
     }
 
-    /// Sends the receipt once every recipient is settled.
-    fn finish_if_settled(&mut self, key: FlightKey) {
+    /// Sends the receipt (or FWD_RECEIPT) once every recipient is settled.
+    pub(crate) fn finish_if_settled(&mut self, key: FlightKey) {
         let Some(f) = self.flights.get(&key) else {
             return;
         };
@@ -704,17 +937,37 @@ impl RelayCore {
             return;
         };
         self.deadlines.remove(&f.deadline);
-        if let Some(r) = f.receipt(key.0) {
-            self.send_receipt(f.reply_to, r);
+        match f.reply {
+            Reply::Client(conn) => {
+                self.local_ids.remove(&key.0);
+                if let Some(r) = f.receipt(key.0) {
+                    self.send_receipt(conn, r);
+                }
+            }
+            Reply::Relay(origin) => {
+                let entries = f.entries().unwrap_or_default();
+                self.reply_to_origin(origin, key.0, entries);
+            }
         }
     }
 
     fn send_receipt(&mut self, conn: ConnId, r: Receipt) {
         if self.sessions.contains_key(&conn) {
-            self.transmits.push_back(Transmit {
-                conn,
-                frame: RelayToClient::Receipt(r).encode(),
-            });
+            self.send_conn(conn, RelayToClient::Receipt(r).encode(), false);
+        }
+    }
+
+    pub(crate) fn send_conn(&mut self, conn: ConnId, frame: Bytes, soft: bool) {
+        self.transmits.push_back(Transmit {
+            to: Target::Conn(conn),
+            frame,
+            soft,
+        });
+    }
+
+    pub(crate) fn event(&mut self, e: Event) {
+        if self.config.events {
+            self.events.push_back(e);
         }
     }
 }

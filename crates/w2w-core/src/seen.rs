@@ -18,8 +18,21 @@ pub type SeenKey = (MsgId, Address, [u8; 16]);
 
 /// The first 16 bytes of SHA-256 over a MSG frame.
 pub fn digest(frame: &[u8]) -> [u8; 16] {
+    forward_digest(frame, None)
+}
+
+/// The digest of a FORWARD: its MSG frame and, for one addressed to a
+/// relay, that relay. One a2g for clients of two relays is two FORWARDs
+/// that may pass the same relay on their way: they are two entries, not a
+/// duplicate (the simulation found the second one dropped).
+pub fn forward_digest(frame: &[u8], target: Option<&Address>) -> [u8; 16] {
     use sha2::Digest;
-    let full = sha2::Sha256::digest(frame);
+    let mut h = sha2::Sha256::new();
+    h.update(frame);
+    if let Some(t) = target {
+        h.update(t.0);
+    }
+    let full = h.finalize();
     let mut d = [0u8; 16];
     d.copy_from_slice(&full[..16]);
     d
@@ -94,5 +107,11 @@ mod tests {
         assert!(c.insert(k(39), later), "expired after its ttl");
         assert_eq!(c.len(), 1);
         assert_ne!(digest(b"a"), digest(b"b"));
+        let (x, y) = (Address([1; 32]), Address([2; 32]));
+        assert_ne!(
+            forward_digest(b"a", Some(&x)),
+            forward_digest(b"a", Some(&y)),
+            "forwards of one message to two relays are two entries"
+        );
     }
 }

@@ -1,36 +1,53 @@
-//! Deterministic simulation of one relay core, its store and its clients.
+//! Deterministic simulation of relay cores, their stores, peer links and
+//! clients.
 //!
-//! Everything runs in one thread on a simulated clock: client connections
-//! are FIFO links with random delay that lose what is in flight when they
-//! drop; the store executes ops in order after a random delay, commits
-//! (what is committed survives a crash, nothing else does) and answers a
-//! little later; the relay crashes and restarts from what the store holds.
-//! All randomness comes from one seed, so a seed replays exactly:
-//! `cargo run -p w2w-core --example sim -- --seed N`.
+//! Everything runs in one thread on a simulated clock. Client connections
+//! and peer links are FIFO with random delay and lose what is in flight
+//! when they drop; each relay's store executes ops in order after a random
+//! delay, commits (what is committed survives a crash, nothing else does)
+//! and answers a little later; a relay crashes and restarts from what its
+//! store holds, and its peer links come back. Faults: client connections
+//! dropped or replaced, relay crashes, failed writes, stalled links, peer
+//! links cut and restored, the federation split in two and healed. All
+//! randomness comes from one seed, so a seed replays exactly:
+//! `cargo run -p w2w-core --example sim -- --seed N` (add `--federation`
+//! or `--scale` for those presets).
 //!
-//! Invariants, checked as the run goes and at its end:
+//! Each client has a home relay. Invariants, checked as the run goes and at
+//! its end:
 //! * a receipt that says `delivered` is sent only after the recipient's
 //!   client had the message; one that says `queued` only while the message
-//!   is on disk or the recipient has it;
+//!   is on its home relay's disk or the recipient has it;
 //! * every message receipted `delivered` or `queued` reaches its
-//!   recipient's application exactly once, across crashes and reconnections;
+//!   recipient's application exactly once, across crashes, reconnections
+//!   and partitions;
 //! * no connection is handed the same message twice;
 //! * a stored copy is deleted only after its recipient had it;
-//! * once quiet (every client connected, nothing sent) the core holds
-//!   nothing in flight and the store holds no message.
+//! * a FORWARD that comes round a cycle (relays' link-state views differ
+//!   while a change spreads) is dropped where the cycle closes; with no
+//!   faults, none does;
+//! * once quiet (every relay up, every link restored, every client
+//!   connected, nothing sent) every core holds nothing in flight, every
+//!   store holds no message, and no table is past its configured bound.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, RelayToClient, Status};
-use w2w_proto::{Address, ErrorCode};
+use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, RelayToClient, Scope, Status};
+use w2w_proto::s2s::{ForwardTarget, RegistrationProof, RelayToRelay};
+use w2w_proto::{Address, ErrorCode, Identity};
 
-use crate::{Config, ConnId, RelayCore, StoreDone, StoreOp, Stored};
+use crate::{Config, ConnId, FedConfig, PeerId, RelayCore, StoreDone, StoreOp, Stored, Target};
 
 /// What one simulation does.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// Relays (1: a single relay, no federation).
+    pub relays: usize,
+    /// Peer links per relay at most, and links each relay makes at start.
+    pub max_peers: usize,
+    pub initial_links: usize,
     pub clients: usize,
     /// Messages the clients send in all.
     pub messages: usize,
@@ -38,12 +55,20 @@ pub struct SimConfig {
     pub send_interval_us: u64,
     /// Chance per send that a client's connection drops (1 in N; 0: never).
     pub drop_one_in: u64,
-    /// Chance per send that the relay crashes (1 in N; 0: never).
+    /// Chance per send that a relay crashes (1 in N; 0: never).
     pub crash_one_in: u64,
     /// Chance per store write that it fails (1 in N; 0: never).
     pub write_error_one_in: u64,
-    /// One-way link delay range (µs).
+    /// Chance per send that a peer link is cut for a while (1 in N).
+    pub cut_one_in: u64,
+    /// Chance per send that the federation splits in two for a while.
+    pub partition_one_in: u64,
+    /// Sends an a2n now and then (with scope federation when there are
+    /// several relays).
+    pub broadcasts: bool,
+    /// One-way delay ranges (µs): client links, peer links.
     pub link_delay_us: (u64, u64),
+    pub peer_delay_us: (u64, u64),
     /// Store op delay range (µs).
     pub store_delay_us: (u64, u64),
     /// How long a client takes to acknowledge (µs).
@@ -52,29 +77,81 @@ pub struct SimConfig {
     /// how long (µs).
     pub stall_one_in: u64,
     pub stall_us: (u64, u64),
+    /// How long after the start clients begin sending (µs): the directory
+    /// spreads meanwhile.
+    pub warmup_us: u64,
     pub core: Config,
 }
 
 impl Default for SimConfig {
+    /// One relay, every kind of fault.
     fn default() -> Self {
         SimConfig {
+            relays: 1,
+            max_peers: 5,
+            initial_links: 2,
             clients: 12,
             messages: 200,
             send_interval_us: 300,
             drop_one_in: 40,
             crash_one_in: 150,
             write_error_one_in: 200,
+            cut_one_in: 0,
+            partition_one_in: 0,
+            broadcasts: true,
             link_delay_us: (50, 2_000),
+            peer_delay_us: (100, 3_000),
             store_delay_us: (20, 1_500),
             ack_delay_us: (0, 3_000),
             stall_one_in: 50,
             stall_us: (2_000, 30_000),
+            warmup_us: 3_000,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 max_group: 8,
                 read_batch: 4,
+                ..Config::default()
             },
         }
+    }
+}
+
+impl SimConfig {
+    /// A few relays in a random topology, with link cuts and partitions
+    /// on top of the single relay's faults.
+    pub fn federation() -> Self {
+        let mut c = SimConfig {
+            relays: 6,
+            clients: 24,
+            messages: 300,
+            crash_one_in: 250,
+            cut_one_in: 60,
+            partition_one_in: 300,
+            warmup_us: 30_000,
+            ..SimConfig::default()
+        };
+        c.core.receipt_timeout = Duration::from_millis(40);
+        c
+    }
+
+    /// Growth: 100 relays, 10,000 clients, 1,000,000 messages, no faults.
+    pub fn scale() -> Self {
+        let mut c = SimConfig {
+            relays: 100,
+            clients: 10_000,
+            messages: 1_000_000,
+            send_interval_us: 5,
+            drop_one_in: 0,
+            crash_one_in: 0,
+            write_error_one_in: 0,
+            stall_one_in: 0,
+            broadcasts: false,
+            warmup_us: 2_000_000,
+            ..SimConfig::default()
+        };
+        c.core.receipt_timeout = Duration::from_secs(5);
+        c.core.read_batch = 64;
+        c
     }
 }
 
@@ -89,7 +166,16 @@ pub struct Report {
     pub arrived: u64,
     pub crashes: u64,
     pub drops: u64,
+    pub cuts: u64,
+    pub partitions: u64,
+    /// Frames carried by peer links.
+    pub peer_frames: u64,
+    /// FORWARDs that came round a cycle to a relay they had passed (while
+    /// link-state views disagreed) and were dropped there.
+    pub loops: u64,
     pub events: u64,
+    /// Simulated time of the run (µs).
+    pub sim_us: u64,
 }
 
 impl Report {
@@ -103,7 +189,12 @@ impl Report {
         self.arrived += r.arrived;
         self.crashes += r.crashes;
         self.drops += r.drops;
+        self.cuts += r.cuts;
+        self.partitions += r.partitions;
+        self.peer_frames += r.peer_frames;
+        self.loops += r.loops;
         self.events += r.events;
+        self.sim_us += r.sim_us;
     }
 }
 
@@ -126,11 +217,15 @@ impl Rng {
     pub fn range(&mut self, (lo, hi): (u64, u64)) -> u64 {
         lo + self.next_u64() % (hi - lo + 1)
     }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
     /// True one time in `n` (never when `n` is 0).
     pub fn one_in(&mut self, n: u64) -> bool {
         n != 0 && self.next_u64().is_multiple_of(n)
     }
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+    pub fn bytes<const N: usize>(&mut self) -> [u8; N] {
         let mut out = [0u8; N];
         for chunk in out.chunks_mut(8) {
             let v = self.next_u64().to_le_bytes();
@@ -142,7 +237,7 @@ impl Rng {
 
 #[derive(Debug)]
 enum Up {
-    Msg(Bytes, Msg),
+    Msg(Bytes, Box<Msg>),
     Ack(Vec<MsgId>),
 }
 
@@ -150,6 +245,7 @@ enum Up {
 enum Ev {
     Send,
     ToRelay {
+        relay: usize,
         conn: ConnId,
         up: Up,
     },
@@ -158,14 +254,31 @@ enum Ev {
         client: usize,
         frame: Bytes,
     },
+    /// A frame on peer link `link`, toward its `b` end if `to_b`.
+    PeerFrame {
+        link: usize,
+        to_b: bool,
+        lgen: u64,
+        frame: Bytes,
+    },
+    LinkUp {
+        link: usize,
+    },
+    Restore {
+        link: usize,
+    },
+    Heal,
     StoreStep {
+        relay: usize,
         gen: u64,
     },
     StoreAnswer {
+        relay: usize,
         gen: u64,
         done: StoreDone,
     },
     Tick {
+        relay: usize,
         gen: u64,
     },
     Connect {
@@ -174,20 +287,23 @@ enum Ev {
     Drop {
         client: usize,
     },
-    Restart,
+    Restart {
+        relay: usize,
+    },
 }
 
 struct Client {
     address: Address,
+    home: usize,
     /// The current connection, if any.
     conn: Option<ConnId>,
     /// Ids handed on the current connection (a second copy is a relay bug).
-    on_conn: BTreeSet<MsgId>,
+    on_conn: HashSet<MsgId>,
     /// Messages the application got: (id, from).
-    app: BTreeSet<(MsgId, Address)>,
+    app: HashSet<(MsgId, Address)>,
 }
 
-/// The store: what is committed survives a crash.
+/// A relay's store: what is committed survives a crash.
 #[derive(Default)]
 struct Disk {
     known: BTreeSet<Address>,
@@ -199,6 +315,25 @@ struct Disk {
     busy: bool,
 }
 
+struct Relay {
+    identity: Identity,
+    core: Option<RelayCore>,
+    gen: u64,
+    disk: Disk,
+    tick_at: Option<u64>,
+    links: Vec<usize>,
+}
+
+struct Link {
+    a: usize,
+    b: usize,
+    /// Cut by a fault (restored later).
+    cut: bool,
+    up: bool,
+    /// Bumped whenever the link goes down: frames of an older one are lost.
+    lgen: u64,
+}
+
 struct Sim<'a> {
     cfg: &'a SimConfig,
     rng: Rng,
@@ -206,21 +341,26 @@ struct Sim<'a> {
     now_us: u64,
     seq: u64,
     events: BTreeMap<(u64, u64), Ev>,
-    core: Option<RelayCore>,
-    gen: u64,
-    disk: Disk,
+    relays: Vec<Relay>,
+    links: Vec<Link>,
+    /// One side of the federation while it is split.
+    partition: Option<BTreeSet<usize>>,
     clients: Vec<Client>,
+    /// Connection → (client, relay).
     by_conn: HashMap<ConnId, usize>,
     next_conn: u64,
+    /// Registrations so far (a newer one has a later timestamp).
+    registrations: u64,
     /// Per link direction, when the last frame arrives (FIFO).
-    link_last: HashMap<(ConnId, bool), u64>,
-    tick_at: Option<u64>,
+    link_last: HashMap<(u64, bool), u64>,
     /// Receipted delivered/queued: (id, sender, recipient).
-    promises: BTreeSet<(MsgId, Address, Address)>,
+    promises: Vec<(MsgId, Address, Address)>,
     /// Messages each recipient's client ever got: (recipient, id).
-    got: BTreeSet<(Address, MsgId)>,
+    got: HashSet<(Address, MsgId)>,
     /// Every message sent: its sender and whether it was an a2a.
     sent_by: HashMap<MsgId, (Address, bool)>,
+    /// (message, target relay, relay) of every FORWARD that reached a relay.
+    visits: HashMap<(MsgId, Address, usize), u32>,
     sending: bool,
     faults: bool,
     report: Report,
@@ -228,11 +368,16 @@ struct Sim<'a> {
     trace: bool,
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// One line for an event, for traces.
 fn describe(ev: &Ev) -> String {
     let short = |a: &Address| hex(&a.0[..3]);
     match ev {
         Ev::ToRelay {
+            relay,
             conn,
             up: Up::Msg(_, m),
         } => {
@@ -242,18 +387,17 @@ fn describe(ev: &Ev) -> String {
                 other => format!("{:?}", other.route()),
             };
             format!(
-                "relay <- c{} MSG {} from {} {dest}",
+                "relay {relay} <- c{} MSG {} from {} {dest}",
                 conn.0,
                 hex(&m.id.0[..3]),
                 short(&m.from)
             )
         }
         Ev::ToRelay {
+            relay,
             conn,
             up: Up::Ack(ids),
-        } => {
-            format!("relay <- c{} ACK {}", conn.0, hex(&ids[0].0[..3]))
-        }
+        } => format!("relay {relay} <- c{} ACK {}", conn.0, hex(&ids[0].0[..3])),
         Ev::ToClient {
             conn,
             client,
@@ -269,32 +413,57 @@ fn describe(ev: &Ev) -> String {
                 r.status,
                 r.entries
                     .iter()
-                    .map(|e| (short(&e.to), e.status))
+                    .map(|e| (short(&e.to), e.status, e.reason))
                     .collect::<Vec<_>>()
             ),
             _ => format!("client {client} <- c{} other", conn.0),
         },
-        Ev::StoreAnswer { gen, done } => format!("store answer (gen {gen}) {done:?}")
-            .chars()
-            .take(160)
-            .collect(),
+        Ev::PeerFrame {
+            link, to_b, frame, ..
+        } => {
+            let what = match RelayToRelay::decode(frame) {
+                Ok(RelayToRelay::Forward(f)) => format!("FORWARD hops {}", f.hops),
+                Ok(RelayToRelay::FwdReceipt(r)) => {
+                    format!("FWD_RECEIPT {} {:?}", hex(&r.id.0[..3]), r.entries)
+                }
+                Ok(RelayToRelay::Presence(p)) => {
+                    format!("PRESENCE {} {}", short(&p.proof.address), p.online)
+                }
+                Ok(RelayToRelay::LinkState(l)) => format!("LINK_STATE seq {}", l.seq),
+                _ => "other".into(),
+            };
+            format!("link {link} (to_b {to_b}): {what}")
+        }
+        Ev::StoreAnswer { relay, gen, done } => {
+            format!("relay {relay} store answer (gen {gen}) {done:?}")
+                .chars()
+                .take(160)
+                .collect()
+        }
         other => format!("{other:?}"),
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Runs one seeded simulation; `Err` names the violated invariant.
 pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
     let mut rng = Rng::new(seed);
+    let relays: Vec<Relay> = (0..cfg.relays.max(1))
+        .map(|_| Relay {
+            identity: Identity::from_seed(rng.bytes()),
+            core: None,
+            gen: 0,
+            disk: Disk::default(),
+            tick_at: None,
+            links: Vec::new(),
+        })
+        .collect();
     let clients = (0..cfg.clients)
-        .map(|_| Client {
+        .map(|i| Client {
             address: Address(rng.bytes()),
+            home: i % relays.len(),
             conn: None,
-            on_conn: BTreeSet::new(),
-            app: BTreeSet::new(),
+            on_conn: HashSet::new(),
+            app: HashSet::new(),
         })
         .collect();
     let mut sim = Sim {
@@ -304,23 +473,25 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
         now_us: 0,
         seq: 0,
         events: BTreeMap::new(),
-        core: Some(RelayCore::new(cfg.core.clone(), [])),
-        gen: 0,
-        disk: Disk::default(),
+        relays,
+        links: Vec::new(),
+        partition: None,
         clients,
         by_conn: HashMap::new(),
         next_conn: 0,
+        registrations: 0,
         link_last: HashMap::new(),
-        tick_at: None,
-        promises: BTreeSet::new(),
-        got: BTreeSet::new(),
+        promises: Vec::new(),
+        got: HashSet::new(),
         sent_by: HashMap::new(),
+        visits: HashMap::new(),
         sending: true,
         faults: true,
         report: Report::default(),
         trace: std::env::var_os("W2W_SIM_TRACE").is_some(),
     };
     sim.go().map_err(|e| format!("seed {seed}: {e}"))?;
+    sim.report.sim_us = sim.now_us;
     Ok(sim.report)
 }
 
@@ -334,13 +505,84 @@ impl Sim<'_> {
         self.events.insert((self.now_us + delay_us, self.seq), ev);
     }
 
+    fn core_config(&self, relay: usize) -> Config {
+        let mut c = self.cfg.core.clone();
+        c.federation = FedConfig {
+            url: format!("sim://{relay}"),
+            // Every relay of the simulation is trusted by the others.
+            allow: self.relays.iter().map(|r| r.identity.address()).collect(),
+            max_peers: self.cfg.max_peers + 1,
+            check_signatures: false,
+            ..c.federation
+        };
+        c
+    }
+
+    fn start_relay(&mut self, r: usize) {
+        let config = self.core_config(r);
+        let relay = &mut self.relays[r];
+        // Numbered as a wall clock would: above anything signed earlier.
+        let link_seq = self.now_us * 16 + relay.gen;
+        relay.core = Some(RelayCore::new(
+            config,
+            Identity::from_seed(relay.identity.seed()),
+            link_seq,
+            relay.disk.known.iter().copied(),
+        ));
+    }
+
     fn go(&mut self) -> Result<(), String> {
+        let n = self.relays.len();
+        for r in 0..n {
+            self.start_relay(r);
+        }
+        // A random topology, every relay with a few links (at most
+        // `max_peers`), connected: relay r first links to one before it.
+        let mut edges = BTreeSet::new();
+        let mut degree = vec![0usize; n];
+        for a in 1..n {
+            for attempt in 0..(1 + self.cfg.initial_links) {
+                let b = if attempt == 0 {
+                    // One with a free slot (relay 0..a always has one: a
+                    // tree of a nodes has fewer than a * max_peers ends).
+                    let mut b = self.rng.below(a);
+                    while degree[b] >= self.cfg.max_peers {
+                        b = self.rng.below(a);
+                    }
+                    b
+                } else {
+                    self.rng.below(n)
+                };
+                let e = (a.min(b), a.max(b));
+                let full = degree[a] >= self.cfg.max_peers || degree[b] >= self.cfg.max_peers;
+                if a == b || edges.contains(&e) || (attempt > 0 && full) {
+                    continue;
+                }
+                edges.insert(e);
+                degree[a] += 1;
+                degree[b] += 1;
+            }
+        }
+        for (a, b) in edges {
+            let link = self.links.len();
+            self.links.push(Link {
+                a,
+                b,
+                cut: false,
+                up: false,
+                lgen: 0,
+            });
+            self.relays[a].links.push(link);
+            self.relays[b].links.push(link);
+            let d = self.rng.range((0, 1_000));
+            self.at(d, Ev::LinkUp { link });
+        }
         for c in 0..self.clients.len() {
-            let d = self.rng.range((0, 2_000));
+            let d = self.rng.range((0, self.cfg.warmup_us / 2));
             self.at(d, Ev::Connect { client: c });
         }
-        self.at(3_000, Ev::Send);
-        let limit = 200 * (self.cfg.messages as u64 + 100) * (self.cfg.clients as u64 + 4);
+        self.at(self.cfg.warmup_us, Ev::Send);
+        let limit = 400 * (self.cfg.messages as u64 + 100) * (self.cfg.clients as u64 + 4);
         while let Some(((t, _), ev)) = self.events.pop_first() {
             self.now_us = t;
             self.report.events += 1;
@@ -358,13 +600,14 @@ impl Sim<'_> {
         self.check_end()
     }
 
-    /// No more sends or faults: everyone comes back.
+    /// No more sends or faults: every link comes back, everyone connects.
     fn quiesce(&mut self) {
         self.sending = false;
         self.faults = false;
-        if self.core.is_none() {
-            // A restart is already scheduled.
-            return;
+        self.partition = None;
+        for link in 0..self.links.len() {
+            self.links[link].cut = false;
+            self.at(100, Ev::LinkUp { link });
         }
         for c in 0..self.clients.len() {
             if self.clients[c].conn.is_none() {
@@ -382,8 +625,7 @@ impl Sim<'_> {
                 // still up (another device, a fast reconnect): the newer
                 // one replaces the older.
                 self.report.drops += 1;
-                let old = self.clients[client].conn.take();
-                if let Some(old) = old {
+                if let Some(old) = self.clients[client].conn.take() {
                     self.by_conn.remove(&old);
                 }
                 self.connect(client);
@@ -396,16 +638,16 @@ impl Sim<'_> {
                     self.at(d, Ev::Connect { client });
                 }
             }
-            Ev::ToRelay { conn, up } => {
+            Ev::ToRelay { relay, conn, up } => {
                 if self.by_conn.contains_key(&conn) {
                     let now = self.now();
-                    if let Some(core) = self.core.as_mut() {
+                    if let Some(core) = self.relays[relay].core.as_mut() {
                         match up {
-                            Up::Msg(frame, msg) => core.handle_msg(now, conn, frame, &msg),
+                            Up::Msg(frame, msg) => core.handle_msg(now, conn, frame, &msg, None),
                             Up::Ack(ids) => core.handle_ack(now, conn, &ids),
                         }
                     }
-                    self.pump()?;
+                    self.pump(relay)?;
                 }
             }
             Ev::ToClient {
@@ -417,38 +659,68 @@ impl Sim<'_> {
                     self.client_frame(client, conn, frame)?;
                 }
             }
-            Ev::StoreStep { gen } => {
-                if gen == self.gen {
-                    self.store_step()?;
+            Ev::PeerFrame {
+                link,
+                to_b,
+                lgen,
+                frame,
+            } => {
+                let l = &self.links[link];
+                if l.up && l.lgen == lgen {
+                    self.report.peer_frames += 1;
+                    let relay = if to_b { l.b } else { l.a };
+                    self.peer_frame(relay, link, lgen, frame)?;
                 }
             }
-            Ev::StoreAnswer { gen, done } => {
-                if gen == self.gen {
+            Ev::LinkUp { link } => self.link_up(link)?,
+            Ev::Restore { link } => {
+                if self.faults {
+                    self.links[link].cut = false;
+                    self.link_up(link)?;
+                }
+            }
+            Ev::Heal => {
+                if self.faults && self.partition.take().is_some() {
+                    for link in 0..self.links.len() {
+                        self.link_up(link)?;
+                    }
+                }
+            }
+            Ev::StoreStep { relay, gen } => {
+                if gen == self.relays[relay].gen {
+                    self.store_step(relay)?;
+                }
+            }
+            Ev::StoreAnswer { relay, gen, done } => {
+                if gen == self.relays[relay].gen {
                     let now = self.now();
-                    if let Some(core) = self.core.as_mut() {
+                    if let Some(core) = self.relays[relay].core.as_mut() {
                         core.store_done(now, done);
                     }
-                    self.pump()?;
+                    self.pump(relay)?;
                 }
             }
-            Ev::Tick { gen } => {
-                if gen == self.gen {
-                    self.tick_at = None;
+            Ev::Tick { relay, gen } => {
+                if gen == self.relays[relay].gen {
+                    self.relays[relay].tick_at = None;
                     let now = self.now();
-                    if let Some(core) = self.core.as_mut() {
+                    if let Some(core) = self.relays[relay].core.as_mut() {
                         core.handle_timeout(now);
                     }
-                    self.pump()?;
+                    self.pump(relay)?;
                 }
             }
-            Ev::Restart => {
-                self.core = Some(RelayCore::new(
-                    self.cfg.core.clone(),
-                    self.disk.known.iter().copied(),
-                ));
+            Ev::Restart { relay } => {
+                self.start_relay(relay);
                 for c in 0..self.clients.len() {
-                    let d = self.rng.range((100, 5_000));
-                    self.at(d, Ev::Connect { client: c });
+                    if self.clients[c].home == relay {
+                        let d = self.rng.range((100, 5_000));
+                        self.at(d, Ev::Connect { client: c });
+                    }
+                }
+                for link in self.relays[relay].links.clone() {
+                    let d = self.rng.range((100, 3_000));
+                    self.at(d, Ev::LinkUp { link });
                 }
             }
         }
@@ -461,24 +733,25 @@ impl Sim<'_> {
         }
         let next = self.rng.range((1, 2 * self.cfg.send_interval_us));
         self.at(next, Ev::Send);
-        if self.faults && self.rng.one_in(self.cfg.crash_one_in) && self.core.is_some() {
-            return self.crash();
+        if self.faults {
+            self.faults_now()?;
         }
-        if self.faults && self.rng.one_in(self.cfg.drop_one_in) {
-            let c = self.rng.range((0, self.clients.len() as u64 - 1)) as usize;
-            self.at(0, Ev::Drop { client: c });
-        }
-        let from = self.rng.range((0, self.clients.len() as u64 - 1)) as usize;
+        let from = self.rng.below(self.clients.len());
         let Some(conn) = self.clients[from].conn else {
             return Ok(());
         };
         let pick = |sim: &mut Sim| {
-            let i = sim.rng.range((0, sim.clients.len() as u64 - 1)) as usize;
+            let i = sim.rng.below(sim.clients.len());
             sim.clients[i].address
         };
+        let federation = self.relays.len() > 1;
         let dest = match self.rng.range((0, 19)) {
             0 | 10 => Dest::A2a,
-            11 => Dest::A2n(w2w_proto::frame::Scope::Relay),
+            11 if self.cfg.broadcasts => Dest::A2n(if federation {
+                Scope::Federation
+            } else {
+                Scope::Relay
+            }),
             1 | 12 => Dest::A2b(Address(self.rng.bytes())), // never registered
             2 | 3 | 13 | 14 => {
                 let n = self.rng.range((2, 4));
@@ -497,47 +770,199 @@ impl Sim<'_> {
         self.sent_by
             .insert(msg.id, (msg.from, msg.dest == Dest::A2a));
         self.report.sent += 1;
-        self.up(conn, Up::Msg(frame, msg));
+        let relay = self.clients[from].home;
+        let d = self.link_delay(conn.0, true, self.cfg.link_delay_us);
+        self.at(
+            d,
+            Ev::ToRelay {
+                relay,
+                conn,
+                up: Up::Msg(frame, Box::new(msg)),
+            },
+        );
         Ok(())
     }
 
-    /// A frame from a client to the relay, FIFO on its link.
-    fn up(&mut self, conn: ConnId, up: Up) {
-        let d = self.link_delay(conn, true);
-        self.at(d, Ev::ToRelay { conn, up });
+    fn faults_now(&mut self) -> Result<(), String> {
+        let n = self.relays.len();
+        if self.rng.one_in(self.cfg.crash_one_in) {
+            let r = self.rng.below(n);
+            if self.relays[r].core.is_some() {
+                self.crash(r)?;
+            }
+        }
+        if self.rng.one_in(self.cfg.drop_one_in) {
+            let c = self.rng.below(self.clients.len());
+            self.at(0, Ev::Drop { client: c });
+        }
+        if !self.links.is_empty() && self.rng.one_in(self.cfg.cut_one_in) {
+            let link = self.rng.below(self.links.len());
+            if !self.links[link].cut {
+                self.report.cuts += 1;
+                self.links[link].cut = true;
+                self.link_down(link)?;
+                let d = self.rng.range((1_000, 60_000));
+                self.at(d, Ev::Restore { link });
+            }
+        }
+        if n > 1 && self.partition.is_none() && self.rng.one_in(self.cfg.partition_one_in) {
+            self.report.partitions += 1;
+            let side: BTreeSet<usize> = (0..n).filter(|_| self.rng.one_in(2)).collect();
+            self.partition = Some(side);
+            for link in 0..self.links.len() {
+                if !self.usable(link) {
+                    self.link_down(link)?;
+                }
+            }
+            let d = self.rng.range((5_000, 100_000));
+            self.at(d, Ev::Heal);
+        }
+        Ok(())
     }
 
-    fn link_delay(&mut self, conn: ConnId, up: bool) -> u64 {
-        let mut want = self.now_us + self.rng.range(self.cfg.link_delay_us);
+    /// Whether a link may be up: not cut, not across the partition, both
+    /// relays running.
+    fn usable(&self, link: usize) -> bool {
+        let l = &self.links[link];
+        let split = self
+            .partition
+            .as_ref()
+            .is_some_and(|s| s.contains(&l.a) != s.contains(&l.b));
+        !l.cut && !split && self.relays[l.a].core.is_some() && self.relays[l.b].core.is_some()
+    }
+
+    fn peer_id(link: usize, lgen: u64) -> PeerId {
+        PeerId(((lgen) << 24) | link as u64)
+    }
+
+    fn link_up(&mut self, link: usize) -> Result<(), String> {
+        if self.links[link].up || !self.usable(link) {
+            return Ok(());
+        }
+        let (a, b) = (self.links[link].a, self.links[link].b);
+        self.links[link].up = true;
+        self.links[link].lgen += 1;
+        let pid = Self::peer_id(link, self.links[link].lgen);
+        let (ka, kb) = (
+            self.relays[a].identity.address(),
+            self.relays[b].identity.address(),
+        );
+        for (r, key, dialled) in [(a, kb, true), (b, ka, false)] {
+            if let Some(core) = self.relays[r].core.as_mut() {
+                match core.peer_up(pid, key, String::new(), dialled) {
+                    Ok(trusted) => {
+                        let all = core.directory_for(trusted);
+                        core.send_records(pid, &all);
+                    }
+                    Err(code) => return Err(format!("relay {r} refused link {link}: {code:?}")),
+                }
+            }
+        }
+        self.pump(a)?;
+        self.pump(b)
+    }
+
+    fn link_down(&mut self, link: usize) -> Result<(), String> {
+        if !self.links[link].up {
+            return Ok(());
+        }
+        self.links[link].up = false;
+        let pid = Self::peer_id(link, self.links[link].lgen);
+        self.links[link].lgen += 1;
+        let (a, b) = (self.links[link].a, self.links[link].b);
+        for r in [a, b] {
+            if let Some(core) = self.relays[r].core.as_mut() {
+                core.peer_down(pid);
+            }
+            self.pump(r)?;
+        }
+        Ok(())
+    }
+
+    fn peer_frame(
+        &mut self,
+        relay: usize,
+        link: usize,
+        lgen: u64,
+        frame: Bytes,
+    ) -> Result<(), String> {
+        let Ok(f) = RelayToRelay::decode(&frame) else {
+            return Err("a relay sent a peer frame that does not decode".into());
+        };
+        if let RelayToRelay::Forward(fwd) = &f {
+            if let ForwardTarget::Relay { relay: target, .. } = &fwd.target {
+                let id = match ClientToRelay::decode(&fwd.msg) {
+                    Ok(ClientToRelay::Msg(m)) => m.id,
+                    _ => return Err("a FORWARD carries no MSG".into()),
+                };
+                let n = self.visits.entry((id, *target, relay)).or_insert(0);
+                *n += 1;
+                match *n {
+                    1 => {}
+                    // Relays whose link-state views disagree while a change
+                    // spreads can send a FORWARD round a cycle (a micro-loop,
+                    // as in any link-state protocol); the seen cache must
+                    // end it where it closes.
+                    2 => self.report.loops += 1,
+                    _ => {
+                        return Err(format!(
+                            "message {id} reached relay {relay} {n} times (a loop not cut)"
+                        ))
+                    }
+                }
+            }
+        }
+        let now = self.now();
+        let pid = Self::peer_id(link, lgen);
+        if let Some(core) = self.relays[relay].core.as_mut() {
+            core.handle_peer_frame(now, pid, f);
+        }
+        self.pump(relay)
+    }
+
+    fn link_delay(&mut self, key: u64, up: bool, range: (u64, u64)) -> u64 {
+        let mut want = self.now_us + self.rng.range(range);
         // Now and then a link stalls (a congested or lossy path: TCP
         // retransmits, everything behind waits).
         if self.rng.one_in(self.cfg.stall_one_in) {
             want += self.rng.range(self.cfg.stall_us);
         }
-        let last = self.link_last.entry((conn, up)).or_insert(0);
+        let last = self.link_last.entry((key, up)).or_insert(0);
         let arrive = want.max(*last);
         *last = arrive;
         arrive - self.now_us
     }
 
     fn connect(&mut self, client: usize) {
-        if self.clients[client].conn.is_some() || self.core.is_none() {
+        let home = self.clients[client].home;
+        if self.clients[client].conn.is_some() || self.relays[home].core.is_none() {
             return;
         }
         self.next_conn += 1;
         let conn = ConnId(self.next_conn);
         let address = self.clients[client].address;
         // Registration is durable before the client hears it succeeded.
-        self.disk.known.insert(address);
+        self.relays[home].disk.known.insert(address);
         self.clients[client].conn = Some(conn);
         self.clients[client].on_conn.clear();
         self.by_conn.insert(conn, client);
+        self.registrations += 1;
+        let proof = RegistrationProof {
+            address,
+            relay_key: self.relays[home].identity.address(),
+            relay_nonce: [0; 32],
+            client_nonce: [0; 32],
+            timestamp_ms: self.registrations,
+            url: String::new(),
+            sig_a: [0; 64],
+        };
         let now = self.now();
-        if let Some(core) = self.core.as_mut() {
-            core.connect(now, conn, address);
+        let federation = self.relays.len() > 1;
+        if let Some(core) = self.relays[home].core.as_mut() {
+            core.connect(now, conn, address, federation.then_some(proof));
         }
         // `pump` cannot fail on a connect (no receipt is emitted).
-        let _ = self.pump();
+        let _ = self.pump(home);
     }
 
     fn drop_conn(&mut self, conn: ConnId) {
@@ -545,35 +970,43 @@ impl Sim<'_> {
             return;
         };
         self.clients[client].conn = None;
-        self.link_last.remove(&(conn, true));
-        self.link_last.remove(&(conn, false));
+        self.link_last.remove(&(conn.0, true));
+        self.link_last.remove(&(conn.0, false));
         let now = self.now();
-        if let Some(core) = self.core.as_mut() {
+        let home = self.clients[client].home;
+        if let Some(core) = self.relays[home].core.as_mut() {
             core.disconnect(now, conn);
         }
-        let _ = self.pump();
+        let _ = self.pump(home);
     }
 
-    fn crash(&mut self) -> Result<(), String> {
+    fn crash(&mut self, r: usize) -> Result<(), String> {
         self.report.crashes += 1;
-        self.gen += 1;
-        self.core = None;
-        self.tick_at = None;
-        self.disk.queue.clear();
-        self.disk.busy = false;
+        let relay = &mut self.relays[r];
+        relay.gen += 1;
+        relay.core = None;
+        relay.tick_at = None;
+        relay.disk.queue.clear();
+        relay.disk.busy = false;
         for c in &mut self.clients {
-            if let Some(conn) = c.conn.take() {
-                self.by_conn.remove(&conn);
+            if c.home == r {
+                if let Some(conn) = c.conn.take() {
+                    self.by_conn.remove(&conn);
+                }
             }
         }
+        for link in self.relays[r].links.clone() {
+            self.link_down(link)?;
+        }
         let d = self.rng.range((1_000, 10_000));
-        self.at(d, Ev::Restart);
+        self.at(d, Ev::Restart { relay: r });
         Ok(())
     }
 
-    /// Takes the core's outputs.
-    fn pump(&mut self) -> Result<(), String> {
-        let Some(core) = self.core.as_mut() else {
+    /// Takes a relay's outputs.
+    fn pump(&mut self, r: usize) -> Result<(), String> {
+        let gen = self.relays[r].gen;
+        let Some(core) = self.relays[r].core.as_mut() else {
             return Ok(());
         };
         let mut transmits = Vec::new();
@@ -590,24 +1023,50 @@ impl Sim<'_> {
         }
         let timeout = core.poll_timeout();
         for t in transmits {
-            self.check_receipt(&t.frame)?;
-            if let Some(&client) = self.by_conn.get(&t.conn) {
-                let d = self.link_delay(t.conn, false);
-                self.at(
-                    d,
-                    Ev::ToClient {
-                        conn: t.conn,
-                        client,
-                        frame: t.frame,
-                    },
-                );
+            match t.to {
+                Target::Conn(conn) => {
+                    self.check_receipt(&t.frame)?;
+                    if let Some(&client) = self.by_conn.get(&conn) {
+                        let d = self.link_delay(conn.0, false, self.cfg.link_delay_us);
+                        self.at(
+                            d,
+                            Ev::ToClient {
+                                conn,
+                                client,
+                                frame: t.frame,
+                            },
+                        );
+                    }
+                }
+                Target::Peer(pid) => {
+                    let link = (pid.0 & 0xff_ffff) as usize;
+                    let lgen = pid.0 >> 24;
+                    let Some(l) = self.links.get(link) else {
+                        return Err(format!("relay {r} sent to an unknown peer {pid:?}"));
+                    };
+                    if !l.up || l.lgen != lgen {
+                        continue; // the link is gone: lost
+                    }
+                    let to_b = l.a == r;
+                    let key = (1u64 << 63) | (link as u64);
+                    let d = self.link_delay(key ^ (lgen << 32), to_b, self.cfg.peer_delay_us);
+                    self.at(
+                        d,
+                        Ev::PeerFrame {
+                            link,
+                            to_b,
+                            lgen,
+                            frame: t.frame,
+                        },
+                    );
+                }
             }
         }
-        self.disk.queue.extend(ops);
-        if !self.disk.busy && !self.disk.queue.is_empty() {
-            self.disk.busy = true;
+        self.relays[r].disk.queue.extend(ops);
+        if !self.relays[r].disk.busy && !self.relays[r].disk.queue.is_empty() {
+            self.relays[r].disk.busy = true;
             let d = self.rng.range(self.cfg.store_delay_us);
-            self.at(d, Ev::StoreStep { gen: self.gen });
+            self.at(d, Ev::StoreStep { relay: r, gen });
         }
         for (conn, _) in closes {
             if let Some(client) = self.by_conn.get(&conn).copied() {
@@ -617,8 +1076,9 @@ impl Sim<'_> {
                 // Closed by the relay: the client comes back later.
                 self.by_conn.remove(&conn);
                 self.clients[client].conn = None;
-                if let Some(core) = self.core.as_mut() {
-                    core.disconnect(self.t0 + Duration::from_micros(self.now_us), conn);
+                let now = self.now();
+                if let Some(core) = self.relays[r].core.as_mut() {
+                    core.disconnect(now, conn);
                 }
                 let d = self.rng.range((500, 5_000));
                 self.at(d, Ev::Connect { client });
@@ -626,19 +1086,21 @@ impl Sim<'_> {
         }
         if let Some(t) = timeout {
             let us = t.duration_since(self.t0).as_micros() as u64;
-            if self.tick_at.is_none_or(|cur| us < cur) {
-                self.tick_at = Some(us);
+            if self.relays[r].tick_at.is_none_or(|cur| us < cur) {
+                self.relays[r].tick_at = Some(us);
                 let d = us.saturating_sub(self.now_us);
-                self.at(d, Ev::Tick { gen: self.gen });
+                self.at(d, Ev::Tick { relay: r, gen });
             }
         }
         Ok(())
     }
 
-    /// Executes the next store op (it commits now), and schedules its answer.
-    fn store_step(&mut self) -> Result<(), String> {
-        let Some(op) = self.disk.queue.pop_front() else {
-            self.disk.busy = false;
+    /// Executes relay `r`'s next store op (it commits now), and schedules
+    /// its answer.
+    fn store_step(&mut self, r: usize) -> Result<(), String> {
+        let gen = self.relays[r].gen;
+        let Some(op) = self.relays[r].disk.queue.pop_front() else {
+            self.relays[r].disk.busy = false;
             return Ok(());
         };
         if self.trace {
@@ -653,8 +1115,10 @@ impl Sim<'_> {
                     recipient, after, ..
                 } => format!("read for {} after {after}", hex(&recipient.0[..3])),
             };
-            eprintln!("{:>9}   store: {line}", self.now_us);
+            eprintln!("{:>9}   relay {r} store: {line}", self.now_us);
         }
+        let fail = self.rng.one_in(self.cfg.write_error_one_in);
+        let disk = &mut self.relays[r].disk;
         let answer = match op {
             StoreOp::Enqueue {
                 token,
@@ -663,27 +1127,27 @@ impl Sim<'_> {
                 frame,
                 ..
             } => {
-                let result = if self.rng.one_in(self.cfg.write_error_one_in) {
+                let result = if fail {
                     Err(ErrorCode::Internal)
                 } else {
-                    if !self.disk.index.contains_key(&(recipient, id)) {
-                        self.disk.next_seq += 1;
-                        let seq = self.disk.next_seq;
-                        self.disk.rows.insert((recipient, seq), (id, frame));
-                        self.disk.index.insert((recipient, id), seq);
+                    if !disk.index.contains_key(&(recipient, id)) {
+                        disk.next_seq += 1;
+                        let seq = disk.next_seq;
+                        disk.rows.insert((recipient, seq), (id, frame));
+                        disk.index.insert((recipient, id), seq);
                     }
                     Ok(())
                 };
                 Some(StoreDone::Enqueued { token, result })
             }
             StoreOp::Dequeue { recipient, id } => {
-                if let Some(seq) = self.disk.index.remove(&(recipient, id)) {
+                if let Some(seq) = disk.index.remove(&(recipient, id)) {
                     if !self.got.contains(&(recipient, id)) {
                         return Err(format!(
                             "a stored copy for {recipient} was deleted before it arrived"
                         ));
                     }
-                    self.disk.rows.remove(&(recipient, seq));
+                    disk.rows.remove(&(recipient, seq));
                 }
                 None
             }
@@ -693,8 +1157,7 @@ impl Sim<'_> {
                 after,
                 limit,
             } => {
-                let rows = self
-                    .disk
+                let rows = disk
                     .rows
                     .range((recipient, after + 1)..=(recipient, i64::MAX))
                     .take(limit)
@@ -710,26 +1173,33 @@ impl Sim<'_> {
                 })
             }
         };
+        let more = !self.relays[r].disk.queue.is_empty();
         if let Some(done) = answer {
             let d = self.rng.range((0, 300));
             self.at(
                 d,
                 Ev::StoreAnswer {
-                    gen: self.gen,
+                    relay: r,
+                    gen,
                     done,
                 },
             );
         }
-        if self.disk.queue.is_empty() {
-            self.disk.busy = false;
-        } else {
+        if more {
             let d = self.rng.range(self.cfg.store_delay_us);
-            self.at(d, Ev::StoreStep { gen: self.gen });
+            self.at(d, Ev::StoreStep { relay: r, gen });
+        } else {
+            self.relays[r].disk.busy = false;
         }
         Ok(())
     }
 
-    /// Checks a RECEIPT as the relay sends it, and records its promises.
+    fn home_disk(&self, to: &Address) -> Option<&Disk> {
+        let c = self.clients.iter().find(|c| c.address == *to)?;
+        Some(&self.relays[c.home].disk)
+    }
+
+    /// Checks a RECEIPT as a relay sends it, and records its promises.
     fn check_receipt(&mut self, frame: &Bytes) -> Result<(), String> {
         let Ok(RelayToClient::Receipt(r)) = RelayToClient::decode(frame) else {
             return Ok(());
@@ -756,8 +1226,10 @@ impl Sim<'_> {
                 }
                 Status::Queued => {
                     self.report.queued_entries += 1;
-                    if !self.got.contains(&(to, r.id)) && !self.disk.index.contains_key(&(to, r.id))
-                    {
+                    let on_disk = self
+                        .home_disk(&to)
+                        .is_some_and(|d| d.index.contains_key(&(to, r.id)));
+                    if !self.got.contains(&(to, r.id)) && !on_disk {
                         return Err(format!(
                             "receipt says queued for {to}, but it is neither on disk nor arrived"
                         ));
@@ -768,7 +1240,7 @@ impl Sim<'_> {
                     continue;
                 }
             }
-            self.promises.insert((r.id, sender, to));
+            self.promises.push((r.id, sender, to));
         }
         Ok(())
     }
@@ -786,16 +1258,21 @@ impl Sim<'_> {
             ));
         }
         let to = c.address;
+        let home = c.home;
         if c.app.insert((m.id, m.from)) {
             self.report.arrived += 1;
         }
         self.got.insert((to, m.id));
+        if matches!(m.dest, Dest::A2n(_)) {
+            return Ok(()); // broadcasts are not acknowledged
+        }
         let d = self.rng.range(self.cfg.ack_delay_us);
         // Acknowledged after a while, on the same link (lost if it drops).
-        let arrive = d + self.link_delay(conn, true);
+        let arrive = d + self.link_delay(conn.0, true, self.cfg.link_delay_us);
         self.at(
             arrive,
             Ev::ToRelay {
+                relay: home,
                 conn,
                 up: Up::Ack(vec![m.id]),
             },
@@ -804,27 +1281,41 @@ impl Sim<'_> {
     }
 
     fn check_end(&mut self) -> Result<(), String> {
+        let by_address: HashMap<Address, usize> = self
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.address, i))
+            .collect();
         for (id, from, to) in &self.promises {
-            let Some(c) = self.clients.iter().find(|c| c.address == *to) else {
+            let Some(&c) = by_address.get(to) else {
                 continue;
             };
-            if !c.app.contains(&(*id, *from)) {
+            if !self.clients[c].app.contains(&(*id, *from)) {
                 return Err(format!("message {id} receipted for {to} never arrived"));
             }
         }
-        if let Some(core) = &self.core {
-            if !core.is_idle() {
+        let fed = &self.cfg.core.federation;
+        for (i, r) in self.relays.iter().enumerate() {
+            if let Some(core) = &r.core {
+                if !core.is_idle() {
+                    return Err(format!(
+                        "relay {i}'s core is not idle at the end ({} messages in flight)",
+                        core.in_flight()
+                    ));
+                }
+                if core.directory_len() > fed.max_directory.min(self.clients.len())
+                    || core.relays_known() > fed.max_relays.min(self.relays.len())
+                {
+                    return Err(format!("relay {i} holds more records than exist"));
+                }
+            }
+            if !r.disk.rows.is_empty() {
                 return Err(format!(
-                    "the core is not idle at the end ({} messages in flight)",
-                    core.in_flight()
+                    "{} messages still stored at relay {i} at the end, every recipient connected",
+                    r.disk.rows.len()
                 ));
             }
-        }
-        if !self.disk.rows.is_empty() {
-            return Err(format!(
-                "{} messages still stored at the end, every recipient connected",
-                self.disk.rows.len()
-            ));
         }
         Ok(())
     }

@@ -27,3 +27,39 @@ fn a_seed_replays_exactly() {
     let cfg = SimConfig::default();
     assert_eq!(run(42, &cfg), run(42, &cfg));
 }
+
+#[test]
+fn federated_relays_keep_every_invariant_through_cuts_partitions_and_crashes() {
+    let cfg = SimConfig::federation();
+    let mut total = w2w_core::sim::Report::default();
+    for seed in 0..150 {
+        let r = run(seed, &cfg).unwrap_or_else(|e| {
+            panic!(
+                "{e}\n  replay: cargo run -p w2w-core --example sim -- --seed {seed} --federation"
+            )
+        });
+        total.add(&r);
+    }
+    println!("{total:?}");
+    assert!(total.crashes > 100, "{total:?}");
+    assert!(total.cuts > 300, "{total:?}");
+    assert!(total.partitions > 50, "{total:?}");
+    assert!(total.peer_frames > 100_000, "{total:?}");
+    assert!(total.queued_entries > 500, "{total:?}");
+    assert!(total.delivered_entries > 20_000, "{total:?}");
+}
+
+#[test]
+fn a_quiet_federation_of_forty_relays_delivers_without_loops() {
+    let mut cfg = SimConfig::scale();
+    cfg.relays = 40;
+    cfg.clients = 400;
+    cfg.messages = 4_000;
+    cfg.warmup_us = 200_000;
+    let r = run(7, &cfg).unwrap_or_else(|e| panic!("{e}"));
+    println!("{r:?}");
+    assert_eq!(r.loops, 0, "{r:?}");
+    // Only the never-registered recipients (1 in 10 sends) are refused.
+    assert!(r.rejected_entries * 8 < r.sent, "{r:?}");
+    assert!(r.delivered_entries > r.sent, "{r:?}");
+}

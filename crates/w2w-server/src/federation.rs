@@ -39,7 +39,7 @@ use w2w_proto::{Address, ErrorCode, Identity};
 
 use w2w_core::flight::{delivered_count, entry, summarize};
 use w2w_core::routing::LinkStates;
-use w2w_core::seen::{digest, SeenCache};
+use w2w_core::seen::{digest, forward_digest, SeenCache};
 
 use crate::budget::StoreBudget;
 use crate::metrics::Metrics;
@@ -992,7 +992,16 @@ impl Federation {
             return;
         }
         let mut st = self.lock();
-        if !st.seen.insert((msg.id, f.origin, digest(&f.msg)), now) {
+        // Keyed by target too: one a2g for clients of two relays is two
+        // FORWARDs that may pass this relay (w2w_core::seen).
+        let target = match &f.target {
+            ForwardTarget::Relay { relay, .. } => Some(relay),
+            ForwardTarget::Broadcast => None,
+        };
+        if !st
+            .seen
+            .insert((msg.id, f.origin, forward_digest(&f.msg, target)), now)
+        {
             self.metrics.error(ErrorCode::Duplicate);
             return;
         }

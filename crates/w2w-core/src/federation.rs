@@ -1,0 +1,735 @@
+//! The federation part of the relay core: peer links, link-state routing,
+//! the directory, FORWARD and FWD_RECEIPT (PROTOCOL.md §12).
+//!
+//! A message for a client of another relay is one recipient of the
+//! sender's flight, in state `Forwarded { relay }` until that relay's
+//! FWD_RECEIPT (or the deadline) settles it. A FORWARD that arrives for
+//! this relay's clients starts a flight of its own whose outcome goes back
+//! to the origin: local delivery is the same code for both.
+//!
+//! Trust (PROTOCOL.md §12.11): a peer we dialled, or on the allowlist, is
+//! trusted; any other is on probation, with its own slots and a bounded
+//! allowance of new relays and addresses it may introduce. A FORWARD must
+//! agree with the MSG it carries; no peer may speak for a client of ours.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use w2w_proto::frame::{ClientToRelay, Dest, MsgId, ReceiptEntry, Route, Scope, Status};
+use w2w_proto::s2s::{
+    Forward, ForwardTarget, FwdReceipt, LinkState, Presence, RegistrationProof, RelayToRelay,
+};
+use w2w_proto::{Address, ErrorCode};
+
+use crate::flight::{delivered_count, entry, Broadcast, FlightKey, Recipient, Reply};
+use crate::routing::Hop;
+use crate::seen::{digest, forward_digest};
+use crate::{ConnId, Event, PeerId, RelayCore, Target, Transmit};
+
+/// A peer link.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub key: Address,
+    pub url: String,
+    /// Dialled by us, allow-listed, or reached at a URL we dial; else on
+    /// probation.
+    pub trusted: bool,
+    /// Relays and addresses this link was first to tell us about.
+    pub introduced_relays: usize,
+    pub introduced_records: usize,
+}
+
+#[derive(Clone, Copy)]
+enum NewRecord {
+    Relay,
+    Address,
+}
+
+impl RelayCore {
+    // ------------------------------------------------------------ inputs
+
+    /// A peer link completed its handshake with relay `key` (`dialled`: we
+    /// dialled it). Returns whether it is trusted; `Err` (nothing changed)
+    /// if it is us, already linked, or its kind of slot is full. The new
+    /// peer is sent our link-state database; the directory follows when
+    /// the caller sends it ([`Self::directory_for`], [`Self::send_records`]).
+    pub fn peer_up(
+        &mut self,
+        peer: PeerId,
+        key: Address,
+        url: String,
+        dialled: bool,
+    ) -> Result<bool, ErrorCode> {
+        if key == self.me || self.peer_by_key.contains_key(&key) {
+            return Err(ErrorCode::DuplicatePeer);
+        }
+        let c = &self.config.federation;
+        let trusted = dialled || c.allow.contains(&key) || self.configured.contains(&key);
+        let same_kind = self.peers.values().filter(|p| p.trusted == trusted).count();
+        let cap = if trusted {
+            c.max_peers
+        } else {
+            c.max_probation_peers
+        };
+        if same_kind >= cap {
+            return Err(ErrorCode::PeerLimit);
+        }
+        self.peers.insert(
+            peer,
+            Peer {
+                key,
+                url,
+                trusted,
+                introduced_relays: 0,
+                introduced_records: 0,
+            },
+        );
+        self.peer_by_key.insert(key, peer);
+        self.bump_link_state();
+        let records: Vec<Bytes> = self
+            .links
+            .records()
+            .map(|ls| RelayToRelay::LinkState(ls.clone()).encode())
+            .collect();
+        for frame in records {
+            self.send_peer(peer, frame);
+        }
+        self.flood_mine(Some(peer));
+        Ok(trusted)
+    }
+
+    /// A peer link ended.
+    pub fn peer_down(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        self.peer_by_key.remove(&p.key);
+        self.bump_link_state();
+        self.flood_mine(None);
+    }
+
+    /// We reached relay `key` by dialling a configured URL: trusted from
+    /// now on, whichever side made the link. Returns the link that was on
+    /// probation until now (it is owed the whole directory).
+    pub fn dialled_key(&mut self, key: Address) -> Option<PeerId> {
+        self.configured.insert(key);
+        let id = *self.peer_by_key.get(&key)?;
+        let p = self.peers.get_mut(&id)?;
+        if p.trusted {
+            return None;
+        }
+        p.trusted = true;
+        Some(id)
+    }
+
+    /// Re-signs and floods our link state (the caller does it now and then
+    /// so records of relays that vanished are superseded).
+    pub fn refresh(&mut self) {
+        self.bump_link_state();
+        self.flood_mine(None);
+    }
+
+    /// Sets the URL this relay advertises.
+    pub fn set_url(&mut self, url: String) {
+        self.config.federation.url = url;
+        self.refresh();
+    }
+
+    /// A frame from a peer link, decoded. REDIRECT is the dialler's
+    /// business and ignored here.
+    pub fn handle_peer_frame(&mut self, now: Instant, peer: PeerId, frame: RelayToRelay) {
+        let Some(from) = self.peers.get(&peer).map(|p| p.key) else {
+            return;
+        };
+        match frame {
+            RelayToRelay::LinkState(ls) => self.on_link_state(peer, ls),
+            RelayToRelay::Presence(p) => self.on_presence(peer, p),
+            RelayToRelay::Forward(f) => self.on_forward(now, peer, from, f),
+            RelayToRelay::FwdReceipt(r) => self.on_fwd_receipt(from, r),
+            RelayToRelay::Redirect(_) => {}
+        }
+    }
+
+    /// Forgets addresses that registered here long ago and are gone: no
+    /// longer stored for, and their records leave the directory.
+    pub fn forget(&mut self, addrs: &[Address]) {
+        for a in addrs {
+            if self.by_address.contains_key(a) {
+                continue;
+            }
+            self.known.remove(a);
+            if self
+                .directory
+                .get(a)
+                .is_some_and(|p| p.proof.relay_key == self.me)
+            {
+                self.directory.remove(a);
+            }
+        }
+    }
+
+    // ----------------------------------------------------------- queries
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// (key, URL, trusted) of every peer link; the URL is the one the peer
+    /// advertises in its link state, or the one it was reached at.
+    pub fn peers(&self) -> Vec<(Address, String, bool)> {
+        self.peers
+            .values()
+            .map(|p| (p.key, self.url_of(&p.key, &p.url), p.trusted))
+            .collect()
+    }
+
+    /// The peer link to relay `key`.
+    pub fn peer_of(&self, key: &Address) -> Option<PeerId> {
+        self.peer_by_key.get(key).copied()
+    }
+
+    /// Relays reachable from here.
+    pub fn reachable(&mut self) -> Vec<Address> {
+        self.recompute_if_dirty();
+        self.links.reachable().copied().collect()
+    }
+
+    /// Relays with a link-state record (ourselves included).
+    pub fn relays_known(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn directory_len(&self) -> usize {
+        self.directory.len()
+    }
+
+    /// Addresses that registered here (stored for while offline).
+    pub fn known_len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// The addresses whose records a new link is sent: the whole directory
+    /// for a trusted peer; for one on probation only the addresses online
+    /// here now (which any client can list), so an unknown relay cannot
+    /// enumerate who ever registered here or who is elsewhere.
+    pub fn directory_for(&self, trusted: bool) -> Vec<Address> {
+        let mut out: Vec<Address> = self
+            .directory
+            .iter()
+            .filter(|(_, p)| trusted || (p.online && p.proof.relay_key == self.me))
+            .map(|(a, _)| *a)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Sends `peer` the current records of `addrs` (a slice of
+    /// [`Self::directory_for`]: the caller paces a long list).
+    pub fn send_records(&mut self, peer: PeerId, addrs: &[Address]) {
+        for a in addrs {
+            if let Some(p) = self.directory.get(a) {
+                let frame = RelayToRelay::Presence(p.clone()).encode();
+                self.send_peer(peer, frame);
+            }
+        }
+    }
+
+    /// The relay hosting `address` and its URL, if the directory says it
+    /// is online.
+    pub fn lookup(&self, address: &Address) -> Option<(Address, String)> {
+        let p = self.directory.get(address).filter(|p| p.online)?;
+        let relay = p.proof.relay_key;
+        Some((relay, self.url_of(&relay, &p.proof.url)))
+    }
+
+    /// URLs of our peers, for a REDIRECT.
+    pub fn redirect_urls(&self) -> Vec<String> {
+        self.peers
+            .values()
+            .map(|p| self.url_of(&p.key, &p.url))
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    fn url_of(&self, relay: &Address, fallback: &str) -> String {
+        self.links
+            .get(relay)
+            .map(|l| l.url.clone())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| fallback.to_string())
+    }
+
+    // -------------------------------------------------------- link state
+
+    pub(crate) fn bump_link_state(&mut self) {
+        self.link_seq += 1;
+        let neighbors = self.peer_by_key.keys().copied().collect();
+        let ls = LinkState::sign(
+            &self.identity,
+            &self.config.federation.url,
+            self.link_seq,
+            neighbors,
+        );
+        self.links.insert(ls);
+        self.links_dirty = true;
+    }
+
+    fn recompute_if_dirty(&mut self) {
+        if self.links_dirty {
+            let peers = &self.peer_by_key;
+            self.links.recompute(|p| peers.contains_key(p));
+            self.links_dirty = false;
+        }
+    }
+
+    pub(crate) fn hop(&mut self, relay: &Address) -> Option<Hop> {
+        self.recompute_if_dirty();
+        self.links.hop(relay)
+    }
+
+    fn flood_mine(&mut self, except: Option<PeerId>) {
+        if let Some(mine) = self.links.mine() {
+            let frame = RelayToRelay::LinkState(mine.clone()).encode();
+            self.flood(frame, except);
+        }
+    }
+
+    /// Sends a frame to every peer except `except`.
+    fn flood(&mut self, frame: Bytes, except: Option<PeerId>) {
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            if Some(id) != except {
+                self.send_peer(id, frame.clone());
+            }
+        }
+    }
+
+    pub(crate) fn send_peer(&mut self, peer: PeerId, frame: Bytes) {
+        self.transmits.push_back(Transmit {
+            to: Target::Peer(peer),
+            frame,
+            soft: false,
+        });
+    }
+
+    fn on_link_state(&mut self, peer: PeerId, ls: LinkState) {
+        if self.config.federation.check_signatures && ls.verify().is_err() {
+            self.stats.error(ErrorCode::BadSignature);
+            return;
+        }
+        if ls.relay == self.me {
+            // An echo of an older record of ours (e.g. from before a
+            // restart): supersede it.
+            if ls.seq >= self.link_seq {
+                self.link_seq = ls.seq;
+                self.refresh();
+            }
+            return;
+        }
+        if !self.links.is_newer(&ls) {
+            return;
+        }
+        if self.links.get(&ls.relay).is_none() && !self.admit_new(peer, NewRecord::Relay) {
+            return;
+        }
+        let frame = RelayToRelay::LinkState(ls.clone()).encode();
+        self.links.insert(ls);
+        self.links_dirty = true;
+        self.flood(frame, Some(peer));
+    }
+
+    /// Admits a record for a relay or address we do not know yet, brought
+    /// by `peer`: false (counted) if its table is at its bound, or if the
+    /// peer is on probation and has brought its allowance of that kind.
+    fn admit_new(&mut self, peer: PeerId, kind: NewRecord) -> bool {
+        let c = &self.config.federation;
+        let (len, max, allowance) = match kind {
+            NewRecord::Relay => (self.links.len(), c.max_relays, c.probation_relays),
+            NewRecord::Address => (self.directory.len(), c.max_directory, c.probation_records),
+        };
+        let admitted = len < max
+            && self.peers.get_mut(&peer).is_some_and(|p| {
+                let n = match kind {
+                    NewRecord::Relay => &mut p.introduced_relays,
+                    NewRecord::Address => &mut p.introduced_records,
+                };
+                let ok = p.trusted || *n < allowance;
+                *n += ok as usize;
+                ok
+            });
+        if !admitted {
+            self.stats.records_refused += 1;
+        }
+        admitted
+    }
+
+    // --------------------------------------------------------- directory
+
+    pub(crate) fn local_join(&mut self, proof: RegistrationProof) {
+        let address = proof.address;
+        let p = Presence::sign(&self.identity, proof, true);
+        let frame = RelayToRelay::Presence(p.clone()).encode();
+        self.directory.insert(address, p);
+        self.flood(frame, None);
+    }
+
+    /// The last session of `address` left: publish the withdrawal, if our
+    /// record is the current one.
+    pub(crate) fn local_leave(&mut self, address: &Address) {
+        let Some(cur) = self.directory.get(address) else {
+            return;
+        };
+        if cur.proof.relay_key != self.me || !cur.online {
+            return;
+        }
+        let p = Presence::sign(&self.identity, cur.proof.clone(), false);
+        let frame = RelayToRelay::Presence(p.clone()).encode();
+        self.directory.insert(*address, p);
+        self.flood(frame, None);
+    }
+
+    /// The relay that hosts `addr`, if the directory names another one.
+    pub(crate) fn home_elsewhere(&self, addr: &Address) -> Option<Address> {
+        self.directory
+            .get(addr)
+            .map(|p| p.proof.relay_key)
+            .filter(|r| *r != self.me)
+    }
+
+    /// Whether `addr` is a client of this relay (connected, or its current
+    /// record names us): its messages start here, never at a peer.
+    fn hosts(&self, addr: &Address) -> bool {
+        self.by_address.contains_key(addr)
+            || self
+                .directory
+                .get(addr)
+                .is_some_and(|p| p.online && p.proof.relay_key == self.me)
+    }
+
+    fn on_presence(&mut self, peer: PeerId, p: Presence) {
+        if self.config.federation.check_signatures && p.verify().is_err() {
+            self.stats.error(ErrorCode::ForgedPresence);
+            return;
+        }
+        let addr = p.proof.address;
+        match self.directory.get(&addr) {
+            Some(cur) if cur.rank() >= p.rank() => return,
+            Some(_) => {}
+            None => {
+                if !self.admit_new(peer, NewRecord::Address) {
+                    return;
+                }
+            }
+        }
+        let elsewhere = p.online && p.proof.relay_key != self.me;
+        let frame = RelayToRelay::Presence(p.clone()).encode();
+        self.directory.insert(addr, p);
+        self.flood(frame, Some(peer));
+        // The newest registration wins across the federation too.
+        if elsewhere {
+            if let Some(&conn) = self.by_address.get(&addr) {
+                self.closes.push_back((conn, ErrorCode::Replaced));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- messages
+
+    /// Sends the FORWARD of flight `key` toward `relay` for `to`; if there
+    /// is no way, settles them `no_route`.
+    pub(crate) fn forward_to(
+        &mut self,
+        key: FlightKey,
+        relay: Address,
+        to: Vec<Address>,
+        frame: &Bytes,
+    ) {
+        let fwd = RelayToRelay::Forward(Forward {
+            origin: self.me,
+            hops: 1,
+            target: ForwardTarget::Relay {
+                relay,
+                to: to.clone(),
+            },
+            msg: frame.clone(),
+        })
+        .encode();
+        if let Err(code) = self.send_toward(&relay, fwd, key.0) {
+            self.stats.error(code);
+            if let Some(f) = self.flights.get_mut(&key) {
+                for a in to {
+                    if let Some(s) = f.state_mut(&a) {
+                        *s = Recipient::Settled(entry(a, Status::NoRoute, Some(code)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_toward(&mut self, relay: &Address, frame: Bytes, id: MsgId) -> Result<(), ErrorCode> {
+        let next = self.hop(relay).ok_or(ErrorCode::Unreachable)?.next;
+        let peer = *self.peer_by_key.get(&next).ok_or(ErrorCode::Unreachable)?;
+        self.send_peer(peer, frame);
+        self.stats.forwarded += 1;
+        self.event(Event::ToPeer { id, peer: next });
+        Ok(())
+    }
+
+    /// Tells `origin` what became of the recipients it forwarded here.
+    pub(crate) fn reply_to_origin(
+        &mut self,
+        origin: Address,
+        id: MsgId,
+        entries: Vec<ReceiptEntry>,
+    ) {
+        let r = FwdReceipt {
+            origin,
+            reporter: self.me,
+            id,
+            hops: 0,
+            delivered: delivered_count(&entries),
+            entries,
+        };
+        self.send_fwd_receipt(r);
+    }
+
+    fn send_fwd_receipt(&mut self, r: FwdReceipt) {
+        if r.origin == self.me {
+            return;
+        }
+        let origin = r.origin;
+        let next = self
+            .hop(&origin)
+            .and_then(|h| self.peer_by_key.get(&h.next).copied());
+        match next {
+            Some(peer) => self.send_peer(peer, RelayToRelay::FwdReceipt(r).encode()),
+            None => self.stats.error(ErrorCode::NoRoute),
+        }
+    }
+
+    /// Hands an a2n to every connection here; returns how many.
+    fn broadcast_local(&mut self, id: MsgId, frame: &Bytes) -> u32 {
+        let conns = self.conns();
+        for (c, to) in &conns {
+            self.send_conn(*c, frame.clone(), true);
+            self.event(Event::ToClient { id, to: *to });
+        }
+        conns.len() as u32
+    }
+
+    /// A client's a2n: every connection here, and with scope federation
+    /// every relay, whose counts make the receipt.
+    pub(crate) fn broadcast_from_client(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        key: FlightKey,
+        frame: Bytes,
+        scope: Scope,
+    ) {
+        let delivered = self.broadcast_local(key.0, &frame);
+        let mut waiting = std::collections::BTreeSet::new();
+        if scope == Scope::Federation && !self.peers.is_empty() {
+            self.seen.insert((key.0, self.me, digest(&frame)), now);
+            let fwd = RelayToRelay::Forward(Forward {
+                origin: self.me,
+                hops: 1,
+                target: ForwardTarget::Broadcast,
+                msg: frame.clone(),
+            })
+            .encode();
+            let peers: Vec<(PeerId, Address)> =
+                self.peers.iter().map(|(id, p)| (*id, p.key)).collect();
+            for (id, k) in peers {
+                self.send_peer(id, fwd.clone());
+                self.stats.forwarded += 1;
+                self.event(Event::ToPeer { id: key.0, peer: k });
+            }
+            waiting = self.reachable().into_iter().collect();
+        }
+        let broadcast = Some(Broadcast { delivered, waiting });
+        let head = (key, Reply::Client(conn), Route::A2n);
+        self.start_flight(now, head, frame, Vec::new(), broadcast);
+    }
+
+    fn on_forward(&mut self, now: Instant, peer: PeerId, from: Address, f: Forward) {
+        let Ok(ClientToRelay::Msg(msg)) = ClientToRelay::decode(&f.msg) else {
+            self.stats.error(ErrorCode::Malformed);
+            return;
+        };
+        if f.origin == self.me {
+            // Our own messages never come back legitimately (the seen
+            // cache would drop an echo): a peer claiming one is forging.
+            self.stats.error(ErrorCode::ForgedForward);
+            return;
+        }
+        let target = match &f.target {
+            ForwardTarget::Relay { relay, .. } => Some(relay),
+            ForwardTarget::Broadcast => None,
+        };
+        let seen = (msg.id, f.origin, forward_digest(&f.msg, target));
+        if !self.seen.insert(seen, now) {
+            self.stats.error(ErrorCode::Duplicate);
+            return;
+        }
+        match f.target {
+            ForwardTarget::Relay { relay, to } if relay == self.me => {
+                let key = (msg.id, msg.from);
+                if let Err(code) = self.check_forward(&msg.dest, &msg.from, &to, key) {
+                    self.stats.error(code);
+                    let entries = to
+                        .iter()
+                        .map(|a| entry(*a, Status::Rejected, Some(code)))
+                        .collect();
+                    return self.reply_to_origin(f.origin, msg.id, entries);
+                }
+                let head = (key, Reply::Relay(f.origin), Route::A2g);
+                self.start_flight(now, head, f.msg, to, None);
+            }
+            ForwardTarget::Relay { relay, to } => {
+                let code = if f.hops >= self.config.federation.hop_limit {
+                    Some(ErrorCode::HopLimit)
+                } else {
+                    match self.hop(&relay) {
+                        None => Some(ErrorCode::Unreachable),
+                        Some(h) if h.next == from => Some(ErrorCode::Loop),
+                        Some(_) => None,
+                    }
+                };
+                let fwd = RelayToRelay::Forward(Forward {
+                    origin: f.origin,
+                    hops: f.hops.saturating_add(1),
+                    target: ForwardTarget::Relay {
+                        relay,
+                        to: to.clone(),
+                    },
+                    msg: f.msg,
+                })
+                .encode();
+                let code = match code {
+                    Some(c) => Some(c),
+                    None => self.send_toward(&relay, fwd, msg.id).err(),
+                };
+                if let Some(code) = code {
+                    self.stats.error(code);
+                    let entries = to
+                        .iter()
+                        .map(|a| entry(*a, Status::NoRoute, Some(code)))
+                        .collect();
+                    self.send_fwd_receipt(FwdReceipt {
+                        origin: f.origin,
+                        reporter: relay,
+                        id: msg.id,
+                        hops: 0,
+                        delivered: 0,
+                        entries,
+                    });
+                }
+            }
+            ForwardTarget::Broadcast => {
+                if !matches!(msg.dest, Dest::A2n(Scope::Federation)) || self.hosts(&msg.from) {
+                    self.stats.error(ErrorCode::ForgedForward);
+                    return;
+                }
+                let delivered = self.broadcast_local(msg.id, &f.msg);
+                self.send_fwd_receipt(FwdReceipt {
+                    origin: f.origin,
+                    reporter: self.me,
+                    id: msg.id,
+                    hops: 0,
+                    delivered,
+                    entries: Vec::new(),
+                });
+                if f.hops >= self.config.federation.hop_limit {
+                    self.stats.error(ErrorCode::HopLimit);
+                    return;
+                }
+                let fwd = RelayToRelay::Forward(Forward {
+                    origin: f.origin,
+                    hops: f.hops + 1,
+                    target: ForwardTarget::Broadcast,
+                    msg: f.msg,
+                })
+                .encode();
+                let peers: Vec<(PeerId, Address)> = self
+                    .peers
+                    .iter()
+                    .filter(|(id, p)| **id != peer && p.key != f.origin)
+                    .map(|(id, p)| (*id, p.key))
+                    .collect();
+                for (id, k) in peers {
+                    self.send_peer(id, fwd.clone());
+                    self.stats.forwarded += 1;
+                    self.event(Event::ToPeer {
+                        id: msg.id,
+                        peer: k,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Checks a FORWARD for delivery here against the MSG it carries: the
+    /// recipients must be ones its header names (a2b: that one; a2g: a
+    /// subset of its list; a group is resolved by its own relay and cannot
+    /// be checked here), its sender must not be one of our own clients,
+    /// and no other message may be in flight under the same key.
+    fn check_forward(
+        &self,
+        dest: &Dest,
+        sender: &Address,
+        to: &[Address],
+        key: FlightKey,
+    ) -> Result<(), ErrorCode> {
+        let named = match dest {
+            Dest::A2b(b) => to.iter().all(|t| t == b),
+            Dest::A2g(list) => to.iter().all(|t| list.contains(t)),
+            Dest::Group(_) => true,
+            Dest::A2a | Dest::A2n(_) => false,
+        };
+        if !named || self.hosts(sender) {
+            return Err(ErrorCode::ForgedForward);
+        }
+        if self.flights.contains_key(&key) {
+            return Err(ErrorCode::Duplicate);
+        }
+        Ok(())
+    }
+
+    fn on_fwd_receipt(&mut self, from: Address, r: FwdReceipt) {
+        if r.origin != self.me {
+            // Passing through, toward its origin.
+            if r.hops >= self.config.federation.hop_limit {
+                return self.stats.error(ErrorCode::HopLimit);
+            }
+            if self.hop(&r.origin).is_some_and(|h| h.next == from) {
+                return self.stats.error(ErrorCode::Loop);
+            }
+            let hops = r.hops + 1;
+            return self.send_fwd_receipt(FwdReceipt { hops, ..r });
+        }
+        let Some(&key) = self.local_ids.get(&r.id) else {
+            return;
+        };
+        let Some(f) = self.flights.get_mut(&key) else {
+            return;
+        };
+        if let Some(b) = &mut f.broadcast {
+            if b.waiting.remove(&r.reporter) {
+                b.delivered += r.delivered;
+            }
+        } else {
+            for (to, state) in &mut f.recipients {
+                if *state != (Recipient::Forwarded { relay: r.reporter }) {
+                    continue;
+                }
+                let e = r.entries.iter().find(|e| e.to == *to).cloned();
+                // A reporter that leaves one out did not reach it.
+                *state = Recipient::Settled(
+                    e.unwrap_or_else(|| entry(*to, Status::NoRoute, Some(ErrorCode::NoRoute))),
+                );
+            }
+        }
+        self.finish_if_settled(key);
+    }
+}
