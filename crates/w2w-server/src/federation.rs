@@ -1830,6 +1830,57 @@ mod tests {
     }
 
     #[test]
+    fn one_message_forwarded_to_two_relays_through_this_one_passes_twice() {
+        // x - me - b - {c, d}: an a2g from x's client for clients of c and
+        // d is two FORWARDs (one per target) that both pass here. The
+        // second is not a duplicate of the first (the seen key names the
+        // target; the simulation found it dropped).
+        let ids: Vec<Identity> = (1..=5).map(|i| Identity::from_seed([i; 32])).collect();
+        let m = Arc::new(Metrics::default());
+        let fed = Federation::new(ids[0].clone(), FederationConfig::default(), m.clone());
+        let [me, x, b, c, d] = std::array::from_fn(|i| ids[i].address());
+        let (ox, _rx_x) = Outbox::new(x, 1, 1 << 20, m.clone());
+        let (ob, mut rx_b) = Outbox::new(b, 2, 1 << 20, m.clone());
+        fed.peer_up(x, String::new(), ox, true).unwrap();
+        fed.peer_up(b, String::new(), ob, true).unwrap();
+        fed.on_link_state(x, LinkState::sign(&ids[1], "", 10, vec![me]));
+        fed.on_link_state(b, LinkState::sign(&ids[2], "", 10, vec![me, c, d]));
+        fed.on_link_state(b, LinkState::sign(&ids[3], "", 10, vec![b]));
+        fed.on_link_state(b, LinkState::sign(&ids[4], "", 10, vec![b]));
+        while rx_b.try_recv().is_ok() {}
+        let (carol, dave) = (Address([7; 32]), Address([8; 32]));
+        let msg = ClientToRelay::Msg(Msg {
+            flags: 0,
+            id: MsgId([1; 16]),
+            from: Address([5; 32]),
+            dest: Dest::A2g(vec![carol, dave]),
+            payload: Bytes::from_static(b"x"),
+        })
+        .encode();
+        let router = Router::new();
+        for (relay, to) in [(c, carol), (d, dave)] {
+            let f = Forward {
+                origin: x,
+                hops: 1,
+                target: ForwardTarget::Relay {
+                    relay,
+                    to: vec![to],
+                },
+                msg: msg.clone(),
+            };
+            fed.on_frame(&router, x, RelayToRelay::Forward(f));
+        }
+        let mut passed = 0;
+        while let Ok(frame) = rx_b.try_recv() {
+            if let Ok(RelayToRelay::Forward(_)) = RelayToRelay::decode(&frame) {
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 2, "both FORWARDs go on toward b");
+        assert_eq!(m.error_count(ErrorCode::Duplicate), 0);
+    }
+
+    #[test]
     fn link_states_from_a_peer_give_routes_through_it() {
         // me - b - c, plus a one-way claim d -> me (BFS itself is tested in
         // w2w_core::routing).
