@@ -194,6 +194,12 @@ impl RelayCore {
         self.links.reachable().copied().collect()
     }
 
+    /// How many relays are reachable from here.
+    pub fn reachable_count(&mut self) -> usize {
+        self.recompute_if_dirty();
+        self.links.reachable_count()
+    }
+
     /// Relays with a link-state record (ourselves included).
     pub fn relays_known(&self) -> usize {
         self.links.len()

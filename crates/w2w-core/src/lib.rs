@@ -127,6 +127,10 @@ pub struct Stats {
     pub records_refused: u64,
     /// Refusals and failures by error code.
     pub errors: std::collections::BTreeMap<u16, u64>,
+    /// Receipts sent to clients, by status (wire value).
+    pub receipts: std::collections::BTreeMap<u8, u64>,
+    /// Receipt entries (local recipients) that said `queued`.
+    pub queued: u64,
 }
 
 impl Stats {

@@ -243,6 +243,20 @@ impl RelayCore {
         self.me
     }
 
+    /// Addresses the store knows (registered here before): messages for
+    /// them are stored while they are offline.
+    pub fn add_known(&mut self, addrs: impl IntoIterator<Item = Address>) {
+        self.known.extend(addrs);
+    }
+
+    /// Turns [`Event`]s on or off (e.g. only while someone watches).
+    pub fn set_events(&mut self, on: bool) {
+        self.config.events = on;
+        if !on {
+            self.events.clear();
+        }
+    }
+
     // ------------------------------------------------------------ outputs
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -262,6 +276,11 @@ impl RelayCore {
     /// Connected sessions.
     pub fn sessions(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The connection registered as `address`, if any.
+    pub fn conn_of(&self, address: &Address) -> Option<ConnId> {
+        self.by_address.get(address).copied()
     }
 
     /// Whether `address` has a session here.
@@ -937,6 +956,16 @@ impl RelayCore {
             return;
         };
         self.deadlines.remove(&f.deadline);
+        // Stored here (a remote relay counts its own).
+        let queued = f
+            .recipients
+            .iter()
+            .filter(|(to, s)| {
+                matches!(s, Recipient::Settled(e) if e.status == Status::Queued)
+                    && self.known.contains(to)
+            })
+            .count();
+        self.stats.queued += queued as u64;
         match f.reply {
             Reply::Client(conn) => {
                 self.local_ids.remove(&key.0);
@@ -952,6 +981,7 @@ impl RelayCore {
     }
 
     fn send_receipt(&mut self, conn: ConnId, r: Receipt) {
+        *self.stats.receipts.entry(r.status as u8).or_default() += 1;
         if self.sessions.contains_key(&conn) {
             self.send_conn(conn, RelayToClient::Receipt(r).encode(), false);
         }

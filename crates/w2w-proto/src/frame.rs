@@ -205,7 +205,7 @@ pub enum Status {
 }
 
 impl Status {
-    fn from_u8(v: u8) -> Option<Status> {
+    pub fn from_u8(v: u8) -> Option<Status> {
         Some(match v {
             0 => Status::Delivered,
             1 => Status::Queued,

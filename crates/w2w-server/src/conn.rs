@@ -28,7 +28,6 @@ use w2w_proto::frame::{
 use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPolicy};
 use w2w_proto::{Address, Dest, ErrorCode};
 
-use crate::federation::Dispatch;
 use crate::ratelimit::SenderBudget;
 use crate::router::{reject, Outbox};
 use crate::server::Shared;
@@ -377,15 +376,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         relay_time_ms: now_ms,
         relay_url: shared.advertised_url(info.host.as_deref()),
     });
+    // The core takes the connection before REPLY_BACK goes out: its
+    // backlog and new messages wait in the outbox meanwhile.
+    shared.fed.connect(&outbox, &published);
     if send_frame(&mut ws, &shared, reply.encode()).await.is_err() {
+        shared.fed.disconnect(outbox.conn_id);
         shared.router.remove(&outbox);
         return;
     }
-    shared.fed.local_join(&published);
-    shared.fed.add_known([address]);
-    shared
-        .tracker
-        .spawn(drain_queue(shared.clone(), outbox.clone()));
     shared.metrics.registered.fetch_add(1, Relaxed);
     shared.metrics.registrations_total.fetch_add(1, Relaxed);
     shared
@@ -410,20 +408,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await;
 
-    // From here on new messages for this address go through the store, and
-    // the ones handed over but never acknowledged are written first: stored
-    // ones stay stored ("queued"); ones handed over unstored are written now
-    // (late writes). Both before the address leaves the router, so they
-    // are queued ahead of any message that arrives once it has.
-    shared.fed.retire(&outbox);
-    for (_, handed) in outbox.take_waiters() {
-        if let Some(key) = handed.waiter {
-            shared.fed.ack_lost(key, address, handed.unstored);
-        }
-    }
-    if shared.router.remove(&outbox) {
-        shared.fed.local_leave(&address);
-    }
+    // The core writes what it handed over unacknowledged, and from now on
+    // stores new messages for this address.
+    shared.fed.disconnect(outbox.conn_id);
+    shared.router.remove(&outbox);
     shared.metrics.registered.fetch_sub(1, Relaxed);
     // Give back the queue's share of the queued-bytes gauge.
     outbox.dequeued(outbox.queued_bytes());
@@ -437,48 +425,6 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     finish(&mut ws, &shared, end, &address).await;
 }
 
-/// Delivers a returning client's stored messages, oldest first, keeping its
-/// send queue at most half full so live traffic and liveness still flow.
-/// Each stays stored until the client ACKs it.
-async fn drain_queue(shared: Arc<Shared>, outbox: Arc<Outbox>) {
-    let budget = shared.limits.send_queue_bytes / 2;
-    let mut after = 0;
-    loop {
-        let batch = match shared.store.queued(outbox.address, after, 64).await {
-            Ok(b) if !b.is_empty() => b,
-            // Caught up: go live, unless a store job for this address is
-            // still on its way (then read again once it has landed).
-            Ok(_) => {
-                if shared.fed.go_live(&outbox) {
-                    return;
-                }
-                if outbox.is_closing() || shared.shutdown.is_cancelled() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "reading the queue");
-                return;
-            }
-        };
-        for m in batch {
-            while outbox.queued_bytes() > 0 && outbox.queued_bytes() + m.frame.len() > budget {
-                if outbox.is_closing() || shared.shutdown.is_cancelled() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if outbox.enqueue_from_queue(m.id, m.frame, None).is_err() {
-                return;
-            }
-            after = m.seq;
-        }
-    }
-}
-
-/// Ends a client connection the way `end` says.
 pub(crate) async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut Ws<S>,
     shared: &Shared,
@@ -691,7 +637,7 @@ impl Handler for Session<'_> {
         }
         match decoded {
             Ok(ClientToRelay::Msg(msg)) => {
-                if let Dispatch::Done(receipt) = self.on_msg(&bytes, &msg, allowed) {
+                if let Some(receipt) = self.on_msg(&bytes, &msg, allowed) {
                     self.shared.metrics.receipt(receipt.status);
                     self.enqueue(RelayToClient::Receipt(receipt).encode());
                 }
@@ -711,27 +657,7 @@ impl Handler for Session<'_> {
                     self.enqueue(RelayToClient::Response(resp).encode());
                 }
             }
-            Ok(ClientToRelay::Ack(ids)) => {
-                let recipient = self.outbox.address;
-                for id in ids {
-                    let Some(handed) = self.outbox.acked_from_queue(&id) else {
-                        continue;
-                    };
-                    let stored = match handed.waiter {
-                        Some(key) => self.shared.fed.on_ack(key, recipient),
-                        None => true,
-                    };
-                    // Handed over unstored and acknowledged in time: the
-                    // store never saw it.
-                    if handed.unstored.is_some() && !stored {
-                        continue;
-                    }
-                    let store = self.shared.store.clone();
-                    tokio::spawn(async move {
-                        let _ = store.write_later(Write::Dequeue { recipient, id }).await;
-                    });
-                }
-            }
+            Ok(ClientToRelay::Ack(ids)) => self.shared.fed.handle_ack(self.outbox.conn_id, &ids),
             Ok(ClientToRelay::Register(_) | ClientToRelay::Confirm(_)) => {
                 self.error(ErrorCode::UnexpectedFrame, "already registered");
             }
@@ -741,7 +667,9 @@ impl Handler for Session<'_> {
 }
 
 impl Session<'_> {
-    fn on_msg(&self, frame: &Bytes, msg: &Msg, allowed: bool) -> Dispatch {
+    /// Checks a MSG against the sender's budgets and hands it to the core;
+    /// a receipt if it is refused here.
+    fn on_msg(&self, frame: &Bytes, msg: &Msg, allowed: bool) -> Option<Receipt> {
         let receipt = Receipt {
             id: msg.id,
             status: Status::Delivered,
@@ -751,10 +679,10 @@ impl Session<'_> {
         };
         let metrics = &self.shared.metrics;
         if !allowed {
-            return Dispatch::Done(reject(receipt, ErrorCode::RateLimited, metrics));
+            return Some(reject(receipt, ErrorCode::RateLimited, metrics));
         }
         if msg.from != self.outbox.address {
-            return Dispatch::Done(reject(receipt, ErrorCode::SpoofedSender, metrics));
+            return Some(reject(receipt, ErrorCode::SpoofedSender, metrics));
         }
         metrics.message(msg.dest.route());
         let group = match &msg.dest {
@@ -774,16 +702,12 @@ impl Session<'_> {
             b.bytes.charge(cost, std::time::Instant::now())
         };
         if !charged {
-            return Dispatch::Done(reject(receipt, ErrorCode::RateLimited, metrics));
+            return Some(reject(receipt, ErrorCode::RateLimited, metrics));
         }
-        self.shared.fed.dispatch(
-            &self.shared.router,
-            self.outbox,
-            frame,
-            msg,
-            self.shared.limits.max_group,
-            group,
-        )
+        self.shared
+            .fed
+            .handle_msg(self.outbox.conn_id, frame, msg, group);
+        None
     }
 
     fn failed(&self, req_id: u32, op: u8, code: ErrorCode) -> Option<Response> {

@@ -27,6 +27,8 @@ use crate::server::Shared;
 struct Link<'a> {
     shared: &'a Shared,
     peer: Address,
+    /// The link's id (its outbox's), as the core knows it.
+    conn_id: u64,
     /// What this peer's broadcasts may cost here.
     broadcast: ByteBudget,
     /// URLs from a REDIRECT, for the dialler.
@@ -52,10 +54,7 @@ impl Handler for Link<'_> {
                 self.shared.metrics.error(ErrorCode::RateLimited);
                 tracing::debug!(peer = %self.peer.short(), "peer broadcast over its budget dropped");
             }
-            Ok(frame) => self
-                .shared
-                .fed
-                .on_frame(&self.shared.router, self.peer, frame),
+            Ok(frame) => self.shared.fed.on_frame(self.conn_id, frame),
             Err(e) => {
                 self.shared.metrics.error(e.code());
                 tracing::warn!(peer = %self.peer.short(), error = %e, "bad s2s frame");
@@ -120,6 +119,7 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
     let mut link = Link {
         shared,
         peer,
+        conn_id,
         broadcast: ByteBudget::new(
             fc.peer_broadcast_bytes_per_sec,
             fc.peer_broadcast_bytes_burst,
@@ -137,7 +137,7 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
         Duration::from_secs(30),
     )
     .await;
-    shared.fed.peer_down(peer, conn_id);
+    shared.fed.peer_down(conn_id);
     outbox.dequeued(outbox.queued_bytes());
     tracing::info!(peer = %peer.short(), "peer link down");
     (end, link.redirect)

@@ -39,50 +39,9 @@ pub struct Outbox {
     close: Notify,
     /// Whether this connection asked for join/leave notices.
     pub presence: AtomicBool,
-    /// Messages handed to this connection whose ACK the relay waits for:
-    /// stored ones (an ACK deletes the stored copy) and ones handed over
-    /// before being stored (stored only if no ACK comes).
-    from_queue: std::sync::Mutex<Handoffs>,
-    /// Set once the stored backlog has been handed over (see
-    /// `conn::drain_queue`); until then new messages go through the store
-    /// too, so they cannot overtake older stored ones.
-    live: AtomicBool,
+    /// Woken when frames leave the queue (see [`Outbox::room_below`]).
+    room: Notify,
     metrics: Arc<Metrics>,
-}
-
-/// What a connection was handed and has not acknowledged, and (until it
-/// goes live) every id it was handed while taking its stored backlog.
-#[derive(Default)]
-struct Handoffs {
-    waiting: HashMap<w2w_proto::frame::MsgId, Handed>,
-    /// While not live, a stored message can reach the connection two ways:
-    /// read by its backlog reader, and handed over by the store writer once
-    /// committed. This set makes the second one a no-op, even after the
-    /// first was acknowledged. Emptied (and freed) when the connection goes
-    /// live, after which only the writer hands stored messages over.
-    draining: std::collections::HashSet<w2w_proto::frame::MsgId, ahash::RandomState>,
-}
-
-/// How [`Outbox::enqueue_from_queue`] went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handoff {
-    /// Queued for the connection.
-    Sent,
-    /// Already handed over and not yet acknowledged: not sent again; its
-    /// ACK completes the waiter.
-    AlreadyWaiting,
-    /// Already handed over on this connection and acknowledged.
-    AlreadyAcked,
-}
-
-/// A message handed to a connection and not yet acknowledged.
-#[derive(Debug, Clone)]
-pub struct Handed {
-    /// The pending receipt its ACK completes, if any.
-    pub waiter: Option<crate::federation::PendingKey>,
-    /// `Some(frame)`: handed over without being stored first; if the
-    /// connection ends before the ACK, the relay stores it then.
-    pub unstored: Option<Bytes>,
 }
 
 impl Outbox {
@@ -102,8 +61,7 @@ impl Outbox {
             close_code: AtomicU16::new(0),
             close: Notify::new(),
             presence: AtomicBool::new(false),
-            from_queue: Default::default(),
-            live: AtomicBool::new(false),
+            room: Notify::new(),
             metrics,
         };
         (Arc::new(o), rx)
@@ -153,106 +111,27 @@ impl Outbox {
         self.metrics
             .queued_bytes
             .fetch_sub(len as i64, Ordering::Relaxed);
+        self.room.notify_waiters();
     }
 
-    /// Queues a stored message, remembering that its ACK must delete it
-    /// (and complete `waiter`'s receipt). A message this connection already
-    /// holds, or (while it takes its backlog) already acknowledged, is not
-    /// sent again.
-    pub fn enqueue_from_queue(
-        &self,
-        id: w2w_proto::frame::MsgId,
-        frame: Bytes,
-        waiter: Option<crate::federation::PendingKey>,
-    ) -> Result<Handoff, EnqueueError> {
-        {
-            let mut h = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = h.waiting.get_mut(&id) {
-                slot.unstored = None;
-                if waiter.is_some() {
-                    slot.waiter = waiter;
-                }
-                return Ok(Handoff::AlreadyWaiting);
+    /// The queue's bound in bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Resolves once the queue holds at most `bytes` (or the connection is
+    /// closing), woken by the writer rather than polled.
+    pub async fn room_below(&self, bytes: usize) {
+        loop {
+            let woken = self.room.notified();
+            if self.queued_bytes() <= bytes || self.is_closing() {
+                return;
             }
-            if !self.is_live() && !h.draining.insert(id) {
-                return Ok(Handoff::AlreadyAcked);
+            tokio::select! {
+                _ = woken => {}
+                _ = self.closed() => return,
             }
-            h.waiting.insert(
-                id,
-                Handed {
-                    waiter,
-                    unstored: None,
-                },
-            );
         }
-        self.try_enqueue(frame).map(|()| Handoff::Sent)
-    }
-
-    /// Hands a message over before it is stored; the relay waits for its
-    /// ACK under `waiter`. Refused (nothing remembered) if the message could
-    /// not be queued, or if the same id is already waiting here.
-    pub fn hand_over(
-        &self,
-        id: w2w_proto::frame::MsgId,
-        frame: &Bytes,
-        waiter: crate::federation::PendingKey,
-    ) -> Result<(), EnqueueError> {
-        {
-            let mut m = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
-            if m.waiting.contains_key(&id) {
-                return Err(EnqueueError::Closed);
-            }
-            m.waiting.insert(
-                id,
-                Handed {
-                    waiter: Some(waiter),
-                    unstored: Some(frame.clone()),
-                },
-            );
-        }
-        self.try_enqueue(frame.clone()).inspect_err(|_| {
-            self.from_queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .waiting
-                .remove(&id);
-        })
-    }
-
-    /// The hand-over record for `id`, if one was waiting (forgetting it).
-    pub fn acked_from_queue(&self, id: &w2w_proto::frame::MsgId) -> Option<Handed> {
-        self.from_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .remove(id)
-    }
-
-    /// Everything still waiting for this connection's ACKs (on close).
-    pub fn take_waiters(&self) -> Vec<(w2w_proto::frame::MsgId, Handed)> {
-        self.from_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .drain()
-            .collect()
-    }
-
-    /// Whether the stored backlog has been handed over (new messages may
-    /// then be handed over directly).
-    pub fn is_live(&self) -> bool {
-        self.live.load(Ordering::Acquire)
-    }
-
-    /// See [`crate::federation::Federation::go_live`] and `retire`.
-    pub fn set_live(&self, live: bool) {
-        // Under the hand-off lock, so `enqueue_from_queue` sees the set
-        // emptied and `live` set together.
-        let mut h = self.from_queue.lock().unwrap_or_else(|e| e.into_inner());
-        if live {
-            h.draining = Default::default();
-        }
-        self.live.store(live, Ordering::Release);
     }
 
     /// Whether the connection has been asked to close.

@@ -60,7 +60,7 @@ pub struct Shared {
     pub tls: bool,
     pub local_addr: SocketAddr,
     pub router: Router,
-    pub fed: Federation,
+    pub fed: Arc<Federation>,
     pub groups: crate::groups::Groups,
     pub rifts: Mutex<crate::spacerift::Rifts>,
     pub store: Store,
@@ -227,6 +227,7 @@ impl Relay {
         let fed_identity = config.identity.clone();
         let store = Store::spawn(backend, config.limits.budget_limits())?;
         let groups = crate::groups::Groups::load(store.groups().await?);
+        let max_group = config.limits.max_group;
         let shared = Arc::new(Shared {
             relay_key: config.identity.address(),
             identity: config.identity,
@@ -244,7 +245,12 @@ impl Relay {
             tls: tls.is_some(),
             local_addr,
             router: Router::new(),
-            fed: Federation::new(fed_identity, config.federation.clone(), metrics.clone()),
+            fed: Arc::new(Federation::new(
+                fed_identity,
+                config.federation.clone(),
+                max_group,
+                metrics.clone(),
+            )),
             store,
             groups,
             rifts: Mutex::new(Default::default()),
@@ -283,22 +289,36 @@ impl Relay {
         }
         shared.fed.set_url(shared.advertised_url(None));
         shared.fed.add_known(shared.store.known_addresses().await?);
-        // Bounded in jobs here and in bytes by the store budget (admission).
-        let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(QUEUE_JOBS);
-        shared
-            .fed
-            .set_queue(queue_tx, shared.store.budget().clone());
-        shared.tracker.spawn(queue_writer(shared.clone(), queue_rx));
-        // Remote receipts that never come back are answered `timeout`.
+        shared.fed.attach_store(
+            shared.store.clone(),
+            shared.limits.queue_ttl_ms,
+            &shared.tracker,
+            shared.shutdown.clone(),
+        );
+        // The core's deadlines (ACKs and remote receipts that do not come).
         let s = shared.clone();
         shared.tracker.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                let now = tokio::time::Instant::now();
+                // With nothing due, look again soon: a message may set a
+                // deadline meanwhile (always receipt_timeout ahead).
+                let due = s.fed.next_tick().map_or(
+                    now + Duration::from_millis(250),
+                    tokio::time::Instant::from_std,
+                );
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(due) => s.fed.tick(),
+                }
+            }
+        });
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
             let mut refresh =
                 tokio::time::interval(Duration::from_millis(s.fed.config.refresh_ms.max(1000)));
             loop {
                 tokio::select! {
                     _ = s.shutdown.cancelled() => break,
-                    _ = tick.tick() => s.fed.expire_pending(std::time::Instant::now()),
                     _ = refresh.tick() => {
                         s.fed.refresh();
                         let _ = s.store.write_later(crate::store::Write::Expire { now_ms: crate::unix_ms() }).await;
@@ -401,142 +421,7 @@ async fn forget_gone(shared: Arc<Shared>) {
             count = forgotten.len(),
             "forgot registrations gone longer than the queue's time to live"
         );
-        shared
-            .fed
-            .forget(&forgotten, |a| shared.router.get(a).is_some());
-    }
-}
-
-/// Store jobs admitted and not yet taken by the queue writer.
-const QUEUE_JOBS: usize = 16_384;
-
-/// Store-and-forward: writes each job's frame durably for its offline
-/// recipients (one task per job, so concurrent jobs share the store's group
-/// commits), then reports the outcome. A recipient that came online
-/// meanwhile gets the message at once; its ACK deletes the stored copy.
-async fn queue_writer(
-    shared: Arc<Shared>,
-    mut rx: tokio::sync::mpsc::Receiver<crate::federation::QueueJob>,
-) {
-    use crate::store::Write;
-    // Writes are submitted here in dispatch order; a second task awaits
-    // their commits in the same order and delivers, so each recipient sees
-    // messages in the order the relay accepted them, while the store thread
-    // still commits whatever has accumulated in one transaction. Not
-    // bounded by count: every job in it was admitted by the store budget
-    // (at most `store_pending_bytes` uncommitted) and waits here only for
-    // its commit, which the store thread delivers in order.
-    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
-    shared
-        .tracker
-        .spawn(queue_completer(shared.clone(), done_rx));
-    loop {
-        let job = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            j = rx.recv() => match j { Some(j) => j, None => break },
-        };
-        let now = crate::unix_ms();
-        let mut waits = Vec::with_capacity(job.recipients.len());
-        for to in &job.recipients {
-            let w = Write::Enqueue {
-                recipient: *to,
-                sender: job.sender,
-                id: job.id,
-                frame: job.frame.clone(),
-                queued_ms: now,
-                expires_ms: now.saturating_add(shared.limits.queue_ttl_ms),
-            };
-            shared
-                .metrics
-                .stored_total
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            waits.push((*to, shared.store.submit(w).await));
-        }
-        if done_tx.send((job, waits)).is_err() {
-            break;
-        }
-    }
-}
-
-type CommitWait = Result<
-    tokio::sync::oneshot::Receiver<Result<crate::store::Outcome, String>>,
-    crate::store::StoreError,
->;
-
-/// Awaits each job's commits in order; delivers to connected recipients
-/// (their ACK deletes the stored copy) and reports delivered / queued.
-async fn queue_completer(
-    shared: Arc<Shared>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<(
-        crate::federation::QueueJob,
-        Vec<(w2w_proto::Address, CommitWait)>,
-    )>,
-) {
-    use crate::router::Handoff;
-    use crate::store::Outcome;
-    use std::sync::atomic::Ordering::Relaxed;
-    use w2w_proto::frame::{ReceiptEntry, Status};
-    use w2w_proto::ErrorCode;
-    while let Some((job, waits)) = rx.recv().await {
-        // A late write for recipients that already hold the message: once
-        // on disk they are "queued" (their ACK, if it comes, deletes it).
-        let late = matches!(job.reply, crate::federation::QueueReply::AckMissed { .. });
-        let mut entries = job.prior.clone();
-        // Stored and connected: handed over once the receipt is set up to
-        // wait for the recipient's ACK ("delivered" means acknowledged).
-        let mut handover = Vec::new();
-        for (to, wait) in waits {
-            let outcome = match wait {
-                Ok(rx) => rx.await.unwrap_or_else(|_| Err("store stopped".into())),
-                Err(e) => Err(e.to_string()),
-            };
-            let (status, reason) = match outcome {
-                Ok(Outcome::Done | Outcome::AlreadyStored) if late => (Status::Queued, 0),
-                Ok(Outcome::Done | Outcome::AlreadyStored) => match shared.router.get(&to) {
-                    Some(o) => {
-                        handover.push(o);
-                        continue;
-                    }
-                    None => {
-                        shared.metrics.queued_total.fetch_add(1, Relaxed);
-                        (Status::Queued, 0)
-                    }
-                },
-                Ok(Outcome::Duplicate) => {
-                    shared.metrics.error(ErrorCode::Duplicate);
-                    (Status::Rejected, ErrorCode::Duplicate.as_u16())
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "storing a message failed");
-                    shared.metrics.error(ErrorCode::Internal);
-                    (Status::Rejected, ErrorCode::Internal.as_u16())
-                }
-            };
-            entries.push(ReceiptEntry { to, status, reason });
-        }
-        let (id, frame) = (job.id, job.frame.clone());
-        let recipients = job.recipients.clone();
-        let awaiting = handover.iter().map(|o| o.address).collect();
-        let key = shared.fed.queue_done(job, entries, awaiting);
-        for o in handover {
-            match o.enqueue_from_queue(id, frame.clone(), Some(key)) {
-                Ok(Handoff::Sent | Handoff::AlreadyWaiting) => {
-                    shared.fed.delivered_event(id, o.address);
-                }
-                // Its backlog reader handed it over first and it was
-                // acknowledged: delivered.
-                Ok(Handoff::AlreadyAcked) => {
-                    shared.fed.on_ack(key, o.address);
-                }
-                Err(_) => {
-                    shared.metrics.queued_total.fetch_add(1, Relaxed);
-                    shared.fed.ack_lost(key, o.address, None);
-                }
-            }
-        }
-        // Only now may these recipients' connections go live: the message
-        // is in their send queues ahead of anything handed over directly.
-        shared.fed.store_job_finished(&recipients);
+        shared.fed.forget(&forgotten);
     }
 }
 
