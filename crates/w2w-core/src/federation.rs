@@ -739,3 +739,207 @@ impl RelayCore {
         self.finish_if_settled(key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, FedConfig};
+    use w2w_proto::frame::Msg;
+    use w2w_proto::Identity;
+
+    fn core(seed: u8, federation: FedConfig) -> RelayCore {
+        let config = Config {
+            federation,
+            ..Config::default()
+        };
+        RelayCore::new(config, Identity::from_seed([seed; 32]), 1, [])
+    }
+
+    fn key(seed: u8) -> Address {
+        Identity::from_seed([seed; 32]).address()
+    }
+
+    fn drain(c: &mut RelayCore) -> Vec<Transmit> {
+        std::iter::from_fn(|| c.poll_transmit()).collect()
+    }
+
+    fn msg(id: u8, from: Address, dest: Dest) -> Bytes {
+        ClientToRelay::Msg(Msg {
+            flags: 0,
+            id: MsgId([id; 16]),
+            from,
+            dest,
+            payload: Bytes::from_static(b"x"),
+        })
+        .encode()
+    }
+
+    fn forward(origin: Address, target: ForwardTarget, msg: Bytes) -> RelayToRelay {
+        RelayToRelay::Forward(Forward {
+            origin,
+            hops: 1,
+            target,
+            msg,
+        })
+    }
+
+    #[test]
+    fn relays_on_probation_have_their_own_slots_and_a_bounded_allowance() {
+        let mut c = core(
+            1,
+            FedConfig {
+                max_peers: 1,
+                max_probation_peers: 1,
+                probation_relays: 1,
+                ..FedConfig::default()
+            },
+        );
+        let rogue = key(2);
+        assert_eq!(c.peer_up(PeerId(2), rogue, String::new(), false), Ok(false));
+        // A second unknown relay finds the probation slot taken...
+        assert_eq!(
+            c.peer_up(PeerId(3), key(3), String::new(), false),
+            Err(ErrorCode::PeerLimit)
+        );
+        // ...but a relay we dial still gets its reserved slot.
+        assert_eq!(c.peer_up(PeerId(4), key(4), String::new(), true), Ok(true));
+        // The rogue may introduce one invented relay, not two.
+        let now = Instant::now();
+        for seed in [10u8, 11] {
+            let ls = LinkState::sign(&Identity::from_seed([seed; 32]), "", 1, vec![rogue]);
+            c.handle_peer_frame(now, PeerId(2), RelayToRelay::LinkState(ls));
+        }
+        assert_eq!(c.stats().records_refused, 1);
+        // Once we reach it by dialling a configured URL, it is trusted.
+        assert_eq!(c.dialled_key(rogue), Some(PeerId(2)));
+        let ls = LinkState::sign(&Identity::from_seed([12; 32]), "", 1, vec![rogue]);
+        c.handle_peer_frame(now, PeerId(2), RelayToRelay::LinkState(ls));
+        assert_eq!(c.stats().records_refused, 1);
+    }
+
+    #[test]
+    fn a_forward_that_contradicts_its_message_is_refused() {
+        let mut c = core(1, FedConfig::default());
+        let me = c.address();
+        let rogue = key(2);
+        c.peer_up(PeerId(2), rogue, String::new(), false).unwrap();
+        let now = Instant::now();
+        let (alice, bob, carol) = (Address([5; 32]), Address([6; 32]), Address([7; 32]));
+        for (i, a) in [alice, bob, carol].into_iter().enumerate() {
+            c.connect(now, ConnId(i as u64), a, None);
+        }
+        // Backlogs read (empty): live.
+        while let Some(op) = c.poll_store() {
+            if let crate::StoreOp::Read { token, .. } = op {
+                let done = crate::StoreDone::Read {
+                    token,
+                    result: Ok(Vec::new()),
+                };
+                c.store_done(now, done);
+            }
+        }
+        drain(&mut c);
+        let outsider = Address([9; 32]);
+        let to = |a: Address| ForwardTarget::Relay {
+            relay: me,
+            to: vec![a],
+        };
+        let frames = [
+            // The header names bob; the FORWARD asks for carol.
+            forward(rogue, to(carol), msg(1, outsider, Dest::A2b(bob))),
+            // A "from" that is one of our own clients.
+            forward(rogue, to(bob), msg(2, alice, Dest::A2b(bob))),
+            // A broadcast claiming to come from us.
+            forward(
+                me,
+                ForwardTarget::Broadcast,
+                msg(3, outsider, Dest::A2n(Scope::Federation)),
+            ),
+        ];
+        for f in frames {
+            c.handle_peer_frame(now, PeerId(2), f);
+        }
+        assert_eq!(c.stats().count(ErrorCode::ForgedForward), 3);
+        let to_clients = drain(&mut c)
+            .into_iter()
+            .filter(|t| matches!(t.to, Target::Conn(_)))
+            .count();
+        assert_eq!(to_clients, 0, "nothing was delivered");
+        // An honest one is delivered.
+        let honest = msg(4, outsider, Dest::A2g(vec![bob, carol]));
+        c.handle_peer_frame(now, PeerId(2), forward(rogue, to(carol), honest));
+        let out = drain(&mut c);
+        assert!(out.iter().any(|t| t.to == Target::Conn(ConnId(2))));
+        // A forgery reusing its id and origin (another frame, so the seen
+        // cache does not take it for a copy) while carol's ACK is awaited:
+        // refused, not delivered.
+        let forged = msg(4, outsider, Dest::A2b(carol));
+        c.handle_peer_frame(now, PeerId(2), forward(rogue, to(carol), forged));
+        assert_eq!(c.stats().count(ErrorCode::Duplicate), 1);
+        assert!(drain(&mut c)
+            .iter()
+            .all(|t| t.to != Target::Conn(ConnId(2))));
+    }
+
+    #[test]
+    fn one_message_forwarded_to_two_relays_through_this_one_passes_twice() {
+        // x - me - b - {c, d}: an a2g from x's client for clients of c and
+        // d is two FORWARDs (one per target) that both pass here. The
+        // second is not a duplicate of the first (the seen key names the
+        // target; the simulation found it dropped).
+        let ids: Vec<Identity> = (1..=5).map(|i| Identity::from_seed([i; 32])).collect();
+        let [me, x, b, c_, d] = std::array::from_fn(|i| ids[i].address());
+        let mut c = core(1, FedConfig::default());
+        c.peer_up(PeerId(10), x, String::new(), true).unwrap();
+        c.peer_up(PeerId(11), b, String::new(), true).unwrap();
+        let now = Instant::now();
+        for (peer, ls) in [
+            (10, LinkState::sign(&ids[1], "", 10, vec![me])),
+            (11, LinkState::sign(&ids[2], "", 10, vec![me, c_, d])),
+            (11, LinkState::sign(&ids[3], "", 10, vec![b])),
+            (11, LinkState::sign(&ids[4], "", 10, vec![b])),
+        ] {
+            c.handle_peer_frame(now, PeerId(peer), RelayToRelay::LinkState(ls));
+        }
+        drain(&mut c);
+        let (carol, dave) = (Address([7; 32]), Address([8; 32]));
+        let m = msg(1, Address([5; 32]), Dest::A2g(vec![carol, dave]));
+        for (relay, to) in [(c_, carol), (d, dave)] {
+            let target = ForwardTarget::Relay {
+                relay,
+                to: vec![to],
+            };
+            c.handle_peer_frame(now, PeerId(10), forward(x, target, m.clone()));
+        }
+        let passed = drain(&mut c)
+            .iter()
+            .filter(|t| t.to == Target::Peer(PeerId(11)))
+            .filter(|t| matches!(RelayToRelay::decode(&t.frame), Ok(RelayToRelay::Forward(_))))
+            .count();
+        assert_eq!(passed, 2, "both FORWARDs go on toward b");
+        assert_eq!(c.stats().count(ErrorCode::Duplicate), 0);
+    }
+
+    #[test]
+    fn link_states_from_a_peer_give_routes_through_it() {
+        // me - b - c, plus a one-way claim d -> me (BFS itself is tested in
+        // routing.rs).
+        let ids: Vec<Identity> = (1..=4).map(|i| Identity::from_seed([i; 32])).collect();
+        let [me, b, c_, _d] = std::array::from_fn(|i| ids[i].address());
+        let mut c = core(1, FedConfig::default());
+        c.peer_up(PeerId(2), b, "ws://b/".into(), true).unwrap();
+        let now = Instant::now();
+        for ls in [
+            LinkState::sign(&ids[1], "ws://b/", 10, vec![me, c_]),
+            LinkState::sign(&ids[2], "ws://c/", 10, vec![b]),
+            LinkState::sign(&ids[3], "ws://d/", 10, vec![me]),
+        ] {
+            c.handle_peer_frame(now, PeerId(2), RelayToRelay::LinkState(ls));
+        }
+        let mut reachable = c.reachable();
+        reachable.sort();
+        let mut want = vec![b, c_];
+        want.sort();
+        assert_eq!(reachable, want, "c through b; d's one-way edge ignored");
+    }
+}

@@ -1,11 +1,12 @@
-//! Who is connected, and routing a MSG to its recipients.
+//! Who is connected, and each connection's send queue.
 //!
-//! The router never awaits: each connection has an [`Outbox`], a
-//! byte-bounded queue drained by that connection's own actor. Routing is a
-//! map lookup and a `try_enqueue` per recipient. A recipient whose queue is
-//! over its byte bound is a slow consumer: the frame is not queued, the
-//! sender's receipt says `rejected/slow_consumer`, and the recipient is
-//! told to close (policy: disconnect, counted in metrics).
+//! Each connection has an [`Outbox`], a byte-bounded queue drained by that
+//! connection's own actor; the core's frames are put there without ever
+//! awaiting. A connection whose queue is over its byte bound is a slow
+//! consumer: the frame is not queued and the connection is told to close
+//! (counted in metrics); the core then writes what it had handed over
+//! unacknowledged. The [`Router`] lists who is connected (ONLINE, presence
+//! notices, registration replacing an older connection).
 
 /// aHash, keyed per process (see `federation`).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -259,31 +260,6 @@ impl Router {
             }
         }
     }
-
-    /// Queues `frame` for the connection registered as `to`.
-    pub fn deliver(&self, to: &Address, frame: &Bytes) -> (Status, Option<ErrorCode>) {
-        match self.get(to).map(|o| o.try_enqueue(frame.clone())) {
-            Some(Ok(())) => (Status::Delivered, None),
-            Some(Err(EnqueueError::SlowConsumer)) => {
-                (Status::Rejected, Some(ErrorCode::SlowConsumer))
-            }
-            Some(Err(EnqueueError::Closed)) | None => (Status::NoRoute, Some(ErrorCode::NoRoute)),
-        }
-    }
-
-    /// Queues `frame` for every registered connection with room for it
-    /// (see [`Outbox::try_enqueue_soft`]); returns how many took it,
-    /// calling `delivered` for each.
-    pub fn broadcast(&self, frame: &Bytes, mut delivered: impl FnMut(&Address)) -> u32 {
-        let mut n = 0;
-        for o in self.read().values() {
-            if o.try_enqueue_soft(frame.clone()) {
-                delivered(&o.address);
-                n += 1;
-            }
-        }
-        n
-    }
 }
 
 /// A rejected receipt, counted.
@@ -301,20 +277,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_broadcast_skips_a_receiver_that_is_behind_and_never_closes_it() {
+    fn a_soft_frame_skips_a_receiver_that_is_behind_and_never_closes_it() {
         let m = Arc::new(Metrics::default());
-        let r = Router::new();
         let (slow, _srx) = outbox(1, 1, 100, &m);
         let (fast, _frx) = outbox(2, 2, 100, &m);
-        r.insert(slow.clone());
-        r.insert(fast.clone());
         assert!(slow.try_enqueue(Bytes::from_static(&[0; 40])).is_ok());
         // 40 + 20 > 100 / 2: the slow one is skipped, the fast one served.
-        assert_eq!(r.broadcast(&Bytes::from_static(&[1; 20]), |_| {}), 1);
+        let f = Bytes::from_static(&[1; 20]);
+        assert!(!slow.try_enqueue_soft(f.clone()));
+        assert!(fast.try_enqueue_soft(f));
         assert_eq!(fast.queued_bytes(), 20);
         assert_eq!(slow.queued_bytes(), 40);
         assert_eq!(slow.close_code(), None, "skipped, not closed");
         assert_eq!(m.broadcast_skipped.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn room_below_waits_for_the_writer_not_a_timer() {
+        let m = Arc::new(Metrics::default());
+        let (o, mut rx) = outbox(1, 1, 100, &m);
+        o.try_enqueue(Bytes::from_static(&[0; 80])).unwrap();
+        let waiter = {
+            let o = o.clone();
+            tokio::spawn(async move { o.room_below(50).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "80 bytes queued: no room yet");
+        let f = rx.recv().await.unwrap();
+        o.dequeued(f.len());
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the dequeue")
+            .unwrap();
     }
 
     fn outbox(
@@ -324,27 +318,6 @@ mod tests {
         m: &Arc<Metrics>,
     ) -> (Arc<Outbox>, mpsc::UnboundedReceiver<Bytes>) {
         Outbox::new(Address([b; 32]), id, max, m.clone())
-    }
-
-    #[test]
-    fn deliver_and_broadcast_share_one_buffer() {
-        let m = Arc::new(Metrics::default());
-        let r = Router::new();
-        let (a, mut arx) = outbox(1, 1, 1 << 20, &m);
-        let (b, mut brx) = outbox(2, 2, 1 << 20, &m);
-        r.insert(a.clone());
-        r.insert(b.clone());
-        let f = Bytes::from_static(b"frame");
-        assert_eq!(r.deliver(&b.address, &f), (Status::Delivered, None));
-        assert_eq!(
-            r.deliver(&Address([9; 32]), &f),
-            (Status::NoRoute, Some(ErrorCode::NoRoute))
-        );
-        let got = brx.try_recv().unwrap();
-        assert_eq!(got.as_ptr(), f.as_ptr(), "the same buffer, not a copy");
-        assert!(arx.try_recv().is_err());
-        assert_eq!(r.broadcast(&f, |_| {}), 2);
-        assert_eq!(arx.try_recv().unwrap(), f);
     }
 
     #[test]
