@@ -728,6 +728,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     };
     let config_peers = config.federation.peers.clone();
     let relay = Relay::start(config).await?;
+    let stop = shutdown_signal();
     // A full disk under stdout must not stop the relay (a crash loop under
     // a supervisor): these lines are best effort.
     out!("w2w relay listening on {}", relay.url());
@@ -739,26 +740,33 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
         out!("peering    {p}");
     }
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = stop => tracing::info!("shutting down"),
         _ = relay.cancelled() => {}
     }
     relay.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a SIGTERM that comes right after the
+/// relay printed its banner must shut it down, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let handlers = {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)))
+    };
+    async move {
+        #[cfg(unix)]
+        if let Ok((mut term, mut int)) = handlers {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn connect(a: &ClientArgs) -> Result<Client> {
@@ -902,6 +910,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         c.request(w2w_proto::frame::RequestOp::Presence(true))
             .await?;
     }
+    let mut stop = std::pin::pin!(shutdown_signal());
     eprintln!(
         "listening as {} on {} (Ctrl-C to stop)",
         c.address(),
@@ -912,7 +921,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     loop {
         let ev = tokio::select! {
             ev = c.recv() => ev,
-            _ = shutdown_signal() => break,
+            _ = &mut stop => break,
         };
         match ev {
             None => bail!(

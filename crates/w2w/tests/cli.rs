@@ -870,6 +870,16 @@ fn errors_are_one_line_with_a_hint() {
         1,
         "the URL is said once: {line}"
     );
+    // Word for word the line the README shows (its port is 7777).
+    if cfg!(target_os = "linux") {
+        let readme = readme_blocks("The CLI", "text")
+            .iter()
+            .flat_map(|b| b.lines().map(str::to_owned).collect::<Vec<_>>())
+            .find(|l| l.starts_with("error: connecting to"))
+            .expect("the README shows a connection error");
+        let authority = url.trim_start_matches("ws://").trim_end_matches('/');
+        assert_eq!(line, readme.replace("127.0.0.1:7777", authority));
+    }
 
     // wss:// to a relay without TLS.
     let plain = Server::start(&env, &["--data", env.path("plain").to_str().unwrap()], true);
