@@ -85,10 +85,12 @@ enum Cmd {
     /// Send a message: one --to is a2b, several --to is a2g, --all is a2n, --self is a2a.
     Send(SendArgs),
     /// Print every message received, one line each (or JSON lines with --json).
+    #[command(after_help = EXIT_HELP)]
     Listen(ListenArgs),
     /// List the addresses online on the relay.
     Online(ClientArgs),
     /// Which relay hosts an address, anywhere in the federation.
+    #[command(after_help = EXIT_HELP)]
     Lookup {
         #[command(flatten)]
         client: ClientArgs,
@@ -391,7 +393,9 @@ fn hint(e: &anyhow::Error) -> Option<String> {
     use tokio_websockets::Error as Ws;
     use w2w_client::ClientError as C;
     use w2w_proto::handshake::HandshakeError;
-    let ce = client_error(e)?;
+    let Some(ce) = client_error(e) else {
+        return io_hint(e);
+    };
     let hint = match ce {
         C::Connect { url, error } => {
             let tls = url.trim_start().to_ascii_lowercase().starts_with("wss:");
@@ -488,6 +492,24 @@ fn relay_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Hints for the relay's own errors: the port it should listen on.
+fn io_hint(e: &anyhow::Error) -> Option<String> {
+    use std::io::ErrorKind as K;
+    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>())?;
+    Some(match io.kind() {
+        K::AddrInUse => {
+            "another program (another relay?) listens on that port: stop it, or choose another with --listen".into()
+        }
+        K::AddrNotAvailable => {
+            "that IP address is not one of this machine's: use 127.0.0.1, 0.0.0.0 (all addresses) or one of its own".into()
+        }
+        K::PermissionDenied if e.to_string().starts_with("binding") => {
+            "ports below 1024 need privileges: use a higher port, or a reverse proxy in front".into()
+        }
+        _ => return None,
+    })
 }
 
 /// `host:port` of a URL, for messages.

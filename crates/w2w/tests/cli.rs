@@ -891,6 +891,19 @@ fn errors_are_one_line_with_a_hint() {
     assert!(line.contains("Use ws://"), "{line}");
     assert!(line.matches("InvalidContentType").count() <= 1, "{line}");
 
+    // A second relay on the same port.
+    let mut cmd = env.w2w();
+    cmd.args(["serve", "--listen", plain.authority(), "--data"])
+        .arg(env.path("second"));
+    let out = run(cmd, CMD_TIMEOUT);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: binding") && last.contains("choose another with --listen"),
+        "{}",
+        out.describe()
+    );
+
     // ws:// to a relay with TLS, and wss:// to it without --ca.
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
         .expect("a self-signed certificate");
