@@ -352,8 +352,9 @@ fn main() -> ExitCode {
 
 /// One line for an error: each cause once (a message that already
 /// contains the next cause's text is not followed by it again), then a
-/// hint when the cause is a common mistake. Control characters (a relay's
-/// close reason is remote text) are escaped.
+/// hint when the cause is a common mistake. Control characters are escaped
+/// (a relay's reason is remote text); only a local error (a TOML parse
+/// error pointing at the line) keeps its newlines.
 fn error_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
@@ -370,7 +371,14 @@ fn error_line(e: &anyhow::Error) -> String {
         line.push_str("; ");
         line.push_str(&h);
     }
-    escape_text(line.as_bytes())
+    if client_error(e).is_some() {
+        escape_text(line.as_bytes())
+    } else {
+        line.split('\n')
+            .map(|l| escape_text(l.as_bytes()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 fn client_error(e: &anyhow::Error) -> Option<&w2w_client::ClientError> {
@@ -1053,10 +1061,20 @@ mod tests {
             error_line(&e),
             "connecting to ws://x/: Connection refused (os error 111)"
         );
-        let e = anyhow::anyhow!("relay said \x1b[31mred\nline").context("relay ws://x/");
+        // Remote text (a relay's close reason): one line, escaped.
+        let e = anyhow::Error::new(w2w_client::ClientError::Closed {
+            reason: Some("bye \x1b[31mred\nerror: fake".into()),
+        })
+        .context("relay ws://x/");
         assert_eq!(
             error_line(&e),
-            "relay ws://x/: relay said \\u{1b}[31mred\\nline"
+            "relay ws://x/: connection closed: bye \\u{1b}[31mred\\nerror: fake"
+        );
+        // A local error keeps its lines (a TOML error points at the line).
+        let e = anyhow::anyhow!("at line 2\n2 | x = 1\n  | ^\x07").context("parsing f.toml");
+        assert_eq!(
+            error_line(&e),
+            "parsing f.toml: at line 2\n2 | x = 1\n  | ^\\u{7}"
         );
     }
 
