@@ -4,7 +4,7 @@ mod bench;
 mod demo;
 mod keys;
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,10 +26,11 @@ use w2w_server::{FederationConfig, Limits, Relay, RelayConfig, TlsPaths};
         A client's Ed25519 public key (64 hex characters) is its address. It registers with a \
         relay over WebSocket (sigA -> sigB -> sigC) and can then send to one address (a2b), a \
         list (a2g), everyone (a2n) or itself (a2a).\n\n\
-        Start a relay:   w2w serve\n\
-        Listen:          w2w listen\n\
-        Send:            w2w send --to <ADDRESS> 'hello'",
-    after_help = "Environment: W2W_RELAY sets --relay, W2W_ID sets --id. Docs: docs/PROTOCOL.md"
+        Start a relay:       w2w serve\n\
+        Make an identity:    w2w id new\n\
+        Listen:              w2w listen\n\
+        Send:                w2w send --to <ADDRESS> 'hello'",
+    after_help = EXIT_HELP
 )]
 struct Cli {
     /// Log filter, e.g. info, debug, w2w_server=trace (RUST_LOG also works).
@@ -49,6 +50,26 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Exit codes and environment, shown by `w2w --help` (the README says the same).
+const EXIT_HELP: &str = "\
+Exit codes:
+  0  success (send: delivered or queued; lookup: found)
+  1  error: the relay cannot be reached or refused us, a changed relay key,
+     a missing key file, a group change the relay refused, ...
+  2  usage: a flag or argument is wrong or missing
+  3  send: the message was rejected (the reason is printed)
+  4  send: not delivered (no_route, or partial for a list or group);
+     lookup: the address is not known to the federation
+
+Environment: W2W_RELAY sets --relay, W2W_ID sets --id, W2W_LISTEN sets
+serve --listen, W2W_LOG sets --log, W2W_LOG_FORMAT sets --log-format.
+Docs: README.md, docs/PROTOCOL.md";
+
+/// Exit codes (see [`EXIT_HELP`]).
+const EXIT_ERROR: u8 = 1;
+const EXIT_REJECTED: u8 = 3;
+const EXIT_NOT_DELIVERED: u8 = 4;
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -60,15 +81,16 @@ enum Cmd {
     /// Run a relay (zero config: 127.0.0.1:7777, data dir created on first run).
     Serve(ServeArgs),
     /// Create or show your identity (an Ed25519 key; its public half is your address).
-    #[command(subcommand)]
-    Id(IdCmd),
+    Id(IdArgs),
     /// Send a message: one --to is a2b, several --to is a2g, --all is a2n, --self is a2a.
     Send(SendArgs),
     /// Print every message received, one line each (or JSON lines with --json).
+    #[command(after_help = EXIT_HELP)]
     Listen(ListenArgs),
     /// List the addresses online on the relay.
     Online(ClientArgs),
     /// Which relay hosts an address, anywhere in the federation.
+    #[command(after_help = EXIT_HELP)]
     Lookup {
         #[command(flatten)]
         client: ClientArgs,
@@ -90,8 +112,10 @@ enum Cmd {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long)]
+    /// Where to listen: PORT (on 127.0.0.1), IP:PORT or HOST:PORT, e.g.
+    /// 7777, 0.0.0.0:7777 (remote clients too), localhost:7777. Default
+    /// 127.0.0.1:7777.
+    #[arg(long, env = "W2W_LISTEN", value_name = "ADDR", value_parser = parse_listen)]
     listen: Option<SocketAddr>,
     /// Data directory (server key, SQLite store). Default: ~/.local/share/w2w.
     #[arg(long)]
@@ -132,7 +156,8 @@ struct ServeArgs {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<SocketAddr>,
+    /// Same forms as --listen.
+    listen: Option<String>,
     data: Option<PathBuf>,
     #[serde(default)]
     public_urls: Vec<String>,
@@ -164,48 +189,65 @@ enum GroupCmd {
     List { name: String },
 }
 
-#[derive(Subcommand)]
-enum IdCmd {
-    /// Create a new key file (mode 0600).
-    New {
-        #[arg(long, env = "W2W_ID")]
-        id: Option<PathBuf>,
-    },
-    /// Print the address of a key file.
-    Show {
-        #[arg(long, env = "W2W_ID")]
-        id: Option<PathBuf>,
-    },
+#[derive(Args)]
+struct IdArgs {
+    /// Key file. Default: ~/.config/w2w/id.key.
+    #[arg(long, global = true, env = "W2W_ID", value_name = "FILE")]
+    id: Option<PathBuf>,
+    #[command(subcommand)]
+    op: IdCmd,
 }
 
+#[derive(Subcommand)]
+enum IdCmd {
+    /// Create a new key file (mode 0600; never overwrites) and print its
+    /// address. The only command that creates a key.
+    New,
+    /// Print the address of a key file.
+    Show,
+}
+
+/// The flags of every client command. `global` so that they may also
+/// follow a subcommand (`w2w group create --id F NAME`).
 #[derive(Args, Clone)]
 struct ClientArgs {
     /// Relay URL.
-    #[arg(long, env = "W2W_RELAY", default_value = "ws://127.0.0.1:7777/")]
+    #[arg(
+        long,
+        global = true,
+        env = "W2W_RELAY",
+        default_value = "ws://127.0.0.1:7777/",
+        value_name = "URL"
+    )]
     relay: String,
-    /// Key file (created on first use). Default: ~/.config/w2w/id.key.
-    #[arg(long, env = "W2W_ID")]
+    /// Key file; it must exist (make one with `w2w id new`). Default:
+    /// ~/.config/w2w/id.key.
+    #[arg(long, global = true, env = "W2W_ID", value_name = "FILE")]
     id: Option<PathBuf>,
     /// Extra CA certificate (PEM) to trust for wss, e.g. a self-signed relay.
-    #[arg(long)]
+    #[arg(long, global = true, value_name = "PEM")]
     ca: Option<PathBuf>,
     /// Accept a relay key that differs from the one pinned for this URL.
-    #[arg(long)]
+    #[arg(long, global = true)]
     accept_new_relay_key: bool,
 }
 
 #[derive(Args)]
+#[command(
+    group = clap::ArgGroup::new("dest").args(["to", "group", "all", "self_"]).required(true).multiple(false),
+    after_help = EXIT_HELP
+)]
 struct SendArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// Recipient address (repeat for a2g).
-    #[arg(long = "to", conflicts_with_all = ["all", "self_", "group"])]
+    #[arg(long = "to", value_name = "ADDRESS")]
     to: Vec<Address>,
     /// Send to a named group on your relay (members only).
-    #[arg(long, conflicts_with_all = ["all", "self_"])]
+    #[arg(long, value_name = "NAME")]
     group: Option<String>,
     /// Send to everyone (a2n): the whole federation, or see --scope.
-    #[arg(long, conflicts_with = "self_")]
+    #[arg(long)]
     all: bool,
     /// With --all: "federation" (default) or "relay" (this relay's clients only).
     #[arg(long, default_value = "federation", value_parser = ["federation", "relay"], requires = "all")]
@@ -220,15 +262,21 @@ struct SendArgs {
     /// a2a/a2b/a2g are sealed for their recipients and a2n is signed.
     #[arg(long)]
     plain: bool,
-    /// The message; "-" or nothing reads standard input.
+    /// The message; "-" or nothing reads standard input (to its end:
+    /// Ctrl-D at a terminal).
     message: Option<String>,
 }
 
+/// `listen` prints text exactly only with --json; its lines escape control
+/// characters so that a message cannot fake a line of its own.
 #[derive(Args)]
 struct ListenArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// One JSON object per line: from, route, id, body.
+    /// One JSON object per line: from, route, e2e, id, body (exact; or
+    /// body_hex if it is not UTF-8). Without --json, control characters,
+    /// backslashes and invisible direction marks in the body are escaped
+    /// (\n, \t, \\, \x1b, \u{202e}, ...), so each message is one line.
     #[arg(long)]
     json: bool,
     /// Exit after this many messages.
@@ -275,7 +323,6 @@ fn main() -> ExitCode {
         .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Text => {
-            use std::io::IsTerminal;
             // Colour codes only for a person at a terminal, never in files.
             let colour = std::io::stderr().is_terminal()
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -290,42 +337,308 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_ERROR);
         }
     };
     match rt.block_on(run(cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {}", error_line(&e));
+            ExitCode::from(exit_code_of(&e))
         }
     }
+}
+
+/// One line for an error: each cause once (a message that already
+/// contains the next cause's text is not followed by it again), then a
+/// hint when the cause is a common mistake. Control characters are escaped
+/// (a relay's reason is remote text); only a local error (a TOML parse
+/// error pointing at the line) keeps its newlines.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    if let Some(h) = hint(e) {
+        line.push_str("; ");
+        line.push_str(&h);
+    }
+    if client_error(e).is_some() {
+        escape_text(line.as_bytes())
+    } else {
+        line.split('\n')
+            .map(|l| escape_text(l.as_bytes()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn client_error(e: &anyhow::Error) -> Option<&w2w_client::ClientError> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<w2w_client::ClientError>())
+}
+
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    match client_error(e) {
+        // Refused locally: larger than the relay accepts (nothing sent).
+        Some(w2w_client::ClientError::TooLarge { .. }) => EXIT_REJECTED,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// What to do about a client error, for the causes people meet: nothing
+/// listening, ws:// and wss:// mixed up, an untrusted certificate, a
+/// name that does not resolve, the relay expecting another URL.
+fn hint(e: &anyhow::Error) -> Option<String> {
+    use tokio_websockets::Error as Ws;
+    use w2w_client::ClientError as C;
+    use w2w_proto::handshake::HandshakeError;
+    let Some(ce) = client_error(e) else {
+        return io_hint(e);
+    };
+    let hint = match ce {
+        C::Connect { url, error } => {
+            let tls = url.trim_start().to_ascii_lowercase().starts_with("wss:");
+            let tls_hint = |r: &rustls::Error| -> Option<String> {
+                use rustls::{CertificateError as Ce, Error as R};
+                Some(match r {
+                    R::InvalidMessage(_) if tls =>
+                    {
+                        "that port does not speak TLS: is it a plain relay? Use ws:// instead of wss://".into()
+                    }
+                    R::InvalidCertificate(Ce::UnknownIssuer | Ce::BadSignature) => {
+                        "the relay's certificate is not signed by a trusted authority: for a self-signed relay, pass its certificate with --ca cert.pem".into()
+                    }
+                    R::InvalidCertificate(Ce::NotValidForName | Ce::NotValidForNameContext { .. }) => {
+                        "the relay's certificate does not name this host: use the host name it was issued for in --relay".into()
+                    }
+                    R::InvalidCertificate(Ce::Expired | Ce::ExpiredContext { .. }) => {
+                        "the relay's certificate has expired (or this machine's clock is wrong)".into()
+                    }
+                    _ => return None,
+                })
+            };
+            match error {
+                Ws::Io(io) => {
+                    if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                        tls_hint(r)?
+                    } else {
+                        use std::io::ErrorKind as K;
+                        match io.kind() {
+                            K::ConnectionRefused => format!(
+                                "is the relay running? Nothing accepts connections at {}: start one with `w2w serve`, or check --relay",
+                                authority_of(url)
+                            ),
+                            K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted if !tls => {
+                                "the server closed the connection during the WebSocket upgrade: if the relay uses TLS, use wss:// instead of ws://".into()
+                            }
+                            K::TimedOut | K::HostUnreachable | K::NetworkUnreachable => {
+                                "check the host and port in --relay, and that no firewall is in the way".into()
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+                Ws::Rustls(r) => tls_hint(r)?,
+                Ws::CannotResolveHost => {
+                    "the host name does not resolve: check its spelling in --relay".into()
+                }
+                Ws::Upgrade(tokio_websockets::upgrade::Error::Parsing(_)) if !tls => {
+                    "the server there does not answer in plain HTTP: a relay with TLS? Use wss:// instead of ws://".into()
+                }
+                Ws::Upgrade(tokio_websockets::upgrade::Error::DidNotSwitchProtocols(code)) => {
+                    format!("an HTTP server answered ({code}), but not as a WebSocket relay: check the host, port and path in --relay")
+                }
+                Ws::Upgrade(_) | Ws::Protocol(_) => {
+                    "the server there answered, but not as a w2w relay: check --relay".into()
+                }
+                _ => return None,
+            }
+        }
+        C::BadUrl { .. } => "a relay URL looks like ws://127.0.0.1:7777/ or wss://relay.example.org/".into(),
+        C::Timeout(_) => {
+            "no answer in time: check --relay (host, port, and ws:// or wss://: a TLS relay needs wss://)".into()
+        }
+        C::Handshake(HandshakeError::RelayKeyChanged { .. }) => {
+            "if you trust the change, rerun with --accept-new-relay-key".into()
+        }
+        C::Refused {
+            code: ErrorCode::WrongUrl,
+            ..
+        } => "the relay expects another URL: use the one `w2w serve` printed (or one of its --public-url), scheme, host, port and trailing slash alike".into(),
+        C::Refused {
+            code: ErrorCode::UnknownGroup,
+            ..
+        } => "a group lives on the relay that created it: check the name and --relay".into(),
+        C::Refused {
+            code: ErrorCode::NotMember,
+            ..
+        } => "only the group's members may do that (`w2w group list NAME` shows them)".into(),
+        C::TlsRoots { .. } => "--ca takes a PEM file holding the relay's certificate".into(),
+        _ => return None,
+    };
+    Some(hint)
+}
+
+/// The URL to dial: as given (the relay may require exactly the URL it
+/// was configured with), but with a scheme in capitals (`WS://`) lowered.
+fn relay_url(url: &str) -> String {
+    let url = url.trim();
+    match url.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("ws") || scheme.eq_ignore_ascii_case("wss") =>
+        {
+            format!("{}://{rest}", scheme.to_ascii_lowercase())
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Hints for the relay's own errors: the port it should listen on.
+fn io_hint(e: &anyhow::Error) -> Option<String> {
+    use std::io::ErrorKind as K;
+    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>())?;
+    Some(match io.kind() {
+        K::AddrInUse => {
+            "another program (another relay?) listens on that port: stop it, or choose another with --listen".into()
+        }
+        K::AddrNotAvailable => {
+            "that IP address is not one of this machine's: use 127.0.0.1, 0.0.0.0 (all addresses) or one of its own".into()
+        }
+        K::PermissionDenied if e.to_string().starts_with("binding") => {
+            "ports below 1024 need privileges: use a higher port, or a reverse proxy in front".into()
+        }
+        _ => return None,
+    })
+}
+
+/// `host:port` of a URL, for messages.
+fn authority_of(url: &str) -> String {
+    match url.parse::<http::Uri>() {
+        Ok(u) => match (u.host(), u.port_u16(), u.scheme_str()) {
+            (Some(h), Some(p), _) => format!("{h}:{p}"),
+            (Some(h), None, Some("wss")) => format!("{h}:443"),
+            (Some(h), None, _) => format!("{h}:80"),
+            _ => url.to_owned(),
+        },
+        Err(_) => url.to_owned(),
+    }
+}
+
+/// `--listen` (and `listen` in the config file): `PORT` (on 127.0.0.1),
+/// `IP:PORT`, `[IPv6]:PORT`, or `HOST:PORT` with a host name (resolved;
+/// an IPv4 address is preferred, as `localhost` means 127.0.0.1 to most).
+fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
+    let s = s.trim();
+    let usage = "expected PORT, IP:PORT or HOST:PORT, e.g. 7777, 0.0.0.0:7777 or localhost:7777";
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let port: u16 = s
+            .parse()
+            .map_err(|_| format!("port {s} is out of range (0-65535)"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(usage.into());
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(usage.into());
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = (host, 0)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e} ({usage})"))?
+        .collect();
+    let port: u16 = port.parse().map_err(|_| usage.to_string())?;
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .map(|a| SocketAddr::new(a.ip(), port))
+        .ok_or_else(|| format!("{host:?} resolves to no address ({usage})"))
+}
+
+/// Text from elsewhere (a message body, a relay's reason) made safe for one
+/// terminal line: `\` becomes `\\`; newline, tab and carriage return become
+/// `\n`, `\t`, `\r`; other control characters (C0, DEL, C1) and the
+/// invisible characters that reorder or hide text (bidi controls, zero-width
+/// marks) become `\u{..}`; bytes that are not UTF-8 become `\xNN`. Printable
+/// text, other languages and emoji included, is unchanged.
+fn escape_text(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() || is_invisible_format(c) => {
+                    let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// Unicode format characters that change how the text around them is
+/// shown (Trojan Source) or are not shown at all.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}'
+        | '\u{200b}'..='\u{200f}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206f}'
+        | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}')
 }
 
 async fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Serve(a) => serve(a).await,
-        Cmd::Id(IdCmd::New { id }) => {
+        Cmd::Id(IdArgs { id, op: IdCmd::New }) => {
             let path = id.unwrap_or_else(keys::default_id_path);
             keys::check_not_exists(&path)?;
             let ident = keys::create_key(&path)?;
             eprintln!("created {}", path.display());
-            println!("{}", ident.address());
+            out!("{}", ident.address());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Id(IdCmd::Show { id }) => {
+        Cmd::Id(IdArgs {
+            id,
+            op: IdCmd::Show,
+        }) => {
+            let given = id.is_some();
             let path = id.unwrap_or_else(keys::default_id_path);
-            println!("{}", keys::load_key(&path)?.address());
+            out!("{}", keys::load_identity(&path, given)?.address());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Send(a) => send(a).await,
         Cmd::Listen(a) => listen(a).await,
         Cmd::Online(a) => {
             let mut c = connect(&a).await?;
-            for addr in c.online().await? {
-                println!("{addr}");
-            }
+            let online = c.online().await;
             c.close().await;
+            for addr in online? {
+                out!("{addr}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(a) => bench::run(a).await,
@@ -346,9 +659,13 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             };
             c.close().await;
             let info = info?;
-            println!("group {} (owner {})", info.name, info.owner);
+            out!(
+                "group {} (owner {})",
+                escape_text(info.name.as_bytes()),
+                info.owner
+            );
             for (m, admin) in &info.members {
-                println!("  {m}{}", if *admin { "  admin" } else { "" });
+                out!("  {m}{}", if *admin { "  admin" } else { "" });
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -356,16 +673,20 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             let c = connect(&client).await?;
             let r = c
                 .request(w2w_proto::frame::RequestOp::Lookup(address))
-                .await?;
+                .await;
             c.close().await;
-            match r {
+            match r? {
                 w2w_proto::frame::ResponseBody::Lookup(Some(h)) => {
-                    println!("{address} is at relay {} ({})", h.relay_url, h.relay_key);
+                    out!(
+                        "{address} is at relay {} ({})",
+                        escape_text(h.relay_url.as_bytes()),
+                        h.relay_key
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 _ => {
-                    println!("{address} is not known to the federation");
-                    Ok(ExitCode::from(2))
+                    out!("{address} is not known to the federation");
+                    Ok(ExitCode::from(EXIT_NOT_DELIVERED))
                 }
             }
         }
@@ -394,10 +715,11 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     if created {
         tracing::info!("generated relay key {}", key_path.display());
     }
-    let listen = a
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| "127.0.0.1:7777".parse().expect("valid default"));
+    let listen = match (a.listen, &file.listen) {
+        (Some(l), _) => l,
+        (None, Some(l)) => parse_listen(l).map_err(|e| anyhow::anyhow!("listen = {l:?}: {e}"))?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 7777)),
+    };
     let tls = match (a.tls_cert, a.tls_key) {
         (Some(cert), Some(key)) => Some(TlsPaths {
             cert,
@@ -436,6 +758,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     };
     let config_peers = config.federation.peers.clone();
     let relay = Relay::start(config).await?;
+    let stop = shutdown_signal();
     // A full disk under stdout must not stop the relay (a crash loop under
     // a supervisor): these lines are best effort.
     out!("w2w relay listening on {}", relay.url());
@@ -447,59 +770,74 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
         out!("peering    {p}");
     }
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = stop => tracing::info!("shutting down"),
         _ = relay.cancelled() => {}
     }
     relay.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a SIGTERM that comes right after the
+/// relay printed its banner must shut it down, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let handlers = {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)))
+    };
+    async move {
+        #[cfg(unix)]
+        if let Ok((mut term, mut int)) = handlers {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn connect(a: &ClientArgs) -> Result<Client> {
+    let given = a.id.is_some();
     let id_path = a.id.clone().unwrap_or_else(keys::default_id_path);
-    let (identity, created) = keys::load_or_create(&id_path)?;
-    if created {
-        eprintln!(
-            "created identity {} in {}",
-            identity.address(),
-            id_path.display()
-        );
-    }
+    let identity = keys::load_identity(&id_path, given)?;
     let mut known = keys::KnownRelays::load(keys::config_dir().join("known_relays.json"))?;
     let pinned = if a.accept_new_relay_key {
         None
     } else {
         known.get(&a.relay)?
     };
-    let mut opts = ConnectOptions::new(&a.relay).pinned(pinned);
+    let mut opts = ConnectOptions::new(relay_url(&a.relay)).pinned(pinned);
     if let Some(ca) = &a.ca {
         opts = opts.trust_pem_file(ca)?;
     }
     let client = match Client::connect(identity, opts).await {
-        Err(w2w_client::ClientError::Handshake(
-            e @ w2w_proto::handshake::HandshakeError::RelayKeyChanged { .. },
-        )) => bail!(
-            "{e}\nThe relay at {} now presents a different key. If you trust the change, rerun with --accept-new-relay-key.",
-            a.relay
-        ),
-        r => r.with_context(|| format!("connecting to {}", a.relay))?,
+        Ok(c) => c,
+        Err(
+            e @ w2w_client::ClientError::Handshake(
+                w2w_proto::handshake::HandshakeError::RelayKeyChanged { .. },
+            ),
+        ) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the relay at {} presents another key than the one pinned for it in {}",
+                a.relay,
+                known.path().display()
+            )))
+        }
+        // These name the URL themselves.
+        Err(
+            e @ (w2w_client::ClientError::Connect { .. } | w2w_client::ClientError::BadUrl { .. }),
+        ) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("relay {}", a.relay))),
     };
     if known.pin(&a.relay, client.relay_key())? {
-        eprintln!("pinned relay key {} for {}", client.relay_key(), a.relay);
+        eprintln!(
+            "pinned relay key {} for {}",
+            client.relay_key(),
+            keys::normalize_relay_url(&a.relay)
+        );
     }
     Ok(client)
 }
@@ -521,36 +859,61 @@ fn receipt_json(r: &Receipt) -> serde_json::Value {
 async fn send(a: SendArgs) -> Result<ExitCode> {
     let body = match a.message.as_deref() {
         None | Some("-") => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                // Otherwise it would look like a hang.
+                eprintln!(
+                    "reading the message from standard input: type it, then press Ctrl-D on a new line (or give it as an argument)"
+                );
+            }
             let mut s = Vec::new();
-            std::io::stdin().read_to_end(&mut s)?;
+            stdin
+                .lock()
+                .read_to_end(&mut s)
+                .context("reading the message from standard input")?;
             s
         }
         Some(m) => m.as_bytes().to_vec(),
     };
-    let dest = match (a.to.len(), a.all, a.self_) {
-        _ if a.group.is_some() => Dest::Group(a.group.clone().unwrap_or_default()),
-        (_, true, _) if a.scope == "relay" => Dest::A2n(Scope::Relay),
-        (_, true, _) => Dest::A2n(Scope::Federation),
-        (_, _, true) => Dest::A2a,
-        (0, _, _) => {
-            bail!("say where to send: --to ADDRESS (repeatable), --group NAME, --all or --self")
-        }
-        (1, _, _) => Dest::A2b(a.to[0]),
-        _ => Dest::A2g(a.to.clone()),
+    // clap's "dest" group makes exactly one of these present.
+    let dest = if let Some(g) = &a.group {
+        Dest::Group(g.clone())
+    } else if a.all && a.scope == "relay" {
+        Dest::A2n(Scope::Relay)
+    } else if a.all {
+        Dest::A2n(Scope::Federation)
+    } else if a.self_ {
+        Dest::A2a
+    } else if let [one] = a.to.as_slice() {
+        Dest::A2b(*one)
+    } else {
+        Dest::A2g(a.to.clone())
     };
     let c = connect(&a.client).await?;
     let r = if a.plain {
-        c.send_plain(dest, body).await?
+        c.send_plain(dest, body).await
     } else {
-        c.send(dest, body).await?
+        c.send(dest, body).await
+    };
+    c.close().await;
+    let r = match r {
+        Ok(r) => r,
+        // Refused before it had a receipt (e.g. `--group` with a name the
+        // relay does not know): rejected, as a refusing receipt would be.
+        Err(e @ w2w_client::ClientError::Refused { .. }) => {
+            let e = anyhow::Error::new(e).context("message rejected");
+            eprintln!("error: {}", error_line(&e));
+            return Ok(ExitCode::from(EXIT_REJECTED));
+        }
+        Err(e) => return Err(e.into()),
     };
     if a.json {
-        println!("{}", receipt_json(&r));
+        out!("{}", receipt_json(&r));
     } else {
         let reason = ErrorCode::from_u16(r.reason)
             .map(|c| format!(" ({})", c.as_str()))
             .unwrap_or_default();
-        println!(
+        out!(
             "{} {}{} delivered={}",
             r.id,
             r.status.as_str(),
@@ -561,14 +924,13 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
             let reason = ErrorCode::from_u16(e.reason)
                 .map(|c| format!(" ({})", c.as_str()))
                 .unwrap_or_default();
-            println!("  {} {}{}", e.to, e.status.as_str(), reason);
+            out!("  {} {}{}", e.to, e.status.as_str(), reason);
         }
     }
-    c.close().await;
     Ok(match r.status {
         Status::Delivered | Status::Queued => ExitCode::SUCCESS,
-        Status::NoRoute | Status::Partial => ExitCode::from(2),
-        Status::Rejected => ExitCode::from(3),
+        Status::NoRoute | Status::Partial => ExitCode::from(EXIT_NOT_DELIVERED),
+        Status::Rejected => ExitCode::from(EXIT_REJECTED),
     })
 }
 
@@ -578,16 +940,18 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         c.request(w2w_proto::frame::RequestOp::Presence(true))
             .await?;
     }
+    let mut stop = std::pin::pin!(shutdown_signal());
     eprintln!(
         "listening as {} on {} (Ctrl-C to stop)",
         c.address(),
         a.client.relay
     );
+    let mut stdout = std::io::stdout();
     let mut n = 0u64;
     loop {
         let ev = tokio::select! {
             ev = c.recv() => ev,
-            _ = shutdown_signal() => break,
+            _ = &mut stop => break,
         };
         match ev {
             None => bail!(
@@ -595,10 +959,10 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
                 c.close_reason().unwrap_or_else(|| "unknown".into())
             ),
             Some(Event::Msg(m)) => {
-                let body = String::from_utf8_lossy(&m.body);
-                if a.json {
+                use std::io::Write as _;
+                let line = if a.json {
                     let text = std::str::from_utf8(&m.body).ok();
-                    println!(
+                    format!(
                         "{}",
                         serde_json::json!({
                             "from": m.from.to_hex(),
@@ -608,15 +972,25 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
                             "body": text,
                             "body_hex": if text.is_none() { Some(hex::encode(&m.body)) } else { None },
                         })
-                    );
+                    )
                 } else {
-                    println!(
+                    // One line per message, whatever it holds: a newline
+                    // in a body must not start a line that looks like
+                    // another message, nor escape codes reach the terminal.
+                    format!(
                         "{} [{}] {} {}",
                         m.dest.route().as_str(),
                         m.security.as_str(),
                         m.from,
-                        body
-                    );
+                        escape_text(&m.body)
+                    )
+                };
+                // A closed pipe (`w2w listen | head`) ends listening.
+                if writeln!(stdout, "{line}")
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    break;
                 }
                 n += 1;
                 if a.count.is_some_and(|c| n >= c) {
@@ -632,12 +1006,82 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
                 Notice::ShuttingDown => eprintln!("the relay is shutting down"),
                 _ => {}
             },
-            Some(Event::Error { code, detail }) => eprintln!("relay error {code}: {detail}"),
-            Some(Event::Rejected { id, from, reason }) => {
-                eprintln!("rejected message {id} claiming to be from {from}: {reason}")
+            Some(Event::Error { code, detail }) => {
+                eprintln!("relay error {code}: {}", escape_text(detail.as_bytes()))
             }
+            Some(Event::Rejected { id, from, reason }) => eprintln!(
+                "rejected message {id} claiming to be from {from}: {}",
+                escape_text(reason.to_string().as_bytes())
+            ),
         }
     }
     c.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_text_keeps_one_line_and_the_terminal_safe() {
+        assert_eq!(escape_text(b"hello, world"), "hello, world");
+        assert_eq!(escape_text("héllo 世界 🙂".as_bytes()), "héllo 世界 🙂");
+        assert_eq!(escape_text(b"a\nb\r\tc\\n"), "a\\nb\\r\\tc\\\\n");
+        assert_eq!(escape_text(b"\x1b[2J\x07\x7f"), "\\u{1b}[2J\\u{7}\\u{7f}");
+        assert_eq!(escape_text("\u{85}x".as_bytes()), "\\u{85}x", "C1 controls");
+        assert_eq!(
+            escape_text("a\u{202e}b\u{200b}c\u{2066}".as_bytes()),
+            "a\\u{202e}b\\u{200b}c\\u{2066}"
+        );
+        assert_eq!(escape_text(b"ok\xff\xfeend"), "ok\\xff\\xfeend");
+        // Escaping is unambiguous: a literal backslash-n differs from a newline.
+        assert_ne!(escape_text(b"\\n"), escape_text(b"\n"));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let v4 = |s: &str| parse_listen(s).map(|a| a.to_string());
+        assert_eq!(v4("7777").as_deref(), Ok("127.0.0.1:7777"));
+        assert_eq!(v4("0").as_deref(), Ok("127.0.0.1:0"));
+        assert_eq!(v4("0.0.0.0:7777").as_deref(), Ok("0.0.0.0:7777"));
+        assert_eq!(v4("[::1]:7777").as_deref(), Ok("[::1]:7777"));
+        assert_eq!(v4("localhost:7777").as_deref(), Ok("127.0.0.1:7777"));
+        for bad in ["", "99999", "localhost", "localhost:port", ":7777", "a b:1"] {
+            assert!(parse_listen(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_lines_say_each_cause_once() {
+        let e = anyhow::anyhow!("Connection refused (os error 111)")
+            .context("connecting to ws://x/: Connection refused (os error 111)")
+            .context("connecting to ws://x/: Connection refused (os error 111)");
+        assert_eq!(
+            error_line(&e),
+            "connecting to ws://x/: Connection refused (os error 111)"
+        );
+        // Remote text (a relay's close reason): one line, escaped.
+        let e = anyhow::Error::new(w2w_client::ClientError::Closed {
+            reason: Some("bye \x1b[31mred\nerror: fake".into()),
+        })
+        .context("relay ws://x/");
+        assert_eq!(
+            error_line(&e),
+            "relay ws://x/: connection closed: bye \\u{1b}[31mred\\nerror: fake"
+        );
+        // A local error keeps its lines (a TOML error points at the line).
+        let e = anyhow::anyhow!("at line 2\n2 | x = 1\n  | ^\x07").context("parsing f.toml");
+        assert_eq!(
+            error_line(&e),
+            "parsing f.toml: at line 2\n2 | x = 1\n  | ^\\u{7}"
+        );
+    }
+
+    #[test]
+    fn relay_url_lowers_only_the_scheme() {
+        assert_eq!(relay_url("WS://Host:1/Path"), "ws://Host:1/Path");
+        assert_eq!(relay_url("wss://h/"), "wss://h/");
+        assert_eq!(relay_url("http://h/"), "http://h/");
+    }
 }

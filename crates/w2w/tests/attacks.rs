@@ -534,6 +534,14 @@ async fn the_cli_never_resends_a_message_the_relay_refused_as_too_large() {
         .await
         .unwrap();
     let home = tempfile::tempdir().unwrap();
+    // The default identity: only `w2w id new` makes one.
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_w2w"))
+        .args(["id", "new"])
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join("cfg"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
     let send = |size: usize| {
         let t = Instant::now();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_w2w"))
