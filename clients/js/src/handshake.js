@@ -59,10 +59,13 @@ export class ClientHandshake {
   onChallenge(ch, now = Date.now()) {
     if (this.state !== 'challenge') throw new W2WHandshakeError('unexpected_frame', 'CHALLENGE out of order');
     if (this.pinned && ch.relay_key !== this.pinned) {
-      throw new W2WHandshakeError(
+      const e = new W2WHandshakeError(
         'relay_key_changed',
         `the relay presents key ${ch.relay_key}, but ${this.pinned} is pinned for it`,
       );
+      e.relayKey = ch.relay_key; // what it presented
+      e.pinnedRelayKey = this.pinned;
+      throw e;
     }
     this.relayKey = ch.relay_key;
     const fields = {

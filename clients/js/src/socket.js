@@ -158,7 +158,9 @@ function frameTooLarge(message, size, limit) {
  *   receipt      { receipt, id, status, reason, delivered, entries }
  *   presence     { kind: 'join' | 'leave', address } after presence(true)
  *   error        { code, message, from?, id? }: relay ERROR frames, refused
- *                registrations, and messages that did not open or verify
+ *                registrations, and messages that did not open or verify;
+ *                code 'relay_key_changed' also carries relayKey (the key
+ *                the relay presented) and pinnedRelayKey
  *   reconnecting { code, reason, name, delay, attempt, wasOpen }
  *   close        { code, reason, name, wasClean }: once, when the socket is
  *                closed for good (close(), a fatal refusal, or reconnect: false)
@@ -401,7 +403,8 @@ export class W2WSocket {
             throw new W2WHandshakeError('unexpected_frame', `unexpected ${f.type} during registration`);
           }
         } catch (e) {
-          this._fail(ws, e.code ?? 'unexpected_frame', e.message);
+          const extra = e.code === 'relay_key_changed' ? { relayKey: e.relayKey, pinnedRelayKey: e.pinnedRelayKey } : null;
+          this._fail(ws, e.code ?? 'unexpected_frame', e.message, extra);
         }
         return;
       }
@@ -424,9 +427,9 @@ export class W2WSocket {
   }
 
   /** Client-side refusal: remember why and close the socket. */
-  _fail(ws, code, message) {
+  _fail(ws, code, message, extra = null) {
     this._clientRefusal = code;
-    this._emit('error', { code, message });
+    this._emit('error', { code, message, ...extra });
     try {
       ws.close(1000, String(code).slice(0, 100));
     } catch {
@@ -512,6 +515,21 @@ export class W2WSocket {
       p.reject(err);
     }
     this._requests.clear();
+  }
+
+  /**
+   * While waiting to reconnect: tries again now (and restarts the backoff
+   * from its minimum), e.g. from a "reconnect now" button or when the
+   * browser says it is online again. Returns true if an attempt was
+   * started; false when open, closed for good, or an attempt is under way.
+   */
+  reconnectNow() {
+    if (this.readyState !== CONNECTING || this._closedByUser || !this._timer) return false;
+    clearTimeout(this._timer);
+    this._timer = null;
+    this._backoff = this.opts.minBackoffMs;
+    this._connect();
+    return true;
   }
 
   /** Resolves when the socket is registered (at once if it is). */
