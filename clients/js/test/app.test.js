@@ -10,7 +10,7 @@ import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
-import { startRelay, stopAll, repo, withTimeout } from './relay.js';
+import { startRelay, stopAll, repo, withTimeout, run, w2wBin } from './relay.js';
 
 const CHROMIUM = process.env.W2W_CHROMIUM || '/usr/bin/chromium';
 const ARTIFACTS = path.join(repo, 'artifacts');
@@ -55,7 +55,7 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
    * The app in a fresh context (own storage → own identity), registered.
    * page.sentMsgs counts the MSG frames (type 0x10) it sent over WebSockets.
    */
-  async function openApp({ viewport = DESKTOP, ...extra } = {}) {
+  async function openApp({ viewport = DESKTOP, base = relay.http, ...extra } = {}) {
     const ctx = await browser.newContext({ viewport, ...extra });
     contexts.push(ctx);
     const page = await ctx.newPage();
@@ -72,7 +72,7 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
         if (typeof f.payload !== 'string' && f.payload[1] === 0x10) page.sentMsgs++;
       }),
     );
-    await page.goto(relay.http + '/');
+    await page.goto(base + '/');
     await online(page);
     page.address = (await page.textContent('#my-address')).trim();
     assert.match(page.address, /^[0-9a-f]{64}$/);
@@ -160,6 +160,9 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     await c.locator('#conv-list .conv[data-conv="all"] .last:text("Hello, everyone")').waitFor();
 
     await b.locator('#conv-list .conv[data-conv="all"] .last:text("Hello, everyone")').waitFor();
+    await conv(a, `d:${b.address}`).click();
+    await a.locator('#messages .msg .body:text("Hi Alice! Yes.")').waitFor();
+    await a.screenshot({ path: path.join(ARTIFACTS, 'app-desktop.png') });
     assert.equal(await b.title(), '(3) w2w · messages');
 
     // A reload keeps every conversation, the nicknames and the history (IndexedDB).
@@ -181,22 +184,20 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     // Join/leave lines: A sees Bob leave and come back in their conversation.
     await conv(a, `d:${b.address}`).click();
     await a.locator('#chat-title:text("Bob")').waitFor();
-    const lines = (what) => a.locator(`#messages .sys:text("${what}")`).count();
-    const [left, came] = [await lines('Bob left'), await lines('Bob came online on this relay')];
+    // Each change of presence adds one line; the last line and the header follow it.
+    const lastLine = (text) => a.waitForFunction((x) => [...document.querySelectorAll('#messages .sys')].at(-1)?.textContent === x, text);
+    await lastLine('Bob came online on this relay'); // after B's reload
     await b.close();
-    await a.waitForFunction((n) => [...document.querySelectorAll('#messages .sys')].filter((e) => e.textContent === 'Bob left').length === n + 1, left);
-    assert.equal(await a.locator('#messages .sys').last().textContent(), 'Bob left');
-    assert.match(await a.textContent('#chat-sub'), /offline/);
+    await lastLine('Bob left');
+    await a.waitForFunction(() => /offline/.test(document.querySelector('#chat-sub').textContent));
     const b2 = await b.ctx.newPage();
     b2.errors = [];
     b2.on('pageerror', (e) => b2.errors.push(String(e)));
     await b2.goto(relay.http + '/');
     await online(b2);
-    await a.waitForFunction((n) => [...document.querySelectorAll('#messages .sys')].filter((e) => e.textContent === 'Bob came online on this relay').length === n + 1, came);
-    assert.equal(await a.locator('#messages .sys').last().textContent(), 'Bob came online on this relay');
+    await lastLine('Bob came online on this relay');
     assert.match(await a.textContent('#chat-sub'), /online on this relay/);
 
-    await a.screenshot({ path: path.join(ARTIFACTS, 'app-desktop.png') });
     assert.deepEqual([...a.errors, ...b.errors, ...b2.errors, ...c.errors], []);
     await closeContexts();
   });
@@ -262,6 +263,10 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
 
     await row.click();
     assert.equal(await p.getAttribute('#app', 'data-view'), 'chat');
+    await p.click('#rename');
+    await p.fill('#rename-input', 'Alice');
+    await p.click('#rename-save');
+    await p.locator('#chat-title:text("Alice")').waitFor();
     const first = p.locator('#messages .msg.in').last();
     assert.ok((await inView(first, 'the new message')).y > 812 / 2, 'the message is near the bottom');
     assert.ok((await inView(p.locator('#message'), 'the message field')).y > 700);
@@ -345,6 +350,62 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     await online(p);
     assert.deepEqual(await p.evaluate(() => JSON.parse(localStorage.getItem('w2w.relayKeys'))), { [url]: info.relay_key });
     assert.deepEqual(p.errors, []);
+    await closeContexts();
+  });
+
+  it('a contact on another relay of the federation shows as online there, and gets the messages', T, async () => {
+    const other = await startRelay({ args: ['--peer', relay.url] });
+    try {
+      const a = await openApp();
+      const b = await openApp({ base: other.http });
+      await newDirect(a, b.address, 'Remote Bob');
+      // Not on A's relay (ONLINE), so the app asks LOOKUP, which answers from the federation's
+      // directory once the relays have peered. Opening the chat asks again.
+      const where = `online via 127.0.0.1:${other.port}`;
+      for (let i = 0; i < 30 && !(await a.textContent('#chat-sub')).includes(where); i++) {
+        await a.waitForTimeout(1000);
+        await conv(a, 'all').click();
+        await conv(a, `d:${b.address}`).click();
+      }
+      assert.equal(await a.textContent('#chat-sub'), where);
+      assert.equal(await conv(a, `d:${b.address}`).locator('.dot').getAttribute('data-presence'), 'remote');
+      assert.equal(await a.locator('#online-list li').count(), 0, 'B is not on this relay');
+      const m = await say(a, 'Hello across the federation');
+      await m.locator('.status-line[data-status="delivered"]').waitFor();
+      await conv(b, `d:${a.address}`).waitFor();
+      assert.equal(await unread(b, `d:${a.address}`), 1);
+      assert.deepEqual([...a.errors, ...b.errors], []);
+      await closeContexts();
+    } finally {
+      await other.stop();
+    }
+  });
+
+  // Last: it restarts the relay.
+  it('after a relay restart, "Reconnect now" connects at once', T, async () => {
+    const a = await openApp();
+    await a.evaluate(() => {
+      window.retries = [];
+      window.w2w.socket.addEventListener('reconnecting', (e) => window.retries.push({ delay: e.delay, at: Date.now() }));
+    });
+    await relay.proc.stop();
+    await a.waitForSelector('#status[data-state="reconnecting"]');
+    assert.ok(await a.isVisible('#reconnect-now'));
+    // Wait for the backoff to grow: a retry just scheduled 3 s or more away.
+    const n = await a.evaluate(() => window.retries.length);
+    const retry = await (await a.waitForFunction((k) => window.retries.slice(k).find((r) => r.delay >= 3000), n, { timeout: 30000 })).jsonValue();
+    relay.proc = run(w2wBin, ['serve', '--listen', `127.0.0.1:${relay.port}`, '--data', path.join(relay.home, 'relay-data')], { home: relay.home });
+    await relay.proc.waitFor('stdout', /listening on/, 20000, 'the relay to restart');
+    const t0 = Date.now();
+    await a.click('#reconnect-now');
+    await online(a);
+    const ms = Date.now() - t0;
+    const early = retry.at + retry.delay - (await a.evaluate(() => Date.now()));
+    console.log(`reconnected ${ms} ms after "Reconnect now", ${early} ms before the backoff would have retried`);
+    assert.ok(ms < 1500, `reconnect took ${ms} ms`);
+    assert.ok(early > 0, 'online before the scheduled retry: the button did it');
+    assert.ok(await a.isHidden('#reconnect-now'));
+    assert.deepEqual(a.errors.filter((e) => !/WebSocket connection to .* failed/.test(e)), []);
     await closeContexts();
   });
 });
