@@ -100,6 +100,13 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     const a = await openApp();
     const b = await openApp();
     const c = await openApp();
+    // Every control has a name a screen reader can say (text, aria-label or a label).
+    const unnamed = await a.evaluate(() =>
+      [...document.querySelectorAll('button, input, textarea, a[href]')]
+        .filter((e) => !(e.getAttribute('aria-label') || e.labels?.length || e.getAttribute('aria-labelledby') || e.textContent.trim()))
+        .map((e) => e.outerHTML.slice(0, 80)),
+    );
+    assert.deepEqual(unnamed, []);
     // The Everyone room is there from the start; nothing else yet.
     assert.deepEqual(await a.locator('#conv-list .conv').evaluateAll((l) => l.map((e) => e.dataset.conv)), ['all']);
 
@@ -328,6 +335,33 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     await closeContexts();
   });
 
+  it('"Talk directly" refuses a link whose other end does not prove the contact\'s key', T, async () => {
+    const perms = { permissions: ['camera', 'microphone'] };
+    const a = await openApp(perms);
+    const b = await openApp(perms);
+    await newDirect(a, b.address, 'Bob');
+    await newDirect(b, a.address, 'Alice');
+    // B's side of the key check is forged, as a relay in between would have to.
+    await b.evaluate(() => {
+      const send = RTCDataChannel.prototype.send;
+      RTCDataChannel.prototype.send = function (data) {
+        if (typeof data === 'string' && data.includes('"t":"hello"')) data = JSON.stringify({ t: 'hello', sig: 'ab'.repeat(64) });
+        return send.call(this, data);
+      };
+    });
+    await a.click('#talk-direct');
+    await b.locator('#messages .invite .accept-direct').click();
+    await a.locator('#messages .sys.bad:text("someone may be in between")').waitFor({ timeout: 60000 });
+    assert.equal(await a.getAttribute('#chat', 'data-p2p'), 'false');
+    assert.equal(await a.evaluate((peer) => window.w2w.links.has(peer), b.address), false);
+    const sent = a.sentMsgs;
+    const m = await say(a, 'Still through the relay');
+    await m.locator('.status-line[data-status="delivered"]').waitFor();
+    assert.equal(a.sentMsgs, sent + 1);
+    assert.deepEqual([...a.errors, ...b.errors], []);
+    await closeContexts();
+  });
+
   it('a relay presenting another key than the one pinned for its URL is refused, with a clear choice', T, async () => {
     const info = await (await fetch(`${relay.http}/.well-known/w2w`)).json();
     const p = await openApp();
@@ -356,8 +390,9 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
   it('a contact on another relay of the federation shows as online there, and gets the messages', T, async () => {
     const other = await startRelay({ args: ['--peer', relay.url] });
     try {
-      const a = await openApp();
-      const b = await openApp({ base: other.http });
+      const perms = { permissions: ['camera', 'microphone'] };
+      const a = await openApp(perms);
+      const b = await openApp({ base: other.http, ...perms });
       await newDirect(a, b.address, 'Remote Bob');
       // Not on A's relay (ONLINE), so the app asks LOOKUP, which answers from the federation's
       // directory once the relays have peered. Opening the chat asks again.
@@ -374,6 +409,19 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
       await m.locator('.status-line[data-status="delivered"]').waitFor();
       await conv(b, `d:${a.address}`).waitFor();
       assert.equal(await unread(b, `d:${a.address}`), 1);
+      // Talking directly across relays: both meet at the inviter's relay.
+      await conv(b, `d:${a.address}`).click();
+      await a.click('#talk-direct');
+      const invite = b.locator('#messages .invite');
+      await invite.waitFor();
+      assert.match(await invite.textContent(), new RegExp(`through their relay, 127\\.0\\.0\\.1:${relay.port}`));
+      await invite.locator('.accept-direct').click();
+      await a.locator('#chat[data-p2p="true"]').waitFor({ timeout: 60000 });
+      await b.locator('#chat[data-p2p="true"]').waitFor({ timeout: 60000 });
+      const sent = a.sentMsgs;
+      await say(a, 'Peer to peer across the federation');
+      await b.locator('#messages .msg.in .body:text("Peer to peer across the federation")').waitFor();
+      assert.equal(a.sentMsgs, sent);
       assert.deepEqual([...a.errors, ...b.errors], []);
       await closeContexts();
     } finally {
