@@ -1,5 +1,6 @@
 // Builds the browser bundle dist/w2w.js (one ES module, minified) from
-// src/w2w.js and its @noble dependencies. The Rust relay embeds that file
+// src/w2w.js (the public API, which re-exports the modules of src/: frames,
+// handshake, sealing, socket, spacerifts, ...) and its @noble dependencies. The Rust relay embeds that file
 // (include_str!) and serves it at /w2w.js, so it is committed; the test
 // test/dist.test.js fails if it differs from a fresh build.
 //
@@ -22,7 +23,7 @@ export const options = {
   charset: 'utf8',
   logLevel: 'warning',
   absWorkingDir: root,
-  banner: { js: '// w2w browser client. Generated from clients/js/src/w2w.js by `npm run build`: do not edit.' },
+  banner: { js: '// w2w browser client. Generated from clients/js/src/*.js (entry src/w2w.js) by `npm run build`: do not edit.' },
 };
 
 /** Builds the bundle and returns its text (written to `outfile` when given). */

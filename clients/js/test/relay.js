@@ -124,10 +124,11 @@ export function run(cmd, args, { home, cwd = repo } = {}) {
 /**
  * Starts `w2w serve --listen 127.0.0.1:0` with a fresh data dir and HOME.
  * `limits` (e.g. { max_frame_bytes: 8192 }) go into a config file's
- * [limits] table (`w2w serve --config`).
+ * [limits] table (`w2w serve --config`); `args` are more `w2w serve`
+ * arguments (e.g. ['--peer', url]).
  * Returns { url: 'ws://127.0.0.1:PORT/', http: 'http://127.0.0.1:PORT', home, stop() }.
  */
-export async function startRelay({ limits } = {}) {
+export async function startRelay({ limits, args: more = [] } = {}) {
   await buildRelay();
   const home = tempDir('w2w-relay-');
   const data = path.join(home, 'relay-data');
@@ -138,6 +139,7 @@ export async function startRelay({ limits } = {}) {
     writeFileSync(config, ['[limits]', ...lines, ''].join('\n'));
     args.push('--config', config);
   }
+  args.push(...more);
   const proc = run(w2wBin, args, { home });
   const m = await proc.waitFor('stdout', /w2w relay listening on (ws:\/\/127\.0\.0\.1:(\d+)\/)/, 20000, 'the relay to listen');
   return {
