@@ -366,6 +366,10 @@ describe('JS client and the Rust CLI', { timeout: 20 * 60 * 1000 }, () => {
   before(async () => {
     relay = await startRelay();
     writeFileSync(idFile, rustId.seedHex() + '\n', { mode: 0o600 });
+    // Only `w2w id new` creates keys: the other identities are written here.
+    for (const name of ['sender.key', 'owner.key']) {
+      writeFileSync(path.join(home, name), Identity.generate().seedHex() + '\n', { mode: 0o600 });
+    }
     js = new W2WSocket(relay.url, Identity.generate(), { WebSocket });
     await withTimeout(js.ready(), 15000, 'registration');
   });
