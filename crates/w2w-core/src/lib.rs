@@ -54,13 +54,12 @@
 //! clients of this relay starts a flight whose outcome goes back as a
 //! FWD_RECEIPT. Local delivery is one code path for both.
 //!
-//! # Not here yet (issue 11)
+//! # What stays in the shell
 //!
-//! `w2w-server` does not run on this core yet: it still has its own
-//! delivery and federation (`federation.rs`, `router.rs`), which this
-//! crate is to replace. The per-sender budgets, the peer broadcast budget
-//! and the store budgets stay in the shell (they gate inputs and store
-//! ops).
+//! `w2w-server` runs on this core (its `federation.rs` is the shell). The
+//! per-sender budgets, the peer broadcast budget and the store budgets
+//! stay there: they gate inputs and store ops. Groups are resolved there
+//! and enter `handle_msg` as a member list.
 
 mod federation;
 pub mod flight;
