@@ -156,16 +156,13 @@ async fn send_directory(shared: Arc<Shared>, outbox: Arc<Outbox>, trusted: bool)
     let addrs = shared.fed.directory_for(trusted);
     let room = shared.fed.config.peer_queue_bytes / 4;
     for batch in addrs.chunks(DUMP_BATCH) {
-        while outbox.queued_bytes() > room {
-            if outbox.is_closing() || shared.shutdown.is_cancelled() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = outbox.room_below(room) => {}
         }
         if !shared.fed.send_records(&outbox, batch) {
             return;
         }
-        tokio::task::yield_now().await;
     }
     tracing::debug!(peer = %outbox.address.short(), records = addrs.len(), "directory sent");
 }
