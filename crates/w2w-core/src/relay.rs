@@ -4,7 +4,7 @@
 //! outputs depends on the inputs only: the same inputs always give the
 //! same outputs, which is what lets a simulation seed replay.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,6 +16,10 @@ use crate::federation::Peer;
 use crate::flight::{entry, Flight, FlightKey, Recipient, Reply};
 use crate::routing::LinkStates;
 use crate::seen::SeenCache;
+/// Maps looked up per message: aHash keyed by [`Config::hash_seed`].
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+pub(crate) type HashSet<T> = std::collections::HashSet<T, ahash::RandomState>;
+
 use crate::{ConnId, Event, PeerId, Stats, StoreDone, StoreOp, Stored, Target, Token, Transmit};
 
 /// Settings of the delivery core.
@@ -34,6 +38,10 @@ pub struct Config {
     pub durable: bool,
     /// Produce [`Event`]s (default false).
     pub events: bool,
+    /// Keys the core's hash maps (addresses and ids are chosen by peers: a
+    /// relay passes random bytes so nobody can aim keys at one bucket).
+    /// Deterministic for a given seed; outputs never follow map order.
+    pub hash_seed: [u64; 4],
     pub federation: FedConfig,
 }
 
@@ -45,6 +53,12 @@ impl Default for Config {
             read_batch: 64,
             durable: true,
             events: false,
+            hash_seed: [
+                0x243f_6a88_85a3_08d3,
+                0x1319_8a2e_0370_7344,
+                0xa409_3822_299f_31d0,
+                0x082e_fa98_ec4e_6c89,
+            ],
             federation: FedConfig::default(),
         }
     }
@@ -159,7 +173,7 @@ pub struct RelayCore {
     pub(crate) by_address: HashMap<Address, ConnId>,
     /// Addresses that registered here: messages for them are stored while
     /// they are offline.
-    pub(crate) known: std::collections::HashSet<Address>,
+    pub(crate) known: HashSet<Address>,
     pub(crate) flights: HashMap<FlightKey, Flight>,
     /// Flights of this relay's clients by message id (a FWD_RECEIPT names
     /// the id only).
@@ -206,19 +220,23 @@ impl RelayCore {
     ) -> Self {
         let me = identity.address();
         let seen = SeenCache::new(config.federation.seen_cache, config.federation.seen_ttl);
+        let [k0, k1, k2, k3] = config.hash_seed;
+        let hasher = ahash::RandomState::with_seeds(k0, k1, k2, k3);
+        let mut known_set = HashSet::with_hasher(hasher.clone());
+        known_set.extend(known);
         let mut core = RelayCore {
             config,
             identity,
             me,
             sessions: BTreeMap::new(),
-            by_address: HashMap::new(),
-            known: known.into_iter().collect(),
-            flights: HashMap::new(),
-            local_ids: HashMap::new(),
+            by_address: HashMap::with_hasher(hasher.clone()),
+            known: known_set,
+            flights: HashMap::with_hasher(hasher.clone()),
+            local_ids: HashMap::with_hasher(hasher.clone()),
             deadlines: BTreeMap::new(),
             awaiting_drain: BTreeMap::new(),
-            writes: HashMap::new(),
-            tokens: HashMap::new(),
+            writes: HashMap::with_hasher(hasher.clone()),
+            tokens: HashMap::with_hasher(hasher.clone()),
             next: 0,
             peers: BTreeMap::new(),
             peer_by_key: BTreeMap::new(),
@@ -226,7 +244,7 @@ impl RelayCore {
             links: LinkStates::new(me),
             links_dirty: false,
             link_seq,
-            directory: HashMap::new(),
+            directory: HashMap::with_hasher(hasher),
             seen,
             stats: Stats::default(),
             transmits: VecDeque::new(),
