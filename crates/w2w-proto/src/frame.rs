@@ -718,7 +718,7 @@ impl ClientToRelay {
             | ty::RESPONSE
             | ty::NOTICE
             | ty::ERROR => return Err(DecodeError::WrongDirection(t)),
-            t if crate::s2s::is_s2s_type(t) => return Err(DecodeError::WrongDirection(t)),
+            t if is_s2s_type(t) => return Err(DecodeError::WrongDirection(t)),
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -1022,6 +1022,11 @@ fn truncate_utf8(s: &mut String, max: usize) {
         }
         s.truncate(cut);
     }
+}
+
+/// Frame types 0x40–0x44 belong to relay-to-relay links (`crate::s2s::ty`).
+pub fn is_s2s_type(t: u8) -> bool {
+    (0x40..=0x44).contains(&t)
 }
 
 #[cfg(test)]

@@ -39,9 +39,9 @@ pub mod ty {
     pub const REDIRECT: u8 = 0x44;
 }
 
-pub fn is_s2s_type(t: u8) -> bool {
-    (ty::LINK_STATE..=ty::REDIRECT).contains(&t)
-}
+/// Whether `t` is an s2s frame type (the range is the frame module's, so
+/// that module needs nothing from this one).
+pub use crate::frame::is_s2s_type;
 
 pub const LINK_STATE_DOMAIN: &[u8] = b"w2w/v1 link-state\0";
 pub const PRESENCE_DOMAIN: &[u8] = b"w2w/v1 presence\0";
@@ -407,6 +407,20 @@ impl RelayToRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_s2s_type_is_in_the_range_frame_refuses_from_clients() {
+        for t in [
+            ty::LINK_STATE,
+            ty::PRESENCE,
+            ty::FORWARD,
+            ty::FWD_RECEIPT,
+            ty::REDIRECT,
+        ] {
+            assert!(is_s2s_type(t), "{t:#x}");
+        }
+        assert!(!is_s2s_type(ty::LINK_STATE - 1) && !is_s2s_type(ty::REDIRECT + 1));
+    }
     use crate::frame::{Dest, Msg, Status};
     use crate::handshake::ClientHandshake;
     use proptest::prelude::*;

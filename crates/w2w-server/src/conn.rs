@@ -13,31 +13,32 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tokio_websockets::{CloseCode, Message, WebSocketStream};
+use tokio_websockets::Message;
 use w2w_proto::frame::{
-    ClientToRelay, ErrorFrame, Hosted, Msg, Notice, Receipt, RelayToClient, ReplyBack, Request,
-    RequestOp, Response, ResponseBody, Role, Status,
+    ClientToRelay, ErrorFrame, Hosted, Msg, Receipt, RelayToClient, ReplyBack, Request, RequestOp,
+    Response, ResponseBody, Role, Status,
 };
 use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPolicy};
 use w2w_proto::{Address, Dest, ErrorCode};
 
 use crate::ratelimit::SenderBudget;
 use crate::router::{reject, Outbox};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::Write;
 use crate::unix_ms;
+use crate::ws::{
+    close_with, count_in, finish, finish_link, flush_close, pump, read_error, send_frame, End,
+    Handler, Ws,
+};
 
 /// Largest page an ONLINE request can ask for.
 pub const MAX_ONLINE_PAGE: u16 = 1000;
-/// Most queued frames written before one flush.
-const WRITE_BATCH: usize = 64;
 
 /// What the HTTP layer knows about the connection.
 #[derive(Debug, Clone)]
@@ -45,104 +46,6 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The upgrade request's Host header.
     pub host: Option<String>,
-}
-
-pub(crate) type Ws<S> = WebSocketStream<S>;
-
-/// Why a connection ends.
-pub(crate) enum End {
-    /// The peer closed or the socket failed; nothing more to send.
-    Gone,
-    /// The WebSocket layer queued a close (1009, frame too large); flush it.
-    Flush,
-    /// We close with this code (after an ERROR frame or notice).
-    Close(ErrorCode, String),
-}
-
-pub(crate) async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut Ws<S>,
-    shared: &Shared,
-    frame: Bytes,
-) -> Result<(), tokio_websockets::Error> {
-    shared.metrics.frames_out.fetch_add(1, Relaxed);
-    shared
-        .metrics
-        .bytes_out
-        .fetch_add(frame.len() as u64, Relaxed);
-    ws.send(Message::binary(frame)).await
-}
-
-/// Sends ERROR (unless the code has its own notice), closes with
-/// `4000 + code`, and waits briefly for the peer's close.
-pub(crate) async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut Ws<S>,
-    shared: &Shared,
-    code: ErrorCode,
-    detail: &str,
-) {
-    close_as(ws, shared, code, detail, true).await
-}
-
-/// [`close_with`]; `client_frame` false for an established peer link,
-/// which speaks s2s frames only: the close code alone says why.
-async fn close_as<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut Ws<S>,
-    shared: &Shared,
-    code: ErrorCode,
-    detail: &str,
-    client_frame: bool,
-) {
-    shared.metrics.error(code);
-    let notice = match code {
-        ErrorCode::Replaced => Some(Notice::Replaced),
-        ErrorCode::ShuttingDown => Some(Notice::ShuttingDown),
-        _ => None,
-    };
-    let frame = match notice {
-        Some(n) => RelayToClient::Notice(n),
-        None => RelayToClient::Error(ErrorFrame::new(code, detail)),
-    };
-    let graceful = async {
-        if client_frame {
-            send_frame(ws, shared, frame.encode()).await?;
-        }
-        let close_code =
-            CloseCode::try_from(code.close_code()).unwrap_or(CloseCode::POLICY_VIOLATION);
-        ws.send(Message::close(Some(close_code), code.as_str()))
-            .await?;
-        while ws.next().await.is_some() {}
-        Ok::<_, tokio_websockets::Error>(())
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), graceful).await;
-}
-
-/// Sends whatever close the WebSocket layer queued and waits briefly for
-/// the peer's answer.
-pub(crate) async fn flush_close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        // tokio-websockets queues 1009 for one oversized frame and 1002/1007
-        // for protocol violations, but not for an oversized *fragmented*
-        // message: send 1009 ourselves (harmlessly refused as AlreadyClosed
-        // when a close is already queued).
-        let _ = ws
-            .send(Message::close(
-                Some(CloseCode::MESSAGE_TOO_BIG),
-                "message too big",
-            ))
-            .await;
-        let _ = ws.flush().await;
-        while ws.next().await.is_some() {}
-        // Linger: half-close and drain, so unread input does not make the
-        // kernel reset the connection and destroy the close frame.
-        let io = ws.get_mut();
-        let _ = io.shutdown().await;
-        // On the heap, and only here: an array held across these awaits
-        // would be part of every connection's task (16 KiB per idle
-        // connection, found with heaptrack).
-        let mut sink = vec![0u8; 4096];
-        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
 }
 
 /// Runs a WebSocket connection to the end.
@@ -305,29 +208,6 @@ async fn register<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn read_error(shared: &Shared, e: tokio_websockets::Error) -> End {
-    if let tokio_websockets::Error::PayloadTooLong { len, max_len } = e {
-        // tokio-websockets has already queued a 1009 close.
-        shared.metrics.error(ErrorCode::FrameTooLarge);
-        tracing::debug!(len, max_len, "frame too large");
-        return End::Flush;
-    }
-    if let tokio_websockets::Error::Protocol(p) = &e {
-        // The matching close (1002/1007) is queued: send it.
-        tracing::debug!(error = %p, "WebSocket protocol violation");
-        return End::Flush;
-    }
-    End::Gone
-}
-
-fn count_in(shared: &Shared, bytes: &Bytes) {
-    shared.metrics.frames_in.fetch_add(1, Relaxed);
-    shared
-        .metrics
-        .bytes_in
-        .fetch_add(bytes.len() as u64, Relaxed);
-}
-
 /// Phase 2: the registered session.
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     shared: Arc<Shared>,
@@ -423,168 +303,6 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         })
         .await;
     finish(&mut ws, &shared, end, &address).await;
-}
-
-pub(crate) async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut Ws<S>,
-    shared: &Shared,
-    end: End,
-    who: &Address,
-) {
-    finish_as(ws, shared, end, who, true).await
-}
-
-/// Ends an established peer link: no client ERROR or NOTICE frame.
-pub(crate) async fn finish_link<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut Ws<S>,
-    shared: &Shared,
-    end: End,
-    who: &Address,
-) {
-    finish_as(ws, shared, end, who, false).await
-}
-
-async fn finish_as<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut Ws<S>,
-    shared: &Shared,
-    end: End,
-    who: &Address,
-    client: bool,
-) {
-    match end {
-        End::Gone => tracing::info!(address = %who.short(), "disconnected"),
-        End::Flush => {
-            tracing::info!(address = %who.short(), "frame too large or WebSocket protocol violation, closing");
-            flush_close(ws).await;
-        }
-        End::Close(code, detail) => {
-            tracing::info!(address = %who.short(), %code, "closing");
-            close_as(ws, shared, code, &detail, client).await;
-        }
-    }
-}
-
-/// What a connection does with each received WebSocket message.
-pub(crate) trait Handler {
-    fn on_message(&mut self, m: Message);
-}
-
-/// The loop every registered connection (client or peer relay) runs: it
-/// owns the socket, writes what was queued for it, reads and hands frames
-/// to `handler`, and keeps liveness with pings. `write_timeout` bounds how
-/// long a peer that stops reading can hold the writer.
-pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
-    shared: &Shared,
-    outbox: &Outbox,
-    ws: &mut Ws<S>,
-    rx: &mut mpsc::UnboundedReceiver<Bytes>,
-    handler: &mut H,
-    write_timeout: Duration,
-) -> End {
-    {
-        let limits = &shared.limits;
-        let mut last_rx = Instant::now();
-        let mut ping_sent: Option<Instant> = None;
-        // The timer is reset only when it fires (to the real deadline),
-        // not on every received frame.
-        let timer = tokio::time::sleep(limits.ping_interval());
-        tokio::pin!(timer);
-        // Made once, not per frame: each would register (and drop) a waiter.
-        let closed = outbox.closed();
-        tokio::pin!(closed);
-        let shutdown = shared.shutdown.cancelled();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                biased;
-                // A close request (replaced, slow consumer) beats everything.
-                code = &mut closed => {
-                    return End::Close(code, String::new());
-                }
-                _ = &mut shutdown => {
-                    return End::Close(ErrorCode::ShuttingDown, String::new());
-                }
-                // Writes before reads: drain what we owe before taking more.
-                Some(first) = rx.recv() => {
-                    // A close request (e.g. slow consumer) must not wait for
-                    // a write the peer is not reading.
-                    let write = write_batch(shared, outbox, ws, rx, first, write_timeout);
-                    tokio::select! {
-                        biased;
-                        code = &mut closed => return End::Close(code, String::new()),
-                        r = write => if let Err(end) = r {
-                            return end;
-                        },
-                    }
-                }
-                m = ws.next() => {
-                    last_rx = Instant::now();
-                    ping_sent = None;
-                    match m {
-                        None => return End::Gone,
-                        Some(Err(e)) => return read_error(shared, e),
-                        Some(Ok(m)) => handler.on_message(m),
-                    }
-                }
-                () = &mut timer => {
-                    let now = Instant::now();
-                    match ping_sent {
-                        Some(t) if now >= t + limits.ping_timeout() => {
-                            return End::Close(
-                                ErrorCode::PingTimeout,
-                                format!("no pong within {} ms", limits.ping_timeout_ms),
-                            );
-                        }
-                        Some(t) => timer.as_mut().reset(t + limits.ping_timeout()),
-                        None if now >= last_rx + limits.ping_interval() => {
-                            if ws.send(Message::ping(Bytes::new())).await.is_err() {
-                                return End::Gone;
-                            }
-                            ping_sent = Some(now);
-                            timer.as_mut().reset(now + limits.ping_timeout());
-                        }
-                        None => timer.as_mut().reset(last_rx + limits.ping_interval()),
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: &Shared,
-    outbox: &Outbox,
-    ws: &mut Ws<S>,
-    rx: &mut mpsc::UnboundedReceiver<Bytes>,
-    first: Bytes,
-    timeout: Duration,
-) -> Result<(), End> {
-    {
-        let write = async {
-            let mut next = Some(first);
-            let mut n = 0;
-            while let Some(frame) = next.take() {
-                let len = frame.len();
-                shared.metrics.frames_out.fetch_add(1, Relaxed);
-                shared.metrics.bytes_out.fetch_add(len as u64, Relaxed);
-                ws.feed(Message::binary(frame)).await?;
-                outbox.dequeued(len);
-                n += 1;
-                if n < WRITE_BATCH {
-                    next = rx.try_recv().ok();
-                }
-            }
-            ws.flush().await
-        };
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Gone),
-            Err(_) => Err(End::Close(
-                ErrorCode::SlowConsumer,
-                "socket write timed out".into(),
-            )),
-        }
-    }
 }
 
 /// A registered client's connection.

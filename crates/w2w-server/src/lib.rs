@@ -31,10 +31,12 @@ pub mod per_ip;
 pub mod ratelimit;
 pub mod router;
 pub mod server;
+pub mod shared;
 pub mod spacerift;
 pub mod status;
 pub mod store;
 pub mod tls;
+mod ws;
 
 pub use config::{Limits, RelayConfig, TlsPaths};
 pub use federation::{FederationConfig, HopEvent};

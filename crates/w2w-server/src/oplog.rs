@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use w2w_proto::ErrorCode;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// At most one line per key this often.
 pub const WINDOW: Duration = Duration::from_secs(10);

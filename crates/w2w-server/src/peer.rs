@@ -19,10 +19,10 @@ use w2w_proto::frame::Role;
 use w2w_proto::s2s::{Forward, ForwardTarget, RelayToRelay};
 use w2w_proto::{Address, ErrorCode};
 
-use crate::conn::{finish_link, pump, send_frame, End, Handler, Ws};
 use crate::ratelimit::ByteBudget;
 use crate::router::Outbox;
-use crate::server::Shared;
+use crate::shared::Shared;
+use crate::ws::{finish_link, pump, send_frame, End, Handler, Ws};
 
 struct Link<'a> {
     shared: &'a Shared,

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use w2w_proto::ErrorCode;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// `&`, `<`, `>`, `"` and `'` as entities: URLs and details are operator or
 /// peer supplied.
