@@ -37,7 +37,7 @@ export const SCOPES = Object.freeze(['relay', 'federation']);
 export const ROLES = Object.freeze(['client', 'relay']);
 export const STATUSES = Object.freeze(['delivered', 'queued', 'no_route', 'rejected', 'partial']);
 export const OPS = Object.freeze(['', 'online', 'lookup', 'presence']);
-export const NOTICE_KINDS = Object.freeze(['', 'join', 'leave', 'replaced', 'shutting_down']);
+export const NOTICE_KINDS = Object.freeze(['', 'join', 'leave', 'replaced', 'shutting_down', 'delivered']);
 
 /** Error codes (PROTOCOL.md 10.1): number → name. Close code = 4000 + number. */
 export const ERROR_CODES = Object.freeze({
@@ -385,6 +385,11 @@ export function decodeFrame(bytes, direction = 'r2c') {
       const kind = r.enumByte('kind', NOTICE_KINDS);
       f = { type: 'NOTICE', kind };
       if (kind === 'join' || kind === 'leave') f.address = r.hex(32, 'address');
+      if (kind === 'delivered') {
+        // A message of ours that was receipted `queued` reached `address`.
+        f.id = r.hex(16, 'id');
+        f.address = r.hex(32, 'address');
+      }
       break;
     }
     case FRAME.ERROR:
@@ -500,6 +505,10 @@ export function encodeFrame(f) {
       const kind = indexOf(NOTICE_KINDS, f.kind, 'notice kind');
       w.u8(kind);
       if (kind === 1 || kind === 2) w.bytes(bin(f.address, 32, 'address'));
+      if (kind === 5) {
+        w.bytes(bin(f.id, 16, 'id'));
+        w.bytes(bin(f.address, 32, 'address'));
+      }
       break;
     }
     case 'ERROR':

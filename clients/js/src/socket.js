@@ -157,6 +157,9 @@ function frameTooLarge(message, size, limit) {
  *                each (from, id) once
  *   receipt      { receipt, id, status, reason, delivered, entries }
  *   presence     { kind: 'join' | 'leave', address } after presence(true)
+ *   delivered    { id, to }: a message of ours whose receipt said `queued`
+ *                for `to` has now reached it (best effort: only while we are
+ *                connected to `to`'s relay)
  *   error        { code, message, from?, id? }: relay ERROR frames, refused
  *                registrations, and messages that did not open or verify;
  *                code 'relay_key_changed' also carries relayKey (the key
@@ -777,6 +780,7 @@ export class W2WSocket {
       }
       case 'NOTICE':
         if (f.kind === 'join' || f.kind === 'leave') this._emit('presence', { kind: f.kind, address: f.address });
+        else if (f.kind === 'delivered') this._emit('delivered', { id: f.id, to: f.address });
         else this._lastError = { code: f.kind }; // replaced / shutting_down: the close follows
         break;
       case 'ERROR':

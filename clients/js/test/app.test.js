@@ -209,6 +209,26 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     await closeContexts();
   });
 
+  it('a message Queued for someone offline turns Delivered when they come back (NOTICE DELIVERED)', T, async () => {
+    const a = await openApp();
+    const b = await openApp();
+    const bAddr = b.address;
+    const bCtx = b.ctx;
+    await b.close(); // the same context (storage, identity) opens again below
+    await newDirect(a, bAddr, 'Bea');
+    const m = await say(a, 'while you were away');
+    await m.locator('.status-line[data-status="queued"]').waitFor();
+    // Bea comes back: her page takes the stored message and acknowledges it.
+    const b2 = await bCtx.newPage();
+    await b2.goto(relay.http + '/');
+    await online(b2);
+    assert.equal((await b2.textContent('#my-address')).trim(), bAddr);
+    await b2.locator('#messages .msg.in, #conv-list .conv').first().waitFor();
+    await m.locator('.status-line[data-status="delivered"]').waitFor();
+    assert.deepEqual(a.errors, []);
+    await closeContexts();
+  });
+
   it('a key exported from one browser and imported into another is the same identity; nothing is replaced without a warning', T, async () => {
     const a = await openApp();
     await a.click('#open-me');

@@ -61,7 +61,7 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops, {} link cuts, {} partitions, {} loops cut; entries: {} delivered, {} queued, {} rejected",
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} rejected",
         to - from,
         total.sent,
         total.sent as f64 / secs,
@@ -73,6 +73,7 @@ fn main() {
         total.cuts,
         total.partitions,
         total.loops,
+        total.delivered_notices,
         total.delivered_entries,
         total.queued_entries,
         total.rejected_entries

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use w2w_proto::frame::{Dest, Msg, MsgId, Receipt, RelayToClient, Route, Status};
+use w2w_proto::frame::{
+    ClientToRelay, Dest, Msg, MsgId, Notice, Receipt, RelayToClient, Route, Status,
+};
 use w2w_proto::s2s::{Presence, RegistrationProof};
 use w2w_proto::{Address, ErrorCode, Identity};
 
@@ -138,6 +140,8 @@ struct Handed {
     flight: Option<FlightKey>,
     /// Whether a stored copy exists (its ACK deletes it).
     stored: bool,
+    /// Who sent it (told NOTICE DELIVERED if its receipt has gone out).
+    sender: Address,
 }
 
 #[derive(Debug)]
@@ -600,12 +604,18 @@ impl RelayCore {
                     id: *id,
                 });
             }
-            let Some(key) = h.flight else { continue };
-            let Some(state) = self
-                .flights
-                .get_mut(&key)
-                .and_then(|f| f.state_mut(&address))
-            else {
+            let state = h.flight.and_then(|key| {
+                self.flights
+                    .get_mut(&key)
+                    .and_then(|f| f.state_mut(&address))
+                    .map(|s| (key, s))
+            });
+            let Some((key, state)) = state else {
+                // Its receipt has gone out (`queued`): tell the sender it
+                // has arrived, if it is connected here.
+                if h.stored {
+                    self.notify_delivered(h.sender, *id, address);
+                }
                 continue;
             };
             match state {
@@ -619,6 +629,11 @@ impl RelayCore {
                 Recipient::Storing {
                     late: true, acked, ..
                 } => *acked = true,
+                // Reported `queued` at its deadline, the receipt not sent
+                // yet (other recipients pending): it has arrived after all.
+                Recipient::Settled(e) if h.stored && e.status == Status::Queued => {
+                    *state = Recipient::Settled(entry(address, Status::Delivered, None));
+                }
                 _ => {}
             }
             self.finish_if_settled(key);
@@ -704,6 +719,7 @@ impl RelayCore {
             Handed {
                 flight: Some(key),
                 stored: false,
+                sender: key.1,
             },
         );
         self.send_conn(conn, frame.clone(), false);
@@ -868,6 +884,7 @@ impl RelayCore {
                     Handed {
                         flight: Some(key),
                         stored: true,
+                        sender: key.1,
                     },
                 );
                 let frame = self.flights.get(&key).map(|f| f.frame.clone());
@@ -916,11 +933,20 @@ impl RelayCore {
                 continue;
             }
             let flight = self.awaiting_drain.remove(&(address, m.id));
+            // The sender: the flight's, else the stored MSG's header.
+            let sender = match flight {
+                Some(key) => Some(key.1),
+                None => match ClientToRelay::decode(&m.frame) {
+                    Ok(ClientToRelay::Msg(msg)) => Some(msg.from),
+                    _ => None,
+                },
+            };
             s.handed.insert(
                 m.id,
                 Handed {
                     flight,
                     stored: true,
+                    sender: sender.unwrap_or(address),
                 },
             );
             self.send_conn(conn, m.frame, false);
@@ -995,6 +1021,18 @@ impl RelayCore {
                 let entries = f.entries().unwrap_or_default();
                 self.reply_to_origin(origin, key.0, entries);
             }
+        }
+    }
+
+    /// NOTICE DELIVERED to `sender`'s connection here, if any (best
+    /// effort; PROTOCOL 5.10).
+    fn notify_delivered(&mut self, sender: Address, id: MsgId, to: Address) {
+        if sender == to {
+            return;
+        }
+        if let Some(&conn) = self.by_address.get(&sender) {
+            let frame = RelayToClient::Notice(Notice::Delivered { id, to }).encode();
+            self.send_conn(conn, frame, false);
         }
     }
 

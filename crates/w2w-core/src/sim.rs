@@ -23,6 +23,7 @@
 //!   and partitions;
 //! * no connection is handed the same message twice;
 //! * a stored copy is deleted only after its recipient had it;
+//! * a NOTICE DELIVERED is sent only after the recipient had the message;
 //! * a FORWARD that comes round a cycle (relays' link-state views differ
 //!   while a change spreads) is dropped where the cycle closes; with no
 //!   faults, none does;
@@ -34,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, RelayToClient, Scope, Status};
+use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, Notice, RelayToClient, Scope, Status};
 use w2w_proto::s2s::{ForwardTarget, RegistrationProof, RelayToRelay};
 use w2w_proto::{Address, ErrorCode, Identity};
 
@@ -170,6 +171,8 @@ pub struct Report {
     pub partitions: u64,
     /// Frames carried by peer links.
     pub peer_frames: u64,
+    /// NOTICE DELIVERED frames sent (each checked: the recipient had it).
+    pub delivered_notices: u64,
     /// FORWARDs that came round a cycle to a relay they had passed (while
     /// link-state views disagreed) and were dropped there.
     pub loops: u64,
@@ -193,6 +196,7 @@ impl Report {
         self.partitions += r.partitions;
         self.peer_frames += r.peer_frames;
         self.loops += r.loops;
+        self.delivered_notices += r.delivered_notices;
         self.events += r.events;
         self.sim_us += r.sim_us;
     }
@@ -1201,8 +1205,18 @@ impl Sim<'_> {
 
     /// Checks a RECEIPT as a relay sends it, and records its promises.
     fn check_receipt(&mut self, frame: &Bytes) -> Result<(), String> {
-        let Ok(RelayToClient::Receipt(r)) = RelayToClient::decode(frame) else {
-            return Ok(());
+        let r = match RelayToClient::decode(frame) {
+            Ok(RelayToClient::Receipt(r)) => r,
+            Ok(RelayToClient::Notice(Notice::Delivered { id, to })) => {
+                self.report.delivered_notices += 1;
+                if !self.got.contains(&(to, id)) {
+                    return Err(format!(
+                        "NOTICE DELIVERED for {to}, whose client never had it"
+                    ));
+                }
+                return Ok(());
+            }
+            _ => return Ok(()),
         };
         self.report.receipts += 1;
         let Some(&(sender, a2a)) = self.sent_by.get(&r.id) else {

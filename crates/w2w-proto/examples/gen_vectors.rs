@@ -330,6 +330,8 @@ enum Fields {
         kind: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         address: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     Error {
         code: &'static str,
@@ -507,13 +509,16 @@ fn r2c_fields(f: &RelayToClient) -> Fields {
             }
         }
         RelayToClient::Notice(n) => {
-            let (kind, address) = match n {
-                Notice::Join(a) => ("join", Some(a.to_hex())),
-                Notice::Leave(a) => ("leave", Some(a.to_hex())),
-                Notice::Replaced => ("replaced", None),
-                Notice::ShuttingDown => ("shutting_down", None),
+            let (kind, address, id) = match n {
+                Notice::Join(a) => ("join", Some(a.to_hex()), None),
+                Notice::Leave(a) => ("leave", Some(a.to_hex()), None),
+                Notice::Replaced => ("replaced", None, None),
+                Notice::ShuttingDown => ("shutting_down", None, None),
+                Notice::Delivered { id, to } => {
+                    ("delivered", Some(to.to_hex()), Some(hex::encode(id.0)))
+                }
             };
-            Fields::Notice { kind, address }
+            Fields::Notice { kind, address, id }
         }
         RelayToClient::Error(e) => Fields::Error {
             code: code_name(e.code).expect("error frames carry a code"),
@@ -1198,6 +1203,14 @@ fn main() {
             "notice_leave",
             "bob disconnected (sent only to connections with presence on).",
             RelayToClient::Notice(Notice::Leave(b)),
+        ),
+        r2c(
+            "notice_delivered",
+            "bob acknowledged a message that alice's receipt had reported queued (sent to alice if she is connected to bob's relay).",
+            RelayToClient::Notice(Notice::Delivered {
+                id: msg_id(7),
+                to: b,
+            }),
         ),
         r2c(
             "notice_replaced",

@@ -337,6 +337,10 @@ pub enum Notice {
     Replaced,
     /// The relay is shutting down; reconnect elsewhere or later.
     ShuttingDown,
+    /// A message this connection's address sent, whose receipt said
+    /// `queued` for `to`, has now been acknowledged by `to` (best effort:
+    /// sent only while the sender is connected to `to`'s relay).
+    Delivered { id: MsgId, to: Address },
 }
 
 /// R→C error report. Fatal errors are followed by a close with code
@@ -839,6 +843,10 @@ impl RelayToClient {
                 2 => Notice::Leave(r.address("address")?),
                 3 => Notice::Replaced,
                 4 => Notice::ShuttingDown,
+                5 => Notice::Delivered {
+                    id: MsgId(r.array("id")?),
+                    to: r.address("to")?,
+                },
                 v => {
                     return Err(DecodeError::BadValue {
                         field: "notice kind",
@@ -931,6 +939,11 @@ impl RelayToClient {
                     }
                     Notice::Replaced => b.put_u8(3),
                     Notice::ShuttingDown => b.put_u8(4),
+                    Notice::Delivered { id, to } => {
+                        b.put_u8(5);
+                        b.put_slice(&id.0);
+                        b.put_slice(&to.0);
+                    }
                 }
             }
             RelayToClient::Error(e) => {

@@ -264,6 +264,10 @@ fn r2c_from_fields(t: &str, f: &Value) -> RelayToClient {
             "leave" => Notice::Leave(addr(f, "address")),
             "replaced" => Notice::Replaced,
             "shutting_down" => Notice::ShuttingDown,
+            "delivered" => Notice::Delivered {
+                id: MsgId(fixed(f, "id")),
+                to: addr(f, "address"),
+            },
             other => panic!("unknown notice kind {other:?}"),
         }),
         "ERROR" => RelayToClient::Error(ErrorFrame {

@@ -952,6 +952,49 @@ async fn http_endpoints() {
 
 // ------------------------------------------------------- store-and-forward
 
+/// A sender told `queued` hears NOTICE DELIVERED once the recipient has
+/// the message (PROTOCOL 5.10); a message it never gets brings none.
+#[tokio::test]
+async fn a_queued_message_is_followed_by_a_delivered_notice() {
+    let relay = start(Limits::default()).await;
+    let mut alice = client(&relay).await;
+    let bob_id = id();
+    let bob = Client::connect(bob_id.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    bob.close().await;
+    wait_until!(
+        "the relay noticed bob left",
+        relay.metrics().registered.load(Ordering::Relaxed) == 1
+    );
+    let r = alice
+        .send(Dest::A2b(bob_id.address()), "while you were out")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    let mut bob = Client::connect(bob_id.clone(), ConnectOptions::new(relay.url()))
+        .await
+        .unwrap();
+    assert_eq!(&recv_msg(&mut bob).await.body[..], b"while you were out");
+    let notice = loop {
+        match tokio::time::timeout(T, alice.recv())
+            .await
+            .expect("no notice")
+        {
+            Some(Event::Notice(n)) => break n,
+            Some(_) => continue,
+            None => panic!("alice's connection ended"),
+        }
+    };
+    assert_eq!(
+        notice,
+        Notice::Delivered {
+            id: r.id,
+            to: bob_id.address()
+        }
+    );
+}
+
 #[tokio::test]
 async fn offline_recipient_gets_its_queue_in_order_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -1004,6 +1004,9 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
                     eprintln!("another connection with this identity replaced this one")
                 }
                 Notice::ShuttingDown => eprintln!("the relay is shutting down"),
+                Notice::Delivered { id, to } => {
+                    eprintln!("message {id} (queued earlier) reached {to}")
+                }
                 _ => {}
             },
             Some(Event::Error { code, detail }) => {
