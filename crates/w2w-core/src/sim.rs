@@ -60,6 +60,10 @@ pub struct SimConfig {
     pub crash_one_in: u64,
     /// Chance per store write that it fails (1 in N; 0: never).
     pub write_error_one_in: u64,
+    /// Chance per frame for a client that its send queue is full (a slow
+    /// consumer, 1 in N): the frame is not queued and the connection is
+    /// closed, as the relay's shell does; a soft frame is just skipped.
+    pub slow_one_in: u64,
     /// Chance per send that a peer link is cut for a while (1 in N).
     pub cut_one_in: u64,
     /// Chance per send that the federation splits in two for a while.
@@ -97,6 +101,7 @@ impl Default for SimConfig {
             drop_one_in: 40,
             crash_one_in: 150,
             write_error_one_in: 200,
+            slow_one_in: 300,
             cut_one_in: 0,
             partition_one_in: 0,
             broadcasts: true,
@@ -145,6 +150,7 @@ impl SimConfig {
             drop_one_in: 0,
             crash_one_in: 0,
             write_error_one_in: 0,
+            slow_one_in: 0,
             stall_one_in: 0,
             broadcasts: false,
             warmup_us: 2_000_000,
@@ -167,6 +173,8 @@ pub struct Report {
     pub arrived: u64,
     pub crashes: u64,
     pub drops: u64,
+    /// Client connections closed as slow consumers.
+    pub slow: u64,
     pub cuts: u64,
     pub partitions: u64,
     /// Frames carried by peer links.
@@ -192,6 +200,7 @@ impl Report {
         self.arrived += r.arrived;
         self.crashes += r.crashes;
         self.drops += r.drops;
+        self.slow += r.slow;
         self.cuts += r.cuts;
         self.partitions += r.partitions;
         self.peer_frames += r.peer_frames;
@@ -1026,10 +1035,22 @@ impl Sim<'_> {
             closes.push(c);
         }
         let timeout = core.poll_timeout();
+        let mut slow = Vec::new();
         for t in transmits {
             match t.to {
                 Target::Conn(conn) => {
                     self.check_receipt(&t.frame)?;
+                    if self.faults && self.by_conn.contains_key(&conn) {
+                        if slow.contains(&conn) {
+                            continue; // closed: nothing more is queued
+                        }
+                        if self.rng.one_in(self.cfg.slow_one_in) {
+                            if !t.soft {
+                                slow.push(conn);
+                            }
+                            continue;
+                        }
+                    }
                     if let Some(&client) = self.by_conn.get(&conn) {
                         let d = self.link_delay(conn.0, false, self.cfg.link_delay_us);
                         self.at(
@@ -1072,6 +1093,20 @@ impl Sim<'_> {
             let d = self.rng.range(self.cfg.store_delay_us);
             self.at(d, Ev::StoreStep { relay: r, gen });
         }
+        // Slow consumers: closed by the shell, the core told at once.
+        let again = !slow.is_empty() || !closes.is_empty();
+        for conn in slow {
+            if let Some(client) = self.by_conn.remove(&conn) {
+                self.report.slow += 1;
+                self.clients[client].conn = None;
+                let now = self.now();
+                if let Some(core) = self.relays[r].core.as_mut() {
+                    core.disconnect(now, conn);
+                }
+                let d = self.rng.range((500, 5_000));
+                self.at(d, Ev::Connect { client });
+            }
+        }
         for (conn, _) in closes {
             if let Some(client) = self.by_conn.get(&conn).copied() {
                 if self.clients[client].conn != Some(conn) {
@@ -1095,6 +1130,10 @@ impl Sim<'_> {
                 let d = us.saturating_sub(self.now_us);
                 self.at(d, Ev::Tick { relay: r, gen });
             }
+        }
+        if again {
+            // What the ends made (late writes, receipts) goes out now.
+            return self.pump(r);
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ fn a_thousand_seeds_keep_every_invariant() {
     assert!(total.delivered_entries > 10_000, "{total:?}");
     assert!(total.rejected_entries > 100, "{total:?}");
     assert!(total.delivered_notices > 1000, "{total:?}");
+    assert!(total.slow > 100, "{total:?}");
 }
 
 #[test]
