@@ -13,7 +13,8 @@
 //! `cargo run -p w2w-core --example sim -- --seed N` (add `--federation`
 //! or `--scale` for those presets).
 //!
-//! Each client has a home relay. Invariants, checked as the run goes and at
+//! Each client has a home relay; its clock is off by up to ±60 s at each
+//! registration (the window relays accept). Invariants, checked as the run goes and at
 //! its end:
 //! * a receipt that says `delivered` is sent only after the recipient's
 //!   client had the message; one that says `queued` only while the message
@@ -85,6 +86,9 @@ pub struct SimConfig {
     /// How long after the start clients begin sending (µs): the directory
     /// spreads meanwhile.
     pub warmup_us: u64,
+    /// Client clocks are off by up to this much either way (registration
+    /// timestamps order directory records; relays accept ±60 s).
+    pub clock_skew_ms: u64,
     pub core: Config,
 }
 
@@ -112,6 +116,7 @@ impl Default for SimConfig {
             stall_one_in: 50,
             stall_us: (2_000, 30_000),
             warmup_us: 3_000,
+            clock_skew_ms: 60_000,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 max_group: 8,
@@ -960,12 +965,17 @@ impl Sim<'_> {
         self.clients[client].on_conn.clear();
         self.by_conn.insert(conn, client);
         self.registrations += 1;
+        // The client's clock, anywhere in the ±60 s a relay accepts: a
+        // later registration may carry an earlier timestamp.
+        let skew = self.rng.range((0, 2 * self.cfg.clock_skew_ms));
+        let timestamp_ms = self.now_us / 1000 + self.cfg.clock_skew_ms + skew;
+        let timestamp_ms = timestamp_ms.saturating_sub(self.cfg.clock_skew_ms * 2);
         let proof = RegistrationProof {
             address,
             relay_key: self.relays[home].identity.address(),
             relay_nonce: [0; 32],
             client_nonce: [0; 32],
-            timestamp_ms: self.registrations,
+            timestamp_ms: timestamp_ms.max(1),
             url: String::new(),
             sig_a: [0; 64],
         };
