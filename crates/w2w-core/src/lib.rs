@@ -68,6 +68,7 @@ pub mod routing;
 pub mod seen;
 pub mod sim;
 pub mod sim_routing;
+pub mod spacerift;
 
 pub use relay::{Config, FedConfig, RelayCore};
 

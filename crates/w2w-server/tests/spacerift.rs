@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use w2w_proto::spacerift::signed_bytes;
 use w2w_proto::Identity;
-use w2w_server::spacerift::signed_bytes;
 use w2w_server::{Limits, Relay, RelayConfig};
 
 async fn relay() -> Relay {
