@@ -117,7 +117,7 @@ impl<W> Reply<W> {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub bounce: bool,
-    /// An RTT report (type "RTT", signal "<peer hex>:<milliseconds>"):
+    /// An RTT report (type "RTT", signal `"<peer hex>:<milliseconds>"`):
     /// the measured round trip to a linked peer, used to prefer
     /// lower-latency offers (best-latency peer rotation).
     pub rtt: Option<(Address, u32)>,
