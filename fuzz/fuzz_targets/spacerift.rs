@@ -1,6 +1,8 @@
-//! Spacerifts signaling (POST /spacerift, crates/w2w-server/src/spacerift.rs)
-//! on hostile input: `spacerift::parse` on arbitrary HTTP bodies, and every
-//! request it accepts fed into the pure state machine `Rifts::handle`, so a
+//! Spacerifts signaling (POST /spacerift: the wire in
+//! crates/w2w-proto/src/spacerift.rs, the state machine in
+//! crates/w2w-core/src/spacerift.rs) on hostile input: `spacerift::parse` on
+//! arbitrary HTTP bodies, and every request it accepts fed into the pure
+//! state machine `Rifts::handle` (parked requests on `LocalWaiter`s), so a
 //! sequence of bodies drives the whole signaling path (CONNECT → DEMOTE →
 //! CONNECT(nonce) → DELIVERED / ANSWER, BOUNCE, RTT, leases, timeouts, rate
 //! limits) as the relay's HTTP handler does.
@@ -34,12 +36,12 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tokio::sync::oneshot::{self, error::TryRecvError};
-use w2w_proto::{Address, Identity};
-use w2w_server::spacerift::{
-    parse, signed_bytes, Reply, Rifts, MAX_NAMESPACE, MAX_OFFERS, MAX_PARKED_BYTES, MAX_SIGNAL,
-    PAIR_INTERVAL, REQUEST_INTERVAL,
+use w2w_core::spacerift::{
+    LocalReceiver, LocalWaiter, Rifts, TryRecvError, MAX_OFFERS, MAX_PARKED_BYTES, PAIR_INTERVAL,
+    REQUEST_INTERVAL,
 };
+use w2w_proto::spacerift::{parse, signed_bytes, Reply, MAX_NAMESPACE, MAX_SIGNAL};
+use w2w_proto::{Address, Identity};
 
 const BASE_MS: u64 = 1_700_000_000_000;
 const SKEWS: [u64; 4] = [60_000, 0, 1, u64::MAX];
@@ -100,12 +102,12 @@ struct Waiter {
     key: Address,
     namespace: String,
     signal: String,
-    rx: Option<oneshot::Receiver<Reply>>,
+    rx: Option<LocalReceiver>,
     /// Received its reply, or its offer was dropped without one.
     finished: bool,
 }
 
-fn check_reply(reply: &Reply) {
+fn check_reply<W>(reply: &Reply<W>) {
     let status = reply.status();
     assert!(
         matches!(status, 200 | 297 | 298 | 299 | 409),
@@ -124,7 +126,7 @@ fuzz_target!(|data: &[u8]| {
     let ids = identities();
     let base = Instant::now();
     let mut elapsed_ms: u64 = 0;
-    let mut rifts = Rifts::default();
+    let mut rifts = Rifts::<LocalWaiter>::default();
     let mut waiters: Vec<Waiter> = Vec::new();
     let mut last_demote: Option<[u8; 16]> = None;
     let mut prev_nonce = relay_nonce(0);

@@ -60,6 +60,10 @@
 //! per-sender budgets, the peer broadcast budget and the store budgets
 //! stay there: they gate inputs and store ops. Groups are resolved there
 //! and enter `handle_msg` as a member list.
+//!
+//! [`spacerift`] is a second, independent state machine: Spacerifts
+//! signaling (pairing WebRTC peers over HTTP, PROTOCOL §16); its HTTP
+//! handler and the channels parked requests wait on are in the shell.
 
 mod federation;
 pub mod flight;
@@ -68,6 +72,7 @@ pub mod routing;
 pub mod seen;
 pub mod sim;
 pub mod sim_routing;
+pub mod spacerift;
 
 pub use relay::{Config, FedConfig, RelayCore};
 

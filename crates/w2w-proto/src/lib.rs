@@ -19,6 +19,7 @@ pub mod handshake;
 pub mod identity;
 pub mod s2s;
 pub mod seal;
+pub mod spacerift;
 
 pub use codes::ErrorCode;
 pub use frame::{ClientToRelay, DecodeError, Dest, Msg, RelayToClient, Route};

@@ -439,8 +439,9 @@ fn json_status(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
         .unwrap_or_default()
 }
 
-/// POST /spacerift: WebRTC peer linking (see `spacerift.rs`). Bodies are
-/// capped at 64 KiB; the offerer's request waits at most 15 s. Cheapest
+/// POST /spacerift: WebRTC peer linking (`w2w_proto::spacerift` the wire,
+/// `w2w_core::spacerift` the state machine, `spacerift.rs` the channel).
+/// Bodies are capped at 64 KiB; the offerer's request waits at most 15 s. Cheapest
 /// checks first: the per-IP gate before the body is read, the key's limit
 /// and the replay memory before the signature (which is checked outside the
 /// lock).
@@ -488,7 +489,7 @@ async fn spacerift(
     };
     let namespaced = !request.namespace.is_empty();
     let reply = rifts().handle(request, Instant::now(), rand::random());
-    let reply = match reply {
+    let reply: Reply = match reply {
         Reply::Wait(rx) => {
             let wait = tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), rx);
             tokio::select! {
@@ -499,7 +500,7 @@ async fn spacerift(
                 _ = shared.shutdown.cancelled() => Reply::NoPeer { namespaced },
             }
         }
-        r => r,
+        r => return json_status(r.status(), r.json()),
     };
     json_status(reply.status(), reply.json())
 }

@@ -1,14 +1,15 @@
 //! Spacerifts over real HTTP: signed CONNECT → DEMOTE → CONNECT(nonce) →
 //! DELIVERED / ANSWER, and each error status. Lease expiry, pair memory and
-//! the 15 s timeouts are covered with injected time in `spacerift.rs`; so
-//! are the per-IP gate, the byte bound and the cost of a CONNECT.
+//! the 15 s timeouts are covered with injected time in w2w-core's
+//! `spacerift.rs`; so are the per-IP gate, the byte bound and the cost of a
+//! CONNECT.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use w2w_proto::spacerift::signed_bytes;
 use w2w_proto::Identity;
-use w2w_server::spacerift::signed_bytes;
 use w2w_server::{Limits, Relay, RelayConfig};
 
 async fn relay() -> Relay {
