@@ -49,13 +49,25 @@ use proc::{ServerProc, Usage};
     after_help = "Docs: docs/PERFORMANCE.md (results and how they were measured)"
 )]
 struct Cli {
-    /// Log filter for relays run in this process (a2b, store), e.g. info,
-    /// warn, w2w_server=debug (RUST_LOG also works).
-    #[arg(long, global = true, default_value = "info", env = "W2W_LOG")]
+    /// Log filter, e.g. info, warn, w2w_server=debug (RUST_LOG also
+    /// works); relays started as child processes log warnings only.
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "W2W_LOG",
+        display_order = 100
+    )]
     log: String,
     /// The `w2w` binary to run relays with (compare, fanout, soak, idle,
     /// smoke); default: the `w2w` next to this executable.
-    #[arg(long, global = true, env = "W2W_BIN", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "W2W_BIN",
+        value_name = "PATH",
+        display_order = 101
+    )]
     w2w_bin: Option<PathBuf>,
     #[command(subcommand)]
     cmd: BenchCmd,
@@ -84,6 +96,7 @@ enum BenchCmd {
         /// Frame bytes per message.
         #[arg(long, default_value_t = 256)]
         size: usize,
+        /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -99,6 +112,7 @@ enum BenchCmd {
         /// Its process id (memory is read from /proc).
         #[arg(long)]
         relay_pid: Option<u32>,
+        /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -107,6 +121,7 @@ enum BenchCmd {
     Smoke,
     /// Run the bare WebSocket forwarder (the baseline `compare` measures).
     Forwarder {
+        /// Where to listen (port 0: a free one); prints `LISTENING <URL>`.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
