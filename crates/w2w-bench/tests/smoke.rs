@@ -9,33 +9,58 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// The `w2w` binary of this build: built (or found up to date) by cargo
-/// into the same target directory and profile as `w2w-bench`. Cargo gives
-/// tests only their own package's binaries, so this asks cargo for it;
-/// after `cargo build` or `cargo test --workspace` it is already there and
-/// this takes a moment.
+/// The `w2w` binary of this build, next to `w2w-bench`. Cargo gives tests
+/// only their own package's binaries, so this asks cargo to bring the
+/// workspace's test build up to date (it builds `target/<profile>/w2w`),
+/// in the environment the outer cargo had.
+/// The same command as `cargo test --workspace` (CI), so there it finds
+/// everything fresh and takes a moment; a narrower `cargo build -p w2w`
+/// would resolve other dependency features and compile w2w once more.
+/// After `cargo test -p w2w-bench` alone, the first run builds the rest of
+/// the workspace.
 fn w2w_bin() -> PathBuf {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_w2w-bench"));
     let profile_dir = bench.parent().expect("w2w-bench has a directory");
     let target_dir = profile_dir.parent().expect("a target directory");
     let mut cargo = Command::new(env!("CARGO"));
     cargo
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "w2w",
-            "--bin",
-            "w2w",
-            "--target-dir",
-        ])
+        .args(["test", "--workspace", "--no-run", "--quiet", "--target-dir"])
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"));
+    // Not the variables cargo set for this test: build scripts (ring's)
+    // rerun when they change, which would rebuild half the workspace.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_EXE_",
+            "CARGO_CRATE_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+            || k == "CARGO_PRIMARY_PACKAGE"
+        {
+            cargo.env_remove(&*k);
+        }
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        let own: Vec<_> = std::env::split_paths(&paths)
+            .filter(|p| !p.starts_with(target_dir))
+            .collect();
+        match std::env::join_paths(own) {
+            Ok(p) if !p.is_empty() => cargo.env("LD_LIBRARY_PATH", p),
+            _ => cargo.env_remove("LD_LIBRARY_PATH"),
+        };
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cargo.arg("--release");
     }
-    let status = cargo.status().expect("running cargo build -p w2w");
-    assert!(status.success(), "cargo build -p w2w failed: {status}");
+    let status = cargo.status().expect("running cargo test --no-run");
+    assert!(
+        status.success(),
+        "cargo test --workspace --no-run: {status}"
+    );
     let bin = profile_dir.join(format!("w2w{}", std::env::consts::EXE_SUFFIX));
     assert!(bin.is_file(), "no {}", bin.display());
     bin
