@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README: "run all tests"):
-#   1. cargo test --workspace — the Rust crates (protocol, relay, client, CLI)
+#   1. cargo test --workspace — the Rust crates (protocol, relay, client, CLI, benchmark smoke run)
 #   2. the JS client in clients/js — the shared test vectors, interop with a
 #      real Rust relay and the Rust CLI, and real headless Chromium (the
 #      demo app and two pages exchanging end-to-end messages)

@@ -1,4 +1,4 @@
-//! Bench-only harness that runs iroh-relay so `w2w bench` can compare w2w's relay with it
+//! Bench-only harness that runs iroh-relay so `w2w-bench` can compare w2w's relay with it
 //! on identical a2b load.
 //!
 //! * `serve` runs an iroh-relay server in-process (plain HTTP on loopback, no TLS, no QUIC
@@ -52,7 +52,7 @@ const MAX_CONCURRENT_CONNECTS: usize = 32;
     name = "w2w-iroh-bench",
     version,
     about = "Bench harness for iroh-relay: runs an iroh-relay server, or an a2b load generator \
-             against one, for comparison with w2w's relay (`w2w bench`).",
+             against one, for comparison with w2w's relay (`w2w-bench`).",
     long_about = None
 )]
 struct Cli {

@@ -1,6 +1,5 @@
 //! `w2w`: the relay (`serve`) and the command-line client.
 
-mod bench;
 mod demo;
 mod keys;
 
@@ -106,8 +105,6 @@ enum Cmd {
     },
     /// Start three federated relays A-B-C, send a2b, a2g and a2n across them, show every hop.
     Demo(demo::DemoArgs),
-    /// Load generator: a2b throughput and latency through a relay.
-    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -641,7 +638,6 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench(a) => bench::run(a).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Group { client, op } => {
             use w2w_proto::group::GroupAction;

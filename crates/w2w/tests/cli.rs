@@ -752,7 +752,7 @@ fn help_explains_the_commands() {
         "send",
         "listen",
         "online",
-        "bench",
+        "demo",
         "W2W_RELAY",
         "W2W_ID",
     ] {
@@ -762,6 +762,12 @@ fn help_explains_the_commands() {
             out.describe()
         );
     }
+    // The benchmarks are their own binary (crates/w2w-bench).
+    assert!(
+        !out.stdout.contains("bench"),
+        "--help has no bench\n{}",
+        out.describe()
+    );
 
     let mut cmd = env.w2w();
     cmd.args(["send", "--help"]);

@@ -1,4 +1,4 @@
-//! `w2w bench a2b` (relays in this process, in a line), `store`, `idle`.
+//! `w2w-bench a2b` (relays in this process, in a line), `store`, `idle`.
 //!
 //! N sender/receiver pairs; each sender keeps `window` messages in flight
 //! (each waits for its receipt). Receivers timestamp arrivals; latency is
@@ -19,7 +19,7 @@ use w2w_proto::frame::Status;
 use w2w_proto::{Dest, Identity};
 use w2w_server::{Limits, Relay, RelayConfig};
 
-/// Options of `w2w bench a2b`.
+/// Options of `w2w-bench a2b`.
 #[derive(Args)]
 pub struct A2bArgs {
     /// Relay URL; default: start in-process relays on 127.0.0.1.
@@ -51,7 +51,7 @@ pub struct A2bArgs {
     json: Option<PathBuf>,
 }
 
-use super::proc::rss_kib;
+use crate::proc::rss_kib;
 
 /// Relay memory per idle registered connection: RSS delta / N.
 pub async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -> Result<ExitCode> {

@@ -1,4 +1,4 @@
-//! `w2w bench fanout`: registrations per second, then a2n deliveries per
+//! `w2w-bench fanout`: registrations per second, then a2n deliveries per
 //! second from one sender to many clients on one relay (a child process).
 
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use w2w_proto::frame::Scope;
 use w2w_proto::frame::{ClientToRelay, Msg, MsgId, RelayToClient};
 use w2w_proto::{Dest, Identity};
 
-use super::proc::{self, ServerProc, Usage};
+use crate::proc::{self, ServerProc, Usage};
 
 #[derive(Args)]
 pub struct FanoutArgs {
@@ -68,7 +68,7 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     // 1. Registrations: connect + the full sigA/sigB/sigC handshake.
     let usage = Usage::start(relay.pid());
     let t0 = Instant::now();
-    let clients = super::connect_many(&url, a.clients, a.concurrency).await?;
+    let clients = crate::connect_many(&url, a.clients, a.concurrency).await?;
     let reg_secs = t0.elapsed().as_secs_f64();
     let reg_usage = usage.finish();
     let regs_per_sec = a.clients as f64 / reg_secs;
@@ -173,7 +173,7 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
         "a2n: receipts counted {want} deliveries but clients received {got}"
     );
     let result = serde_json::json!({
-        "machine": super::machine(),
+        "machine": crate::machine(),
         "clients": a.clients,
         "registration_concurrency": a.concurrency,
         "registrations_per_sec": regs_per_sec,
@@ -184,6 +184,6 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
         "a2n_deliveries_received": got,
         "fanout_relay": fan_usage,
     });
-    super::write_json(&a.out, "fanout.json", &result)?;
+    crate::write_json(&a.out, "fanout.json", &result)?;
     Ok(result)
 }

@@ -56,9 +56,9 @@ pub struct Outcome {
     pub mbytes_per_sec: f64,
     pub latency_us: Latency,
     /// The server process's CPU and memory during the run.
-    pub server: Option<super::proc::UsageReport>,
+    pub server: Option<crate::proc::UsageReport>,
     /// The load generator's CPU during the run.
-    pub loadgen: Option<super::proc::UsageReport>,
+    pub loadgen: Option<crate::proc::UsageReport>,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, Default)]
@@ -96,7 +96,7 @@ struct Run {
     /// Set once everything sent has arrived (or given up on): receivers stop.
     finished: std::sync::atomic::AtomicBool,
     /// CPU and memory of the watched processes over the measured window.
-    usage: std::sync::Mutex<Vec<super::proc::UsageReport>>,
+    usage: std::sync::Mutex<Vec<crate::proc::UsageReport>>,
 }
 
 impl Run {
@@ -123,7 +123,7 @@ impl Run {
         });
         let (r, pids) = (run.clone(), watch.to_vec());
         tokio::spawn(async move {
-            use super::proc::{cpu_seconds, rss_kib, UsageReport};
+            use crate::proc::{cpu_seconds, rss_kib, UsageReport};
             tokio::time::sleep_until(r.measure_from.into()).await;
             let cpu0: Vec<f64> = pids
                 .iter()
@@ -480,7 +480,7 @@ pub async fn iroh(
         cmd.args(["--rate", &format!("{r:.0}")]);
     }
     if let Some(cpu) = cpu {
-        super::proc::pin_command(&mut cmd, cpu);
+        crate::proc::pin_command(&mut cmd, cpu);
     }
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await?

@@ -1,12 +1,45 @@
-//! Relay processes under test: spawning them, pinning CPUs, and reading
-//! their CPU time and memory from /proc.
+//! Relay processes under test: finding the `w2w` binary, spawning them,
+//! pinning CPUs, and reading their CPU time and memory from /proc.
 
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+/// `--w2w-bin`, set once at startup.
+static W2W_BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Records `--w2w-bin` (or `W2W_BIN`) for [`w2w_bin`].
+pub fn set_w2w_bin(path: Option<PathBuf>) {
+    let _ = W2W_BIN.set(path);
+}
+
+/// The `w2w` binary that relays are run with: `--w2w-bin`, else the `w2w`
+/// next to this executable (`cargo build --release` puts both in
+/// target/release/, so the relay measured is the one built with the bench).
+pub fn w2w_bin() -> Result<PathBuf> {
+    if let Some(p) = W2W_BIN.get().and_then(|p| p.clone()) {
+        if !p.is_file() {
+            bail!("--w2w-bin {}: no such file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let sibling = exe
+        .parent()
+        .context("this executable has no directory")?
+        .join(format!("w2w{}", std::env::consts::EXE_SUFFIX));
+    if !sibling.is_file() {
+        bail!(
+            "no w2w binary at {}: build it with `cargo build --release` (builds w2w and w2w-bench), or pass --w2w-bin PATH",
+            sibling.display()
+        );
+    }
+    Ok(sibling)
+}
 
 /// A server child process (w2w relay, bare forwarder or iroh-relay), killed
 /// when dropped.
@@ -78,10 +111,11 @@ impl ServerProc {
         Ok(p)
     }
 
-    /// `w2w serve` (this executable) on a loopback port with a fresh data
+    /// `w2w serve` (the binary [`w2w_bin`] finds) on a loopback port with a fresh data
     /// dir, the per-client rate limit raised so the relay is measured, not
     /// the limiter. `durable=false` sets `federation.durable_delivery`.
     pub fn w2w(cpu: Option<usize>, durable: bool, extra_limits: &str) -> Result<ServerProc> {
+        let bin = w2w_bin()?;
         let dir = std::env::temp_dir().join(format!("w2w-bench-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("relay.toml");
@@ -92,7 +126,7 @@ impl ServerProc {
                  [federation]\ndurable_delivery = {durable}\n"
             ),
         )?;
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(bin);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(&dir)
             .arg("--config")
@@ -102,10 +136,10 @@ impl ServerProc {
         ServerProc::spawn("w2w", cmd, "w2w relay listening on ", cpu, Some(dir))
     }
 
-    /// The bare WebSocket forwarder (`w2w bench forwarder`).
+    /// The bare WebSocket forwarder (`w2w-bench forwarder`, this executable).
     pub fn bare(cpu: Option<usize>) -> Result<ServerProc> {
         let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args(["bench", "forwarder", "--listen", "127.0.0.1:0"]);
+        cmd.args(["forwarder", "--listen", "127.0.0.1:0"]);
         ServerProc::spawn("bare", cmd, "LISTENING ", cpu, None)
     }
 

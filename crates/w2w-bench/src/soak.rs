@@ -1,4 +1,4 @@
-//! `w2w bench soak`: many clients, mixed routes, for minutes, on one relay
+//! `w2w-bench soak`: many clients, mixed routes, for minutes, on one relay
 //! (a child process with a real SQLite store). Every message's receipt
 //! says how many recipients got it; at the end each recipient must have
 //! seen each message exactly once, and the relay's RSS must be flat.
@@ -18,7 +18,7 @@ use w2w_client::Event;
 use w2w_proto::frame::{Scope, Status};
 use w2w_proto::Dest;
 
-use super::proc::{self, ServerProc};
+use crate::proc::{self, ServerProc};
 
 #[derive(Args)]
 pub struct SoakArgs {
@@ -91,7 +91,7 @@ pub async fn run(a: SoakArgs) -> Result<ExitCode> {
         a.seconds,
         relay.pid()
     );
-    let clients = super::connect_many(&url, n, 32).await?;
+    let clients = crate::connect_many(&url, n, 32).await?;
     let addrs: Vec<_> = clients.iter().map(|c| c.address()).collect();
     let books = Arc::new(Mutex::new(Books::default()));
     let received = Arc::new(AtomicU64::new(0));
@@ -260,7 +260,7 @@ pub async fn run(a: SoakArgs) -> Result<ExitCode> {
     );
     let ok = lost == 0 && b.duplicated == 0 && unexpected == 0 && b.send_errors == 0 && flat;
     let result = serde_json::json!({
-        "machine": super::machine(),
+        "machine": crate::machine(),
         "clients": n,
         "seconds": a.seconds,
         "rate": a.rate,
@@ -277,10 +277,10 @@ pub async fn run(a: SoakArgs) -> Result<ExitCode> {
         "rss_flat": flat,
         "pass": ok,
     });
-    super::write_json(&a.out, "soak.json", &result)?;
+    crate::write_json(&a.out, "soak.json", &result)?;
     std::fs::write(
         a.out.join("soak-rss.svg"),
-        super::plot::lines(
+        crate::plot::lines(
             &format!("relay RSS during soak ({n} clients, {} msgs/s)", a.rate),
             "seconds",
             "RSS (MiB)",

@@ -1,4 +1,8 @@
-//! `w2w bench`: measurements anyone can reproduce on their own machine.
+//! `w2w-bench`: measurements of the w2w relay anyone can reproduce on
+//! their own machine. Its own crate so that the product binary (`w2w`)
+//! carries none of it (no histograms, plots or CPU pinning); the relays it
+//! measures as child processes are the real `w2w` binary (see
+//! [`proc::w2w_bin`]).
 //!
 //! * `compare` — the same a2b load through the bare WebSocket forwarder
 //!   (the practical bound), a w2w relay, and iroh-relay; each server a
@@ -25,13 +29,46 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use load::{Outcome, Spec};
 use proc::{ServerProc, Usage};
 
-#[derive(Args)]
-pub struct BenchArgs {
+#[derive(Parser)]
+#[command(
+    name = "w2w-bench",
+    version,
+    about = "Benchmarks of the w2w relay: throughput, latency, fan-out, memory, soak.",
+    long_about = "Benchmarks of the w2w relay, reproducible on your own machine: \
+        throughput, latency, fan-out, memory per connection, and a soak run.\n\n\
+        Relays measured as child processes are the `w2w` binary next to this one \
+        (`cargo build --release` builds both into target/release/), or --w2w-bin.\n\n\
+        Compare with iroh-relay:  w2w-bench compare\n\
+        Fan-out:                  w2w-bench fanout\n\
+        Everything, briefly (CI): w2w-bench smoke",
+    after_help = "Docs: docs/PERFORMANCE.md (results and how they were measured)"
+)]
+struct Cli {
+    /// Log filter, e.g. info, warn, w2w_server=debug (RUST_LOG also
+    /// works); relays started as child processes log warnings only.
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "W2W_LOG",
+        display_order = 100
+    )]
+    log: String,
+    /// The `w2w` binary to run relays with (compare, fanout, soak, idle,
+    /// smoke); default: the `w2w` next to this executable.
+    #[arg(
+        long,
+        global = true,
+        env = "W2W_BIN",
+        value_name = "PATH",
+        display_order = 101
+    )]
+    w2w_bin: Option<PathBuf>,
     #[command(subcommand)]
     cmd: BenchCmd,
 }
@@ -59,6 +96,7 @@ enum BenchCmd {
         /// Frame bytes per message.
         #[arg(long, default_value_t = 256)]
         size: usize,
+        /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -74,6 +112,7 @@ enum BenchCmd {
         /// Its process id (memory is read from /proc).
         #[arg(long)]
         relay_pid: Option<u32>,
+        /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -82,6 +121,7 @@ enum BenchCmd {
     Smoke,
     /// Run the bare WebSocket forwarder (the baseline `compare` measures).
     Forwarder {
+        /// Where to listen (port 0: a free one); prints `LISTENING <URL>`.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
@@ -149,8 +189,35 @@ pub struct CompareArgs {
     out: PathBuf,
 }
 
-pub async fn run(a: BenchArgs) -> Result<ExitCode> {
-    match a.cmd {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or(cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    proc::set_w2w_bin(cli.w2w_bin);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: BenchCmd) -> Result<ExitCode> {
+    match cmd {
         BenchCmd::Compare(c) => compare(c).await.map(|_| ExitCode::SUCCESS),
         BenchCmd::Fanout(f) => fanout::run(f).await.map(|_| ExitCode::SUCCESS),
         BenchCmd::Soak(s) => soak::run(s).await,
@@ -273,7 +340,7 @@ fn print_row(label: &str, r: &Outcome) {
     );
 }
 
-pub(crate) async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
+async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
     let spec = a.load.spec();
     let iroh_bin = if a.no_iroh {
         None
