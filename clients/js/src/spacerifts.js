@@ -183,6 +183,26 @@ function iceGathered(pc, ms) {
   });
 }
 
+/**
+ * Keeps what arrives on `dc` until the application takes it: the other side
+ * may send as soon as its end is open, before ours has resolved (the
+ * answerer still waits for the relay's DELIVERED), and a message with no
+ * listener yet would be lost. `dc.takeEarly()` returns the kept data, in
+ * order, and stops keeping.
+ */
+function keepEarly(dc) {
+  let early = [];
+  const keep = (e) => early?.push(e.data);
+  dc.addEventListener('message', keep);
+  dc.takeEarly = () => {
+    dc.removeEventListener('message', keep);
+    const out = early ?? [];
+    early = null;
+    return out;
+  };
+  return dc;
+}
+
 /** Resolves with the channel once it is open; rejects if the connection fails or after `ms`. */
 function channelOpen(pc, channelPromise, ms) {
   return new Promise((resolve, reject) => {
@@ -225,7 +245,10 @@ function channelOpen(pc, channelPromise, ms) {
  *
  * The channel also carries `peer` (the other side's key as the relay named
  * it), `role` ('offerer' | 'answerer'), `peerConnection`, and `requests`
- * (each HTTP request made: { type, nonce?, status, result, ms }).
+ * (each HTTP request made: { type, nonce?, status, result, ms }). The other
+ * side may send before this promise resolves: `ch.takeEarly()` returns what
+ * came before you listened (call it once you have added your listener, in
+ * the same task).
  *
  * Non-trickle: every SDP is sent once ICE gathering is complete, so the
  * signal carries its candidates. The default is no ICE servers (host
@@ -296,7 +319,7 @@ export async function linkPeer(relayUrl, namespace = '', opts = {}) {
   /** A fresh offerer: PC, data channel, and the gathered offer as a signal. */
   const makeOffer = async () => {
     const pc = newPc();
-    const dc = pc.createDataChannel(label, channelOptions);
+    const dc = keepEarly(pc.createDataChannel(label, channelOptions));
     await pc.setLocalDescription(await pc.createOffer());
     await iceGathered(pc, gatherTimeoutMs);
     return { pc, dc, signal: JSON.stringify(pc.localDescription) };
@@ -305,7 +328,7 @@ export async function linkPeer(relayUrl, namespace = '', opts = {}) {
   const makeAnswer = async (offerSignal) => {
     const pc = newPc();
     const channel = new Promise((resolve) => {
-      pc.addEventListener('datachannel', (e) => resolve(e.channel), { once: true });
+      pc.addEventListener('datachannel', (e) => resolve(keepEarly(e.channel)), { once: true });
     });
     await pc.setRemoteDescription(JSON.parse(offerSignal));
     await pc.setLocalDescription(await pc.createAnswer());
