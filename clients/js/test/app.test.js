@@ -103,44 +103,29 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
   /**
    * Two pages that know each other; A asks B to talk directly, B accepts
    * (with `forge`, B's proof of its key is forged, as a relay in between
-   * would have to), then `until(a, b)` must come true.
-   *
-   * Known bug, not found yet: now and then (about 1 link in 8 on this
-   * machine) the hello B sends over the data channel never reaches A, and A
-   * reports "the peer did not prove its key" after 10 s (A's transcript is
-   * printed). The app then says so and keeps using the relay, but the link
-   * failed: so the link is tried once more with two fresh pages (the relay
-   * pairs the same two keys at most once per 5 minutes), and a second
-   * failure fails the test.
+   * would have to), then `until(a, b)` must come true; on failure the
+   * error carries both pages' transcripts.
    */
   async function linkedPair(forge, until) {
     const perms = { permissions: ['camera', 'microphone'] }; // loopback ICE candidates (see ARGS)
-    for (let attempt = 1; ; attempt++) {
-      const a = await openApp(perms);
-      const b = await openApp(perms);
-      await newDirect(a, b.address, 'Bob');
-      await newDirect(b, a.address, 'Alice');
-      if (forge) {
-        await b.evaluate(() => {
-          const send = RTCDataChannel.prototype.send;
-          RTCDataChannel.prototype.send = function (data) {
-            if (typeof data === 'string' && data.includes('"t":"hello"')) data = JSON.stringify({ t: 'hello', sig: 'ab'.repeat(64) });
-            return send.call(this, data);
-          };
-        });
-      }
-      await a.click('#talk-direct');
-      await a.locator('#messages .sys:text("Asking Bob to talk directly")').waitFor();
-      await b.locator('#messages .invite .accept-direct').click();
-      try {
-        await explained([a, b], () => until(a, b));
-        return { a, b };
-      } catch (e) {
-        if (attempt >= 2) throw e;
-        console.log(`# talk directly: attempt ${attempt} failed (known intermittent bug), trying fresh pages: ${e.message.split('\n').slice(-3).join(' | ')}`);
-        await closeContexts();
-      }
+    const a = await openApp(perms);
+    const b = await openApp(perms);
+    await newDirect(a, b.address, 'Bob');
+    await newDirect(b, a.address, 'Alice');
+    if (forge) {
+      await b.evaluate(() => {
+        const send = RTCDataChannel.prototype.send;
+        RTCDataChannel.prototype.send = function (data) {
+          if (typeof data === 'string' && data.includes('"t":"hello"')) data = JSON.stringify({ t: 'hello', sig: 'ab'.repeat(64) });
+          return send.call(this, data);
+        };
+      });
     }
+    await a.click('#talk-direct');
+    await a.locator('#messages .sys:text("Asking Bob to talk directly")').waitFor();
+    await b.locator('#messages .invite .accept-direct').click();
+    await explained([a, b], () => until(a, b));
+    return { a, b };
   }
   async function say(page, text) {
     await page.fill('#message', text);
