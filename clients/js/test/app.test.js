@@ -6,21 +6,10 @@
 // per URL. Screenshots go to artifacts/ at the repository root.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { ARTIFACTS, launchChromium } from './chromium.js';
+import { startRelay, stopAll, run, w2wBin } from './relay.js';
 
-import { startRelay, stopAll, repo, withTimeout, run, w2wBin } from './relay.js';
-
-const CHROMIUM = process.env.W2W_CHROMIUM || '/usr/bin/chromium';
-const ARTIFACTS = path.join(repo, 'artifacts');
-// As in browser.test.js; the last two switches (and a media permission on
-// the context) give WebRTC loopback host candidates on a machine with only `lo`.
-const ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--disable-features=WebRtcHideLocalIpsWithMdns', '--allow-loopback-in-peer-connection',
-];
 const DESKTOP = { width: 1280, height: 800 };
 const PHONE = { viewport: { width: 375, height: 812 }, deviceScaleFactor: 2, isMobile: true, hasTouch: true };
 const TITLE = 'w2w · messages';
@@ -35,14 +24,8 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
   };
 
   before(async () => {
-    assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM}: apt-get install -y chromium (or set W2W_CHROMIUM)`);
     relay = await startRelay();
-    browser = await withTimeout(
-      chromium.launch({ executablePath: CHROMIUM, headless: true, args: ARGS, timeout: 60000 }),
-      70000,
-      'Chromium to start',
-    );
-    mkdirSync(ARTIFACTS, { recursive: true });
+    browser = await launchChromium();
   });
   after(async () => {
     await closeContexts();
@@ -107,7 +90,7 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
    * error carries both pages' transcripts.
    */
   async function linkedPair(forge, until) {
-    const perms = { permissions: ['camera', 'microphone'] }; // loopback ICE candidates (see ARGS)
+    const perms = { permissions: ['camera', 'microphone'] }; // loopback ICE candidates (see ARGS in chromium.js)
     const a = await openApp(perms);
     const b = await openApp(perms);
     await newDirect(a, b.address, 'Bob');

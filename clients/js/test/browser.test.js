@@ -3,35 +3,13 @@
 // bundle at /w2w.js. Screenshots go to artifacts/ at the repository root.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { ARTIFACTS, launchChromium } from './chromium.js';
 
-import { startRelay, stopAll, repo, withTimeout } from './relay.js';
+import { startRelay, stopAll, repo } from './relay.js';
 
-const CHROMIUM = process.env.W2W_CHROMIUM || '/usr/bin/chromium';
-const ARTIFACTS = path.join(repo, 'artifacts');
-// playwright's launch() makes a fresh temporary profile (--user-data-dir)
-// for every browser and deletes it afterwards; each newContext() is an
-// isolated, incognito-like profile (its own localStorage, so its own
-// identity).
-const ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  // WebRTC host candidates with real addresses (not mDNS names), loopback
-  // included: Chromium adds 127.0.0.1 only with this switch AND when the
-  // origin holds a media permission (the Spacerifts test's context grants
-  // camera/microphone); without it a machine with only `lo` gathers nothing.
-  '--disable-features=WebRtcHideLocalIpsWithMdns',
-  '--allow-loopback-in-peer-connection',
-];
 const T = { timeout: 90000 };
 
 describe('in headless Chromium', { timeout: 15 * 60 * 1000 }, () => {
@@ -43,14 +21,8 @@ describe('in headless Chromium', { timeout: 15 * 60 * 1000 }, () => {
   };
 
   before(async () => {
-    assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM}: apt-get install -y chromium (or set W2W_CHROMIUM)`);
     relay = await startRelay();
-    browser = await withTimeout(
-      chromium.launch({ executablePath: CHROMIUM, headless: true, args: ARGS, timeout: 60000 }),
-      70000,
-      'Chromium to start',
-    );
-    mkdirSync(ARTIFACTS, { recursive: true });
+    browser = await launchChromium();
   });
   after(async () => {
     await closeContexts();
@@ -140,7 +112,7 @@ describe('in headless Chromium', { timeout: 15 * 60 * 1000 }, () => {
   });
 
   it('two pages link through Spacerifts (3 HTTP round trips) and talk over an RTCDataChannel, not through the relay', T, async () => {
-    // A media permission lets Chromium expose loopback host candidates (see ARGS).
+    // A media permission lets Chromium expose loopback host candidates (see ARGS in chromium.js).
     const perms = { permissions: ['camera', 'microphone'] };
     const a = await openPage('/healthz', undefined, perms); // origin = the relay
     const b = await openPage('/healthz', undefined, perms);
