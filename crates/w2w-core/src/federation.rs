@@ -433,7 +433,7 @@ impl RelayCore {
         self.flood(frame, Some(peer));
         // The newest registration wins across the federation too.
         if elsewhere {
-            if let Some(&conn) = self.by_address.get(&addr) {
+            for conn in self.receivers_of(&addr).to_vec() {
                 self.closes.push_back((conn, ErrorCode::Replaced));
             }
         }
@@ -487,13 +487,14 @@ impl RelayCore {
         origin: Address,
         id: MsgId,
         entries: Vec<ReceiptEntry>,
+        delivered: u32,
     ) {
         let r = FwdReceipt {
             origin,
             reporter: self.me,
             id,
             hops: 0,
-            delivered: delivered_count(&entries),
+            delivered: delivered.max(delivered_count(&entries)),
             entries,
         };
         self.send_fwd_receipt(r);
@@ -587,7 +588,7 @@ impl RelayCore {
                         .iter()
                         .map(|a| entry(*a, Status::Rejected, Some(code)))
                         .collect();
-                    return self.reply_to_origin(f.origin, msg.id, entries);
+                    return self.reply_to_origin(f.origin, msg.id, entries, 0);
                 }
                 let head = (key, Reply::Relay(f.origin), Route::A2g);
                 self.start_flight(now, head, f.msg, to, None);
@@ -725,15 +726,20 @@ impl RelayCore {
                 b.delivered += r.delivered;
             }
         } else {
+            let mut settled = false;
             for (to, state) in &mut f.recipients {
                 if *state != (Recipient::Forwarded { relay: r.reporter }) {
                     continue;
                 }
+                settled = true;
                 let e = r.entries.iter().find(|e| e.to == *to).cloned();
                 // A reporter that leaves one out did not reach it.
                 *state = Recipient::Settled(
                     e.unwrap_or_else(|| entry(*to, Status::NoRoute, Some(ErrorCode::NoRoute))),
                 );
+            }
+            if settled {
+                f.copies += r.delivered;
             }
         }
         self.finish_if_settled(key);
@@ -826,7 +832,7 @@ mod tests {
         let now = Instant::now();
         let (alice, bob, carol) = (Address([5; 32]), Address([6; 32]), Address([7; 32]));
         for (i, a) in [alice, bob, carol].into_iter().enumerate() {
-            c.connect(now, ConnId(i as u64), a, None);
+            c.connect(now, ConnId(i as u64), a, None, true).unwrap();
         }
         // Backlogs read (empty): live.
         while let Some(op) = c.poll_store() {

@@ -14,22 +14,26 @@ pub type FlightKey = (MsgId, Address);
 /// Where one recipient's copy is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recipient {
-    /// Handed to a live connection without being stored; its ACK settles
-    /// it `delivered`. If the ACK does not come in time or the connection
-    /// ends, it is written (`Storing { late: true }`).
-    Unstored { conn: ConnId },
+    /// Handed to the address's live sessions `conns` without being
+    /// stored; each ACK takes its session out and counts in `acked`. When
+    /// none is left (or at the deadline) it is `delivered` if one
+    /// acknowledged it, written otherwise (`Storing { late: true }`).
+    Unstored { conns: Vec<ConnId>, acked: u32 },
     /// A write is on its way. `late`: the recipient was handed it unstored
     /// and missed the ACK deadline (or left), so once on disk it is
-    /// `queued`, not handed over again. `acked`: its ACK came meanwhile.
+    /// `queued`, not handed over again. `acked`: an ACK came meanwhile (a
+    /// session had it from the backlog reader or unstored): `delivered`
+    /// once the write lands, and the copy deleted.
     Storing {
         token: Token,
         late: bool,
         acked: bool,
     },
-    /// On disk; handed to `conn` (or, `None`, waiting for the backlog
-    /// reader of a connection that is still draining). Its ACK settles it
-    /// `delivered`; the connection ending or the deadline, `queued`.
-    Stored { conn: Option<ConnId> },
+    /// On disk; handed to the sessions `conns` (empty: waiting for the
+    /// backlog reader of an address whose sessions are still draining).
+    /// The first ACK settles it `delivered`; the last of them leaving with
+    /// no other session to take it, or the deadline, `queued`.
+    Stored { conns: Vec<ConnId> },
     /// Forwarded toward `relay`, whose FWD_RECEIPT settles it (or the
     /// deadline: `no_route`, reason `timeout`).
     Forwarded { relay: Address },
@@ -70,6 +74,9 @@ pub struct Flight {
     pub expired: bool,
     /// For an a2n sent to the federation.
     pub broadcast: Option<Broadcast>,
+    /// Sessions that acknowledged it (here, and as other relays reported):
+    /// the receipt's `delivered` when an address has several sessions.
+    pub copies: u32,
 }
 
 impl Flight {
@@ -114,7 +121,16 @@ impl Flight {
                 ..r
             });
         }
-        Some(receipt(id, self.route, self.entries()?))
+        let mut r = receipt(id, self.route, self.entries()?);
+        r.delivered = r.delivered.max(self.copies);
+        Some(r)
+    }
+
+    /// The count a FWD_RECEIPT reports: sessions that acknowledged it.
+    pub fn delivered(&self) -> u32 {
+        self.entries()
+            .map_or(0, |e| delivered_count(&e))
+            .max(self.copies)
     }
 }
 

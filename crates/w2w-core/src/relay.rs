@@ -40,6 +40,9 @@ pub struct Config {
     pub durable: bool,
     /// Produce [`Event`]s (default false).
     pub events: bool,
+    /// Most sessions (receiving and send-only) one address may hold at
+    /// once (default 8); one more is refused `too_many_sessions`.
+    pub max_sessions: usize,
     /// Keys the core's hash maps (addresses and ids are chosen by peers: a
     /// relay passes random bytes so nobody can aim keys at one bucket).
     /// Deterministic for a given seed; outputs never follow map order.
@@ -55,6 +58,7 @@ impl Default for Config {
             read_batch: 64,
             durable: true,
             events: false,
+            max_sessions: 8,
             hash_seed: [
                 0x243f_6a88_85a3_08d3,
                 0x1319_8a2e_0370_7344,
@@ -117,21 +121,32 @@ impl Default for FedConfig {
     }
 }
 
-/// Where a connection is with its stored backlog.
+/// Where an address's receiving sessions are with its stored backlog (one
+/// reader for all of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Reading its backlog; `reading`: a `Read` is on its way; `dirty`: a
+    /// Reading the backlog; `reading`: the `Read` on its way; `dirty`: a
     /// write for this address committed while it was (the read may have
-    /// run before it, so another read follows). Messages for it meanwhile
-    /// go through the store.
+    /// run before it, so another read follows); `restart`: a session came
+    /// or a message went back to the inbox, so the next read starts over.
+    /// Messages for the address meanwhile go through the store.
     Draining {
         after: i64,
-        reading: bool,
+        reading: Option<Token>,
         dirty: bool,
+        restart: bool,
     },
-    /// Backlog handed over: new messages are handed over directly.
+    /// Backlog handed over: new messages are handed to every receiving
+    /// session directly.
     Live,
 }
+
+const DRAIN: Phase = Phase::Draining {
+    after: 0,
+    reading: None,
+    dirty: false,
+    restart: false,
+};
 
 /// A message handed to a connection and not yet acknowledged.
 #[derive(Debug, Clone, Copy)]
@@ -147,18 +162,42 @@ struct Handed {
 #[derive(Debug)]
 struct Session {
     address: Address,
-    phase: Phase,
-    /// Everything handed to this connection and not acknowledged. While
-    /// draining it also stops the backlog reader from handing a message
-    /// twice.
+    /// Takes deliveries (false: a send-only session, role 2).
+    receive: bool,
+    /// Everything handed to this connection and not acknowledged. It also
+    /// stops the backlog reader from handing a message twice.
     handed: BTreeMap<MsgId, Handed>,
+}
+
+/// An address's sessions here (PROTOCOL 5.11: one inbox, several
+/// sessions). Present while it has at least one.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    /// Sessions that take deliveries, oldest first.
+    receivers: Vec<ConnId>,
+    /// Send-only sessions.
+    senders: Vec<ConnId>,
+    phase: Phase,
+    /// Acknowledged messages whose stored copy a read may still return:
+    /// the number of the op that deletes it (`u64::MAX`: not polled yet,
+    /// its write is still on its way). A read polled after that op cannot
+    /// see the copy, so entries older than the latest read are dropped.
+    gone: BTreeMap<MsgId, u64>,
+    /// The op number of the read on its way.
+    read_at: u64,
+}
+
+impl Inbox {
+    fn len(&self) -> usize {
+        self.receivers.len() + self.senders.len()
+    }
 }
 
 /// What a store answer is for.
 #[derive(Debug, Clone, Copy)]
 enum Waiting {
     Write { flight: FlightKey, to: Address },
-    Read { conn: ConnId },
+    Read { address: Address },
 }
 
 /// Every `(address, id)` key of `address`, for ranges over
@@ -174,7 +213,7 @@ pub struct RelayCore {
     pub(crate) identity: Identity,
     pub(crate) me: Address,
     sessions: BTreeMap<ConnId, Session>,
-    pub(crate) by_address: HashMap<Address, ConnId>,
+    pub(crate) by_address: HashMap<Address, Inbox>,
     /// Addresses that registered here: messages for them are stored while
     /// they are offline.
     pub(crate) known: HashSet<Address>,
@@ -191,6 +230,8 @@ pub struct RelayCore {
     writes: HashMap<Address, u32>,
     tokens: HashMap<Token, Waiting>,
     next: u64,
+    /// Store ops polled so far (numbers them).
+    op_seq: u64,
     // Federation (federation.rs).
     pub(crate) peers: BTreeMap<PeerId, Peer>,
     pub(crate) peer_by_key: BTreeMap<Address, PeerId>,
@@ -242,6 +283,7 @@ impl RelayCore {
             writes: HashMap::with_hasher(hasher.clone()),
             tokens: HashMap::with_hasher(hasher.clone()),
             next: 0,
+            op_seq: 0,
             peers: BTreeMap::new(),
             peer_by_key: BTreeMap::new(),
             configured: BTreeSet::new(),
@@ -300,19 +342,25 @@ impl RelayCore {
         self.sessions.len()
     }
 
-    /// The connection registered as `address`, if any.
-    pub fn conn_of(&self, address: &Address) -> Option<ConnId> {
-        self.by_address.get(address).copied()
+    /// The sessions of `address` that take deliveries, oldest first.
+    pub fn receivers_of(&self, address: &Address) -> &[ConnId] {
+        self.by_address
+            .get(address)
+            .map_or(&[], |i| i.receivers.as_slice())
     }
 
-    /// Whether `address` has a session here.
+    /// Whether `address` has a session here (receiving or send-only).
     pub fn is_connected(&self, address: &Address) -> bool {
         self.by_address.contains_key(address)
     }
 
-    /// Every connection, in id order.
+    /// Every session that takes deliveries, in id order.
     pub(crate) fn conns(&self) -> Vec<(ConnId, Address)> {
-        self.sessions.iter().map(|(c, s)| (*c, s.address)).collect()
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.receive)
+            .map(|(c, s)| (*c, s.address))
+            .collect()
     }
 
     pub fn poll_store(&mut self) -> Option<StoreOp> {
@@ -348,90 +396,209 @@ impl RelayCore {
 
     // ------------------------------------------------------------- inputs
 
-    /// A connection completed registration as `address`. An older session
-    /// of the same address is replaced (closed). With `proof` (the
-    /// registration's), its presence is published to the federation.
+    /// A connection completed registration as `address`; `receive`: it
+    /// takes deliveries (false: a send-only session). Older sessions of
+    /// the address stay (see [`RelayCore::exclusive`]); past
+    /// [`Config::max_sessions`] the new one is refused
+    /// (`too_many_sessions`, nothing changed). A receiving session reads
+    /// what the address has stored and not yet acknowledged. With `proof`
+    /// (the registration's), the first receiving session publishes the
+    /// address's presence to the federation.
     pub fn connect(
         &mut self,
-        now: Instant,
+        _now: Instant,
         conn: ConnId,
         address: Address,
         proof: Option<RegistrationProof>,
-    ) {
-        if let Some(&old) = self.by_address.get(&address) {
-            self.closes.push_back((old, ErrorCode::Replaced));
-            self.disconnect(now, old);
+        receive: bool,
+    ) -> Result<(), ErrorCode> {
+        if self.by_address.get(&address).map_or(0, Inbox::len) >= self.config.max_sessions {
+            self.stats.error(ErrorCode::TooManySessions);
+            return Err(ErrorCode::TooManySessions);
         }
         self.known.insert(address);
-        self.by_address.insert(address, conn);
         self.sessions.insert(
             conn,
             Session {
                 address,
-                phase: Phase::Draining {
-                    after: 0,
-                    reading: false,
-                    dirty: false,
-                },
+                receive,
                 handed: BTreeMap::new(),
             },
         );
+        let inbox = self.by_address.entry(address).or_insert(Inbox {
+            receivers: Vec::new(),
+            senders: Vec::new(),
+            phase: DRAIN,
+            gone: BTreeMap::new(),
+            read_at: 0,
+        });
+        if !receive {
+            inbox.senders.push(conn);
+            return Ok(());
+        }
+        inbox.receivers.push(conn);
+        if inbox.receivers.len() > 1 {
+            // It takes what is still stored, like the first one did.
+            self.redrain(address);
+            return Ok(());
+        }
+        inbox.phase = DRAIN;
         if let Some(proof) = proof {
             self.local_join(proof);
         }
-        self.read_next(conn);
+        self.read_next(address);
+        Ok(())
+    }
+
+    /// Closes every other session of `conn`'s address (`replaced`), as a
+    /// client that wants to be its address's only session asks; returns
+    /// how many.
+    pub fn exclusive(&mut self, now: Instant, conn: ConnId) -> u32 {
+        let Some(address) = self.sessions.get(&conn).map(|s| s.address) else {
+            return 0;
+        };
+        let others: Vec<ConnId> = self.by_address.get(&address).map_or(Vec::new(), |i| {
+            i.receivers
+                .iter()
+                .chain(&i.senders)
+                .copied()
+                .filter(|c| *c != conn)
+                .collect()
+        });
+        for c in &others {
+            self.closes.push_back((*c, ErrorCode::Replaced));
+            self.disconnect(now, *c);
+        }
+        others.len() as u32
     }
 
     /// A connection ended (or was closed). Copies it was handed without
-    /// being stored are written now; stored ones it did not acknowledge
-    /// are `queued`.
+    /// being stored, which no other session acknowledged, are written now;
+    /// stored ones it did not acknowledge go back to the address's other
+    /// receiving sessions, or are `queued` if there are none.
     pub fn disconnect(&mut self, _now: Instant, conn: ConnId) {
         let Some(session) = self.sessions.remove(&conn) else {
             return;
         };
         let address = session.address;
-        if self.by_address.get(&address) == Some(&conn) {
-            self.by_address.remove(&address);
-            self.local_leave(&address);
+        let mut others = false;
+        if let Some(inbox) = self.by_address.get_mut(&address) {
+            inbox.receivers.retain(|c| *c != conn);
+            inbox.senders.retain(|c| *c != conn);
+            others = !inbox.receivers.is_empty();
+            if session.receive && !others {
+                // A read on its way is answered to nobody.
+                inbox.phase = DRAIN;
+            }
+            if inbox.len() == 0 {
+                self.by_address.remove(&address);
+            }
+            if session.receive && !others {
+                self.local_leave(&address);
+            }
         }
+        // Something it held goes back to the inbox for the others.
+        let mut back = false;
         let mut touched = BTreeSet::new();
-        for (_, h) in session.handed {
-            let Some(key) = h.flight else { continue };
+        for (id, h) in session.handed {
+            let Some(key) = h.flight else {
+                back |= h.stored;
+                continue;
+            };
             let Some(state) = self
                 .flights
                 .get_mut(&key)
                 .and_then(|f| f.state_mut(&address))
             else {
+                back |= h.stored;
                 continue;
             };
-            match *state {
-                Recipient::Unstored { conn: c } if c == conn => self.store_late(key, address),
-                Recipient::Stored { conn: Some(c) } if c == conn => {
-                    *state = Recipient::Settled(entry(address, Status::Queued, None));
+            let mut late = false;
+            match state {
+                Recipient::Unstored { conns, acked } if conns.contains(&conn) => {
+                    conns.retain(|c| *c != conn);
+                    if conns.is_empty() {
+                        if *acked > 0 {
+                            *state = Recipient::Settled(entry(address, Status::Delivered, None));
+                        } else {
+                            back = true;
+                            late = true;
+                        }
+                    }
                 }
-                _ => {}
+                Recipient::Stored { conns } if conns.contains(&conn) => {
+                    conns.retain(|c| *c != conn);
+                    if conns.is_empty() {
+                        if others {
+                            back = true;
+                            self.awaiting_drain.insert((address, id), key);
+                        } else {
+                            *state = Recipient::Settled(entry(address, Status::Queued, None));
+                        }
+                    }
+                }
+                _ => back |= h.stored,
+            }
+            if late {
+                self.store_late(key, address);
             }
             touched.insert(key);
         }
-        // Committed messages its reader had not reached: they stay stored.
-        let waiting: Vec<_> = self
-            .awaiting_drain
-            .range(ids_of(address))
-            .map(|(k, f)| (*k, *f))
-            .collect();
-        for (k, key) in waiting {
-            self.awaiting_drain.remove(&k);
-            if let Some(state) = self
-                .flights
-                .get_mut(&key)
-                .and_then(|f| f.state_mut(&address))
-            {
-                *state = Recipient::Settled(entry(address, Status::Queued, None));
+        if others {
+            if back {
+                self.redrain(address);
             }
-            touched.insert(key);
+        } else {
+            // Committed messages no reader will reach: they stay stored.
+            let waiting: Vec<_> = self
+                .awaiting_drain
+                .range(ids_of(address))
+                .map(|(k, f)| (*k, *f))
+                .collect();
+            for (k, key) in waiting {
+                self.awaiting_drain.remove(&k);
+                if let Some(state) = self
+                    .flights
+                    .get_mut(&key)
+                    .and_then(|f| f.state_mut(&address))
+                {
+                    *state = Recipient::Settled(entry(address, Status::Queued, None));
+                }
+                touched.insert(key);
+            }
         }
         for key in touched {
             self.finish_if_settled(key);
+        }
+    }
+
+    /// The receiving sessions of `address` read its stored backlog again
+    /// from the start (a session arrived, or one left something
+    /// unacknowledged): each is handed what it does not hold yet.
+    fn redrain(&mut self, address: Address) {
+        let writing = self.writes.contains_key(&address);
+        let Some(inbox) = self.by_address.get_mut(&address) else {
+            return;
+        };
+        if inbox.receivers.is_empty() {
+            return;
+        }
+        match &mut inbox.phase {
+            Phase::Live => {
+                inbox.phase = DRAIN;
+                self.read_next(address);
+            }
+            Phase::Draining {
+                reading: Some(_),
+                restart,
+                ..
+            } => *restart = true,
+            Phase::Draining { after, .. } => {
+                *after = 0;
+                if !writing {
+                    self.read_next(address);
+                }
+            }
         }
     }
 
@@ -509,9 +676,13 @@ impl RelayCore {
         let from_peer = matches!(reply, Reply::Relay(_));
         let mut recipients = Vec::with_capacity(targets.len());
         let mut remote: BTreeMap<Address, Vec<Address>> = BTreeMap::new();
+        let mut copies = 0;
         for to in targets {
             let state = match self.deliver_local(key, to, &frame, from_peer) {
-                Some(state) => state,
+                Some((state, n)) => {
+                    copies += n;
+                    state
+                }
                 None => match self.home_elsewhere(&to) {
                     // Hosted elsewhere (online, or left: its home relay
                     // stores it). Never forwarded again by a relay that
@@ -544,6 +715,7 @@ impl RelayCore {
                 deadline,
                 expired: false,
                 broadcast,
+                copies,
             },
         );
         for (relay, to) in remote {
@@ -558,32 +730,46 @@ impl RelayCore {
         Recipient::Settled(entry(to, Status::NoRoute, Some(code)))
     }
 
-    /// Delivers to `to` if it is a client of this relay: handed over to a
-    /// live connection without being stored (its ACK or the deadline
-    /// decides), or stored first (offline, or still taking its backlog).
-    /// `None`: not ours.
+    /// Delivers to `to` if it is a client of this relay: handed to every
+    /// receiving session without being stored when they are live (the
+    /// ACKs or the deadline decide), or stored first (no session, or they
+    /// are still taking the backlog). With the copies already counted
+    /// delivered (not durable). `None`: not ours.
     fn deliver_local(
         &mut self,
         key: FlightKey,
         to: Address,
         frame: &Bytes,
         from_peer: bool,
-    ) -> Option<Recipient> {
-        if let Some(c) = self.by_address.get(&to).copied() {
+    ) -> Option<(Recipient, u32)> {
+        let (receivers, live) = match self.by_address.get(&to) {
+            Some(i) if !i.receivers.is_empty() => (i.receivers.clone(), i.phase == Phase::Live),
+            _ => (Vec::new(), false),
+        };
+        if !receivers.is_empty() {
             if !self.config.durable {
-                self.send_conn(c, frame.clone(), false);
+                for c in &receivers {
+                    self.send_conn(*c, frame.clone(), false);
+                }
                 self.event(Event::ToClient { id: key.0, to });
-                return Some(Recipient::Settled(entry(to, Status::Delivered, None)));
+                let n = receivers.len() as u32;
+                return Some((Recipient::Settled(entry(to, Status::Delivered, None)), n));
             }
-            if self.hand_unstored(c, key.0, frame, key) {
-                self.event(Event::ToClient { id: key.0, to });
-                return Some(Recipient::Unstored { conn: c });
+            if live {
+                let conns: Vec<ConnId> = receivers
+                    .into_iter()
+                    .filter(|c| self.hand_unstored(*c, key.0, frame, key))
+                    .collect();
+                if !conns.is_empty() {
+                    self.event(Event::ToClient { id: key.0, to });
+                    return Some((Recipient::Unstored { conns, acked: 0 }, 0));
+                }
             }
-            return Some(self.enqueue(key, to, key.1, key.0, frame, false));
+            return Some((self.enqueue(key, to, key.1, key.0, frame, false), 0));
         }
         let elsewhere = !from_peer && self.home_elsewhere(&to).is_some();
         if self.known.contains(&to) && !elsewhere {
-            return Some(self.enqueue(key, to, key.1, key.0, frame, false));
+            return Some((self.enqueue(key, to, key.1, key.0, frame, false), 0));
         }
         None
     }
@@ -599,18 +785,13 @@ impl RelayCore {
                 continue;
             };
             if h.stored {
-                self.store_ops.push_back(StoreOp::Dequeue {
+                let op = self.push_op(StoreOp::Dequeue {
                     recipient: address,
                     id: *id,
                 });
+                self.note_gone(address, *id, op);
             }
-            let state = h.flight.and_then(|key| {
-                self.flights
-                    .get_mut(&key)
-                    .and_then(|f| f.state_mut(&address))
-                    .map(|s| (key, s))
-            });
-            let Some((key, state)) = state else {
+            let Some(key) = h.flight.filter(|k| self.flights.contains_key(k)) else {
                 // Its receipt has gone out (`queued`): tell the sender it
                 // has arrived, if it is connected here.
                 if h.stored {
@@ -618,23 +799,50 @@ impl RelayCore {
                 }
                 continue;
             };
-            match state {
-                Recipient::Unstored { conn: c } | Recipient::Stored { conn: Some(c) }
-                    if *c == conn =>
-                {
-                    *state = Recipient::Settled(entry(address, Status::Delivered, None));
+            let Some(f) = self.flights.get_mut(&key) else {
+                continue;
+            };
+            let mut counts = true;
+            let mut drained = false;
+            let mut pending = false;
+            if let Some(state) = f.state_mut(&address) {
+                match state {
+                    Recipient::Unstored { conns, acked } if conns.contains(&conn) => {
+                        conns.retain(|c| *c != conn);
+                        *acked += 1;
+                        if conns.is_empty() {
+                            *state = Recipient::Settled(entry(address, Status::Delivered, None));
+                        }
+                    }
+                    Recipient::Stored { .. } if h.stored => {
+                        drained = true;
+                        *state = Recipient::Settled(entry(address, Status::Delivered, None));
+                    }
+                    // Its write is on the way: delivered, and deleted once
+                    // it lands.
+                    Recipient::Storing { acked, .. } => {
+                        *acked = true;
+                        pending = true;
+                    }
+                    // Reported `queued` at its deadline, the receipt not sent
+                    // yet (other recipients pending): it has arrived after all.
+                    Recipient::Settled(e) if h.stored && e.status == Status::Queued => {
+                        *state = Recipient::Settled(entry(address, Status::Delivered, None));
+                    }
+                    Recipient::Settled(e) => counts = e.status == Status::Delivered,
+                    _ => counts = false,
                 }
-                // Its late write is on the way: delivered, and deleted once
-                // it lands.
-                Recipient::Storing {
-                    late: true, acked, ..
-                } => *acked = true,
-                // Reported `queued` at its deadline, the receipt not sent
-                // yet (other recipients pending): it has arrived after all.
-                Recipient::Settled(e) if h.stored && e.status == Status::Queued => {
-                    *state = Recipient::Settled(entry(address, Status::Delivered, None));
-                }
-                _ => {}
+            }
+            if counts {
+                f.copies += 1;
+            }
+            if drained {
+                self.awaiting_drain.remove(&(address, *id));
+            }
+            if pending {
+                // Its copy is deleted once written: until then no read
+                // hands it out again.
+                self.note_gone(address, *id, u64::MAX);
             }
             self.finish_if_settled(key);
         }
@@ -670,6 +878,10 @@ impl RelayCore {
             let mut late = Vec::new();
             for (to, state) in &mut f.recipients {
                 match state {
+                    // One session acknowledged it: the address has it.
+                    Recipient::Unstored { acked, .. } if *acked > 0 => {
+                        *state = Recipient::Settled(entry(*to, Status::Delivered, None));
+                    }
                     Recipient::Unstored { .. } => late.push(*to),
                     Recipient::Forwarded { .. } => {
                         self.stats.error(ErrorCode::Timeout);
@@ -679,10 +891,8 @@ impl RelayCore {
                             Some(ErrorCode::Timeout),
                         ));
                     }
-                    Recipient::Stored { conn } => {
-                        if conn.is_none() {
-                            self.awaiting_drain.remove(&(*to, key.0));
-                        }
+                    Recipient::Stored { .. } => {
+                        self.awaiting_drain.remove(&(*to, key.0));
                         *state = Recipient::Settled(entry(*to, Status::Queued, None));
                     }
                     _ => {}
@@ -704,14 +914,14 @@ impl RelayCore {
         t
     }
 
-    /// Hands `frame` to a live connection without storing it, remembering
-    /// that its ACK settles `key`. False (nothing done) if the connection
-    /// is still draining or already holds a message with this id.
+    /// Hands `frame` to a live session without storing it, remembering
+    /// that its ACK settles `key`. False (nothing done) if the session
+    /// already holds a message with this id.
     fn hand_unstored(&mut self, conn: ConnId, id: MsgId, frame: &Bytes, key: FlightKey) -> bool {
         let Some(s) = self.sessions.get_mut(&conn) else {
             return false;
         };
-        if s.phase != Phase::Live || s.handed.contains_key(&id) {
+        if s.handed.contains_key(&id) {
             return false;
         }
         s.handed.insert(
@@ -737,7 +947,7 @@ impl RelayCore {
     ) -> Recipient {
         let token = self.token(Waiting::Write { flight: key, to });
         *self.writes.entry(to).or_default() += 1;
-        self.store_ops.push_back(StoreOp::Enqueue {
+        self.push_op(StoreOp::Enqueue {
             token,
             recipient: to,
             sender,
@@ -763,33 +973,57 @@ impl RelayCore {
         }
     }
 
-    fn read_next(&mut self, conn: ConnId) {
-        let Some(s) = self.sessions.get(&conn) else {
-            return;
-        };
-        let Phase::Draining {
+    /// Starts the next read of `address`'s backlog, if its sessions are
+    /// draining and no read is on its way.
+    fn read_next(&mut self, address: Address) {
+        let Some(Phase::Draining {
             after,
-            reading: false,
+            reading: None,
             ..
-        } = s.phase
+        }) = self.by_address.get(&address).map(|i| i.phase)
         else {
             return;
         };
-        let recipient = s.address;
-        let token = self.token(Waiting::Read { conn });
-        if let Some(s) = self.sessions.get_mut(&conn) {
-            s.phase = Phase::Draining {
-                after,
-                reading: true,
-                dirty: false,
-            };
-        }
-        self.store_ops.push_back(StoreOp::Read {
+        let token = self.token(Waiting::Read { address });
+        let op = self.push_op(StoreOp::Read {
             token,
-            recipient,
+            recipient: address,
             after,
             limit: self.config.read_batch.max(1),
         });
+        if let Some(i) = self.by_address.get_mut(&address) {
+            i.phase = Phase::Draining {
+                after,
+                reading: Some(token),
+                dirty: false,
+                restart: false,
+            };
+            i.read_at = op;
+            // Deleted before this read runs: it cannot return them.
+            i.gone.retain(|_, del| *del > op);
+        }
+    }
+
+    /// Queues a store op; returns its number (ops run in this order).
+    fn push_op(&mut self, op: StoreOp) -> u64 {
+        self.op_seq += 1;
+        self.store_ops.push_back(op);
+        self.op_seq
+    }
+
+    /// Session ACKed `id` of `address`, whose copy op number `del`
+    /// deletes: remembered while a read that may still return it is on
+    /// its way (or will be polled before `del`).
+    fn note_gone(&mut self, address: Address, id: MsgId, del: u64) {
+        let Some(i) = self.by_address.get_mut(&address) else {
+            return;
+        };
+        let reading = matches!(i.phase, Phase::Draining { reading: Some(_), .. });
+        if del == u64::MAX || (reading && del > i.read_at) {
+            i.gone.insert(id, del);
+        } else {
+            i.gone.remove(&id);
+        }
     }
 
     fn on_enqueued(&mut self, _now: Instant, token: Token, result: Result<(), ErrorCode>) {
@@ -802,13 +1036,13 @@ impl RelayCore {
                 self.writes.remove(&to);
             }
         }
-        let conn = self.by_address.get(&to).copied();
         let expired = self.flights.get(&key).is_some_and(|f| f.expired);
         let current = self
             .flights
             .get(&key)
             .and_then(|f| f.recipients.iter().find(|(a, _)| *a == to))
             .map(|(_, s)| s.clone());
+        let mut back = false;
         if let Some(Recipient::Storing {
             token: t,
             late,
@@ -816,32 +1050,41 @@ impl RelayCore {
         }) = current
         {
             if t == token {
-                let next = match (result, late) {
-                    (Ok(()), true) if acked => {
-                        self.store_ops.push_back(StoreOp::Dequeue {
+                let next = match result {
+                    // A session had it meanwhile (unstored, or from the
+                    // backlog reader): delivered; the copy is not needed.
+                    Ok(()) if acked => {
+                        let op = self.push_op(StoreOp::Dequeue {
                             recipient: to,
                             id: key.0,
                         });
+                        self.note_gone(to, key.0, op);
                         Recipient::Settled(entry(to, Status::Delivered, None))
                     }
-                    (Ok(()), true) => {
-                        // On disk now: the ACK, if it still comes, deletes it.
-                        if let Some(h) = conn
-                            .and_then(|c| self.sessions.get_mut(&c))
-                            .and_then(|s| s.handed.get_mut(&key.0))
-                        {
-                            h.stored = true;
+                    Ok(()) if late => {
+                        // On disk now: an ACK that still comes deletes it;
+                        // a session that never had it takes it from there.
+                        for c in self.receivers_of(&to).to_vec() {
+                            match self
+                                .sessions
+                                .get_mut(&c)
+                                .and_then(|s| s.handed.get_mut(&key.0))
+                            {
+                                Some(h) => h.stored = true,
+                                None => back = true,
+                            }
                         }
                         Recipient::Settled(entry(to, Status::Queued, None))
                     }
-                    (Ok(()), false) if expired => {
-                        Recipient::Settled(entry(to, Status::Queued, None))
-                    }
-                    (Ok(()), false) => self.after_commit(key, to, conn),
-                    (Err(_), true) if acked => {
+                    Ok(()) if expired => Recipient::Settled(entry(to, Status::Queued, None)),
+                    Ok(()) => self.after_commit(key, to),
+                    Err(_) if acked => {
+                        if let Some(i) = self.by_address.get_mut(&to) {
+                            i.gone.remove(&key.0);
+                        }
                         Recipient::Settled(entry(to, Status::Delivered, None))
                     }
-                    (Err(code), _) => Recipient::Settled(entry(to, Status::Rejected, Some(code))),
+                    Err(code) => Recipient::Settled(entry(to, Status::Rejected, Some(code))),
                 };
                 if let Some(s) = self.flights.get_mut(&key).and_then(|f| f.state_mut(&to)) {
                     *s = next;
@@ -849,36 +1092,48 @@ impl RelayCore {
                 self.finish_if_settled(key);
             }
         }
-        // A draining connection reads again: now if it is waiting, after
-        // its current read otherwise (which may have run before this write).
-        if let Some(c) = conn {
-            if let Some(s) = self.sessions.get_mut(&c) {
-                match &mut s.phase {
-                    Phase::Draining {
-                        reading: true,
-                        dirty,
-                        ..
-                    } => *dirty = true,
-                    Phase::Draining { reading: false, .. } => self.read_next(c),
-                    Phase::Live => {}
-                }
+        if back {
+            self.redrain(to);
+        }
+        // Draining sessions read again: now if no read is on its way, after
+        // the current one otherwise (which may have run before this write).
+        if let Some(i) = self.by_address.get_mut(&to) {
+            match &mut i.phase {
+                Phase::Draining {
+                    reading: Some(_),
+                    dirty,
+                    ..
+                } => *dirty = true,
+                Phase::Draining { reading: None, .. } => self.read_next(to),
+                Phase::Live => {}
             }
         }
     }
 
-    /// A first write committed: hand it to a live connection, leave it to a
-    /// draining one's reader, or report it queued.
-    fn after_commit(&mut self, key: FlightKey, to: Address, conn: Option<ConnId>) -> Recipient {
+    /// A first write committed: hand it to live sessions, leave it to the
+    /// reader of draining ones, or report it queued.
+    fn after_commit(&mut self, key: FlightKey, to: Address) -> Recipient {
         let queued = Recipient::Settled(entry(to, Status::Queued, None));
-        let Some(c) = conn else { return queued };
-        let Some(s) = self.sessions.get_mut(&c) else {
+        let Some((receivers, phase)) = self
+            .by_address
+            .get(&to)
+            .filter(|i| !i.receivers.is_empty())
+            .map(|i| (i.receivers.clone(), i.phase))
+        else {
             return queued;
         };
-        match s.phase {
-            // Not reached today: a connection goes live only when no write
-            // for its address is on its way. Handed over (not left on
-            // disk) should that rule ever change.
-            Phase::Live if !s.handed.contains_key(&key.0) => {
+        let frame = self.flights.get(&key).map(|f| f.frame.clone());
+        let mut conns = Vec::new();
+        let mut missing = false;
+        for c in receivers {
+            let Some(s) = self.sessions.get_mut(&c) else {
+                continue;
+            };
+            if s.handed.contains_key(&key.0) {
+                conns.push(c);
+            } else if phase == Phase::Live {
+                // Only when every session already held this id was it
+                // written for live sessions: a resent id.
                 s.handed.insert(
                     key.0,
                     Handed {
@@ -887,38 +1142,49 @@ impl RelayCore {
                         sender: key.1,
                     },
                 );
-                let frame = self.flights.get(&key).map(|f| f.frame.clone());
-                if let Some(frame) = frame {
-                    self.send_conn(c, frame, false);
+                if let Some(frame) = &frame {
+                    self.send_conn(c, frame.clone(), false);
                 }
-                Recipient::Stored { conn: Some(c) }
-            }
-            Phase::Live => queued,
-            Phase::Draining { .. } => {
-                self.awaiting_drain.insert((to, key.0), key);
-                Recipient::Stored { conn: None }
+                conns.push(c);
+            } else {
+                missing = true;
             }
         }
+        if missing {
+            self.awaiting_drain.insert((to, key.0), key);
+        } else if conns.is_empty() {
+            return queued;
+        }
+        Recipient::Stored { conns }
     }
 
     fn on_read(&mut self, token: Token, result: Result<Vec<Stored>, ErrorCode>) {
-        let Some(Waiting::Read { conn }) = self.tokens.remove(&token) else {
+        let Some(Waiting::Read { address }) = self.tokens.remove(&token) else {
             return;
         };
-        let Some(s) = self.sessions.get(&conn) else {
+        let Some(inbox) = self.by_address.get(&address) else {
             return;
         };
-        let address = s.address;
         let Phase::Draining {
-            mut after, dirty, ..
-        } = s.phase
+            mut after,
+            reading: Some(t),
+            dirty,
+            restart,
+        } = inbox.phase
         else {
             return;
         };
+        if t != token {
+            return;
+        }
+        let receivers = inbox.receivers.clone();
+        let gone: BTreeSet<MsgId> = inbox.gone.keys().copied().collect();
         let msgs = match result {
             Ok(m) => m,
             Err(code) => {
-                self.closes.push_back((conn, code));
+                for c in receivers {
+                    self.closes.push_back((c, code));
+                }
                 return;
             }
         };
@@ -926,37 +1192,51 @@ impl RelayCore {
         let mut touched = Vec::new();
         for m in msgs {
             after = after.max(m.seq);
-            let Some(s) = self.sessions.get_mut(&conn) else {
-                return;
-            };
-            if s.handed.contains_key(&m.id) {
+            if gone.contains(&m.id) {
                 continue;
             }
-            let flight = self.awaiting_drain.remove(&(address, m.id));
-            // The sender: the flight's, else the stored MSG's header.
-            let sender = match flight {
-                Some(key) => Some(key.1),
-                None => match ClientToRelay::decode(&m.frame) {
-                    Ok(ClientToRelay::Msg(msg)) => Some(msg.from),
-                    _ => None,
-                },
+            let decoded = match ClientToRelay::decode(&m.frame) {
+                Ok(ClientToRelay::Msg(msg)) => Some(msg.from),
+                _ => None,
             };
-            s.handed.insert(
-                m.id,
-                Handed {
-                    flight,
-                    stored: true,
-                    sender: sender.unwrap_or(address),
-                },
-            );
-            self.send_conn(conn, m.frame, false);
+            // Its flight, if it is still in flight.
+            let flight = self.awaiting_drain.remove(&(address, m.id)).or_else(|| {
+                decoded.map(|from| (m.id, from)).filter(|k| {
+                    self.flights
+                        .get(k)
+                        .is_some_and(|f| f.recipients.iter().any(|(a, _)| *a == address))
+                })
+            });
+            let sender = flight.map(|k| k.1).or(decoded).unwrap_or(address);
+            let mut holders = Vec::new();
+            for &c in &receivers {
+                let Some(s) = self.sessions.get_mut(&c) else {
+                    continue;
+                };
+                if !s.handed.contains_key(&m.id) {
+                    s.handed.insert(
+                        m.id,
+                        Handed {
+                            flight,
+                            stored: true,
+                            sender,
+                        },
+                    );
+                    self.send_conn(c, m.frame.clone(), false);
+                }
+                holders.push(c);
+            }
             if let Some(key) = flight {
-                if let Some(st) = self
+                if let Some(Recipient::Stored { conns }) = self
                     .flights
                     .get_mut(&key)
                     .and_then(|f| f.state_mut(&address))
                 {
-                    *st = Recipient::Stored { conn: Some(conn) };
+                    for c in holders {
+                        if !conns.contains(&c) {
+                            conns.push(c);
+                        }
+                    }
                 }
                 touched.push(key);
             }
@@ -967,21 +1247,25 @@ impl RelayCore {
         // nothing committed waits to be read.
         let writing = self.writes.contains_key(&address);
         let committed = self.awaiting_drain.range(ids_of(address)).next().is_some();
-        let caught_up = !full && !writing && !committed && !dirty;
-        if let Some(s) = self.sessions.get_mut(&conn) {
-            s.phase = if caught_up {
+        let caught_up = !full && !writing && !committed && !dirty && !restart;
+        if let Some(i) = self.by_address.get_mut(&address) {
+            // No read on its way: a later one runs after every delete
+            // polled so far.
+            i.gone.retain(|_, del| *del == u64::MAX);
+            i.phase = if caught_up {
                 Phase::Live
             } else {
                 Phase::Draining {
-                    after,
-                    reading: false,
+                    after: if restart { 0 } else { after },
+                    reading: None,
                     dirty: false,
+                    restart: false,
                 }
             };
         }
         // Otherwise the next read starts now, or when the write lands.
         if !caught_up && !writing {
-            self.read_next(conn);
+            self.read_next(address);
         }
         for key in touched {
             self.finish_if_settled(key);
@@ -1018,8 +1302,9 @@ impl RelayCore {
                 }
             }
             Reply::Relay(origin) => {
+                let delivered = f.delivered();
                 let entries = f.entries().unwrap_or_default();
-                self.reply_to_origin(origin, key.0, entries);
+                self.reply_to_origin(origin, key.0, entries, delivered);
             }
         }
     }
@@ -1030,9 +1315,13 @@ impl RelayCore {
         if sender == to {
             return;
         }
-        if let Some(&conn) = self.by_address.get(&sender) {
-            let frame = RelayToClient::Notice(Notice::Delivered { id, to }).encode();
-            self.send_conn(conn, frame, false);
+        let Some(inbox) = self.by_address.get(&sender) else {
+            return;
+        };
+        let conns: Vec<ConnId> = inbox.receivers.iter().chain(&inbox.senders).copied().collect();
+        let frame = RelayToClient::Notice(Notice::Delivered { id, to }).encode();
+        for conn in conns {
+            self.send_conn(conn, frame.clone(), false);
         }
     }
 

@@ -178,6 +178,10 @@ pub struct Report {
     pub arrived: u64,
     pub crashes: u64,
     pub drops: u64,
+    /// Extra sessions opened by clients that had one (tabs, send-only).
+    pub extra_sessions: u64,
+    /// Connections left open by clients that moved on, ended later.
+    pub zombies: u64,
     /// Client connections closed as slow consumers.
     pub slow: u64,
     pub cuts: u64,
@@ -205,6 +209,8 @@ impl Report {
         self.arrived += r.arrived;
         self.crashes += r.crashes;
         self.drops += r.drops;
+        self.extra_sessions += r.extra_sessions;
+        self.zombies += r.zombies;
         self.slow += r.slow;
         self.cuts += r.cuts;
         self.partitions += r.partitions;
@@ -299,11 +305,27 @@ enum Ev {
         relay: usize,
         gen: u64,
     },
+    /// The client has no receiving session: it opens one.
     Connect {
         client: usize,
     },
+    /// The client opens one more session (a second tab or terminal;
+    /// `receive` false: a send-only one, like `w2w send`).
+    Open {
+        client: usize,
+        receive: bool,
+    },
+    /// One of the client's sessions drops (or is left behind as a zombie
+    /// while the client opens a new one).
     Drop {
         client: usize,
+    },
+    /// A zombie connection (the client has moved on, the socket did not
+    /// close) ends: the relay's ping timeout.
+    Gone {
+        relay: usize,
+        gen: u64,
+        conn: ConnId,
     },
     Restart {
         relay: usize,
@@ -313,13 +335,37 @@ enum Ev {
 struct Client {
     address: Address,
     home: usize,
-    /// The current connection, if any.
-    conn: Option<ConnId>,
-    /// Ids handed on the current connection (a second copy is a relay bug).
-    on_conn: HashSet<MsgId>,
-    /// Messages the application got: (id, from).
+    /// Its sessions, oldest first (several: tabs, terminals, devices).
+    sessions: Vec<Sess>,
+    /// Messages the application got: (id, from); its sessions share it.
     app: HashSet<(MsgId, Address)>,
 }
+
+/// One session of a client.
+struct Sess {
+    conn: ConnId,
+    /// Takes deliveries (false: send-only).
+    receive: bool,
+    /// Ids handed on this connection (a second copy is a relay bug).
+    on_conn: HashSet<MsgId>,
+}
+
+impl Client {
+    fn receiving(&self) -> bool {
+        self.sessions.iter().any(|s| s.receive)
+    }
+
+    fn has(&self, conn: ConnId) -> bool {
+        self.sessions.iter().any(|s| s.conn == conn)
+    }
+
+    fn remove(&mut self, conn: ConnId) {
+        self.sessions.retain(|s| s.conn != conn);
+    }
+}
+
+/// Most sessions a simulated client opens at once (zombies aside).
+const SIM_SESSIONS: usize = 3;
 
 /// A relay's store: what is committed survives a crash.
 #[derive(Default)]
@@ -479,8 +525,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
         .map(|i| Client {
             address: Address(rng.bytes()),
             home: i % relays.len(),
-            conn: None,
-            on_conn: HashSet::new(),
+            sessions: Vec::new(),
             app: HashSet::new(),
         })
         .collect();
@@ -628,7 +673,7 @@ impl Sim<'_> {
             self.at(100, Ev::LinkUp { link });
         }
         for c in 0..self.clients.len() {
-            if self.clients[c].conn.is_none() {
+            if !self.clients[c].receiving() {
                 self.at(100, Ev::Connect { client: c });
             }
         }
@@ -637,23 +682,49 @@ impl Sim<'_> {
     fn step(&mut self, ev: Ev) -> Result<(), String> {
         match ev {
             Ev::Send => self.send()?,
-            Ev::Connect { client } => self.connect(client),
-            Ev::Drop { client } if self.rng.one_in(3) && self.clients[client].conn.is_some() => {
-                // The same key connects again while its old connection is
-                // still up (another device, a fast reconnect): the newer
-                // one replaces the older.
-                self.report.drops += 1;
-                if let Some(old) = self.clients[client].conn.take() {
-                    self.by_conn.remove(&old);
+            Ev::Connect { client } => {
+                if !self.clients[client].receiving() {
+                    self.connect(client, true);
                 }
-                self.connect(client);
             }
-            Ev::Drop { client } => {
-                if let Some(conn) = self.clients[client].conn {
-                    self.report.drops += 1;
+            Ev::Open { client, receive } => {
+                if self.clients[client].sessions.len() < SIM_SESSIONS {
+                    self.report.extra_sessions += 1;
+                    self.connect(client, receive);
+                }
+            }
+            Ev::Drop { client } if !self.clients[client].sessions.is_empty() => {
+                self.report.drops += 1;
+                let n = self.clients[client].sessions.len();
+                let conn = self.clients[client].sessions[self.rng.below(n)].conn;
+                if self.rng.one_in(3) {
+                    // The client moves on (a fast reconnect, a laptop
+                    // that slept) while its old connection stays open:
+                    // the relay keeps it until its ping timeout.
+                    self.report.zombies += 1;
+                    self.clients[client].remove(conn);
+                    self.by_conn.remove(&conn);
+                    let relay = self.clients[client].home;
+                    let gen = self.relays[relay].gen;
+                    let d = self.rng.range((2_000, 40_000));
+                    self.at(d, Ev::Gone { relay, gen, conn });
+                    self.connect(client, true);
+                } else {
                     self.drop_conn(conn);
-                    let d = self.rng.range((500, 20_000));
-                    self.at(d, Ev::Connect { client });
+                    if !self.clients[client].receiving() {
+                        let d = self.rng.range((500, 20_000));
+                        self.at(d, Ev::Connect { client });
+                    }
+                }
+            }
+            Ev::Drop { .. } => {}
+            Ev::Gone { relay, gen, conn } => {
+                if self.relays[relay].gen == gen {
+                    let now = self.now();
+                    if let Some(core) = self.relays[relay].core.as_mut() {
+                        core.disconnect(now, conn);
+                    }
+                    self.pump(relay)?;
                 }
             }
             Ev::ToRelay { relay, conn, up } => {
@@ -673,7 +744,7 @@ impl Sim<'_> {
                 client,
                 frame,
             } => {
-                if self.clients[client].conn == Some(conn) {
+                if self.clients[client].has(conn) {
                     self.client_frame(client, conn, frame)?;
                 }
             }
@@ -755,9 +826,11 @@ impl Sim<'_> {
             self.faults_now()?;
         }
         let from = self.rng.below(self.clients.len());
-        let Some(conn) = self.clients[from].conn else {
+        let n = self.clients[from].sessions.len();
+        if n == 0 {
             return Ok(());
-        };
+        }
+        let conn = self.clients[from].sessions[self.rng.below(n)].conn;
         let pick = |sim: &mut Sim| {
             let i = sim.rng.below(sim.clients.len());
             sim.clients[i].address
@@ -812,6 +885,11 @@ impl Sim<'_> {
         if self.rng.one_in(self.cfg.drop_one_in) {
             let c = self.rng.below(self.clients.len());
             self.at(0, Ev::Drop { client: c });
+        }
+        if self.rng.one_in(self.cfg.drop_one_in) {
+            let client = self.rng.below(self.clients.len());
+            let receive = self.rng.one_in(2);
+            self.at(0, Ev::Open { client, receive });
         }
         if !self.links.is_empty() && self.rng.one_in(self.cfg.cut_one_in) {
             let link = self.rng.below(self.links.len());
@@ -951,9 +1029,10 @@ impl Sim<'_> {
         arrive - self.now_us
     }
 
-    fn connect(&mut self, client: usize) {
+    /// Opens a session for `client` (`receive` false: send-only).
+    fn connect(&mut self, client: usize, receive: bool) {
         let home = self.clients[client].home;
-        if self.clients[client].conn.is_some() || self.relays[home].core.is_none() {
+        if self.relays[home].core.is_none() {
             return;
         }
         self.next_conn += 1;
@@ -961,9 +1040,6 @@ impl Sim<'_> {
         let address = self.clients[client].address;
         // Registration is durable before the client hears it succeeded.
         self.relays[home].disk.known.insert(address);
-        self.clients[client].conn = Some(conn);
-        self.clients[client].on_conn.clear();
-        self.by_conn.insert(conn, client);
         self.registrations += 1;
         // The client's clock, anywhere in the ±60 s a relay accepts: a
         // later registration may carry an earlier timestamp.
@@ -981,8 +1057,21 @@ impl Sim<'_> {
         };
         let now = self.now();
         let federation = self.relays.len() > 1;
-        if let Some(core) = self.relays[home].core.as_mut() {
-            core.connect(now, conn, address, federation.then_some(proof));
+        let accepted = self.relays[home].core.as_mut().is_some_and(|core| {
+            core.connect(now, conn, address, federation.then_some(proof), receive)
+                .is_ok()
+        });
+        if accepted {
+            self.clients[client].sessions.push(Sess {
+                conn,
+                receive,
+                on_conn: HashSet::new(),
+            });
+            self.by_conn.insert(conn, client);
+        } else if receive && !self.clients[client].receiving() {
+            // Too many sessions (zombies count): try again later.
+            let d = self.rng.range((500, 20_000));
+            self.at(d, Ev::Connect { client });
         }
         // `pump` cannot fail on a connect (no receipt is emitted).
         let _ = self.pump(home);
@@ -992,7 +1081,7 @@ impl Sim<'_> {
         let Some(client) = self.by_conn.remove(&conn) else {
             return;
         };
-        self.clients[client].conn = None;
+        self.clients[client].remove(conn);
         self.link_last.remove(&(conn.0, true));
         self.link_last.remove(&(conn.0, false));
         let now = self.now();
@@ -1013,8 +1102,8 @@ impl Sim<'_> {
         relay.disk.busy = false;
         for c in &mut self.clients {
             if c.home == r {
-                if let Some(conn) = c.conn.take() {
-                    self.by_conn.remove(&conn);
+                for s in c.sessions.drain(..) {
+                    self.by_conn.remove(&s.conn);
                 }
             }
         }
@@ -1108,7 +1197,7 @@ impl Sim<'_> {
         for conn in slow {
             if let Some(client) = self.by_conn.remove(&conn) {
                 self.report.slow += 1;
-                self.clients[client].conn = None;
+                self.clients[client].remove(conn);
                 let now = self.now();
                 if let Some(core) = self.relays[r].core.as_mut() {
                     core.disconnect(now, conn);
@@ -1119,12 +1208,12 @@ impl Sim<'_> {
         }
         for (conn, _) in closes {
             if let Some(client) = self.by_conn.get(&conn).copied() {
-                if self.clients[client].conn != Some(conn) {
+                if !self.clients[client].has(conn) {
                     continue;
                 }
                 // Closed by the relay: the client comes back later.
                 self.by_conn.remove(&conn);
-                self.clients[client].conn = None;
+                self.clients[client].remove(conn);
                 let now = self.now();
                 if let Some(core) = self.relays[r].core.as_mut() {
                     core.disconnect(now, conn);
@@ -1314,10 +1403,20 @@ impl Sim<'_> {
             return Ok(());
         };
         let c = &mut self.clients[client];
-        if !c.on_conn.insert(m.id) {
+        let address = c.address;
+        let Some(sess) = c.sessions.iter_mut().find(|s| s.conn == conn) else {
+            return Ok(());
+        };
+        if !sess.receive {
             return Err(format!(
-                "{} got message {} twice on one connection",
-                c.address, m.id
+                "{address}'s send-only session was handed message {}",
+                m.id
+            ));
+        }
+        if !sess.on_conn.insert(m.id) {
+            return Err(format!(
+                "{address} got message {} twice on one connection",
+                m.id
             ));
         }
         let to = c.address;

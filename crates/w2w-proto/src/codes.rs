@@ -136,6 +136,8 @@ error_codes! {
     LimitReached = 49, "limit_reached";
     /// A peer's FORWARD contradicts the message it carries (recipients the header does not name, or a sender hosted here).
     ForgedForward = 50, "forged_forward";
+    /// The address already holds the most sessions this relay allows (`--max-sessions`); close one, or ask for an exclusive session.
+    TooManySessions = 51, "too_many_sessions";
 }
 
 impl ErrorCode {

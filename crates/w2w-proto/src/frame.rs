@@ -71,6 +71,10 @@ impl std::fmt::Debug for MsgId {
 pub enum Role {
     Client = 0,
     Relay = 1,
+    /// A client session that sends and asks but takes no deliveries
+    /// (PROTOCOL 5.11): it never disturbs a listening session of the same
+    /// address.
+    Sender = 2,
 }
 
 /// The route byte of a MSG frame.
@@ -262,6 +266,9 @@ pub enum RequestOp {
     Group(crate::group::GroupOp),
     /// Who is in a named group.
     GroupInfo(String),
+    /// Close every other session of this connection's address (they get
+    /// NOTICE REPLACED): `w2w listen --exclusive`.
+    Exclusive,
 }
 
 impl RequestOp {
@@ -273,6 +280,7 @@ impl RequestOp {
             RequestOp::Presence(_) => 3,
             RequestOp::Group(_) => 4,
             RequestOp::GroupInfo(_) => 5,
+            RequestOp::Exclusive => 6,
         }
     }
 }
@@ -296,6 +304,8 @@ pub enum ResponseBody {
     Presence,
     /// A group's owner and members (answer to op 4 and op 5).
     Group(crate::group::GroupInfo),
+    /// How many other sessions were closed.
+    Exclusive { closed: u32 },
 }
 
 impl ResponseBody {
@@ -307,6 +317,7 @@ impl ResponseBody {
             ResponseBody::Presence => 3,
             // Op 4 and op 5 both answer with the group; op 5 is canonical.
             ResponseBody::Group(_) => 5,
+            ResponseBody::Exclusive { .. } => 6,
         }
     }
 }
@@ -657,6 +668,7 @@ impl ClientToRelay {
                 let role = match r.u8("role")? {
                     0 => Role::Client,
                     1 => Role::Relay,
+                    2 => Role::Sender,
                     v => {
                         return Err(DecodeError::BadValue {
                             field: "role",
@@ -711,6 +723,7 @@ impl ClientToRelay {
                     3 => RequestOp::Presence(flag(&mut r, "on")?),
                     4 => RequestOp::Group(crate::group::GroupOp::read(&mut r)?),
                     5 => RequestOp::GroupInfo(r.string("group name", crate::group::MAX_NAME)?),
+                    6 => RequestOp::Exclusive,
                     other => return Err(DecodeError::UnknownOp(other)),
                 };
                 ClientToRelay::Request(Request { req_id, op })
@@ -768,6 +781,7 @@ impl ClientToRelay {
                     RequestOp::Presence(on) => b.put_u8(*on as u8),
                     RequestOp::Group(op) => op.write(&mut b),
                     RequestOp::GroupInfo(name) => put_string(&mut b, name, crate::group::MAX_NAME),
+                    RequestOp::Exclusive => {}
                 }
             }
         }
@@ -833,6 +847,9 @@ impl RelayToClient {
                         }
                         3 => ResponseBody::Presence,
                         4 | 5 => ResponseBody::Group(crate::group::GroupInfo::read(&mut r)?),
+                        6 => ResponseBody::Exclusive {
+                            closed: r.u32("closed")?,
+                        },
                         other => return Err(DecodeError::UnknownOp(other)),
                     })
                 };
@@ -922,6 +939,7 @@ impl RelayToClient {
                             }
                             ResponseBody::Presence => {}
                             ResponseBody::Group(g) => g.write(&mut b),
+                            ResponseBody::Exclusive { closed } => b.put_u32(*closed),
                         }
                     }
                 }

@@ -71,6 +71,10 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Longest a2g address list (default 64).
     pub max_group: usize,
+    /// Most sessions one address may hold at once, receiving and
+    /// send-only together (default 8); one more is refused
+    /// `too_many_sessions`.
+    pub max_sessions: usize,
     /// Bytes a connection's send queue may hold before the connection is
     /// closed as a slow consumer (default 4 MiB).
     pub send_queue_bytes: usize,
@@ -137,6 +141,7 @@ impl Default for Limits {
         Limits {
             max_frame_bytes: w2w_proto::DEFAULT_MAX_FRAME_BYTES,
             max_group: 64,
+            max_sessions: 8,
             send_queue_bytes: 4 << 20,
             rate_per_sec: 1000,
             rate_burst: 2000,

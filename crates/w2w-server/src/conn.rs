@@ -92,7 +92,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     match reg.role {
-        Role::Client => session(shared.clone(), ws, info, reg, permit, started).await,
+        Role::Client | Role::Sender => {
+            session(shared.clone(), ws, info, reg, permit, started).await
+        }
         Role::Relay => {
             if !shared.fed.config.admits(&reg.address) {
                 if let Some(suppressed) = shared
@@ -218,6 +220,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     started: Instant,
 ) {
     let address = reg.address;
+    // A send-only session (role 2) takes no deliveries (PROTOCOL 5.11).
+    let receive = reg.role != Role::Sender;
     let now_ms = unix_ms();
     let published = reg.clone();
     if let Err(e) = shared
@@ -245,20 +249,26 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         shared.limits.send_queue_bytes,
         shared.metrics.clone(),
     );
-    // Routable before REPLY_BACK: once the client hears it is registered,
-    // messages to it must arrive. They wait in the outbox meanwhile.
-    if let Some(old) = shared.router.insert(outbox.clone()) {
-        tracing::info!(address = %address.short(), "newer connection replaces older");
-        old.close(ErrorCode::Replaced);
+    // The core takes the session before REPLY_BACK goes out (once the
+    // client hears it is registered, messages to it must arrive): its
+    // backlog and new messages wait in the outbox meanwhile. Older
+    // sessions of the address stay; past `--max-sessions` this one is
+    // refused.
+    if let Err(code) = shared.fed.connect(&outbox, &published, receive) {
+        tracing::info!(address = %address.short(), "refused: too many sessions");
+        let detail = format!(
+            "this address already has {} sessions here (the most this relay allows); close one, or register and ask for an exclusive session",
+            shared.limits.max_sessions
+        );
+        close_with(&mut ws, &shared, code, &detail).await;
+        return;
     }
+    shared.router.insert(outbox.clone(), receive);
     let reply = RelayToClient::ReplyBack(ReplyBack {
         address,
         relay_time_ms: now_ms,
         relay_url: shared.advertised_url(info.host.as_deref()),
     });
-    // The core takes the connection before REPLY_BACK goes out: its
-    // backlog and new messages wait in the outbox meanwhile.
-    shared.fed.connect(&outbox, &published);
     if send_frame(&mut ws, &shared, reply.encode()).await.is_err() {
         shared.fed.disconnect(outbox.conn_id);
         shared.router.remove(&outbox);
@@ -270,7 +280,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .metrics
         .registration_seconds
         .observe(started.elapsed());
-    tracing::info!(address = %address.short(), peer = %info.peer, "registered");
+    tracing::info!(address = %address.short(), peer = %info.peer, send_only = !receive, "registered");
 
     let mut handler = Session {
         shared: &shared,
@@ -455,6 +465,13 @@ impl Session<'_> {
                 self.outbox.presence.store(on, Relaxed);
                 ResponseBody::Presence
             }
+            RequestOp::Exclusive => {
+                let closed = self.shared.fed.exclusive(self.outbox.conn_id);
+                if closed > 0 {
+                    tracing::info!(address = %self.outbox.address.short(), closed, "exclusive session: older sessions closed");
+                }
+                ResponseBody::Exclusive { closed }
+            }
             // Membership is visible to members only.
             RequestOp::GroupInfo(name) => match self.shared.groups.get(&name) {
                 Some(g) if g.members.iter().any(|(m, _)| *m == self.outbox.address) => {
@@ -494,12 +511,12 @@ impl Session<'_> {
     }
 
     fn lookup(&self, addr: &Address) -> Option<Hosted> {
-        match self.shared.router.get(addr) {
-            Some(_) => Some(Hosted {
+        match self.shared.router.receiving(addr) {
+            true => Some(Hosted {
                 relay_key: self.shared.relay_key,
                 relay_url: self.shared.advertised_url(None),
             }),
-            None => self.shared.fed.lookup(addr),
+            false => self.shared.fed.lookup(addr),
         }
     }
 

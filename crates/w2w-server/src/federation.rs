@@ -171,13 +171,14 @@ impl Federation {
     pub fn new(
         identity: Identity,
         config: FederationConfig,
-        max_group: usize,
+        (max_group, max_sessions): (usize, usize),
         metrics: Arc<Metrics>,
     ) -> Self {
         let me = identity.address();
         let core_config = CoreConfig {
             receipt_timeout: Duration::from_millis(config.receipt_timeout_ms),
             max_group,
+            max_sessions,
             read_batch: 64,
             durable: config.durable_delivery,
             events: false,
@@ -403,8 +404,15 @@ impl Federation {
     // ------------------------------------------------------- connections
 
     /// A client completed registration; from now on messages for it go to
-    /// `outbox` (its stored backlog first), and its presence is published.
-    pub fn connect(&self, outbox: &Arc<Outbox>, reg: &Registration) {
+    /// `outbox` (its stored backlog first) if it takes deliveries
+    /// (`receive`), and its presence is published. `Err`: refused (too
+    /// many sessions), nothing changed.
+    pub fn connect(
+        &self,
+        outbox: &Arc<Outbox>,
+        reg: &Registration,
+        receive: bool,
+    ) -> Result<(), ErrorCode> {
         let proof = RegistrationProof {
             address: reg.address,
             relay_key: reg.relay_key,
@@ -417,11 +425,22 @@ impl Federation {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
-        inner.conns.insert(outbox.conn_id, outbox.clone());
         inner
             .core
-            .connect(now, ConnId(outbox.conn_id), reg.address, Some(proof));
+            .connect(now, ConnId(outbox.conn_id), reg.address, Some(proof), receive)?;
+        inner.conns.insert(outbox.conn_id, outbox.clone());
         self.drain(inner);
+        Ok(())
+    }
+
+    /// Closes every other session of `conn_id`'s address; returns how many.
+    pub fn exclusive(&self, conn_id: u64) -> u32 {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let closed = inner.core.exclusive(now, ConnId(conn_id));
+        self.drain(inner);
+        closed
     }
 
     /// A client connection ended (or was closed).
@@ -581,12 +600,16 @@ impl Federation {
         self.with(|core| core.store_done(now, done));
     }
 
-    /// The outbox of the connection registered as `address` (for pacing
-    /// its backlog reads).
-    fn outbox_of(&self, address: &Address) -> Option<Arc<Outbox>> {
+    /// The outboxes of `address`'s receiving sessions (for pacing its
+    /// backlog reads).
+    fn outboxes_of(&self, address: &Address) -> Vec<Arc<Outbox>> {
         let inner = self.lock();
-        let conn = inner.core.conn_of(address)?;
-        inner.conns.get(&conn.0).cloned()
+        inner
+            .core
+            .receivers_of(address)
+            .iter()
+            .filter_map(|c| inner.conns.get(&c.0).cloned())
+            .collect()
     }
 }
 
@@ -683,7 +706,7 @@ impl Executor {
         let (fed, store) = (self.fed.clone(), self.store.clone());
         let stop = self.shutdown.clone();
         self.tracker.spawn(async move {
-            if let Some(o) = fed.outbox_of(&recipient) {
+            for o in fed.outboxes_of(&recipient) {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = o.room_below(o.max_bytes() / 2) => {}

@@ -6,7 +6,7 @@
 //! consumer: the frame is not queued and the connection is told to close
 //! (counted in metrics); the core then writes what it had handed over
 //! unacknowledged. The [`Router`] lists who is connected (ONLINE, presence
-//! notices, registration replacing an older connection).
+//! notices): an address may hold several sessions (PROTOCOL 5.11).
 
 /// aHash, keyed per process (see `federation`).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -173,7 +173,24 @@ impl Outbox {
 
 /// The table of registered connections on this relay.
 pub struct Router {
-    clients: RwLock<HashMap<Address, Arc<Outbox>>>,
+    inner: RwLock<Sessions>,
+}
+
+/// Every address's sessions, and how many take deliveries.
+#[derive(Default)]
+struct Sessions {
+    /// Per address: its sessions, oldest first, each with whether it
+    /// takes deliveries (false: send-only).
+    by_address: HashMap<Address, Vec<(Arc<Outbox>, bool)>>,
+    receivers: usize,
+}
+
+impl Sessions {
+    fn receiving(&self, addr: &Address) -> bool {
+        self.by_address
+            .get(addr)
+            .is_some_and(|v| v.iter().any(|(_, r)| *r))
+    }
 }
 
 impl Default for Router {
@@ -185,61 +202,94 @@ impl Default for Router {
 impl Router {
     pub fn new() -> Self {
         Router {
-            clients: RwLock::new(HashMap::default()),
+            inner: RwLock::new(Sessions::default()),
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Address, Arc<Outbox>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Sessions> {
         // A panic elsewhere must not take routing down with it.
-        self.clients.read().unwrap_or_else(|e| e.into_inner())
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Address, Arc<Outbox>>> {
-        self.clients.write().unwrap_or_else(|e| e.into_inner())
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Sessions> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection; returns the one it replaces (newest wins).
-    pub fn insert(&self, outbox: Arc<Outbox>) -> Option<Arc<Outbox>> {
+    /// Registers a session (`receive` false: send-only). The address's
+    /// first receiving session is announced as a join.
+    pub fn insert(&self, outbox: Arc<Outbox>, receive: bool) {
         let addr = outbox.address;
-        let old = self.write().insert(addr, outbox);
-        self.presence(Notice::Join(addr), &addr);
-        old
+        let joined = {
+            let mut s = self.write();
+            let was = s.receiving(&addr);
+            s.by_address.entry(addr).or_default().push((outbox, receive));
+            if receive {
+                s.receivers += 1;
+            }
+            receive && !was
+        };
+        if joined {
+            self.presence(Notice::Join(addr), &addr);
+        }
     }
 
-    /// Removes the connection if it is still the registered one for its
-    /// address (a replaced connection must not remove its successor).
+    /// Removes a session; the address's last receiving session leaving is
+    /// announced. False if it was not registered.
     pub fn remove(&self, outbox: &Outbox) -> bool {
-        let removed = {
-            let mut map = self.write();
-            match map.get(&outbox.address) {
-                Some(cur) if cur.conn_id == outbox.conn_id => {
-                    map.remove(&outbox.address);
-                    true
-                }
-                _ => false,
+        let addr = outbox.address;
+        let (removed, left) = {
+            let mut s = self.write();
+            let Some(v) = s.by_address.get_mut(&addr) else {
+                return false;
+            };
+            let Some(i) = v.iter().position(|(o, _)| o.conn_id == outbox.conn_id) else {
+                return false;
+            };
+            let (_, receive) = v.remove(i);
+            if v.is_empty() {
+                s.by_address.remove(&addr);
             }
+            if receive {
+                s.receivers -= 1;
+            }
+            (true, receive && !s.receiving(&addr))
         };
-        if removed {
-            self.presence(Notice::Leave(outbox.address), &outbox.address);
+        if left {
+            self.presence(Notice::Leave(addr), &addr);
         }
         removed
     }
 
-    pub fn get(&self, addr: &Address) -> Option<Arc<Outbox>> {
-        self.read().get(addr).cloned()
+    /// Whether `addr` has a session here (receiving or send-only).
+    pub fn contains(&self, addr: &Address) -> bool {
+        self.read().by_address.contains_key(addr)
     }
 
+    /// Whether `addr` has a session here that takes deliveries.
+    pub fn receiving(&self, addr: &Address) -> bool {
+        self.read().receiving(addr)
+    }
+
+    /// Sessions that take deliveries (what an a2n here reaches).
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().receivers
     }
 
     pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
+        self.len() == 0
     }
 
-    /// Page of online addresses in byte order, and the total.
+    /// Page of online addresses (with a receiving session) in byte
+    /// order, and the total.
     pub fn online(&self, offset: u32, limit: u16) -> (u32, Vec<Address>) {
-        let mut all: Vec<Address> = self.read().keys().copied().collect();
+        let mut all: Vec<Address> = {
+            let s = self.read();
+            s.by_address
+                .iter()
+                .filter(|(_, v)| v.iter().any(|(_, r)| *r))
+                .map(|(a, _)| *a)
+                .collect()
+        };
         all.sort_unstable();
         let total = all.len() as u32;
         let page = all
@@ -251,12 +301,14 @@ impl Router {
     }
 
     /// Sends a join/leave notice to every connection that asked, except the
-    /// subject itself.
+    /// subject's own.
     fn presence(&self, notice: Notice, subject: &Address) {
         let frame = RelayToClient::Notice(notice).encode();
-        for o in self.read().values() {
-            if o.presence.load(Ordering::Relaxed) && &o.address != subject {
-                o.try_enqueue_soft(frame.clone());
+        for v in self.read().by_address.values() {
+            for (o, _) in v {
+                if o.presence.load(Ordering::Relaxed) && &o.address != subject {
+                    o.try_enqueue_soft(frame.clone());
+                }
             }
         }
     }

@@ -87,6 +87,7 @@ impl Relay {
         let store = Store::spawn(backend, config.limits.budget_limits())?;
         let groups = crate::groups::Groups::load(store.groups().await?);
         let max_group = config.limits.max_group;
+        let max_sessions = config.limits.max_sessions;
         let shared = Arc::new(Shared {
             relay_key: config.identity.address(),
             identity: config.identity,
@@ -107,7 +108,7 @@ impl Relay {
             fed: Arc::new(Federation::new(
                 fed_identity,
                 config.federation.clone(),
-                max_group,
+                (max_group, max_sessions),
                 metrics.clone(),
             )),
             store,
@@ -264,7 +265,7 @@ async fn forget_gone(shared: Arc<Shared>) {
     };
     let mut forgotten = Vec::with_capacity(gone.len());
     for address in gone {
-        if shared.router.get(&address).is_some() {
+        if shared.router.contains(&address) {
             continue;
         }
         let forget = crate::store::Write::Forget {

@@ -143,6 +143,11 @@ struct ServeArgs {
     /// they are on probation, with their own slots (default 3).
     #[arg(long)]
     max_probation_peers: Option<usize>,
+    /// Most sessions one address may hold at once (tabs, terminals,
+    /// devices; receiving and send-only together). One more is refused
+    /// with too_many_sessions (51) (default 8).
+    #[arg(long)]
+    max_sessions: Option<usize>,
     /// A reverse proxy in front of the relay (repeatable): connections from
     /// this IP are counted and logged by the client address in its
     /// X-Forwarded-For header.
@@ -742,6 +747,13 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     if let Some(n) = a.max_probation_peers {
         federation.max_probation_peers = n;
     }
+    let mut limits = file.limits;
+    if let Some(n) = a.max_sessions {
+        if n == 0 {
+            bail!("--max-sessions 0 would refuse every client: give at least 1");
+        }
+        limits.max_sessions = n;
+    }
     let config = RelayConfig {
         identity,
         listen,
@@ -749,7 +761,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
         public_urls,
         tls,
         trusted_proxies: [file.trusted_proxies, a.trusted_proxies].concat(),
-        limits: file.limits,
+        limits,
         federation,
     };
     let config_peers = config.federation.peers.clone();
