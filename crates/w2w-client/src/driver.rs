@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::error::ClientError;
 use crate::handle::{Cmd, Event, Received, Security};
-use crate::handshake::register;
+use crate::handshake::register_session;
 use crate::transport::{connect_raw, ConnectOptions, RelaySocket};
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -325,7 +325,7 @@ impl Driver {
             }
             let attempt = async {
                 let mut ws = connect_raw(&self.opts).await?;
-                register(&mut ws, &self.identity, &self.opts.url, Some(relay_key)).await?;
+                register_session(&mut ws, &self.identity, &self.opts, Some(relay_key)).await?;
                 Ok::<_, ClientError>(ws)
             };
             match tokio::time::timeout(self.opts.timeout, attempt).await {

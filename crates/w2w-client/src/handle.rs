@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::driver::drive;
 use crate::error::ClientError;
-use crate::handshake::register;
+use crate::handshake::register_session;
 use crate::transport::{connect_raw, ConnectOptions, RelaySocket};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -89,7 +89,7 @@ impl Client {
         let timeout = opts.timeout;
         tokio::time::timeout(timeout, async {
             let mut ws = connect_raw(&opts).await?;
-            let registered = register(&mut ws, &identity, &opts.url, opts.pinned).await?;
+            let registered = register_session(&mut ws, &identity, &opts, opts.pinned).await?;
             Ok(Client::start(identity, opts, registered, ws))
         })
         .await

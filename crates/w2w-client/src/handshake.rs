@@ -63,6 +63,32 @@ where
     register_as(ws, identity, url, pinned, Role::Client).await
 }
 
+/// Registers with the role `opts` asks for and, for an exclusive session,
+/// asks the relay to close the address's other sessions (REQUEST op 6,
+/// `req_id` 0: its answer is not waited for; requests are answered in
+/// order, so everything sent after it comes after it).
+pub async fn register_session<S>(
+    ws: &mut WebSocketStream<S>,
+    identity: &Identity,
+    opts: &crate::ConnectOptions,
+    pinned: Option<Address>,
+) -> Result<ClientRegistered, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let registered = register_as(ws, identity, &opts.url, pinned, opts.role()).await?;
+    if opts.exclusive {
+        let req = ClientToRelay::Request(w2w_proto::frame::Request {
+            req_id: 0,
+            op: w2w_proto::frame::RequestOp::Exclusive,
+        });
+        ws.send(Message::binary(req.encode()))
+            .await
+            .map_err(|e| ClientError::Protocol(format!("sending REQUEST exclusive: {e}")))?;
+    }
+    Ok(registered)
+}
+
 /// [`register`] with an explicit role; relays peer with `Role::Relay`.
 pub async fn register_as<S>(
     ws: &mut WebSocketStream<S>,

@@ -33,6 +33,14 @@ pub struct ConnectOptions {
     /// messages get a local `rejected` / `frame_too_large` receipt, the
     /// limit is lowered, and they are never resent.
     pub max_frame_bytes: usize,
+    /// Register as a send-only session (role 2, PROTOCOL 5.11): it sends,
+    /// asks and gets receipts but takes no deliveries, so it never
+    /// disturbs a listening session of the same key (default false).
+    pub send_only: bool,
+    /// After registering (and after every reconnect), close every other
+    /// session of this address on the relay (REQUEST op 6): a listener
+    /// that wants to be the only one (default false).
+    pub exclusive: bool,
 }
 
 impl ConnectOptions {
@@ -44,6 +52,29 @@ impl ConnectOptions {
             timeout: Duration::from_secs(10),
             reconnect: true,
             max_frame_bytes: w2w_proto::DEFAULT_MAX_FRAME_BYTES,
+            send_only: false,
+            exclusive: false,
+        }
+    }
+
+    /// A send-only session (see [`ConnectOptions::send_only`]).
+    pub fn send_only(mut self, on: bool) -> Self {
+        self.send_only = on;
+        self
+    }
+
+    /// An exclusive session (see [`ConnectOptions::exclusive`]).
+    pub fn exclusive(mut self, on: bool) -> Self {
+        self.exclusive = on;
+        self
+    }
+
+    /// The role REGISTER carries.
+    pub fn role(&self) -> w2w_proto::frame::Role {
+        if self.send_only {
+            w2w_proto::frame::Role::Sender
+        } else {
+            w2w_proto::frame::Role::Client
         }
     }
 

@@ -1018,7 +1018,13 @@ impl RelayCore {
         let Some(i) = self.by_address.get_mut(&address) else {
             return;
         };
-        let reading = matches!(i.phase, Phase::Draining { reading: Some(_), .. });
+        let reading = matches!(
+            i.phase,
+            Phase::Draining {
+                reading: Some(_),
+                ..
+            }
+        );
         if del == u64::MAX || (reading && del > i.read_at) {
             i.gone.insert(id, del);
         } else {
@@ -1318,7 +1324,12 @@ impl RelayCore {
         let Some(inbox) = self.by_address.get(&sender) else {
             return;
         };
-        let conns: Vec<ConnId> = inbox.receivers.iter().chain(&inbox.senders).copied().collect();
+        let conns: Vec<ConnId> = inbox
+            .receivers
+            .iter()
+            .chain(&inbox.senders)
+            .copied()
+            .collect();
         let frame = RelayToClient::Notice(Notice::Delivered { id, to }).encode();
         for conn in conns {
             self.send_conn(conn, frame.clone(), false);

@@ -305,7 +305,9 @@ pub enum ResponseBody {
     /// A group's owner and members (answer to op 4 and op 5).
     Group(crate::group::GroupInfo),
     /// How many other sessions were closed.
-    Exclusive { closed: u32 },
+    Exclusive {
+        closed: u32,
+    },
 }
 
 impl ResponseBody {

@@ -425,9 +425,13 @@ impl Federation {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
-        inner
-            .core
-            .connect(now, ConnId(outbox.conn_id), reg.address, Some(proof), receive)?;
+        inner.core.connect(
+            now,
+            ConnId(outbox.conn_id),
+            reg.address,
+            Some(proof),
+            receive,
+        )?;
         inner.conns.insert(outbox.conn_id, outbox.clone());
         self.drain(inner);
         Ok(())

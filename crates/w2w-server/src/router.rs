@@ -222,7 +222,10 @@ impl Router {
         let joined = {
             let mut s = self.write();
             let was = s.receiving(&addr);
-            s.by_address.entry(addr).or_default().push((outbox, receive));
+            s.by_address
+                .entry(addr)
+                .or_default()
+                .push((outbox, receive));
             if receive {
                 s.receivers += 1;
             }

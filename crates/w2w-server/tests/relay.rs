@@ -859,24 +859,251 @@ async fn explicit_close_frees_the_address() {
     );
 }
 
+async fn session(relay: &Relay, me: &Identity, opts: ConnectOptions) -> Client {
+    Client::connect(me.clone(), opts.pinned(Some(relay.relay_key())))
+        .await
+        .unwrap()
+}
+
+/// Whether `c` gets no event (message, notice or close) for a while.
+async fn quiet(c: &mut Client, d: Duration) {
+    if let Ok(ev) = tokio::time::timeout(d, c.recv()).await {
+        panic!("expected nothing, got {ev:?} ({:?})", c.close_reason());
+    }
+}
+
 #[tokio::test]
-async fn newest_connection_wins_and_older_is_told() {
+async fn every_receiving_session_of_a_key_gets_each_live_message_once() {
     let relay = start(Limits::default()).await;
     let me = id();
-    let mut old = Client::connect(me.clone(), ConnectOptions::new(relay.url()))
-        .await
-        .unwrap();
-    let mut new = Client::connect(me.clone(), ConnectOptions::new(relay.url()))
-        .await
-        .unwrap();
-    let ev = tokio::time::timeout(T, old.recv()).await.unwrap();
-    assert_eq!(ev, Some(Event::Notice(Notice::Replaced)));
-    assert_eq!(tokio::time::timeout(T, old.recv()).await.unwrap(), None);
-    assert!(old.close_reason().unwrap().contains("replaced"));
-    // Messages now reach the new connection.
+    let mut tab1 = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    let mut tab2 = session(&relay, &me, ConnectOptions::new(relay.url())).await;
     let other = client(&relay).await;
-    other.send(Dest::A2b(me.address()), "to new").await.unwrap();
+    for i in 0..3 {
+        let body = format!("live {i}");
+        let r = other.send(Dest::A2b(me.address()), &body).await.unwrap();
+        assert_eq!(r.status, Status::Delivered);
+        assert_eq!(r.delivered, 2, "the receipt counts both sessions: {r:?}");
+        assert_eq!(recv_msg(&mut tab1).await.body, body.as_bytes());
+        assert_eq!(recv_msg(&mut tab2).await.body, body.as_bytes());
+    }
+    // Once each: nothing more, and neither was closed.
+    expect_silence(&mut tab1).await;
+    expect_silence(&mut tab2).await;
+    assert!(tab1.close_reason().is_none() && tab2.close_reason().is_none());
+    assert_eq!(relay.metrics().error_count(ErrorCode::Replaced), 0);
+    // Online once.
+    let online = other
+        .request(RequestOp::Online {
+            offset: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    let ResponseBody::Online { total, .. } = online else {
+        panic!("{online:?}")
+    };
+    assert_eq!(
+        total, 2,
+        "two addresses online (the key once, and the sender)"
+    );
+}
+
+#[tokio::test]
+async fn a_send_only_session_never_disturbs_a_listener_with_the_same_key() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    let mut listener = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    let third = id();
+    let mut t = session(&relay, &third, ConnectOptions::new(relay.url())).await;
+    for i in 0..3 {
+        let mut sender = session(
+            &relay,
+            &me,
+            ConnectOptions::new(relay.url()).send_only(true),
+        )
+        .await;
+        let r = sender
+            .send(Dest::A2b(third.address()), format!("out {i}"))
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.delivered), (Status::Delivered, 1), "{r:?}");
+        assert_eq!(recv_msg(&mut t).await.body, format!("out {i}").as_bytes());
+        // To itself: the listener gets it, the send-only session does not.
+        let r = sender.send(Dest::A2a, format!("note {i}")).await.unwrap();
+        assert_eq!(r.status, Status::Delivered, "{r:?}");
+        assert_eq!(
+            recv_msg(&mut listener).await.body,
+            format!("note {i}").as_bytes()
+        );
+        // Messages to the key reach the listener only.
+        t.send(Dest::A2b(me.address()), format!("in {i}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            recv_msg(&mut listener).await.body,
+            format!("in {i}").as_bytes()
+        );
+        quiet(&mut sender, Duration::from_millis(200)).await;
+        sender.close().await;
+    }
+    assert!(listener.close_reason().is_none());
+    quiet(&mut listener, Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn exclusive_closes_the_other_sessions_and_says_how_many() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    let mut old1 = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    let mut old2 = session(
+        &relay,
+        &me,
+        ConnectOptions::new(relay.url()).send_only(true),
+    )
+    .await;
+    let mut new = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    let r = new.request(RequestOp::Exclusive).await.unwrap();
+    assert_eq!(r, ResponseBody::Exclusive { closed: 2 });
+    for old in [&mut old1, &mut old2] {
+        let ev = tokio::time::timeout(T, old.recv()).await.unwrap();
+        assert_eq!(ev, Some(Event::Notice(Notice::Replaced)));
+        assert_eq!(tokio::time::timeout(T, old.recv()).await.unwrap(), None);
+        assert!(old.close_reason().unwrap().contains("replaced"));
+    }
+    let other = client(&relay).await;
+    let r = other.send(Dest::A2b(me.address()), "to new").await.unwrap();
+    assert_eq!(r.delivered, 1);
     assert_eq!(&recv_msg(&mut new).await.body[..], b"to new");
+    // The client option does the same at registration.
+    let mut newer = session(
+        &relay,
+        &me,
+        ConnectOptions::new(relay.url()).exclusive(true),
+    )
+    .await;
+    let ev = tokio::time::timeout(T, new.recv()).await.unwrap();
+    assert_eq!(ev, Some(Event::Notice(Notice::Replaced)));
+    other
+        .send(Dest::A2b(me.address()), "to newer")
+        .await
+        .unwrap();
+    assert_eq!(&recv_msg(&mut newer).await.body[..], b"to newer");
+}
+
+#[tokio::test]
+async fn stored_messages_go_to_the_first_session_that_takes_them() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    // Registered once, then offline: messages for it are stored.
+    session(&relay, &me, ConnectOptions::new(relay.url()))
+        .await
+        .close()
+        .await;
+    let mut other = client(&relay).await;
+    wait_until!(
+        "the address is offline",
+        other
+            .request(RequestOp::Lookup(me.address()))
+            .await
+            .unwrap()
+            == ResponseBody::Lookup(None)
+    );
+    for i in 0..3 {
+        let r = other
+            .send(Dest::A2b(me.address()), format!("stored {i}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Queued);
+    }
+    // The first session takes them (and acknowledges them).
+    let mut first = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    for i in 0..3 {
+        assert_eq!(
+            recv_msg(&mut first).await.body,
+            format!("stored {i}").as_bytes()
+        );
+    }
+    // Their senders hear they arrived: the ACKs were taken (the copies'
+    // deletes are queued before anything a later session asks for).
+    let mut notices = 0;
+    while notices < 3 {
+        match tokio::time::timeout(T, other.recv())
+            .await
+            .expect("NOTICE DELIVERED")
+        {
+            Some(Event::Notice(Notice::Delivered { to, .. })) if to == me.address() => notices += 1,
+            Some(_) => {}
+            None => panic!("sender closed"),
+        }
+    }
+    // A session that connects later does not get them again, but gets
+    // what is live from now on, like the first.
+    let mut second = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    expect_silence(&mut second).await;
+    other.send(Dest::A2b(me.address()), "live").await.unwrap();
+    assert_eq!(&recv_msg(&mut first).await.body[..], b"live");
+    assert_eq!(&recv_msg(&mut second).await.body[..], b"live");
+}
+
+#[tokio::test]
+async fn a_stored_message_left_unacknowledged_goes_to_the_other_session() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    let other = client(&relay).await;
+    // A raw session that takes messages and never acknowledges them.
+    let mut ws = raw(&relay).await;
+    register(&mut ws, &me, &relay.url(), Some(relay.relay_key()))
+        .await
+        .unwrap();
+    let r = other.send(Dest::A2b(me.address()), "held").await.unwrap();
+    // Handed over unstored and not acknowledged: written at the deadline.
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    let mut tab = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    // The new session reads the inbox: the message nobody acknowledged.
+    assert_eq!(&recv_msg(&mut tab).await.body[..], b"held");
+    drop(ws);
+}
+
+#[tokio::test]
+async fn too_many_sessions_are_refused_and_the_others_keep_working() {
+    let relay = start(Limits {
+        max_sessions: 2,
+        ..Limits::default()
+    })
+    .await;
+    let me = id();
+    let mut a = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    let mut b = session(
+        &relay,
+        &me,
+        ConnectOptions::new(relay.url()).send_only(true),
+    )
+    .await;
+    match Client::connect(me.clone(), ConnectOptions::new(relay.url())).await {
+        Err(w2w_client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, ErrorCode::TooManySessions)
+        }
+        Ok(_) => panic!("a third session was admitted"),
+        Err(e) => panic!("expected too_many_sessions, got {e}"),
+    }
+    let other = client(&relay).await;
+    other
+        .send(Dest::A2b(me.address()), "still here")
+        .await
+        .unwrap();
+    assert_eq!(&recv_msg(&mut a).await.body[..], b"still here");
+    let r = b.send(Dest::A2b(other.address()), "me too").await.unwrap();
+    assert_eq!(r.status, Status::Delivered);
+    quiet(&mut b, Duration::from_millis(100)).await;
+    // One leaves: a new one is admitted.
+    a.close().await;
+    wait_until!(
+        "a session slot is free",
+        Client::connect(me.clone(), ConnectOptions::new(relay.url()))
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]

@@ -287,6 +287,23 @@ struct ListenArgs {
     /// Also print join/leave notices.
     #[arg(long)]
     presence: bool,
+    /// Be this key's only session on the relay: close its other sessions
+    /// (other listeners, tabs, a stale connection of this one), now and
+    /// after every reconnect. Without it, several listeners with one key
+    /// each get every live message, and `w2w send` never disturbs them.
+    #[arg(long)]
+    exclusive: bool,
+}
+
+/// How a command's session takes part (PROTOCOL 5.11).
+#[derive(Clone, Copy)]
+enum Session {
+    /// Sends and asks only (send, online, lookup, group): never takes a
+    /// delivery, never disturbs a listener with the same key.
+    SendOnly,
+    /// Takes deliveries (listen); `exclusive`: closes the key's other
+    /// sessions.
+    Receive { exclusive: bool },
 }
 
 /// stderr for the log, never failing: a line that cannot be written (a full
@@ -635,7 +652,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Send(a) => send(a).await,
         Cmd::Listen(a) => listen(a).await,
         Cmd::Online(a) => {
-            let mut c = connect(&a).await?;
+            let mut c = connect(&a, Session::SendOnly).await?;
             let online = c.online().await;
             c.close().await;
             for addr in online? {
@@ -646,7 +663,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Group { client, op } => {
             use w2w_proto::group::GroupAction;
-            let c = connect(&client).await?;
+            let c = connect(&client, Session::SendOnly).await?;
             let info = match op {
                 GroupCmd::Create { name } => c.group_create(&name).await,
                 GroupCmd::Add { name, member } => c.group_op(&name, GroupAction::Add(member)).await,
@@ -671,7 +688,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Lookup { client, address } => {
-            let c = connect(&client).await?;
+            let c = connect(&client, Session::SendOnly).await?;
             let r = c
                 .request(w2w_proto::frame::RequestOp::Lookup(address))
                 .await;
@@ -807,7 +824,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-async fn connect(a: &ClientArgs) -> Result<Client> {
+async fn connect(a: &ClientArgs, session: Session) -> Result<Client> {
     let given = a.id.is_some();
     let id_path = a.id.clone().unwrap_or_else(keys::default_id_path);
     let identity = keys::load_identity(&id_path, given)?;
@@ -818,6 +835,10 @@ async fn connect(a: &ClientArgs) -> Result<Client> {
         known.get(&a.relay)?
     };
     let mut opts = ConnectOptions::new(relay_url(&a.relay)).pinned(pinned);
+    opts = match session {
+        Session::SendOnly => opts.send_only(true),
+        Session::Receive { exclusive } => opts.exclusive(exclusive),
+    };
     if let Some(ca) = &a.ca {
         opts = opts.trust_pem_file(ca)?;
     }
@@ -897,7 +918,7 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
     } else {
         Dest::A2g(a.to.clone())
     };
-    let c = connect(&a.client).await?;
+    let c = connect(&a.client, Session::SendOnly).await?;
     let r = if a.plain {
         c.send_plain(dest, body).await
     } else {
@@ -943,7 +964,10 @@ async fn send(a: SendArgs) -> Result<ExitCode> {
 }
 
 async fn listen(a: ListenArgs) -> Result<ExitCode> {
-    let mut c = connect(&a.client).await?;
+    let session = Session::Receive {
+        exclusive: a.exclusive,
+    };
+    let mut c = connect(&a.client, session).await?;
     if a.presence {
         c.request(w2w_proto::frame::RequestOp::Presence(true))
             .await?;
