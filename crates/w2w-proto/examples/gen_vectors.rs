@@ -76,6 +76,7 @@ fn role_name(r: Role) -> &'static str {
     match r {
         Role::Client => "client",
         Role::Relay => "relay",
+        Role::Sender => "sender",
     }
 }
 
@@ -91,6 +92,7 @@ fn op_name(op: u8) -> &'static str {
         1 => "online",
         2 => "lookup",
         3 => "presence",
+        6 => "exclusive",
         _ => panic!("vectors use known ops"),
     }
 }
@@ -325,6 +327,8 @@ enum Fields {
         relay_key: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         relay_url: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        closed: Option<u32>,
     },
     Notice {
         kind: &'static str,
@@ -416,6 +420,7 @@ fn c2r_fields(f: &ClientToRelay) -> Fields {
                 RequestOp::Online { offset, limit } => (Some(*offset), Some(*limit), None, None),
                 RequestOp::Lookup(a) => (None, None, Some(a.to_hex()), None),
                 RequestOp::Presence(on) => (None, None, None, Some(*on)),
+                RequestOp::Exclusive => (None, None, None, None),
                 RequestOp::Group(_) | RequestOp::GroupInfo(_) => {
                     unreachable!("this vector set has no named-group frames")
                 }
@@ -424,6 +429,7 @@ fn c2r_fields(f: &ClientToRelay) -> Fields {
                 RequestOp::Online { .. } => "online",
                 RequestOp::Lookup(_) => "lookup",
                 RequestOp::Presence(_) => "presence",
+                RequestOp::Exclusive => "exclusive",
                 RequestOp::Group(_) | RequestOp::GroupInfo(_) => {
                     unreachable!("this vector set has no named-group frames")
                 }
@@ -474,6 +480,7 @@ fn r2c_fields(f: &RelayToClient) -> Fields {
             let mut found = None;
             let mut relay_key = None;
             let mut relay_url = None;
+            let mut closed = None;
             let error = match &r.result {
                 Err(code) => Some(code_name(*code).expect("error responses carry a code")),
                 Ok(ResponseBody::Group(_)) => {
@@ -496,6 +503,10 @@ fn r2c_fields(f: &RelayToClient) -> Fields {
                     None
                 }
                 Ok(ResponseBody::Presence) => None,
+                Ok(ResponseBody::Exclusive { closed: n }) => {
+                    closed = Some(*n);
+                    None
+                }
             };
             Fields::Response {
                 req_id: r.req_id,
@@ -506,6 +517,7 @@ fn r2c_fields(f: &RelayToClient) -> Fields {
                 found,
                 relay_key,
                 relay_url,
+                closed,
             }
         }
         RelayToClient::Notice(n) => {
@@ -943,6 +955,19 @@ fn main() {
             "The vector registration's REGISTER (carries sigA).",
             ClientToRelay::Register(reg.clone()),
         ),
+        c2r(
+            "register_sender",
+            "The same registration as a send-only session (role 2): sigA signs the role byte, so it differs.",
+            ClientToRelay::Register(signed_register(
+                &client,
+                Role::Sender,
+                relay_key,
+                client_nonce(),
+                TIMESTAMP_MS,
+                URL,
+                relay_nonce(),
+            )),
+        ),
         r2c(
             "countersign",
             "The vector registration's COUNTERSIGN (carries sigB).",
@@ -1131,6 +1156,14 @@ fn main() {
                 op: RequestOp::Presence(false),
             }),
         ),
+        c2r(
+            "request_exclusive",
+            "EXCLUSIVE: close this address's other sessions (no body).",
+            ClientToRelay::Request(Request {
+                req_id: 7,
+                op: RequestOp::Exclusive,
+            }),
+        ),
         r2c(
             "response_online",
             "Answer to request_online: three clients online, sorted by address bytes.",
@@ -1183,6 +1216,15 @@ fn main() {
                 req_id: 3,
                 op: 3,
                 result: Ok(ResponseBody::Presence),
+            }),
+        ),
+        r2c(
+            "response_exclusive",
+            "Answer to request_exclusive: two other sessions were closed.",
+            RelayToClient::Response(Response {
+                req_id: 7,
+                op: 6,
+                result: Ok(ResponseBody::Exclusive { closed: 2 }),
             }),
         ),
         r2c(
@@ -1394,8 +1436,8 @@ fn main() {
         invalid(
             "register_bad_role",
             "c2r",
-            "REGISTER with role byte 2.",
-            with(register_bytes.clone(), 2, 2),
+            "REGISTER with role byte 3 (0 client, 1 relay, 2 sender are the roles).",
+            with(register_bytes.clone(), 2, 3),
             ErrorCode::Malformed,
             "bad_value",
         ),
@@ -1586,7 +1628,11 @@ fn main() {
             ("relay", Scope::Relay as u8),
             ("federation", Scope::Federation as u8),
         ]),
-        roles: named(&[("client", Role::Client as u8), ("relay", Role::Relay as u8)]),
+        roles: named(&[
+            ("client", Role::Client as u8),
+            ("relay", Role::Relay as u8),
+            ("sender", Role::Sender as u8),
+        ]),
         statuses: [
             Status::Delivered,
             Status::Queued,
@@ -1600,7 +1646,12 @@ fn main() {
             value: *s as u8,
         })
         .collect(),
-        request_ops: named(&[("online", 1), ("lookup", 2), ("presence", 3)]),
+        request_ops: named(&[
+            ("online", 1),
+            ("lookup", 2),
+            ("presence", 3),
+            ("exclusive", 6),
+        ]),
         notice_kinds: named(&[
             ("join", 1),
             ("leave", 2),

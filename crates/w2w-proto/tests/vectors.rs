@@ -109,6 +109,7 @@ fn role(name: &str) -> Role {
     match name {
         "client" => Role::Client,
         "relay" => Role::Relay,
+        "sender" => Role::Sender,
         _ => panic!("unknown role {name:?}"),
     }
 }
@@ -118,6 +119,7 @@ fn op_code(name: &str) -> u8 {
         "online" => 1,
         "lookup" => 2,
         "presence" => 3,
+        "exclusive" => 6,
         _ => panic!("unknown op {name:?}"),
     }
 }
@@ -193,6 +195,7 @@ fn c2r_from_fields(t: &str, f: &Value) -> ClientToRelay {
                 },
                 "lookup" => RequestOp::Lookup(addr(f, "address")),
                 "presence" => RequestOp::Presence(f["on"].as_bool().expect("on is a bool")),
+                "exclusive" => RequestOp::Exclusive,
                 other => panic!("unknown op {other:?}"),
             },
         }),
@@ -249,6 +252,9 @@ fn r2c_from_fields(t: &str, f: &Value) -> RelayToClient {
                         ))
                     }
                     "presence" => ResponseBody::Presence,
+                    "exclusive" => ResponseBody::Exclusive {
+                        closed: n(f, "closed").try_into().unwrap(),
+                    },
                     other => panic!("unknown op {other:?}"),
                 }),
                 code => Err(code),
@@ -382,6 +388,7 @@ fn header_and_constants() {
             },
             "lookup" => RequestOp::Lookup(from),
             "presence" => RequestOp::Presence(true),
+            "exclusive" => RequestOp::Exclusive,
             _ => panic!("unknown op {name}"),
         };
         let b = ClientToRelay::Request(Request { req_id: 0, op }).encode();
