@@ -33,7 +33,7 @@ pub struct ConnectOptions {
     /// messages get a local `rejected` / `frame_too_large` receipt, the
     /// limit is lowered, and they are never resent.
     pub max_frame_bytes: usize,
-    /// Register as a send-only session (role 2, PROTOCOL 5.11): it sends,
+    /// Register as a send-only session (role 2, PROTOCOL 7.7): it sends,
     /// asks and gets receipts but takes no deliveries, so it never
     /// disturbs a listening session of the same key (default false).
     pub send_only: bool,

@@ -169,7 +169,7 @@ struct Session {
     handed: BTreeMap<MsgId, Handed>,
 }
 
-/// An address's sessions here (PROTOCOL 5.11: one inbox, several
+/// An address's sessions here (PROTOCOL 7.7: one inbox, several
 /// sessions). Present while it has at least one.
 #[derive(Debug)]
 pub(crate) struct Inbox {

@@ -72,7 +72,7 @@ pub enum Role {
     Client = 0,
     Relay = 1,
     /// A client session that sends and asks but takes no deliveries
-    /// (PROTOCOL 5.11): it never disturbs a listening session of the same
+    /// (PROTOCOL 7.7): it never disturbs a listening session of the same
     /// address.
     Sender = 2,
 }

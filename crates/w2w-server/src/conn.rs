@@ -220,7 +220,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     started: Instant,
 ) {
     let address = reg.address;
-    // A send-only session (role 2) takes no deliveries (PROTOCOL 5.11).
+    // A send-only session (role 2) takes no deliveries (PROTOCOL 7.7).
     let receive = reg.role != Role::Sender;
     let now_ms = unix_ms();
     let published = reg.clone();

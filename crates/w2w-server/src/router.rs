@@ -6,7 +6,7 @@
 //! consumer: the frame is not queued and the connection is told to close
 //! (counted in metrics); the core then writes what it had handed over
 //! unacknowledged. The [`Router`] lists who is connected (ONLINE, presence
-//! notices): an address may hold several sessions (PROTOCOL 5.11).
+//! notices): an address may hold several sessions (PROTOCOL 7.7).
 
 /// aHash, keyed per process (see `federation`).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;

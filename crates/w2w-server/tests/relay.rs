@@ -1066,6 +1066,43 @@ async fn a_stored_message_left_unacknowledged_goes_to_the_other_session() {
 }
 
 #[tokio::test]
+async fn two_reconnecting_clients_with_one_key_never_close_each_other_in_a_loop() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    // Plain sessions: both stay.
+    let mut a = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    let mut b = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    quiet(&mut a, Duration::from_secs(1)).await;
+    quiet(&mut b, Duration::from_millis(10)).await;
+    assert_eq!(relay.metrics().error_count(ErrorCode::Replaced), 0);
+    // Exclusive ones: the newer closes the older once; the older does not
+    // come back (a client closed as replaced does not reconnect).
+    let mut x = session(
+        &relay,
+        &me,
+        ConnectOptions::new(relay.url()).exclusive(true),
+    )
+    .await;
+    let mut y = session(
+        &relay,
+        &me,
+        ConnectOptions::new(relay.url()).exclusive(true),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // a, b and x were each closed once.
+    assert_eq!(relay.metrics().error_count(ErrorCode::Replaced), 3);
+    for c in [&mut a, &mut b, &mut x] {
+        assert!(c.close_reason().is_some_and(|r| r.contains("replaced")));
+    }
+    assert!(y.close_reason().is_none());
+    let other = client(&relay).await;
+    let r = other.send(Dest::A2b(me.address()), "y").await.unwrap();
+    assert_eq!(r.delivered, 1);
+    assert_eq!(&recv_msg(&mut y).await.body[..], b"y");
+}
+
+#[tokio::test]
 async fn too_many_sessions_are_refused_and_the_others_keep_working() {
     let relay = start(Limits {
         max_sessions: 2,

@@ -295,7 +295,7 @@ struct ListenArgs {
     exclusive: bool,
 }
 
-/// How a command's session takes part (PROTOCOL 5.11).
+/// How a command's session takes part (PROTOCOL 7.7).
 #[derive(Clone, Copy)]
 enum Session {
     /// Sends and asks only (send, online, lookup, group): never takes a

@@ -1663,3 +1663,114 @@ fn readme_config_block_is_the_defaults() {
     );
     server.terminate();
 }
+
+/// Sessions (PROTOCOL 7.7), as a user meets them: two terminals listen
+/// with one key, a third sends, lists and looks up with the same key; no
+/// listener is disturbed, each gets every message once, and the relay
+/// closes nobody. `--exclusive` takes over.
+#[test]
+fn one_key_listens_in_two_terminals_while_a_third_sends() {
+    let env = TestEnv::new();
+    let data = env.path("relay-data");
+    let server = Server::start(&env, &["--data", data.to_str().unwrap()], true);
+    let url = server.url.clone();
+    let key = env.path("keys/me.key");
+    let me = new_identity(&env, &key);
+    let listen = |extra: &[&str]| {
+        let mut cmd = env.w2w();
+        cmd.args(["listen", "--relay", &url, "--id"])
+            .arg(&key)
+            .args(["--json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut p = Proc::spawn("w2w listen", cmd);
+        let out = Lines::spawn(p.child.stdout.take().unwrap());
+        let err = Lines::spawn(p.child.stderr.take().unwrap());
+        err.wait_for("listening as", LINE_TIMEOUT, || server.log());
+        (p, out, err)
+    };
+    let (mut l1, out1, _err1) = listen(&[]);
+    let (mut l2, out2, _err2) = listen(&[]);
+    for i in 0..3 {
+        // The same key sends to itself (a2a) from a third terminal.
+        let mut cmd = env.w2w();
+        cmd.args(["send", "--relay", &url, "--id"]).arg(&key).args([
+            "--json",
+            "--self",
+            &format!("note {i}"),
+        ]);
+        let out = run(cmd, CMD_TIMEOUT);
+        out.assert_success("send --self beside two listeners");
+        let receipt = json(out.stdout.trim());
+        assert_eq!(receipt["status"], "delivered", "{receipt}");
+        assert_eq!(
+            receipt["delivered"], 2,
+            "both listeners acknowledged: {receipt}"
+        );
+        for (n, lines) in [(1, &out1), (2, &out2)] {
+            let line = lines.wait_for(&format!("note {i}"), LINE_TIMEOUT, || {
+                format!("listener {n}\n{}", server.log())
+            });
+            assert_eq!(json(&line)["from"], me.as_str());
+        }
+        // online and lookup with the same key: send-only sessions.
+        let mut cmd = env.w2w();
+        cmd.args(["online", "--relay", &url, "--id"]).arg(&key);
+        let out = run(cmd, CMD_TIMEOUT);
+        out.assert_success("online beside two listeners");
+        assert_eq!(
+            out.stdout.trim(),
+            me,
+            "the key is online once: {}",
+            out.describe()
+        );
+    }
+    // Both listeners are still running, and printed each message once.
+    assert!(
+        l1.wait_timeout(Duration::from_millis(300)).is_none(),
+        "listener 1 ended"
+    );
+    assert!(
+        l2.wait_timeout(Duration::from_millis(10)).is_none(),
+        "listener 2 ended"
+    );
+    for (n, lines) in [(1, &out1), (2, &out2)] {
+        let t = lines.transcript();
+        for i in 0..3 {
+            assert_eq!(
+                t.matches(&format!("note {i}")).count(),
+                1,
+                "listener {n}:\n{t}"
+            );
+        }
+    }
+    let replaced = || {
+        let (_, metrics) = server.http_get("/metrics");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("w2w_errors_total{reason=\"replaced\"}"))
+            .unwrap_or_else(|| panic!("no replaced counter in\n{metrics}"))
+            .to_owned();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    assert_eq!(replaced(), 0, "the relay closed a session as replaced");
+
+    // An exclusive listener takes over: the others end with `replaced`.
+    let (_l3, out3, _err3) = listen(&["--exclusive"]);
+    for (n, p) in [(1, &mut l1), (2, &mut l2)] {
+        let status = p.wait_timeout(LINE_TIMEOUT);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(1),
+            "listener {n} is replaced and exits 1"
+        );
+    }
+    assert_eq!(replaced(), 2, "exactly the two older listeners were closed");
+    let mut cmd = env.w2w();
+    cmd.args(["send", "--relay", &url, "--id"])
+        .arg(&key)
+        .args(["--self", "only you"]);
+    run(cmd, CMD_TIMEOUT).assert_success("send to the exclusive listener");
+    out3.wait_for("only you", LINE_TIMEOUT, || server.log());
+}
