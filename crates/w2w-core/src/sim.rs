@@ -421,6 +421,8 @@ struct Sim<'a> {
     promises: Vec<(MsgId, Address, Address)>,
     /// Messages each recipient's client ever got: (recipient, id).
     got: HashSet<(Address, MsgId)>,
+    /// On how many of its sessions each recipient got each message.
+    got_sessions: HashMap<(Address, MsgId), u32>,
     /// Every message sent: its sender and whether it was an a2a.
     sent_by: HashMap<MsgId, (Address, bool)>,
     /// (message, target relay, relay) of every FORWARD that reached a relay.
@@ -546,6 +548,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
         link_last: HashMap::new(),
         promises: Vec::new(),
         got: HashSet::new(),
+        got_sessions: HashMap::new(),
         sent_by: HashMap::new(),
         visits: HashMap::new(),
         sending: true,
@@ -1366,6 +1369,21 @@ impl Sim<'_> {
         } else {
             r.entries.iter().map(|e| (e.to, e.status)).collect()
         };
+        // (An a2n receipt counts connections handed it: no entries.)
+        let a2n = !a2a && r.entries.is_empty();
+        if r.status != Status::Rejected && !a2n {
+            let copies: u32 = entries
+                .iter()
+                .filter(|(_, st)| *st == Status::Delivered)
+                .map(|(to, _)| self.got_sessions.get(&(*to, r.id)).copied().unwrap_or(0))
+                .sum();
+            if r.delivered > copies {
+                return Err(format!(
+                    "receipt for {} counts {} sessions, but only {copies} had it",
+                    r.id, r.delivered
+                ));
+            }
+        }
         for (to, status) in entries {
             match status {
                 Status::Delivered => {
@@ -1425,6 +1443,7 @@ impl Sim<'_> {
             self.report.arrived += 1;
         }
         self.got.insert((to, m.id));
+        *self.got_sessions.entry((to, m.id)).or_default() += 1;
         if matches!(m.dest, Dest::A2n(_)) {
             return Ok(()); // broadcasts are not acknowledged
         }
