@@ -30,7 +30,13 @@
 //!   faults, none does;
 //! * once quiet (every relay up, every link restored, every client
 //!   connected, nothing sent) every core holds nothing in flight, every
-//!   store holds no message, and no table is past its configured bound.
+//!   store holds no message, and no table is past its configured bound;
+//! * a send-only session is never handed a message, and a receipt's
+//!   `delivered` count never exceeds the sessions that had the message.
+//!
+//! A client may hold several sessions (PROTOCOL 7.7): a second receiving
+//! one (a tab), a send-only one, and zombies: a client that moves on while
+//! its old connection stays open until the relay's ping timeout ends it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
