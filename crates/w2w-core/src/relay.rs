@@ -1135,25 +1135,22 @@ impl RelayCore {
             let Some(s) = self.sessions.get_mut(&c) else {
                 continue;
             };
-            if s.handed.contains_key(&key.0) {
-                conns.push(c);
-            } else if phase == Phase::Live {
+            match s.handed.entry(key.0) {
+                std::collections::btree_map::Entry::Occupied(_) => conns.push(c),
                 // Only when every session already held this id was it
                 // written for live sessions: a resent id.
-                s.handed.insert(
-                    key.0,
-                    Handed {
+                std::collections::btree_map::Entry::Vacant(v) if phase == Phase::Live => {
+                    v.insert(Handed {
                         flight: Some(key),
                         stored: true,
                         sender: key.1,
-                    },
-                );
-                if let Some(frame) = &frame {
-                    self.send_conn(c, frame.clone(), false);
+                    });
+                    if let Some(frame) = &frame {
+                        self.send_conn(c, frame.clone(), false);
+                    }
+                    conns.push(c);
                 }
-                conns.push(c);
-            } else {
-                missing = true;
+                std::collections::btree_map::Entry::Vacant(_) => missing = true,
             }
         }
         if missing {
@@ -1219,15 +1216,12 @@ impl RelayCore {
                 let Some(s) = self.sessions.get_mut(&c) else {
                     continue;
                 };
-                if !s.handed.contains_key(&m.id) {
-                    s.handed.insert(
-                        m.id,
-                        Handed {
-                            flight,
-                            stored: true,
-                            sender,
-                        },
-                    );
+                if let std::collections::btree_map::Entry::Vacant(v) = s.handed.entry(m.id) {
+                    v.insert(Handed {
+                        flight,
+                        stored: true,
+                        sender,
+                    });
                     self.send_conn(c, m.frame.clone(), false);
                 }
                 holders.push(c);

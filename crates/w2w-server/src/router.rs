@@ -393,16 +393,28 @@ mod tests {
     }
 
     #[test]
-    fn replaced_connection_does_not_remove_successor() {
+    fn an_address_holds_several_sessions_and_is_online_while_one_receives() {
         let m = Arc::new(Metrics::default());
         let r = Router::new();
-        let (old, _a) = outbox(1, 1, 100, &m);
-        let (new, _b) = outbox(1, 2, 100, &m);
-        assert!(r.insert(old.clone()).is_none());
-        assert_eq!(r.insert(new.clone()).unwrap().conn_id, 1);
-        assert!(!r.remove(&old));
-        assert_eq!(r.get(&new.address).unwrap().conn_id, 2);
-        assert!(r.remove(&new));
-        assert!(r.is_empty());
+        let (a, _a) = outbox(1, 1, 100, &m);
+        let (b, _b) = outbox(1, 2, 100, &m);
+        let (sender, _s) = outbox(1, 3, 100, &m);
+        r.insert(a.clone(), true);
+        r.insert(b.clone(), true);
+        r.insert(sender.clone(), false);
+        assert_eq!(r.len(), 2, "receiving sessions");
+        assert_eq!(r.online(0, 10).0, 1, "one address online");
+        assert!(r.remove(&a));
+        assert!(!r.remove(&a), "removed once");
+        assert!(r.receiving(&b.address));
+        assert!(r.remove(&b));
+        assert!(
+            !r.receiving(&b.address),
+            "a send-only session is not online"
+        );
+        assert!(r.contains(&b.address));
+        assert_eq!(r.online(0, 10).0, 0);
+        assert!(r.remove(&sender));
+        assert!(r.is_empty() && !r.contains(&b.address));
     }
 }
