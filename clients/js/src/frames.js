@@ -34,9 +34,18 @@ export const ROUTES = Object.freeze(['', 'a2a', 'a2b', 'a2g', 'a2n', 'group']);
 export const MAX_GROUP_NAME = 64;
 export const GROUP_NAME = /^[a-z0-9._-]{1,64}$/;
 export const SCOPES = Object.freeze(['relay', 'federation']);
-export const ROLES = Object.freeze(['client', 'relay']);
+/**
+ * REGISTER roles: 0 client (a receiving session), 1 relay (peering), 2 sender
+ * (a send-only client session: it is never handed a MSG and is not online).
+ */
+export const ROLES = Object.freeze(['client', 'relay', 'sender']);
 export const STATUSES = Object.freeze(['delivered', 'queued', 'no_route', 'rejected', 'partial']);
-export const OPS = Object.freeze(['', 'online', 'lookup', 'presence']);
+/**
+ * REQUEST ops by number. 4 GROUP and 5 GROUP_INFO (named groups, managed
+ * with the Rust CLI) are not implemented by this client: '' keeps their
+ * numbers and makes them unknown here, as before.
+ */
+export const OPS = Object.freeze(['', 'online', 'lookup', 'presence', '', '', 'exclusive']);
 export const NOTICE_KINDS = Object.freeze(['', 'join', 'leave', 'replaced', 'shutting_down', 'delivered']);
 
 /** Error codes (PROTOCOL.md 10.1): number → name. Close code = 4000 + number. */
@@ -52,6 +61,7 @@ export const ERROR_CODES = Object.freeze({
   38: 'duplicate_peer', 39: 'timeout', 40: 'duplicate', 41: 'queue_full',
   42: 'unknown_group', 43: 'not_member', 44: 'not_allowed', 45: 'group_exists',
   46: 'stale_seq', 47: 'store_busy', 48: 'storage_full', 49: 'limit_reached', 50: 'forged_forward',
+  51: 'too_many_sessions',
 });
 const ERROR_NUMBER = Object.fromEntries(Object.entries(ERROR_CODES).map(([n, s]) => [s, Number(n)]));
 
@@ -355,6 +365,8 @@ export function decodeFrame(bytes, direction = 'r2c') {
         f.address = r.hex(32, 'address');
       } else if (op === 3) {
         f.on = r.bool('on');
+      } else if (op === 6) {
+        // EXCLUSIVE has no body: trailing bytes are malformed (finish below).
       } else {
         throw new W2WDecodeError('unknown_op', `unknown request op ${op}`);
       }
@@ -375,6 +387,8 @@ export function decodeFrame(bytes, direction = 'r2c') {
             f.relay_key = r.hex(32, 'relay_key');
             f.relay_url = r.string('relay_url', MAX_URL_LEN);
           }
+        } else if (op === 6) {
+          f.closed = r.u32('closed'); // how many other sessions the relay closed
         } else if (op !== 3) {
           throw new W2WDecodeError('unknown_op', `unknown response op ${op}`);
         }
@@ -478,7 +492,8 @@ export function encodeFrame(f) {
         w.u32(f.offset ?? 0);
         w.u16(f.limit ?? 1000);
       } else if (op === 2) w.bytes(bin(f.address, 32, 'address'));
-      else w.u8(f.on ? 1 : 0);
+      else if (op === 3) w.u8(f.on ? 1 : 0);
+      // op 6 (exclusive): no body
       break;
     }
     case 'RESPONSE': {
@@ -497,6 +512,8 @@ export function encodeFrame(f) {
             w.bytes(bin(f.relay_key, 32, 'relay_key'));
             w.string(f.relay_url, MAX_URL_LEN);
           }
+        } else if (f.op === 'exclusive' || f.op === 6) {
+          w.u32(f.closed ?? 0);
         }
       }
       break;

@@ -17,13 +17,28 @@ const OPEN = 1;
 const CLOSING = 2;
 const CLOSED = 3;
 
-/** Close codes after which reconnecting cannot help. */
+/**
+ * Close codes after which reconnecting cannot help. `replaced` is here
+ * because another session of this key asked to be the only one (EXCLUSIVE):
+ * reconnecting would fight it, and two exclusive sockets with one key would
+ * close each other in a loop.
+ *
+ * `too_many_sessions` (4051) is deliberately NOT here: the key holds the
+ * most sessions the relay allows, which changes as soon as one of them ends
+ * (another tab closes, or a dead connection of ours times out on the
+ * relay), so the socket keeps retrying, with the usual doubling backoff
+ * from at least SESSIONS_FULL_BACKOFF_MS: never in a tight loop (a refused
+ * registration never resets the backoff), and it comes back by itself
+ * once a slot is free.
+ */
 const FATAL = new Set([
   'unsupported_version', 'stale_timestamp', 'wrong_relay', 'bad_signature', 'wrong_url',
   'wrong_role', 'replaced', 'unauthorized_peer',
   // client-side refusals
   'relay_key_changed', 'bad_countersign', 'wrong_address',
 ]);
+/** The first retry after `too_many_sessions`: a slot frees when a session ends, not within milliseconds. */
+const SESSIONS_FULL_BACKOFF_MS = 2000;
 
 /** A small bounded set with least-recently-used eviction, for message ids. */
 class LruSet {
@@ -130,6 +145,13 @@ function frameTooLarge(message, size, limit) {
  *     WebSocket,          // constructor to use (default: global, else the `ws` package)
  *     pinnedRelayKey,     // refuse a relay with another key (default: pin on first use)
  *     reconnect: true,    // reconnect after an unexpected close, with backoff + jitter
+ *     sendOnly: false,    // register as a send-only session (role 'sender'): it sends,
+ *                         // asks and gets receipts, but is never handed a message and
+ *                         // is not online; it never disturbs a receiving session of
+ *                         // the same key
+ *     exclusive: false,   // after registering and after every reconnect, ask the relay
+ *                         // to close this key's other sessions (exclusive(); the
+ *                         // count comes as the `exclusive` event)
  *     scope: 'federation', // a2n scope for send('*', …)
  *     maxFrameBytes,      // the relay's largest WebSocket message (default 1 MiB, the
  *                         // protocol default); replaced by the relay's own value
@@ -148,10 +170,21 @@ function frameTooLarge(message, size, limit) {
  * unreceipted message over it fails with 'frame_too_large' and is never
  * sent again, and the rest go again after the reconnect.
  *
+ * One key may hold several sessions on a relay at once (tabs, devices, a
+ * listener and a one-shot sender): a live message reaches every receiving
+ * session, each acknowledging it for itself (the sender's receipt counts
+ * them in `delivered`); a stored message goes to whichever session takes
+ * it first. A relay admits a limited number of sessions per key (8 by
+ * default) and refuses the next with `too_many_sessions`: the socket then
+ * retries with backoff (see FATAL).
+ *
  * Events (as on<name> properties or addEventListener), each a plain object
  * with `type` and `target`:
  *   open         { relayKey, relayUrl, address, reconnected } after every
  *                (re)registration
+ *   exclusive    { closed, reconnected } with the `exclusive` option: the
+ *                relay's answer after each (re)registration, how many other
+ *                sessions of this key it closed
  *   message      { from, id, route, data, text, flags, sealed, signed,
  *                verified, to?, group?, scope? }: opened/verified already;
  *                each (from, id) once
@@ -185,6 +218,8 @@ export class W2WSocket {
     this.relayUrl = null;
     this.opts = {
       reconnect: opts.reconnect ?? true,
+      sendOnly: !!opts.sendOnly,
+      exclusive: !!opts.exclusive,
       minBackoffMs: opts.minBackoffMs ?? 250,
       maxBackoffMs: opts.maxBackoffMs ?? 30000,
       registerTimeoutMs: opts.registerTimeoutMs ?? 15000,
@@ -234,7 +269,10 @@ export class W2WSocket {
     this._ackTimer = null;
     this._ackOn = false;
     this._ackSent = false;
+    /** The role this socket registers with: 'client' (receives) or 'sender' (send-only). */
+    this.role = this.opts.sendOnly ? 'sender' : 'client';
     this.onopen = this.onmessage = this.onreceipt = this.onpresence = null;
+    this.onexclusive = null;
     this.onerror = this.onclose = this.onreconnecting = null;
     if (this.opts.fetchInfo) this._readInfo();
     this._connect();
@@ -364,7 +402,7 @@ export class W2WSocket {
     }
     ws.binaryType = 'arraybuffer';
     this._ws = ws;
-    const hs = new ClientHandshake(this.identity, this.url, { pinnedRelayKey: this.relayKey });
+    const hs = new ClientHandshake(this.identity, this.url, { role: this.role, pinnedRelayKey: this.relayKey });
     let registered = false;
     let openedAt = 0;
     const regTimer = setTimeout(() => {
@@ -452,6 +490,9 @@ export class W2WSocket {
     this._everOpened = true;
     this._attempt = 0;
     this._sentMax = 0;
+    // First, before anything else goes out: close this key's other sessions
+    // (e.g. our own old connection the relay has not yet seen die).
+    if (this.opts.exclusive) this._askExclusive(reconnected);
     if (this._presence) this._sendNow(this._requestFrame('presence', { on: true }).frame, null);
     // Messages that have no receipt yet go (again) with their ids: the relay
     // stores an id once per recipient and recipients drop repeats.
@@ -488,6 +529,8 @@ export class W2WSocket {
       const prev = this._limitCheck;
       this._limitCheck = (prev ?? Promise.resolve()).then(() => this._afterTooLarge(sentMax));
     }
+    // Refused for too many sessions: no quick retries (see FATAL).
+    if (name === 'too_many_sessions') this._backoff = Math.max(this._backoff, Math.min(SESSIONS_FULL_BACKOFF_MS, this.opts.maxBackoffMs));
     const base = this._backoff;
     const delay = Math.round(base + Math.random() * (base / 2));
     this._backoff = Math.min(this.opts.maxBackoffMs, base * 2);
@@ -743,6 +786,30 @@ export class W2WSocket {
   async lookup(address) {
     const r = await this._request('lookup', { address: normAddress(address) });
     return r.found ? { relayKey: r.relay_key, relayUrl: r.relay_url } : null;
+  }
+
+  /**
+   * Asks the relay to close every other session of this key (REQUEST op 6,
+   * EXCLUSIVE): they get NOTICE REPLACED and close 4026, and do not
+   * reconnect. Resolves with how many it closed. For once; the `exclusive`
+   * option asks after every (re)registration.
+   */
+  async exclusive() {
+    const r = await this._request('exclusive', {});
+    return r.closed;
+  }
+
+  /** The `exclusive` option: asks at once (first on the new connection) and reports the count. */
+  _askExclusive(reconnected) {
+    this._request('exclusive', {}).then(
+      (r) => this._emit('exclusive', { closed: r.closed, reconnected }),
+      (e) => {
+        // connection_lost / closed: the next registration asks again.
+        if (e.code !== 'connection_lost' && e.code !== 'closed' && this.readyState === OPEN) {
+          this._emit('error', { code: e.code, message: `could not take over this key's other sessions: ${e.message}` });
+        }
+      },
+    );
   }
 
   /** Turns join/leave notices (the `presence` event) on or off; kept across reconnects. */

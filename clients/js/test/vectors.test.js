@@ -145,6 +145,25 @@ test('the registration transcript and its signatures reproduce', () => {
   assert.deepEqual(done, { relayKey: R.relay_key, relayUrl: R.url, relayTimeMs: R.relay_time_ms });
 });
 
+test('a send-only registration (role 2) signs its role: ClientHandshake reproduces register_sender', (t) => {
+  const fr = V.frames.find((f) => f.name === 'register_sender');
+  if (!fr) {
+    t.skip('these vectors have no register_sender');
+    return;
+  }
+  const R = V.registration;
+  const client = Identity.fromSeedHex(R.client_seed);
+  const hs = new ClientHandshake(client, R.url, { role: 'sender', clientNonce: R.client_nonce, pinnedRelayKey: R.relay_key });
+  const reg = hs.onChallenge(decodeFrame(fromHex(R.frames.challenge)), R.timestamp_ms);
+  assert.equal(reg.role, 'sender');
+  assert.equal(toHex(encodeFrame(reg)), fr.hex);
+  // The same transcript as the client registration but for the role byte, so another sigA.
+  assert.notEqual(reg.sig_a, R.sig_a);
+  assert.ok(verifyStrict(reg.sig_a, sigAMessage({ ...reg, relay_nonce: R.relay_nonce }), client.publicKey));
+  assert.ok(!verifyStrict(reg.sig_a, sigAMessage({ ...reg, role: 'client', relay_nonce: R.relay_nonce }), client.publicKey));
+  assert.equal(relayCheck({ register: fr.hex, relay_now_ms: R.timestamp_ms, seen_client_nonces: [] }), null);
+});
+
 test('the client refuses a changed relay key, a bad sigB and a wrong REPLY_BACK address', () => {
   const R = V.registration;
   const client = Identity.fromSeedHex(R.client_seed);
@@ -174,7 +193,8 @@ test('the client refuses a changed relay key, a bad sigB and a wrong REPLY_BACK 
 function relayCheck(c) {
   const R = V.registration;
   const reg = decodeFrame(fromHex(c.register), 'c2r');
-  if (reg.role !== 'client') return 'wrong_role';
+  // The client endpoint takes clients (role 0) and send-only senders (role 2).
+  if (reg.role !== 'client' && reg.role !== 'sender') return 'wrong_role';
   if (Math.abs(c.relay_now_ms - reg.timestamp_ms) > V.constants.default_max_skew_ms) return 'stale_timestamp';
   if (reg.relay_key !== R.relay_key) return 'wrong_relay';
   if (reg.url !== R.url) return 'wrong_url';
