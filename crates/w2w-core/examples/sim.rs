@@ -61,7 +61,7 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} rejected",
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} rejected",
         to - from,
         total.sent,
         total.sent as f64 / secs,
@@ -72,6 +72,8 @@ fn main() {
         total.drops,
         total.zombies,
         total.extra_sessions,
+        total.multi_homed,
+        total.app_repeats,
         total.slow,
         total.cuts,
         total.partitions,

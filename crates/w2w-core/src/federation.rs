@@ -26,6 +26,10 @@ use crate::routing::Hop;
 use crate::seen::{digest, forward_digest};
 use crate::{ConnId, Event, PeerId, RelayCore, Target, Transmit};
 
+/// Most relays one address's records name at once (it may be online at
+/// several); a newer registration pushes the oldest out.
+pub(crate) const MAX_HOMES: usize = 4;
+
 /// A peer link.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
@@ -158,12 +162,12 @@ impl RelayCore {
                 continue;
             }
             self.known.remove(a);
-            if self
-                .directory
-                .get(a)
-                .is_some_and(|p| p.proof.relay_key == self.me)
-            {
-                self.directory.remove(a);
+            let me = self.me;
+            if let Some(homes) = self.directory.get_mut(a) {
+                homes.retain(|p| p.proof.relay_key != me);
+                if homes.is_empty() {
+                    self.directory.remove(a);
+                }
             }
         }
     }
@@ -222,7 +226,12 @@ impl RelayCore {
         let mut out: Vec<Address> = self
             .directory
             .iter()
-            .filter(|(_, p)| trusted || (p.online && p.proof.relay_key == self.me))
+            .filter(|(_, homes)| {
+                trusted
+                    || homes
+                        .iter()
+                        .any(|p| p.online && p.proof.relay_key == self.me)
+            })
             .map(|(a, _)| *a)
             .collect();
         out.sort_unstable();
@@ -233,19 +242,38 @@ impl RelayCore {
     /// [`Self::directory_for`]: the caller paces a long list).
     pub fn send_records(&mut self, peer: PeerId, addrs: &[Address]) {
         for a in addrs {
-            if let Some(p) = self.directory.get(a) {
-                let frame = RelayToRelay::Presence(p.clone()).encode();
+            let frames: Vec<Bytes> = self
+                .directory
+                .get(a)
+                .map_or(&[][..], |h| h.as_slice())
+                .iter()
+                .map(|p| RelayToRelay::Presence(p.clone()).encode())
+                .collect();
+            for frame in frames {
                 self.send_peer(peer, frame);
             }
         }
     }
 
-    /// The relay hosting `address` and its URL, if the directory says it
-    /// is online.
+    /// The relay hosting `address` (its newest online home) and its URL,
+    /// if the directory says it is online.
     pub fn lookup(&self, address: &Address) -> Option<(Address, String)> {
-        let p = self.directory.get(address).filter(|p| p.online)?;
+        let p = self.homes(address).iter().find(|p| p.online)?;
         let relay = p.proof.relay_key;
         Some((relay, self.url_of(&relay, &p.proof.url)))
+    }
+
+    /// The records of `address`, one per relay it registered with, newest
+    /// registration first.
+    pub(crate) fn homes(&self, address: &Address) -> &[Presence] {
+        self.directory.get(address).map_or(&[], |h| h.as_slice())
+    }
+
+    /// Whether the directory says `address` is online at `relay`.
+    fn online_at(&self, address: &Address, relay: &Address) -> bool {
+        self.homes(address)
+            .iter()
+            .any(|p| p.online && p.proof.relay_key == *relay)
     }
 
     /// URLs of our peers, for a REDIRECT.
@@ -372,44 +400,66 @@ impl RelayCore {
     // --------------------------------------------------------- directory
 
     pub(crate) fn local_join(&mut self, proof: RegistrationProof) {
-        let address = proof.address;
         let p = Presence::sign(&self.identity, proof, true);
         let frame = RelayToRelay::Presence(p.clone()).encode();
-        self.directory.insert(address, p);
+        self.set_home(p);
         self.flood(frame, None);
+    }
+
+    /// Puts `p` in its address's records, in place of the same relay's
+    /// (newest registration first; at most [`MAX_HOMES`]: the oldest goes).
+    fn set_home(&mut self, p: Presence) {
+        let relay = p.proof.relay_key;
+        let homes = self.directory.entry(p.proof.address).or_default();
+        homes.retain(|h| h.proof.relay_key != relay);
+        homes.push(p);
+        homes.sort_by_key(|h| std::cmp::Reverse(h.rank()));
+        homes.truncate(MAX_HOMES);
     }
 
     /// The last session of `address` left: publish the withdrawal, if our
     /// record is the current one.
     pub(crate) fn local_leave(&mut self, address: &Address) {
-        let Some(cur) = self.directory.get(address) else {
+        let me = self.me;
+        let Some(cur) = self
+            .homes(address)
+            .iter()
+            .find(|p| p.proof.relay_key == me && p.online)
+        else {
             return;
         };
-        if cur.proof.relay_key != self.me || !cur.online {
-            return;
-        }
         let p = Presence::sign(&self.identity, cur.proof.clone(), false);
         let frame = RelayToRelay::Presence(p.clone()).encode();
-        self.directory.insert(*address, p);
+        self.set_home(p);
         self.flood(frame, None);
     }
 
-    /// The relay that hosts `addr`, if the directory names another one.
-    pub(crate) fn home_elsewhere(&self, addr: &Address) -> Option<Address> {
-        self.directory
-            .get(addr)
+    /// The other relays a message for `addr` goes to (PROTOCOL 12.5):
+    /// every relay where it is online (it may be at several at once); if
+    /// it is online nowhere, the relay of its newest record, which stores
+    /// for it, if that is not this one.
+    pub(crate) fn homes_elsewhere(&self, addr: &Address) -> Vec<Address> {
+        let homes = self.homes(addr);
+        if homes.iter().any(|p| p.online) {
+            return homes
+                .iter()
+                .filter(|p| p.online && p.proof.relay_key != self.me)
+                .map(|p| p.proof.relay_key)
+                .collect();
+        }
+        homes
+            .first()
             .map(|p| p.proof.relay_key)
             .filter(|r| *r != self.me)
+            .into_iter()
+            .collect()
     }
 
-    /// Whether `addr` is a client of this relay (connected, or its current
-    /// record names us): its messages start here, never at a peer.
+    /// Whether `addr` is a client of this relay (connected, or our record
+    /// says online): its messages start here, not at a peer, unless the
+    /// directory says it is online at that peer too.
     fn hosts(&self, addr: &Address) -> bool {
-        self.by_address.contains_key(addr)
-            || self
-                .directory
-                .get(addr)
-                .is_some_and(|p| p.online && p.proof.relay_key == self.me)
+        self.by_address.contains_key(addr) || self.online_at(addr, &self.me)
     }
 
     fn on_presence(&mut self, peer: PeerId, p: Presence) {
@@ -418,25 +468,25 @@ impl RelayCore {
             return;
         }
         let addr = p.proof.address;
-        match self.directory.get(&addr) {
-            Some(cur) if cur.rank() >= p.rank() => return,
-            Some(_) => {}
-            None => {
-                if !self.admit_new(peer, NewRecord::Address) {
-                    return;
-                }
+        let relay = p.proof.relay_key;
+        if !self.directory.contains_key(&addr) {
+            if !self.admit_new(peer, NewRecord::Address) {
+                return;
+            }
+        } else if let Some(cur) = self
+            .homes(&addr)
+            .iter()
+            .find(|h| h.proof.relay_key == relay)
+        {
+            if cur.rank() >= p.rank() {
+                return;
             }
         }
-        let elsewhere = p.online && p.proof.relay_key != self.me;
+        // An address may be online at several relays at once (PROTOCOL
+        // 7.7): a record from another relay closes nothing here.
         let frame = RelayToRelay::Presence(p.clone()).encode();
-        self.directory.insert(addr, p);
+        self.set_home(p);
         self.flood(frame, Some(peer));
-        // The newest registration wins across the federation too.
-        if elsewhere {
-            for conn in self.receivers_of(&addr).to_vec() {
-                self.closes.push_back((conn, ErrorCode::Replaced));
-            }
-        }
     }
 
     // ---------------------------------------------------------- messages
@@ -464,7 +514,7 @@ impl RelayCore {
             self.stats.error(code);
             if let Some(f) = self.flights.get_mut(&key) {
                 for a in to {
-                    if let Some(s) = f.state_mut(&a) {
+                    if let Some(s) = f.leg_mut(&a, &relay) {
                         *s = Recipient::Settled(entry(a, Status::NoRoute, Some(code)));
                     }
                 }
@@ -582,7 +632,7 @@ impl RelayCore {
         match f.target {
             ForwardTarget::Relay { relay, to } if relay == self.me => {
                 let key = (msg.id, msg.from);
-                if let Err(code) = self.check_forward(&msg.dest, &msg.from, &to, key) {
+                if let Err(code) = self.check_forward(&msg.dest, (&msg.from, &f.origin), &to, key) {
                     self.stats.error(code);
                     let entries = to
                         .iter()
@@ -679,12 +729,13 @@ impl RelayCore {
     /// Checks a FORWARD for delivery here against the MSG it carries: the
     /// recipients must be ones its header names (a2b: that one; a2g: a
     /// subset of its list; a group is resolved by its own relay and cannot
-    /// be checked here), its sender must not be one of our own clients,
+    /// be checked here), its sender must not be one of our own clients
+    /// (unless the directory says it is online at the origin too),
     /// and no other message may be in flight under the same key.
     fn check_forward(
         &self,
         dest: &Dest,
-        sender: &Address,
+        (sender, origin): (&Address, &Address),
         to: &[Address],
         key: FlightKey,
     ) -> Result<(), ErrorCode> {
@@ -694,7 +745,9 @@ impl RelayCore {
             Dest::Group(_) => true,
             Dest::A2a | Dest::A2n(_) => false,
         };
-        if !named || self.hosts(sender) {
+        // A sender hosted here may be online at the origin too (an address
+        // at several relays at once): that is no forgery.
+        if !named || (self.hosts(sender) && !self.online_at(sender, origin)) {
             return Err(ErrorCode::ForgedForward);
         }
         if self.flights.contains_key(&key) {

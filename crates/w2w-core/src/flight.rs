@@ -65,7 +65,10 @@ pub struct Flight {
     pub reply: Reply,
     pub route: Route,
     pub frame: Bytes,
-    /// Recipients in the order the sender listed them, each with its state.
+    /// Recipients in the order the sender listed them, each with its state:
+    /// one leg per place it goes (PROTOCOL 7.7: an address online at
+    /// several relays has one `Forwarded` leg per relay, and a local one
+    /// if it is a client here too). Its receipt entry is its best leg's.
     pub recipients: Vec<(Address, Recipient)>,
     /// When recipients handed over unstored stop waiting for their ACK
     /// (with the timer's sequence number, which makes it unique).
@@ -80,10 +83,27 @@ pub struct Flight {
 }
 
 impl Flight {
+    /// The local leg of `to` (delivered or stored at this relay).
     pub fn state_mut(&mut self, to: &Address) -> Option<&mut Recipient> {
         self.recipients
             .iter_mut()
-            .find(|(a, _)| a == to)
+            .find(|(a, s)| a == to && !matches!(s, Recipient::Forwarded { .. }))
+            .map(|(_, s)| s)
+    }
+
+    /// The local leg of `to`, read-only.
+    pub fn local(&self, to: &Address) -> Option<&Recipient> {
+        self.recipients
+            .iter()
+            .find(|(a, s)| a == to && !matches!(s, Recipient::Forwarded { .. }))
+            .map(|(_, s)| s)
+    }
+
+    /// The leg of `to` forwarded toward `relay`.
+    pub fn leg_mut(&mut self, to: &Address, relay: &Address) -> Option<&mut Recipient> {
+        self.recipients
+            .iter_mut()
+            .find(|(a, s)| a == to && *s == Recipient::Forwarded { relay: *relay })
             .map(|(_, s)| s)
     }
 
@@ -94,16 +114,22 @@ impl Flight {
             && self.broadcast.as_ref().is_none_or(|b| b.waiting.is_empty())
     }
 
-    /// The settled entries, in the order the sender listed the recipients
-    /// (`None` while one is not settled).
+    /// The settled entries, one per recipient in the order the sender
+    /// listed them, each its best leg's (`None` while a leg is not
+    /// settled).
     pub fn entries(&self) -> Option<Vec<ReceiptEntry>> {
-        self.recipients
-            .iter()
-            .map(|(_, s)| match s {
-                Recipient::Settled(e) => Some(e.clone()),
-                _ => None,
-            })
-            .collect()
+        let mut out: Vec<ReceiptEntry> = Vec::with_capacity(self.recipients.len());
+        for (to, s) in &self.recipients {
+            let Recipient::Settled(e) = s else {
+                return None;
+            };
+            match out.iter_mut().find(|p| p.to == *to) {
+                Some(prev) if better(e.status) > better(prev.status) => *prev = e.clone(),
+                Some(_) => {}
+                None => out.push(e.clone()),
+            }
+        }
+        Some(out)
     }
 
     /// The sender's receipt, once every recipient is settled.
@@ -131,6 +157,16 @@ impl Flight {
         self.entries()
             .map_or(0, |e| delivered_count(&e))
             .max(self.copies)
+    }
+}
+
+/// Which of two legs' outcomes a recipient's entry takes: delivered over
+/// queued over the rest.
+fn better(s: Status) -> u8 {
+    match s {
+        Status::Delivered => 2,
+        Status::Queued => 1,
+        _ => 0,
     }
 }
 

@@ -243,7 +243,9 @@ pub struct RelayCore {
     pub(crate) links_dirty: bool,
     pub(crate) link_seq: u64,
     /// Looked up per recipient: a hash map (outputs never follow its order).
-    pub(crate) directory: HashMap<Address, Presence>,
+    /// Per address, its records: one per relay it registered with, newest
+    /// first, at most `MAX_HOMES`.
+    pub(crate) directory: HashMap<Address, Vec<Presence>>,
     pub(crate) seen: SeenCache,
     pub(crate) stats: Stats,
     pub(crate) transmits: VecDeque<Transmit>,
@@ -678,26 +680,33 @@ impl RelayCore {
         let mut remote: BTreeMap<Address, Vec<Address>> = BTreeMap::new();
         let mut copies = 0;
         for to in targets {
-            let state = match self.deliver_local(key, to, &frame, from_peer) {
-                Some((state, n)) => {
-                    copies += n;
-                    state
-                }
-                None => match self.home_elsewhere(&to) {
-                    // Hosted elsewhere (online, or left: its home relay
-                    // stores it). Never forwarded again by a relay that
-                    // was forwarded it.
-                    Some(relay) if !from_peer => match self.hop(&relay) {
-                        Some(_) => {
-                            remote.entry(relay).or_default().push(to);
-                            Recipient::Forwarded { relay }
-                        }
-                        None => self.settle_now(to, ErrorCode::Unreachable),
-                    },
-                    _ => self.settle_now(to, ErrorCode::NoRoute),
-                },
+            // Its other relays (online there, or the one that stores for
+            // it). Never forwarded again by a relay that was forwarded it;
+            // an a2a stays with the sender's relay.
+            let elsewhere = if from_peer || route == Route::A2a {
+                Vec::new()
+            } else {
+                self.homes_elsewhere(&to)
             };
-            recipients.push((to, state));
+            let local = self.deliver_local(key, to, &frame, !elsewhere.is_empty());
+            if let Some((state, n)) = local {
+                copies += n;
+                recipients.push((to, state));
+            }
+            for relay in &elsewhere {
+                let state = match self.hop(relay) {
+                    Some(_) => {
+                        remote.entry(*relay).or_default().push(to);
+                        Recipient::Forwarded { relay: *relay }
+                    }
+                    None => self.settle_now(to, ErrorCode::Unreachable),
+                };
+                recipients.push((to, state));
+            }
+            if recipients.last().is_none_or(|(a, _)| *a != to) {
+                let state = self.settle_now(to, ErrorCode::NoRoute);
+                recipients.push((to, state));
+            }
         }
         self.next += 1;
         let deadline = (now + self.config.receipt_timeout, self.next);
@@ -733,14 +742,16 @@ impl RelayCore {
     /// Delivers to `to` if it is a client of this relay: handed to every
     /// receiving session without being stored when they are live (the
     /// ACKs or the deadline decide), or stored first (no session, or they
-    /// are still taking the backlog). With the copies already counted
-    /// delivered (not durable). `None`: not ours.
+    /// are still taking the backlog; an address known here with no session
+    /// is stored for only if it goes to no other relay: `elsewhere`). With
+    /// the copies already counted delivered (not durable). `None`: not
+    /// ours.
     fn deliver_local(
         &mut self,
         key: FlightKey,
         to: Address,
         frame: &Bytes,
-        from_peer: bool,
+        elsewhere: bool,
     ) -> Option<(Recipient, u32)> {
         let (receivers, live) = match self.by_address.get(&to) {
             Some(i) if !i.receivers.is_empty() => (i.receivers.clone(), i.phase == Phase::Live),
@@ -767,7 +778,6 @@ impl RelayCore {
             }
             return Some((self.enqueue(key, to, key.1, key.0, frame, false), 0));
         }
-        let elsewhere = !from_peer && self.home_elsewhere(&to).is_some();
         if self.known.contains(&to) && !elsewhere {
             return Some((self.enqueue(key, to, key.1, key.0, frame, false), 0));
         }
@@ -1043,11 +1053,7 @@ impl RelayCore {
             }
         }
         let expired = self.flights.get(&key).is_some_and(|f| f.expired);
-        let current = self
-            .flights
-            .get(&key)
-            .and_then(|f| f.recipients.iter().find(|(a, _)| *a == to))
-            .map(|(_, s)| s.clone());
+        let current = self.flights.get(&key).and_then(|f| f.local(&to)).cloned();
         let mut back = false;
         if let Some(Recipient::Storing {
             token: t,
@@ -1207,7 +1213,7 @@ impl RelayCore {
                 decoded.map(|from| (m.id, from)).filter(|k| {
                     self.flights
                         .get(k)
-                        .is_some_and(|f| f.recipients.iter().any(|(a, _)| *a == address))
+                        .is_some_and(|f| f.local(&address).is_some())
                 })
             });
             let sender = flight.map(|k| k.1).or(decoded).unwrap_or(address);
@@ -1285,14 +1291,11 @@ impl RelayCore {
         };
         self.deadlines.remove(&f.deadline);
         // Stored here (a remote relay counts its own).
-        let queued = f
-            .recipients
-            .iter()
-            .filter(|(to, s)| {
-                matches!(s, Recipient::Settled(e) if e.status == Status::Queued)
-                    && self.known.contains(to)
-            })
-            .count();
+        let queued = f.entries().map_or(0, |e| {
+            e.iter()
+                .filter(|e| e.status == Status::Queued && self.known.contains(&e.to))
+                .count()
+        });
         self.stats.queued += queued as u64;
         match f.reply {
             Reply::Client(conn) => {

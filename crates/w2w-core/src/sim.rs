@@ -95,6 +95,10 @@ pub struct SimConfig {
     /// Client clocks are off by up to this much either way (registration
     /// timestamps order directory records; relays accept ±60 s).
     pub clock_skew_ms: u64,
+    /// Chance that a client keeps sessions at two relays at once (1 in N;
+    /// 0: none): messages for it go to both, its application takes each
+    /// once.
+    pub multi_home_one_in: u64,
     pub core: Config,
 }
 
@@ -123,6 +127,7 @@ impl Default for SimConfig {
             stall_us: (2_000, 30_000),
             warmup_us: 3_000,
             clock_skew_ms: 60_000,
+            multi_home_one_in: 4,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 max_group: 8,
@@ -188,6 +193,11 @@ pub struct Report {
     pub extra_sessions: u64,
     /// Connections left open by clients that moved on, ended later.
     pub zombies: u64,
+    /// Clients with sessions at two relays at once.
+    pub multi_homed: u64,
+    /// Copies the application dropped as repeats (it had the message from
+    /// another session or relay).
+    pub app_repeats: u64,
     /// Client connections closed as slow consumers.
     pub slow: u64,
     pub cuts: u64,
@@ -217,6 +227,8 @@ impl Report {
         self.drops += r.drops;
         self.extra_sessions += r.extra_sessions;
         self.zombies += r.zombies;
+        self.multi_homed += r.multi_homed;
+        self.app_repeats += r.app_repeats;
         self.slow += r.slow;
         self.cuts += r.cuts;
         self.partitions += r.partitions;
@@ -340,7 +352,9 @@ enum Ev {
 
 struct Client {
     address: Address,
-    home: usize,
+    /// The relays it registers with: one, or two for a client that keeps
+    /// sessions at two relays at once (redundancy, PROTOCOL 7.7).
+    homes: Vec<usize>,
     /// Its sessions, oldest first (several: tabs, terminals, devices).
     sessions: Vec<Sess>,
     /// Messages the application got: (id, from); its sessions share it.
@@ -350,6 +364,7 @@ struct Client {
 /// One session of a client.
 struct Sess {
     conn: ConnId,
+    relay: usize,
     /// Takes deliveries (false: send-only).
     receive: bool,
     /// Ids handed on this connection (a second copy is a relay bug).
@@ -357,8 +372,15 @@ struct Sess {
 }
 
 impl Client {
-    fn receiving(&self) -> bool {
-        self.sessions.iter().any(|s| s.receive)
+    fn receiving_at(&self, relay: usize) -> bool {
+        self.sessions.iter().any(|s| s.receive && s.relay == relay)
+    }
+
+    fn relay_of(&self, conn: ConnId) -> Option<usize> {
+        self.sessions
+            .iter()
+            .find(|s| s.conn == conn)
+            .map(|s| s.relay)
     }
 
     fn has(&self, conn: ConnId) -> bool {
@@ -532,7 +554,14 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
     let clients = (0..cfg.clients)
         .map(|i| Client {
             address: Address(rng.bytes()),
-            home: i % relays.len(),
+            homes: {
+                let home = i % relays.len();
+                let mut homes = vec![home];
+                if relays.len() > 1 && rng.one_in(cfg.multi_home_one_in) {
+                    homes.push((home + 1 + rng.below(relays.len() - 1)) % relays.len());
+                }
+                homes
+            },
             sessions: Vec::new(),
             app: HashSet::new(),
         })
@@ -562,6 +591,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
         report: Report::default(),
         trace: std::env::var_os("W2W_SIM_TRACE").is_some(),
     };
+    sim.report.multi_homed = sim.clients.iter().filter(|c| c.homes.len() > 1).count() as u64;
     sim.go().map_err(|e| format!("seed {seed}: {e}"))?;
     sim.report.sim_us = sim.now_us;
     Ok(sim.report)
@@ -682,7 +712,8 @@ impl Sim<'_> {
             self.at(100, Ev::LinkUp { link });
         }
         for c in 0..self.clients.len() {
-            if !self.clients[c].receiving() {
+            let cl = &self.clients[c];
+            if cl.homes.iter().any(|r| !cl.receiving_at(*r)) {
                 self.at(100, Ev::Connect { client: c });
             }
         }
@@ -692,20 +723,26 @@ impl Sim<'_> {
         match ev {
             Ev::Send => self.send()?,
             Ev::Connect { client } => {
-                if !self.clients[client].receiving() {
-                    self.connect(client, true);
+                // A receiving session at each home that has none.
+                for relay in self.clients[client].homes.clone() {
+                    if !self.clients[client].receiving_at(relay) {
+                        self.connect(client, relay, true);
+                    }
                 }
             }
             Ev::Open { client, receive } => {
                 if self.clients[client].sessions.len() < SIM_SESSIONS {
                     self.report.extra_sessions += 1;
-                    self.connect(client, receive);
+                    let homes = &self.clients[client].homes;
+                    let relay = homes[self.rng.below(homes.len())];
+                    self.connect(client, relay, receive);
                 }
             }
             Ev::Drop { client } if !self.clients[client].sessions.is_empty() => {
                 self.report.drops += 1;
                 let n = self.clients[client].sessions.len();
-                let conn = self.clients[client].sessions[self.rng.below(n)].conn;
+                let sess = &self.clients[client].sessions[self.rng.below(n)];
+                let (conn, relay) = (sess.conn, sess.relay);
                 if self.rng.one_in(3) {
                     // The client moves on (a fast reconnect, a laptop
                     // that slept) while its old connection stays open:
@@ -713,14 +750,13 @@ impl Sim<'_> {
                     self.report.zombies += 1;
                     self.clients[client].remove(conn);
                     self.by_conn.remove(&conn);
-                    let relay = self.clients[client].home;
                     let gen = self.relays[relay].gen;
                     let d = self.rng.range((2_000, 40_000));
                     self.at(d, Ev::Gone { relay, gen, conn });
-                    self.connect(client, true);
+                    self.connect(client, relay, true);
                 } else {
                     self.drop_conn(conn);
-                    if !self.clients[client].receiving() {
+                    if !self.clients[client].receiving_at(relay) {
                         let d = self.rng.range((500, 20_000));
                         self.at(d, Ev::Connect { client });
                     }
@@ -811,7 +847,7 @@ impl Sim<'_> {
             Ev::Restart { relay } => {
                 self.start_relay(relay);
                 for c in 0..self.clients.len() {
-                    if self.clients[c].home == relay {
+                    if self.clients[c].homes.contains(&relay) {
                         let d = self.rng.range((100, 5_000));
                         self.at(d, Ev::Connect { client: c });
                     }
@@ -839,7 +875,8 @@ impl Sim<'_> {
         if n == 0 {
             return Ok(());
         }
-        let conn = self.clients[from].sessions[self.rng.below(n)].conn;
+        let sess = &self.clients[from].sessions[self.rng.below(n)];
+        let (conn, relay) = (sess.conn, sess.relay);
         let pick = |sim: &mut Sim| {
             let i = sim.rng.below(sim.clients.len());
             sim.clients[i].address
@@ -870,7 +907,6 @@ impl Sim<'_> {
         self.sent_by
             .insert(msg.id, (msg.from, msg.dest == Dest::A2a));
         self.report.sent += 1;
-        let relay = self.clients[from].home;
         let d = self.link_delay(conn.0, true, self.cfg.link_delay_us);
         self.at(
             d,
@@ -1038,9 +1074,9 @@ impl Sim<'_> {
         arrive - self.now_us
     }
 
-    /// Opens a session for `client` (`receive` false: send-only).
-    fn connect(&mut self, client: usize, receive: bool) {
-        let home = self.clients[client].home;
+    /// Opens a session for `client` at `home` (`receive` false:
+    /// send-only).
+    fn connect(&mut self, client: usize, home: usize, receive: bool) {
         if self.relays[home].core.is_none() {
             return;
         }
@@ -1073,11 +1109,12 @@ impl Sim<'_> {
         if accepted {
             self.clients[client].sessions.push(Sess {
                 conn,
+                relay: home,
                 receive,
                 on_conn: HashSet::new(),
             });
             self.by_conn.insert(conn, client);
-        } else if receive && !self.clients[client].receiving() {
+        } else if receive && !self.clients[client].receiving_at(home) {
             // Too many sessions (zombies count): try again later.
             let d = self.rng.range((500, 20_000));
             self.at(d, Ev::Connect { client });
@@ -1090,11 +1127,13 @@ impl Sim<'_> {
         let Some(client) = self.by_conn.remove(&conn) else {
             return;
         };
+        let Some(home) = self.clients[client].relay_of(conn) else {
+            return;
+        };
         self.clients[client].remove(conn);
         self.link_last.remove(&(conn.0, true));
         self.link_last.remove(&(conn.0, false));
         let now = self.now();
-        let home = self.clients[client].home;
         if let Some(core) = self.relays[home].core.as_mut() {
             core.disconnect(now, conn);
         }
@@ -1110,11 +1149,12 @@ impl Sim<'_> {
         relay.disk.queue.clear();
         relay.disk.busy = false;
         for c in &mut self.clients {
-            if c.home == r {
-                for s in c.sessions.drain(..) {
+            for s in &c.sessions {
+                if s.relay == r {
                     self.by_conn.remove(&s.conn);
                 }
             }
+            c.sessions.retain(|s| s.relay != r);
         }
         for link in self.relays[r].links.clone() {
             self.link_down(link)?;
@@ -1345,9 +1385,16 @@ impl Sim<'_> {
         Ok(())
     }
 
-    fn home_disk(&self, to: &Address) -> Option<&Disk> {
-        let c = self.clients.iter().find(|c| c.address == *to)?;
-        Some(&self.relays[c.home].disk)
+    /// Whether one of `to`'s home relays holds message `id` for it.
+    fn on_home_disk(&self, to: &Address, id: MsgId) -> bool {
+        self.clients
+            .iter()
+            .find(|c| c.address == *to)
+            .is_some_and(|c| {
+                c.homes
+                    .iter()
+                    .any(|r| self.relays[*r].disk.index.contains_key(&(*to, id)))
+            })
     }
 
     /// Checks a RECEIPT as a relay sends it, and records its promises.
@@ -1402,9 +1449,7 @@ impl Sim<'_> {
                 }
                 Status::Queued => {
                     self.report.queued_entries += 1;
-                    let on_disk = self
-                        .home_disk(&to)
-                        .is_some_and(|d| d.index.contains_key(&(to, r.id)));
+                    let on_disk = self.on_home_disk(&to, r.id);
                     if !self.got.contains(&(to, r.id)) && !on_disk {
                         return Err(format!(
                             "receipt says queued for {to}, but it is neither on disk nor arrived"
@@ -1444,9 +1489,11 @@ impl Sim<'_> {
             ));
         }
         let to = c.address;
-        let home = c.home;
+        let home = sess.relay;
         if c.app.insert((m.id, m.from)) {
             self.report.arrived += 1;
+        } else {
+            self.report.app_repeats += 1;
         }
         self.got.insert((to, m.id));
         *self.got_sessions.entry((to, m.id)).or_default() += 1;
