@@ -53,7 +53,7 @@ pub(crate) struct Dedupe {
 }
 
 impl Dedupe {
-    fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Dedupe {
             cap,
             order: Default::default(),
@@ -66,7 +66,7 @@ impl Dedupe {
     }
 
     /// `true` the first time a (id, sender) pair is seen.
-    fn first(&mut self, key: (MsgId, Address)) -> bool {
+    pub(crate) fn first(&mut self, key: (MsgId, Address)) -> bool {
         if !self.set.insert(key) {
             return false;
         }

@@ -25,11 +25,13 @@ mod driver;
 mod error;
 mod handle;
 mod handshake;
+mod homes;
 mod transport;
 
 pub use driver::DEDUPE_WINDOW;
 pub use error::ClientError;
 pub use handle::{Client, Event, Received, Security};
 pub use handshake::{register, register_as, register_session};
+pub use homes::Homes;
 pub use transport::{connect_raw, unix_ms, ConnectOptions, RelaySocket};
 pub use w2w_proto;

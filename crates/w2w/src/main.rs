@@ -287,6 +287,12 @@ struct ListenArgs {
     /// Also print join/leave notices.
     #[arg(long)]
     presence: bool,
+    /// Also listen through this relay (repeatable): the key registers
+    /// there too, messages for it go to every relay where it is online,
+    /// and each is printed once. Listening goes on while any of them is
+    /// reachable (redundancy).
+    #[arg(long = "also", value_name = "URL")]
+    also: Vec<String>,
     /// Be this key's only session on the relay: close its other sessions
     /// (other listeners, tabs, a stale connection of this one), now and
     /// after every reconnect. Without it, several listeners with one key
@@ -967,16 +973,26 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     let session = Session::Receive {
         exclusive: a.exclusive,
     };
-    let mut c = connect(&a.client, session).await?;
+    let first = connect(&a.client, session).await?;
+    let address = first.address();
+    let mut relays = vec![(a.client.relay.clone(), first)];
+    for url in &a.also {
+        let args = ClientArgs {
+            relay: url.clone(),
+            ..a.client.clone()
+        };
+        relays.push((url.clone(), connect(&args, session).await?));
+    }
+    let names: Vec<String> = relays.iter().map(|(u, _)| u.clone()).collect();
+    let mut c = w2w_client::Homes::from_clients(relays);
     if a.presence {
-        c.request(w2w_proto::frame::RequestOp::Presence(true))
+        c.request_all(w2w_proto::frame::RequestOp::Presence(true))
             .await?;
     }
     let mut stop = std::pin::pin!(shutdown_signal());
     eprintln!(
-        "listening as {} on {} (Ctrl-C to stop)",
-        c.address(),
-        a.client.relay
+        "listening as {address} on {} (Ctrl-C to stop)",
+        names.join(" and ")
     );
     let mut stdout = std::io::stdout();
     let mut n = 0u64;
@@ -988,7 +1004,11 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         match ev {
             None => bail!(
                 "connection ended: {}",
-                c.close_reason().unwrap_or_else(|| "unknown".into())
+                c.ended()
+                    .iter()
+                    .map(|(u, why)| format!("{u}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
             Some(Event::Msg(m)) => {
                 use std::io::Write as _;
@@ -1032,9 +1052,9 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
             Some(Event::Notice(notice)) => match notice {
                 Notice::Join(x) if a.presence => eprintln!("+ {x} joined"),
                 Notice::Leave(x) if a.presence => eprintln!("- {x} left"),
-                Notice::Replaced => {
-                    eprintln!("another connection with this identity replaced this one")
-                }
+                Notice::Replaced => eprintln!(
+                    "closed: another session of this identity asked to be the only one (--exclusive)"
+                ),
                 Notice::ShuttingDown => eprintln!("the relay is shutting down"),
                 Notice::Delivered { id, to } => {
                     eprintln!("message {id} (queued earlier) reached {to}")

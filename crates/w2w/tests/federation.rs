@@ -422,3 +422,113 @@ async fn peer_limit_redirects_newcomers() {
     assert_eq!(hub.metric("w2w_peer_links "), Some(1.0));
     assert_eq!(first.metric("w2w_peer_links "), Some(2.0));
 }
+
+/// Redundancy (PROTOCOL 7.7): one key listens at relays A and B at once; a
+/// sender at C sends a stream; A is SIGKILLed in the middle and restarted
+/// at the end. Every message receipted `delivered` or `queued` reaches the
+/// application once (`Homes` drops the copy that came through the other
+/// relay); none is refused while B is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_at_two_relays_loses_nothing_when_one_is_killed() {
+    let mut relays = topology(3, &[(0, 1), (1, 2), (0, 2)]);
+    converge(&relays).await;
+    let me = Identity::from_seed(rand::random());
+    let mut homes = w2w_client::Homes::connect(
+        me.clone(),
+        vec![
+            ConnectOptions::new(&relays[0].url),
+            ConnectOptions::new(&relays[1].url),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(homes.ended().is_empty(), "{:?}", homes.ended());
+    let sender = Client::connect(
+        Identity::from_seed(rand::random()),
+        ConnectOptions::new(&relays[2].url),
+    )
+    .await
+    .unwrap();
+    // Once C's directory names both relays, a message is acknowledged by
+    // both sessions.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = sender.send(Dest::A2b(me.address()), "probe").await.unwrap();
+        if r.status == Status::Delivered && r.delivered == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached both relays: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut promised = Vec::new();
+    let mut refused = Vec::new();
+    for batch in 0..12 {
+        let sends = (0..25).map(|i| {
+            let body = format!("m{batch}-{i}");
+            let s = &sender;
+            let to = me.address();
+            async move { (body.clone(), s.send(Dest::A2b(to), body).await.unwrap()) }
+        });
+        // A dies while the fifth batch is on its way.
+        let kill = async {
+            if batch == 4 {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                relays[0].kill();
+            }
+        };
+        let (receipts, ()) = tokio::join!(futures_util::future::join_all(sends), kill);
+        for (body, r) in receipts {
+            match r.status {
+                Status::Delivered | Status::Queued => promised.push(body),
+                _ => refused.push((body, r)),
+            }
+        }
+    }
+    assert!(refused.is_empty(), "refused while B was up: {refused:?}");
+    relays[0].restart();
+    // Everything promised, once: through B, or A after its restart.
+    let mut got: HashMap<String, usize> = HashMap::new();
+    let deadline = Instant::now() + WAIT;
+    while promised.iter().any(|b| !got.contains_key(b)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, homes.recv()).await {
+            Ok(Some(Event::Msg(m))) => {
+                *got.entry(String::from_utf8_lossy(&m.body).into_owned())
+                    .or_default() += 1
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("both connections ended: {:?}", homes.ended()),
+            Err(_) => {
+                let lost: Vec<_> = promised.iter().filter(|b| !got.contains_key(*b)).collect();
+                panic!("{} receipted messages never arrived: {lost:?}", lost.len());
+            }
+        }
+    }
+    // A little longer: no second copy comes through the other relay.
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(500), homes.recv()).await {
+        if let Event::Msg(m) = ev {
+            *got.entry(String::from_utf8_lossy(&m.body).into_owned())
+                .or_default() += 1;
+        }
+    }
+    eprintln!(
+        "{} sent, {} receipted, {} arrived once; A killed during the fifth batch of 25",
+        300,
+        promised.len(),
+        got.iter()
+            .filter(|(b, n)| **n == 1 && *b != "probe")
+            .count()
+    );
+    let twice: Vec<_> = got
+        .iter()
+        .filter(|(b, n)| **n > 1 && *b != "probe")
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "the application got these twice: {twice:?}"
+    );
+    assert_eq!(promised.len(), 300);
+}
