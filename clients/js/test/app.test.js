@@ -7,7 +7,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, launchChromium } from './chromium.js';
+import { ARTIFACTS, launchChromium, appFromDisk } from './chromium.js';
 import { startRelay, stopAll, run, w2wBin } from './relay.js';
 
 const DESKTOP = { width: 1280, height: 800 };
@@ -41,6 +41,11 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
   async function openApp({ viewport = DESKTOP, base = relay.http, ...extra } = {}) {
     const ctx = await browser.newContext({ viewport, ...extra });
     contexts.push(ctx);
+    await appFromDisk(ctx);
+    return openTab(ctx, base);
+  }
+  /** Another page of the app in `ctx`: another tab of that browser, with its identity (localStorage). */
+  async function openTab(ctx, base = relay.http) {
     const page = await ctx.newPage();
     page.ctx = ctx;
     page.setDefaultTimeout(20000);
@@ -229,6 +234,100 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     await closeContexts();
   });
 
+  it('two tabs with one key both stay connected, both get live messages, and each shows what the other sent', T, async () => {
+    const a1 = await openApp();
+    const a2 = await openTab(a1.ctx); // the same browser: the same key from localStorage
+    assert.equal(a2.address, a1.address);
+    const c = await openApp(); // someone else
+    // Record what each tab's socket sees: closes, reconnects, messages.
+    const watch = (p) =>
+      p.evaluate(() => {
+        const s = window.w2w.socket;
+        window.ends = [];
+        window.got = [];
+        window.receipts = [];
+        s.addEventListener('close', (e) => window.ends.push(e.name));
+        s.addEventListener('reconnecting', (e) => window.ends.push(e.name));
+        s.addEventListener('message', (e) => window.got.push(e.text));
+        s.addEventListener('receipt', (e) => window.receipts.push({ id: e.id, status: e.status, delivered: e.delivered }));
+      });
+    for (const p of [a1, a2, c]) await watch(p);
+    const ends = (p) => p.evaluate(() => window.ends);
+    await a1.waitForTimeout(3000);
+    for (const p of [a1, a2]) {
+      assert.deepEqual(await ends(p), [], 'neither tab was closed or replaced');
+      assert.equal(await p.getAttribute('#status', 'data-state'), 'online');
+    }
+
+    // The other person writes: both tabs get it, once each, and show it.
+    await newDirect(c, a1.address, 'Ann');
+    const hello = await say(c, 'Hello, both tabs');
+    await hello.locator('.status-line[data-status="delivered"]').waitFor();
+    assert.deepEqual((await c.evaluate(() => window.receipts)).map((r) => [r.status, r.delivered]), [['delivered', 2]], 'both sessions acknowledged it');
+    const fromC = `d:${c.address}`;
+    for (const p of [a1, a2]) {
+      await conv(p, fromC).waitFor();
+      assert.equal(await unread(p, fromC), 1);
+      assert.deepEqual(await p.evaluate(() => window.got), ['Hello, both tabs']);
+    }
+
+    // Tab 1 answers: tab 2 shows the answer in that conversation, with its receipt.
+    await conv(a1, fromC).click();
+    const answer = await say(a1, 'Answered from tab 1');
+    await answer.locator('.status-line[data-status="delivered"]').waitFor();
+    await conv(a2, fromC).click();
+    await a2.locator('#messages .msg.out .body:text("Answered from tab 1")').waitFor();
+    await a2.locator('#messages .msg.out .status-line[data-status="delivered"]').waitFor();
+    await c.locator('#messages .msg.in .body:text("Answered from tab 1")').waitFor();
+    // And tab 2 writes, seen in tab 1 (its conversation open).
+    const more = await say(a2, 'And this from tab 2');
+    await more.locator('.status-line[data-status="delivered"]').waitFor();
+    await a1.locator('#messages .msg.out .body:text("And this from tab 2")').waitFor();
+    const all = ['Hello, both tabs', 'Answered from tab 1', 'And this from tab 2'];
+    for (const p of [a1, a2]) assert.deepEqual(await p.locator('#messages .msg .body').allTextContents(), all, 'each message once in each tab');
+    assert.deepEqual(await c.locator('#messages .msg .body').allTextContents(), all);
+
+    // The other person writes again to the open conversation: once in each tab.
+    await say(c, 'Still both?');
+    for (const p of [a1, a2]) await p.locator('#messages .msg.in .body:text("Still both?")').waitFor();
+    await a1.waitForTimeout(500);
+    for (const p of [a1, a2]) {
+      assert.equal(await p.locator('#messages .msg .body:text("Still both?")').count(), 1);
+      assert.deepEqual(await p.evaluate(() => window.got), ['Hello, both tabs', 'Still both?']);
+      assert.deepEqual(await ends(p), []);
+      assert.equal(await p.getAttribute('#status', 'data-state'), 'online');
+    }
+    // The stored history (one database for both tabs) has each message once.
+    await a2.reload();
+    await online(a2);
+    await conv(a2, fromC).click();
+    await a2.waitForFunction(() => document.querySelectorAll('#messages .msg').length >= 4);
+    assert.deepEqual(await a2.locator('#messages .msg .body').allTextContents(), [...all, 'Still both?']);
+    assert.deepEqual([...a1.errors, ...a2.errors, ...c.errors], []);
+    await closeContexts();
+  });
+
+  it('past the relay\'s sessions per key, one more tab says so and waits; it connects when a tab closes', T, async () => {
+    const small = await startRelay({ limits: { max_sessions: 2 } });
+    try {
+      const a1 = await openApp({ base: small.http });
+      const a2 = await openTab(a1.ctx, small.http);
+      const a3 = await a1.ctx.newPage();
+      a3.setDefaultTimeout(20000);
+      await a3.goto(small.http + '/');
+      await a3.waitForSelector('#status[data-state="reconnecting"]');
+      assert.match(await a3.textContent('#status-text'), /Too many tabs or devices use this identity/);
+      for (const p of [a1, a2]) assert.equal(await p.getAttribute('#status', 'data-state'), 'online');
+      await a2.close();
+      await online(a3);
+      assert.equal(await a1.getAttribute('#status', 'data-state'), 'online');
+      assert.deepEqual(a1.errors, []);
+      await closeContexts();
+    } finally {
+      await small.stop();
+    }
+  });
+
   it('a message Queued for someone offline turns Delivered when they come back (NOTICE DELIVERED)', T, async () => {
     const a = await openApp();
     const b = await openApp();
@@ -257,7 +356,7 @@ describe('the chat app in headless Chromium', { timeout: 15 * 60 * 1000 }, () =>
     assert.match(backup, new RegExp(`address: ${a.address}`));
     assert.match(backup, /secret key: [0-9a-f]{64}/);
     await a.click('#me-close');
-    await closeContexts(); // one key, one connection: A goes away first
+    await closeContexts(); // A goes away; its key goes to another browser below
 
     const d = await openApp();
     const before = d.address;

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
 import path from 'node:path';
-import { ARTIFACTS, launchChromium } from './chromium.js';
+import { ARTIFACTS, launchChromium, appFromDisk } from './chromium.js';
 
 import { startRelay, stopAll, repo } from './relay.js';
 
@@ -35,6 +35,7 @@ describe('in headless Chromium', { timeout: 15 * 60 * 1000 }, () => {
   async function openPage(pathname = '/', viewport = { width: 1280, height: 860 }, extra = {}) {
     const ctx = await browser.newContext({ viewport, ...extra });
     contexts.push(ctx);
+    await appFromDisk(ctx);
     const page = await ctx.newPage();
     page.setDefaultTimeout(20000);
     page.errors = [];

@@ -301,19 +301,140 @@ describe('JS client against the Rust relay', { timeout: 20 * 60 * 1000 }, () => 
     assert.equal(e.sealed, true);
   });
 
-  it('a second connection with the same key replaces the first, which does not reconnect', T, async () => {
+  // Sessions (PROTOCOL.md 7.7): one key may hold several at once.
+
+  it('a second connection with the same key does not replace the first: both stay open', T, async () => {
     const me = Identity.generate();
     const first = await connect(me);
-    const reconnects = collect(first, 'reconnecting');
-    const closed = next(first, 'close');
+    const events = [...collect(first, 'close'), ...collect(first, 'reconnecting')];
     const second = await connect(me);
-    const c = await closed;
-    assert.equal(c.code, 4026);
-    assert.equal(c.name, 'replaced');
-    await sleep(600);
-    assert.equal(reconnects.length, 0);
-    assert.equal(first.readyState, W2WSocket.CLOSED);
+    await sleep(1500);
+    assert.deepEqual(events.map((e) => e.name), [], 'the first session was not closed');
+    assert.equal(first.readyState, W2WSocket.OPEN);
     assert.equal(second.readyState, W2WSocket.OPEN);
+    // Online once, however many sessions.
+    const online = await second.online();
+    assert.equal(online.filter((a) => a === me.address).length, 1);
+  });
+
+  it('two receiving sessions of one key each get a live a2b exactly once; the receipt counts both', T, async () => {
+    const me = Identity.generate();
+    const tab1 = await connect(me);
+    const tab2 = await connect(me);
+    const third = await connect();
+    const in1 = collect(tab1, 'message');
+    const in2 = collect(tab2, 'message');
+    const got1 = next(tab1, 'message', (e) => e.text === 'to both tabs');
+    const got2 = next(tab2, 'message', (e) => e.text === 'to both tabs');
+    const r = await third.send(me.address, 'to both tabs');
+    assert.equal(r.status, 'delivered');
+    assert.equal(r.delivered, 2, 'both sessions acknowledged it');
+    assert.deepEqual(r.entries, [{ to: me.address, status: 'delivered', reason: null }]);
+    const [e1, e2] = await Promise.all([got1, got2]);
+    for (const e of [e1, e2]) {
+      assert.equal(e.id, r.id);
+      assert.equal(e.from, third.address);
+      assert.equal(e.route, 'a2b');
+      assert.equal(e.verified, true);
+    }
+    await sleep(1000); // nothing more comes: no second copy, no redelivery of a stored one
+    assert.deepEqual(in1.map((e) => e.id), [r.id]);
+    assert.deepEqual(in2.map((e) => e.id), [r.id]);
+    for (const s of [tab1, tab2]) {
+      assert.equal(s.stats.received, 1);
+      assert.equal(s.stats.duplicates, 0);
+    }
+  });
+
+  it('a sendOnly socket sends (a2b, a2a) beside a listener of the same key, which stays open; it is never handed a MSG nor online', T, async () => {
+    const me = Identity.generate();
+    const third = await connect();
+    const sender = await connect(me, { sendOnly: true });
+    assert.equal(sender.role, 'sender');
+    const senderIn = collect(sender, 'message');
+    const senderErrors = collect(sender, 'error');
+    // Alone, a send-only session is not online: not in ONLINE, not found by LOOKUP.
+    assert.ok(!(await third.online()).includes(me.address));
+    assert.equal(await third.lookup(me.address), null);
+    // A message for the key meanwhile is not handed to the sender: it is stored for the listener.
+    const early = await third.send(me.address, 'before the listener');
+    assert.equal(early.status, 'queued');
+
+    const listener = new W2WSocket(relay.url, me, { WebSocket });
+    sockets.push(listener);
+    const heard = collect(listener, 'message');
+    const listenerEnds = [...collect(listener, 'close'), ...collect(listener, 'reconnecting')];
+    await next(listener, 'message', (e) => e.text === 'before the listener', 15000);
+    assert.ok((await third.online()).includes(me.address));
+    assert.deepEqual(await third.lookup(me.address), { relayKey: third.relayKey, relayUrl: relay.url });
+
+    // To a third address, and to itself (a2a): the listener gets the a2a.
+    const got = next(third, 'message', (e) => e.text === 'from the sender');
+    const r1 = await sender.send(third.address, 'from the sender');
+    assert.equal(r1.status, 'delivered');
+    assert.equal((await got).from, me.address);
+    const note = next(listener, 'message', (e) => e.text === 'note to my other sessions');
+    const r2 = await sender.send(me.address, 'note to my other sessions');
+    assert.equal(r2.status, 'delivered');
+    assert.equal(r2.delivered, 1, 'only the listener took it');
+    const e = await note;
+    assert.equal(e.route, 'a2a');
+    assert.equal(e.from, me.address);
+    assert.equal(e.id, r2.id);
+    assert.equal(e.sealed, true);
+    // And from the third client: the listener has it, the sender not.
+    const only = next(listener, 'message', (x) => x.text === 'for the listener only');
+    const r3 = await third.send(me.address, 'for the listener only');
+    assert.equal(r3.delivered, 1);
+    await only;
+    // An a2n from the third client reaches the listener, not the sender.
+    const tag = `everyone ${Math.random()}`;
+    const bc = next(listener, 'message', (x) => x.text === tag);
+    await third.send('*', tag, { scope: 'relay' });
+    await bc;
+
+    await sleep(1000);
+    assert.deepEqual(senderIn, [], 'the send-only socket never got a message');
+    assert.deepEqual(sender.stats, { received: 0, duplicates: 0, refused: 0, reconnects: 0 });
+    assert.deepEqual(senderErrors, []);
+    assert.deepEqual(listenerEnds.map((x) => x.name), [], 'the listener was neither closed nor replaced');
+    assert.equal(listener.readyState, W2WSocket.OPEN);
+    assert.equal(sender.readyState, W2WSocket.OPEN);
+    assert.deepEqual(heard.map((x) => x.text), ['before the listener', 'note to my other sessions', 'for the listener only', tag]);
+  });
+
+  it('exclusive: true closes the key\'s other sessions (replaced, no reconnect) and reports how many; again after a reconnect', T, async () => {
+    const me = Identity.generate();
+    const old = await connect(me);
+    const oldSender = await connect(me, { sendOnly: true });
+    const ends = [old, oldSender].map((s) => ({ reconnects: collect(s, 'reconnecting'), closed: next(s, 'close') }));
+    const s = new W2WSocket(relay.url, me, { WebSocket, exclusive: true });
+    sockets.push(s);
+    const first = await next(s, 'exclusive', () => true, 15000);
+    assert.deepEqual({ closed: first.closed, reconnected: first.reconnected }, { closed: 2, reconnected: false });
+    for (const x of ends) {
+      const c = await x.closed;
+      assert.equal(c.code, 4026);
+      assert.equal(c.name, 'replaced');
+    }
+    await sleep(600);
+    assert.deepEqual(ends.map((x) => x.reconnects.length), [0, 0], 'a replaced socket does not reconnect');
+    assert.equal(old.readyState, W2WSocket.CLOSED);
+    assert.equal(s.readyState, W2WSocket.OPEN);
+    // Alone now: exclusive() closes nobody.
+    assert.equal(await s.exclusive(), 0);
+    // A newer plain session is not refused; the exclusive socket asks again after its reconnect.
+    const newer = await connect(me);
+    const newerClosed = next(newer, 'close');
+    const again = next(s, 'exclusive', (e) => e.reconnected, 15000);
+    s._ws.close(); // the connection drops; the socket reconnects by itself
+    assert.equal((await again).closed, 1);
+    assert.equal((await newerClosed).name, 'replaced');
+    // The exclusive socket still gets messages.
+    const third = await connect();
+    const got = next(s, 'message', (e) => e.text === 'still here');
+    assert.equal((await third.send(me.address, 'still here')).delivered, 1);
+    await got;
   });
 
   it('close() ends the session without reconnecting', T, async () => {
@@ -488,5 +609,51 @@ describe('JS client and the Rust CLI', { timeout: 20 * 60 * 1000 }, () => {
     assert.equal(e.groupName, name);
     assert.equal(e.sealed, true);
     assert.equal(e.verified, true);
+  });
+});
+
+describe('a relay admitting 2 sessions per key (max_sessions = 2)', { timeout: 5 * 60 * 1000 }, () => {
+  let relay;
+  const sockets = [];
+  before(async () => {
+    relay = await startRelay({ limits: { max_sessions: 2 } });
+  });
+  after(async () => {
+    for (const s of sockets) s.close();
+    await sleep(100);
+    await relay?.stop();
+    await stopAll();
+  });
+
+  it('a third session is refused too_many_sessions (4051), retries with a backoff of 2 s or more, and registers once a slot is free', T, async () => {
+    const me = Identity.generate();
+    const open = async (opts = {}) => {
+      const s = new W2WSocket(relay.url, me, { WebSocket, ...opts });
+      sockets.push(s);
+      return s;
+    };
+    const a = await open();
+    const b = await open({ sendOnly: true }); // send-only sessions count too
+    await withTimeout(Promise.all([a.ready(), b.ready()]), 15000, 'two sessions');
+    const aEnds = [...collect(a, 'close'), ...collect(a, 'reconnecting')];
+    const c = await open({ minBackoffMs: 50 });
+    const errors = collect(c, 'error');
+    const opened = collect(c, 'open');
+    const retry = await next(c, 'reconnecting', () => true, 15000);
+    assert.equal(retry.name, 'too_many_sessions');
+    assert.equal(retry.code, 4051);
+    assert.equal(retry.wasOpen, false);
+    assert.ok(retry.delay >= 2000, `first retry after ${retry.delay} ms`);
+    assert.ok(errors.some((e) => e.code === 'too_many_sessions'), JSON.stringify(errors.map((e) => e.code)));
+    assert.equal(c.readyState, W2WSocket.CONNECTING);
+    // The refusal left the others alone.
+    assert.deepEqual(aEnds, []);
+    assert.equal(a.readyState, W2WSocket.OPEN);
+    assert.equal(b.readyState, W2WSocket.OPEN);
+    // One ends: the next attempt gets its slot.
+    b.close();
+    await withTimeout(c.ready(), 15000, 'the third session to register');
+    assert.equal(opened.length, 1);
+    assert.equal(a.readyState, W2WSocket.OPEN);
   });
 });

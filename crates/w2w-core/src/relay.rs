@@ -43,6 +43,12 @@ pub struct Config {
     /// Most sessions (receiving and send-only) one address may hold at
     /// once (default 8); one more is refused `too_many_sessions`.
     pub max_sessions: usize,
+    /// After one session of an address acknowledged a message handed to
+    /// several, how long the others have to acknowledge it before the
+    /// entry is settled `delivered` without them (default 250 ms): a
+    /// frozen tab or a dead connection must not hold every receipt for
+    /// the address until `receipt_timeout`.
+    pub session_grace: Duration,
     /// Keys the core's hash maps (addresses and ids are chosen by peers: a
     /// relay passes random bytes so nobody can aim keys at one bucket).
     /// Deterministic for a given seed; outputs never follow map order.
@@ -59,6 +65,7 @@ impl Default for Config {
             durable: true,
             events: false,
             max_sessions: 8,
+            session_grace: Duration::from_millis(250),
             hash_seed: [
                 0x243f_6a88_85a3_08d3,
                 0x1319_8a2e_0370_7344,
@@ -223,6 +230,9 @@ pub struct RelayCore {
     pub(crate) local_ids: HashMap<MsgId, FlightKey>,
     /// Deadlines of messages in flight, in time order.
     deadlines: BTreeMap<(Instant, u64), FlightKey>,
+    /// When messages one session of an address acknowledged stop waiting
+    /// for its other sessions (`Config::session_grace`).
+    graces: BTreeMap<(Instant, u64), FlightKey>,
     /// Committed messages waiting for a draining connection's reader.
     awaiting_drain: BTreeMap<(Address, MsgId), FlightKey>,
     /// Writes on their way per recipient: a connection goes live only when
@@ -281,6 +291,7 @@ impl RelayCore {
             flights: HashMap::with_hasher(hasher.clone()),
             local_ids: HashMap::with_hasher(hasher.clone()),
             deadlines: BTreeMap::new(),
+            graces: BTreeMap::new(),
             awaiting_drain: BTreeMap::new(),
             writes: HashMap::with_hasher(hasher.clone()),
             tokens: HashMap::with_hasher(hasher.clone()),
@@ -376,7 +387,9 @@ impl RelayCore {
 
     /// When `handle_timeout` is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadlines.keys().next().map(|(t, _)| *t)
+        let d = self.deadlines.keys().next().map(|(t, _)| *t);
+        let g = self.graces.keys().next().map(|(t, _)| *t);
+        d.into_iter().chain(g).min()
     }
 
     /// Messages in flight (for tests and metrics).
@@ -785,7 +798,7 @@ impl RelayCore {
     }
 
     /// An ACK: the connection has these messages.
-    pub fn handle_ack(&mut self, _now: Instant, conn: ConnId, ids: &[MsgId]) {
+    pub fn handle_ack(&mut self, now: Instant, conn: ConnId, ids: &[MsgId]) {
         for id in ids {
             let Some(session) = self.sessions.get_mut(&conn) else {
                 return;
@@ -815,6 +828,7 @@ impl RelayCore {
             let mut counts = true;
             let mut drained = false;
             let mut pending = false;
+            let mut grace = false;
             if let Some(state) = f.state_mut(&address) {
                 match state {
                     Recipient::Unstored { conns, acked } if conns.contains(&conn) => {
@@ -822,6 +836,10 @@ impl RelayCore {
                         *acked += 1;
                         if conns.is_empty() {
                             *state = Recipient::Settled(entry(address, Status::Delivered, None));
+                        } else {
+                            // The others get a little while, not the
+                            // whole receipt timeout.
+                            grace = *acked == 1;
                         }
                     }
                     Recipient::Stored { .. } if h.stored => {
@@ -854,6 +872,11 @@ impl RelayCore {
                 // hands it out again.
                 self.note_gone(address, *id, u64::MAX);
             }
+            if grace {
+                self.next += 1;
+                self.graces
+                    .insert((now + self.config.session_grace, self.next), key);
+            }
             self.finish_if_settled(key);
         }
     }
@@ -870,6 +893,23 @@ impl RelayCore {
     /// unstored that did not ACK it get it written; stored ones that did
     /// not ACK are `queued`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        // Messages an address's other sessions did not acknowledge within
+        // the grace after the first: delivered (it has them).
+        while let Some((&(t, n), &key)) = self.graces.iter().next() {
+            if t > now {
+                break;
+            }
+            self.graces.remove(&(t, n));
+            let Some(f) = self.flights.get_mut(&key) else {
+                continue;
+            };
+            for (to, state) in &mut f.recipients {
+                if matches!(state, Recipient::Unstored { acked, .. } if *acked > 0) {
+                    *state = Recipient::Settled(entry(*to, Status::Delivered, None));
+                }
+            }
+            self.finish_if_settled(key);
+        }
         while let Some((&(t, n), &key)) = self.deadlines.iter().next() {
             if t > now {
                 break;

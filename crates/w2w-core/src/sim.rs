@@ -130,6 +130,7 @@ impl Default for SimConfig {
             multi_home_one_in: 4,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
+                session_grace: Duration::from_millis(2),
                 max_group: 8,
                 read_batch: 4,
                 ..Config::default()
@@ -153,6 +154,7 @@ impl SimConfig {
             ..SimConfig::default()
         };
         c.core.receipt_timeout = Duration::from_millis(40);
+        c.core.session_grace = Duration::from_millis(10);
         c
     }
 

@@ -179,6 +179,7 @@ impl Federation {
             receipt_timeout: Duration::from_millis(config.receipt_timeout_ms),
             max_group,
             max_sessions,
+            session_grace: Duration::from_millis(250),
             read_batch: 64,
             durable: config.durable_delivery,
             events: false,

@@ -1103,6 +1103,28 @@ async fn two_reconnecting_clients_with_one_key_never_close_each_other_in_a_loop(
 }
 
 #[tokio::test]
+async fn a_session_that_never_acknowledges_does_not_hold_the_receipt() {
+    let relay = start(Limits::default()).await;
+    let me = id();
+    // A raw session of the key that takes messages and never ACKs (a
+    // frozen tab, a dead connection not yet timed out).
+    let mut frozen = raw(&relay).await;
+    register(&mut frozen, &me, &relay.url(), Some(relay.relay_key()))
+        .await
+        .unwrap();
+    let mut tab = session(&relay, &me, ConnectOptions::new(relay.url())).await;
+    let other = client(&relay).await;
+    let started = std::time::Instant::now();
+    let r = other.send(Dest::A2b(me.address()), "hi").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 1), "{r:?}");
+    // The grace is 250 ms; the receipt timeout (what it waited before) 5 s.
+    assert!(took < Duration::from_secs(2), "the receipt took {took:?}");
+    assert_eq!(&recv_msg(&mut tab).await.body[..], b"hi");
+    drop(frozen);
+}
+
+#[tokio::test]
 async fn too_many_sessions_are_refused_and_the_others_keep_working() {
     let relay = start(Limits {
         max_sessions: 2,

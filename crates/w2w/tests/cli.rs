@@ -635,8 +635,8 @@ fn relay_send_listen_online_end_to_end() {
         let out = run(cmd, CMD_TIMEOUT);
         out.assert_success("w2w online");
         assert!(
-            out.stdout.contains(&a),
-            "online lists the asker\n{}",
+            !out.stdout.contains(&a),
+            "online asks from a send-only session, which is not online\n{}",
             out.describe()
         );
         if !out.stdout.contains(&b) {
@@ -1270,8 +1270,15 @@ fn exit_codes_are_the_documented_ones() {
     assert_eq!(out.code(), Some(4), "{}", out.describe());
     let out = run(w2w(&["lookup", &nobody]), CMD_TIMEOUT);
     assert_eq!(out.code(), Some(4), "{}", out.describe());
+    // 0: found (the key listens; lookup asks from a send-only session).
+    let mut listen = w2w(&["listen"]);
+    listen.stderr(Stdio::piped());
+    let mut listener = Proc::spawn("w2w listen", listen);
+    let err = Lines::spawn(listener.child.stderr.take().unwrap());
+    err.wait_for("listening as", LINE_TIMEOUT, || server.log());
     let out = run(w2w(&["lookup", &me]), CMD_TIMEOUT);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
+    drop(listener);
     // 3: rejected (the relay: not a member of an unknown group; locally:
     // larger than the relay accepts).
     let out = run(w2w(&["send", "--group", "nosuchgroup", "x"]), CMD_TIMEOUT);
