@@ -28,7 +28,11 @@ use w2w_server::{FederationConfig, Limits, Relay, RelayConfig, TlsPaths};
         Start a relay:       w2w serve\n\
         Make an identity:    w2w id new\n\
         Listen:              w2w listen\n\
-        Send:                w2w send --to <ADDRESS> 'hello'",
+        Send:                w2w send --to <ADDRESS> 'hello'\n\n\
+        One key may hold several sessions on a relay: listen in two terminals (each gets every \
+        live message), send, list and look up from others (send-only sessions that disturb no \
+        listener). `w2w listen --exclusive` closes the key's other sessions; `w2w listen --also \
+        URL` listens through a second relay too, each message printed once.",
     after_help = EXIT_HELP
 )]
 struct Cli {

@@ -762,6 +762,20 @@ fn help_explains_the_commands() {
             out.describe()
         );
     }
+    // Sessions: several per key, and the two listen flags.
+    assert!(
+        out.stdout.contains("several sessions") && out.stdout.contains("--exclusive"),
+        "--help says how sessions work\n{}",
+        out.describe()
+    );
+    let mut listen_help = env.w2w();
+    listen_help.args(["listen", "--help"]);
+    let lh = run(listen_help, CMD_TIMEOUT);
+    assert!(
+        lh.stdout.contains("--exclusive") && lh.stdout.contains("--also"),
+        "listen --help\n{}",
+        lh.describe()
+    );
     // The benchmarks are their own binary (crates/w2w-bench).
     assert!(
         !out.stdout.contains("bench"),
