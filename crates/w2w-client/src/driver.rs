@@ -338,6 +338,16 @@ impl Driver {
                     tracing::info!(resent = self.unreceipted.len(), "reconnected");
                     return Ok(ws);
                 }
+                // The key's other sessions fill the relay's allowance: one
+                // may end soon (a tab closes, a dead connection times out),
+                // so keep trying, not faster than every 2 s.
+                Ok(Err(ClientError::Refused {
+                    code: w2w_proto::ErrorCode::TooManySessions,
+                    ..
+                })) => {
+                    tracing::info!("reconnect refused: too many sessions of this key; retrying");
+                    backoff = backoff.max(Duration::from_secs(1));
+                }
                 Ok(Err(e @ (ClientError::Handshake(_) | ClientError::Refused { .. }))) => {
                     return Err(format!("reconnect refused: {e}"));
                 }
