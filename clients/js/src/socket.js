@@ -40,8 +40,8 @@ const FATAL = new Set([
 /** The first retry after `too_many_sessions`: a slot frees when a session ends, not within milliseconds. */
 const SESSIONS_FULL_BACKOFF_MS = 2000;
 
-/** A small bounded set with least-recently-used eviction, for message ids. */
-class LruSet {
+/** A small bounded set with least-recently-used eviction, for message ids (internal: also W2WHomes). */
+export class LruSet {
   constructor(max) {
     this.max = max;
     this.map = new Map();
@@ -139,6 +139,39 @@ function frameTooLarge(message, size, limit) {
 }
 
 /**
+ * Events as on<name> properties or addEventListener, each a plain object
+ * with `type` and `target` (internal: the base of W2WSocket and W2WHomes).
+ */
+export class Emitter {
+  constructor() {
+    this._listeners = new Map();
+  }
+  addEventListener(type, fn) {
+    if (!this._listeners.has(type)) this._listeners.set(type, new Set());
+    this._listeners.get(type).add(fn);
+  }
+  removeEventListener(type, fn) {
+    this._listeners.get(type)?.delete(fn);
+  }
+  _emit(type, ev) {
+    ev.type = type;
+    ev.target = this;
+    const handlers = [this['on' + type], ...(this._listeners.get(type) ?? [])];
+    for (const h of handlers) {
+      if (typeof h !== 'function') continue;
+      try {
+        h.call(this, ev);
+      } catch (e) {
+        // An application handler that throws must not break the connection.
+        setTimeout(() => {
+          throw e;
+        });
+      }
+    }
+  }
+}
+
+/**
  * A registered connection to a w2w relay, with the shape of a WebSocket.
  *
  *   new W2WSocket(url, identity, {
@@ -201,13 +234,14 @@ function frameTooLarge(message, size, limit) {
  *   close        { code, reason, name, wasClean }: once, when the socket is
  *                closed for good (close(), a fatal refusal, or reconnect: false)
  */
-export class W2WSocket {
+export class W2WSocket extends Emitter {
   static CONNECTING = CONNECTING;
   static OPEN = OPEN;
   static CLOSING = CLOSING;
   static CLOSED = CLOSED;
 
   constructor(url, identity, opts = {}) {
+    super();
     if (!(identity instanceof Identity)) throw new TypeError('identity must be an Identity');
     this.url = new URL(url).href; // sign the same normalized URL we dial (PROTOCOL.md 6.4)
     if (!/^wss?:$/.test(new URL(this.url).protocol)) throw new TypeError('the relay URL must be ws:// or wss://');
@@ -246,7 +280,6 @@ export class W2WSocket {
     this._limitCheck = null; // the re-read of the limit after a 1009, awaited before reconnecting
     this._infoAbort = new AbortController();
     this._WebSocket = opts.WebSocket ?? null;
-    this._listeners = new Map();
     this._seen = new LruSet(this.opts.dedupe);
     // Messages without a receipt yet, in send order: id hex → {bytes, resolve,
     // reject, timer}. Sent again, with the same id, after a reconnect.
@@ -276,32 +309,6 @@ export class W2WSocket {
     this.onerror = this.onclose = this.onreconnecting = null;
     if (this.opts.fetchInfo) this._readInfo();
     this._connect();
-  }
-
-  // --- events
-
-  addEventListener(type, fn) {
-    if (!this._listeners.has(type)) this._listeners.set(type, new Set());
-    this._listeners.get(type).add(fn);
-  }
-  removeEventListener(type, fn) {
-    this._listeners.get(type)?.delete(fn);
-  }
-  _emit(type, ev) {
-    ev.type = type;
-    ev.target = this;
-    const handlers = [this['on' + type], ...(this._listeners.get(type) ?? [])];
-    for (const h of handlers) {
-      if (typeof h !== 'function') continue;
-      try {
-        h.call(this, ev);
-      } catch (e) {
-        // An application handler that throws must not break the connection.
-        setTimeout(() => {
-          throw e;
-        });
-      }
-    }
   }
 
   // --- the frame limit
@@ -629,6 +636,26 @@ export class W2WSocket {
       this._pending.delete(id);
       e.reject(new W2WError('timeout', 'no receipt from the relay in time'));
     }, this.opts.receiptTimeoutMs);
+  }
+
+  /**
+   * While this socket is not open: gives every message still waiting for
+   * its receipt to `other`, an open socket of the same identity at another
+   * relay (W2WHomes), which sends it now with its id, so that it does not
+   * wait for this relay to come back. A MSG is the same bytes at any relay,
+   * and a copy that this relay delivered before it went away is dropped by
+   * the recipient as a repeat (id, from): PROTOCOL.md 7.6. The promise
+   * send() returned resolves with the other relay's receipt.
+   */
+  _handOver(other) {
+    if (this.readyState === OPEN || other.readyState !== OPEN || !other._ws) return;
+    for (const [id, e] of this._pending) {
+      if (e.bytes.length > other.maxFrameBytes || other._pending.has(id)) continue; // stays for our reconnect
+      clearTimeout(e.timer);
+      this._pending.delete(id);
+      other._pending.set(id, e);
+      other._transmit(id, e);
+    }
   }
 
   /** Sends now if registered, else queues until the connection is open. */

@@ -1,8 +1,9 @@
 // w2w client for browsers and Node: the wire protocol of docs/PROTOCOL.md
 // (frame codec, sigA → sigB → sigC registration), end-to-end sealing and
 // signing (the format of crates/w2w-proto/src/seal.rs), W2WSocket, a
-// WebSocket-like facade with receipts, dedupe and reconnect, and
-// Spacerifts (WebRTC peer linking through a relay).
+// WebSocket-like facade with receipts, dedupe and reconnect, W2WHomes (one
+// identity at several relays, each message once), and Spacerifts (WebRTC
+// peer linking through a relay).
 //
 // This file is the public API; the code lives in one module per part:
 //
@@ -12,6 +13,7 @@
 //   handshake.js   the registration transcript and ClientHandshake
 //   sealing.js     sealed and signed end-to-end payloads
 //   socket.js      W2WSocket, the relay's info document
+//   homes.js       W2WHomes: one W2WSocket per relay, each message once
 //   spacerifts.js  Spacerifts requests and linkPeer
 //
 // Crypto comes only from the audited @noble packages; nothing here is a
@@ -44,6 +46,7 @@ export {
   signedMessage, sign, verifySigned,
 } from './sealing.js';
 export { infoUrl, fetchInfo, W2WSocket, W2WError } from './socket.js';
+export { W2WHomes } from './homes.js';
 export {
   SPACERIFT_DOMAIN, SPACERIFT_TYPES, MAX_SPACERIFT_NAMESPACE, MAX_SPACERIFT_SIGNAL, SPACERIFT_STATUS,
   spaceriftMessage, signSpaceriftRequest, verifySpaceriftRequest, spaceriftUrl, spaceriftRequest,

@@ -21,7 +21,7 @@ test('the bundle is one ES module that exports the client', async () => {
   const text = readFileSync(path.join(root, 'dist/w2w.js'), 'utf8');
   assert.doesNotMatch(text, /\brequire\(/);
   const mod = await import(path.join(root, 'dist/w2w.js'));
-  for (const name of ['W2WSocket', 'Identity', 'seal', 'open', 'sign', 'verifySigned', 'encodeFrame', 'decodeFrame', 'linkPeer', 'signSpaceriftRequest', 'spaceriftMessage', 'reportRtt']) {
+  for (const name of ['W2WSocket', 'W2WHomes', 'Identity', 'seal', 'open', 'sign', 'verifySigned', 'encodeFrame', 'decodeFrame', 'linkPeer', 'signSpaceriftRequest', 'spaceriftMessage', 'reportRtt']) {
     assert.equal(typeof mod[name], 'function', name);
   }
   const id = mod.Identity.fromSeedHex('02'.repeat(32));

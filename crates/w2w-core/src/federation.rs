@@ -110,6 +110,7 @@ impl RelayCore {
         self.peer_by_key.remove(&p.key);
         self.bump_link_state();
         self.flood_mine(None);
+        self.settle_unreachable_legs();
     }
 
     /// We reached relay `key` by dialling a configured URL: trusted from
@@ -370,6 +371,47 @@ impl RelayCore {
         self.links.insert(ls);
         self.links_dirty = true;
         self.flood(frame, Some(peer));
+        self.settle_unreachable_legs();
+    }
+
+    /// Legs of our clients' messages forwarded toward a relay we can no
+    /// longer reach (it died, or the federation split) settle now as
+    /// `no_route` / `unreachable`, instead of at the deadline: when the
+    /// recipient is also online elsewhere, its receipt need not wait.
+    fn settle_unreachable_legs(&mut self) {
+        let keys: Vec<FlightKey> = self.local_ids.values().copied().collect();
+        for key in keys {
+            let relays: Vec<Address> = self.flights.get(&key).map_or(Vec::new(), |f| {
+                f.recipients
+                    .iter()
+                    .filter_map(|(_, s)| match s {
+                        Recipient::Forwarded { relay } => Some(*relay),
+                        _ => None,
+                    })
+                    .collect()
+            });
+            let gone: Vec<Address> = relays
+                .into_iter()
+                .filter(|r| self.hop(r).is_none())
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let Some(f) = self.flights.get_mut(&key) else {
+                continue;
+            };
+            for (to, state) in &mut f.recipients {
+                if matches!(state, Recipient::Forwarded { relay } if gone.contains(relay)) {
+                    self.stats.error(ErrorCode::Unreachable);
+                    *state = Recipient::Settled(entry(
+                        *to,
+                        Status::NoRoute,
+                        Some(ErrorCode::Unreachable),
+                    ));
+                }
+            }
+            self.finish_if_settled(key);
+        }
     }
 
     /// Admits a record for a relay or address we do not know yet, brought
