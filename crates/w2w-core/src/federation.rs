@@ -210,6 +210,15 @@ impl RelayCore {
         self.links.len()
     }
 
+    /// Whether this relay's directory says `address` is online at `relay`
+    /// (`None`: it has no record of it there).
+    pub fn record_online(&self, address: &Address, relay: &Address) -> Option<bool> {
+        self.homes(address)
+            .iter()
+            .find(|p| p.proof.relay_key == *relay)
+            .map(|p| p.online)
+    }
+
     pub fn directory_len(&self) -> usize {
         self.directory.len()
     }
@@ -442,20 +451,31 @@ impl RelayCore {
     // --------------------------------------------------------- directory
 
     pub(crate) fn local_join(&mut self, proof: RegistrationProof) {
-        let p = Presence::sign(&self.identity, proof, true);
+        let seq = self.next_record_seq();
+        let p = Presence::sign(&self.identity, proof, true, seq);
         let frame = RelayToRelay::Presence(p.clone()).encode();
         self.set_home(p);
         self.flood(frame, None);
     }
 
+    /// The number of a record this relay publishes: above every earlier
+    /// one, also of an earlier run (it shares the link-state counter,
+    /// which starts above any number an earlier run used).
+    fn next_record_seq(&mut self) -> u64 {
+        self.link_seq += 1;
+        self.link_seq
+    }
+
     /// Puts `p` in its address's records, in place of the same relay's
-    /// (newest registration first; at most [`MAX_HOMES`]: the oldest goes).
+    /// (newest registration first by the client's timestamp, the only
+    /// order there is between relays; at most [`MAX_HOMES`]: the oldest
+    /// goes).
     fn set_home(&mut self, p: Presence) {
         let relay = p.proof.relay_key;
         let homes = self.directory.entry(p.proof.address).or_default();
         homes.retain(|h| h.proof.relay_key != relay);
         homes.push(p);
-        homes.sort_by_key(|h| std::cmp::Reverse(h.rank()));
+        homes.sort_by_key(|h| std::cmp::Reverse(h.proof.timestamp_ms));
         homes.truncate(MAX_HOMES);
     }
 
@@ -470,7 +490,9 @@ impl RelayCore {
         else {
             return;
         };
-        let p = Presence::sign(&self.identity, cur.proof.clone(), false);
+        let proof = cur.proof.clone();
+        let seq = self.next_record_seq();
+        let p = Presence::sign(&self.identity, proof, false, seq);
         let frame = RelayToRelay::Presence(p.clone()).encode();
         self.set_home(p);
         self.flood(frame, None);
@@ -526,9 +548,19 @@ impl RelayCore {
         }
         // An address may be online at several relays at once (PROTOCOL
         // 7.7): a record from another relay closes nothing here.
+        let stale = relay == self.me && p.online && self.receivers_of(&addr).is_empty();
+        if relay == self.me {
+            // Our own numbers: continue above them.
+            self.link_seq = self.link_seq.max(p.seq);
+        }
         let frame = RelayToRelay::Presence(p.clone()).encode();
         self.set_home(p);
         self.flood(frame, Some(peer));
+        if stale {
+            // An "online" of ours from before a restart, for an address
+            // with no session here now: say it left, with a newer number.
+            self.local_leave(&addr);
+        }
     }
 
     // ---------------------------------------------------------- messages

@@ -1531,6 +1531,27 @@ impl Sim<'_> {
                 return Err(format!("message {id} receipted for {to} never arrived"));
             }
         }
+        // Every relay's directory says each client is online at each relay
+        // where it has a receiving session, whatever its clock said when
+        // it registered (it registered again and again, skewed ±60 s).
+        if self.relays.len() > 1 {
+            for c in &self.clients {
+                for s in c.sessions.iter().filter(|s| s.receive) {
+                    let home = self.relays[s.relay].identity.address();
+                    for (i, r) in self.relays.iter().enumerate() {
+                        let Some(core) = &r.core else { continue };
+                        if core.record_online(&c.address, &home) != Some(true) {
+                            return Err(format!(
+                                "relay {i}'s directory says {} is not online at relay {}, where it is connected ({:?})",
+                                c.address,
+                                s.relay,
+                                core.record_online(&c.address, &home)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         let fed = &self.cfg.core.federation;
         for (i, r) in self.relays.iter().enumerate() {
             if let Some(core) = &r.core {

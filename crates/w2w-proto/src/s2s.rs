@@ -144,7 +144,12 @@ impl RegistrationProof {
 pub struct Presence {
     pub proof: RegistrationProof,
     pub online: bool,
-    /// By `proof.relay_key` over PRESENCE_DOMAIN || address || timestamp || online.
+    /// The hosting relay's number for this record: greater for every
+    /// record it publishes, across restarts (PROTOCOL 12.5). It orders one
+    /// relay's records for an address, so a client's clock does not.
+    pub seq: u64,
+    /// By `proof.relay_key` over PRESENCE_DOMAIN || address || timestamp ||
+    /// online || seq.
     pub relay_sig: [u8; 64],
 }
 
@@ -158,21 +163,23 @@ pub enum PresenceError {
 }
 
 impl Presence {
-    fn relay_signed_bytes(p: &RegistrationProof, online: bool) -> Vec<u8> {
-        let mut m = Vec::with_capacity(PRESENCE_DOMAIN.len() + 32 + 8 + 1);
+    fn relay_signed_bytes(p: &RegistrationProof, online: bool, seq: u64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(PRESENCE_DOMAIN.len() + 32 + 8 + 1 + 8);
         m.extend_from_slice(PRESENCE_DOMAIN);
         m.extend_from_slice(&p.address.0);
         m.extend_from_slice(&p.timestamp_ms.to_be_bytes());
         m.push(online as u8);
+        m.extend_from_slice(&seq.to_be_bytes());
         m
     }
 
-    /// The hosting relay's record for one of its clients.
-    pub fn sign(relay: &Identity, proof: RegistrationProof, online: bool) -> Self {
-        let relay_sig = relay.sign(&Self::relay_signed_bytes(&proof, online));
+    /// The hosting relay's record number `seq` for one of its clients.
+    pub fn sign(relay: &Identity, proof: RegistrationProof, online: bool, seq: u64) -> Self {
+        let relay_sig = relay.sign(&Self::relay_signed_bytes(&proof, online, seq));
         Presence {
             proof,
             online,
+            seq,
             relay_sig,
         }
     }
@@ -184,16 +191,16 @@ impl Presence {
         self.proof
             .relay_key
             .verify(
-                &Self::relay_signed_bytes(&self.proof, self.online),
+                &Self::relay_signed_bytes(&self.proof, self.online, self.seq),
                 &self.relay_sig,
             )
             .map_err(|_| PresenceError::BadRelaySignature)
     }
 
-    /// Ordering key: newer registrations win; at the same registration,
-    /// "left" (false) beats "online" (true).
-    pub fn rank(&self) -> (u64, bool) {
-        (self.proof.timestamp_ms, !self.online)
+    /// Orders one relay's records for an address: the later it published,
+    /// the newer (its `seq`; the client's clock plays no part).
+    pub fn rank(&self) -> u64 {
+        self.seq
     }
 }
 
@@ -275,6 +282,7 @@ impl RelayToRelay {
                     sig_a: r.array("sig_a")?,
                 },
                 online: flag(&mut r, "online")?,
+                seq: r.u64("seq")?,
                 relay_sig: r.array("relay_sig")?,
             }),
             ty::FORWARD => {
@@ -362,6 +370,7 @@ impl RelayToRelay {
                 put_string(&mut b, &q.url, MAX_URL_LEN);
                 b.put_slice(&q.sig_a);
                 b.put_u8(p.online as u8);
+                b.put_u64(p.seq);
                 b.put_slice(&p.relay_sig);
             }
             RelayToRelay::Forward(f) => {
@@ -452,22 +461,26 @@ mod tests {
         let client = Identity::from_seed([1; 32]);
         let relay = Identity::from_seed([2; 32]);
         let evil = Identity::from_seed([3; 32]);
-        let p = Presence::sign(&relay, proof(&client, &relay), true);
+        let p = Presence::sign(&relay, proof(&client, &relay), true, 7);
         assert_eq!(p.verify(), Ok(()));
         let rt = RelayToRelay::decode(&RelayToRelay::Presence(p.clone()).encode()).unwrap();
         assert_eq!(rt, RelayToRelay::Presence(p.clone()));
         // A relay claiming a client that registered elsewhere.
         let mut stolen = p.clone();
         stolen.proof.relay_key = evil.address();
-        let stolen = Presence::sign(&evil, stolen.proof, true);
+        let stolen = Presence::sign(&evil, stolen.proof, true, 8);
         assert_eq!(stolen.verify(), Err(PresenceError::BadClientSignature));
         // Flipping online without the hosting relay's key.
         let mut flipped = p.clone();
         flipped.online = false;
         assert_eq!(flipped.verify(), Err(PresenceError::BadRelaySignature));
-        // Left beats online at the same registration.
-        let left = Presence::sign(&relay, p.proof.clone(), false);
+        // A later record of the relay beats an earlier one, and its number
+        // cannot be changed without the relay's key.
+        let left = Presence::sign(&relay, p.proof.clone(), false, 9);
         assert!(left.rank() > p.rank());
+        let mut renumbered = p.clone();
+        renumbered.seq = 10;
+        assert_eq!(renumbered.verify(), Err(PresenceError::BadRelaySignature));
     }
 
     #[test]
