@@ -207,6 +207,17 @@ enum Waiting {
     Read { address: Address },
 }
 
+/// Removes and returns the earliest timer of `timers` that is due by
+/// `now`.
+fn pop_due(timers: &mut BTreeMap<(Instant, u64), FlightKey>, now: Instant) -> Option<FlightKey> {
+    let (&at, &key) = timers.iter().next()?;
+    if at.0 > now {
+        return None;
+    }
+    timers.remove(&at);
+    Some(key)
+}
+
 /// Every `(address, id)` key of `address`, for ranges over
 /// `awaiting_drain`.
 fn ids_of(address: Address) -> std::ops::RangeInclusive<(Address, MsgId)> {
@@ -895,11 +906,7 @@ impl RelayCore {
     pub fn handle_timeout(&mut self, now: Instant) {
         // Messages an address's other sessions did not acknowledge within
         // the grace after the first: delivered (it has them).
-        while let Some((&(t, n), &key)) = self.graces.iter().next() {
-            if t > now {
-                break;
-            }
-            self.graces.remove(&(t, n));
+        while let Some(key) = pop_due(&mut self.graces, now) {
             let Some(f) = self.flights.get_mut(&key) else {
                 continue;
             };
@@ -910,11 +917,7 @@ impl RelayCore {
             }
             self.finish_if_settled(key);
         }
-        while let Some((&(t, n), &key)) = self.deadlines.iter().next() {
-            if t > now {
-                break;
-            }
-            self.deadlines.remove(&(t, n));
+        while let Some(key) = pop_due(&mut self.deadlines, now) {
             let Some(f) = self.flights.get_mut(&key) else {
                 continue;
             };

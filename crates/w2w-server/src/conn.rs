@@ -294,7 +294,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         &mut ws,
         &mut rx,
         &mut handler,
-        shared.limits.ping_timeout(),
+        (
+            shared.limits.ping_timeout(),
+            crate::ws::Liveness {
+                interval: shared.limits.ping_interval(),
+                timeout: shared.limits.ping_timeout(),
+            },
+        ),
     )
     .await;
 

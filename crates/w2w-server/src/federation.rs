@@ -78,6 +78,14 @@ pub struct FederationConfig {
     pub peer_queue_bytes: usize,
     /// How often a relay re-floods its link state (default 30 s).
     pub refresh_ms: u64,
+    /// Idle time on a peer link before it is pinged (default 1 s): a peer
+    /// that stops answering without closing its sockets (a hung process, a
+    /// dead path) is noticed in `peer_ping_interval_ms` +
+    /// `peer_ping_timeout_ms`, not in the clients' 25 s.
+    pub peer_ping_interval_ms: u64,
+    /// Time a peer has to answer a ping before its link is closed
+    /// (default 2 s).
+    pub peer_ping_timeout_ms: u64,
     /// Fan-out bytes per second one peer's broadcast FORWARDs may cost here
     /// (frame size times this relay's connections and peer links); past it
     /// they are dropped, and counted as `rate_limited` (default 16 MiB/s).
@@ -108,6 +116,8 @@ impl Default for FederationConfig {
             seen_cache: 100_000,
             peer_queue_bytes: 16 << 20,
             refresh_ms: 30_000,
+            peer_ping_interval_ms: 1_000,
+            peer_ping_timeout_ms: 2_000,
             peer_broadcast_bytes_per_sec: 16 << 20,
             peer_broadcast_bytes_burst: 32 << 20,
             durable_delivery: true,

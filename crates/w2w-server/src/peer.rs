@@ -127,14 +127,19 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
         ),
         redirect: Vec::new(),
     };
-    // Peers get longer to drain a burst than clients do.
+    // Peers get longer to drain a burst than clients do, and are pinged
+    // sooner: a silent peer black-holes every message routed through it.
+    let live = crate::ws::Liveness {
+        interval: Duration::from_millis(shared.fed.config.peer_ping_interval_ms.max(100)),
+        timeout: Duration::from_millis(shared.fed.config.peer_ping_timeout_ms.max(100)),
+    };
     let end = pump(
         shared,
         &outbox,
         ws,
         &mut rx,
         &mut link,
-        Duration::from_secs(30),
+        (Duration::from_secs(30), live),
     )
     .await;
     shared.fed.peer_down(conn_id);

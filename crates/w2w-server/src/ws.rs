@@ -182,6 +182,13 @@ async fn finish_as<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// What a connection does with each received WebSocket message.
+/// When a quiet connection is pinged, and how long it has to answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Liveness {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
 pub(crate) trait Handler {
     fn on_message(&mut self, m: Message);
 }
@@ -196,15 +203,14 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
     ws: &mut Ws<S>,
     rx: &mut mpsc::UnboundedReceiver<Bytes>,
     handler: &mut H,
-    write_timeout: Duration,
+    (write_timeout, live): (Duration, Liveness),
 ) -> End {
     {
-        let limits = &shared.limits;
         let mut last_rx = Instant::now();
         let mut ping_sent: Option<Instant> = None;
         // The timer is reset only when it fires (to the real deadline),
         // not on every received frame.
-        let timer = tokio::time::sleep(limits.ping_interval());
+        let timer = tokio::time::sleep(live.interval);
         tokio::pin!(timer);
         // Made once, not per frame: each would register (and drop) a waiter.
         let closed = outbox.closed();
@@ -246,21 +252,21 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                 () = &mut timer => {
                     let now = Instant::now();
                     match ping_sent {
-                        Some(t) if now >= t + limits.ping_timeout() => {
+                        Some(t) if now >= t + live.timeout => {
                             return End::Close(
                                 ErrorCode::PingTimeout,
-                                format!("no pong within {} ms", limits.ping_timeout_ms),
+                                format!("no pong within {} ms", live.timeout.as_millis()),
                             );
                         }
-                        Some(t) => timer.as_mut().reset(t + limits.ping_timeout()),
-                        None if now >= last_rx + limits.ping_interval() => {
+                        Some(t) => timer.as_mut().reset(t + live.timeout),
+                        None if now >= last_rx + live.interval => {
                             if ws.send(Message::ping(Bytes::new())).await.is_err() {
                                 return End::Gone;
                             }
                             ping_sent = Some(now);
-                            timer.as_mut().reset(now + limits.ping_timeout());
+                            timer.as_mut().reset(now + live.timeout);
                         }
-                        None => timer.as_mut().reset(last_rx + limits.ping_interval()),
+                        None => timer.as_mut().reset(last_rx + live.interval),
                     }
                 }
             }

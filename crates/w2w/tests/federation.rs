@@ -532,3 +532,90 @@ async fn an_address_at_two_relays_loses_nothing_when_one_is_killed() {
     );
     assert_eq!(promised.len(), 300);
 }
+
+/// A relay that stops answering without closing its sockets (SIGSTOP: a
+/// hung process) is noticed by its peers in about `peer_ping_interval_ms`
+/// + `peer_ping_timeout_ms` (1 s + 2 s): messages for a key that is also
+/// online at another relay are then answered `delivered` through that
+/// one, without waiting for the hung relay or the receipt deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_relay_is_noticed_in_seconds_and_the_other_home_delivers() {
+    let relays = topology(3, &[(0, 1), (1, 2), (0, 2)]);
+    converge(&relays).await;
+    let me = Identity::from_seed(rand::random());
+    let mut homes = w2w_client::Homes::connect(
+        me.clone(),
+        vec![
+            ConnectOptions::new(&relays[0].url),
+            ConnectOptions::new(&relays[1].url),
+        ],
+    )
+    .await
+    .unwrap();
+    let sender = Client::connect(
+        Identity::from_seed(rand::random()),
+        ConnectOptions::new(&relays[2].url),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = sender.send(Dest::A2b(me.address()), "probe").await.unwrap();
+        if r.status == Status::Delivered && r.delivered == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached both relays: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Hang A.
+    let pid = relays[0].proc.child.id().to_string();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    let hung = Instant::now();
+    // C's link to A closes within the peer ping settings; after that every
+    // message is answered by B at once.
+    eventually("C notices A is gone", || {
+        relays[2].metric("w2w_known_relays ") == Some(1.0)
+    })
+    .await;
+    let noticed = hung.elapsed();
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let t = Instant::now();
+        let r = sender
+            .send(Dest::A2b(me.address()), format!("m{i}"))
+            .await
+            .unwrap();
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status, Status::Delivered, "{r:?}");
+    }
+    let mut got = HashMap::new();
+    while got.len() < 20 {
+        match tokio::time::timeout(WAIT, homes.recv()).await {
+            Ok(Some(Event::Msg(m))) if m.body.starts_with(b"m") => {
+                *got.entry(m.body.clone()).or_insert(0) += 1
+            }
+            Ok(Some(_)) => {}
+            other => panic!("messages missing ({} of 20): {other:?}", got.len()),
+        }
+    }
+    assert!(got.values().all(|n| *n == 1), "{got:?}");
+    eprintln!("hung relay noticed after {noticed:?}; slowest receipt after that {slowest:?}");
+    assert!(
+        noticed < Duration::from_secs(10),
+        "noticed after {noticed:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a receipt took {slowest:?}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+}
