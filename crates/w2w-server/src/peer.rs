@@ -173,11 +173,18 @@ async fn send_directory(shared: Arc<Shared>, outbox: Arc<Outbox>, trusted: bool)
 }
 
 /// Dials `url` as a peer until shutdown, with backoff and jitter. Follows a
-/// REDIRECT by dialling the named relays instead.
+/// REDIRECT by dialling one of the named relays instead, at random among
+/// those this walk has not tried yet (always taking the first name sent
+/// every newcomer to the same full relays, back and forth): a walk over the
+/// federation that ends at a relay with room, or back at `url` when it
+/// runs out of names.
 pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
     let mut backoff = Duration::from_millis(250);
     let max = Duration::from_secs(30);
     let mut target = url.clone();
+    // Relays tried since the walk last started at `url` (bounded by the
+    // names REDIRECTs carry; cleared when the walk starts over).
+    let mut visited: std::collections::HashSet<String> = std::collections::HashSet::new();
     // The key behind `target`, once known: while we already have a link to
     // that relay (e.g. it dialled us first), we wait instead of redialling.
     let mut last_key: Option<Address> = None;
@@ -195,6 +202,7 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
             }
         }
         let started = Instant::now();
+        visited.insert(target.clone());
         let mut redirect = Vec::new();
         let opts = ConnectOptions::new(target.clone());
         let attempt = async {
@@ -257,16 +265,39 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                 }
             }
         }
-        // Follow a redirect to the first relay we are not already linked to
-        // (after the usual backoff, so two full relays cannot make us spin).
-        let linked: Vec<String> = shared.fed.peers().into_iter().map(|(_, u)| u).collect();
-        if let Some(next) = redirect.into_iter().find(|u| !linked.contains(u)) {
-            tracing::info!(from = %target, to = %next, "following redirect");
-            target = next;
+        // Follow a redirect to a relay this walk has not tried, at random;
+        // with none left, start over from `url` after the backoff.
+        let mut soon = false;
+        if !redirect.is_empty() {
+            let linked: Vec<String> = shared.fed.peers().into_iter().map(|(_, u)| u).collect();
+            let fresh: Vec<String> = redirect
+                .into_iter()
+                .filter(|u| !linked.contains(u) && !visited.contains(u))
+                .collect();
+            if fresh.is_empty() {
+                target = url.clone();
+                visited.clear();
+            } else {
+                let next = fresh[rand::random::<u64>() as usize % fresh.len()].clone();
+                tracing::info!(from = %target, to = %next, "following redirect");
+                target = next;
+                soon = true;
+            }
             last_key = None;
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(250);
+            visited.clear();
+        }
+        if soon {
+            // A new name: try it after a short pause, without growing the
+            // backoff (the walk is bounded by the names it has not tried).
+            let pause = Duration::from_millis(100 + rand::random::<u64>() % 150);
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            continue;
         }
         let jitter =
             Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
