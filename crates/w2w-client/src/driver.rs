@@ -91,7 +91,8 @@ pub(crate) enum SessionEnd {
     /// `close()` was called or the handle dropped: stop for good.
     Stop(String),
     /// The relay refused us in a way reconnecting cannot fix (replaced by a
-    /// newer connection of ours, or registration refused).
+    /// session of ours that asked to be the only one, or registration
+    /// refused).
     Fatal(String),
     /// The connection was lost: reconnect if allowed.
     Lost(String),

@@ -86,7 +86,7 @@ error_codes! {
     ListTooLong = 24, "list_too_long";
     /// The MSG `from` field is not the sender's registered address.
     SpoofedSender = 25, "spoofed_sender";
-    /// A newer connection registered the same address; this one is closed.
+    /// Another session of this address asked to be its only one (EXCLUSIVE); this one is closed.
     Replaced = 26, "replaced";
     /// The relay is shutting down.
     ShuttingDown = 27, "shutting_down";

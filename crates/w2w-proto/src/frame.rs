@@ -346,7 +346,8 @@ pub enum Notice {
     Join(Address),
     /// An address left (only sent to connections that asked).
     Leave(Address),
-    /// A newer connection took this address; this connection will close.
+    /// Another session of this address asked to be its only one
+    /// (EXCLUSIVE); this connection will close.
     Replaced,
     /// The relay is shutting down; reconnect elsewhere or later.
     ShuttingDown,
