@@ -423,17 +423,12 @@ async fn peer_limit_redirects_newcomers() {
     assert_eq!(first.metric("w2w_peer_links "), Some(2.0));
 }
 
-/// Redundancy (PROTOCOL 7.7): one key listens at relays A and B at once; a
-/// sender at C sends a stream; A is SIGKILLed in the middle and restarted
-/// at the end. Every message receipted `delivered` or `queued` reaches the
-/// application once (`Homes` drops the copy that came through the other
-/// relay); none is refused while B is up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_address_at_two_relays_loses_nothing_when_one_is_killed() {
-    let mut relays = topology(3, &[(0, 1), (1, 2), (0, 2)]);
-    converge(&relays).await;
+/// A key listening at relays 0 and 1 (`Homes`) and a sender at relay 2,
+/// once relay 2's directory names both homes: a probe is acknowledged by
+/// both sessions.
+async fn two_homes_and_a_sender(relays: &[RelayProc]) -> (Identity, w2w_client::Homes, Client) {
     let me = Identity::from_seed(rand::random());
-    let mut homes = w2w_client::Homes::connect(
+    let homes = w2w_client::Homes::connect(
         me.clone(),
         vec![
             ConnectOptions::new(&relays[0].url),
@@ -449,8 +444,6 @@ async fn an_address_at_two_relays_loses_nothing_when_one_is_killed() {
     )
     .await
     .unwrap();
-    // Once C's directory names both relays, a message is acknowledged by
-    // both sessions.
     let deadline = Instant::now() + WAIT;
     loop {
         let r = sender.send(Dest::A2b(me.address()), "probe").await.unwrap();
@@ -463,6 +456,19 @@ async fn an_address_at_two_relays_loses_nothing_when_one_is_killed() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (me, homes, sender)
+}
+
+/// Redundancy (PROTOCOL 7.7): one key listens at relays A and B at once; a
+/// sender at C sends a stream; A is SIGKILLed in the middle and restarted
+/// at the end. Every message receipted `delivered` or `queued` reaches the
+/// application once (`Homes` drops the copy that came through the other
+/// relay); none is refused while B is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_at_two_relays_loses_nothing_when_one_is_killed() {
+    let mut relays = topology(3, &[(0, 1), (1, 2), (0, 2)]);
+    converge(&relays).await;
+    let (me, mut homes, sender) = two_homes_and_a_sender(&relays).await;
     let mut promised = Vec::new();
     let mut refused = Vec::new();
     for batch in 0..12 {
@@ -542,34 +548,7 @@ async fn an_address_at_two_relays_loses_nothing_when_one_is_killed() {
 async fn a_hung_relay_is_noticed_in_seconds_and_the_other_home_delivers() {
     let relays = topology(3, &[(0, 1), (1, 2), (0, 2)]);
     converge(&relays).await;
-    let me = Identity::from_seed(rand::random());
-    let mut homes = w2w_client::Homes::connect(
-        me.clone(),
-        vec![
-            ConnectOptions::new(&relays[0].url),
-            ConnectOptions::new(&relays[1].url),
-        ],
-    )
-    .await
-    .unwrap();
-    let sender = Client::connect(
-        Identity::from_seed(rand::random()),
-        ConnectOptions::new(&relays[2].url),
-    )
-    .await
-    .unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = sender.send(Dest::A2b(me.address()), "probe").await.unwrap();
-        if r.status == Status::Delivered && r.delivered == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never reached both relays: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (me, mut homes, sender) = two_homes_and_a_sender(&relays).await;
     // Hang A.
     let pid = relays[0].proc.child.id().to_string();
     let stop = std::process::Command::new("kill")
