@@ -177,8 +177,10 @@ pub struct CompareArgs {
     /// Do not pin the server to CPU 0 and the load generator to CPU 1.
     #[arg(long)]
     no_pin: bool,
-    /// Measure only these systems (bare, w2w, w2w-nondurable, iroh);
-    /// default: all available.
+    /// Measure only these systems (bare, w2w, w2w-raw, w2w-nondurable,
+    /// iroh); default: all available. `w2w-raw` is the same relay driven
+    /// by a load generator without the client library (raw sockets,
+    /// template frames, batched writes and ACKs).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Skip the half-rate latency runs.
@@ -282,6 +284,7 @@ async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) 
         "bare" => ServerProc::bare(server_cpu)?,
         "w2w" => ServerProc::w2w(server_cpu, true, "")?,
         "w2w-nondurable" => ServerProc::w2w(server_cpu, false, "")?,
+        "w2w-raw" => ServerProc::w2w(server_cpu, true, "")?,
         "iroh" => ServerProc::iroh(iroh_bin.context("no iroh-relay bench binary")?, server_cpu)?,
         other => bail!("unknown system {other}"),
     };
@@ -303,6 +306,7 @@ async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) 
             )
             .await
         }
+        "w2w-raw" => load::w2w_raw(&server.url, spec, &watch).await,
         _ => load::w2w(&server.url, spec, &watch).await,
     };
     let whole = whole.map(Usage::finish);
@@ -318,6 +322,13 @@ async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) 
     Ok(r)
 }
 
+/// The server's CPU time per message delivered (µs): the efficiency figure.
+fn us_per_msg(r: &Outcome) -> Option<f64> {
+    r.server
+        .as_ref()
+        .map(|s| s.cpu_seconds * 1e6 / (r.msgs_per_sec * r.seconds).max(1.0))
+}
+
 fn print_row(label: &str, r: &Outcome) {
     let s = r.server.as_ref();
     println!(
@@ -329,8 +340,7 @@ fn print_row(label: &str, r: &Outcome) {
         r.latency_us.p999,
         s.map(|s| format!("{:.0}%", s.cpu_cores * 100.0))
             .unwrap_or_default(),
-        s.map(|s| s.cpu_seconds * 1e6 / (r.msgs_per_sec * r.seconds).max(1.0))
-            .unwrap_or(f64::NAN),
+        us_per_msg(r).unwrap_or(f64::NAN),
         s.map(|s| s.rss_peak_kib).unwrap_or(0),
         r.loadgen
             .map(|l| format!("{:.0}%", l.cpu_cores * 100.0))
@@ -347,7 +357,7 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
     } else {
         a.iroh_bin.clone().or_else(default_iroh_bin)
     };
-    let mut systems = vec!["bare", "w2w"];
+    let mut systems = vec!["bare", "w2w", "w2w-raw"];
     if a.no_durable_too {
         systems.push("w2w-nondurable");
     }
@@ -366,10 +376,11 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
                 "bare" => Ok("bare"),
                 "w2w" => Ok("w2w"),
                 "w2w-nondurable" => Ok("w2w-nondurable"),
+                "w2w-raw" => Ok("w2w-raw"),
                 "iroh" if iroh_bin.is_some() => Ok("iroh"),
                 "iroh" => bail!("--only iroh: no iroh-relay bench binary (see --iroh-bin)"),
                 other => {
-                    bail!("--only: unknown system {other:?} (bare, w2w, w2w-nondurable, iroh)")
+                    bail!("--only: unknown system {other:?} (bare, w2w, w2w-raw, w2w-nondurable, iroh)")
                 }
             })
             .collect::<Result<_>>()?;
@@ -432,6 +443,26 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
             w / b
         );
         ratios.insert("w2w_over_bare".into(), (w / b).into());
+    }
+    // With the raw load both servers are driven by batched writes: the
+    // fair pair, and the server's CPU per message is the figure to watch.
+    let outcome = |name: &str| systems.iter().position(|s| *s == name).map(|i| &max[i]);
+    if let (Some(w), Some(b)) = (outcome("w2w-raw"), outcome("bare")) {
+        println!(
+            "w2w (raw load) / bare forwarder throughput: {:.2}x (target >= 0.9x)",
+            w.msgs_per_sec / b.msgs_per_sec
+        );
+        ratios.insert(
+            "w2w_raw_over_bare".into(),
+            (w.msgs_per_sec / b.msgs_per_sec).into(),
+        );
+        if let (Some(wu), Some(bu)) = (us_per_msg(w), us_per_msg(b)) {
+            println!(
+                "server CPU per message: w2w {wu:.1} µs, bare forwarder {bu:.1} µs = {:.2}x (target <= 1.2x)",
+                wu / bu
+            );
+            ratios.insert("w2w_raw_cpu_per_msg_over_bare".into(), (wu / bu).into());
+        }
     }
     if let (Some(w), Some(i)) = (rate("w2w"), rate("iroh")) {
         println!(
