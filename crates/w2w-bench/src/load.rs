@@ -492,8 +492,6 @@ pub async fn w2w_raw(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
         .encode();
         let (run, size, interval) = (run.clone(), spec.size, Run::interval(spec));
         tasks.push(tokio::spawn(async move {
-            let mut next_at = tokio::time::Instant::now();
-            let mut seq = 0u64;
             let frame = |seq: u64| {
                 let mut f = bytes::BytesMut::with_capacity(template.len() + size.max(16));
                 f.extend_from_slice(&template);
@@ -502,29 +500,47 @@ pub async fn w2w_raw(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
                 f.extend_from_slice(&run.payload(size, seq));
                 Message::binary(f.freeze())
             };
-            'send: while run.next_slot(i, next_at, interval).await.is_some() {
-                let mut n = 0;
-                loop {
-                    next_at += interval.unwrap_or_default();
-                    seq += 1;
-                    run.sent.fetch_add(1, Relaxed);
-                    if tx_sink.feed(frame(seq)).await.is_err() {
-                        break 'send;
-                    }
-                    n += 1;
-                    if interval.is_some() || n == RAW_BATCH || !run.try_slot(i) {
-                        break;
-                    }
-                }
-                if tx_sink.flush().await.is_err() {
-                    break;
-                }
-            }
+            send_batched(&run, i, interval, &mut tx_sink, frame).await;
             let _ = tx_sink.close().await;
         }));
     }
     run.finish("w2w (raw load)", spec, tasks, receivers, bar)
         .await
+}
+
+/// Sends pair `pair`'s messages (`frame(seq)`) to `sink` as its window
+/// allows: waits for a slot, then feeds more while slots are free now (at
+/// most [`RAW_BATCH`]; one per slot when paced), one flush per batch. Ends
+/// at the deadline or when the sink fails.
+async fn send_batched<S>(
+    run: &Run,
+    pair: usize,
+    interval: Option<Duration>,
+    sink: &mut S,
+    mut frame: impl FnMut(u64) -> tokio_websockets::Message,
+) where
+    S: futures_util::Sink<tokio_websockets::Message> + Unpin,
+{
+    let mut next_at = tokio::time::Instant::now();
+    let mut seq = 0u64;
+    'send: while run.next_slot(pair, next_at, interval).await.is_some() {
+        let mut n = 0;
+        loop {
+            next_at += interval.unwrap_or_default();
+            seq += 1;
+            run.sent.fetch_add(1, Relaxed);
+            if sink.feed(frame(seq)).await.is_err() {
+                break 'send;
+            }
+            n += 1;
+            if interval.is_some() || n == RAW_BATCH || !run.try_slot(pair) {
+                break;
+            }
+        }
+        if sink.flush().await.is_err() {
+            break;
+        }
+    }
 }
 
 type BareWs =
@@ -580,35 +596,13 @@ pub async fn bare(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
         }));
         let (run, size, interval) = (run.clone(), spec.size, Run::interval(spec));
         tasks.push(tokio::spawn(async move {
-            let mut next_at = tokio::time::Instant::now();
-            let mut seq = 0u64;
-            // Batched like the raw w2w load: up to RAW_BATCH frames per
-            // flush while window slots are free.
-            'send: while run.next_slot(i, next_at, interval).await.is_some() {
-                let mut n = 0;
-                loop {
-                    next_at += interval.unwrap_or_default();
-                    seq += 1;
-                    let mut m = Vec::with_capacity(32 + size.max(16));
-                    m.extend_from_slice(&to);
-                    m.extend_from_slice(&run.payload(size, seq));
-                    run.sent.fetch_add(1, Relaxed);
-                    if tx
-                        .feed(tokio_websockets::Message::binary(Bytes::from(m)))
-                        .await
-                        .is_err()
-                    {
-                        break 'send;
-                    }
-                    n += 1;
-                    if interval.is_some() || n == RAW_BATCH || !run.try_slot(i) {
-                        break;
-                    }
-                }
-                if tx.flush().await.is_err() {
-                    break;
-                }
-            }
+            let frame = |seq: u64| {
+                let mut m = Vec::with_capacity(32 + size.max(16));
+                m.extend_from_slice(&to);
+                m.extend_from_slice(&run.payload(size, seq));
+                tokio_websockets::Message::binary(Bytes::from(m))
+            };
+            send_batched(&run, i, interval, &mut tx, frame).await;
             let _ = tx.close().await;
         }));
     }

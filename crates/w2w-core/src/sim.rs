@@ -1246,32 +1246,12 @@ impl Sim<'_> {
         // Slow consumers: closed by the shell, the core told at once.
         let again = !slow.is_empty() || !closes.is_empty();
         for conn in slow {
-            if let Some(client) = self.by_conn.remove(&conn) {
+            if self.closed_by_relay(r, conn) {
                 self.report.slow += 1;
-                self.clients[client].remove(conn);
-                let now = self.now();
-                if let Some(core) = self.relays[r].core.as_mut() {
-                    core.disconnect(now, conn);
-                }
-                let d = self.rng.range((500, 5_000));
-                self.at(d, Ev::Connect { client });
             }
         }
         for (conn, _) in closes {
-            if let Some(client) = self.by_conn.get(&conn).copied() {
-                if !self.clients[client].has(conn) {
-                    continue;
-                }
-                // Closed by the relay: the client comes back later.
-                self.by_conn.remove(&conn);
-                self.clients[client].remove(conn);
-                let now = self.now();
-                if let Some(core) = self.relays[r].core.as_mut() {
-                    core.disconnect(now, conn);
-                }
-                let d = self.rng.range((500, 5_000));
-                self.at(d, Ev::Connect { client });
-            }
+            self.closed_by_relay(r, conn);
         }
         if let Some(t) = timeout {
             let us = t.duration_since(self.t0).as_micros() as u64;
@@ -1286,6 +1266,27 @@ impl Sim<'_> {
             return self.pump(r);
         }
         Ok(())
+    }
+
+    /// Relay `r` closed a client's connection (slow consumer, or the core
+    /// asked): the core is told at once, the client comes back later.
+    /// False if the connection was no longer the client's.
+    fn closed_by_relay(&mut self, r: usize, conn: ConnId) -> bool {
+        let Some(client) = self.by_conn.get(&conn).copied() else {
+            return false;
+        };
+        if !self.clients[client].has(conn) {
+            return false;
+        }
+        self.by_conn.remove(&conn);
+        self.clients[client].remove(conn);
+        let now = self.now();
+        if let Some(core) = self.relays[r].core.as_mut() {
+            core.disconnect(now, conn);
+        }
+        let d = self.rng.range((500, 5_000));
+        self.at(d, Ev::Connect { client });
+        true
     }
 
     /// Executes relay `r`'s next store op (it commits now), and schedules
