@@ -53,6 +53,11 @@ pub struct A2bArgs {
 
 use crate::proc::rss_kib;
 
+/// Connections per loopback source address in the idle benchmark: well
+/// under the ephemeral port range (32768-60999 by default), so that any
+/// number of connections fits, spread over 127.0.0.2, 127.0.0.3, ...
+const PER_SOURCE: usize = 20_000;
+
 /// Relay memory per idle registered connection: RSS delta / N.
 pub async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -> Result<ExitCode> {
     use w2w_client::{connect_raw, register};
@@ -61,9 +66,23 @@ pub async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -
     register(&mut warm, &Identity::from_seed(rand::random()), url, None).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid)?;
+    let uri: http::Uri = url.parse()?;
+    let relay: std::net::SocketAddr = uri
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("idle needs a ws://IP:PORT relay URL ({url}): {e}"))?;
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        let mut ws = connect_raw(&ConnectOptions::new(url)).await?;
+        // Past one source address's ports: the next loopback address.
+        let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8);
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        let tcp = socket.connect(relay).await?;
+        let (mut ws, _) = tokio_websockets::ClientBuilder::from_uri(uri.clone())
+            .connect_on(tcp)
+            .await?;
         register(&mut ws, &Identity::from_seed(rand::random()), url, None).await?;
         conns.push(ws);
         if (i + 1) % 1000 == 0 {

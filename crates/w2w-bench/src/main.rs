@@ -235,7 +235,18 @@ async fn run(cmd: BenchCmd) -> Result<ExitCode> {
             relay_pid,
             json,
         } => {
-            proc::raise_nofile();
+            // Each side (this process, the relay) holds one socket per
+            // connection, and the relay inherits this limit.
+            let nofile = proc::raise_nofile();
+            if (connections as u64) + 200 > nofile {
+                anyhow::bail!(
+                    "{connections} connections need RLIMIT_NOFILE >= {} in this process and in the relay; \
+                     the hard limit here is {nofile} (raise it, e.g. `ulimit -Hn` as root with CAP_SYS_RESOURCE, \
+                     or measure at most {} connections)",
+                    connections + 200,
+                    nofile.saturating_sub(200)
+                );
+            }
             match (relay, relay_pid) {
                 (Some(url), Some(pid)) => {
                     inproc::idle_bench(&url, pid, connections, json.as_ref()).await

@@ -61,7 +61,7 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} rejected",
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} not ({})",
         to - from,
         total.sent,
         total.sent as f64 / secs,
@@ -81,7 +81,16 @@ fn main() {
         total.delivered_notices,
         total.delivered_entries,
         total.queued_entries,
-        total.rejected_entries
+        total.rejected_entries,
+        total
+            .reasons
+            .iter()
+            .map(|(c, n)| {
+                let name = w2w_proto::ErrorCode::from_u16(*c).map_or("?", |e| e.as_str());
+                format!("{name} {n}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if failed > 0 {
         std::process::exit(1);

@@ -15,10 +15,8 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use w2w_proto::frame::{ClientToRelay, Dest, MsgId, ReceiptEntry, Route, Scope, Status};
-use w2w_proto::s2s::{
-    Forward, ForwardTarget, FwdReceipt, LinkState, Presence, RegistrationProof, RelayToRelay,
-};
+use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, ReceiptEntry, Route, Scope, Status};
+use w2w_proto::s2s::{Forward, ForwardTarget, FwdReceipt, LinkState, RelayToRelay};
 use w2w_proto::{Address, ErrorCode};
 
 use crate::flight::{delivered_count, entry, Broadcast, FlightKey, Recipient, Reply};
@@ -44,7 +42,7 @@ pub(crate) struct Peer {
 }
 
 #[derive(Clone, Copy)]
-enum NewRecord {
+pub(crate) enum NewRecord {
     Relay,
     Address,
 }
@@ -55,8 +53,8 @@ impl RelayCore {
     /// A peer link completed its handshake with relay `key` (`dialled`: we
     /// dialled it). Returns whether it is trusted; `Err` (nothing changed)
     /// if it is us, already linked, or its kind of slot is full. The new
-    /// peer is sent our link-state database; the directory follows when
-    /// the caller sends it ([`Self::directory_for`], [`Self::send_records`]).
+    /// peer is sent our link-state database (and nothing sized by the
+    /// number of addresses: the directory is partitioned, PROTOCOL 12.12).
     pub fn peer_up(
         &mut self,
         peer: PeerId,
@@ -115,7 +113,7 @@ impl RelayCore {
 
     /// We reached relay `key` by dialling a configured URL: trusted from
     /// now on, whichever side made the link. Returns the link that was on
-    /// probation until now (it is owed the whole directory).
+    /// probation until now.
     pub fn dialled_key(&mut self, key: Address) -> Option<PeerId> {
         self.configured.insert(key);
         let id = *self.peer_by_key.get(&key)?;
@@ -146,30 +144,17 @@ impl RelayCore {
         let Some(from) = self.peers.get(&peer).map(|p| p.key) else {
             return;
         };
+        self.note_now(now);
         match frame {
             RelayToRelay::LinkState(ls) => self.on_link_state(peer, ls),
-            RelayToRelay::Presence(p) => self.on_presence(peer, p),
+            // A record on its own: taken as a DIR_PUT to this relay.
+            RelayToRelay::Presence(p) => self.accept_record(now, peer, p),
             RelayToRelay::Forward(f) => self.on_forward(now, peer, from, f),
-            RelayToRelay::FwdReceipt(r) => self.on_fwd_receipt(from, r),
+            RelayToRelay::FwdReceipt(r) => self.on_fwd_receipt(now, from, r),
+            RelayToRelay::DirPut(d) => self.on_dir_put(now, peer, from, d),
+            RelayToRelay::DirGet(g) => self.on_dir_get(now, peer, from, g),
+            RelayToRelay::DirAnswer(a) => self.on_dir_answer(now, from, a),
             RelayToRelay::Redirect(_) => {}
-        }
-    }
-
-    /// Forgets addresses that registered here long ago and are gone: no
-    /// longer stored for, and their records leave the directory.
-    pub fn forget(&mut self, addrs: &[Address]) {
-        for a in addrs {
-            if self.by_address.contains_key(a) {
-                continue;
-            }
-            self.known.remove(a);
-            let me = self.me;
-            if let Some(homes) = self.directory.get_mut(a) {
-                homes.retain(|p| p.proof.relay_key != me);
-                if homes.is_empty() {
-                    self.directory.remove(a);
-                }
-            }
         }
     }
 
@@ -210,82 +195,6 @@ impl RelayCore {
         self.links.len()
     }
 
-    /// Whether this relay's directory says `address` is online at `relay`
-    /// (`None`: it has no record of it there).
-    pub fn record_online(&self, address: &Address, relay: &Address) -> Option<bool> {
-        self.homes(address)
-            .iter()
-            .find(|p| p.proof.relay_key == *relay)
-            .map(|p| p.online)
-    }
-
-    pub fn directory_len(&self) -> usize {
-        self.directory.len()
-    }
-
-    /// Addresses that registered here (stored for while offline).
-    pub fn known_len(&self) -> usize {
-        self.known.len()
-    }
-
-    /// The addresses whose records a new link is sent: the whole directory
-    /// for a trusted peer; for one on probation only the addresses online
-    /// here now (which any client can list), so an unknown relay cannot
-    /// enumerate who ever registered here or who is elsewhere.
-    pub fn directory_for(&self, trusted: bool) -> Vec<Address> {
-        let mut out: Vec<Address> = self
-            .directory
-            .iter()
-            .filter(|(_, homes)| {
-                trusted
-                    || homes
-                        .iter()
-                        .any(|p| p.online && p.proof.relay_key == self.me)
-            })
-            .map(|(a, _)| *a)
-            .collect();
-        out.sort_unstable();
-        out
-    }
-
-    /// Sends `peer` the current records of `addrs` (a slice of
-    /// [`Self::directory_for`]: the caller paces a long list).
-    pub fn send_records(&mut self, peer: PeerId, addrs: &[Address]) {
-        for a in addrs {
-            let frames: Vec<Bytes> = self
-                .directory
-                .get(a)
-                .map_or(&[][..], |h| h.as_slice())
-                .iter()
-                .map(|p| RelayToRelay::Presence(p.clone()).encode())
-                .collect();
-            for frame in frames {
-                self.send_peer(peer, frame);
-            }
-        }
-    }
-
-    /// The relay hosting `address` (its newest online home) and its URL,
-    /// if the directory says it is online.
-    pub fn lookup(&self, address: &Address) -> Option<(Address, String)> {
-        let p = self.homes(address).iter().find(|p| p.online)?;
-        let relay = p.proof.relay_key;
-        Some((relay, self.url_of(&relay, &p.proof.url)))
-    }
-
-    /// The records of `address`, one per relay it registered with, newest
-    /// registration first.
-    pub(crate) fn homes(&self, address: &Address) -> &[Presence] {
-        self.directory.get(address).map_or(&[], |h| h.as_slice())
-    }
-
-    /// Whether the directory says `address` is online at `relay`.
-    fn online_at(&self, address: &Address, relay: &Address) -> bool {
-        self.homes(address)
-            .iter()
-            .any(|p| p.online && p.proof.relay_key == *relay)
-    }
-
     /// URLs of our peers, for a REDIRECT.
     pub fn redirect_urls(&self) -> Vec<String> {
         self.peers
@@ -295,7 +204,7 @@ impl RelayCore {
             .collect()
     }
 
-    fn url_of(&self, relay: &Address, fallback: &str) -> String {
+    pub(crate) fn url_of(&self, relay: &Address, fallback: &str) -> String {
         self.links
             .get(relay)
             .map(|l| l.url.clone())
@@ -315,10 +224,10 @@ impl RelayCore {
             neighbors,
         );
         self.links.insert(ls);
-        self.links_dirty = true;
+        self.links_changed();
     }
 
-    fn recompute_if_dirty(&mut self) {
+    pub(crate) fn recompute_if_dirty(&mut self) {
         if self.links_dirty {
             let peers = &self.peer_by_key;
             self.links.recompute(|p| peers.contains_key(p));
@@ -378,7 +287,7 @@ impl RelayCore {
         }
         let frame = RelayToRelay::LinkState(ls.clone()).encode();
         self.links.insert(ls);
-        self.links_dirty = true;
+        self.links_changed();
         self.flood(frame, Some(peer));
         self.settle_unreachable_legs();
     }
@@ -426,7 +335,7 @@ impl RelayCore {
     /// Admits a record for a relay or address we do not know yet, brought
     /// by `peer`: false (counted) if its table is at its bound, or if the
     /// peer is on probation and has brought its allowance of that kind.
-    fn admit_new(&mut self, peer: PeerId, kind: NewRecord) -> bool {
+    pub(crate) fn admit_new(&mut self, peer: PeerId, kind: NewRecord) -> bool {
         let c = &self.config.federation;
         let (len, max, allowance) = match kind {
             NewRecord::Relay => (self.links.len(), c.max_relays, c.probation_relays),
@@ -446,121 +355,6 @@ impl RelayCore {
             self.stats.records_refused += 1;
         }
         admitted
-    }
-
-    // --------------------------------------------------------- directory
-
-    pub(crate) fn local_join(&mut self, proof: RegistrationProof) {
-        let seq = self.next_record_seq();
-        let p = Presence::sign(&self.identity, proof, true, seq);
-        let frame = RelayToRelay::Presence(p.clone()).encode();
-        self.set_home(p);
-        self.flood(frame, None);
-    }
-
-    /// The number of a record this relay publishes: above every earlier
-    /// one, also of an earlier run (it shares the link-state counter,
-    /// which starts above any number an earlier run used).
-    fn next_record_seq(&mut self) -> u64 {
-        self.link_seq += 1;
-        self.link_seq
-    }
-
-    /// Puts `p` in its address's records, in place of the same relay's
-    /// (newest registration first by the client's timestamp, the only
-    /// order there is between relays; at most [`MAX_HOMES`]: the oldest
-    /// goes).
-    fn set_home(&mut self, p: Presence) {
-        let relay = p.proof.relay_key;
-        let homes = self.directory.entry(p.proof.address).or_default();
-        homes.retain(|h| h.proof.relay_key != relay);
-        homes.push(p);
-        homes.sort_by_key(|h| std::cmp::Reverse(h.proof.timestamp_ms));
-        homes.truncate(MAX_HOMES);
-    }
-
-    /// The last session of `address` left: publish the withdrawal, if our
-    /// record is the current one.
-    pub(crate) fn local_leave(&mut self, address: &Address) {
-        let me = self.me;
-        let Some(cur) = self
-            .homes(address)
-            .iter()
-            .find(|p| p.proof.relay_key == me && p.online)
-        else {
-            return;
-        };
-        let proof = cur.proof.clone();
-        let seq = self.next_record_seq();
-        let p = Presence::sign(&self.identity, proof, false, seq);
-        let frame = RelayToRelay::Presence(p.clone()).encode();
-        self.set_home(p);
-        self.flood(frame, None);
-    }
-
-    /// The other relays a message for `addr` goes to (PROTOCOL 12.5):
-    /// every relay where it is online (it may be at several at once); if
-    /// it is online nowhere, the relay of its newest record, which stores
-    /// for it, if that is not this one.
-    pub(crate) fn homes_elsewhere(&self, addr: &Address) -> Vec<Address> {
-        let homes = self.homes(addr);
-        if homes.iter().any(|p| p.online) {
-            return homes
-                .iter()
-                .filter(|p| p.online && p.proof.relay_key != self.me)
-                .map(|p| p.proof.relay_key)
-                .collect();
-        }
-        homes
-            .first()
-            .map(|p| p.proof.relay_key)
-            .filter(|r| *r != self.me)
-            .into_iter()
-            .collect()
-    }
-
-    /// Whether `addr` is a client of this relay (connected, or our record
-    /// says online): its messages start here, not at a peer, unless the
-    /// directory says it is online at that peer too.
-    fn hosts(&self, addr: &Address) -> bool {
-        self.by_address.contains_key(addr) || self.online_at(addr, &self.me)
-    }
-
-    fn on_presence(&mut self, peer: PeerId, p: Presence) {
-        if self.config.federation.check_signatures && p.verify().is_err() {
-            self.stats.error(ErrorCode::ForgedPresence);
-            return;
-        }
-        let addr = p.proof.address;
-        let relay = p.proof.relay_key;
-        if !self.directory.contains_key(&addr) {
-            if !self.admit_new(peer, NewRecord::Address) {
-                return;
-            }
-        } else if let Some(cur) = self
-            .homes(&addr)
-            .iter()
-            .find(|h| h.proof.relay_key == relay)
-        {
-            if cur.rank() >= p.rank() {
-                return;
-            }
-        }
-        // An address may be online at several relays at once (PROTOCOL
-        // 7.7): a record from another relay closes nothing here.
-        let stale = relay == self.me && p.online && self.receivers_of(&addr).is_empty();
-        if relay == self.me {
-            // Our own numbers: continue above them.
-            self.link_seq = self.link_seq.max(p.seq);
-        }
-        let frame = RelayToRelay::Presence(p.clone()).encode();
-        self.set_home(p);
-        self.flood(frame, Some(peer));
-        if stale {
-            // An "online" of ours from before a restart, for an address
-            // with no session here now: say it left, with a newer number.
-            self.local_leave(&addr);
-        }
     }
 
     // ---------------------------------------------------------- messages
@@ -584,6 +378,9 @@ impl RelayCore {
             msg: frame.clone(),
         })
         .encode();
+        if let Some(f) = self.flights.get_mut(&key) {
+            f.sent.extend(to.iter().map(|a| (*a, relay)));
+        }
         if let Err(code) = self.send_toward(&relay, fwd, key.0) {
             self.stats.error(code);
             if let Some(f) = self.flights.get_mut(&key) {
@@ -704,18 +501,8 @@ impl RelayCore {
             return;
         }
         match f.target {
-            ForwardTarget::Relay { relay, to } if relay == self.me => {
-                let key = (msg.id, msg.from);
-                if let Err(code) = self.check_forward(&msg.dest, (&msg.from, &f.origin), &to, key) {
-                    self.stats.error(code);
-                    let entries = to
-                        .iter()
-                        .map(|a| entry(*a, Status::Rejected, Some(code)))
-                        .collect();
-                    return self.reply_to_origin(f.origin, msg.id, entries, 0);
-                }
-                let head = (key, Reply::Relay(f.origin), Route::A2g);
-                self.start_flight(now, head, f.msg, to, None);
+            ForwardTarget::Relay { relay, .. } if relay == self.me => {
+                self.forward_here(now, peer, f, &msg, false)
             }
             ForwardTarget::Relay { relay, to } => {
                 let code = if f.hops >= self.config.federation.hop_limit {
@@ -800,6 +587,41 @@ impl RelayCore {
         }
     }
 
+    /// A FORWARD for clients of this relay. Its sender may be a client
+    /// here too with no record yet of it at the origin (the record may be
+    /// on its way): then the FORWARD waits for a lookup of the sender,
+    /// once (`looked`: it did).
+    fn forward_here(&mut self, now: Instant, peer: PeerId, f: Forward, msg: &Msg, looked: bool) {
+        let ForwardTarget::Relay { to, .. } = &f.target else {
+            return;
+        };
+        let to = to.clone();
+        let key = (msg.id, msg.from);
+        let unproven = self.hosts(&msg.from) && !self.online_at(&msg.from, &f.origin);
+        if unproven && !looked && self.park_forward(now, peer, f.clone(), msg.from) {
+            return;
+        }
+        if let Err(code) = self.check_forward(&msg.dest, (&msg.from, &f.origin), &to, key) {
+            self.stats.error(code);
+            let entries = to
+                .iter()
+                .map(|a| entry(*a, Status::Rejected, Some(code)))
+                .collect();
+            return self.reply_to_origin(f.origin, msg.id, entries, 0);
+        }
+        let head = (key, Reply::Relay(f.origin), Route::A2g);
+        self.start_flight(now, head, f.msg, to, None);
+    }
+
+    /// A parked FORWARD's lookup is done: checked again, and delivered or
+    /// refused.
+    pub(crate) fn unpark_forward(&mut self, now: Instant, peer: PeerId, f: Forward) {
+        let Ok(ClientToRelay::Msg(msg)) = ClientToRelay::decode(&f.msg) else {
+            return;
+        };
+        self.forward_here(now, peer, f, &msg, true);
+    }
+
     /// Checks a FORWARD for delivery here against the MSG it carries: the
     /// recipients must be ones its header names (a2b: that one; a2g: a
     /// subset of its list; a group is resolved by its own relay and cannot
@@ -830,7 +652,7 @@ impl RelayCore {
         Ok(())
     }
 
-    fn on_fwd_receipt(&mut self, from: Address, r: FwdReceipt) {
+    fn on_fwd_receipt(&mut self, now: Instant, from: Address, r: FwdReceipt) {
         if r.origin != self.me {
             // Passing through, toward its origin.
             if r.hops >= self.config.federation.hop_limit {
@@ -854,12 +676,21 @@ impl RelayCore {
             }
         } else {
             let mut settled = false;
+            let mut moved = Vec::new();
             for (to, state) in &mut f.recipients {
                 if *state != (Recipient::Forwarded { relay: r.reporter }) {
                     continue;
                 }
                 settled = true;
                 let e = r.entries.iter().find(|e| e.to == *to).cloned();
+                if e.as_ref().is_some_and(|e| {
+                    e.status == Status::NoRoute && e.reason == ErrorCode::Moved.as_u16()
+                }) && !moved.contains(to)
+                {
+                    // It moved: looked up again, not settled.
+                    moved.push(*to);
+                    continue;
+                }
                 // A reporter that leaves one out did not reach it.
                 *state = Recipient::Settled(
                     e.unwrap_or_else(|| entry(*to, Status::NoRoute, Some(ErrorCode::NoRoute))),
@@ -867,6 +698,18 @@ impl RelayCore {
             }
             if settled {
                 f.copies += r.delivered;
+            }
+            let open = !f.expired;
+            for to in moved {
+                if open {
+                    self.reroute(now, key, to, r.reporter);
+                } else if let Some(s) = self
+                    .flights
+                    .get_mut(&key)
+                    .and_then(|f| f.leg_mut(&to, &r.reporter))
+                {
+                    *s = Recipient::Settled(entry(to, Status::NoRoute, Some(ErrorCode::Moved)));
+                }
             }
         }
         self.finish_if_settled(key);
@@ -992,6 +835,10 @@ mod tests {
         for f in frames {
             c.handle_peer_frame(now, PeerId(2), f);
         }
+        // The one claiming our client would wait for a lookup of it (its
+        // record at the origin might be on its way), but no relay that
+        // published link state is there to ask (the rogue never did): it
+        // is refused at once.
         assert_eq!(c.stats().count(ErrorCode::ForgedForward), 3);
         let to_clients = drain(&mut c)
             .into_iter()

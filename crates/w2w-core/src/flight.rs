@@ -37,8 +37,23 @@ pub enum Recipient {
     /// Forwarded toward `relay`, whose FWD_RECEIPT settles it (or the
     /// deadline: `no_route`, reason `timeout`).
     Forwarded { relay: Address },
+    /// Waiting for a directory lookup (PROTOCOL 12.12) to say where the
+    /// recipient is; `moved_from`: the relay that answered `moved` (it is
+    /// not asked again for this message).
+    Resolving { moved_from: Option<Address> },
     /// The receipt entry is known.
     Settled(ReceiptEntry),
+}
+
+impl Recipient {
+    /// A leg that is not (or not yet) this relay's: forwarded, or waiting
+    /// for a lookup. (A settled leg may be either; it is never looked up.)
+    pub fn elsewhere(&self) -> bool {
+        matches!(
+            self,
+            Recipient::Forwarded { .. } | Recipient::Resolving { .. }
+        )
+    }
 }
 
 /// Who is told the outcome.
@@ -80,6 +95,14 @@ pub struct Flight {
     /// Sessions that acknowledged it (here, and as other relays reported):
     /// the receipt's `delivered` when an address has several sessions.
     pub copies: u32,
+    /// Recipients waiting for a lookup; while any is, FORWARDs wait in
+    /// `unsent` (one FORWARD per relay per message: a relay takes a second
+    /// one with the same id for a duplicate).
+    pub resolving: u32,
+    pub unsent: std::collections::BTreeMap<Address, Vec<Address>>,
+    /// (recipient, relay) pairs forwarded so far: a leg looked up again
+    /// never goes to a relay that had it.
+    pub sent: Vec<(Address, Address)>,
 }
 
 impl Flight {
@@ -87,7 +110,7 @@ impl Flight {
     pub fn state_mut(&mut self, to: &Address) -> Option<&mut Recipient> {
         self.recipients
             .iter_mut()
-            .find(|(a, s)| a == to && !matches!(s, Recipient::Forwarded { .. }))
+            .find(|(a, s)| a == to && !s.elsewhere())
             .map(|(_, s)| s)
     }
 
@@ -95,7 +118,7 @@ impl Flight {
     pub fn local(&self, to: &Address) -> Option<&Recipient> {
         self.recipients
             .iter()
-            .find(|(a, s)| a == to && !matches!(s, Recipient::Forwarded { .. }))
+            .find(|(a, s)| a == to && !s.elsewhere())
             .map(|(_, s)| s)
     }
 

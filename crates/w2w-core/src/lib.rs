@@ -19,9 +19,10 @@
 //! * `peer_up(peer, key, url, dialled)` once a peer link's handshake is
 //!   done (if it returns `Err`, close the link and never mention `peer`
 //!   again); then `handle_peer_frame` for each frame it sends, in order;
-//!   `peer_down(peer)` once when it ends. A new link is owed the
-//!   directory: send it `directory_for(trusted)` through `send_records`,
-//!   paced as the link's queue allows.
+//!   `peer_down(peer)` once when it ends. Nothing on a link is sized by
+//!   the number of addresses: the directory is partitioned (directory.rs).
+//! * A client's LOOKUP goes through `lookup_request`; one it cannot answer
+//!   at once is answered later by `poll_lookup_answer`.
 //! * The store executes [`StoreOp`]s in the order they were polled. Every
 //!   op with a token is answered with exactly one [`StoreDone`] carrying
 //!   that token; the answers may arrive in any order (a write refused at
@@ -65,6 +66,7 @@
 //! signaling (pairing WebRTC peers over HTTP, PROTOCOL §16); its HTTP
 //! handler and the channels parked requests wait on are in the shell.
 
+mod directory;
 mod federation;
 pub mod flight;
 mod relay;
@@ -135,6 +137,13 @@ pub struct Stats {
     pub receipts: std::collections::BTreeMap<u8, u64>,
     /// Receipt entries (local recipients) that said `queued`.
     pub queued: u64,
+    /// Directory lookups made (rounds of DIR_GETs), refused (table full,
+    /// or a peer over its rate), and legs looked up again after `moved`.
+    pub lookups: u64,
+    pub lookups_refused: u64,
+    pub rerouted: u64,
+    /// Held records dropped because their lease ran out.
+    pub records_expired: u64,
 }
 
 impl Stats {

@@ -107,6 +107,29 @@ pub struct FedConfig {
     /// true). Simulations that stand for honest relays turn it off: a
     /// check costs ~100 µs and cannot fail there.
     pub check_signatures: bool,
+    /// Relays that hold each address's records (PROTOCOL 12.12; default
+    /// 4): the reachable relays whose keys are closest to it.
+    pub replicas: usize,
+    /// How long a held record counts without being renewed (default
+    /// 120 s); its hosting relay renews it every third of that.
+    pub lease: Duration,
+    /// How long a lookup's answer is used (default 10 s).
+    pub cache_ttl: Duration,
+    /// How long a lookup waits for answers before asking again (once) or
+    /// giving up (default 1 s).
+    pub lookup_timeout: Duration,
+    /// Most lookups on their way (default 10,000) and cached answers
+    /// (default 100,000); past them a lookup is not made (`no_route`) or
+    /// its answer not kept.
+    pub max_lookups: usize,
+    pub max_cache: usize,
+    /// How long after a change of the relay set this relay puts its
+    /// records on the relays now responsible for them (default 200 ms:
+    /// changes that come together are handled once).
+    pub ring_settle: Duration,
+    /// DIR_GETs each peer may send per second (default 20,000), beyond
+    /// which they are dropped unanswered (counted).
+    pub lookups_per_peer: u32,
 }
 
 impl Default for FedConfig {
@@ -124,6 +147,14 @@ impl Default for FedConfig {
             seen_cache: 100_000,
             seen_ttl: Duration::from_secs(600),
             check_signatures: true,
+            replicas: 4,
+            lease: Duration::from_secs(120),
+            cache_ttl: Duration::from_secs(10),
+            lookup_timeout: Duration::from_secs(1),
+            max_lookups: 10_000,
+            max_cache: 100_000,
+            ring_settle: Duration::from_millis(200),
+            lookups_per_peer: 20_000,
         }
     }
 }
@@ -267,6 +298,8 @@ pub struct RelayCore {
     /// Per address, its records: one per relay it registered with, newest
     /// first, at most `MAX_HOMES`.
     pub(crate) directory: HashMap<Address, Vec<Presence>>,
+    /// Leases, lookups, the lookup cache and the placement (directory.rs).
+    pub(crate) dir: crate::directory::Dir,
     pub(crate) seen: SeenCache,
     pub(crate) stats: Stats,
     pub(crate) transmits: VecDeque<Transmit>,
@@ -315,6 +348,7 @@ impl RelayCore {
             links_dirty: false,
             link_seq,
             directory: HashMap::with_hasher(hasher),
+            dir: crate::directory::Dir::default(),
             seen,
             stats: Stats::default(),
             transmits: VecDeque::new(),
@@ -400,7 +434,7 @@ impl RelayCore {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let d = self.deadlines.keys().next().map(|(t, _)| *t);
         let g = self.graces.keys().next().map(|(t, _)| *t);
-        d.into_iter().chain(g).min()
+        d.into_iter().chain(g).chain(self.dir_timeout()).min()
     }
 
     /// Messages in flight (for tests and metrics).
@@ -700,37 +734,34 @@ impl RelayCore {
         broadcast: Option<crate::flight::Broadcast>,
     ) {
         let from_peer = matches!(reply, Reply::Relay(_));
+        self.note_now(now);
         let mut recipients = Vec::with_capacity(targets.len());
         let mut remote: BTreeMap<Address, Vec<Address>> = BTreeMap::new();
+        let mut lookups = Vec::new();
         let mut copies = 0;
         for to in targets {
-            // Its other relays (online there, or the one that stores for
-            // it). Never forwarded again by a relay that was forwarded it;
-            // an a2a stays with the sender's relay.
-            let elsewhere = if from_peer || route == Route::A2a {
-                Vec::new()
-            } else {
+            // A relay that was forwarded the message never forwards it
+            // again, and an a2a stays with the sender's relay; any other
+            // recipient whose relays this one does not know is looked up.
+            let wide = !from_peer && route != Route::A2a;
+            if wide && self.needs_lookup(&to) {
+                lookups.push(to);
+                recipients.push((to, Recipient::Resolving { moved_from: None }));
+                continue;
+            }
+            if from_peer && self.moved(&to) {
+                // It registered at another relay since the origin looked
+                // it up: the origin looks again.
+                let state = self.settle_now(to, ErrorCode::Moved);
+                recipients.push((to, state));
+                continue;
+            }
+            let elsewhere = if wide {
                 self.homes_elsewhere(&to)
+            } else {
+                Vec::new()
             };
-            let local = self.deliver_local(key, to, &frame, !elsewhere.is_empty());
-            if let Some((state, n)) = local {
-                copies += n;
-                recipients.push((to, state));
-            }
-            for relay in &elsewhere {
-                let state = match self.hop(relay) {
-                    Some(_) => {
-                        remote.entry(*relay).or_default().push(to);
-                        Recipient::Forwarded { relay: *relay }
-                    }
-                    None => self.settle_now(to, ErrorCode::Unreachable),
-                };
-                recipients.push((to, state));
-            }
-            if recipients.last().is_none_or(|(a, _)| *a != to) {
-                let state = self.settle_now(to, ErrorCode::NoRoute);
-                recipients.push((to, state));
-            }
+            copies += self.place(key, to, &frame, &elsewhere, &mut recipients, &mut remote);
         }
         self.next += 1;
         let deadline = (now + self.config.receipt_timeout, self.next);
@@ -738,6 +769,12 @@ impl RelayCore {
         if let Reply::Client(_) = reply {
             self.local_ids.insert(key.0, key);
         }
+        let resolving = lookups.len() as u32;
+        let unsent = if resolving > 0 {
+            std::mem::take(&mut remote)
+        } else {
+            BTreeMap::new()
+        };
         self.flights.insert(
             key,
             Flight {
@@ -749,16 +786,58 @@ impl RelayCore {
                 expired: false,
                 broadcast,
                 copies,
+                resolving,
+                unsent,
+                sent: Vec::new(),
             },
         );
         for (relay, to) in remote {
             self.forward_to(key, relay, to, &frame);
         }
+        for to in lookups {
+            self.look_up(now, to, crate::directory::Waiter::Flight(key));
+        }
         self.finish_if_settled(key);
     }
 
+    /// The legs of `to` given the other relays it is at (`elsewhere`): a
+    /// local one if it is a client here (or stored for here), one
+    /// `Forwarded` per relay (added to `remote`), or `no_route`. Returns
+    /// the copies already delivered.
+    pub(crate) fn place(
+        &mut self,
+        key: FlightKey,
+        to: Address,
+        frame: &Bytes,
+        elsewhere: &[Address],
+        legs: &mut Vec<(Address, Recipient)>,
+        remote: &mut BTreeMap<Address, Vec<Address>>,
+    ) -> u32 {
+        let before = legs.len();
+        let mut copies = 0;
+        if let Some((state, n)) = self.deliver_local(key, to, frame, !elsewhere.is_empty()) {
+            copies += n;
+            legs.push((to, state));
+        }
+        for relay in elsewhere {
+            let state = match self.hop(relay) {
+                Some(_) => {
+                    remote.entry(*relay).or_default().push(to);
+                    Recipient::Forwarded { relay: *relay }
+                }
+                None => self.settle_now(to, ErrorCode::Unreachable),
+            };
+            legs.push((to, state));
+        }
+        if legs.len() == before {
+            let state = self.settle_now(to, ErrorCode::NoRoute);
+            legs.push((to, state));
+        }
+        copies
+    }
+
     /// A recipient that cannot be reached: settled `no_route` with `code`.
-    fn settle_now(&mut self, to: Address, code: ErrorCode) -> Recipient {
+    pub(crate) fn settle_now(&mut self, to: Address, code: ErrorCode) -> Recipient {
         self.stats.error(code);
         Recipient::Settled(entry(to, Status::NoRoute, Some(code)))
     }
@@ -770,7 +849,7 @@ impl RelayCore {
     /// is stored for only if it goes to no other relay: `elsewhere`). With
     /// the copies already counted delivered (not durable). `None`: not
     /// ours.
-    fn deliver_local(
+    pub(crate) fn deliver_local(
         &mut self,
         key: FlightKey,
         to: Address,
@@ -904,6 +983,7 @@ impl RelayCore {
     /// unstored that did not ACK it get it written; stored ones that did
     /// not ACK are `queued`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.note_now(now);
         // Messages an address's other sessions did not acknowledge within
         // the grace after the first: delivered (it has them).
         while let Some(key) = pop_due(&mut self.graces, now) {
@@ -936,7 +1016,7 @@ impl RelayCore {
                         *state = Recipient::Settled(entry(*to, Status::Delivered, None));
                     }
                     Recipient::Unstored { .. } => late.push(*to),
-                    Recipient::Forwarded { .. } => {
+                    Recipient::Forwarded { .. } | Recipient::Resolving { .. } => {
                         self.stats.error(ErrorCode::Timeout);
                         *state = Recipient::Settled(entry(
                             *to,
@@ -956,6 +1036,7 @@ impl RelayCore {
             }
             self.finish_if_settled(key);
         }
+        self.dir_tick(now);
     }
 
     // ------------------------------------------------------------ helpers

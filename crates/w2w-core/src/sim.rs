@@ -133,6 +133,16 @@ impl Default for SimConfig {
                 session_grace: Duration::from_millis(2),
                 max_group: 8,
                 read_batch: 4,
+                federation: FedConfig {
+                    // Short enough that leases run out and are renewed
+                    // many times in a run.
+                    lease: Duration::from_millis(120),
+                    cache_ttl: Duration::from_millis(50),
+                    lookup_timeout: Duration::from_millis(15),
+                    ring_settle: Duration::from_millis(1),
+                    replicas: 3,
+                    ..FedConfig::default()
+                },
                 ..Config::default()
             },
         }
@@ -176,6 +186,10 @@ impl SimConfig {
         };
         c.core.receipt_timeout = Duration::from_secs(5);
         c.core.read_batch = 64;
+        c.core.federation.lease = Duration::from_secs(3);
+        c.core.federation.cache_ttl = Duration::from_millis(500);
+        c.core.federation.lookup_timeout = Duration::from_millis(200);
+        c.core.federation.ring_settle = Duration::from_millis(20);
         c
     }
 }
@@ -188,6 +202,8 @@ pub struct Report {
     pub delivered_entries: u64,
     pub queued_entries: u64,
     pub rejected_entries: u64,
+    /// Entries neither delivered nor queued, by reason code.
+    pub reasons: BTreeMap<u16, u64>,
     pub arrived: u64,
     pub crashes: u64,
     pub drops: u64,
@@ -224,6 +240,9 @@ impl Report {
         self.delivered_entries += r.delivered_entries;
         self.queued_entries += r.queued_entries;
         self.rejected_entries += r.rejected_entries;
+        for (code, n) in &r.reasons {
+            *self.reasons.entry(*code).or_default() += n;
+        }
         self.arrived += r.arrived;
         self.crashes += r.crashes;
         self.drops += r.drops;
@@ -400,7 +419,8 @@ const SIM_SESSIONS: usize = 3;
 /// A relay's store: what is committed survives a crash.
 #[derive(Default)]
 struct Disk {
-    known: BTreeSet<Address>,
+    /// Registrations: the latest proof per address.
+    known: BTreeMap<Address, RegistrationProof>,
     rows: BTreeMap<(Address, i64), (MsgId, Bytes)>,
     index: HashMap<(Address, MsgId), i64>,
     next_seq: i64,
@@ -459,6 +479,9 @@ struct Sim<'a> {
     visits: HashMap<(MsgId, Address, usize), u32>,
     sending: bool,
     faults: bool,
+    /// After this (µs), an idle core's timers are not run: only the
+    /// directory's renewals are left, which never end.
+    ticks_until: Option<u64>,
     report: Report,
     /// Print every event (`W2W_SIM_TRACE=1`).
     trace: bool,
@@ -590,6 +613,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
         visits: HashMap::new(),
         sending: true,
         faults: true,
+        ticks_until: None,
         report: Report::default(),
         trace: std::env::var_os("W2W_SIM_TRACE").is_some(),
     };
@@ -627,12 +651,14 @@ impl Sim<'_> {
         let relay = &mut self.relays[r];
         // Numbered as a wall clock would: above anything signed earlier.
         let link_seq = self.now_us * 16 + relay.gen;
-        relay.core = Some(RelayCore::new(
+        let mut core = RelayCore::new(
             config,
             Identity::from_seed(relay.identity.seed()),
             link_seq,
-            relay.disk.known.iter().copied(),
-        ));
+            relay.disk.known.keys().copied(),
+        );
+        core.restore_records(relay.disk.known.values().cloned());
+        relay.core = Some(core);
     }
 
     fn go(&mut self) -> Result<(), String> {
@@ -707,6 +733,10 @@ impl Sim<'_> {
     /// No more sends or faults: every link comes back, everyone connects.
     fn quiesce(&mut self) {
         self.sending = false;
+        // Long enough for several renewals and every deadline.
+        let lease = self.cfg.core.federation.lease.as_micros() as u64;
+        let receipt = self.cfg.core.receipt_timeout.as_micros() as u64;
+        self.ticks_until = Some(self.now_us + 4 * lease + 4 * receipt + 100_000);
         self.faults = false;
         self.partition = None;
         for link in 0..self.links.len() {
@@ -992,12 +1022,8 @@ impl Sim<'_> {
         );
         for (r, key, dialled) in [(a, kb, true), (b, ka, false)] {
             if let Some(core) = self.relays[r].core.as_mut() {
-                match core.peer_up(pid, key, String::new(), dialled) {
-                    Ok(trusted) => {
-                        let all = core.directory_for(trusted);
-                        core.send_records(pid, &all);
-                    }
-                    Err(code) => return Err(format!("relay {r} refused link {link}: {code:?}")),
+                if let Err(code) = core.peer_up(pid, key, String::new(), dialled) {
+                    return Err(format!("relay {r} refused link {link}: {code:?}"));
                 }
             }
         }
@@ -1085,8 +1111,6 @@ impl Sim<'_> {
         self.next_conn += 1;
         let conn = ConnId(self.next_conn);
         let address = self.clients[client].address;
-        // Registration is durable before the client hears it succeeded.
-        self.relays[home].disk.known.insert(address);
         self.registrations += 1;
         // The client's clock, anywhere in the ±60 s a relay accepts: a
         // later registration may carry an earlier timestamp.
@@ -1102,6 +1126,8 @@ impl Sim<'_> {
             url: String::new(),
             sig_a: [0; 64],
         };
+        // Registration is durable before the client hears it succeeded.
+        self.relays[home].disk.known.insert(address, proof.clone());
         let now = self.now();
         let federation = self.relays.len() > 1;
         let accepted = self.relays[home].core.as_mut().is_some_and(|core| {
@@ -1184,7 +1210,9 @@ impl Sim<'_> {
         while let Some(c) = core.poll_close() {
             closes.push(c);
         }
-        let timeout = core.poll_timeout();
+        let timeout = core
+            .poll_timeout()
+            .filter(|_| !core.is_idle() || self.ticks_until.is_none_or(|t| self.now_us < t));
         let mut slow = Vec::new();
         for t in transmits {
             match t.to {
@@ -1435,7 +1463,7 @@ impl Sim<'_> {
                 .sum();
             if r.delivered > copies {
                 return Err(format!(
-                    "receipt for {} counts {} sessions, but only {copies} had it",
+                    "receipt for {} counts {} sessions, but only {copies} had it ({r:?})",
                     r.id, r.delivered
                 ));
             }
@@ -1461,6 +1489,12 @@ impl Sim<'_> {
                 }
                 _ => {
                     self.report.rejected_entries += 1;
+                    let reason = r
+                        .entries
+                        .iter()
+                        .find(|e| e.to == to)
+                        .map_or(r.reason, |e| e.reason);
+                    *self.report.reasons.entry(reason).or_default() += 1;
                     continue;
                 }
             }
@@ -1532,20 +1566,44 @@ impl Sim<'_> {
                 return Err(format!("message {id} receipted for {to} never arrived"));
             }
         }
-        // Every relay's directory says each client is online at each relay
-        // where it has a receiving session, whatever its clock said when
-        // it registered (it registered again and again, skewed ±60 s).
+        // The relays that hold each client's records (the placement, with
+        // every relay up) say it is online at each relay where it has a
+        // receiving session, whatever its clock said when it registered
+        // (it registered again and again, skewed ±60 s); and each of its
+        // relays knows the others.
         if self.relays.len() > 1 {
+            let mut ring: Vec<Address> = self.relays.iter().map(|r| r.identity.address()).collect();
+            ring.sort_unstable();
+            let k = self.cfg.core.federation.replicas;
+            let index: HashMap<Address, usize> = self
+                .relays
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.identity.address(), i))
+                .collect();
             for c in &self.clients {
-                for s in c.sessions.iter().filter(|s| s.receive) {
-                    let home = self.relays[s.relay].identity.address();
-                    for (i, r) in self.relays.iter().enumerate() {
-                        let Some(core) = &r.core else { continue };
+                let holders: Vec<usize> = crate::directory::closest(&ring, &c.address, k)
+                    .iter()
+                    .map(|a| index[a])
+                    .collect();
+                let homes: BTreeSet<usize> = c
+                    .sessions
+                    .iter()
+                    .filter(|s| s.receive)
+                    .map(|s| s.relay)
+                    .collect();
+                for &h in &homes {
+                    let home = self.relays[h].identity.address();
+                    let askers = holders.iter().chain(homes.iter());
+                    for &i in askers {
+                        let Some(core) = &self.relays[i].core else {
+                            continue;
+                        };
                         if core.record_online(&c.address, &home) != Some(true) {
                             return Err(format!(
-                                "relay {i}'s directory says {} is not online at relay {}, where it is connected ({:?})",
+                                "relay {i} (holds {}'s records: {}) says it is not online at relay {h}, where it is connected ({:?})",
                                 c.address,
-                                s.relay,
+                                holders.contains(&i),
                                 core.record_online(&c.address, &home)
                             ));
                         }

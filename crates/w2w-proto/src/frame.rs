@@ -1060,7 +1060,7 @@ fn truncate_utf8(s: &mut String, max: usize) {
 
 /// Frame types 0x40–0x44 belong to relay-to-relay links (`crate::s2s::ty`).
 pub fn is_s2s_type(t: u8) -> bool {
-    (0x40..=0x44).contains(&t)
+    (0x40..=0x47).contains(&t)
 }
 
 #[cfg(test)]

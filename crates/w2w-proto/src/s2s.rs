@@ -20,6 +20,11 @@
 //! * FWD_RECEIPT — the target relay's per-recipient outcome, routed back to
 //!   the origin relay, which answers the sender.
 //! * REDIRECT — "I am at my peer limit; dial one of these instead".
+//! * DIR_PUT, DIR_GET, DIR_ANSWER — the partitioned directory (PROTOCOL
+//!   12.12): an address's records live on the few relays whose keys are
+//!   closest to it (XOR), not everywhere. A hosting relay puts its records
+//!   there (and renews them: they are leases), a sender's relay asks
+//!   there. Each is routed to one relay along link-state paths.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -37,6 +42,9 @@ pub mod ty {
     pub const FORWARD: u8 = 0x42;
     pub const FWD_RECEIPT: u8 = 0x43;
     pub const REDIRECT: u8 = 0x44;
+    pub const DIR_PUT: u8 = 0x45;
+    pub const DIR_GET: u8 = 0x46;
+    pub const DIR_ANSWER: u8 = 0x47;
 }
 
 /// Whether `t` is an s2s frame type (the range is the frame module's, so
@@ -50,6 +58,8 @@ pub const PRESENCE_DOMAIN: &[u8] = b"w2w/v1 presence\0";
 pub const MAX_NEIGHBORS: usize = 256;
 /// Most URLs in a REDIRECT.
 pub const MAX_REDIRECT: usize = 16;
+/// Most records in one DIR_PUT or DIR_ANSWER.
+pub const MAX_DIR_RECORDS: usize = 64;
 
 /// A relay's signed statement of who its peers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +244,39 @@ pub struct FwdReceipt {
     pub entries: Vec<ReceiptEntry>,
 }
 
+/// Records for relay `target` to keep (it is among the relays that hold
+/// their addresses, or hosts one of them too): leases, renewed by the
+/// hosting relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirPut {
+    pub target: Address,
+    pub hops: u8,
+    pub records: Vec<Presence>,
+}
+
+/// "Which relays is `address` registered with?", from relay `origin` to
+/// relay `target`; `nonce` pairs the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirGet {
+    pub origin: Address,
+    pub target: Address,
+    pub hops: u8,
+    pub nonce: u64,
+    pub address: Address,
+}
+
+/// `reporter`'s records of `address` (none: it holds none), routed back to
+/// the `origin` of the DIR_GET.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirAnswer {
+    pub origin: Address,
+    pub reporter: Address,
+    pub hops: u8,
+    pub nonce: u64,
+    pub address: Address,
+    pub records: Vec<Presence>,
+}
+
 /// Frames on a peer link (both directions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayToRelay {
@@ -242,6 +285,60 @@ pub enum RelayToRelay {
     Forward(Forward),
     FwdReceipt(FwdReceipt),
     Redirect(Vec<String>),
+    DirPut(DirPut),
+    DirGet(DirGet),
+    DirAnswer(DirAnswer),
+}
+
+fn read_presence(r: &mut crate::frame::Reader<'_>) -> Result<Presence, DecodeError> {
+    Ok(Presence {
+        proof: RegistrationProof {
+            address: r.address("address")?,
+            relay_key: r.address("relay_key")?,
+            relay_nonce: r.array("relay_nonce")?,
+            client_nonce: r.array("client_nonce")?,
+            timestamp_ms: r.u64("timestamp")?,
+            url: r.string("url", MAX_URL_LEN)?,
+            sig_a: r.array("sig_a")?,
+        },
+        online: flag(r, "online")?,
+        seq: r.u64("seq")?,
+        relay_sig: r.array("relay_sig")?,
+    })
+}
+
+fn put_presence(b: &mut BytesMut, p: &Presence) {
+    let q = &p.proof;
+    b.put_slice(&q.address.0);
+    b.put_slice(&q.relay_key.0);
+    b.put_slice(&q.relay_nonce);
+    b.put_slice(&q.client_nonce);
+    b.put_u64(q.timestamp_ms);
+    put_string(b, &q.url, MAX_URL_LEN);
+    b.put_slice(&q.sig_a);
+    b.put_u8(p.online as u8);
+    b.put_u64(p.seq);
+    b.put_slice(&p.relay_sig);
+}
+
+fn read_records(r: &mut crate::frame::Reader<'_>) -> Result<Vec<Presence>, DecodeError> {
+    let n = r.u8("record count")? as usize;
+    if n > MAX_DIR_RECORDS {
+        return Err(DecodeError::TooLong {
+            field: "records",
+            len: n,
+            max: MAX_DIR_RECORDS,
+        });
+    }
+    (0..n).map(|_| read_presence(r)).collect()
+}
+
+fn put_records(b: &mut BytesMut, records: &[Presence]) {
+    let records = &records[..records.len().min(MAX_DIR_RECORDS)];
+    b.put_u8(records.len() as u8);
+    for p in records {
+        put_presence(b, p);
+    }
 }
 
 impl RelayToRelay {
@@ -271,19 +368,26 @@ impl RelayToRelay {
                     sig: r.array("sig")?,
                 })
             }
-            ty::PRESENCE => RelayToRelay::Presence(Presence {
-                proof: RegistrationProof {
-                    address: r.address("address")?,
-                    relay_key: r.address("relay_key")?,
-                    relay_nonce: r.array("relay_nonce")?,
-                    client_nonce: r.array("client_nonce")?,
-                    timestamp_ms: r.u64("timestamp")?,
-                    url: r.string("url", MAX_URL_LEN)?,
-                    sig_a: r.array("sig_a")?,
-                },
-                online: flag(&mut r, "online")?,
-                seq: r.u64("seq")?,
-                relay_sig: r.array("relay_sig")?,
+            ty::PRESENCE => RelayToRelay::Presence(read_presence(&mut r)?),
+            ty::DIR_PUT => RelayToRelay::DirPut(DirPut {
+                target: r.address("target")?,
+                hops: r.u8("hops")?,
+                records: read_records(&mut r)?,
+            }),
+            ty::DIR_GET => RelayToRelay::DirGet(DirGet {
+                origin: r.address("origin")?,
+                target: r.address("target")?,
+                hops: r.u8("hops")?,
+                nonce: r.u64("nonce")?,
+                address: r.address("address")?,
+            }),
+            ty::DIR_ANSWER => RelayToRelay::DirAnswer(DirAnswer {
+                origin: r.address("origin")?,
+                reporter: r.address("reporter")?,
+                hops: r.u8("hops")?,
+                nonce: r.u64("nonce")?,
+                address: r.address("address")?,
+                records: read_records(&mut r)?,
             }),
             ty::FORWARD => {
                 let origin = r.address("origin")?;
@@ -361,17 +465,30 @@ impl RelayToRelay {
             }
             RelayToRelay::Presence(p) => {
                 head(&mut b, ty::PRESENCE);
-                let q = &p.proof;
-                b.put_slice(&q.address.0);
-                b.put_slice(&q.relay_key.0);
-                b.put_slice(&q.relay_nonce);
-                b.put_slice(&q.client_nonce);
-                b.put_u64(q.timestamp_ms);
-                put_string(&mut b, &q.url, MAX_URL_LEN);
-                b.put_slice(&q.sig_a);
-                b.put_u8(p.online as u8);
-                b.put_u64(p.seq);
-                b.put_slice(&p.relay_sig);
+                put_presence(&mut b, p);
+            }
+            RelayToRelay::DirPut(d) => {
+                head(&mut b, ty::DIR_PUT);
+                b.put_slice(&d.target.0);
+                b.put_u8(d.hops);
+                put_records(&mut b, &d.records);
+            }
+            RelayToRelay::DirGet(g) => {
+                head(&mut b, ty::DIR_GET);
+                b.put_slice(&g.origin.0);
+                b.put_slice(&g.target.0);
+                b.put_u8(g.hops);
+                b.put_u64(g.nonce);
+                b.put_slice(&g.address.0);
+            }
+            RelayToRelay::DirAnswer(a) => {
+                head(&mut b, ty::DIR_ANSWER);
+                b.put_slice(&a.origin.0);
+                b.put_slice(&a.reporter.0);
+                b.put_u8(a.hops);
+                b.put_u64(a.nonce);
+                b.put_slice(&a.address.0);
+                put_records(&mut b, &a.records);
             }
             RelayToRelay::Forward(f) => {
                 b.reserve(f.msg.len());
@@ -425,10 +542,13 @@ mod tests {
             ty::FORWARD,
             ty::FWD_RECEIPT,
             ty::REDIRECT,
+            ty::DIR_PUT,
+            ty::DIR_GET,
+            ty::DIR_ANSWER,
         ] {
             assert!(is_s2s_type(t), "{t:#x}");
         }
-        assert!(!is_s2s_type(ty::LINK_STATE - 1) && !is_s2s_type(ty::REDIRECT + 1));
+        assert!(!is_s2s_type(ty::LINK_STATE - 1) && !is_s2s_type(ty::DIR_ANSWER + 1));
     }
     use crate::frame::{Dest, Msg, Status};
     use crate::handshake::ClientHandshake;
@@ -543,9 +663,59 @@ mod tests {
         assert_eq!(RelayToRelay::decode(&d.encode()).unwrap(), d);
     }
 
+    #[test]
+    fn directory_frames_round_trip() {
+        let client = Identity::from_seed([1; 32]);
+        let relay = Identity::from_seed([2; 32]);
+        let p = Presence::sign(&relay, proof(&client, &relay), true, 7);
+        let frames = [
+            RelayToRelay::DirPut(DirPut {
+                target: Address([8; 32]),
+                hops: 2,
+                records: vec![p.clone(), p.clone()],
+            }),
+            RelayToRelay::DirGet(DirGet {
+                origin: Address([7; 32]),
+                target: Address([8; 32]),
+                hops: 1,
+                nonce: 42,
+                address: client.address(),
+            }),
+            RelayToRelay::DirAnswer(DirAnswer {
+                origin: Address([7; 32]),
+                reporter: Address([8; 32]),
+                hops: 3,
+                nonce: 42,
+                address: client.address(),
+                records: vec![p],
+            }),
+            RelayToRelay::DirAnswer(DirAnswer {
+                origin: Address([7; 32]),
+                reporter: Address([8; 32]),
+                hops: 0,
+                nonce: 43,
+                address: client.address(),
+                records: Vec::new(),
+            }),
+        ];
+        for f in frames {
+            assert_eq!(RelayToRelay::decode(&f.encode()).unwrap(), f);
+        }
+        // A record count above the bound is refused, not read.
+        let mut b = BytesMut::new();
+        head(&mut b, ty::DIR_PUT);
+        b.put_slice(&[8; 32]);
+        b.put_u8(0);
+        b.put_u8(MAX_DIR_RECORDS as u8 + 1);
+        assert!(matches!(
+            RelayToRelay::decode(&b.freeze()),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+
     proptest! {
         #[test]
-        fn random_s2s_bytes_never_panic(t in 0x40u8..0x45, body in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn random_s2s_bytes_never_panic(t in 0x40u8..0x48, body in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut v = vec![crate::PROTOCOL_VERSION, t];
             v.extend(body);
             let _ = RelayToRelay::decode(&Bytes::from(v));

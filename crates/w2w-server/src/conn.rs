@@ -28,7 +28,7 @@ use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPo
 use w2w_proto::{Address, Dest, ErrorCode};
 
 use crate::ratelimit::SenderBudget;
-use crate::router::{reject, Outbox};
+use crate::router::{reject, Outbox, OutboxRx};
 use crate::shared::Shared;
 use crate::store::Write;
 use crate::unix_ms;
@@ -48,12 +48,26 @@ pub struct ConnInfo {
     pub host: Option<String>,
 }
 
-/// Runs a WebSocket connection to the end.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+/// A registered session, between REPLY_BACK and its end: what an idle
+/// connection holds. The rest of a connection's life (the handshake,
+/// opening and closing a session, refusals, peer links: few) runs in boxed
+/// futures that exist only while they run (see `server::tests`).
+pub(crate) struct Live<S> {
+    shared: Arc<Shared>,
+    ws: Ws<S>,
+    outbox: Arc<Outbox>,
+    rx: OutboxRx,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Admits and registers a connection; a client session to run, or `None`
+/// when the connection has ended (refused, failed, or a peer link that
+/// ran here).
+pub(crate) async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     mut ws: Ws<S>,
     info: ConnInfo,
-) {
+) -> Option<Box<Live<S>>> {
     let Ok(permit) = shared.conn_permits.clone().try_acquire_owned() else {
         if let Some(suppressed) = shared
             .oplog
@@ -68,7 +82,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             "relay is at its connection limit; retry later or use another relay",
         )
         .await;
-        return;
+        return None;
     };
     shared.metrics.connections.fetch_add(1, Relaxed);
     shared.metrics.connections_total.fetch_add(1, Relaxed);
@@ -77,58 +91,112 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(reg) => reg,
         Err(End::Gone) => {
             shared.metrics.connections.fetch_sub(1, Relaxed);
-            return;
+            return None;
         }
         Err(End::Flush) => {
             flush_close(&mut ws).await;
             shared.metrics.connections.fetch_sub(1, Relaxed);
-            return;
+            return None;
         }
         Err(End::Close(code, detail)) => {
             crate::oplog::registration_refused(&shared, info.peer.ip(), code, &detail);
             close_with(&mut ws, &shared, code, &detail).await;
             shared.metrics.connections.fetch_sub(1, Relaxed);
-            return;
+            return None;
         }
     };
-    match reg.role {
-        Role::Client | Role::Sender => {
-            session(shared.clone(), ws, info, reg, permit, started).await
-        }
+    let opened = match reg.role {
+        Role::Client | Role::Sender => open_session(&shared, &mut ws, info, reg, started).await,
         Role::Relay => {
-            if !shared.fed.config.admits(&reg.address) {
-                if let Some(suppressed) = shared
-                    .oplog
-                    .allow("refused unauthorized_peer", std::time::Instant::now())
-                {
-                    tracing::warn!(relay = %reg.address, peer = %info.peer, suppressed, "peer link refused: relay {} is not on the --peer-allow list", reg.address);
-                }
-                close_with(
-                    &mut ws,
-                    &shared,
-                    ErrorCode::UnauthorizedPeer,
-                    "this relay's key is not admitted for peering",
-                )
-                .await;
-            } else {
-                let reply = RelayToClient::ReplyBack(ReplyBack {
-                    address: reg.address,
-                    relay_time_ms: unix_ms(),
-                    relay_url: shared.advertised_url(info.host.as_deref()),
-                });
-                // REGISTER names our URL, not the dialler's: its own URL is
-                // learned from its link state.
-                let end = match send_frame(&mut ws, &shared, reply.encode()).await {
-                    Ok(()) => {
-                        crate::peer::run_link(&shared, &mut ws, reg.address, String::new()).await
-                    }
-                    Err(_) => End::Gone,
-                };
-                finish_link(&mut ws, &shared, end, &reg.address).await;
-            }
+            relay_link(&shared, ws, info, reg).await;
+            shared.metrics.connections.fetch_sub(1, Relaxed);
+            return None;
         }
+    };
+    let Some((outbox, rx)) = opened else {
+        shared.metrics.connections.fetch_sub(1, Relaxed);
+        return None;
+    };
+    // On the heap, once: the task's future then holds a pointer, not
+    // copies of it.
+    Some(Box::new(Live {
+        shared,
+        ws,
+        outbox,
+        rx,
+        _permit: permit,
+    }))
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Live<S> {
+    /// Runs the session to its end.
+    pub(crate) async fn run(mut self: Box<Self>) {
+        let this = &mut *self;
+        let shared = &this.shared;
+        let mut handler = Session {
+            shared,
+            outbox: &this.outbox,
+            budget: shared
+                .senders
+                .get(&this.outbox.address.0, std::time::Instant::now()),
+            refused: 0,
+        };
+        let end = pump(
+            shared,
+            &this.outbox,
+            &mut this.ws,
+            &mut this.rx,
+            &mut handler,
+            (
+                shared.limits.ping_timeout(),
+                crate::ws::Liveness {
+                    interval: shared.limits.ping_interval(),
+                    timeout: shared.limits.ping_timeout(),
+                },
+            ),
+        )
+        .await;
+        drop(handler);
+        Box::pin(close_session(shared, &mut this.ws, &this.outbox, end)).await;
+        shared.metrics.connections.fetch_sub(1, Relaxed);
     }
-    shared.metrics.connections.fetch_sub(1, Relaxed);
+}
+
+/// An incoming peer link, once its handshake is done.
+async fn relay_link<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    mut ws: Ws<S>,
+    info: ConnInfo,
+    reg: Registration,
+) {
+    if !shared.fed.config.admits(&reg.address) {
+        if let Some(suppressed) = shared
+            .oplog
+            .allow("refused unauthorized_peer", std::time::Instant::now())
+        {
+            tracing::warn!(relay = %reg.address, peer = %info.peer, suppressed, "peer link refused: relay {} is not on the --peer-allow list", reg.address);
+        }
+        close_with(
+            &mut ws,
+            shared,
+            ErrorCode::UnauthorizedPeer,
+            "this relay's key is not admitted for peering",
+        )
+        .await;
+        return;
+    }
+    let reply = RelayToClient::ReplyBack(ReplyBack {
+        address: reg.address,
+        relay_time_ms: unix_ms(),
+        relay_url: shared.advertised_url(info.host.as_deref()),
+    });
+    // REGISTER names our URL, not the dialler's: its own URL is
+    // learned from its link state.
+    let end = match send_frame(&mut ws, shared, reply.encode()).await {
+        Ok(()) => crate::peer::run_link(shared, &mut ws, reg.address, String::new()).await,
+        Err(_) => End::Gone,
+    };
+    finish_link(&mut ws, shared, end, &reg.address).await;
 }
 
 /// Phase 1: the sigA → sigB → sigC handshake.
@@ -210,15 +278,15 @@ async fn register<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Phase 2: the registered session.
-async fn session<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
-    mut ws: Ws<S>,
+/// Phase 2, opening the registered session: records the registration, hands the session to the core and the router,
+/// and sends REPLY_BACK; `None` if the session ended instead.
+async fn open_session<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    ws: &mut Ws<S>,
     info: ConnInfo,
     reg: Registration,
-    _permit: OwnedSemaphorePermit,
     started: Instant,
-) {
+) -> Option<(Arc<Outbox>, OutboxRx)> {
     let address = reg.address;
     // A send-only session (role 2) takes no deliveries (PROTOCOL 7.7).
     let receive = reg.role != Role::Sender;
@@ -234,16 +302,16 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     {
         tracing::error!(error = %e, "recording registration");
         close_with(
-            &mut ws,
-            &shared,
+            ws,
+            shared,
             ErrorCode::Internal,
             "could not record registration; retry",
         )
         .await;
-        return;
+        return None;
     }
     let conn_id = shared.next_conn_id.fetch_add(1, Relaxed);
-    let (outbox, mut rx) = Outbox::new(
+    let (outbox, rx) = Outbox::new(
         address,
         conn_id,
         shared.limits.send_queue_bytes,
@@ -260,8 +328,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             "this address already has {} sessions here (the most this relay allows); close one, or register and ask for an exclusive session",
             shared.limits.max_sessions
         );
-        close_with(&mut ws, &shared, code, &detail).await;
-        return;
+        close_with(ws, shared, code, &detail).await;
+        return None;
     }
     shared.router.insert(outbox.clone(), receive);
     let reply = RelayToClient::ReplyBack(ReplyBack {
@@ -269,10 +337,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         relay_time_ms: now_ms,
         relay_url: shared.advertised_url(info.host.as_deref()),
     });
-    if send_frame(&mut ws, &shared, reply.encode()).await.is_err() {
+    if send_frame(ws, shared, reply.encode()).await.is_err() {
         shared.fed.disconnect(outbox.conn_id);
         shared.router.remove(&outbox);
-        return;
+        return None;
     }
     shared.metrics.registered.fetch_add(1, Relaxed);
     shared.metrics.registrations_total.fetch_add(1, Relaxed);
@@ -281,33 +349,21 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .registration_seconds
         .observe(started.elapsed());
     tracing::info!(address = %address.short(), peer = %info.peer, send_only = !receive, "registered");
+    Some((outbox, rx))
+}
 
-    let mut handler = Session {
-        shared: &shared,
-        outbox: &outbox,
-        budget: shared.senders.get(&address.0, std::time::Instant::now()),
-        refused: 0,
-    };
-    let end = pump(
-        &shared,
-        &outbox,
-        &mut ws,
-        &mut rx,
-        &mut handler,
-        (
-            shared.limits.ping_timeout(),
-            crate::ws::Liveness {
-                interval: shared.limits.ping_interval(),
-                timeout: shared.limits.ping_timeout(),
-            },
-        ),
-    )
-    .await;
-
+/// Ends a session the pump left.
+async fn close_session<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    ws: &mut Ws<S>,
+    outbox: &Arc<Outbox>,
+    end: End,
+) {
+    let address = outbox.address;
     // The core writes what it handed over unacknowledged, and from now on
     // stores new messages for this address.
     shared.fed.disconnect(outbox.conn_id);
-    shared.router.remove(&outbox);
+    shared.router.remove(outbox);
     shared.metrics.registered.fetch_sub(1, Relaxed);
     // Give back the queue's share of the queued-bytes gauge.
     outbox.dequeued(outbox.queued_bytes());
@@ -318,7 +374,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             at_ms: unix_ms(),
         })
         .await;
-    finish(&mut ws, &shared, end, &address).await;
+    finish(ws, shared, end, &address).await;
 }
 
 /// A registered client's connection.
@@ -466,7 +522,11 @@ impl Session<'_> {
                     .online(offset, limit.min(MAX_ONLINE_PAGE));
                 ResponseBody::Online { total, addresses }
             }
-            RequestOp::Lookup(addr) => ResponseBody::Lookup(self.lookup(&addr)),
+            RequestOp::Lookup(addr) => match self.lookup(req.req_id, &addr) {
+                Some(found) => ResponseBody::Lookup(found),
+                // Answered when the relays holding its records reply.
+                None => return None,
+            },
             RequestOp::Presence(on) => {
                 self.outbox.presence.store(on, Relaxed);
                 ResponseBody::Presence
@@ -516,13 +576,13 @@ impl Session<'_> {
         })
     }
 
-    fn lookup(&self, addr: &Address) -> Option<Hosted> {
+    fn lookup(&self, req_id: u32, addr: &Address) -> Option<Option<Hosted>> {
         match self.shared.router.receiving(addr) {
-            true => Some(Hosted {
+            true => Some(Some(Hosted {
                 relay_key: self.shared.relay_key,
                 relay_url: self.shared.advertised_url(None),
-            }),
-            false => self.shared.fed.lookup(addr),
+            })),
+            false => self.shared.fed.lookup(self.outbox.conn_id, req_id, addr),
         }
     }
 

@@ -33,7 +33,9 @@ use w2w_core::{
     Config as CoreConfig, ConnId, Event, FedConfig, PeerId, RelayCore, Stats, StoreDone, StoreOp,
     Stored, Target,
 };
-use w2w_proto::frame::{Hosted, Msg, MsgId, Status};
+use w2w_proto::frame::{
+    Hosted, Msg, MsgId, RelayToClient, RequestOp, Response, ResponseBody, Status,
+};
 use w2w_proto::handshake::Registration;
 use w2w_proto::s2s::{RegistrationProof, RelayToRelay};
 use w2w_proto::{Address, ErrorCode, Identity};
@@ -66,8 +68,19 @@ pub struct FederationConfig {
     pub probation_records: usize,
     /// Most relays in the link-state database (default 10,000).
     pub max_relays: usize,
-    /// Most addresses in the directory (default 1,000,000).
+    /// Most addresses whose records this relay holds (default 1,000,000).
     pub max_directory: usize,
+    /// Relays that hold each address's records (default 4; PROTOCOL
+    /// 12.12): the reachable relays whose keys are closest to it.
+    pub replicas: usize,
+    /// How long a held record counts unless its relay renews it (default
+    /// 120 s; renewed every third of that).
+    pub lease_ms: u64,
+    /// How long a lookup's answer is used (default 10 s).
+    pub lookup_cache_ms: u64,
+    /// Directory lookups each peer may ask of this relay per second
+    /// (default 20,000).
+    pub lookups_per_peer: u32,
     /// Most relay hops a message may take (default 16).
     pub hop_limit: u8,
     /// How long the origin waits for remote receipts (default 5 s).
@@ -111,6 +124,10 @@ impl Default for FederationConfig {
             probation_records: 10_000,
             max_relays: 10_000,
             max_directory: 1_000_000,
+            replicas: 4,
+            lease_ms: 120_000,
+            lookup_cache_ms: 10_000,
+            lookups_per_peer: 20_000,
             hop_limit: 16,
             receipt_timeout_ms: 5000,
             seen_cache: 100_000,
@@ -207,6 +224,11 @@ impl Federation {
                 seen_cache: config.seen_cache,
                 seen_ttl: Duration::from_secs(120),
                 check_signatures: true,
+                replicas: config.replicas.max(1),
+                lease: Duration::from_millis(config.lease_ms.max(1_000)),
+                cache_ttl: Duration::from_millis(config.lookup_cache_ms),
+                lookups_per_peer: config.lookups_per_peer,
+                ..FedConfig::default()
             },
         };
         // Link-state records are numbered from the wall clock, so a
@@ -275,6 +297,21 @@ impl Federation {
                     o.close(code);
                 }
                 ended.push(c);
+            }
+            while let Some((c, req_id, found)) = inner.core.poll_lookup_answer() {
+                let Some(outbox) = inner.conns.get(&c.0) else {
+                    continue;
+                };
+                let hosted = found.map(|(relay_key, relay_url)| Hosted {
+                    relay_key,
+                    relay_url,
+                });
+                let resp = RelayToClient::Response(Response {
+                    req_id,
+                    op: RequestOp::Lookup(Address([0; 32])).code(),
+                    result: Ok(ResponseBody::Lookup(hosted)),
+                });
+                let _ = outbox.try_enqueue(resp.encode());
             }
             while let Some(e) = inner.core.poll_event() {
                 let relay = self.me;
@@ -502,7 +539,7 @@ impl Federation {
     // ------------------------------------------------------------- peers
 
     /// Registers a peer link (`dialled`: we dialled it). Returns whether it
-    /// is trusted; the directory follows, paced, from [`Self::directory_for`].
+    /// is trusted.
     pub fn peer_up(
         &self,
         key: Address,
@@ -540,27 +577,11 @@ impl Federation {
 
     /// We reached relay `key` by dialling a configured URL: its link is
     /// trusted from now on, whichever side made it. Returns the outbox of a
-    /// link that was on probation until now (it is owed the directory).
+    /// link that was on probation until now.
     pub fn dialled_key(&self, key: Address) -> Option<Arc<Outbox>> {
         let mut inner = self.lock();
         let id = inner.core.dialled_key(key)?;
         inner.peers.get(&id.0).cloned()
-    }
-
-    /// The addresses whose records a new link is sent (see
-    /// `RelayCore::directory_for`).
-    pub fn directory_for(&self, trusted: bool) -> Vec<Address> {
-        self.lock().core.directory_for(trusted)
-    }
-
-    /// Queues the current records of `addrs` for a peer link; false once
-    /// the link is gone.
-    pub fn send_records(&self, outbox: &Outbox, addrs: &[Address]) -> bool {
-        if outbox.is_closing() {
-            return false;
-        }
-        self.with(|core| core.send_records(PeerId(outbox.conn_id), addrs));
-        !outbox.is_closing()
     }
 
     /// Re-signs and floods our link state (called periodically).
@@ -600,13 +621,18 @@ impl Federation {
         self.lock().core.redirect_urls()
     }
 
-    /// Which relay hosts `address`, if the directory knows.
-    pub fn lookup(&self, address: &Address) -> Option<Hosted> {
-        let found = self.lock().core.lookup(address);
-        found.map(|(relay_key, relay_url)| Hosted {
+    /// Which relay hosts `address` (a client's LOOKUP `req_id` on
+    /// connection `conn_id`): `Some` if known now; `None` if the relays
+    /// that hold its records are asked first (PROTOCOL 12.12), and the
+    /// RESPONSE is queued on the connection when they answer.
+    pub fn lookup(&self, conn_id: u64, req_id: u32, address: &Address) -> Option<Option<Hosted>> {
+        let now = Instant::now();
+        let found =
+            self.with(|core| core.lookup_request(now, ConnId(conn_id), req_id, *address))?;
+        Some(found.map(|(relay_key, relay_url)| Hosted {
             relay_key,
             relay_url,
-        })
+        }))
     }
 
     /// Answers one of the core's store ops (from the executor).

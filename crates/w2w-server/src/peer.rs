@@ -112,9 +112,6 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     tracing::info!(peer = %peer.short(), url = %peer_url, trusted, "peer link up");
-    shared
-        .tracker
-        .spawn(send_directory(shared.clone(), outbox.clone(), trusted));
     let fc = &shared.fed.config;
     let mut link = Link {
         shared,
@@ -146,30 +143,6 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
     outbox.dequeued(outbox.queued_bytes());
     tracing::info!(peer = %peer.short(), "peer link down");
     (end, link.redirect)
-}
-
-/// Records sent to a new peer per step of the directory dump.
-const DUMP_BATCH: usize = 256;
-
-/// Sends a new peer our directory (see `Federation::directory_for`),
-/// paced by its send queue: a batch is queued only while the queue holds
-/// less than a quarter of its bound, so a directory of any size reaches the
-/// peer without the link ever being closed as a slow consumer, and live
-/// traffic keeps its room. Records that change meanwhile are flooded as
-/// usual; the receiver keeps the newest of each.
-async fn send_directory(shared: Arc<Shared>, outbox: Arc<Outbox>, trusted: bool) {
-    let addrs = shared.fed.directory_for(trusted);
-    let room = shared.fed.config.peer_queue_bytes / 4;
-    for batch in addrs.chunks(DUMP_BATCH) {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = outbox.room_below(room) => {}
-        }
-        if !shared.fed.send_records(&outbox, batch) {
-            return;
-        }
-    }
-    tracing::debug!(peer = %outbox.address.short(), records = addrs.len(), "directory sent");
 }
 
 /// Dials `url` as a peer until shutdown, with backoff and jitter. Follows a
@@ -215,7 +188,8 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
             r = attempt => r,
         };
         match result {
-            Ok((mut ws, reg)) => {
+            Ok((ws, reg)) => {
+                let mut ws = Ws::Plain(ws);
                 let key = reg.relay_key;
                 last_key = Some(key);
                 if let Some(k) = shared
@@ -227,13 +201,9 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
                     *k = Some(key);
                 }
                 if shared.fed.config.admits(&key) {
-                    // A link the other side made first is trusted now too,
-                    // and is owed the rest of the directory.
-                    if let Some(outbox) = shared.fed.dialled_key(key) {
+                    // A link the other side made first is trusted now too.
+                    if shared.fed.dialled_key(key).is_some() {
                         tracing::info!(peer = %key.short(), "peer link now trusted (reached at a configured URL)");
-                        shared
-                            .tracker
-                            .spawn(send_directory(shared.clone(), outbox, true));
                     }
                 }
                 if !shared.fed.config.admits(&key) {

@@ -10,11 +10,12 @@
 
 /// aHash, keyed per process (see `federation`).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use w2w_proto::frame::{Notice, Receipt, RelayToClient, Status};
 use w2w_proto::{Address, ErrorCode};
 
@@ -29,11 +30,17 @@ pub enum EnqueueError {
     Closed,
 }
 
-/// The sending half of one connection's send queue, shared with the router.
+/// One connection's send queue, shared with the router; its writer takes
+/// frames through the [`OutboxRx`].
 pub struct Outbox {
     pub address: Address,
     pub conn_id: u64,
-    tx: mpsc::UnboundedSender<Bytes>,
+    /// The frames (no memory while empty: an idle connection holds none).
+    frames: Mutex<VecDeque<Bytes>>,
+    /// Woken when a frame is queued.
+    pushed: Notify,
+    /// The writer (its [`OutboxRx`]) is gone.
+    rx_gone: AtomicBool,
     queued: AtomicUsize,
     max_bytes: usize,
     close_code: AtomicU16,
@@ -51,12 +58,13 @@ impl Outbox {
         conn_id: u64,
         max_bytes: usize,
         metrics: Arc<Metrics>,
-    ) -> (Arc<Outbox>, mpsc::UnboundedReceiver<Bytes>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let o = Outbox {
+    ) -> (Arc<Outbox>, OutboxRx) {
+        let o = Arc::new(Outbox {
             address,
             conn_id,
-            tx,
+            frames: Mutex::new(VecDeque::new()),
+            pushed: Notify::new(),
+            rx_gone: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             max_bytes,
             close_code: AtomicU16::new(0),
@@ -64,12 +72,15 @@ impl Outbox {
             presence: AtomicBool::new(false),
             room: Notify::new(),
             metrics,
-        };
-        (Arc::new(o), rx)
+        });
+        (o.clone(), OutboxRx(o))
+    }
+
+    fn frames(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a frame unless that would put the queue over its byte bound.
-    /// The unbounded channel is bounded by this byte count.
     pub fn try_enqueue(&self, frame: Bytes) -> Result<(), EnqueueError> {
         if self.close_code.load(Ordering::Relaxed) != 0 {
             return Err(EnqueueError::Closed);
@@ -85,10 +96,12 @@ impl Outbox {
         self.metrics
             .queued_bytes
             .fetch_add(len as i64, Ordering::Relaxed);
-        if self.tx.send(frame).is_err() {
+        if self.rx_gone.load(Ordering::Acquire) {
             self.dequeued(len);
             return Err(EnqueueError::Closed);
         }
+        self.frames().push_back(frame);
+        self.pushed.notify_one();
         Ok(())
     }
 
@@ -137,7 +150,7 @@ impl Outbox {
 
     /// Whether the connection has been asked to close.
     pub fn is_closing(&self) -> bool {
-        self.close_code.load(Ordering::Relaxed) != 0 || self.tx.is_closed()
+        self.close_code.load(Ordering::Relaxed) != 0 || self.rx_gone.load(Ordering::Acquire)
     }
 
     /// The code the connection was asked to close with, if any.
@@ -168,6 +181,44 @@ impl Outbox {
             }
             self.close.notified().await;
         }
+    }
+}
+
+/// The writer's end of an [`Outbox`] (one per connection, owned by its
+/// actor); dropping it refuses further frames.
+pub struct OutboxRx(Arc<Outbox>);
+
+impl OutboxRx {
+    /// The next queued frame, waiting for one (`None` never comes: the
+    /// `Option` lets `select!` patterns match it).
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        loop {
+            // A frame queued between the check and the wait leaves a permit
+            // in `pushed` (notify_one), so it is not missed.
+            if let Some(f) = self.try_recv() {
+                return Some(f);
+            }
+            self.0.pushed.notified().await;
+        }
+    }
+
+    /// A queued frame, if any. The queue's memory is given back once it is
+    /// empty.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let mut q = self.0.frames();
+        let f = q.pop_front();
+        if q.is_empty() && q.capacity() > 0 {
+            *q = VecDeque::new();
+        }
+        f
+    }
+}
+
+impl Drop for OutboxRx {
+    fn drop(&mut self) {
+        self.0.rx_gone.store(true, Ordering::Release);
+        // Frames never written are dropped now, not with the last `Arc`.
+        drop(std::mem::take(&mut *self.0.frames()));
     }
 }
 
@@ -366,12 +417,7 @@ mod tests {
             .unwrap();
     }
 
-    fn outbox(
-        b: u8,
-        id: u64,
-        max: usize,
-        m: &Arc<Metrics>,
-    ) -> (Arc<Outbox>, mpsc::UnboundedReceiver<Bytes>) {
+    fn outbox(b: u8, id: u64, max: usize, m: &Arc<Metrics>) -> (Arc<Outbox>, OutboxRx) {
         Outbox::new(Address([b; 32]), id, max, m.clone())
     }
 

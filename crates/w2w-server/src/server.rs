@@ -3,7 +3,7 @@
 //!
 //! Each TCP connection gets one task: optional TLS, then hyper's HTTP/1
 //! server. A WebSocket upgrade hands the upgraded stream to a
-//! [`conn::run`] actor. Every task is tracked; [`Relay::shutdown`] cancels
+//! [`conn::open`] actor. Every task is tracked; [`Relay::shutdown`] cancels
 //! them all, each registered client is told `shutting_down`, and shutdown
 //! waits for the tasks to finish. Dropping a [`Relay`] cancels too.
 
@@ -35,6 +35,7 @@ use crate::router::Router;
 pub use crate::shared::Shared;
 use crate::store::{SqliteBackend, Store, StoreError};
 use crate::tls::{self, TlsError};
+use crate::ws::{ServerIo, Ws};
 
 /// Errors starting a relay.
 #[derive(Debug, thiserror::Error)]
@@ -160,12 +161,14 @@ impl Relay {
         shared.tracker.spawn(async move {
             loop {
                 let now = tokio::time::Instant::now();
-                // With nothing due, look again soon: a message may set a
-                // deadline meanwhile (always receipt_timeout ahead).
-                let due = s.fed.next_tick().map_or(
-                    now + Duration::from_millis(250),
-                    tokio::time::Instant::from_std,
-                );
+                // Look again within 250 ms whatever is due: an input may
+                // set an earlier timer meanwhile (a lookup's, the
+                // directory's after a change of the relay set).
+                let soon = now + Duration::from_millis(250);
+                let due = s
+                    .fed
+                    .next_tick()
+                    .map_or(soon, |t| tokio::time::Instant::from_std(t).min(soon));
                 tokio::select! {
                     _ = s.shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(due) => s.fed.tick(),
@@ -687,22 +690,9 @@ fn upgrade(
         .map(str::to_owned);
     let slot = forwarded_slot.or_else(|| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
     let on_upgrade = hyper::upgrade::on(req);
-    let s = shared.clone();
-    shared.tracker.spawn(async move {
-        let _slot = slot;
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = tokio_websockets::ServerBuilder::new()
-                    .limits(
-                        tokio_websockets::Limits::default()
-                            .max_payload_len(Some(s.limits.max_frame_bytes)),
-                    )
-                    .serve(TokioIo::new(upgraded));
-                conn::run(s, ws, ConnInfo { peer, host }).await;
-            }
-            Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
-        }
-    });
+    shared
+        .tracker
+        .spawn(upgraded(shared.clone(), on_upgrade, peer, host, slot));
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
@@ -712,8 +702,81 @@ fn upgrade(
         .unwrap_or_default()
 }
 
+/// The task of one upgraded connection, for as long as it lasts. Only the
+/// registered session's state stays in it; the upgrade and the handshake
+/// run boxed.
+async fn upgraded(
+    s: Arc<Shared>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    peer: SocketAddr,
+    host: Option<String>,
+    slot: Option<crate::per_ip::IpSlot>,
+) {
+    let _slot = slot;
+    if let Some(live) = Box::pin(open_upgraded(s, on_upgrade, peer, host)).await {
+        live.run().await;
+    }
+}
+
+async fn open_upgraded(
+    s: Arc<Shared>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    peer: SocketAddr,
+    host: Option<String>,
+) -> Option<Box<conn::Live<ServerIo>>> {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    // The socket itself, not hyper's boxed wrapper: the WebSocket waits for
+    // readability on it and holds no read buffer while idle.
+    let (io, pre) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => (ServerIo::Tcp(p.io.into_inner()), p.read_buf),
+        Err(u) => match u.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            Ok(p) => (ServerIo::Tls(Box::new(p.io.into_inner())), p.read_buf),
+            Err(_) => {
+                tracing::error!(%peer, "upgraded connection of an unknown type");
+                return None;
+            }
+        },
+    };
+    let ws = Ws::lazy(io, pre, ServerIo::poll_read_ready, s.limits.max_frame_bytes);
+    conn::open(s, ws, ConnInfo { peer, host }).await
+}
+
 #[cfg(test)]
 mod tests {
+    /// What an idle registered connection's task holds inline, at most
+    /// (936 bytes in a debug build when this was written; tokio's task
+    /// header and the boxed `conn::Live` come on top). It was 4.9 KiB before
+    /// the handshake and the session's opening and closing were boxed.
+    const MAX_CONNECTION_TASK: usize = 1024;
+
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        use super::*;
+        let id = w2w_proto::Identity::from_seed([7; 32]);
+        let relay = Relay::start(RelayConfig::new(id, "127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let mut req = Request::new(());
+        let task = upgraded(
+            relay.shared.clone(),
+            hyper::upgrade::on(&mut req),
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+            None,
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size <= MAX_CONNECTION_TASK,
+            "the connection task is {size} bytes; box what only runs briefly (see conn::open)"
+        );
+    }
+
     #[test]
     fn rfc6455_accept_key_example() {
         assert_eq!(

@@ -3,25 +3,419 @@
 //! a socket (queued writes in batches, reads handed to a [`Handler`],
 //! pings), and how a connection ends.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use bytes::{Buf, Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_websockets::{CloseCode, Message, WebSocketStream};
 use w2w_proto::frame::{ErrorFrame, Notice, RelayToClient};
 use w2w_proto::{Address, ErrorCode};
 
-use crate::router::Outbox;
+use crate::router::{Outbox, OutboxRx};
 use crate::shared::Shared;
 
 /// Most queued frames written before one flush.
 const WRITE_BATCH: usize = 64;
 
-pub(crate) type Ws<S> = WebSocketStream<S>;
+/// A WebSocket as the relay's actors use it: a stream of messages and a
+/// sink for them.
+///
+/// `Lazy` (every connection the relay accepts) holds no WebSocket state
+/// and no read buffer while the connection is idle: it waits for the
+/// socket to become readable, builds the tokio-websockets stream (and its
+/// 8 KiB read buffer) then, and drops it again once every byte read has
+/// been handed out as whole frames and nothing is left to write. `Plain`
+/// is a stream built elsewhere (peer links this relay dials, through the
+/// client library); it is used as it is.
+pub(crate) enum Ws<S> {
+    Plain(WebSocketStream<S>),
+    Lazy(Lazy<S>),
+}
+
+/// How a [`Lazy`] socket waits for readability without a read buffer.
+pub(crate) type PollReady<S> = fn(&S, &mut Context<'_>) -> Poll<io::Result<()>>;
+
+/// See [`Ws`]. The stream's state lives in [`Tracked`] (the socket, bytes
+/// read before the upgrade completed, frame boundaries) while idle.
+pub(crate) struct Lazy<S> {
+    state: LazyState<S>,
+    ready: PollReady<S>,
+    max_payload: usize,
+    /// Set once a close was sent or seen or the stream failed: the
+    /// WebSocket's close state must then be kept, so it stays built.
+    pinned: bool,
+}
+
+enum LazyState<S> {
+    Idle(Tracked<S>),
+    Live(Box<WebSocketStream<Tracked<S>>>),
+    /// Only while switching.
+    Gone,
+}
+
+impl<S> Ws<S> {
+    /// A server-side WebSocket over `io` that builds its buffers only while
+    /// there is data to read or write. `pre`: bytes already read past the
+    /// upgrade request (read first).
+    pub(crate) fn lazy(io: S, pre: Bytes, ready: PollReady<S>, max_payload: usize) -> Self {
+        // An empty `Bytes` may still hold the HTTP layer's whole read buffer.
+        let pre = if pre.is_empty() { Bytes::new() } else { pre };
+        Ws::Lazy(Lazy {
+            state: LazyState::Idle(Tracked {
+                io,
+                pre,
+                frames: Boundaries::default(),
+            }),
+            ready,
+            max_payload,
+            pinned: false,
+        })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
+    /// The socket under the WebSocket (for the linger after a close).
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        match self {
+            Ws::Plain(ws) => ws.get_mut(),
+            Ws::Lazy(l) => match &mut l.state {
+                LazyState::Idle(t) => &mut t.io,
+                LazyState::Live(ws) => &mut ws.get_mut().io,
+                LazyState::Gone => unreachable!("a lazy socket is never left switching"),
+            },
+        }
+    }
+
+    /// Whether the WebSocket (and its read buffer) exists now; always true
+    /// for `Plain`.
+    #[cfg(test)]
+    pub(crate) fn is_built(&self) -> bool {
+        match self {
+            Ws::Plain(_) => true,
+            Ws::Lazy(l) => matches!(l.state, LazyState::Live(_)),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Lazy<S> {
+    fn live(&mut self) -> &mut WebSocketStream<Tracked<S>> {
+        if let LazyState::Idle(_) = self.state {
+            let LazyState::Idle(t) = std::mem::replace(&mut self.state, LazyState::Gone) else {
+                unreachable!()
+            };
+            let ws = tokio_websockets::ServerBuilder::new()
+                .limits(tokio_websockets::Limits::default().max_payload_len(Some(self.max_payload)))
+                .serve(t);
+            self.state = LazyState::Live(Box::new(ws));
+        }
+        match &mut self.state {
+            LazyState::Live(ws) => ws,
+            _ => unreachable!("just built"),
+        }
+    }
+
+    /// After a read came back pending: drop the WebSocket if it holds
+    /// nothing (no partial frame or message read, nothing left to write).
+    fn idle_if_empty(&mut self, cx: &mut Context<'_>) {
+        let LazyState::Live(ws) = &mut self.state else {
+            return;
+        };
+        if self.pinned || !ws.get_ref().is_empty() {
+            return;
+        }
+        // An automatic pong may still be queued.
+        if !matches!(Pin::new(&mut **ws).poll_flush(cx), Poll::Ready(Ok(()))) {
+            return;
+        }
+        let LazyState::Live(ws) = std::mem::replace(&mut self.state, LazyState::Gone) else {
+            unreachable!()
+        };
+        let mut t = ws.into_inner();
+        t.frames = Boundaries::default();
+        self.state = LazyState::Idle(t);
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, tokio_websockets::Error>>> {
+        if let LazyState::Idle(t) = &self.state {
+            if t.pre.is_empty() {
+                if let Err(e) = ready!((self.ready)(&t.io, cx)) {
+                    self.pinned = true;
+                    return Poll::Ready(Some(Err(tokio_websockets::Error::Io(e))));
+                }
+            }
+        }
+        let r = Pin::new(self.live()).poll_next(cx);
+        match &r {
+            Poll::Pending => self.idle_if_empty(cx),
+            Poll::Ready(Some(Ok(m))) if !m.is_close() => {}
+            Poll::Ready(_) => self.pinned = true,
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for Ws<S> {
+    type Item = Result<Message, tokio_websockets::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Ws::Plain(ws) => Pin::new(ws).poll_next(cx),
+            Ws::Lazy(l) => l.poll_next(cx),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for Ws<S> {
+    type Error = tokio_websockets::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self.get_mut() {
+            Ws::Plain(ws) => Pin::new(ws).poll_ready(cx),
+            Ws::Lazy(l) => Pin::new(l.live()).poll_ready(cx),
+        }
+    }
+
+    fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), Self::Error> {
+        match self.get_mut() {
+            Ws::Plain(ws) => Pin::new(ws).start_send(m),
+            Ws::Lazy(l) => {
+                if m.is_close() {
+                    l.pinned = true;
+                }
+                Pin::new(l.live()).start_send(m)
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self.get_mut() {
+            Ws::Plain(ws) => Pin::new(ws).poll_flush(cx),
+            Ws::Lazy(l) => match &mut l.state {
+                // Nothing is queued while idle.
+                LazyState::Idle(_) => Poll::Ready(Ok(())),
+                LazyState::Live(ws) => Pin::new(&mut **ws).poll_flush(cx),
+                LazyState::Gone => unreachable!("a lazy socket is never left switching"),
+            },
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self.get_mut() {
+            Ws::Plain(ws) => Pin::new(ws).poll_close(cx),
+            Ws::Lazy(l) => {
+                l.pinned = true;
+                Pin::new(l.live()).poll_close(cx)
+            }
+        }
+    }
+}
+
+/// The socket under a [`Lazy`] WebSocket: serves the bytes read before the
+/// upgrade first, and follows frame boundaries in what it reads.
+pub(crate) struct Tracked<S> {
+    io: S,
+    pre: Bytes,
+    frames: Boundaries,
+}
+
+impl<S> Tracked<S> {
+    /// Every byte read so far belongs to a whole frame, and no fragmented
+    /// message is open: once the WebSocket layer has asked for more (read
+    /// pending), it holds nothing.
+    fn is_empty(&self) -> bool {
+        self.pre.is_empty() && self.frames.at_boundary()
+    }
+}
+
+/// Where the bytes read so far stand in the frame sequence (RFC 6455 5.2
+/// header lengths only; tokio-websockets decodes and checks the frames).
+#[derive(Default)]
+struct Boundaries {
+    head: [u8; 14],
+    /// Header bytes seen of the current frame (0: between frames).
+    have: u8,
+    /// Payload bytes of the current frame still to come.
+    rest: u64,
+    /// A data frame without FIN was seen and its message is not finished.
+    fragmented: bool,
+}
+
+impl Boundaries {
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.rest == 0 && !self.fragmented
+    }
+
+    fn header_len(&self) -> usize {
+        let ext = match self.head[1] & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if self.head[1] & 0x80 != 0 { 4 } else { 0 }
+    }
+
+    fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            if self.rest > 0 {
+                let n = (b.len() as u64).min(self.rest);
+                self.rest -= n;
+                b = &b[n as usize..];
+                continue;
+            }
+            self.head[self.have as usize] = b[0];
+            self.have += 1;
+            b = &b[1..];
+            if self.have < 2 || (self.have as usize) < self.header_len() {
+                continue;
+            }
+            self.rest = match self.head[1] & 0x7f {
+                126 => u16::from_be_bytes([self.head[2], self.head[3]]) as u64,
+                127 => u64::from_be_bytes(self.head[2..10].try_into().unwrap_or_default()),
+                n => n as u64,
+            };
+            // Data frames (opcodes 0-2) open or close a fragmented message;
+            // control frames (8-15) may come in between.
+            if self.head[0] & 0x0f < 8 {
+                self.fragmented = self.head[0] & 0x80 == 0;
+            }
+            self.have = 0;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let start = buf.filled().len();
+        if !this.pre.is_empty() {
+            let n = this.pre.len().min(buf.remaining());
+            buf.put_slice(&this.pre[..n]);
+            this.pre.advance(n);
+            if this.pre.is_empty() {
+                this.pre = Bytes::new();
+            }
+        } else {
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        }
+        this.frames.feed(&buf.filled()[start..]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, b)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The socket of a connection the relay accepted: TCP, or TLS over TCP.
+pub enum ServerIo {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ServerIo {
+    /// Readable without reading (the TCP socket's readiness; TLS has
+    /// nothing buffered when the WebSocket layer last found no data).
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            ServerIo::Tcp(s) => s.poll_read_ready(cx),
+            ServerIo::Tls(s) => s.get_ref().0.poll_read_ready(cx),
+        }
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ServerIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Tcp(s) => Pin::new(s).poll_write(cx, b),
+            ServerIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, b),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ServerIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerIo::Tcp(s) => s.is_write_vectored(),
+            ServerIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ServerIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ServerIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Why a connection ends.
 pub(crate) enum End {
@@ -201,7 +595,7 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
     shared: &Shared,
     outbox: &Outbox,
     ws: &mut Ws<S>,
-    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    rx: &mut OutboxRx,
     handler: &mut H,
     (write_timeout, live): (Duration, Liveness),
 ) -> End {
@@ -231,7 +625,9 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                 Some(first) = rx.recv() => {
                     // A close request (e.g. slow consumer) must not wait for
                     // a write the peer is not reading.
-                    let write = write_batch(shared, outbox, ws, rx, first, write_timeout);
+                    // Boxed (as is the ping below): inline, a write's state
+                    // would make every idle connection's task larger.
+                    let write = Box::pin(write_batch(shared, outbox, ws, rx, first, write_timeout));
                     tokio::select! {
                         biased;
                         code = &mut closed => return End::Close(code, String::new()),
@@ -260,7 +656,7 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                         }
                         Some(t) => timer.as_mut().reset(t + live.timeout),
                         None if now >= last_rx + live.interval => {
-                            if ws.send(Message::ping(Bytes::new())).await.is_err() {
+                            if Box::pin(ws.send(Message::ping(Bytes::new()))).await.is_err() {
                                 return End::Gone;
                             }
                             ping_sent = Some(now);
@@ -278,7 +674,7 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     outbox: &Outbox,
     ws: &mut Ws<S>,
-    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    rx: &mut OutboxRx,
     first: Bytes,
     timeout: Duration,
 ) -> Result<(), End> {
@@ -294,7 +690,7 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
                 outbox.dequeued(len);
                 n += 1;
                 if n < WRITE_BATCH {
-                    next = rx.try_recv().ok();
+                    next = rx.try_recv();
                 }
             }
             ws.flush().await
@@ -307,5 +703,167 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
                 "socket write timed out".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::net::TcpListener;
+
+    /// A lazy server WebSocket and the raw client end of its socket.
+    async fn pair() -> (Ws<ServerIo>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let ws = Ws::lazy(
+            ServerIo::Tcp(server),
+            Bytes::new(),
+            ServerIo::poll_read_ready,
+            1 << 16,
+        );
+        (ws, client)
+    }
+
+    /// A masked client frame (mask 0: the payload goes as it is).
+    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut f = vec![first, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Polls once; true if a message was ready.
+    async fn poll_once(ws: &mut Ws<ServerIo>) -> Poll<Option<Message>> {
+        poll_fn(|cx| Poll::Ready(Pin::new(&mut *ws).poll_next(cx)))
+            .await
+            .map(|m| m.map(|r| r.unwrap()))
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_websocket_and_no_read_buffer() {
+        let (mut ws, mut client) = pair().await;
+        assert!(!ws.is_built(), "nothing built before any data");
+        assert!(poll_once(&mut ws).await.is_pending());
+        assert!(!ws.is_built(), "waiting for data holds no buffer");
+
+        // Two frames in one read: both come out, then it is idle again.
+        let mut two = frame(0x82, b"one");
+        two.extend(frame(0x82, b"two"));
+        client.write_all(&two).await.unwrap();
+        assert_eq!(
+            &ws.next().await.unwrap().unwrap().into_payload()[..],
+            b"one"
+        );
+        assert_eq!(
+            &ws.next().await.unwrap().unwrap().into_payload()[..],
+            b"two"
+        );
+        assert!(poll_once(&mut ws).await.is_pending());
+        assert!(!ws.is_built(), "read to the end: the buffer is gone");
+
+        // Half a frame keeps it, the rest completes it.
+        let f = frame(0x82, b"split");
+        client.write_all(&f[..4]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(poll_once(&mut ws).await.is_pending());
+        assert!(ws.is_built(), "a partial frame stays buffered");
+        client.write_all(&f[4..]).await.unwrap();
+        assert_eq!(
+            &ws.next().await.unwrap().unwrap().into_payload()[..],
+            b"split"
+        );
+        assert!(poll_once(&mut ws).await.is_pending());
+        assert!(!ws.is_built());
+
+        // A fragmented message, a ping in between: kept until it is whole.
+        client.write_all(&frame(0x02, b"ab")).await.unwrap();
+        client.write_all(&frame(0x89, b"p")).await.unwrap();
+        let ping = ws.next().await.unwrap().unwrap();
+        assert!(ping.is_ping());
+        assert!(poll_once(&mut ws).await.is_pending());
+        assert!(ws.is_built(), "a message in fragments stays buffered");
+        client.write_all(&frame(0x80, b"cd")).await.unwrap();
+        assert_eq!(
+            &ws.next().await.unwrap().unwrap().into_payload()[..],
+            b"abcd"
+        );
+        assert!(poll_once(&mut ws).await.is_pending());
+        assert!(!ws.is_built());
+        // The automatic pong went out before the WebSocket was dropped.
+        let mut pong = [0u8; 3];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0x8a, 1, b'p']);
+
+        // Writing while idle builds it; once flushed and read to the end it
+        // is dropped again.
+        ws.send(Message::binary(Bytes::from_static(b"out")))
+            .await
+            .unwrap();
+        let mut out = [0u8; 5];
+        client.read_exact(&mut out).await.unwrap();
+        assert_eq!(out, [0x82, 3, b'o', b'u', b't']);
+        assert!(poll_once(&mut ws).await.is_pending());
+        assert!(!ws.is_built());
+
+        // A close from the peer is answered and ends the stream.
+        client.write_all(&frame(0x88, &[0x03, 0xe8])).await.unwrap();
+        assert!(ws.next().await.unwrap().unwrap().is_close());
+        assert!(ws.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_the_upgrade_are_read_first() {
+        let (ws, mut client) = pair().await;
+        let Ws::Lazy(l) = ws else { unreachable!() };
+        let LazyState::Idle(t) = l.state else {
+            unreachable!()
+        };
+        let mut ws = Ws::lazy(
+            t.io,
+            Bytes::from(frame(0x82, b"early")),
+            ServerIo::poll_read_ready,
+            1 << 16,
+        );
+        assert_eq!(
+            &ws.next().await.unwrap().unwrap().into_payload()[..],
+            b"early"
+        );
+        client.write_all(&frame(0x82, b"late")).await.unwrap();
+        assert_eq!(
+            &ws.next().await.unwrap().unwrap().into_payload()[..],
+            b"late"
+        );
+    }
+
+    #[test]
+    fn frame_boundaries_follow_header_lengths() {
+        let mut b = Boundaries::default();
+        // 16-bit length, masked, 300 bytes, fed in pieces.
+        let mut f = vec![0x82, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4];
+        f.extend(std::iter::repeat_n(0u8, 300));
+        for chunk in f.chunks(7) {
+            assert!(!b.at_boundary() || chunk.as_ptr() == f.as_ptr());
+            b.feed(chunk);
+        }
+        assert!(b.at_boundary());
+        // 64-bit length, unmasked.
+        let mut g = vec![0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0];
+        g.extend(std::iter::repeat_n(0u8, 65536));
+        b.feed(&g[..g.len() - 1]);
+        assert!(!b.at_boundary());
+        b.feed(&g[g.len() - 1..]);
+        assert!(b.at_boundary());
+        // An empty frame is whole at once; a text frame without FIN opens a
+        // message that a continuation with FIN closes.
+        b.feed(&[0x82, 0x80, 0, 0, 0, 0]);
+        assert!(b.at_boundary());
+        b.feed(&[0x01, 0x80, 0, 0, 0, 0]);
+        assert!(!b.at_boundary());
+        b.feed(&[0x8a, 0x80, 0, 0, 0, 0]);
+        assert!(!b.at_boundary(), "a control frame does not end it");
+        b.feed(&[0x80, 0x80, 0, 0, 0, 0]);
+        assert!(b.at_boundary());
     }
 }
