@@ -140,8 +140,6 @@ error_codes! {
     TooManySessions = 51, "too_many_sessions";
     /// The recipient registered at another relay since the sender's relay looked it up: that relay looks it up again (a receipt shows it only if that finds nothing better).
     Moved = 52, "moved";
-    /// The relay is still joining the federation (just started, no peer link up yet) and cannot tell where the recipient is: retry in a few seconds.
-    Joining = 53, "joining";
 }
 
 impl ErrorCode {
