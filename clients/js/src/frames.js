@@ -62,6 +62,7 @@ export const ERROR_CODES = Object.freeze({
   42: 'unknown_group', 43: 'not_member', 44: 'not_allowed', 45: 'group_exists',
   46: 'stale_seq', 47: 'store_busy', 48: 'storage_full', 49: 'limit_reached', 50: 'forged_forward',
   51: 'too_many_sessions',
+  52: 'moved',
 });
 const ERROR_NUMBER = Object.fromEntries(Object.entries(ERROR_CODES).map(([n, s]) => [s, Number(n)]));
 
