@@ -432,6 +432,12 @@ impl Federation {
         self.lock().core.add_known(addrs);
     }
 
+    /// Directory records for the addresses that registered here before a
+    /// restart (their latest registrations, from the store).
+    pub fn restore_records(&self, proofs: Vec<RegistrationProof>) {
+        self.with(|core| core.restore_records(proofs));
+    }
+
     /// Forgets addresses whose registrations the store dropped (gone
     /// longer than the queue's time to live, nothing queued). A connected
     /// address is kept.

@@ -150,6 +150,11 @@ impl Relay {
         }
         shared.fed.set_url(shared.advertised_url(None));
         shared.fed.add_known(shared.store.known_addresses().await?);
+        // Their directory records, published again (as offline) so their
+        // messages keep coming here to be stored (PROTOCOL 12.12).
+        shared
+            .fed
+            .restore_records(shared.store.registration_proofs().await?);
         shared.fed.attach_store(
             shared.store.clone(),
             shared.limits.queue_ttl_ms,

@@ -22,6 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 use w2w_proto::frame::MsgId;
 use w2w_proto::handshake::Registration;
+use w2w_proto::s2s::RegistrationProof;
 use w2w_proto::Address;
 
 use crate::budget::{StoreBudget, StoredUse};
@@ -76,6 +77,9 @@ pub trait Backend: Send + 'static {
     ) -> Result<Vec<QueuedMsg>, StoreError>;
     /// Every address that registered here and is not forgotten.
     fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError>;
+    /// The latest registration proof of each of them (rows written before
+    /// v6 have none).
+    fn registration_proofs(&mut self) -> Result<Vec<RegistrationProof>, StoreError>;
     /// Up to `limit` client addresses last seen before `before_ms` with no
     /// message queued for them: candidates for [`Write::Forget`].
     fn forgettable(&mut self, before_ms: u64, limit: usize) -> Result<Vec<Address>, StoreError>;
@@ -160,6 +164,7 @@ enum Cmd {
     Get(Address, Reply<Option<RegistrationRow>>),
     Queued(Address, i64, usize, Reply<Vec<QueuedMsg>>),
     Known(Reply<Vec<Address>>),
+    Proofs(Reply<Vec<RegistrationProof>>),
     Forgettable(u64, usize, Reply<Vec<Address>>),
     Groups(Reply<Vec<GroupRow>>),
 }
@@ -331,6 +336,11 @@ impl Store {
         self.ask(Cmd::Known).await
     }
 
+    /// The latest registration proof of each address that registered here.
+    pub async fn registration_proofs(&self) -> Result<Vec<RegistrationProof>, StoreError> {
+        self.ask(Cmd::Proofs).await
+    }
+
     /// See [`Backend::forgettable`].
     pub async fn forgettable(
         &self,
@@ -381,6 +391,9 @@ impl Batch {
             }
             Cmd::Known(reply) => {
                 let _ = reply.send(backend.known_addresses().map_err(|e| e.to_string()));
+            }
+            Cmd::Proofs(reply) => {
+                let _ = reply.send(backend.registration_proofs().map_err(|e| e.to_string()));
             }
             Cmd::Forgettable(before, limit, reply) => {
                 let _ = reply.send(
@@ -485,6 +498,12 @@ const MIGRATIONS: &[&str] = &[
     // v5: registrations by last seen, to forget the ones gone longer than
     // the queue's time to live without reading every row.
     "CREATE INDEX registrations_by_last_seen ON registrations (last_seen_ms);",
+    // v6: the rest of each registration's proof (PROTOCOL 12.4), so a
+    // restarted relay can publish its clients' directory records again.
+    "ALTER TABLE registrations ADD COLUMN ts_ms INTEGER;
+     ALTER TABLE registrations ADD COLUMN client_nonce BLOB;
+     ALTER TABLE registrations ADD COLUMN relay_nonce BLOB;
+     ALTER TABLE registrations ADD COLUMN relay_key BLOB;",
 ];
 
 /// A stored sender or recipient column as an address (rows from before v4
@@ -558,11 +577,13 @@ impl Backend for SqliteBackend {
                 tx.prepare_cached("DELETE FROM group_ops WHERE name = ?1 AND seq <= ?2")?;
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO registrations
-                   (address, role, url, sig_a, sig_b, sig_c, first_seen_ms, last_seen_ms, registrations)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1)
+                   (address, role, url, sig_a, sig_b, sig_c, first_seen_ms, last_seen_ms, registrations,
+                    ts_ms, client_nonce, relay_nonce, relay_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1, ?8, ?9, ?10, ?11)
                  ON CONFLICT(address) DO UPDATE SET
                    role = ?2, url = ?3, sig_a = ?4, sig_b = ?5, sig_c = ?6,
-                   last_seen_ms = ?7, registrations = registrations + 1",
+                   last_seen_ms = ?7, registrations = registrations + 1,
+                   ts_ms = ?8, client_nonce = ?9, relay_nonce = ?10, relay_key = ?11",
             )?;
             let mut seen = tx.prepare_cached(
                 "UPDATE registrations SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE address = ?1",
@@ -582,6 +603,10 @@ impl Backend for SqliteBackend {
                             &reg.sig_b[..],
                             &reg.sig_c[..],
                             *at_ms as i64,
+                            reg.timestamp_ms as i64,
+                            &reg.client_nonce[..],
+                            &reg.relay_nonce[..],
+                            &reg.relay_key.0[..],
                         ])?;
                     }
                     Write::Seen { address, at_ms } => {
@@ -785,6 +810,47 @@ impl Backend for SqliteBackend {
         Ok(out)
     }
 
+    fn registration_proofs(&mut self) -> Result<Vec<RegistrationProof>, StoreError> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT address, relay_key, relay_nonce, client_nonce, ts_ms, url, sig_a
+             FROM registrations WHERE ts_ms IS NOT NULL",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Vec<u8>>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (a, k, rn, cn, ts, url, sig) = row?;
+            let (Ok(a), Ok(k), Ok(rn), Ok(cn), Ok(sig)) = (
+                <[u8; 32]>::try_from(a),
+                <[u8; 32]>::try_from(k),
+                <[u8; 32]>::try_from(rn),
+                <[u8; 32]>::try_from(cn),
+                <[u8; 64]>::try_from(sig),
+            ) else {
+                continue;
+            };
+            out.push(RegistrationProof {
+                address: Address(a),
+                relay_key: Address(k),
+                relay_nonce: rn,
+                client_nonce: cn,
+                timestamp_ms: ts as u64,
+                url,
+                sig_a: sig,
+            });
+        }
+        Ok(out)
+    }
+
     fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError> {
         let mut q = self
             .conn
@@ -861,6 +927,40 @@ mod tests {
             recipient_messages: quota,
             recipient_bytes: 1 << 30,
         }
+    }
+
+    #[tokio::test]
+    async fn the_latest_registration_proof_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap(), budget(3)).unwrap();
+        for ts in [5u64, 7] {
+            let mut r = reg(1);
+            r.timestamp_ms = ts;
+            r.client_nonce = [ts as u8; 32];
+            r.relay_nonce = [9; 32];
+            r.relay_key = Address([8; 32]);
+            store
+                .write(Write::Registered {
+                    reg: Box::new(r),
+                    at_ms: 100,
+                })
+                .await
+                .unwrap();
+        }
+        drop(store);
+        let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap(), budget(3)).unwrap();
+        let proofs = store.registration_proofs().await.unwrap();
+        assert_eq!(proofs.len(), 1);
+        let p = &proofs[0];
+        assert_eq!(
+            (p.address, p.relay_key),
+            (Address([1; 32]), Address([8; 32]))
+        );
+        assert_eq!(
+            (p.timestamp_ms, p.client_nonce, p.relay_nonce),
+            (7, [7; 32], [9; 32])
+        );
+        assert_eq!((p.url.as_str(), p.sig_a), ("ws://127.0.0.1:1/", [1; 64]));
     }
 
     #[tokio::test]

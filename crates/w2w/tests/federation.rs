@@ -40,7 +40,9 @@ fn spawn(data: &std::path::Path, port: u16, args: &[String]) -> common::ServePro
     let config = data.join("test.toml");
     std::fs::write(
         &config,
-        "[limits]\nping_interval_ms = 500\nping_timeout_ms = 2000\n\n[federation]\nreceipt_timeout_ms = 3000\n",
+        // Directory leases of 3 s: renewed every second, so a record not
+        // renewed lapses within a test.
+        "[limits]\nping_interval_ms = 500\nping_timeout_ms = 2000\n\n[federation]\nreceipt_timeout_ms = 3000\nlease_ms = 3000\n",
     )
     .unwrap();
     let mut all = vec!["--config".to_string(), config.display().to_string()];
@@ -278,6 +280,44 @@ async fn line_3_then_the_middle_dies_and_returns() {
     // Nothing sent while B was down is delivered later (no store-and-forward
     // across relays yet); the sender was told no_route for each.
     assert!(!got.iter().any(|m| m.1 == "across a dead relay"));
+}
+
+/// The directory is leases (PROTOCOL 12.12): a record its relay does not
+/// renew lapses. A relay that restarts renews the records of its clients
+/// that are offline from the registrations on its disk, so messages for
+/// them are still stored there (`queued`) long after every lease from its
+/// earlier run ran out, and are delivered when they come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_keeps_its_offline_clients_in_the_directory() {
+    let mut relays = topology(2, &[(0, 1)]);
+    converge(&relays).await;
+    let mut cs = clients(&relays).await;
+    let away = Identity::from_seed(rand::random());
+    let x = Client::connect(away.clone(), ConnectOptions::new(&relays[0].url))
+        .await
+        .unwrap();
+    let x_addr = x.address();
+    x.close().await;
+    relays[0].kill();
+    relays[0].restart();
+    converge(&relays).await;
+    // Two leases: whatever the first run published has lapsed.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let deadline = Instant::now() + WAIT;
+    let r = loop {
+        let r = cs[1].send(Dest::A2b(x_addr), "while away").await.unwrap();
+        if r.status == Status::Queued || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    let mut x = Client::connect(away, ConnectOptions::new(&relays[0].url))
+        .await
+        .unwrap();
+    let got = drain(&mut x, 1, Duration::from_millis(300)).await;
+    assert!(got.iter().any(|m| m.1 == "while away"), "{got:?}");
+    drop(cs.pop());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
