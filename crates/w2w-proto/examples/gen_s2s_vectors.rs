@@ -1,0 +1,315 @@
+//! Deterministic generator for `testdata/s2s_vectors.json`: one vector per
+//! relay-to-relay frame (PROTOCOL.md 12.2).
+//!
+//! ```text
+//! cargo run -p w2w-proto --example gen_s2s_vectors > testdata/s2s_vectors.json
+//! ```
+//!
+//! Each vector lists its fields in wire order, each as hex; the frame is
+//! the version and type bytes followed by those fields. `tests/s2s_vectors.rs`
+//! checks that concatenation against the frame, that the crate decodes the
+//! frame and encodes it back to the same bytes, and that its signatures
+//! verify. Change this file only together with docs/PROTOCOL.md.
+
+use bytes::Bytes;
+use serde::Serialize;
+use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, ReceiptEntry, Register, Role, Status};
+use w2w_proto::handshake::sig_a_message;
+use w2w_proto::identity::{Address, Identity};
+use w2w_proto::s2s::{
+    DirAnswer, DirGet, DirPut, Forward, ForwardTarget, FwdReceipt, LinkState, Presence,
+    RegistrationProof, RelayToRelay,
+};
+
+#[derive(Serialize)]
+struct Vector {
+    name: &'static str,
+    description: &'static str,
+    /// (field, hex) in wire order, after the version and type bytes.
+    fields: Vec<(String, String)>,
+    frame: String,
+}
+
+fn h(b: impl AsRef<[u8]>) -> String {
+    hex::encode(b)
+}
+
+fn string(s: &str) -> String {
+    h([&(s.len() as u16).to_be_bytes()[..], s.as_bytes()].concat())
+}
+
+fn addresses(list: &[Address]) -> String {
+    let mut out = h((list.len() as u16).to_be_bytes());
+    for a in list {
+        out.push_str(&h(a.0));
+    }
+    out
+}
+
+fn f(name: &str, hex: String) -> (String, String) {
+    (name.to_string(), hex)
+}
+
+/// The fields of a PRESENCE body, prefixed `prefix`.
+fn presence_fields(prefix: &str, p: &Presence) -> Vec<(String, String)> {
+    let q = &p.proof;
+    vec![
+        f(&format!("{prefix}address"), h(q.address.0)),
+        f(&format!("{prefix}relay_key"), h(q.relay_key.0)),
+        f(&format!("{prefix}relay_nonce"), h(q.relay_nonce)),
+        f(&format!("{prefix}client_nonce"), h(q.client_nonce)),
+        f(
+            &format!("{prefix}timestamp_ms"),
+            h(q.timestamp_ms.to_be_bytes()),
+        ),
+        f(&format!("{prefix}url"), string(&q.url)),
+        f(&format!("{prefix}sig_a"), h(q.sig_a)),
+        f(&format!("{prefix}online"), h([p.online as u8])),
+        f(&format!("{prefix}seq"), h(p.seq.to_be_bytes())),
+        f(&format!("{prefix}relay_sig"), h(p.relay_sig)),
+    ]
+}
+
+fn vector(
+    name: &'static str,
+    description: &'static str,
+    frame: RelayToRelay,
+    fields: Vec<(String, String)>,
+) -> Vector {
+    Vector {
+        name,
+        description,
+        fields,
+        frame: h(frame.encode()),
+    }
+}
+
+fn main() {
+    let relay = Identity::from_seed([0x01; 32]);
+    let other = Identity::from_seed([0x03; 32]);
+    let third = Identity::from_seed([0x04; 32]);
+    let client = Identity::from_seed([0x02; 32]);
+    let (r, o, t) = (relay.address(), other.address(), third.address());
+    let url = "ws://127.0.0.1:7777/";
+
+    let ls = LinkState::sign(&relay, url, 1_700_000_000_000, vec![t, o]);
+    let mut neighbors = ls.neighbors.clone();
+    neighbors.sort();
+    let ls_fields = vec![
+        f("relay", h(r.0)),
+        f("url", string(url)),
+        f("seq", h(ls.seq.to_be_bytes())),
+        f("neighbors", addresses(&neighbors)),
+        f("sig", h(ls.sig)),
+    ];
+
+    let relay_nonce: [u8; 32] = std::array::from_fn(|i| 0x30 + i as u8);
+    let client_nonce: [u8; 32] = std::array::from_fn(|i| 0x80 + i as u8);
+    let ts = 1_700_000_000_000u64;
+    let mut reg = Register {
+        role: Role::Client,
+        relay_key: r,
+        client_key: client.address(),
+        client_nonce,
+        timestamp_ms: ts,
+        url: url.to_string(),
+        sig_a: [0; 64],
+    };
+    reg.sig_a = client.sign(&sig_a_message(&reg, &relay_nonce));
+    let sig_a = reg.sig_a;
+    let proof = RegistrationProof {
+        address: client.address(),
+        relay_key: r,
+        relay_nonce,
+        client_nonce,
+        timestamp_ms: ts,
+        url: url.to_string(),
+        sig_a,
+    };
+    let p = Presence::sign(&relay, proof, true, 7);
+
+    let msg = ClientToRelay::Msg(Msg {
+        flags: 0,
+        id: MsgId(std::array::from_fn(|i| 0x10 + i as u8)),
+        from: client.address(),
+        dest: Dest::A2b(t),
+        payload: Bytes::from_static(b"hi"),
+    })
+    .encode();
+    let id = MsgId(std::array::from_fn(|i| 0x10 + i as u8));
+
+    let vectors = vec![
+        vector(
+            "link_state",
+            "Relay 0x01.. lists two peers (sorted); signed over LINK_STATE_DOMAIN || relay || url_len || url || seq || count || neighbors.",
+            RelayToRelay::LinkState(ls.clone()),
+            ls_fields,
+        ),
+        vector(
+            "presence",
+            "Client 0x02.. registered at relay 0x01.., online, the relay's record number 7.",
+            RelayToRelay::Presence(p.clone()),
+            presence_fields("", &p),
+        ),
+        vector(
+            "forward_relay",
+            "A MSG from the client for 0x04.., from origin 0x01.. to relay 0x04.., first hop.",
+            RelayToRelay::Forward(Forward {
+                origin: r,
+                hops: 1,
+                target: ForwardTarget::Relay {
+                    relay: t,
+                    to: vec![t],
+                },
+                msg: msg.clone(),
+            }),
+            vec![
+                f("origin", h(r.0)),
+                f("hops", h([1])),
+                f("target_kind", h([1])),
+                f("relay", h(t.0)),
+                f("recipients", addresses(&[t])),
+                f("msg", h(&msg)),
+            ],
+        ),
+        vector(
+            "forward_broadcast",
+            "The same MSG bytes as a federation broadcast (a real one would carry an a2n MSG), third hop.",
+            RelayToRelay::Forward(Forward {
+                origin: r,
+                hops: 3,
+                target: ForwardTarget::Broadcast,
+                msg: msg.clone(),
+            }),
+            vec![
+                f("origin", h(r.0)),
+                f("hops", h([3])),
+                f("target_kind", h([2])),
+                f("msg", h(&msg)),
+            ],
+        ),
+        vector(
+            "fwd_receipt",
+            "Relay 0x04.. reports the recipient delivered (one session) to origin 0x01...",
+            RelayToRelay::FwdReceipt(FwdReceipt {
+                origin: r,
+                reporter: t,
+                id,
+                hops: 0,
+                delivered: 1,
+                entries: vec![ReceiptEntry {
+                    to: t,
+                    status: Status::Delivered,
+                    reason: 0,
+                }],
+            }),
+            vec![
+                f("origin", h(r.0)),
+                f("reporter", h(t.0)),
+                f("id", h(id.0)),
+                f("hops", h([0])),
+                f("delivered", h(1u32.to_be_bytes())),
+                f("entries", h(1u16.to_be_bytes())),
+                f("entry0.to", h(t.0)),
+                f("entry0.status", h([0])),
+                f("entry0.reason", h(0u16.to_be_bytes())),
+            ],
+        ),
+        vector(
+            "redirect",
+            "Two relay URLs to dial instead.",
+            RelayToRelay::Redirect(vec!["ws://a.example/".into(), "wss://b.example/".into()]),
+            vec![
+                f("count", h([2])),
+                f("url0", string("ws://a.example/")),
+                f("url1", string("wss://b.example/")),
+            ],
+        ),
+        vector(
+            "dir_put",
+            "The presence record above, put on relay 0x03.. (a holder of the address), first hop.",
+            RelayToRelay::DirPut(DirPut {
+                target: o,
+                hops: 1,
+                records: vec![p.clone()],
+            }),
+            [
+                vec![f("target", h(o.0)), f("hops", h([1])), f("count", h([1]))],
+                presence_fields("record0.", &p),
+            ]
+            .concat(),
+        ),
+        vector(
+            "dir_get",
+            "Relay 0x04.. asks relay 0x03.. for the client's records, nonce 42.",
+            RelayToRelay::DirGet(DirGet {
+                origin: t,
+                target: o,
+                hops: 1,
+                nonce: 42,
+                address: client.address(),
+            }),
+            vec![
+                f("origin", h(t.0)),
+                f("target", h(o.0)),
+                f("hops", h([1])),
+                f("nonce", h(42u64.to_be_bytes())),
+                f("address", h(client.address().0)),
+            ],
+        ),
+        vector(
+            "dir_answer",
+            "Relay 0x03.. answers with the one record it holds.",
+            RelayToRelay::DirAnswer(DirAnswer {
+                origin: t,
+                reporter: o,
+                hops: 0,
+                nonce: 42,
+                address: client.address(),
+                records: vec![p.clone()],
+            }),
+            [
+                vec![
+                    f("origin", h(t.0)),
+                    f("reporter", h(o.0)),
+                    f("hops", h([0])),
+                    f("nonce", h(42u64.to_be_bytes())),
+                    f("address", h(client.address().0)),
+                    f("count", h([1])),
+                ],
+                presence_fields("record0.", &p),
+            ]
+            .concat(),
+        ),
+        vector(
+            "dir_answer_none",
+            "Relay 0x03.. holds no record of the address.",
+            RelayToRelay::DirAnswer(DirAnswer {
+                origin: t,
+                reporter: o,
+                hops: 0,
+                nonce: 43,
+                address: client.address(),
+                records: Vec::new(),
+            }),
+            vec![
+                f("origin", h(t.0)),
+                f("reporter", h(o.0)),
+                f("hops", h([0])),
+                f("nonce", h(43u64.to_be_bytes())),
+                f("address", h(client.address().0)),
+                f("count", h([0])),
+            ],
+        ),
+    ];
+    let out = serde_json::json!({
+        "description": "Relay-to-relay (s2s) frames, PROTOCOL.md 12.2. Each frame is 01 (version), its type byte, then its fields in order. Identities: relay seed 01*32, other relay 03*32, third relay 04*32, client 02*32 (as in vectors.json).",
+        "types": {
+            "link_state": "40", "presence": "41", "forward_relay": "42", "forward_broadcast": "42",
+            "fwd_receipt": "43", "redirect": "44", "dir_put": "45", "dir_get": "46",
+            "dir_answer": "47", "dir_answer_none": "47"
+        },
+        "vectors": vectors,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}
