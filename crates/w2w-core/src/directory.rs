@@ -460,7 +460,12 @@ impl RelayCore {
     /// goes).
     pub(crate) fn set_home(&mut self, p: Presence) {
         let relay = p.proof.relay_key;
-        let homes = self.directory.entry(p.proof.address).or_default();
+        // Most addresses have one record: room for one (a Vec grows to
+        // four at its first push, ~1 KiB per address for nothing).
+        let homes = self
+            .directory
+            .entry(p.proof.address)
+            .or_insert_with(|| Vec::with_capacity(1));
         homes.retain(|h| h.proof.relay_key != relay);
         homes.push(p);
         homes.sort_by_key(|h| std::cmp::Reverse(h.proof.timestamp_ms));
