@@ -2,7 +2,8 @@
 //! `cargo run --release -p w2w-core --example sim -- --seeds 100000`
 //! `cargo run -p w2w-core --example sim -- --seed 1234`
 //! Presets: `--federation` (6 relays, link cuts, partitions), `--scale`
-//! (100 relays, 10,000 clients, 1,000,000 messages; `--messages N`).
+//! (100 relays, 10,000 clients, 1,000,000 messages); `--messages N`,
+//! `--relays N`, `--clients N` change any preset.
 
 use std::time::Instant;
 
@@ -26,6 +27,12 @@ fn main() {
     };
     if let Some(m) = value("--messages") {
         cfg.messages = m as usize;
+    }
+    if let Some(r) = value("--relays") {
+        cfg.relays = r as usize;
+    }
+    if let Some(c) = value("--clients") {
+        cfg.clients = c as usize;
     }
     let preset = if flag("--scale") {
         " --scale"
@@ -92,6 +99,32 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if cfg.relays > 1 && total.relays_counted > 0 {
+        let names = [
+            (0x40, "LINK_STATE"),
+            (0x41, "PRESENCE"),
+            (0x42, "FORWARD"),
+            (0x43, "FWD_RECEIPT"),
+            (0x45, "DIR_PUT"),
+            (0x46, "DIR_GET"),
+            (0x47, "DIR_ANSWER"),
+        ];
+        let frames: Vec<String> = names
+            .iter()
+            .map(|(t, n)| format!("{n} {}", total.peer_types.get(t).copied().unwrap_or(0)))
+            .collect();
+        let k = cfg.core.federation.replicas as f64;
+        println!(
+            "directory at the end: {:.0} records held per relay on average, {} at most (k·A/R = {:.0}, A = {} addresses, R = {} relays, k = {}); peer frames: {}",
+            total.held_sum as f64 / total.relays_counted as f64,
+            total.held_max,
+            k * cfg.clients as f64 / cfg.relays as f64,
+            cfg.clients,
+            cfg.relays,
+            k,
+            frames.join(", ")
+        );
+    }
     if failed > 0 {
         std::process::exit(1);
     }

@@ -204,6 +204,13 @@ pub struct Report {
     pub rejected_entries: u64,
     /// Entries neither delivered nor queued, by reason code.
     pub reasons: BTreeMap<u16, u64>,
+    /// Peer frames by type byte.
+    pub peer_types: BTreeMap<u8, u64>,
+    /// Directory records held per relay at the end: sum and max over
+    /// relays, and how many relays were counted.
+    pub held_sum: u64,
+    pub held_max: u64,
+    pub relays_counted: u64,
     pub arrived: u64,
     pub crashes: u64,
     pub drops: u64,
@@ -243,6 +250,12 @@ impl Report {
         for (code, n) in &r.reasons {
             *self.reasons.entry(*code).or_default() += n;
         }
+        for (t, n) in &r.peer_types {
+            *self.peer_types.entry(*t).or_default() += n;
+        }
+        self.held_sum += r.held_sum;
+        self.held_max = self.held_max.max(r.held_max);
+        self.relays_counted += r.relays_counted;
         self.arrived += r.arrived;
         self.crashes += r.crashes;
         self.drops += r.drops;
@@ -1251,6 +1264,8 @@ impl Sim<'_> {
                         continue; // the link is gone: lost
                     }
                     let to_b = l.a == r;
+                    let ty = t.frame.get(1).copied().unwrap_or(0);
+                    *self.report.peer_types.entry(ty).or_default() += 1;
                     let key = (1u64 << 63) | (link as u64);
                     let d = self.link_delay(key ^ (lgen << 32), to_b, self.cfg.peer_delay_us);
                     self.at(
@@ -1609,6 +1624,14 @@ impl Sim<'_> {
                         }
                     }
                 }
+            }
+        }
+        for r in &self.relays {
+            if let Some(core) = &r.core {
+                let held = core.directory_records().0 as u64;
+                self.report.held_sum += held;
+                self.report.held_max = self.report.held_max.max(held);
+                self.report.relays_counted += 1;
             }
         }
         let fed = &self.cfg.core.federation;
