@@ -4,6 +4,7 @@
 Seeds come from testdata/vectors.json (every frame hex, the invalid frames,
 the registration vector) and testdata/seal_vectors.json. Relay-to-relay
 seeds (LINK_STATE, PRESENCE, FORWARD, FWD_RECEIPT, REDIRECT) are built here
+(and every frame of testdata/s2s_vectors.json is added)
 from the registration vector, with genuine Ed25519 signatures made by the
 vector relay's key (a small RFC 8032 implementation below; no dependencies
 beyond the Python 3 standard library).
@@ -309,6 +310,10 @@ def main():
         + struct.pack(">I", 1) + u16(2) + entries)
     put("relay_to_relay", "redirect",
         b"\x01\x44" + b"\x02" + string("ws://127.0.0.2:7777/") + string("wss://relay.example/"))
+    # The s2s vectors: every relay-to-relay type, the directory frames too.
+    with open(os.path.join(ROOT, "testdata", "s2s_vectors.json")) as f:
+        for v in json.load(f)["vectors"]:
+            put("relay_to_relay", "vector_" + v["name"], bytes.fromhex(v["frame"]))
 
     # Named groups (crates/w2w-proto/src/group.rs): signed GROUP ops in a
     # REQUEST (op 4), GROUP_INFO (op 5), a MSG to a group (route 5), and the

@@ -1,6 +1,7 @@
 //! `s2s::RelayToRelay::decode` on arbitrary bytes: every frame a peer relay
 //! sends on a federation link. Never panics; accepted frames round-trip
-//! exactly; PRESENCE and LINK_STATE records are also signature-checked
+//! exactly; PRESENCE and LINK_STATE records (and the records in DIR_PUT and
+//! DIR_ANSWER) are also signature-checked
 //! (`verify()` must not panic on any key or signature bytes, and a record
 //! made of fuzzer bytes must essentially never verify unless it is one of the
 //! genuine seed records).
@@ -32,6 +33,16 @@ fuzz_target!(|data: &[u8]| {
             // The wrapped client MSG is decoded by the receiving relay too.
             let _ = w2w_proto::ClientToRelay::decode(&f.msg);
         }
-        RelayToRelay::FwdReceipt(_) | RelayToRelay::Redirect(_) => {}
+        RelayToRelay::DirPut(d) => {
+            for p in &d.records {
+                let _ = p.verify();
+            }
+        }
+        RelayToRelay::DirAnswer(a) => {
+            for p in &a.records {
+                let _ = p.verify();
+            }
+        }
+        RelayToRelay::FwdReceipt(_) | RelayToRelay::Redirect(_) | RelayToRelay::DirGet(_) => {}
     }
 });
