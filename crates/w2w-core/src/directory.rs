@@ -144,6 +144,10 @@ pub(crate) struct Dir {
     pub gets: HashMap<PeerId, (Instant, u32)>,
     /// The latest `now` any input brought.
     pub now: Option<Instant>,
+    /// Until then, a relay that knows no other relay yet is joining (it
+    /// has peers to dial): lookups wait for the first link instead of
+    /// finding nothing.
+    pub joining_until: Option<Instant>,
 }
 
 /// Records put per step, and the time between steps (~10,000 records/s).
@@ -706,12 +710,39 @@ impl RelayCore {
 
     /// Whether `to`'s relays must be looked up before a message can go:
     /// it is not a client here and this relay neither holds nor has
-    /// recently looked up its records, and there are other relays.
+    /// recently looked up its records, and there are other relays (or it
+    /// is still joining: then the lookup waits for them).
     pub(crate) fn needs_lookup(&mut self, to: &Address) -> bool {
         !self.by_address.contains_key(to)
             && !self.directory.contains_key(to)
             && !self.cached(to)
-            && self.links.len() > 1
+            && (self.links.len() > 1 || self.joining())
+    }
+
+    /// The relay has peers to dial and was started a moment ago (`until`):
+    /// until it knows another relay, it is joining (PROTOCOL 12.12).
+    pub fn expect_peers(&mut self, until: Instant) {
+        self.dir.joining_until = Some(until);
+    }
+
+    /// Whether this relay is still joining: it knows no other relay yet,
+    /// within the time it was given to.
+    pub(crate) fn joining(&self) -> bool {
+        self.links.len() <= 1
+            && self
+                .dir
+                .joining_until
+                .is_some_and(|t| self.dir.now.is_none_or(|n| n < t))
+    }
+
+    /// The reason for a recipient no lookup found: `joining` while this
+    /// relay knows no other relay yet, else `no_route`.
+    pub(crate) fn not_found(&self) -> ErrorCode {
+        if self.joining() {
+            ErrorCode::Joining
+        } else {
+            ErrorCode::NoRoute
+        }
     }
 
     fn cached(&self, to: &Address) -> bool {
@@ -783,9 +814,11 @@ impl RelayCore {
         l.asked = asked;
         l.deadline = deadline;
         l.rounds += 1;
-        if l.asked.is_empty() {
+        let nobody = l.asked.is_empty();
+        if nobody && !self.joining() {
             return self.finish_lookup(now, addr);
         }
+        // (Joining with no one to ask yet: asked again at the deadline.)
         self.dir.lookup_deadlines.insert((deadline, nonce), addr);
     }
 
@@ -796,7 +829,7 @@ impl RelayCore {
         if l.nonce != nonce {
             return;
         }
-        if l.rounds < 2 && l.found.is_empty() {
+        if (l.rounds < 2 || self.joining()) && l.found.is_empty() {
             return self.ask(now, addr);
         }
         self.finish_lookup(now, addr);
@@ -934,7 +967,7 @@ impl RelayCore {
             let code = if moved_from.is_some() {
                 ErrorCode::Moved
             } else {
-                ErrorCode::NoRoute
+                self.not_found()
             };
             legs.push((to, self.settle_now(to, code)));
         }

@@ -997,6 +997,11 @@ impl RelayCore {
             }
             self.finish_if_settled(key);
         }
+        let waited = if self.joining() {
+            ErrorCode::Joining
+        } else {
+            ErrorCode::Timeout
+        };
         while let Some(key) = pop_due(&mut self.deadlines, now) {
             let Some(f) = self.flights.get_mut(&key) else {
                 continue;
@@ -1016,13 +1021,17 @@ impl RelayCore {
                         *state = Recipient::Settled(entry(*to, Status::Delivered, None));
                     }
                     Recipient::Unstored { .. } => late.push(*to),
-                    Recipient::Forwarded { .. } | Recipient::Resolving { .. } => {
+                    Recipient::Forwarded { .. } => {
                         self.stats.error(ErrorCode::Timeout);
                         *state = Recipient::Settled(entry(
                             *to,
                             Status::NoRoute,
                             Some(ErrorCode::Timeout),
                         ));
+                    }
+                    Recipient::Resolving { .. } => {
+                        self.stats.error(waited);
+                        *state = Recipient::Settled(entry(*to, Status::NoRoute, Some(waited)));
                     }
                     Recipient::Stored { .. } => {
                         self.awaiting_drain.remove(&(*to, key.0));

@@ -671,6 +671,10 @@ impl Sim<'_> {
             relay.disk.known.keys().copied(),
         );
         core.restore_records(relay.disk.known.values().cloned());
+        if self.cfg.relays > 1 {
+            // Its links come back within a few ms: until then it is joining.
+            core.expect_peers(self.t0 + Duration::from_micros(self.now_us + 20_000));
+        }
         relay.core = Some(core);
     }
 

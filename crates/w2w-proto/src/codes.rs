@@ -140,6 +140,8 @@ error_codes! {
     TooManySessions = 51, "too_many_sessions";
     /// The recipient registered at another relay since the sender's relay looked it up: that relay looks it up again (a receipt shows it only if that finds nothing better).
     Moved = 52, "moved";
+    /// The relay has just started and has not linked to any of its configured peers yet, so it cannot tell where the recipient is: retry in a few seconds.
+    Joining = 53, "joining";
 }
 
 impl ErrorCode {

@@ -44,6 +44,10 @@ use crate::metrics::Metrics;
 use crate::router::Outbox;
 use crate::store::{Outcome, Store, Write};
 
+/// How long a relay with peers to dial counts as joining the federation
+/// while it knows no other relay.
+const JOIN_GRACE: Duration = Duration::from_secs(10);
+
 /// Federation settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -233,7 +237,12 @@ impl Federation {
         };
         // Link-state records are numbered from the wall clock, so a
         // restarted relay's records supersede the ones it sent before.
-        let core = RelayCore::new(core_config, identity, crate::unix_ms(), []);
+        let mut core = RelayCore::new(core_config, identity, crate::unix_ms(), []);
+        if !config.peers.is_empty() {
+            // Until a first link brings another relay, lookups wait (and
+            // end `joining`, not `no_route`): PROTOCOL 12.12.
+            core.expect_peers(Instant::now() + JOIN_GRACE);
+        }
         let (events, _) = tokio::sync::broadcast::channel(1024);
         Federation {
             me,

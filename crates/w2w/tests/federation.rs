@@ -320,6 +320,43 @@ async fn a_restarted_relay_keeps_its_offline_clients_in_the_directory() {
     drop(cs.pop());
 }
 
+/// A relay that starts with peers to dial and has reached none of them
+/// yet cannot know where a remote address is: a message for one waits
+/// for the federation and ends `joining` (53, retry), never a false
+/// `no_route` (30, "never registered"); once the link is up it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_has_not_joined_yet_says_joining_not_no_route() {
+    let mut relays = topology(2, &[(0, 1)]);
+    converge(&relays).await;
+    let cs = clients(&relays).await;
+    let far = cs[0].address();
+    // Relay 1 restarts while relay 0 (its only peer) is down.
+    relays[0].kill();
+    relays[1].kill();
+    relays[1].restart();
+    let id = Identity::from_seed(rand::random());
+    let near = Client::connect(id, ConnectOptions::new(&relays[1].url))
+        .await
+        .unwrap();
+    let r = near.send(Dest::A2b(far), "before the link").await.unwrap();
+    assert_eq!(r.status, Status::NoRoute, "{r:?}");
+    assert_eq!(r.reason, ErrorCode::Joining.as_u16(), "{r:?}");
+    // Relay 0 returns: the same send goes through (its client is back, or
+    // its record says it is stored for there).
+    relays[0].restart();
+    converge(&relays).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = near.send(Dest::A2b(far), "after the link").await.unwrap();
+        if matches!(r.status, Status::Delivered | Status::Queued) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never went through: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(cs);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_4_routes_around_a_dead_relay() {
     let mut relays = topology(4, &[(0, 1), (1, 2), (2, 3), (0, 3)]);
