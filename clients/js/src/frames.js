@@ -63,6 +63,7 @@ export const ERROR_CODES = Object.freeze({
   46: 'stale_seq', 47: 'store_busy', 48: 'storage_full', 49: 'limit_reached', 50: 'forged_forward',
   51: 'too_many_sessions',
   52: 'moved',
+  53: 'joining',
 });
 const ERROR_NUMBER = Object.fromEntries(Object.entries(ERROR_CODES).map(([n, s]) => [s, Number(n)]));
 
