@@ -435,6 +435,19 @@ pub async fn w2w_raw(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
         // read burst.
         let run2 = run.clone();
         let (mut rx_sink, mut rx_stream) = rx.split();
+        // ACKs are written by their own task: a receiver that waited for
+        // its ACK write would stop reading, and the relay, which does not
+        // read a connection while a write to it is blocked, would wait for
+        // it in turn (both sides blocked on writes).
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::channel::<Vec<MsgId>>(1024);
+        tokio::spawn(async move {
+            while let Some(ids) = ack_rx.recv().await {
+                let ack = ClientToRelay::Ack(ids).encode();
+                if rx_sink.send(Message::binary(ack)).await.is_err() {
+                    break;
+                }
+            }
+        });
         receivers.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("histogram");
             let mut ids = Vec::with_capacity(RAW_BATCH);
@@ -462,9 +475,11 @@ pub async fn w2w_raw(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
                     }
                 }
                 if !ids.is_empty() {
-                    let ack = ClientToRelay::Ack(std::mem::take(&mut ids)).encode();
-                    if rx_sink.send(Message::binary(ack)).await.is_err() {
-                        break;
+                    match ack_tx.try_send(std::mem::take(&mut ids)) {
+                        Ok(()) => {}
+                        // The writer is behind: these go with the next ACK.
+                        Err(tokio::sync::mpsc::error::TrySendError::Full(back)) => ids = back,
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
                     }
                 }
             }
