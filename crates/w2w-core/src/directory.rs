@@ -597,47 +597,49 @@ impl RelayCore {
 
     pub(crate) fn on_dir_put(&mut self, now: Instant, peer: PeerId, from: Address, d: DirPut) {
         if d.target != self.me {
-            if let Some(code) = self.pass_check(d.hops, &d.target, &from) {
-                return self.stats.error(code);
-            }
-            let target = d.target;
-            let put = RelayToRelay::DirPut(DirPut {
-                hops: d.hops + 1,
-                ..d
+            let (hops, target) = (d.hops, d.target);
+            return self.pass_on(hops, target, &from, |hops| {
+                RelayToRelay::DirPut(DirPut { hops, ..d })
             });
-            self.route_to(&target, put.encode());
-            return;
         }
         for p in d.records {
             self.accept_record(now, peer, p);
         }
     }
 
-    /// Whether a directory frame for `target` may pass here: within the
-    /// hop limit, and not back to where it came from.
-    fn pass_check(&mut self, hops: u8, target: &Address, from: &Address) -> Option<ErrorCode> {
-        if hops >= self.config.federation.hop_limit {
-            return Some(ErrorCode::HopLimit);
-        }
-        match self.hop(target) {
-            None => Some(ErrorCode::Unreachable),
-            Some(h) if h.next == *from => Some(ErrorCode::Loop),
-            Some(_) => None,
+    /// Passes a directory frame for another relay on toward `target`, as
+    /// `make(hops + 1)`: within the hop limit, and never back to where it
+    /// came from (else dropped, counted).
+    fn pass_on(
+        &mut self,
+        hops: u8,
+        target: Address,
+        from: &Address,
+        make: impl FnOnce(u8) -> RelayToRelay,
+    ) {
+        let refused = if hops >= self.config.federation.hop_limit {
+            Some(ErrorCode::HopLimit)
+        } else {
+            match self.hop(&target) {
+                None => Some(ErrorCode::Unreachable),
+                Some(h) if h.next == *from => Some(ErrorCode::Loop),
+                Some(_) => None,
+            }
+        };
+        match refused {
+            Some(code) => self.stats.error(code),
+            None => {
+                self.route_to(&target, make(hops + 1).encode());
+            }
         }
     }
 
     pub(crate) fn on_dir_get(&mut self, now: Instant, peer: PeerId, from: Address, g: DirGet) {
         if g.target != self.me {
-            if let Some(code) = self.pass_check(g.hops, &g.target, &from) {
-                return self.stats.error(code);
-            }
-            let target = g.target;
-            let get = RelayToRelay::DirGet(DirGet {
-                hops: g.hops + 1,
-                ..g
+            let (hops, target) = (g.hops, g.target);
+            return self.pass_on(hops, target, &from, |hops| {
+                RelayToRelay::DirGet(DirGet { hops, ..g })
             });
-            self.route_to(&target, get.encode());
-            return;
         }
         // Lookups are rate-limited per link they arrive on.
         let limit = self.config.federation.lookups_per_peer;
@@ -667,16 +669,10 @@ impl RelayCore {
 
     pub(crate) fn on_dir_answer(&mut self, now: Instant, from: Address, a: DirAnswer) {
         if a.origin != self.me {
-            if let Some(code) = self.pass_check(a.hops, &a.origin, &from) {
-                return self.stats.error(code);
-            }
-            let origin = a.origin;
-            let answer = RelayToRelay::DirAnswer(DirAnswer {
-                hops: a.hops + 1,
-                ..a
+            let (hops, origin) = (a.hops, a.origin);
+            return self.pass_on(hops, origin, &from, |hops| {
+                RelayToRelay::DirAnswer(DirAnswer { hops, ..a })
             });
-            self.route_to(&origin, answer.encode());
-            return;
         }
         let check = self.config.federation.check_signatures;
         let Some(l) = self.dir.lookups.get_mut(&a.address) else {
