@@ -516,7 +516,9 @@ pub async fn w2w_raw(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
                 Message::binary(f.freeze())
             };
             send_batched(&run, i, interval, &mut tx_sink, frame).await;
-            let _ = tx_sink.close().await;
+            // A close waits for the relay's answer, which the receipt
+            // reader may take: bounded, so a run always ends.
+            let _ = tokio::time::timeout(Duration::from_secs(1), tx_sink.close()).await;
         }));
     }
     run.finish("w2w (raw load)", spec, tasks, receivers, bar)
