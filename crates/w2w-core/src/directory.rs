@@ -942,31 +942,22 @@ impl RelayCore {
             .collect();
         let mut legs = Vec::new();
         let mut remote = BTreeMap::new();
-        let mut copies = 0;
-        if !has_local {
-            if let Some((state, n)) = self.deliver_local(key, to, &frame, !elsewhere.is_empty()) {
-                copies += n;
-                legs.push((to, state));
-            }
-        }
-        for relay in &elsewhere {
-            let state = match self.hop(relay) {
-                Some(_) => {
-                    remote.entry(*relay).or_insert_with(Vec::new).push(to);
-                    Recipient::Forwarded { relay: *relay }
-                }
-                None => self.settle_now(to, ErrorCode::Unreachable),
-            };
-            legs.push((to, state));
-        }
-        if legs.is_empty() && !had_leg {
-            let code = if moved_from.is_some() {
-                ErrorCode::Moved
-            } else {
-                self.not_found()
-            };
-            legs.push((to, self.settle_now(to, code)));
-        }
+        let none = if had_leg {
+            // Its other legs answer for it.
+            None
+        } else if moved_from.is_some() {
+            Some(ErrorCode::Moved)
+        } else {
+            Some(self.not_found())
+        };
+        let copies = self.place(
+            (key, to),
+            &frame,
+            &elsewhere,
+            (!has_local, none),
+            &mut legs,
+            &mut remote,
+        );
         let Some(f) = self.flights.get_mut(&key) else {
             return;
         };

@@ -761,7 +761,15 @@ impl RelayCore {
             } else {
                 Vec::new()
             };
-            copies += self.place(key, to, &frame, &elsewhere, &mut recipients, &mut remote);
+            let how = (true, Some(ErrorCode::NoRoute));
+            copies += self.place(
+                (key, to),
+                &frame,
+                &elsewhere,
+                how,
+                &mut recipients,
+                &mut remote,
+            );
         }
         self.next += 1;
         let deadline = (now + self.config.receipt_timeout, self.next);
@@ -801,23 +809,26 @@ impl RelayCore {
     }
 
     /// The legs of `to` given the other relays it is at (`elsewhere`): a
-    /// local one if it is a client here (or stored for here), one
-    /// `Forwarded` per relay (added to `remote`), or `no_route`. Returns
-    /// the copies already delivered.
+    /// local one if it is a client here (or stored for here) and `local`
+    /// asks for it, one `Forwarded` per relay (added to `remote`), or, if
+    /// that makes none, one settled `no_route` with reason `none` (if
+    /// any). Returns the copies already delivered.
     pub(crate) fn place(
         &mut self,
-        key: FlightKey,
-        to: Address,
+        (key, to): (FlightKey, Address),
         frame: &Bytes,
         elsewhere: &[Address],
+        (local, none): (bool, Option<ErrorCode>),
         legs: &mut Vec<(Address, Recipient)>,
         remote: &mut BTreeMap<Address, Vec<Address>>,
     ) -> u32 {
         let before = legs.len();
         let mut copies = 0;
-        if let Some((state, n)) = self.deliver_local(key, to, frame, !elsewhere.is_empty()) {
-            copies += n;
-            legs.push((to, state));
+        if local {
+            if let Some((state, n)) = self.deliver_local(key, to, frame, !elsewhere.is_empty()) {
+                copies += n;
+                legs.push((to, state));
+            }
         }
         for relay in elsewhere {
             let state = match self.hop(relay) {
@@ -829,8 +840,8 @@ impl RelayCore {
             };
             legs.push((to, state));
         }
-        if legs.len() == before {
-            let state = self.settle_now(to, ErrorCode::NoRoute);
+        if let (true, Some(code)) = (legs.len() == before, none) {
+            let state = self.settle_now(to, code);
             legs.push((to, state));
         }
         copies
