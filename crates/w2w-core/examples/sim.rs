@@ -68,7 +68,7 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} not ({})",
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} moves to another relay, {} messages kept in custody, {} handed over, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} not ({})",
         to - from,
         total.sent,
         total.sent as f64 / secs,
@@ -80,6 +80,9 @@ fn main() {
         total.zombies,
         total.extra_sessions,
         total.multi_homed,
+        total.roams,
+        total.custody,
+        total.handed_off,
         total.app_repeats,
         total.slow,
         total.cuts,

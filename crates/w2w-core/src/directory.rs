@@ -85,6 +85,8 @@ pub(crate) enum Waiter {
         peer: PeerId,
         forward: w2w_proto::s2s::Forward,
     },
+    /// Messages kept here for the address (custody): where they go.
+    Handoff(Address),
 }
 
 /// A lookup on its way: DIR_GETs to the relays that hold the address.
@@ -185,7 +187,8 @@ impl RelayCore {
         self.dir.ring_changed = true;
         if let (Some(now), None) = (self.dir.now, self.dir.ring_check) {
             self.dir.ring_check = Some(now + self.config.federation.ring_settle);
-        }
+        } // A relay that came back may take what waits here for it.
+        self.scan_soon();
     }
 
     /// When the directory next needs `dir_tick`.
@@ -593,6 +596,10 @@ impl RelayCore {
         if self.responsible(&addr) {
             self.tell_hosts(&p);
         }
+        if p.online {
+            // What waits here for it may go there (handoff.rs).
+            self.online_elsewhere(now, addr);
+        }
     }
 
     pub(crate) fn on_dir_put(&mut self, now: Instant, peer: PeerId, from: Address, d: DirPut) {
@@ -719,6 +726,7 @@ impl RelayCore {
     /// until it knows another relay, it is joining (PROTOCOL 12.12).
     pub fn expect_peers(&mut self, until: Instant) {
         self.dir.joining_until = Some(until);
+        self.handoff.federated = true;
     }
 
     /// Whether this relay is still joining: it knows no other relay yet,
@@ -855,6 +863,9 @@ impl RelayCore {
                     if newer {
                         self.set_home(p.clone());
                         self.dir.leases.insert((addr, relay), now + lease);
+                        if p.online {
+                            self.online_elsewhere(now, addr);
+                        }
                     }
                 }
             } else if self.dir.cache.len() < self.config.federation.max_cache {
@@ -881,6 +892,7 @@ impl RelayCore {
                 self.dir.parked -= 1;
                 self.unpark_forward(now, peer, forward);
             }
+            Waiter::Handoff(a) => self.consider_handoff(now, a, Some(found)),
         }
     }
 
@@ -921,6 +933,7 @@ impl RelayCore {
         };
         let frame = f.frame.clone();
         let has_local = f.local(&to).is_some();
+        let client = matches!(f.reply, crate::flight::Reply::Client(_));
         // Relays it went or goes to already.
         let mut others: Vec<Address> = f
             .sent
@@ -954,7 +967,7 @@ impl RelayCore {
             (key, to),
             &frame,
             &elsewhere,
-            (!has_local, none),
+            (!has_local, client && !has_local && !had_leg, none),
             &mut legs,
             &mut remote,
         );
@@ -1060,7 +1073,7 @@ impl RelayCore {
         self.elsewhere_of(self.homes(addr))
     }
 
-    fn elsewhere_of(&self, homes: &[Presence]) -> Vec<Address> {
+    pub(crate) fn elsewhere_of(&self, homes: &[Presence]) -> Vec<Address> {
         if homes.iter().any(|p| p.online) {
             return homes
                 .iter()
@@ -1077,16 +1090,15 @@ impl RelayCore {
     }
 
     /// Whether `to`, with no receiving session here, is online at another
-    /// relay with a registration newer than ours: a FORWARD for it is
-    /// answered `moved` rather than stored here.
+    /// relay: a FORWARD for it is answered `moved` rather than stored here
+    /// (where it is not, whichever registration is newer).
     pub(crate) fn moved(&self, to: &Address) -> bool {
         if !self.receivers_of(to).is_empty() {
             return false;
         }
-        let homes = self.homes_held(to);
-        homes
-            .first()
-            .is_some_and(|p| p.online && p.proof.relay_key != self.me)
+        self.homes_held(to)
+            .iter()
+            .any(|p| p.online && p.proof.relay_key != self.me)
     }
 
     /// Whether `addr` is a client of this relay (connected, or our record
@@ -1101,6 +1113,21 @@ impl RelayCore {
         self.homes(address)
             .iter()
             .any(|p| p.online && p.proof.relay_key == *relay)
+    }
+
+    /// (relay, online, held) of each record of `address` known here, and
+    /// whether messages for it wait to move (for diagnostics).
+    pub fn debug_homes(&self, address: &Address) -> (Vec<(String, bool)>, bool, bool) {
+        let homes = self
+            .homes(address)
+            .iter()
+            .map(|p| (format!("{:.6}", p.proof.relay_key.to_string()), p.online))
+            .collect();
+        (
+            homes,
+            self.handoff.pending.contains(address),
+            self.handoff.runs.contains_key(address),
+        )
     }
 
     /// Whether this relay's directory says `address` is online at `relay`

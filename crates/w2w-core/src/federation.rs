@@ -87,6 +87,7 @@ impl RelayCore {
             },
         );
         self.peer_by_key.insert(key, peer);
+        self.handoff.federated = true;
         self.bump_link_state();
         let records: Vec<Bytes> = self
             .links
@@ -315,17 +316,49 @@ impl RelayCore {
             if gone.is_empty() {
                 continue;
             }
-            let Some(f) = self.flights.get_mut(&key) else {
+            let Some(f) = self.flights.get(&key) else {
                 continue;
             };
-            for (to, state) in &mut f.recipients {
-                if matches!(state, Recipient::Forwarded { relay } if gone.contains(relay)) {
-                    self.stats.error(ErrorCode::Unreachable);
-                    *state = Recipient::Settled(entry(
-                        *to,
-                        Status::NoRoute,
-                        Some(ErrorCode::Unreachable),
-                    ));
+            // A client's recipient with no other way left is kept here
+            // (custody, handoff.rs): one leg becomes a write.
+            let client = matches!(f.reply, Reply::Client(_));
+            let frame = f.frame.clone();
+            let is_gone =
+                |s: &Recipient| matches!(s, Recipient::Forwarded { relay } if gone.contains(relay));
+            let mut kept: Vec<Address> = Vec::new();
+            let mut plan = Vec::new();
+            for (i, (to, state)) in f.recipients.iter().enumerate() {
+                if !is_gone(state) {
+                    continue;
+                }
+                let other_way = f.recipients.iter().any(|(a, s)| {
+                    a == to
+                        && !is_gone(s)
+                        && match s {
+                            Recipient::Settled(e) => {
+                                matches!(e.status, Status::Delivered | Status::Queued)
+                            }
+                            _ => true,
+                        }
+                });
+                let keep = client && !other_way && !kept.contains(to) && self.may_keep(to);
+                if keep {
+                    kept.push(*to);
+                }
+                plan.push((i, *to, keep));
+            }
+            for (i, to, keep) in plan {
+                let state = if keep {
+                    self.keep(key, to, &frame)
+                } else {
+                    self.settle_now(to, ErrorCode::Unreachable)
+                };
+                if let Some(s) = self
+                    .flights
+                    .get_mut(&key)
+                    .and_then(|f| f.recipients.get_mut(i))
+                {
+                    s.1 = state;
                 }
             }
             self.finish_if_settled(key);
@@ -393,7 +426,12 @@ impl RelayCore {
         }
     }
 
-    fn send_toward(&mut self, relay: &Address, frame: Bytes, id: MsgId) -> Result<(), ErrorCode> {
+    pub(crate) fn send_toward(
+        &mut self,
+        relay: &Address,
+        frame: Bytes,
+        id: MsgId,
+    ) -> Result<(), ErrorCode> {
         let next = self.hop(relay).ok_or(ErrorCode::Unreachable)?.next;
         let peer = *self.peer_by_key.get(&next).ok_or(ErrorCode::Unreachable)?;
         self.send_peer(peer, frame);
@@ -494,9 +532,13 @@ impl RelayCore {
         let target = match &f.target {
             ForwardTarget::Relay { relay, .. } => Some(relay),
             ForwardTarget::Broadcast => None,
+            // A hand-off that failed goes again with the same bytes: not
+            // remembered (the hop limit and the way-back check bound it).
+            ForwardTarget::Handoff { .. } => None,
         };
+        let handoff = matches!(f.target, ForwardTarget::Handoff { .. });
         let seen = (msg.id, f.origin, forward_digest(&f.msg, target));
-        if !self.seen.insert(seen, now) {
+        if !handoff && !self.seen.insert(seen, now) {
             self.stats.error(ErrorCode::Duplicate);
             return;
         }
@@ -504,45 +546,15 @@ impl RelayCore {
             ForwardTarget::Relay { relay, .. } if relay == self.me => {
                 self.forward_here(now, peer, f, &msg, false)
             }
-            ForwardTarget::Relay { relay, to } => {
-                let code = if f.hops >= self.config.federation.hop_limit {
-                    Some(ErrorCode::HopLimit)
-                } else {
-                    match self.hop(&relay) {
-                        None => Some(ErrorCode::Unreachable),
-                        Some(h) if h.next == from => Some(ErrorCode::Loop),
-                        Some(_) => None,
-                    }
-                };
-                let fwd = RelayToRelay::Forward(Forward {
-                    origin: f.origin,
-                    hops: f.hops.saturating_add(1),
-                    target: ForwardTarget::Relay {
-                        relay,
-                        to: to.clone(),
-                    },
-                    msg: f.msg,
-                })
-                .encode();
-                let code = match code {
-                    Some(c) => Some(c),
-                    None => self.send_toward(&relay, fwd, msg.id).err(),
-                };
-                if let Some(code) = code {
-                    self.stats.error(code);
-                    let entries = to
-                        .iter()
-                        .map(|a| entry(*a, Status::NoRoute, Some(code)))
-                        .collect();
-                    self.send_fwd_receipt(FwdReceipt {
-                        origin: f.origin,
-                        reporter: relay,
-                        id: msg.id,
-                        hops: 0,
-                        delivered: 0,
-                        entries,
-                    });
-                }
+            ForwardTarget::Handoff { relay, to } if relay == self.me => {
+                self.handoff_here(now, f.origin, to, f.msg, &msg)
+            }
+            ForwardTarget::Relay { relay, ref to } => {
+                let to = to.clone();
+                self.pass_forward(from, relay, f, &msg, to)
+            }
+            ForwardTarget::Handoff { relay, to } => {
+                self.pass_forward(from, relay, f, &msg, vec![to])
             }
             ForwardTarget::Broadcast => {
                 if !matches!(msg.dest, Dest::A2n(Scope::Federation)) || self.hosts(&msg.from) {
@@ -584,6 +596,51 @@ impl RelayCore {
                     });
                 }
             }
+        }
+    }
+
+    /// Passes a FORWARD for another relay on toward it; if it cannot go
+    /// on, tells its origin (for its recipients `to`).
+    fn pass_forward(
+        &mut self,
+        from: Address,
+        relay: Address,
+        f: Forward,
+        msg: &Msg,
+        to: Vec<Address>,
+    ) {
+        let code = if f.hops >= self.config.federation.hop_limit {
+            Some(ErrorCode::HopLimit)
+        } else {
+            match self.hop(&relay) {
+                None => Some(ErrorCode::Unreachable),
+                Some(h) if h.next == from => Some(ErrorCode::Loop),
+                Some(_) => None,
+            }
+        };
+        let fwd = RelayToRelay::Forward(Forward {
+            hops: f.hops.saturating_add(1),
+            ..f
+        })
+        .encode();
+        let code = match code {
+            Some(c) => Some(c),
+            None => self.send_toward(&relay, fwd, msg.id).err(),
+        };
+        if let Some(code) = code {
+            self.stats.error(code);
+            let entries = to
+                .iter()
+                .map(|a| entry(*a, Status::NoRoute, Some(code)))
+                .collect();
+            self.send_fwd_receipt(FwdReceipt {
+                origin: f.origin,
+                reporter: relay,
+                id: msg.id,
+                hops: 0,
+                delivered: 0,
+                entries,
+            });
         }
     }
 
@@ -677,11 +734,17 @@ impl RelayCore {
         } else {
             let mut settled = false;
             let mut moved = Vec::new();
+            // Recipients it reports delivered whose leg here is settled
+            // already (the leg was given up, e.g. its relay looked
+            // unreachable for a moment): their sessions are not ours to
+            // count.
+            let mut mine = Vec::new();
             for (to, state) in &mut f.recipients {
                 if *state != (Recipient::Forwarded { relay: r.reporter }) {
                     continue;
                 }
                 settled = true;
+                mine.push(*to);
                 let e = r.entries.iter().find(|e| e.to == *to).cloned();
                 if e.as_ref().is_some_and(|e| {
                     e.status == Status::NoRoute && e.reason == ErrorCode::Moved.as_u16()
@@ -696,10 +759,26 @@ impl RelayCore {
                     e.unwrap_or_else(|| entry(*to, Status::NoRoute, Some(ErrorCode::NoRoute))),
                 );
             }
-            if settled {
+            let delivered = |e: &&ReceiptEntry| e.status == Status::Delivered;
+            let stale = r
+                .entries
+                .iter()
+                .filter(delivered)
+                .any(|e| !mine.contains(&e.to));
+            if settled && !stale {
                 f.copies += r.delivered;
+            } else if settled {
+                // One session each, at least, for the ones it settled.
+                f.copies += r
+                    .entries
+                    .iter()
+                    .filter(delivered)
+                    .filter(|e| mine.contains(&e.to))
+                    .count() as u32;
             }
-            let open = !f.expired;
+            // (A hand-off that finds its address moved on fails; it is
+            // looked at again later.)
+            let open = !f.expired && matches!(f.reply, Reply::Client(_));
             for to in moved {
                 if open {
                     self.reroute(now, key, to, r.reporter);

@@ -63,6 +63,9 @@ pub enum Reply {
     Client(ConnId),
     /// The origin relay of a FORWARD (a FWD_RECEIPT).
     Relay(Address),
+    /// Nobody: a stored message for `to` handed over to another relay
+    /// (handoff.rs); its outcome decides whether the copy here goes.
+    Handoff { to: Address },
 }
 
 /// An a2n across the federation: how many connections had it, and which
@@ -106,20 +109,33 @@ pub struct Flight {
 }
 
 impl Flight {
-    /// The local leg of `to` (delivered or stored at this relay).
+    /// The local leg of `to` (delivered or stored at this relay): the one
+    /// still under way if there is one (a leg kept in custody may follow
+    /// settled legs of relays that could not be reached), else the first
+    /// settled one.
     pub fn state_mut(&mut self, to: &Address) -> Option<&mut Recipient> {
-        self.recipients
-            .iter_mut()
-            .find(|(a, s)| a == to && !s.elsewhere())
-            .map(|(_, s)| s)
+        let i = self.local_index(to)?;
+        self.recipients.get_mut(i).map(|(_, s)| s)
     }
 
     /// The local leg of `to`, read-only.
     pub fn local(&self, to: &Address) -> Option<&Recipient> {
-        self.recipients
-            .iter()
-            .find(|(a, s)| a == to && !s.elsewhere())
-            .map(|(_, s)| s)
+        self.recipients.get(self.local_index(to)?).map(|(_, s)| s)
+    }
+
+    fn local_index(&self, to: &Address) -> Option<usize> {
+        let mine = |s: &Recipient| !s.elsewhere();
+        let open = |s: &Recipient| !matches!(s, Recipient::Settled(_));
+        let legs = || {
+            self.recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, (a, _))| a == to)
+        };
+        legs()
+            .find(|(_, (_, s))| mine(s) && open(s))
+            .or_else(|| legs().find(|(_, (_, s))| mine(s)))
+            .map(|(i, _)| i)
     }
 
     /// The leg of `to` forwarded toward `relay`.

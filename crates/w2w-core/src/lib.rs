@@ -69,6 +69,7 @@
 mod directory;
 mod federation;
 pub mod flight;
+mod handoff;
 mod relay;
 pub mod routing;
 pub mod seen;
@@ -144,6 +145,12 @@ pub struct Stats {
     pub rerouted: u64,
     /// Held records dropped because their lease ran out.
     pub records_expired: u64,
+    /// Client messages kept here because their recipient's relay could
+    /// not be reached (custody), stored messages handed over to another
+    /// relay, and hand-offs that did not succeed (tried again later).
+    pub custody: u64,
+    pub handed_off: u64,
+    pub handoffs_failed: u64,
 }
 
 impl Stats {

@@ -130,6 +130,14 @@ pub struct FedConfig {
     /// DIR_GETs each peer may send per second (default 20,000), beyond
     /// which they are dropped unanswered (counted).
     pub lookups_per_peer: u32,
+    /// Keep a client's message whose recipient's relay cannot be reached,
+    /// and hand it over when it can (default true; PROTOCOL 12.13).
+    pub custody: bool,
+    /// Most addresses with messages here waiting to move to another
+    /// relay (default 100,000); past it, `unreachable` as without custody.
+    pub max_custody: usize,
+    /// How often those addresses are looked at again (default 2 s).
+    pub handoff_retry: Duration,
 }
 
 impl Default for FedConfig {
@@ -155,6 +163,9 @@ impl Default for FedConfig {
             max_cache: 100_000,
             ring_settle: Duration::from_millis(200),
             lookups_per_peer: 20_000,
+            custody: true,
+            max_custody: 100_000,
+            handoff_retry: Duration::from_secs(2),
         }
     }
 }
@@ -233,9 +244,18 @@ impl Inbox {
 
 /// What a store answer is for.
 #[derive(Debug, Clone, Copy)]
-enum Waiting {
-    Write { flight: FlightKey, to: Address },
-    Read { address: Address },
+pub(crate) enum Waiting {
+    Write {
+        flight: FlightKey,
+        to: Address,
+    },
+    Read {
+        address: Address,
+    },
+    /// A hand-off run's read (handoff.rs).
+    Handoff {
+        address: Address,
+    },
 }
 
 /// Removes and returns the earliest timer of `timers` that is due by
@@ -271,7 +291,7 @@ pub struct RelayCore {
     /// the id only).
     pub(crate) local_ids: HashMap<MsgId, FlightKey>,
     /// Deadlines of messages in flight, in time order.
-    deadlines: BTreeMap<(Instant, u64), FlightKey>,
+    pub(crate) deadlines: BTreeMap<(Instant, u64), FlightKey>,
     /// When messages one session of an address acknowledged stop waiting
     /// for its other sessions (`Config::session_grace`).
     graces: BTreeMap<(Instant, u64), FlightKey>,
@@ -281,7 +301,7 @@ pub struct RelayCore {
     /// its address has none.
     writes: HashMap<Address, u32>,
     tokens: HashMap<Token, Waiting>,
-    next: u64,
+    pub(crate) next: u64,
     /// Store ops polled so far (numbers them).
     op_seq: u64,
     // Federation (federation.rs).
@@ -300,6 +320,8 @@ pub struct RelayCore {
     pub(crate) directory: HashMap<Address, Vec<Presence>>,
     /// Leases, lookups, the lookup cache and the placement (directory.rs).
     pub(crate) dir: crate::directory::Dir,
+    /// Custody and roaming (handoff.rs).
+    pub(crate) handoff: crate::handoff::Handoffs,
     pub(crate) seen: SeenCache,
     pub(crate) stats: Stats,
     pub(crate) transmits: VecDeque<Transmit>,
@@ -321,6 +343,8 @@ impl RelayCore {
     ) -> Self {
         let me = identity.address();
         let seen = SeenCache::new(config.federation.seen_cache, config.federation.seen_ttl);
+        let handoff =
+            crate::handoff::Handoffs::new(config.federation.seen_cache, config.federation.seen_ttl);
         let [k0, k1, k2, k3] = config.hash_seed;
         let hasher = ahash::RandomState::with_seeds(k0, k1, k2, k3);
         let mut known_set = HashSet::with_hasher(hasher.clone());
@@ -349,6 +373,7 @@ impl RelayCore {
             link_seq,
             directory: HashMap::with_hasher(hasher),
             dir: crate::directory::Dir::default(),
+            handoff,
             seen,
             stats: Stats::default(),
             transmits: VecDeque::new(),
@@ -434,7 +459,11 @@ impl RelayCore {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let d = self.deadlines.keys().next().map(|(t, _)| *t);
         let g = self.graces.keys().next().map(|(t, _)| *t);
-        d.into_iter().chain(g).chain(self.dir_timeout()).min()
+        d.into_iter()
+            .chain(g)
+            .chain(self.dir_timeout())
+            .chain(self.handoff_timeout())
+            .min()
     }
 
     /// Messages in flight (for tests and metrics).
@@ -452,6 +481,8 @@ impl RelayCore {
             && self.writes.is_empty()
             && self.transmits.is_empty()
             && self.store_ops.is_empty()
+            && self.handoff.runs.is_empty()
+            && self.handoff.pending.is_empty()
     }
 
     // ------------------------------------------------------------- inputs
@@ -497,6 +528,11 @@ impl RelayCore {
             return Ok(());
         }
         inbox.receivers.push(conn);
+        // Its backlog here is its sessions' to take, not to move.
+        self.handoff.pending.remove(&address);
+        let Some(inbox) = self.by_address.get_mut(&address) else {
+            return Ok(());
+        };
         if inbox.receivers.len() > 1 {
             // It takes what is still stored, like the first one did.
             self.redrain(address);
@@ -555,6 +591,7 @@ impl RelayCore {
             }
             if session.receive && !others {
                 self.local_leave(&address);
+                self.may_move(address);
             }
         }
         // Something it held goes back to the inbox for the others.
@@ -749,6 +786,12 @@ impl RelayCore {
                 recipients.push((to, Recipient::Resolving { moved_from: None }));
                 continue;
             }
+            if from_peer && self.took(key.0, &to, &key.1) {
+                // It reached `to` here already (a hand-off overtook a
+                // FORWARD that was held up on the way): not handed twice.
+                recipients.push((to, Recipient::Settled(entry(to, Status::Queued, None))));
+                continue;
+            }
             if from_peer && self.moved(&to) {
                 // It registered at another relay since the origin looked
                 // it up: the origin looks again.
@@ -761,7 +804,9 @@ impl RelayCore {
             } else {
                 Vec::new()
             };
-            let how = (true, Some(ErrorCode::NoRoute));
+            // A client's message whose recipient's relay cannot be reached
+            // may be kept here for it (custody).
+            let how = (true, wide, Some(ErrorCode::NoRoute));
             copies += self.place(
                 (key, to),
                 &frame,
@@ -810,15 +855,17 @@ impl RelayCore {
 
     /// The legs of `to` given the other relays it is at (`elsewhere`): a
     /// local one if it is a client here (or stored for here) and `local`
-    /// asks for it, one `Forwarded` per relay (added to `remote`), or, if
-    /// that makes none, one settled `no_route` with reason `none` (if
-    /// any). Returns the copies already delivered.
+    /// asks for it, one `Forwarded` per reachable relay (added to
+    /// `remote`); if its relays cannot be reached, a copy kept here when
+    /// `keep` allows (custody, handoff.rs), else `no_route` `unreachable`
+    /// for each; if that makes none, one settled `no_route` with reason
+    /// `none` (if any). Returns the copies already delivered.
     pub(crate) fn place(
         &mut self,
         (key, to): (FlightKey, Address),
         frame: &Bytes,
         elsewhere: &[Address],
-        (local, none): (bool, Option<ErrorCode>),
+        (local, keep, none): (bool, bool, Option<ErrorCode>),
         legs: &mut Vec<(Address, Recipient)>,
         remote: &mut BTreeMap<Address, Vec<Address>>,
     ) -> u32 {
@@ -830,15 +877,23 @@ impl RelayCore {
                 legs.push((to, state));
             }
         }
+        let mut gone = 0;
         for relay in elsewhere {
-            let state = match self.hop(relay) {
-                Some(_) => {
-                    remote.entry(*relay).or_default().push(to);
-                    Recipient::Forwarded { relay: *relay }
-                }
-                None => self.settle_now(to, ErrorCode::Unreachable),
-            };
+            if self.hop(relay).is_some() {
+                remote.entry(*relay).or_default().push(to);
+                legs.push((to, Recipient::Forwarded { relay: *relay }));
+            } else {
+                gone += 1;
+            }
+        }
+        if gone > 0 && keep && legs.len() == before && self.may_keep(&to) {
+            let state = self.keep(key, to, frame);
             legs.push((to, state));
+        } else {
+            for _ in 0..gone {
+                let state = self.settle_now(to, ErrorCode::Unreachable);
+                legs.push((to, state));
+            }
         }
         if let (true, Some(code)) = (legs.len() == before, none) {
             let state = self.settle_now(to, code);
@@ -915,6 +970,12 @@ impl RelayCore {
                 });
                 self.note_gone(address, *id, op);
             }
+            if self.handoff.federated {
+                // A copy of it another relay stored (another leg, or one
+                // kept in custody) and hands over later is not handed
+                // twice.
+                self.note_took(*id, address, h.sender);
+            }
             let Some(key) = h.flight.filter(|k| self.flights.contains_key(k)) else {
                 // Its receipt has gone out (`queued`): tell the sender it
                 // has arrived, if it is connected here.
@@ -986,7 +1047,13 @@ impl RelayCore {
     pub fn store_done(&mut self, now: Instant, done: StoreDone) {
         match done {
             StoreDone::Enqueued { token, result } => self.on_enqueued(now, token, result),
-            StoreDone::Read { token, result } => self.on_read(token, result),
+            StoreDone::Read { token, result } => match self.tokens.get(&token) {
+                Some(&Waiting::Handoff { address }) => {
+                    self.tokens.remove(&token);
+                    self.on_handoff_read(now, token, address, result)
+                }
+                _ => self.on_read(token, result),
+            },
         }
     }
 
@@ -1057,11 +1124,12 @@ impl RelayCore {
             self.finish_if_settled(key);
         }
         self.dir_tick(now);
+        self.handoff_tick(now);
     }
 
     // ------------------------------------------------------------ helpers
 
-    fn token(&mut self, w: Waiting) -> Token {
+    pub(crate) fn token(&mut self, w: Waiting) -> Token {
         self.next += 1;
         let t = Token(self.next);
         self.tokens.insert(t, w);
@@ -1090,7 +1158,7 @@ impl RelayCore {
         true
     }
 
-    fn enqueue(
+    pub(crate) fn enqueue(
         &mut self,
         key: FlightKey,
         to: Address,
@@ -1127,6 +1195,11 @@ impl RelayCore {
         }
     }
 
+    /// Whether a write for `address` is on its way.
+    pub(crate) fn writes_for(&self, address: &Address) -> bool {
+        self.writes.contains_key(address)
+    }
+
     /// Starts the next read of `address`'s backlog, if its sessions are
     /// draining and no read is on its way.
     fn read_next(&mut self, address: Address) {
@@ -1159,7 +1232,7 @@ impl RelayCore {
     }
 
     /// Queues a store op; returns its number (ops run in this order).
-    fn push_op(&mut self, op: StoreOp) -> u64 {
+    pub(crate) fn push_op(&mut self, op: StoreOp) -> u64 {
         self.op_seq += 1;
         self.store_ops.push_back(op);
         self.op_seq
@@ -1168,7 +1241,7 @@ impl RelayCore {
     /// Session ACKed `id` of `address`, whose copy op number `del`
     /// deletes: remembered while a read that may still return it is on
     /// its way (or will be polled before `del`).
-    fn note_gone(&mut self, address: Address, id: MsgId, del: u64) {
+    pub(crate) fn note_gone(&mut self, address: Address, id: MsgId, del: u64) {
         let Some(i) = self.by_address.get_mut(&address) else {
             return;
         };
@@ -1197,6 +1270,9 @@ impl RelayCore {
             }
         }
         let expired = self.flights.get(&key).is_some_and(|f| f.expired);
+        // A session here acknowledged this message meanwhile (another copy
+        // of it, e.g. the one on disk before a hand-off of it landed).
+        let had = self.took(key.0, &to, &key.1);
         let current = self.flights.get(&key).and_then(|f| f.local(&to)).cloned();
         let mut back = false;
         if let Some(Recipient::Storing {
@@ -1209,7 +1285,7 @@ impl RelayCore {
                 let next = match result {
                     // A session had it meanwhile (unstored, or from the
                     // backlog reader): delivered; the copy is not needed.
-                    Ok(()) if acked => {
+                    Ok(()) if acked || had => {
                         let op = self.push_op(StoreOp::Dequeue {
                             recipient: to,
                             id: key.0,
@@ -1232,7 +1308,12 @@ impl RelayCore {
                         }
                         Recipient::Settled(entry(to, Status::Queued, None))
                     }
-                    Ok(()) if expired => Recipient::Settled(entry(to, Status::Queued, None)),
+                    Ok(()) if expired => {
+                        // Too late for the receipt, not for its live
+                        // sessions (the reader of draining ones finds it).
+                        self.hand_live_stored(key, to);
+                        Recipient::Settled(entry(to, Status::Queued, None))
+                    }
                     Ok(()) => self.after_commit(key, to),
                     Err(_) if acked => {
                         if let Some(i) = self.by_address.get_mut(&to) {
@@ -1251,6 +1332,9 @@ impl RelayCore {
         if back {
             self.redrain(to);
         }
+        if result.is_ok() {
+            self.may_move(to);
+        }
         // Draining sessions read again: now if no read is on its way, after
         // the current one otherwise (which may have run before this write).
         if let Some(i) = self.by_address.get_mut(&to) {
@@ -1262,6 +1346,31 @@ impl RelayCore {
                 } => *dirty = true,
                 Phase::Draining { reading: None, .. } => self.read_next(to),
                 Phase::Live => {}
+            }
+        }
+    }
+
+    /// A committed copy whose flight is settled without it: handed to
+    /// the address's live sessions that do not hold it (its ACK deletes
+    /// it).
+    fn hand_live_stored(&mut self, key: FlightKey, to: Address) {
+        let Some(i) = self.by_address.get(&to).filter(|i| i.phase == Phase::Live) else {
+            return;
+        };
+        let Some(frame) = self.flights.get(&key).map(|f| f.frame.clone()) else {
+            return;
+        };
+        for c in i.receivers.clone() {
+            let Some(s) = self.sessions.get_mut(&c) else {
+                continue;
+            };
+            if let std::collections::btree_map::Entry::Vacant(v) = s.handed.entry(key.0) {
+                v.insert(Handed {
+                    flight: None,
+                    stored: true,
+                    sender: key.1,
+                });
+                self.send_conn(c, frame.clone(), false);
             }
         }
     }
@@ -1451,8 +1560,10 @@ impl RelayCore {
             Reply::Relay(origin) => {
                 let delivered = f.delivered();
                 let entries = f.entries().unwrap_or_default();
+                self.note_taken(key, &entries);
                 self.reply_to_origin(origin, key.0, entries, delivered);
             }
+            Reply::Handoff { to } => self.handoff_settled(key, to, &f),
         }
     }
 

@@ -74,6 +74,12 @@ impl SeenCache {
         true
     }
 
+    /// Whether the key is remembered (it may have expired but not yet be
+    /// forgotten: an entry counts until an insert drops it).
+    pub fn contains(&self, key: &SeenKey) -> bool {
+        self.set.contains(key)
+    }
+
     pub fn len(&self) -> usize {
         self.set.len()
     }

@@ -99,6 +99,10 @@ pub struct SimConfig {
     /// 0: none): messages for it go to both, its application takes each
     /// once.
     pub multi_home_one_in: u64,
+    /// Chance that a client with no receiving session moves one of its
+    /// relays to another before it connects again (1 in N; 0: never): what
+    /// was stored for it at the old one must reach it at the new one.
+    pub roam_one_in: u64,
     pub core: Config,
 }
 
@@ -128,6 +132,7 @@ impl Default for SimConfig {
             warmup_us: 3_000,
             clock_skew_ms: 60_000,
             multi_home_one_in: 4,
+            roam_one_in: 6,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 session_grace: Duration::from_millis(2),
@@ -140,6 +145,7 @@ impl Default for SimConfig {
                     cache_ttl: Duration::from_millis(50),
                     lookup_timeout: Duration::from_millis(15),
                     ring_settle: Duration::from_millis(1),
+                    handoff_retry: Duration::from_millis(10),
                     replicas: 3,
                     ..FedConfig::default()
                 },
@@ -190,6 +196,7 @@ impl SimConfig {
         c.core.federation.cache_ttl = Duration::from_millis(500);
         c.core.federation.lookup_timeout = Duration::from_millis(200);
         c.core.federation.ring_settle = Duration::from_millis(20);
+        c.core.federation.handoff_retry = Duration::from_millis(200);
         c
     }
 }
@@ -220,6 +227,13 @@ pub struct Report {
     pub zombies: u64,
     /// Clients with sessions at two relays at once.
     pub multi_homed: u64,
+    /// Times a client moved to another relay.
+    pub roams: u64,
+    /// Messages kept by a sender's relay because the recipient's relay
+    /// could not be reached (custody), and stored messages handed over to
+    /// another relay (summed over the relays' last runs).
+    pub custody: u64,
+    pub handed_off: u64,
     /// Copies the application dropped as repeats (it had the message from
     /// another session or relay).
     pub app_repeats: u64,
@@ -262,6 +276,9 @@ impl Report {
         self.extra_sessions += r.extra_sessions;
         self.zombies += r.zombies;
         self.multi_homed += r.multi_homed;
+        self.roams += r.roams;
+        self.custody += r.custody;
+        self.handed_off += r.handed_off;
         self.app_repeats += r.app_repeats;
         self.slow += r.slow;
         self.cuts += r.cuts;
@@ -554,7 +571,28 @@ fn describe(ev: &Ev) -> String {
             link, to_b, frame, ..
         } => {
             let what = match RelayToRelay::decode(frame) {
-                Ok(RelayToRelay::Forward(f)) => format!("FORWARD hops {}", f.hops),
+                Ok(RelayToRelay::Forward(f)) => {
+                    let id = match ClientToRelay::decode(&f.msg) {
+                        Ok(ClientToRelay::Msg(m)) => hex(&m.id.0[..3]),
+                        _ => "?".into(),
+                    };
+                    let target = match &f.target {
+                        ForwardTarget::Relay { relay, to } => format!(
+                            "to relay {} for {:?}",
+                            short(relay),
+                            to.iter().map(short).collect::<Vec<_>>()
+                        ),
+                        ForwardTarget::Broadcast => "broadcast".into(),
+                        ForwardTarget::Handoff { relay, to } => {
+                            format!("handoff to relay {} for {}", short(relay), short(to))
+                        }
+                    };
+                    format!(
+                        "FORWARD {id} from {} hops {} {target}",
+                        short(&f.origin),
+                        f.hops
+                    )
+                }
                 Ok(RelayToRelay::FwdReceipt(r)) => {
                     format!("FWD_RECEIPT {} {:?}", hex(&r.id.0[..3]), r.entries)
                 }
@@ -671,6 +709,15 @@ impl Sim<'_> {
             relay.disk.known.keys().copied(),
         );
         core.restore_records(relay.disk.known.values().cloned());
+        // Messages it keeps for addresses that never registered here.
+        let custody: BTreeSet<Address> = relay
+            .disk
+            .rows
+            .keys()
+            .map(|(a, _)| *a)
+            .filter(|a| !relay.disk.known.contains_key(a))
+            .collect();
+        core.add_custody(custody);
         if self.cfg.relays > 1 {
             // Its links come back within a few ms: until then it is joining.
             core.expect_peers(self.t0 + Duration::from_micros(self.now_us + 20_000));
@@ -772,6 +819,7 @@ impl Sim<'_> {
         match ev {
             Ev::Send => self.send()?,
             Ev::Connect { client } => {
+                self.maybe_roam(client);
                 // A receiving session at each home that has none.
                 for relay in self.clients[client].homes.clone() {
                     if !self.clients[client].receiving_at(relay) {
@@ -908,6 +956,26 @@ impl Sim<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A client with no receiving session may come back at another relay
+    /// (it moved): one of its relays is replaced.
+    fn maybe_roam(&mut self, client: usize) {
+        let n = self.relays.len();
+        let c = &self.clients[client];
+        if !self.sending || n <= c.homes.len() || c.sessions.iter().any(|s| s.receive) {
+            return;
+        }
+        if !self.rng.one_in(self.cfg.roam_one_in) {
+            return;
+        }
+        let i = self.rng.below(c.homes.len());
+        let mut r = self.rng.below(n);
+        while self.clients[client].homes.contains(&r) {
+            r = (r + 1) % n;
+        }
+        self.clients[client].homes[i] = r;
+        self.report.roams += 1;
     }
 
     fn send(&mut self) -> Result<(), String> {
@@ -1189,7 +1257,10 @@ impl Sim<'_> {
         self.report.crashes += 1;
         let relay = &mut self.relays[r];
         relay.gen += 1;
-        relay.core = None;
+        if let Some(core) = relay.core.take() {
+            self.report.custody += core.stats().custody;
+            self.report.handed_off += core.stats().handed_off;
+        }
         relay.tick_at = None;
         relay.disk.queue.clear();
         relay.disk.busy = false;
@@ -1234,6 +1305,16 @@ impl Sim<'_> {
         for t in transmits {
             match t.to {
                 Target::Conn(conn) => {
+                    if self.trace && !self.by_conn.contains_key(&conn) {
+                        if let Ok(RelayToClient::Msg(m)) = RelayToClient::decode(&t.frame) {
+                            eprintln!(
+                                "{:>9} relay {r} -> c{} (gone) MSG {}",
+                                self.now_us,
+                                conn.0,
+                                hex(&m.id.0[..3])
+                            );
+                        }
+                    }
                     self.check_receipt(&t.frame)?;
                     if self.faults && self.by_conn.contains_key(&conn) {
                         if slow.contains(&conn) {
@@ -1359,6 +1440,14 @@ impl Sim<'_> {
             eprintln!("{:>9}   relay {r} store: {line}", self.now_us);
         }
         let fail = self.rng.one_in(self.cfg.write_error_one_in);
+        // A copy may go once it arrived, or once another relay holds it
+        // (it was handed over).
+        let elsewhere = match &op {
+            StoreOp::Dequeue { recipient, id } => {
+                self.got.contains(&(*recipient, *id)) || self.on_disk(recipient, *id, Some(r))
+            }
+            _ => false,
+        };
         let disk = &mut self.relays[r].disk;
         let answer = match op {
             StoreOp::Enqueue {
@@ -1383,9 +1472,9 @@ impl Sim<'_> {
             }
             StoreOp::Dequeue { recipient, id } => {
                 if let Some(seq) = disk.index.remove(&(recipient, id)) {
-                    if !self.got.contains(&(recipient, id)) {
+                    if !elsewhere {
                         return Err(format!(
-                            "a stored copy for {recipient} was deleted before it arrived"
+                            "a stored copy for {recipient} was deleted before it arrived or another relay had it"
                         ));
                     }
                     disk.rows.remove(&(recipient, seq));
@@ -1435,16 +1524,13 @@ impl Sim<'_> {
         Ok(())
     }
 
-    /// Whether one of `to`'s home relays holds message `id` for it.
-    fn on_home_disk(&self, to: &Address, id: MsgId) -> bool {
-        self.clients
+    /// Whether a relay (other than `except`) holds message `id` for `to`
+    /// on disk: one of its relays, or one that keeps it in custody.
+    fn on_disk(&self, to: &Address, id: MsgId, except: Option<usize>) -> bool {
+        self.relays
             .iter()
-            .find(|c| c.address == *to)
-            .is_some_and(|c| {
-                c.homes
-                    .iter()
-                    .any(|r| self.relays[*r].disk.index.contains_key(&(*to, id)))
-            })
+            .enumerate()
+            .any(|(i, r)| Some(i) != except && r.disk.index.contains_key(&(*to, id)))
     }
 
     /// Checks a RECEIPT as a relay sends it, and records its promises.
@@ -1499,7 +1585,7 @@ impl Sim<'_> {
                 }
                 Status::Queued => {
                     self.report.queued_entries += 1;
-                    let on_disk = self.on_home_disk(&to, r.id);
+                    let on_disk = self.on_disk(&to, r.id, None);
                     if !self.got.contains(&(to, r.id)) && !on_disk {
                         return Err(format!(
                             "receipt says queued for {to}, but it is neither on disk nor arrived"
@@ -1582,7 +1668,21 @@ impl Sim<'_> {
                 continue;
             };
             if !self.clients[c].app.contains(&(*id, *from)) {
-                return Err(format!("message {id} receipted for {to} never arrived"));
+                let held: Vec<String> = self
+                    .relays
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.disk.index.contains_key(&(*to, *id)))
+                    .map(|(i, r)| {
+                        let view = r.core.as_ref().map(|core| core.debug_homes(to));
+                        format!("relay {i} has it (its view {view:?})")
+                    })
+                    .collect();
+                return Err(format!(
+                    "message {id} receipted for {to} never arrived (its relays {:?}; {})",
+                    self.clients[c].homes,
+                    held.join(", ")
+                ));
             }
         }
         // The relays that hold each client's records (the placement, with
@@ -1632,6 +1732,8 @@ impl Sim<'_> {
         }
         for r in &self.relays {
             if let Some(core) = &r.core {
+                self.report.custody += core.stats().custody;
+                self.report.handed_off += core.stats().handed_off;
                 let held = core.directory_records().0 as u64;
                 self.report.held_sum += held;
                 self.report.held_max = self.report.held_max.max(held);
@@ -1654,9 +1756,24 @@ impl Sim<'_> {
                 }
             }
             if !r.disk.rows.is_empty() {
+                let views: Vec<String> = r
+                    .disk
+                    .rows
+                    .keys()
+                    .map(|(a, _)| {
+                        let c = self.clients.iter().find(|c| c.address == *a);
+                        let view = r.core.as_ref().map(|core| core.debug_homes(a));
+                        format!(
+                            "{a}: client homes {:?}, known here {}, relay's view {view:?}",
+                            c.map(|c| c.homes.clone()),
+                            r.disk.known.contains_key(a)
+                        )
+                    })
+                    .collect();
                 return Err(format!(
-                    "{} messages still stored at relay {i} at the end, every recipient connected",
-                    r.disk.rows.len()
+                    "{} messages still stored at relay {i} at the end, every recipient connected ({})",
+                    r.disk.rows.len(),
+                    views.join("; ")
                 ));
             }
         }

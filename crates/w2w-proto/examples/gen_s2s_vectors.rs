@@ -189,6 +189,24 @@ fn main() {
             ],
         ),
         vector(
+            "forward_handoff",
+            "The same MSG, stored at origin 0x01.. for 0x04.. and handed over to relay 0x04.. (PROTOCOL 12.13).",
+            RelayToRelay::Forward(Forward {
+                origin: r,
+                hops: 1,
+                target: ForwardTarget::Handoff { relay: t, to: t },
+                msg: msg.clone(),
+            }),
+            vec![
+                f("origin", h(r.0)),
+                f("hops", h([1])),
+                f("target_kind", h([3])),
+                f("relay", h(t.0)),
+                f("recipient", h(t.0)),
+                f("msg", h(&msg)),
+            ],
+        ),
+        vector(
             "fwd_receipt",
             "Relay 0x04.. reports the recipient delivered (one session) to origin 0x01...",
             RelayToRelay::FwdReceipt(FwdReceipt {
@@ -305,7 +323,7 @@ fn main() {
     let out = serde_json::json!({
         "description": "Relay-to-relay (s2s) frames, PROTOCOL.md 12.2. Each frame is 01 (version), its type byte, then its fields in order. Identities: relay seed 01*32, other relay 03*32, third relay 04*32, client 02*32 (as in vectors.json).",
         "types": {
-            "link_state": "40", "presence": "41", "forward_relay": "42", "forward_broadcast": "42",
+            "link_state": "40", "presence": "41", "forward_relay": "42", "forward_broadcast": "42", "forward_handoff": "42",
             "fwd_receipt": "43", "redirect": "44", "dir_put": "45", "dir_get": "46",
             "dir_answer": "47", "dir_answer_none": "47"
         },

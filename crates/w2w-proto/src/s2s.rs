@@ -221,6 +221,11 @@ pub enum ForwardTarget {
     Relay { relay: Address, to: Vec<Address> },
     /// To every relay, for delivery to all their clients (a2n federation).
     Broadcast,
+    /// To `relay`, for `to`, a client of it: a message the origin stored
+    /// for `to` and now hands over (custody, or `to` moved there;
+    /// PROTOCOL 12.13). Outside the seen cache: a hand-off that failed
+    /// is tried again with the same bytes.
+    Handoff { relay: Address, to: Address },
 }
 
 /// A client MSG travelling between relays.
@@ -398,6 +403,10 @@ impl RelayToRelay {
                         to: r.address_list("recipients")?,
                     },
                     2 => ForwardTarget::Broadcast,
+                    3 => ForwardTarget::Handoff {
+                        relay: r.address("target relay")?,
+                        to: r.address("recipient")?,
+                    },
                     v => {
                         return Err(DecodeError::BadValue {
                             field: "target kind",
@@ -505,6 +514,11 @@ impl RelayToRelay {
                         }
                     }
                     ForwardTarget::Broadcast => b.put_u8(2),
+                    ForwardTarget::Handoff { relay, to } => {
+                        b.put_u8(3);
+                        b.put_slice(&relay.0);
+                        b.put_slice(&to.0);
+                    }
                 }
                 b.put_slice(&f.msg);
             }
@@ -637,6 +651,10 @@ mod tests {
                 to: vec![Address([2; 32])],
             },
             ForwardTarget::Broadcast,
+            ForwardTarget::Handoff {
+                relay: Address([8; 32]),
+                to: Address([2; 32]),
+            },
         ] {
             let f = RelayToRelay::Forward(Forward {
                 origin: Address([7; 32]),

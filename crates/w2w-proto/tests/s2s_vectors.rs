@@ -21,7 +21,7 @@ fn every_s2s_frame_is_its_fields_in_order_and_round_trips() {
     let v = vectors();
     let types = &v["types"];
     let list = v["vectors"].as_array().expect("vectors");
-    assert_eq!(list.len(), 10);
+    assert_eq!(list.len(), 11);
     let mut kinds = std::collections::BTreeSet::new();
     for vec in list {
         let name = vec["name"].as_str().unwrap();

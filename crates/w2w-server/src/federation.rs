@@ -85,6 +85,15 @@ pub struct FederationConfig {
     /// Directory lookups each peer may ask of this relay per second
     /// (default 20,000).
     pub lookups_per_peer: u32,
+    /// Keep a client's message whose recipient's relay cannot be reached
+    /// and hand it over when it can; hand stored messages to the relay an
+    /// address moved to (default true; PROTOCOL 12.13).
+    pub custody: bool,
+    /// Most addresses with messages here waiting to move (default
+    /// 100,000).
+    pub max_custody: usize,
+    /// How often those are looked at again (default 2 s).
+    pub handoff_retry_ms: u64,
     /// Most relay hops a message may take (default 16).
     pub hop_limit: u8,
     /// How long the origin waits for remote receipts (default 5 s).
@@ -132,6 +141,9 @@ impl Default for FederationConfig {
             lease_ms: 120_000,
             lookup_cache_ms: 10_000,
             lookups_per_peer: 20_000,
+            custody: true,
+            max_custody: 100_000,
+            handoff_retry_ms: 2_000,
             hop_limit: 16,
             receipt_timeout_ms: 5000,
             seen_cache: 100_000,
@@ -232,6 +244,9 @@ impl Federation {
                 lease: Duration::from_millis(config.lease_ms.max(1_000)),
                 cache_ttl: Duration::from_millis(config.lookup_cache_ms),
                 lookups_per_peer: config.lookups_per_peer,
+                custody: config.custody,
+                max_custody: config.max_custody,
+                handoff_retry: Duration::from_millis(config.handoff_retry_ms.max(10)),
                 ..FedConfig::default()
             },
         };
@@ -445,6 +460,17 @@ impl Federation {
     /// restart (their latest registrations, from the store).
     pub fn restore_records(&self, proofs: Vec<RegistrationProof>) {
         self.with(|core| core.restore_records(proofs));
+    }
+
+    /// Addresses with messages here that never registered here (from the
+    /// store at start): handed over once their relays can be reached.
+    pub fn add_custody(&self, addrs: Vec<Address>) {
+        self.with(|core| core.add_custody(addrs));
+    }
+
+    /// The custody bound (`max_custody`).
+    pub fn max_custody(&self) -> usize {
+        self.with(|core| core.max_custody())
     }
 
     /// Forgets addresses whose registrations the store dropped (gone

@@ -155,6 +155,13 @@ impl Relay {
         shared
             .fed
             .restore_records(shared.store.registration_proofs().await?);
+        // Messages kept for addresses of other relays (custody): handed
+        // over once those relays can be reached (PROTOCOL 12.13).
+        let custody = shared
+            .store
+            .custody_addresses(shared.fed.max_custody())
+            .await?;
+        shared.fed.add_custody(custody);
         shared.fed.attach_store(
             shared.store.clone(),
             shared.limits.queue_ttl_ms,

@@ -77,6 +77,9 @@ pub trait Backend: Send + 'static {
     ) -> Result<Vec<QueuedMsg>, StoreError>;
     /// Every address that registered here and is not forgotten.
     fn known_addresses(&mut self) -> Result<Vec<Address>, StoreError>;
+    /// Up to `limit` addresses with messages queued here that never
+    /// registered here (kept in custody, PROTOCOL 12.13).
+    fn custody_addresses(&mut self, limit: usize) -> Result<Vec<Address>, StoreError>;
     /// The latest registration proof of each of them (rows written before
     /// v6 have none).
     fn registration_proofs(&mut self) -> Result<Vec<RegistrationProof>, StoreError>;
@@ -164,6 +167,7 @@ enum Cmd {
     Get(Address, Reply<Option<RegistrationRow>>),
     Queued(Address, i64, usize, Reply<Vec<QueuedMsg>>),
     Known(Reply<Vec<Address>>),
+    Custody(usize, Reply<Vec<Address>>),
     Proofs(Reply<Vec<RegistrationProof>>),
     Forgettable(u64, usize, Reply<Vec<Address>>),
     Groups(Reply<Vec<GroupRow>>),
@@ -336,6 +340,11 @@ impl Store {
         self.ask(Cmd::Known).await
     }
 
+    /// See [`Backend::custody_addresses`].
+    pub async fn custody_addresses(&self, limit: usize) -> Result<Vec<Address>, StoreError> {
+        self.ask(|tx| Cmd::Custody(limit, tx)).await
+    }
+
     /// The latest registration proof of each address that registered here.
     pub async fn registration_proofs(&self) -> Result<Vec<RegistrationProof>, StoreError> {
         self.ask(Cmd::Proofs).await
@@ -391,6 +400,9 @@ impl Batch {
             }
             Cmd::Known(reply) => {
                 let _ = reply.send(backend.known_addresses().map_err(|e| e.to_string()));
+            }
+            Cmd::Custody(limit, reply) => {
+                let _ = reply.send(backend.custody_addresses(limit).map_err(|e| e.to_string()));
             }
             Cmd::Proofs(reply) => {
                 let _ = reply.send(backend.registration_proofs().map_err(|e| e.to_string()));
@@ -856,6 +868,22 @@ impl Backend for SqliteBackend {
             .conn
             .prepare_cached("SELECT address FROM registrations")?;
         let rows = q.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(a) = <[u8; 32]>::try_from(row?) {
+                out.push(Address(a));
+            }
+        }
+        Ok(out)
+    }
+
+    fn custody_addresses(&mut self, limit: usize) -> Result<Vec<Address>, StoreError> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT DISTINCT recipient FROM queue q
+             WHERE NOT EXISTS (SELECT 1 FROM registrations r WHERE r.address = q.recipient)
+             LIMIT ?1",
+        )?;
+        let rows = q.query_map(params![limit as i64], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for row in rows {
             if let Ok(a) = <[u8; 32]>::try_from(row?) {
