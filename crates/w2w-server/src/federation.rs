@@ -86,11 +86,12 @@ pub struct FederationConfig {
     /// (default 20,000).
     pub lookups_per_peer: u32,
     /// Keep a client's message whose recipient's relay cannot be reached
-    /// and hand it over when it can; hand stored messages to the relay an
-    /// address moved to (default true; PROTOCOL 12.13).
+    /// and hand it over when it can (default true; PROTOCOL 12.13).
+    /// Messages stored for an address that moved to another relay follow
+    /// it whatever this says.
     pub custody: bool,
-    /// Most addresses with messages here waiting to move (default
-    /// 100,000).
+    /// Most addresses with messages here waiting to move to another relay
+    /// (custody and roaming; default 100,000).
     pub max_custody: usize,
     /// How often those are looked at again (default 2 s).
     pub handoff_retry_ms: u64,

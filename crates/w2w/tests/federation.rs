@@ -42,7 +42,11 @@ fn spawn(data: &std::path::Path, port: u16, args: &[String]) -> common::ServePro
         &config,
         // Directory leases of 3 s: renewed every second, so a record not
         // renewed lapses within a test.
-        "[limits]\nping_interval_ms = 500\nping_timeout_ms = 2000\n\n[federation]\nreceipt_timeout_ms = 3000\nlease_ms = 3000\n",
+        // (Lines a test wrote to `extra.toml` go on in [federation].)
+        format!(
+            "[limits]\nping_interval_ms = 500\nping_timeout_ms = 2000\n\n[federation]\nreceipt_timeout_ms = 3000\nlease_ms = 3000\n{}",
+            std::fs::read_to_string(data.join("extra.toml")).unwrap_or_default()
+        ),
     )
     .unwrap();
     let mut all = vec!["--config".to_string(), config.display().to_string()];
@@ -236,34 +240,32 @@ async fn line_3_then_the_middle_dies_and_returns() {
     let mut cs = clients(&relays).await;
     all_to_all(&mut cs).await;
 
-    // Kill B: A's client can no longer reach C's.
+    // Kill B: A's client can no longer reach C's. A keeps what its client
+    // sends C's meanwhile (custody, PROTOCOL 12.13): `queued`, not lost.
     relays[1].kill();
     let c_addr = cs[2].address();
     let deadline = Instant::now() + WAIT;
-    loop {
-        let r = cs[0]
-            .send(Dest::A2b(c_addr), "across a dead relay")
-            .await
-            .unwrap();
-        // A message already in flight to B when it died is answered
-        // `timeout`; once A has noticed, the answer is `unreachable`.
-        if r.status == Status::NoRoute && r.reason == ErrorCode::Unreachable.as_u16() {
-            assert_eq!(r.entries[0].reason, ErrorCode::Unreachable.as_u16());
-            break;
+    let mut kept = Vec::new();
+    while kept.len() < 5 {
+        let body = format!("across a dead relay {}", kept.len());
+        let r = cs[0].send(Dest::A2b(c_addr), &body).await.unwrap();
+        match r.status {
+            Status::Queued => kept.push(body),
+            // In flight to B when it died: the outcome is unknown.
+            Status::NoRoute => assert_eq!(r.reason, ErrorCode::Timeout.as_u16(), "{r:?}"),
+            // Before A noticed, it may still have gone.
+            _ => {}
         }
-        if r.status == Status::NoRoute {
-            assert_eq!(r.reason, ErrorCode::Timeout.as_u16(), "{r:?}");
-        }
-        assert!(Instant::now() < deadline, "never noticed B died: {r:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(Instant::now() < deadline, "never kept: {r:?}");
     }
-    // A still knows where C's client is: lookup answers, delivery cannot.
+    // A still knows where C's client is: lookup answers.
     assert!(matches!(
         cs[0].request(RequestOp::Lookup(c_addr)).await.unwrap(),
         ResponseBody::Lookup(Some(_))
     ));
 
-    // B returns (same key, same port): routes return.
+    // B returns (same key, same port): routes return, and what A kept
+    // goes to C's client, each message once, in the order it was sent.
     relays[1].restart();
     converge(&relays).await;
     let deadline = Instant::now() + WAIT;
@@ -275,11 +277,116 @@ async fn line_3_then_the_middle_dies_and_returns() {
         assert!(Instant::now() < deadline, "route never returned: {r:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let got = drain(&mut cs[2], 1, Duration::from_millis(300)).await;
+    let got = drain(&mut cs[2], kept.len() + 1, Duration::from_millis(500)).await;
     assert_eq!(got.iter().filter(|m| m.1 == "B is back").count(), 1);
-    // Nothing sent while B was down is delivered later (no store-and-forward
-    // across relays yet); the sender was told no_route for each.
-    assert!(!got.iter().any(|m| m.1 == "across a dead relay"));
+    let across: Vec<&String> = got
+        .iter()
+        .map(|m| &m.1)
+        .filter(|b| b.starts_with("across"))
+        .collect();
+    let want: Vec<&String> = kept.iter().collect();
+    assert_eq!(across, want, "each kept message once, in order");
+}
+
+/// Custody is bounded (`max_custody` addresses): past it a message whose
+/// recipient's relay cannot be reached is refused `unreachable` as
+/// without custody, and the relay goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custody_stops_at_its_bound() {
+    let mut relays = topology(2, &[(0, 1)]);
+    std::fs::write(
+        relays[0].data.path().join("extra.toml"),
+        "max_custody = 2\n",
+    )
+    .unwrap();
+    relays[0].kill();
+    relays[0].restart();
+    converge(&relays).await;
+    let far: Vec<Client> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let id = Identity::from_seed(rand::random());
+            v.push(
+                Client::connect(id, ConnectOptions::new(&relays[1].url))
+                    .await
+                    .unwrap(),
+            );
+        }
+        v
+    };
+    let near = Client::connect(
+        Identity::from_seed(rand::random()),
+        ConnectOptions::new(&relays[0].url),
+    )
+    .await
+    .unwrap();
+    for c in &far {
+        let r = near.send(Dest::A2b(c.address()), "hello").await.unwrap();
+        assert_eq!(r.status, Status::Delivered, "{r:?}");
+    }
+    relays[1].kill();
+    eventually("relay 0 notices relay 1 died", || {
+        relays[0].metric("w2w_peer_links ") == Some(0.0)
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for c in &far {
+        let r = near.send(Dest::A2b(c.address()), "kept?").await.unwrap();
+        statuses.push((r.status, r.reason));
+    }
+    let unreachable = (Status::NoRoute, ErrorCode::Unreachable.as_u16());
+    assert_eq!(
+        statuses,
+        vec![(Status::Queued, 0), (Status::Queued, 0), unreachable],
+        "two kept, the third refused"
+    );
+    // The relay still serves: a message for a client of its own.
+    let r = near.send(Dest::A2a, "me").await.unwrap();
+    assert_eq!(r.status, Status::Delivered, "{r:?}");
+}
+
+/// Roaming (PROTOCOL 12.13): messages stored for an address at the relay
+/// it registered with move to the relay it registers with next, and
+/// reach it there once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_stored_at_the_old_relay_follow_a_client_that_moved() {
+    let relays = topology(2, &[(0, 1)]);
+    converge(&relays).await;
+    let cs = clients(&relays).await;
+    let mover = Identity::from_seed(rand::random());
+    let x = Client::connect(mover.clone(), ConnectOptions::new(&relays[0].url))
+        .await
+        .unwrap();
+    let x_addr = x.address();
+    x.close().await;
+    // Stored at relay 0, where it was.
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let body = format!("while away {i}");
+        let r = cs[1].send(Dest::A2b(x_addr), &body).await.unwrap();
+        assert_eq!(r.status, Status::Queued, "{r:?}");
+        sent.push(body);
+    }
+    assert!(
+        relays[0]
+            .metric("w2w_store_queued_messages ")
+            .unwrap_or(0.0)
+            >= 20.0
+    );
+    // It comes back at relay 1 only.
+    let mut x = Client::connect(mover, ConnectOptions::new(&relays[1].url))
+        .await
+        .unwrap();
+    let got = drain(&mut x, sent.len(), Duration::from_millis(500)).await;
+    let bodies: Vec<&String> = got.iter().map(|m| &m.1).collect();
+    let want: Vec<&String> = sent.iter().collect();
+    assert_eq!(bodies, want, "every message once, in order");
+    // Nothing is left at relay 0.
+    eventually("relay 0's queue is empty", || {
+        relays[0].metric("w2w_store_queued_messages ") == Some(0.0)
+    })
+    .await;
+    drop(cs);
 }
 
 /// The directory is leases (PROTOCOL 12.12): a record its relay does not
