@@ -146,6 +146,8 @@ pub(crate) struct Dir {
     pub gets: HashMap<PeerId, (Instant, u32)>,
     /// The latest `now` any input brought.
     pub now: Option<Instant>,
+    /// The wall clock: (an instant, ms since the Unix epoch then).
+    pub clock: Option<(Instant, u64)>,
     /// Until then, a relay that knows no other relay yet is joining (it
     /// has peers to dial): lookups wait for the first link instead of
     /// finding nothing.
@@ -384,10 +386,27 @@ impl RelayCore {
 
     // ------------------------------------------------------- own records
 
-    pub(crate) fn local_join(&mut self, proof: RegistrationProof) {
+    pub(crate) fn local_join(&mut self, now: Instant, proof: RegistrationProof) {
         let seq = self.next_record_seq();
-        let p = Presence::sign(&self.identity, proof, true, seq);
+        let since = self.wall_ms(now);
+        let p = Presence::sign(&self.identity, proof, true, seq, since);
         self.publish_own(p);
+    }
+
+    /// Sets the wall clock: `unix_ms` is the time at `now` (ms since the
+    /// Unix epoch). A registration's record carries the time it was
+    /// accepted by this clock, which orders it against other relays'
+    /// records of the address (not the client's clock; PROTOCOL 12.5).
+    pub fn set_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.dir.clock = Some((now, unix_ms));
+    }
+
+    /// This relay's wall clock at `now` (0 if it was never set).
+    fn wall_ms(&self, now: Instant) -> u64 {
+        self.dir.clock.map_or(0, |(at, ms)| {
+            let d = now.saturating_duration_since(at).as_millis() as u64;
+            ms.saturating_add(d)
+        })
     }
 
     /// Records for addresses that registered here before a restart (their
@@ -401,7 +420,9 @@ impl RelayCore {
             }
             self.known.insert(addr);
             let seq = self.next_record_seq();
-            let p = Presence::sign(&self.identity, proof, false, seq);
+            // When it registered is not kept: older than any registration
+            // since (its messages follow it if it is online elsewhere).
+            let p = Presence::sign(&self.identity, proof, false, seq, 0);
             self.set_home(p);
         }
         // Put at the next renewal (the ring is not known yet).
@@ -426,9 +447,9 @@ impl RelayCore {
         else {
             return;
         };
-        let proof = cur.proof.clone();
+        let (proof, since) = (cur.proof.clone(), cur.since_ms);
         let seq = self.next_record_seq();
-        let p = Presence::sign(&self.identity, proof, false, seq);
+        let p = Presence::sign(&self.identity, proof, false, seq, since);
         self.publish_own(p);
     }
 
@@ -462,9 +483,8 @@ impl RelayCore {
     }
 
     /// Puts `p` in its address's records, in place of the same relay's
-    /// (newest registration first by the client's timestamp, the only
-    /// order there is between relays; at most [`MAX_HOMES`]: the oldest
-    /// goes).
+    /// (newest registration first by the hosting relays' clocks,
+    /// `Presence::newness`; at most [`MAX_HOMES`]: the oldest goes).
     pub(crate) fn set_home(&mut self, p: Presence) {
         let relay = p.proof.relay_key;
         // Most addresses have one record: room for one (a Vec grows to
@@ -475,7 +495,7 @@ impl RelayCore {
             .or_insert_with(|| Vec::with_capacity(1));
         homes.retain(|h| h.proof.relay_key != relay);
         homes.push(p);
-        homes.sort_by_key(|h| std::cmp::Reverse(h.proof.timestamp_ms));
+        homes.sort_by_key(|h| std::cmp::Reverse(h.newness()));
         for gone in homes.drain(MAX_HOMES.min(homes.len())..) {
             self.dir
                 .leases
@@ -700,8 +720,7 @@ impl RelayCore {
                 None => l.found.push(p),
             }
         }
-        l.found
-            .sort_by_key(|h| std::cmp::Reverse(h.proof.timestamp_ms));
+        l.found.sort_by_key(|h| std::cmp::Reverse(h.newness()));
         l.found.truncate(MAX_HOMES);
         // Done when every relay answered, or one named an online home.
         if l.asked.is_empty() || l.found.iter().any(|p| p.online) {
@@ -1113,6 +1132,21 @@ impl RelayCore {
         self.homes(address)
             .iter()
             .any(|p| p.online && p.proof.relay_key == *relay)
+    }
+
+    /// The newest registration of `address` this relay holds a record of
+    /// (its relay and `Presence::newness`), and this relay's own record's.
+    pub fn newest_record(&self, address: &Address) -> Option<(Address, (u64, u64, Address))> {
+        self.homes_held(address)
+            .first()
+            .map(|p| (p.proof.relay_key, p.newness()))
+    }
+
+    pub fn own_record(&self, address: &Address) -> Option<(u64, u64, Address)> {
+        self.homes_held(address)
+            .iter()
+            .find(|p| p.proof.relay_key == self.me)
+            .map(|p| p.newness())
     }
 
     /// (relay, online, held) of each record of `address` known here, and

@@ -497,7 +497,7 @@ impl RelayCore {
     /// address's presence to the federation.
     pub fn connect(
         &mut self,
-        _now: Instant,
+        now: Instant,
         conn: ConnId,
         address: Address,
         proof: Option<RegistrationProof>,
@@ -540,7 +540,7 @@ impl RelayCore {
         }
         inbox.phase = DRAIN;
         if let Some(proof) = proof {
-            self.local_join(proof);
+            self.local_join(now, proof);
         }
         self.read_next(address);
         Ok(())

@@ -23,14 +23,20 @@
 //!   recipient's application exactly once, across crashes, reconnections
 //!   and partitions;
 //! * no connection is handed the same message twice;
-//! * a stored copy is deleted only after its recipient had it;
+//! * a stored copy is deleted only after its recipient had it, or once
+//!   another relay holds it (handed over);
 //! * a NOTICE DELIVERED is sent only after the recipient had the message;
 //! * a FORWARD that comes round a cycle (relays' link-state views differ
 //!   while a change spreads) is dropped where the cycle closes; with no
 //!   faults, none does;
 //! * once quiet (every relay up, every link restored, every client
 //!   connected, nothing sent) every core holds nothing in flight, every
-//!   store holds no message, and no table is past its configured bound;
+//!   store holds no message (what was kept in custody, or stored at a
+//!   relay a client moved away from, has reached it), and no table is past
+//!   its configured bound;
+//! * once quiet, the relays that hold a client's records rank first its
+//!   newest registration by the relays' clocks, whatever its own clock
+//!   said (it is skewed ±60 s at each registration);
 //! * a send-only session is never handed a message, and a receipt's
 //!   `delivered` count never exceeds the sessions that had the message.
 //!
@@ -708,6 +714,8 @@ impl Sim<'_> {
             link_seq,
             relay.disk.known.keys().copied(),
         );
+        // Every relay's wall clock reads the simulated time (ms).
+        core.set_clock(self.t0, 0);
         core.restore_records(relay.disk.known.values().cloned());
         // Messages it keeps for addresses that never registered here.
         let custody: BTreeSet<Address> = relay
@@ -1711,6 +1719,26 @@ impl Sim<'_> {
                     .filter(|s| s.receive)
                     .map(|s| s.relay)
                     .collect();
+                // The newest registration, by the relays' clocks (which
+                // agree here), is first at every holder: not the one whose
+                // client clock said latest (PROTOCOL 12.5).
+                let newest = self
+                    .relays
+                    .iter()
+                    .filter_map(|r| r.core.as_ref()?.own_record(&c.address))
+                    .max();
+                for &i in &holders {
+                    let Some(core) = &self.relays[i].core else {
+                        continue;
+                    };
+                    let first = core.newest_record(&c.address).map(|(_, n)| n);
+                    if newest.is_some() && first != newest {
+                        return Err(format!(
+                            "relay {i} (holds {}'s records) ranks a registration ({first:?}) first where the newest is {newest:?}",
+                            c.address
+                        ));
+                    }
+                }
                 for &h in &homes {
                     let home = self.relays[h].identity.address();
                     let askers = holders.iter().chain(homes.iter());

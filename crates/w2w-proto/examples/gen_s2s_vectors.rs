@@ -66,6 +66,7 @@ fn presence_fields(prefix: &str, p: &Presence) -> Vec<(String, String)> {
         f(&format!("{prefix}sig_a"), h(q.sig_a)),
         f(&format!("{prefix}online"), h([p.online as u8])),
         f(&format!("{prefix}seq"), h(p.seq.to_be_bytes())),
+        f(&format!("{prefix}since_ms"), h(p.since_ms.to_be_bytes())),
         f(&format!("{prefix}relay_sig"), h(p.relay_sig)),
     ]
 }
@@ -126,7 +127,7 @@ fn main() {
         url: url.to_string(),
         sig_a,
     };
-    let p = Presence::sign(&relay, proof, true, 7);
+    let p = Presence::sign(&relay, proof, true, 7, 1_764_000_000_000);
 
     let msg = ClientToRelay::Msg(Msg {
         flags: 0,
@@ -147,7 +148,7 @@ fn main() {
         ),
         vector(
             "presence",
-            "Client 0x02.. registered at relay 0x01.., online, the relay's record number 7.",
+            "Client 0x02.. registered at relay 0x01.., online, the relay's record number 7, registered at 1764000000000 ms by the relay's clock.",
             RelayToRelay::Presence(p.clone()),
             presence_fields("", &p),
         ),

@@ -158,8 +158,14 @@ pub struct Presence {
     /// record it publishes, across restarts (PROTOCOL 12.5). It orders one
     /// relay's records for an address, so a client's clock does not.
     pub seq: u64,
+    /// The hosting relay's clock (ms since the Unix epoch) when the
+    /// registration was accepted (0: not known, a record restored after a
+    /// restart). It orders the address's records of different relays: the
+    /// client's `timestamp_ms` is the client's clock and may be off by a
+    /// minute either way (PROTOCOL 12.5).
+    pub since_ms: u64,
     /// By `proof.relay_key` over PRESENCE_DOMAIN || address || timestamp ||
-    /// online || seq.
+    /// online || seq || since_ms.
     pub relay_sig: [u8; 64],
 }
 
@@ -173,25 +179,41 @@ pub enum PresenceError {
 }
 
 impl Presence {
-    fn relay_signed_bytes(p: &RegistrationProof, online: bool, seq: u64) -> Vec<u8> {
-        let mut m = Vec::with_capacity(PRESENCE_DOMAIN.len() + 32 + 8 + 1 + 8);
+    fn relay_signed_bytes(p: &RegistrationProof, online: bool, seq: u64, since_ms: u64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(PRESENCE_DOMAIN.len() + 32 + 8 + 1 + 8 + 8);
         m.extend_from_slice(PRESENCE_DOMAIN);
         m.extend_from_slice(&p.address.0);
         m.extend_from_slice(&p.timestamp_ms.to_be_bytes());
         m.push(online as u8);
         m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&since_ms.to_be_bytes());
         m
     }
 
-    /// The hosting relay's record number `seq` for one of its clients.
-    pub fn sign(relay: &Identity, proof: RegistrationProof, online: bool, seq: u64) -> Self {
-        let relay_sig = relay.sign(&Self::relay_signed_bytes(&proof, online, seq));
+    /// The hosting relay's record number `seq` for one of its clients,
+    /// registered at `since_ms` by the relay's clock.
+    pub fn sign(
+        relay: &Identity,
+        proof: RegistrationProof,
+        online: bool,
+        seq: u64,
+        since_ms: u64,
+    ) -> Self {
+        let relay_sig = relay.sign(&Self::relay_signed_bytes(&proof, online, seq, since_ms));
         Presence {
             proof,
             online,
             seq,
+            since_ms,
             relay_sig,
         }
+    }
+
+    /// Orders an address's records of different relays, newest
+    /// registration greatest: by the hosting relays' clocks, then the
+    /// client's, then the relay key (a total order every relay agrees on).
+    pub fn newness(&self) -> (u64, u64, Address) {
+        (self.since_ms, self.proof.timestamp_ms, self.proof.relay_key)
     }
 
     pub fn verify(&self) -> Result<(), PresenceError> {
@@ -201,7 +223,7 @@ impl Presence {
         self.proof
             .relay_key
             .verify(
-                &Self::relay_signed_bytes(&self.proof, self.online, self.seq),
+                &Self::relay_signed_bytes(&self.proof, self.online, self.seq, self.since_ms),
                 &self.relay_sig,
             )
             .map_err(|_| PresenceError::BadRelaySignature)
@@ -308,6 +330,7 @@ fn read_presence(r: &mut crate::frame::Reader<'_>) -> Result<Presence, DecodeErr
         },
         online: flag(r, "online")?,
         seq: r.u64("seq")?,
+        since_ms: r.u64("since_ms")?,
         relay_sig: r.array("relay_sig")?,
     })
 }
@@ -323,6 +346,7 @@ fn put_presence(b: &mut BytesMut, p: &Presence) {
     b.put_slice(&q.sig_a);
     b.put_u8(p.online as u8);
     b.put_u64(p.seq);
+    b.put_u64(p.since_ms);
     b.put_slice(&p.relay_sig);
 }
 
@@ -595,14 +619,14 @@ mod tests {
         let client = Identity::from_seed([1; 32]);
         let relay = Identity::from_seed([2; 32]);
         let evil = Identity::from_seed([3; 32]);
-        let p = Presence::sign(&relay, proof(&client, &relay), true, 7);
+        let p = Presence::sign(&relay, proof(&client, &relay), true, 7, 1_000);
         assert_eq!(p.verify(), Ok(()));
         let rt = RelayToRelay::decode(&RelayToRelay::Presence(p.clone()).encode()).unwrap();
         assert_eq!(rt, RelayToRelay::Presence(p.clone()));
         // A relay claiming a client that registered elsewhere.
         let mut stolen = p.clone();
         stolen.proof.relay_key = evil.address();
-        let stolen = Presence::sign(&evil, stolen.proof, true, 8);
+        let stolen = Presence::sign(&evil, stolen.proof, true, 8, 1_000);
         assert_eq!(stolen.verify(), Err(PresenceError::BadClientSignature));
         // Flipping online without the hosting relay's key.
         let mut flipped = p.clone();
@@ -610,11 +634,17 @@ mod tests {
         assert_eq!(flipped.verify(), Err(PresenceError::BadRelaySignature));
         // A later record of the relay beats an earlier one, and its number
         // cannot be changed without the relay's key.
-        let left = Presence::sign(&relay, p.proof.clone(), false, 9);
+        let left = Presence::sign(&relay, p.proof.clone(), false, 9, 1_000);
         assert!(left.rank() > p.rank());
         let mut renumbered = p.clone();
         renumbered.seq = 10;
         assert_eq!(renumbered.verify(), Err(PresenceError::BadRelaySignature));
+        // Nor can its registration time (which orders it against other
+        // relays' records of the address).
+        let mut redated = p.clone();
+        redated.since_ms += 1;
+        assert_eq!(redated.verify(), Err(PresenceError::BadRelaySignature));
+        assert!(redated.newness() > p.newness());
     }
 
     #[test]
@@ -685,7 +715,7 @@ mod tests {
     fn directory_frames_round_trip() {
         let client = Identity::from_seed([1; 32]);
         let relay = Identity::from_seed([2; 32]);
-        let p = Presence::sign(&relay, proof(&client, &relay), true, 7);
+        let p = Presence::sign(&relay, proof(&client, &relay), true, 7, 1_000);
         let frames = [
             RelayToRelay::DirPut(DirPut {
                 target: Address([8; 32]),

@@ -254,6 +254,8 @@ impl Federation {
         // Link-state records are numbered from the wall clock, so a
         // restarted relay's records supersede the ones it sent before.
         let mut core = RelayCore::new(core_config, identity, crate::unix_ms(), []);
+        // Registrations are ordered between relays by relay clocks.
+        core.set_clock(Instant::now(), crate::unix_ms());
         if !config.peers.is_empty() {
             // Until a first link brings another relay, lookups wait (and
             // end `joining`, not `no_route`): PROTOCOL 12.12.

@@ -892,7 +892,7 @@ fn invented_presence(relay: &Identity) -> w2w_proto::s2s::Presence {
         url: reg.url,
         sig_a: reg.sig_a,
     };
-    w2w_proto::s2s::Presence::sign(relay, proof, true, 1)
+    w2w_proto::s2s::Presence::sign(relay, proof, true, 1, 1)
 }
 
 /// A relay link made by the attacker: its writer, and the addresses of

@@ -566,7 +566,7 @@ async fn forged_presence_is_rejected_and_counted() {
         url: "ws://rogue/".into(),
         sig_a: [3; 64],
     };
-    let forged = RelayToRelay::Presence(Presence::sign(&rogue, proof, true, 1)).encode();
+    let forged = RelayToRelay::Presence(Presence::sign(&rogue, proof, true, 1, 1)).encode();
     ws.send(tokio_websockets::Message::binary(forged))
         .await
         .unwrap();
