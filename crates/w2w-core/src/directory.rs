@@ -144,6 +144,8 @@ pub(crate) struct Dir {
     pub parked: usize,
     /// DIR_GETs per peer in the current second: (second start, count).
     pub gets: HashMap<PeerId, (Instant, u32)>,
+    /// Lookups each client here caused in the current second.
+    pub client_lookups: HashMap<Address, (Instant, u32)>,
     /// The latest `now` any input brought.
     pub now: Option<Instant>,
     /// The wall clock: (an instant, ms since the Unix epoch then).
@@ -162,6 +164,9 @@ const PUT_PACE: std::time::Duration = std::time::Duration::from_millis(50);
 const MAX_PARKED: usize = 256;
 /// Most waiters on one lookup.
 const MAX_WAITERS: usize = 1024;
+/// Most clients whose lookups in the current second are counted at once
+/// (past it, counts older than a second are dropped).
+const MAX_LOOKUP_SENDERS: usize = 100_000;
 
 impl RelayCore {
     // ------------------------------------------------------------- time
@@ -1045,19 +1050,52 @@ impl RelayCore {
         conn: ConnId,
         req_id: u32,
         addr: Address,
-    ) -> Option<Option<(Address, String)>> {
+    ) -> Result<Option<Option<(Address, String)>>, ErrorCode> {
         self.note_now(now);
         if !self.needs_lookup(&addr) {
-            return Some(self.lookup(&addr));
+            return Ok(Some(self.lookup(&addr)));
+        }
+        if let Some(sender) = self.session_address(conn) {
+            if !self.may_look_up(now, sender) {
+                return Err(ErrorCode::RateLimited);
+            }
         }
         self.look_up(now, addr, Waiter::Client { conn, req_id });
         // It may have finished at once.
-        let pos = self
+        let Some(pos) = self
             .dir
             .answers
             .iter()
-            .position(|(c, r, _)| *c == conn && *r == req_id)?;
-        self.dir.answers.remove(pos).map(|(_, _, a)| a)
+            .position(|(c, r, _)| *c == conn && *r == req_id)
+        else {
+            return Ok(None);
+        };
+        Ok(self.dir.answers.remove(pos).map(|(_, _, a)| a))
+    }
+
+    /// Counts one lookup `sender` (a client here) makes happen, by a
+    /// LOOKUP or a message for an address this relay must look up: false
+    /// past `lookups_per_client` in the current second (each costs
+    /// `replicas` DIR_GETs across the federation).
+    pub(crate) fn may_look_up(&mut self, now: Instant, sender: Address) -> bool {
+        let limit = self.config.federation.lookups_per_client;
+        if self.dir.client_lookups.len() >= MAX_LOOKUP_SENDERS {
+            // A new second for everyone (bounded table).
+            self.dir
+                .client_lookups
+                .retain(|_, (start, _)| now.duration_since(*start).as_secs() < 1);
+        }
+        let (start, n) = self.dir.client_lookups.entry(sender).or_insert((now, 0));
+        if now.duration_since(*start).as_secs() >= 1 {
+            *start = now;
+            *n = 0;
+        }
+        *n += 1;
+        if *n > limit {
+            self.stats.lookups_refused += 1;
+            return false;
+        }
+        true
     }
 
     /// A client's LOOKUP answered after a lookup.

@@ -130,6 +130,10 @@ pub struct FedConfig {
     /// DIR_GETs each peer may send per second (default 20,000), beyond
     /// which they are dropped unanswered (counted).
     pub lookups_per_peer: u32,
+    /// Lookups one client here may cause per second, by LOOKUPs or by
+    /// messages for addresses this relay must look up (default 1,000);
+    /// past it the LOOKUP, or the recipient, is `rate_limited`.
+    pub lookups_per_client: u32,
     /// Keep a client's message whose recipient's relay cannot be reached,
     /// and hand it over when it can (default true; PROTOCOL 12.13).
     pub custody: bool,
@@ -163,6 +167,7 @@ impl Default for FedConfig {
             max_cache: 100_000,
             ring_settle: Duration::from_millis(200),
             lookups_per_peer: 20_000,
+            lookups_per_client: 1_000,
             custody: true,
             max_custody: 100_000,
             handoff_retry: Duration::from_secs(2),
@@ -430,6 +435,11 @@ impl RelayCore {
         self.by_address
             .get(address)
             .map_or(&[], |i| i.receivers.as_slice())
+    }
+
+    /// The address of session `conn`.
+    pub(crate) fn session_address(&self, conn: ConnId) -> Option<Address> {
+        self.sessions.get(&conn).map(|s| s.address)
     }
 
     /// Whether `address` has a session here (receiving or send-only).
@@ -781,6 +791,12 @@ impl RelayCore {
             // again, and an a2a stays with the sender's relay; any other
             // recipient whose relays this one does not know is looked up.
             let wide = !from_peer && route != Route::A2a;
+            if wide && self.needs_lookup(&to) && !self.may_look_up(now, key.1) {
+                self.stats.error(ErrorCode::RateLimited);
+                let e = entry(to, Status::Rejected, Some(ErrorCode::RateLimited));
+                recipients.push((to, Recipient::Settled(e)));
+                continue;
+            }
             if wide && self.needs_lookup(&to) {
                 lookups.push(to);
                 recipients.push((to, Recipient::Resolving { moved_from: None }));

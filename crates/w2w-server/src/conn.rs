@@ -523,9 +523,10 @@ impl Session<'_> {
                 ResponseBody::Online { total, addresses }
             }
             RequestOp::Lookup(addr) => match self.lookup(req.req_id, &addr) {
-                Some(found) => ResponseBody::Lookup(found),
+                Ok(Some(found)) => ResponseBody::Lookup(found),
                 // Answered when the relays holding its records reply.
-                None => return None,
+                Ok(None) => return None,
+                Err(code) => return self.failed(req.req_id, op, code),
             },
             RequestOp::Presence(on) => {
                 self.outbox.presence.store(on, Relaxed);
@@ -576,12 +577,12 @@ impl Session<'_> {
         })
     }
 
-    fn lookup(&self, req_id: u32, addr: &Address) -> Option<Option<Hosted>> {
+    fn lookup(&self, req_id: u32, addr: &Address) -> Result<Option<Option<Hosted>>, ErrorCode> {
         match self.shared.router.receiving(addr) {
-            true => Some(Some(Hosted {
+            true => Ok(Some(Some(Hosted {
                 relay_key: self.shared.relay_key,
                 relay_url: self.shared.advertised_url(None),
-            })),
+            }))),
             false => self.shared.fed.lookup(self.outbox.conn_id, req_id, addr),
         }
     }

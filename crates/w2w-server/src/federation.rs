@@ -85,6 +85,10 @@ pub struct FederationConfig {
     /// Directory lookups each peer may ask of this relay per second
     /// (default 20,000).
     pub lookups_per_peer: u32,
+    /// Directory lookups one client here may cause per second, by LOOKUPs
+    /// or messages for addresses that must be looked up (default 1,000);
+    /// past it: `rate_limited`.
+    pub lookups_per_client: u32,
     /// Keep a client's message whose recipient's relay cannot be reached
     /// and hand it over when it can (default true; PROTOCOL 12.13).
     /// Messages stored for an address that moved to another relay follow
@@ -142,6 +146,7 @@ impl Default for FederationConfig {
             lease_ms: 120_000,
             lookup_cache_ms: 10_000,
             lookups_per_peer: 20_000,
+            lookups_per_client: 1_000,
             custody: true,
             max_custody: 100_000,
             handoff_retry_ms: 2_000,
@@ -245,6 +250,7 @@ impl Federation {
                 lease: Duration::from_millis(config.lease_ms.max(1_000)),
                 cache_ttl: Duration::from_millis(config.lookup_cache_ms),
                 lookups_per_peer: config.lookups_per_peer,
+                lookups_per_client: config.lookups_per_client,
                 custody: config.custody,
                 max_custody: config.max_custody,
                 handoff_retry: Duration::from_millis(config.handoff_retry_ms.max(10)),
@@ -669,13 +675,21 @@ impl Federation {
     /// connection `conn_id`): `Some` if known now; `None` if the relays
     /// that hold its records are asked first (PROTOCOL 12.12), and the
     /// RESPONSE is queued on the connection when they answer.
-    pub fn lookup(&self, conn_id: u64, req_id: u32, address: &Address) -> Option<Option<Hosted>> {
+    /// `Err`: the client is past `lookups_per_client`.
+    pub fn lookup(
+        &self,
+        conn_id: u64,
+        req_id: u32,
+        address: &Address,
+    ) -> Result<Option<Option<Hosted>>, ErrorCode> {
         let now = Instant::now();
         let found =
             self.with(|core| core.lookup_request(now, ConnId(conn_id), req_id, *address))?;
-        Some(found.map(|(relay_key, relay_url)| Hosted {
-            relay_key,
-            relay_url,
+        Ok(found.map(|f| {
+            f.map(|(relay_key, relay_url)| Hosted {
+                relay_key,
+                relay_url,
+            })
         }))
     }
 

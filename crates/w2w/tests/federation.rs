@@ -345,6 +345,85 @@ async fn custody_stops_at_its_bound() {
     assert_eq!(r.status, Status::Delivered, "{r:?}");
 }
 
+/// A client cannot make its relay look up addresses without end
+/// (`lookups_per_client`, PROTOCOL 12.12): past the limit a LOOKUP is
+/// refused `rate_limited` and so is a recipient that would need a lookup,
+/// while other clients are served and answers the relay holds stay free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_per_client_are_limited() {
+    let mut relays = topology(2, &[(0, 1)]);
+    std::fs::write(
+        relays[0].data.path().join("extra.toml"),
+        "lookups_per_client = 5\n",
+    )
+    .unwrap();
+    relays[0].kill();
+    relays[0].restart();
+    converge(&relays).await;
+    let cs = clients(&relays).await;
+    let prober = Client::connect(
+        Identity::from_seed(rand::random()),
+        ConnectOptions::new(&relays[0].url),
+    )
+    .await
+    .unwrap();
+    // An a2g to 20 addresses nobody registered: each must be looked up.
+    let strangers: Vec<Address> = (0..20)
+        .map(|_| Identity::from_seed(rand::random()).address())
+        .collect();
+    let r = prober
+        .send(Dest::A2g(strangers.clone()), "probe")
+        .await
+        .unwrap();
+    let limited = r
+        .entries
+        .iter()
+        .filter(|e| e.reason == ErrorCode::RateLimited.as_u16())
+        .count();
+    let looked_up = r
+        .entries
+        .iter()
+        .filter(|e| e.reason == ErrorCode::NoRoute.as_u16())
+        .count();
+    assert_eq!((looked_up, limited), (5, 15), "{r:?}");
+    // Within the same second, a LOOKUP is refused too...
+    let refused = prober
+        .request(RequestOp::Lookup(strangers[0]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            w2w_client::ClientError::Refused {
+                code: ErrorCode::RateLimited,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    // ...but not a message to an address the relay holds, nor another
+    // client's lookups.
+    let r = prober
+        .send(Dest::A2b(cs[1].address()), "held")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Delivered, "{r:?}");
+    let r = cs[0]
+        .send(Dest::A2b(strangers[1]), "another client")
+        .await
+        .unwrap();
+    assert_eq!(r.reason, ErrorCode::NoRoute.as_u16(), "{r:?}");
+    // A second later the prober may look up again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(matches!(
+        prober
+            .request(RequestOp::Lookup(strangers[0]))
+            .await
+            .unwrap(),
+        ResponseBody::Lookup(None)
+    ));
+}
+
 /// Roaming (PROTOCOL 12.13): messages stored for an address at the relay
 /// it registered with move to the relay it registers with next, and
 /// reach it there once each, in order.
