@@ -2,8 +2,9 @@
 //! `cargo run --release -p w2w-core --example sim -- --seeds 100000`
 //! `cargo run -p w2w-core --example sim -- --seed 1234`
 //! Presets: `--federation` (6 relays, link cuts, partitions), `--scale`
-//! (100 relays, 10,000 clients, 1,000,000 messages); `--messages N`,
-//! `--relays N`, `--clients N` change any preset.
+//! (100 relays, 10,000 clients, 1,000,000 messages), `--bootstrap` (200
+//! relays that each know one seed); `--messages N`, `--relays N`,
+//! `--clients N` change any preset.
 
 use std::time::Instant;
 
@@ -18,7 +19,9 @@ fn main() {
             .map(|v| v.parse::<u64>().expect("a number"))
     };
     let flag = |name: &str| args.iter().any(|a| a == name);
-    let mut cfg = if flag("--scale") {
+    let mut cfg = if flag("--bootstrap") {
+        SimConfig::bootstrap()
+    } else if flag("--scale") {
         SimConfig::scale()
     } else if flag("--federation") {
         SimConfig::federation()
@@ -34,7 +37,9 @@ fn main() {
     if let Some(c) = value("--clients") {
         cfg.clients = c as usize;
     }
-    let preset = if flag("--scale") {
+    let preset = if flag("--bootstrap") {
+        " --bootstrap"
+    } else if flag("--scale") {
         " --scale"
     } else if flag("--federation") {
         " --federation"
@@ -102,6 +107,14 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if cfg.bootstrap {
+        println!(
+            "bootstrap: {} relays, each given relay 0 only: {} dials redirected; the last relay reached every other at {:.1} ms of simulated time",
+            cfg.relays,
+            total.redirects,
+            total.joined_us as f64 / 1000.0
+        );
+    }
     if cfg.relays > 1 && total.relays_counted > 0 {
         let names = [
             (0x40, "LINK_STATE"),

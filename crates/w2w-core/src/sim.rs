@@ -109,6 +109,11 @@ pub struct SimConfig {
     /// relays to another before it connects again (1 in N; 0: never): what
     /// was stored for it at the old one must reach it at the new one.
     pub roam_one_in: u64,
+    /// No topology given: relay 0 starts alone and every other relay,
+    /// started one after another, knows only relay 0 (its seed) and dials
+    /// it; a full relay answers with its peers' URLs (REDIRECT) and the
+    /// dialler tries one of them at random, as `w2w serve --peer` does.
+    pub bootstrap: bool,
     pub core: Config,
 }
 
@@ -139,6 +144,7 @@ impl Default for SimConfig {
             clock_skew_ms: 60_000,
             multi_home_one_in: 4,
             roam_one_in: 6,
+            bootstrap: false,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 session_grace: Duration::from_millis(2),
@@ -177,6 +183,21 @@ impl SimConfig {
         };
         c.core.receipt_timeout = Duration::from_millis(40);
         c.core.session_grace = Duration::from_millis(10);
+        c
+    }
+
+    /// Bootstrap: 200 relays that each know one seed, 2,000 clients,
+    /// 20,000 messages, no faults: every relay must end up linked into
+    /// one federation and every message delivered.
+    pub fn bootstrap() -> Self {
+        let mut c = Self::scale();
+        c.relays = 200;
+        c.clients = 2_000;
+        c.messages = 20_000;
+        c.send_interval_us = 50;
+        c.bootstrap = true;
+        c.roam_one_in = 0;
+        c.warmup_us = 1_500_000;
         c
     }
 
@@ -233,6 +254,11 @@ pub struct Report {
     pub zombies: u64,
     /// Clients with sessions at two relays at once.
     pub multi_homed: u64,
+    /// Bootstrap: dials refused by a full relay and retried at a relay
+    /// its REDIRECT named, and when (µs) the last relay first reached
+    /// every other.
+    pub redirects: u64,
+    pub joined_us: u64,
     /// Times a client moved to another relay.
     pub roams: u64,
     /// Messages kept by a sender's relay because the recipient's relay
@@ -283,6 +309,8 @@ impl Report {
         self.zombies += r.zombies;
         self.multi_homed += r.multi_homed;
         self.roams += r.roams;
+        self.redirects += r.redirects;
+        self.joined_us = self.joined_us.max(r.joined_us);
         self.custody += r.custody;
         self.handed_off += r.handed_off;
         self.app_repeats += r.app_repeats;
@@ -405,6 +433,14 @@ enum Ev {
     Restart {
         relay: usize,
     },
+    /// Bootstrap: `relay` dials `target` (its seed, or a relay a REDIRECT
+    /// named).
+    Dial {
+        relay: usize,
+        target: usize,
+    },
+    /// Bootstrap: has every relay reached every other yet?
+    Joined,
 }
 
 struct Client {
@@ -738,11 +774,25 @@ impl Sim<'_> {
         for r in 0..n {
             self.start_relay(r);
         }
+        if self.cfg.bootstrap {
+            // Relays come up one after another, each given relay 0 only.
+            for r in 1..n {
+                let d = r as u64 * 2_000 + self.rng.range((0, 1_000));
+                self.at(
+                    d,
+                    Ev::Dial {
+                        relay: r,
+                        target: 0,
+                    },
+                );
+            }
+            self.at(10_000, Ev::Joined);
+        }
         // A random topology, every relay with a few links (at most
         // `max_peers`), connected: relay r first links to one before it.
         let mut edges = BTreeSet::new();
         let mut degree = vec![0usize; n];
-        for a in 1..n {
+        for a in (1..n).filter(|_| !self.cfg.bootstrap) {
             for attempt in 0..(1 + self.cfg.initial_links) {
                 let b = if attempt == 0 {
                     // One with a free slot (relay 0..a always has one: a
@@ -949,6 +999,20 @@ impl Sim<'_> {
                     self.pump(relay)?;
                 }
             }
+            Ev::Dial { relay, target } => self.dial(relay, target)?,
+            Ev::Joined => {
+                let n = self.relays.len();
+                let all = self.relays.iter_mut().all(|r| {
+                    r.core
+                        .as_mut()
+                        .is_some_and(|c| c.reachable_count() + 1 == n)
+                });
+                if all {
+                    self.report.joined_us = self.now_us;
+                } else {
+                    self.at(10_000, Ev::Joined);
+                }
+            }
             Ev::Restart { relay } => {
                 self.start_relay(relay);
                 for c in 0..self.clients.len() {
@@ -1122,6 +1186,71 @@ impl Sim<'_> {
         }
         self.pump(a)?;
         self.pump(b)
+    }
+
+    /// Bootstrap: relay `r` dials `t`. A relay with no free slot refuses
+    /// and names its peers (REDIRECT); `r` tries one of them at random a
+    /// moment later.
+    fn dial(&mut self, r: usize, t: usize) -> Result<(), String> {
+        let linked = self.relays[r]
+            .links
+            .iter()
+            .any(|l| self.links[*l].a == t || self.links[*l].b == t);
+        if r == t || linked {
+            return Ok(());
+        }
+        let link = self.links.len();
+        let pid = Self::peer_id(link, 1);
+        let (kr, kt) = (
+            self.relays[r].identity.address(),
+            self.relays[t].identity.address(),
+        );
+        let accepted = match self.relays[t].core.as_mut() {
+            Some(core) => core.peer_up(pid, kr, String::new(), false).is_ok(),
+            None => false,
+        };
+        if !accepted {
+            self.report.redirects += 1;
+            let urls = self.relays[t]
+                .core
+                .as_ref()
+                .map_or(Vec::new(), |c| c.redirect_urls());
+            let named: Vec<usize> = urls
+                .iter()
+                .filter_map(|u| u.strip_prefix("sim://")?.parse().ok())
+                .filter(|x| *x != r)
+                .collect();
+            let next = if named.is_empty() {
+                0
+            } else {
+                named[self.rng.below(named.len())]
+            };
+            let d = self.rng.range((500, 3_000));
+            self.at(
+                d,
+                Ev::Dial {
+                    relay: r,
+                    target: next,
+                },
+            );
+            return Ok(());
+        }
+        if let Some(core) = self.relays[r].core.as_mut() {
+            if let Err(code) = core.peer_up(pid, kt, String::new(), true) {
+                return Err(format!("relay {r} refused the link it dialled: {code:?}"));
+            }
+        }
+        self.links.push(Link {
+            a: t,
+            b: r,
+            cut: false,
+            up: true,
+            lgen: 1,
+        });
+        self.relays[r].links.push(link);
+        self.relays[t].links.push(link);
+        self.pump(t)?;
+        self.pump(r)
     }
 
     fn link_down(&mut self, link: usize) -> Result<(), String> {
@@ -1757,6 +1886,9 @@ impl Sim<'_> {
                     }
                 }
             }
+        }
+        if self.cfg.bootstrap && self.report.joined_us == 0 {
+            return Err("the relays never all reached each other".into());
         }
         for r in &self.relays {
             if let Some(core) = &r.core {

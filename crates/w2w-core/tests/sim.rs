@@ -65,3 +65,17 @@ fn a_quiet_federation_of_forty_relays_delivers_without_loops() {
     assert!(r.rejected_entries * 8 < r.sent, "{r:?}");
     assert!(r.delivered_entries > r.sent, "{r:?}");
 }
+
+#[test]
+fn two_hundred_relays_given_one_seed_all_join() {
+    // Each relay knows relay 0 only; full relays answer with their peers'
+    // URLs and the dialler walks on (issue 12, item 7).
+    let mut cfg = SimConfig::bootstrap();
+    cfg.clients = 400;
+    cfg.messages = 2_000;
+    let r = run(1, &cfg).unwrap_or_else(|e| panic!("{e}"));
+    println!("{r:?}");
+    assert!(r.redirects > 100, "relay 0 filled up and redirected: {r:?}");
+    assert!(r.joined_us > 0, "{r:?}");
+    assert!(r.delivered_entries > r.sent, "{r:?}");
+}
