@@ -77,6 +77,7 @@ pub mod sim;
 pub mod sim_routing;
 pub mod spacerift;
 
+pub use directory::closest;
 pub use relay::{Config, FedConfig, RelayCore};
 
 use bytes::Bytes;
