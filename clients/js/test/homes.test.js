@@ -179,7 +179,9 @@ describe('W2WHomes: one key at two federated relays', { timeout: 10 * 60 * 1000 
       }
       // Twenty at once through D, and D dies before it can answer them.
       for (let i = 10; i < 30; i++) sends.push(homes.send(recipient.address, `s-${i}`));
-      const throughD = sends.filter((p) => homes.sockets[0]._pending.has(p.id)).length;
+      // (The burst's: one of the ten before may still wait for its receipt
+      // on a loaded machine.)
+      const throughD = sends.slice(10).filter((p) => homes.sockets[0]._pending.has(p.id)).length;
       d.proc.kill('SIGKILL');
       for (let i = 30; i < 40; i++) {
         sends.push(homes.send(recipient.address, `s-${i}`));
