@@ -17,6 +17,7 @@
 //!   for CI), `forwarder` (the bare forwarder server itself).
 
 mod fanout;
+mod fedscale;
 mod forwarder;
 mod inproc;
 mod load;
@@ -88,6 +89,10 @@ enum BenchCmd {
     /// a2b through relays in this process, optionally in a line (federation
     /// hops), or through a running relay (--relay).
     A2b(inproc::A2bArgs),
+    /// A federation of real relay processes that each know one seed:
+    /// joining, registrations, directory records per relay, reachability,
+    /// then a relay restarted and a relay killed for good.
+    Federation(fedscale::FedArgs),
     /// Durable queue writes: group commit vs one transaction per message.
     Store {
         /// Messages to write.
@@ -224,6 +229,7 @@ async fn run(cmd: BenchCmd) -> Result<ExitCode> {
         BenchCmd::Fanout(f) => fanout::run(f).await.map(|_| ExitCode::SUCCESS),
         BenchCmd::Soak(s) => soak::run(s).await,
         BenchCmd::A2b(a) => inproc::run(a).await,
+        BenchCmd::Federation(f) => fedscale::run(f).await.map(|_| ExitCode::SUCCESS),
         BenchCmd::Store {
             messages,
             size,
@@ -651,6 +657,23 @@ async fn smoke() -> Result<ExitCode> {
     {
         let relay = ServerProc::w2w(None, true, &idle_limits(200))?;
         inproc::idle_bench(&relay.url, relay.pid(), 200, None).await?;
+    }
+    let fed = fedscale::run(fedscale::FedArgs::smoke()).await?;
+    for phase in [
+        "reach",
+        "restart/down",
+        "restart/after",
+        "kill/others",
+        "kill/its_own",
+    ] {
+        let v = fed
+            .pointer(&format!("/{phase}"))
+            .cloned()
+            .unwrap_or_default();
+        anyhow::ensure!(
+            fedscale::all_taken(&v),
+            "smoke: federation: not every message was taken in {phase}: {v}"
+        );
     }
     let code = soak::run(soak::SoakArgs::smoke(dir.clone())).await?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -196,6 +196,17 @@ impl RelayCore {
         self.links.len()
     }
 
+    /// (key, URL) of relays in the link-state database that advertise a
+    /// URL and are not linked to this one (candidates for more links).
+    pub fn unlinked_relays(&self) -> Vec<(Address, String)> {
+        self.links
+            .records()
+            .filter(|l| l.relay != self.me && !l.url.is_empty())
+            .filter(|l| !self.peer_by_key.contains_key(&l.relay))
+            .map(|l| (l.relay, l.url.clone()))
+            .collect()
+    }
+
     /// URLs of our peers, for a REDIRECT.
     pub fn redirect_urls(&self) -> Vec<String> {
         self.peers

@@ -60,6 +60,11 @@ pub struct FederationConfig {
     /// Most links with trusted relays: dialled by us (`peers`) or on the
     /// allowlist; past it a relay is redirected to our peers (default 5).
     pub max_peers: usize,
+    /// Fewest peer links this relay keeps once it knows other relays
+    /// (default 3): below it, it dials a relay it learned from link state,
+    /// one at a time, so one relay's death does not cut the federation in
+    /// two (0: only the `peers` configured).
+    pub min_peers: usize,
     /// Most links with relays on probation: open admission, inbound, not
     /// on the allowlist and not one we dial (default 3). They do not take
     /// trusted relays' slots.
@@ -137,6 +142,7 @@ impl Default for FederationConfig {
             peers: Vec::new(),
             allow: Vec::new(),
             max_peers: 5,
+            min_peers: 3,
             max_probation_peers: 3,
             probation_relays: 16,
             probation_records: 10_000,
@@ -408,7 +414,10 @@ impl Federation {
             .store(inner.core.reachable_count() as i64, Relaxed);
         m.known_addresses
             .store(inner.core.directory_len() as i64, Relaxed);
+        m.custody_addresses
+            .store(inner.core.custody_len() as i64, Relaxed);
         let s = inner.core.stats();
+        m.handed_off.store(s.handed_off, Relaxed);
         let old = &mut inner.exported;
         m.forwarded.fetch_add(s.forwarded - old.forwarded, Relaxed);
         m.records_refused
@@ -669,6 +678,11 @@ impl Federation {
     /// URLs of our peers, for a REDIRECT.
     pub fn redirect_urls(&self) -> Vec<String> {
         self.lock().core.redirect_urls()
+    }
+
+    /// Relays known from link state, with a URL, not linked to us.
+    pub fn unlinked_relays(&self) -> Vec<(Address, String)> {
+        self.lock().core.unlinked_relays()
     }
 
     /// Which relay hosts `address` (a client's LOOKUP `req_id` on

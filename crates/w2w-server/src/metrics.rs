@@ -41,6 +41,11 @@ pub struct Metrics {
     pub known_relays: AtomicI64,
     /// Federation: addresses in the directory.
     pub known_addresses: AtomicI64,
+    /// Federation: addresses with messages here waiting to move to
+    /// another relay (custody, roaming; PROTOCOL 12.13).
+    pub custody_addresses: AtomicI64,
+    /// Federation: stored messages handed over to another relay.
+    pub handed_off: AtomicU64,
     /// Federation: FORWARD frames sent to peers.
     pub forwarded: AtomicU64,
     /// Broadcast (a2n) and presence-notice copies not queued for a
@@ -80,6 +85,8 @@ impl Default for Metrics {
             peer_links: AtomicI64::new(0),
             known_relays: AtomicI64::new(0),
             known_addresses: AtomicI64::new(0),
+            custody_addresses: AtomicI64::new(0),
+            handed_off: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             broadcast_skipped: AtomicU64::new(0),
             records_refused: AtomicU64::new(0),
@@ -150,6 +157,11 @@ impl Metrics {
             "Addresses in the federation directory.",
             self.known_addresses.load(Relaxed),
         );
+        gauge(
+            "w2w_custody_addresses",
+            "Addresses with messages here waiting to move to another relay (custody, roaming).",
+            self.custody_addresses.load(Relaxed),
+        );
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
@@ -187,6 +199,11 @@ impl Metrics {
             "w2w_forwarded_total",
             "Messages forwarded to peer relays.",
             self.forwarded.load(Relaxed),
+        );
+        counter(
+            "w2w_handed_off_total",
+            "Stored messages handed over to the relay where their recipient is.",
+            self.handed_off.load(Relaxed),
         );
         counter(
             "w2w_broadcast_skipped_total",

@@ -278,3 +278,57 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, url: String) {
         backoff = (backoff * 2).min(max);
     }
 }
+
+/// Keeps at least `min_peers` links: while this relay has fewer, it dials
+/// a relay it knows from link state (one at a time, at random among those
+/// not linked; a refusal or a dropped link is tried again later with
+/// another). A federation grown from one seed is a tree; this makes it a
+/// mesh, so that no single relay's death splits it.
+pub(crate) async fn keep_linked(shared: Arc<Shared>) {
+    let min = shared.fed.config.min_peers;
+    if min == 0 {
+        return;
+    }
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        let pause = Duration::from_millis(2_000 + rand::random::<u64>() % 1_000);
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        if busy.load(Relaxed) || shared.fed.peer_count() >= min {
+            continue;
+        }
+        let candidates: Vec<(Address, String)> = shared
+            .fed
+            .unlinked_relays()
+            .into_iter()
+            .filter(|(k, _)| shared.fed.config.admits(k))
+            .collect();
+        if candidates.is_empty() {
+            continue;
+        }
+        let (key, url) = candidates[rand::random::<u64>() as usize % candidates.len()].clone();
+        busy.store(true, Relaxed);
+        let (s, b) = (shared.clone(), busy.clone());
+        shared.tracker.spawn(async move {
+            tracing::info!(peer = %key.short(), %url, "fewer than min_peers links: dialling a relay known from link state");
+            let opts = ConnectOptions::new(url.clone());
+            let attempt = async {
+                let mut ws = connect_raw(&opts).await?;
+                let reg = register_as(&mut ws, &s.identity, &url, Some(key), Role::Relay).await?;
+                Ok::<_, w2w_client::ClientError>((ws, reg))
+            };
+            let result = tokio::select! {
+                _ = s.shutdown.cancelled() => None,
+                r = attempt => r.ok(),
+            };
+            b.store(false, Relaxed);
+            if let Some((ws, reg)) = result {
+                let mut ws = Ws::Plain(ws);
+                let (end, _) = run_link_inner(&s, &mut ws, reg.relay_key, url).await;
+                finish_link(&mut ws, &s, end, &reg.relay_key).await;
+            }
+        });
+    }
+}

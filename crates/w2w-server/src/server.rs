@@ -207,6 +207,9 @@ impl Relay {
                 .tracker
                 .spawn(crate::peer::dial_loop(shared.clone(), url.clone()));
         }
+        shared
+            .tracker
+            .spawn(crate::peer::keep_linked(shared.clone()));
         let acceptor = tls.map(|(a, _)| a);
         let s = shared.clone();
         shared.tracker.spawn(accept_loop(s, listener, acceptor));

@@ -43,10 +43,15 @@ fn spawn(data: &std::path::Path, port: u16, args: &[String]) -> common::ServePro
         // Directory leases of 3 s: renewed every second, so a record not
         // renewed lapses within a test.
         // (Lines a test wrote to `extra.toml` go on in [federation].)
-        format!(
-            "[limits]\nping_interval_ms = 500\nping_timeout_ms = 2000\n\n[federation]\nreceipt_timeout_ms = 3000\nlease_ms = 3000\n{}",
-            std::fs::read_to_string(data.join("extra.toml")).unwrap_or_default()
-        ),
+        {
+            let extra = std::fs::read_to_string(data.join("extra.toml")).unwrap_or_default();
+            // The topologies are the tests' own: no links beyond them
+            // unless a test turns the mesh keeper on (`min_peers`).
+            let keeper = if extra.contains("min_peers") { "" } else { "min_peers = 0\n" };
+            format!(
+                "[limits]\nping_interval_ms = 500\nping_timeout_ms = 2000\n\n[federation]\nreceipt_timeout_ms = 3000\nlease_ms = 3000\n{keeper}{extra}"
+            )
+        },
     )
     .unwrap();
     let mut all = vec!["--config".to_string(), config.display().to_string()];
@@ -56,7 +61,13 @@ fn spawn(data: &std::path::Path, port: u16, args: &[String]) -> common::ServePro
 
 impl RelayProc {
     fn start(peers: Vec<String>, extra: &[&str]) -> RelayProc {
+        Self::start_with(peers, extra, "")
+    }
+
+    /// With `toml` lines added to its [federation] settings.
+    fn start_with(peers: Vec<String>, extra: &[&str], toml: &str) -> RelayProc {
         let data = tempfile::tempdir().unwrap();
+        std::fs::write(data.path().join("extra.toml"), toml).unwrap();
         let mut args: Vec<String> = peers
             .iter()
             .flat_map(|p| ["--peer".to_string(), p.clone()])
@@ -914,4 +925,41 @@ async fn relays_given_one_seed_all_join() {
         min >= (N / 2) as f64,
         "a relay knows only {min} others: {known:?}"
     );
+}
+
+/// A federation grown from one seed is a tree (each relay dials its seed,
+/// or where a REDIRECT sends it); with `min_peers` every relay dials more
+/// relays it learns from link state, and the death of the best-linked
+/// relay no longer cuts anyone off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_grown_from_one_seed_survives_any_one_relay() {
+    const N: usize = 8;
+    let keep = "min_peers = 3\n";
+    let mut relays = vec![RelayProc::start_with(vec![], &[], keep)];
+    let seed = relays[0].url.clone();
+    for _ in 1..N {
+        relays.push(RelayProc::start_with(vec![seed.clone()], &[], keep));
+    }
+    eventually("every relay has at least 3 links", || {
+        relays
+            .iter()
+            .all(|r| r.metric("w2w_peer_links ").is_some_and(|n| n >= 3.0))
+    })
+    .await;
+    converge(&relays).await;
+    // Kill the relay with the most links (the seed, mostly).
+    let busiest = (0..N)
+        .max_by_key(|&i| relays[i].metric("w2w_peer_links ").unwrap_or(0.0) as u64)
+        .unwrap();
+    relays[busiest].kill();
+    let rest: Vec<&RelayProc> = (0..N)
+        .filter(|&i| i != busiest)
+        .map(|i| &relays[i])
+        .collect();
+    let want = (N - 2) as f64;
+    eventually("the others still reach each other", || {
+        rest.iter()
+            .all(|r| r.metric("w2w_known_relays ") == Some(want))
+    })
+    .await;
 }
