@@ -376,26 +376,10 @@ impl RelayCore {
         msg: &Msg,
         frame: Bytes,
     ) {
-        self.next += 1;
-        let deadline = (now + self.config.receipt_timeout, self.next);
-        self.deadlines.insert(deadline, key);
         self.local_ids.insert(key.0, key);
-        self.flights.insert(
-            key,
-            Flight {
-                reply: Reply::Handoff { to },
-                route: msg.dest.route(),
-                frame: frame.clone(),
-                recipients: vec![(to, Recipient::Forwarded { relay })],
-                deadline,
-                expired: false,
-                broadcast: None,
-                copies: 0,
-                resolving: 0,
-                unsent: BTreeMap::new(),
-                sent: vec![(to, relay)],
-            },
-        );
+        let leg = (to, Recipient::Forwarded { relay });
+        let head = (key, Reply::Handoff { to }, msg.dest.route());
+        self.one_leg_flight(now, head, frame.clone(), leg, vec![(to, relay)]);
         let fwd = RelayToRelay::Forward(Forward {
             origin: self.me,
             hops: 1,
@@ -525,23 +509,36 @@ impl RelayCore {
         // store's write is idempotent, so the copy its session takes and
         // acknowledges is the one deleted, never handed twice.
         let state = self.enqueue(key, to, key.1, key.0, &frame, false);
+        let head = (key, Reply::Relay(origin), msg.dest.route());
+        self.one_leg_flight(now, head, frame, (to, state), Vec::new());
+    }
+
+    /// A flight with one recipient leg, due at `receipt_timeout`.
+    fn one_leg_flight(
+        &mut self,
+        now: Instant,
+        (key, reply, route): (FlightKey, Reply, w2w_proto::frame::Route),
+        frame: Bytes,
+        leg: (Address, Recipient),
+        sent: Vec<(Address, Address)>,
+    ) {
         self.next += 1;
         let deadline = (now + self.config.receipt_timeout, self.next);
         self.deadlines.insert(deadline, key);
         self.flights.insert(
             key,
             Flight {
-                reply: Reply::Relay(origin),
-                route: msg.dest.route(),
+                reply,
+                route,
                 frame,
-                recipients: vec![(to, state)],
+                recipients: vec![leg],
                 deadline,
                 expired: false,
                 broadcast: None,
                 copies: 0,
                 resolving: 0,
                 unsent: BTreeMap::new(),
-                sent: Vec::new(),
+                sent,
             },
         );
     }
