@@ -41,6 +41,18 @@ pub struct FanoutArgs {
 }
 
 impl FanoutArgs {
+    /// `clients` receivers, 3 s of a2n (`w2w-bench curves`).
+    pub fn audience(clients: usize, out: PathBuf) -> FanoutArgs {
+        FanoutArgs {
+            clients,
+            concurrency: 64,
+            seconds: 3.0,
+            window: 4,
+            size: 64,
+            out,
+        }
+    }
+
     pub fn smoke(out: PathBuf) -> FanoutArgs {
         FanoutArgs {
             clients: 50,

@@ -93,6 +93,10 @@ enum BenchCmd {
     /// joining, registrations, directory records per relay, reachability,
     /// then a relay restarted and a relay killed for good.
     Federation(fedscale::FedArgs),
+    /// a2b against payload size (64 B to 1 MiB): msgs/s, MB/s and server
+    /// CPU µs per message for the bare forwarder and w2w (raw load), in
+    /// one run; writes curves.json and SVG curves.
+    Curves(CurvesArgs),
     /// Durable queue writes: group commit vs one transaction per message.
     Store {
         /// Messages to write.
@@ -166,6 +170,131 @@ impl LoadArgs {
 }
 
 #[derive(Args)]
+pub struct CurvesArgs {
+    /// Payload sizes in bytes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "64,1024,16384,131072,1048576"
+    )]
+    sizes: Vec<usize>,
+    /// Systems (bare, w2w-raw, w2w).
+    #[arg(long, value_delimiter = ',', default_value = "bare,w2w-raw")]
+    only: Vec<String>,
+    /// a2n audiences (receiving clients) for the fan-out curve (empty:
+    /// none).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    audiences: Vec<usize>,
+    /// Measured seconds per point.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Directory for curves.json and the SVG curves.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+/// Throughput and the server's CPU per message against payload size.
+async fn curves(a: CurvesArgs) -> Result<serde_json::Value> {
+    std::fs::create_dir_all(&a.out)?;
+    let mut points: Vec<serde_json::Value> = Vec::new();
+    let mut mbs: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut cpu: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    println!(
+        "{:<10} {:>9} {:>10} {:>9} {:>12} {:>10}",
+        "system", "payload", "msgs/s", "MB/s", "srv µs/msg", "srv cores"
+    );
+    for system in &a.only {
+        let (mut m, mut c) = (Vec::new(), Vec::new());
+        for &size in &a.sizes {
+            // About 4 MiB in flight per pair, at most 32 messages.
+            let window = ((4usize << 20) / size.max(1)).clamp(1, 32);
+            let spec = Spec {
+                pairs: 4,
+                window,
+                size: size.max(16),
+                seconds: a.seconds.max(0.1),
+                warmup: Duration::from_millis(300),
+                rate: None,
+            };
+            // Frames over 1 MiB (the default limit) for the largest payloads.
+            let limits = "max_frame_bytes = 4194304\nsend_queue_bytes = 67108864\n";
+            let r = measure_with(system, &spec, true, None, limits).await?;
+            anyhow::ensure!(
+                r.lost == 0 && r.duplicated == 0,
+                "{system} at {size} B lost or duplicated messages"
+            );
+            let us = us_per_msg(&r).unwrap_or(f64::NAN);
+            let cores = r.server.as_ref().map_or(f64::NAN, |u| u.cpu_cores);
+            println!(
+                "{:<10} {:>9} {:>10.0} {:>9.1} {:>12.1} {:>10.2}",
+                system, size, r.msgs_per_sec, r.mbytes_per_sec, us, cores
+            );
+            let x = (size as f64).log2();
+            m.push((x, r.mbytes_per_sec));
+            c.push((x, us));
+            points.push(serde_json::json!({
+                "system": system, "payload_bytes": size, "window": window,
+                "msgs_per_sec": r.msgs_per_sec, "mbytes_per_sec": r.mbytes_per_sec,
+                "server_us_per_msg": us, "server_cores": cores,
+            }));
+        }
+        mbs.push((system.clone(), m));
+        cpu.push((system.clone(), c));
+    }
+    std::fs::write(
+        a.out.join("curves-throughput.svg"),
+        plot::lines(
+            "a2b throughput vs payload size",
+            "payload size, log2 bytes",
+            "MB/s",
+            &mbs,
+        ),
+    )?;
+    std::fs::write(
+        a.out.join("curves-cpu.svg"),
+        plot::lines(
+            "server CPU per message vs payload size",
+            "payload size, log2 bytes",
+            "server µs per message",
+            &cpu,
+        ),
+    )?;
+    // a2n deliveries per second against the audience.
+    let mut fan = Vec::new();
+    let mut fan_points = Vec::new();
+    let tmp = std::env::temp_dir().join(format!("w2w-curves-{}", rand::random::<u32>()));
+    for &n in &a.audiences {
+        let r = fanout::run(fanout::FanoutArgs::audience(n, tmp.clone())).await?;
+        let per_sec = r["a2n_deliveries_per_sec"].as_f64().unwrap_or(0.0);
+        let cores = r["fanout_relay"]["cpu_cores"].as_f64().unwrap_or(f64::NAN);
+        let us = cores * 1e6 / per_sec.max(1.0);
+        println!("a2n to {n:>6} clients: {per_sec:>10.0} deliveries/s, relay {cores:.2} cores, {us:.2} µs per delivery");
+        fan.push(((n as f64).log10(), per_sec / 1000.0));
+        fan_points.push(serde_json::json!({
+            "audience": n, "deliveries_per_sec": per_sec, "relay_cores": cores, "us_per_delivery": us,
+        }));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if !fan.is_empty() {
+        std::fs::write(
+            a.out.join("curves-fanout.svg"),
+            plot::lines(
+                "a2n deliveries per second vs audience",
+                "receiving clients, log10",
+                "thousand deliveries/s",
+                &[("w2w".to_string(), fan)],
+            ),
+        )?;
+    }
+    let out = serde_json::json!({ "machine": machine(), "a2b": points, "a2n": fan_points });
+    std::fs::write(
+        a.out.join("curves.json"),
+        serde_json::to_string_pretty(&out)?,
+    )?;
+    Ok(out)
+}
+
+#[derive(Args)]
 pub struct CompareArgs {
     #[command(flatten)]
     load: LoadArgs,
@@ -230,6 +359,7 @@ async fn run(cmd: BenchCmd) -> Result<ExitCode> {
         BenchCmd::Soak(s) => soak::run(s).await,
         BenchCmd::A2b(a) => inproc::run(a).await,
         BenchCmd::Federation(f) => fedscale::run(f).await.map(|_| ExitCode::SUCCESS),
+        BenchCmd::Curves(c) => curves(c).await.map(|_| ExitCode::SUCCESS),
         BenchCmd::Store {
             messages,
             size,
@@ -292,6 +422,17 @@ fn default_iroh_bin() -> Option<PathBuf> {
 /// One system's measurement: its server started pinned to CPU 0, this
 /// process pinned to CPU 1 (when there are two CPUs and `pin`).
 async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) -> Result<Outcome> {
+    measure_with(system, spec, pin, iroh_bin, "").await
+}
+
+/// [`measure`], with `limits` added to a w2w relay's `[limits]`.
+async fn measure_with(
+    system: &str,
+    spec: &Spec,
+    pin: bool,
+    iroh_bin: Option<&Path>,
+    limits: &str,
+) -> Result<Outcome> {
     let (server_cpu, load_cpu) = if pin && proc::cpu_count() >= 2 {
         (Some(0), Some(1))
     } else {
@@ -299,9 +440,9 @@ async fn measure(system: &str, spec: &Spec, pin: bool, iroh_bin: Option<&Path>) 
     };
     let server = match system {
         "bare" => ServerProc::bare(server_cpu)?,
-        "w2w" => ServerProc::w2w(server_cpu, true, "")?,
-        "w2w-nondurable" => ServerProc::w2w(server_cpu, false, "")?,
-        "w2w-raw" => ServerProc::w2w(server_cpu, true, "")?,
+        "w2w" => ServerProc::w2w(server_cpu, true, limits)?,
+        "w2w-nondurable" => ServerProc::w2w(server_cpu, false, limits)?,
+        "w2w-raw" => ServerProc::w2w(server_cpu, true, limits)?,
         "iroh" => ServerProc::iroh(iroh_bin.context("no iroh-relay bench binary")?, server_cpu)?,
         other => bail!("unknown system {other}"),
     };

@@ -112,8 +112,8 @@ impl ServerProc {
     }
 
     /// `w2w serve` (the binary [`w2w_bin`] finds) on a loopback port with a fresh data
-    /// dir, the per-client rate limit raised so the relay is measured, not
-    /// the limiter. `durable=false` sets `federation.durable_delivery`.
+    /// dir, the per-client rate limits (frames and fan-out bytes) raised so
+    /// the relay is measured, not the limiter. `durable=false` sets `federation.durable_delivery`.
     pub fn w2w(cpu: Option<usize>, durable: bool, extra_limits: &str) -> Result<ServerProc> {
         let bin = w2w_bin()?;
         let dir = std::env::temp_dir().join(format!("w2w-bench-{}", rand::random::<u64>()));
@@ -122,7 +122,7 @@ impl ServerProc {
         std::fs::write(
             &cfg,
             format!(
-                "[limits]\nrate_per_sec = 1000000000\nrate_burst = 1000000000\nmax_connections_per_ip = 1000000000\nhandshake_rate_per_ip = 1000000000\nhandshake_burst_per_ip = 1000000000\n{extra_limits}\n\
+                "[limits]\nrate_per_sec = 1000000000\nrate_burst = 1000000000\nfanout_bytes_per_sec = 1000000000000\nfanout_bytes_burst = 1000000000000\nmax_connections_per_ip = 1000000000\nhandshake_rate_per_ip = 1000000000\nhandshake_burst_per_ip = 1000000000\n{extra_limits}\n\
                  [federation]\ndurable_delivery = {durable}\n"
             ),
         )?;
