@@ -160,18 +160,18 @@ impl RelayCore {
             return;
         }
         self.handoff.next_scan = None;
+        use std::ops::Bound::{Excluded, Unbounded};
         let start = self.handoff.cursor;
         let mut batch: Vec<Address> = match start {
-            Some(c) => self
-                .handoff
-                .pending
-                .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
-                .take(SCAN_BATCH)
-                .copied()
-                .collect(),
-            None => Vec::new(),
-        };
-        if batch.len() < SCAN_BATCH {
+            Some(c) => self.handoff.pending.range((Excluded(c), Unbounded)),
+            None => self.handoff.pending.range(..),
+        }
+        .take(SCAN_BATCH)
+        .copied()
+        .collect();
+        // Past the end: on from the start (the round is complete).
+        let wrapped = start.is_some() && batch.len() < SCAN_BATCH;
+        if wrapped {
             let more: Vec<Address> = self
                 .handoff
                 .pending
@@ -182,12 +182,28 @@ impl RelayCore {
                 .collect();
             batch.extend(more);
         }
+        let goes_on = !wrapped
+            && batch.last().is_some_and(|l| {
+                self.handoff
+                    .pending
+                    .range((Excluded(*l), Unbounded))
+                    .next()
+                    .is_some()
+            });
         self.handoff.cursor = batch.last().copied();
         for addr in batch {
             self.consider_handoff(now, addr, None);
         }
         if !self.handoff.pending.is_empty() {
-            self.handoff.next_scan = Some(now + self.config.federation.handoff_retry);
+            // A round over many addresses goes on soon (runs are bounded);
+            // then the next round after `handoff_retry`.
+            let f = &self.config.federation;
+            let pause = if goes_on {
+                f.ring_settle
+            } else {
+                f.handoff_retry
+            };
+            self.handoff.next_scan = Some(now + pause);
         }
     }
 
