@@ -44,10 +44,6 @@ use crate::metrics::Metrics;
 use crate::router::Outbox;
 use crate::store::{Outcome, Store, Write};
 
-/// How long a relay with peers to dial counts as joining the federation
-/// while it knows no other relay.
-const JOIN_GRACE: Duration = Duration::from_secs(10);
-
 /// Federation settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -60,6 +56,10 @@ pub struct FederationConfig {
     /// Most links with trusted relays: dialled by us (`peers`) or on the
     /// allowlist; past it a relay is redirected to our peers (default 5).
     pub max_peers: usize,
+    /// How long a relay started with `peers` that knows no other relay
+    /// yet is *joining* (default 10 s): lookups wait for its first link and
+    /// a message still waiting then ends `joining` (53), not `no_route`.
+    pub join_grace_ms: u64,
     /// Fewest peer links this relay keeps once it knows other relays
     /// (default 3): below it, it dials a relay it learned from link state,
     /// one at a time, so one relay's death does not cut the federation in
@@ -142,6 +142,7 @@ impl Default for FederationConfig {
             peers: Vec::new(),
             allow: Vec::new(),
             max_peers: 5,
+            join_grace_ms: 10_000,
             min_peers: 3,
             max_probation_peers: 3,
             probation_relays: 16,
@@ -271,7 +272,7 @@ impl Federation {
         if !config.peers.is_empty() {
             // Until a first link brings another relay, lookups wait (and
             // end `joining`, not `no_route`): PROTOCOL 12.12.
-            core.expect_peers(Instant::now() + JOIN_GRACE);
+            core.expect_peers(Instant::now() + Duration::from_millis(config.join_grace_ms));
         }
         let (events, _) = tokio::sync::broadcast::channel(1024);
         Federation {
