@@ -1,8 +1,9 @@
 //! `w2w-bench smoke`: every benchmark, seconds long, as a real process —
 //! compare (bare forwarder and the `w2w` relay as child processes,
-//! half-rate latency, JSON + SVG), fanout, store, idle and soak, each with
-//! its own assertions (messages moved, none lost or duplicated, files
-//! written). It keeps the benchmark commands from rotting; the full runs
+//! half-rate latency, JSON + SVG), fanout, store, idle, federation (3
+//! relays from one seed, a restart and a kill: every sampled message
+//! taken) and soak, each with its own assertions (messages moved, none
+//! lost or duplicated, files written). `curves` runs only by hand. It keeps the benchmark commands from rotting; the full runs
 //! are in docs/PERFORMANCE.md.
 
 use std::path::PathBuf;
