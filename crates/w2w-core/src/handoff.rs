@@ -141,8 +141,13 @@ impl RelayCore {
         if self.handoff.pending.is_empty() {
             return;
         }
+        self.scan_within(self.config.federation.ring_settle);
+    }
+
+    /// Look at pending addresses `after` from now at the latest.
+    fn scan_within(&mut self, after: std::time::Duration) {
         if let Some(now) = self.dir.now {
-            let at = now + self.config.federation.ring_settle;
+            let at = now + after;
             if self.handoff.next_scan.is_none_or(|t| t > at) {
                 self.handoff.next_scan = Some(at);
             }
@@ -460,12 +465,7 @@ impl RelayCore {
 
     /// Look at pending addresses again after `handoff_retry`.
     fn retry_later(&mut self) {
-        if let Some(now) = self.dir.now {
-            let at = now + self.config.federation.handoff_retry;
-            if self.handoff.next_scan.is_none_or(|t| t > at) {
-                self.handoff.next_scan = Some(at);
-            }
-        }
+        self.scan_within(self.config.federation.handoff_retry);
     }
 
     /// A FORWARD handing over a message the origin stored for `to`, a
