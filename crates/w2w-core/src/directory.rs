@@ -210,6 +210,7 @@ impl RelayCore {
             .chain(lookup)
             .chain(self.dir.ring_check)
             .chain(self.dir.put_at)
+            .chain(self.groups_timeout())
             .min()
     }
 
@@ -225,17 +226,21 @@ impl RelayCore {
             self.dir.ring_check = None;
             self.dir.ring_changed = false;
             self.place_own(false);
+            self.place_groups(false);
         }
         if self.dir.next_renew.is_some_and(|t| t <= now) {
             self.dir.next_renew = Some(now + self.renew_every());
             // A renewal replaces what still waits from the last one.
             self.dir.outgoing.clear();
             self.place_own(true);
+            self.renew_groups();
             self.sweep(now);
+            self.sweep_groups(now);
         }
         if self.dir.put_at.is_some_and(|t| t <= now) {
             self.flush_puts(now);
         }
+        self.groups_tick(now);
     }
 
     // -------------------------------------------------------- placement
@@ -319,8 +324,10 @@ impl RelayCore {
     /// comes back for the rest in [`PUT_PACE`]: a relay's records go out
     /// paced, so no link's queue fills with them (however many addresses
     /// it hosts).
-    fn flush_puts(&mut self, now: Instant) {
+    pub(crate) fn flush_puts(&mut self, now: Instant) {
         let n = PUT_BATCH.min(self.dir.outgoing.len());
+        // Group records share the step's allowance.
+        self.flush_group_puts(PUT_BATCH - n);
         let mut by_target: BTreeMap<Address, Vec<Presence>> = BTreeMap::new();
         for (t, p) in self.dir.outgoing.drain(..n) {
             by_target.entry(t).or_default().push(p);
@@ -340,7 +347,8 @@ impl RelayCore {
                 self.unplace(&target, &records);
             }
         }
-        self.dir.put_at = (!self.dir.outgoing.is_empty()).then(|| now + PUT_PACE);
+        let waiting = !self.dir.outgoing.is_empty() || self.group_puts_waiting();
+        self.dir.put_at = waiting.then(|| now + PUT_PACE);
     }
 
     /// `records` did not reach `target`: not placed there.
@@ -378,7 +386,7 @@ impl RelayCore {
     }
 
     /// Sends a directory frame toward relay `target`; false if no path.
-    fn route_to(&mut self, target: &Address, frame: Bytes) -> bool {
+    pub(crate) fn route_to(&mut self, target: &Address, frame: Bytes) -> bool {
         let Some(peer) = self
             .hop(target)
             .and_then(|h| self.peer_by_key.get(&h.next).copied())
@@ -407,7 +415,7 @@ impl RelayCore {
     }
 
     /// This relay's wall clock at `now` (0 if it was never set).
-    fn wall_ms(&self, now: Instant) -> u64 {
+    pub(crate) fn wall_ms(&self, now: Instant) -> u64 {
         self.dir.clock.map_or(0, |(at, ms)| {
             let d = now.saturating_duration_since(at).as_millis() as u64;
             ms.saturating_add(d)
@@ -436,7 +444,7 @@ impl RelayCore {
     /// The number of a record this relay publishes: above every earlier
     /// one, also of an earlier run (it shares the link-state counter,
     /// which starts above any number an earlier run used).
-    fn next_record_seq(&mut self) -> u64 {
+    pub(crate) fn next_record_seq(&mut self) -> u64 {
         self.link_seq += 1;
         self.link_seq
     }
@@ -651,7 +659,7 @@ impl RelayCore {
     /// Passes a directory frame for another relay on toward `target`, as
     /// `make(hops + 1)`: within the hop limit, and never back to where it
     /// came from (else dropped, counted).
-    fn pass_on(
+    pub(crate) fn pass_on(
         &mut self,
         hops: u8,
         target: Address,
@@ -682,16 +690,7 @@ impl RelayCore {
                 RelayToRelay::DirGet(DirGet { hops, ..g })
             });
         }
-        // Lookups are rate-limited per link they arrive on.
-        let limit = self.config.federation.lookups_per_peer;
-        let (start, n) = self.dir.gets.entry(peer).or_insert((now, 0));
-        if now.duration_since(*start).as_secs() >= 1 {
-            *start = now;
-            *n = 0;
-        }
-        *n += 1;
-        if *n > limit {
-            self.stats.lookups_refused += 1;
+        if !self.get_allowed(now, peer) {
             return;
         }
         let records = self.homes_held(&g.address).to_vec();
@@ -706,6 +705,23 @@ impl RelayCore {
         if !self.route_to(&g.origin, answer.encode()) {
             self.stats.error(ErrorCode::NoRoute);
         }
+    }
+
+    /// Lookups (DIR_GET, GROUP_GET) are rate-limited per link they arrive
+    /// on: false past `lookups_per_peer` in the current second.
+    pub(crate) fn get_allowed(&mut self, now: Instant, peer: PeerId) -> bool {
+        let limit = self.config.federation.lookups_per_peer;
+        let (start, n) = self.dir.gets.entry(peer).or_insert((now, 0));
+        if now.duration_since(*start).as_secs() >= 1 {
+            *start = now;
+            *n = 0;
+        }
+        *n += 1;
+        if *n > limit {
+            self.stats.lookups_refused += 1;
+            return false;
+        }
+        true
     }
 
     pub(crate) fn on_dir_answer(&mut self, now: Instant, from: Address, a: DirAnswer) {

@@ -155,6 +155,9 @@ impl RelayCore {
             RelayToRelay::DirPut(d) => self.on_dir_put(now, peer, from, d),
             RelayToRelay::DirGet(g) => self.on_dir_get(now, peer, from, g),
             RelayToRelay::DirAnswer(a) => self.on_dir_answer(now, from, a),
+            RelayToRelay::GroupPut(d) => self.on_group_put(now, from, d),
+            RelayToRelay::GroupGet(g) => self.on_group_get(now, peer, from, g),
+            RelayToRelay::GroupAnswer(a) => self.on_group_answer(now, from, a),
             RelayToRelay::Redirect(_) => {}
         }
     }

@@ -69,6 +69,7 @@
 mod directory;
 mod federation;
 pub mod flight;
+mod groups;
 mod handoff;
 mod relay;
 pub mod routing;
@@ -78,6 +79,7 @@ pub mod sim_routing;
 pub mod spacerift;
 
 pub use directory::closest;
+pub use groups::{GroupAsk, GroupOutcome, GroupQuestion};
 pub use relay::{Config, FedConfig, RelayCore};
 
 use bytes::Bytes;

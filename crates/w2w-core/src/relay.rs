@@ -327,6 +327,8 @@ pub struct RelayCore {
     pub(crate) dir: crate::directory::Dir,
     /// Custody and roaming (handoff.rs).
     pub(crate) handoff: crate::handoff::Handoffs,
+    /// Named groups across relays (groups.rs).
+    pub(crate) groups: crate::groups::GroupDir,
     pub(crate) seen: SeenCache,
     pub(crate) stats: Stats,
     pub(crate) transmits: VecDeque<Transmit>,
@@ -378,6 +380,7 @@ impl RelayCore {
             link_seq,
             directory: HashMap::with_hasher(hasher),
             dir: crate::directory::Dir::default(),
+            groups: crate::groups::GroupDir::default(),
             handoff,
             seen,
             stats: Stats::default(),
@@ -492,6 +495,7 @@ impl RelayCore {
             && self.transmits.is_empty()
             && self.store_ops.is_empty()
             && self.handoff.runs.is_empty()
+            && self.groups_idle()
             && self.handoff.pending.is_empty()
     }
 
@@ -711,7 +715,8 @@ impl RelayCore {
 
     /// A MSG from a registered connection (the frame exactly as received,
     /// and its decoded form). For a named group, `group` holds its members
-    /// as the caller's group store resolved them (`None`: unknown group).
+    /// as the caller's group store resolved them (`None`: not a group of
+    /// this relay: looked for across the federation, groups.rs).
     pub fn handle_msg(
         &mut self,
         now: Instant,
@@ -752,7 +757,7 @@ impl RelayCore {
             Dest::Group(_) => match group {
                 Some(Ok(members)) => members,
                 Some(Err(code)) => return self.send_receipt(conn, reject(code)),
-                None => return self.send_receipt(conn, reject(ErrorCode::UnknownGroup)),
+                None => return self.group_msg(now, conn, frame, msg),
             },
             Dest::A2a => vec![msg.from],
             Dest::A2b(to) => vec![*to],

@@ -1058,9 +1058,9 @@ fn truncate_utf8(s: &mut String, max: usize) {
     }
 }
 
-/// Frame types 0x40–0x44 belong to relay-to-relay links (`crate::s2s::ty`).
+/// Frame types 0x40–0x4a belong to relay-to-relay links (`crate::s2s::ty`).
 pub fn is_s2s_type(t: u8) -> bool {
-    (0x40..=0x47).contains(&t)
+    (0x40..=0x4a).contains(&t)
 }
 
 #[cfg(test)]

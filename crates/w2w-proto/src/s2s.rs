@@ -25,6 +25,12 @@
 //!   closest to it (XOR), not everywhere. A hosting relay puts its records
 //!   there (and renews them: they are leases), a sender's relay asks
 //!   there. Each is routed to one relay along link-state paths.
+//! * GROUP_PUT, GROUP_GET, GROUP_ANSWER — named groups across relays
+//!   (PROTOCOL 12.14): a group's record ("group `name` lives on relay H",
+//!   signed by H) is placed like an address's, at the relays closest to
+//!   the hash of its name; a relay whose client names a group it does not
+//!   host finds H there and asks H for the group's state or hands it a
+//!   signed operation.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -32,6 +38,7 @@ use crate::frame::{
     flag, head, preamble, put_receipt_entries, put_string, receipt_entries, DecodeError, MsgId,
     ReceiptEntry, Register, Role, MAX_URL_LEN,
 };
+use crate::group::{GroupInfo, GroupOp, MAX_NAME};
 use crate::handshake::sig_a_message;
 use crate::identity::{Address, Identity, SignatureError};
 
@@ -45,6 +52,9 @@ pub mod ty {
     pub const DIR_PUT: u8 = 0x45;
     pub const DIR_GET: u8 = 0x46;
     pub const DIR_ANSWER: u8 = 0x47;
+    pub const GROUP_PUT: u8 = 0x48;
+    pub const GROUP_GET: u8 = 0x49;
+    pub const GROUP_ANSWER: u8 = 0x4a;
 }
 
 /// Whether `t` is an s2s frame type (the range is the frame module's, so
@@ -53,6 +63,8 @@ pub use crate::frame::is_s2s_type;
 
 pub const LINK_STATE_DOMAIN: &[u8] = b"w2w/v1 link-state\0";
 pub const PRESENCE_DOMAIN: &[u8] = b"w2w/v1 presence\0";
+pub const GROUP_RECORD_DOMAIN: &[u8] = b"w2w/v1 group-record\0";
+pub const GROUP_KEY_DOMAIN: &[u8] = b"w2w/v1 group-key\0";
 
 /// Most peers one link-state record may list.
 pub const MAX_NEIGHBORS: usize = 256;
@@ -304,6 +316,132 @@ pub struct DirAnswer {
     pub records: Vec<Presence>,
 }
 
+/// Where a named group's records are placed: SHA-256 of
+/// `GROUP_KEY_DOMAIN || name`, read as a key of the address space.
+pub fn group_key(name: &str) -> Address {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(GROUP_KEY_DOMAIN);
+    h.update(name.as_bytes());
+    Address(h.finalize().into())
+}
+
+/// "Group `name` lives on relay `relay`", signed by that relay: a lease
+/// placed like an address's records (PROTOCOL 12.14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub name: String,
+    pub relay: Address,
+    /// The relay's record number: greater for every record it publishes.
+    pub seq: u64,
+    /// The relay's clock (ms since the Unix epoch) when the group was
+    /// created there; 0 for a group older than the record (kept across
+    /// restarts). Of two relays claiming one name, the smaller
+    /// `(since_ms, relay)` holds it.
+    pub since_ms: u64,
+    pub sig: [u8; 64],
+}
+
+impl GroupRecord {
+    fn signed_bytes(name: &str, relay: &Address, seq: u64, since_ms: u64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(GROUP_RECORD_DOMAIN.len() + 1 + name.len() + 48);
+        m.extend_from_slice(GROUP_RECORD_DOMAIN);
+        m.push(name.len() as u8);
+        m.extend_from_slice(name.as_bytes());
+        m.extend_from_slice(&relay.0);
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&since_ms.to_be_bytes());
+        m
+    }
+
+    pub fn sign(relay: &Identity, name: &str, seq: u64, since_ms: u64) -> Self {
+        let me = relay.address();
+        let sig = relay.sign(&Self::signed_bytes(name, &me, seq, since_ms));
+        GroupRecord {
+            name: name.to_owned(),
+            relay: me,
+            seq,
+            since_ms,
+            sig,
+        }
+    }
+
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        self.relay.verify(
+            &Self::signed_bytes(&self.name, &self.relay, self.seq, self.since_ms),
+            &self.sig,
+        )
+    }
+
+    /// Of two relays' records for one name the smaller holds it.
+    pub fn precedence(&self) -> (u64, Address) {
+        (self.since_ms, self.relay)
+    }
+}
+
+/// Group records for relay `target` to keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPut {
+    pub target: Address,
+    pub hops: u8,
+    pub records: Vec<GroupRecord>,
+}
+
+/// What a GROUP_GET asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupQuery {
+    /// Kind 1, to a relay that holds the name's records: which relay hosts
+    /// group `name`?
+    Locate(String),
+    /// Kind 2, to the group's relay: its state, for `asker` (a client of
+    /// the origin; the state is shown to members only).
+    Info { name: String, asker: Address },
+    /// Kind 3, to the group's relay: apply this signed operation (its
+    /// actor is a client of the origin).
+    Op(GroupOp),
+}
+
+impl GroupQuery {
+    pub fn name(&self) -> &str {
+        match self {
+            GroupQuery::Locate(n) | GroupQuery::Info { name: n, .. } => n,
+            GroupQuery::Op(op) => &op.name,
+        }
+    }
+}
+
+/// A question about a named group from relay `origin` to relay `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupGet {
+    pub origin: Address,
+    pub target: Address,
+    pub hops: u8,
+    pub nonce: u64,
+    pub query: GroupQuery,
+}
+
+/// What a GROUP_ANSWER says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupReply {
+    /// Kind 1: the records of the name the reporter holds (none: it holds
+    /// none).
+    Located(Vec<GroupRecord>),
+    /// Kind 2: the group's state after the query (`Ok`), or the error
+    /// code that refused it.
+    State(Result<GroupInfo, u16>),
+}
+
+/// `reporter`'s answer to a GROUP_GET, routed back to its `origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupAnswer {
+    pub origin: Address,
+    pub reporter: Address,
+    pub hops: u8,
+    pub nonce: u64,
+    pub name: String,
+    pub reply: GroupReply,
+}
+
 /// Frames on a peer link (both directions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayToRelay {
@@ -315,6 +453,47 @@ pub enum RelayToRelay {
     DirPut(DirPut),
     DirGet(DirGet),
     DirAnswer(DirAnswer),
+    GroupPut(GroupPut),
+    GroupGet(GroupGet),
+    GroupAnswer(GroupAnswer),
+}
+
+fn read_group_record(r: &mut crate::frame::Reader<'_>) -> Result<GroupRecord, DecodeError> {
+    Ok(GroupRecord {
+        name: r.string("group name", MAX_NAME)?,
+        relay: r.address("relay")?,
+        seq: r.u64("seq")?,
+        since_ms: r.u64("since_ms")?,
+        sig: r.array("sig")?,
+    })
+}
+
+fn put_group_record(b: &mut BytesMut, g: &GroupRecord) {
+    put_string(b, &g.name, MAX_NAME);
+    b.put_slice(&g.relay.0);
+    b.put_u64(g.seq);
+    b.put_u64(g.since_ms);
+    b.put_slice(&g.sig);
+}
+
+fn read_group_records(r: &mut crate::frame::Reader<'_>) -> Result<Vec<GroupRecord>, DecodeError> {
+    let n = r.u8("record count")? as usize;
+    if n > MAX_DIR_RECORDS {
+        return Err(DecodeError::TooLong {
+            field: "records",
+            len: n,
+            max: MAX_DIR_RECORDS,
+        });
+    }
+    (0..n).map(|_| read_group_record(r)).collect()
+}
+
+fn put_group_records(b: &mut BytesMut, records: &[GroupRecord]) {
+    let records = &records[..records.len().min(MAX_DIR_RECORDS)];
+    b.put_u8(records.len() as u8);
+    for g in records {
+        put_group_record(b, g);
+    }
 }
 
 fn read_presence(r: &mut crate::frame::Reader<'_>) -> Result<Presence, DecodeError> {
@@ -418,6 +597,62 @@ impl RelayToRelay {
                 address: r.address("address")?,
                 records: read_records(&mut r)?,
             }),
+            ty::GROUP_PUT => RelayToRelay::GroupPut(GroupPut {
+                target: r.address("target")?,
+                hops: r.u8("hops")?,
+                records: read_group_records(&mut r)?,
+            }),
+            ty::GROUP_GET => {
+                let (origin, target) = (r.address("origin")?, r.address("target")?);
+                let (hops, nonce) = (r.u8("hops")?, r.u64("nonce")?);
+                let query = match r.u8("query kind")? {
+                    1 => GroupQuery::Locate(r.string("group name", MAX_NAME)?),
+                    2 => GroupQuery::Info {
+                        name: r.string("group name", MAX_NAME)?,
+                        asker: r.address("asker")?,
+                    },
+                    3 => GroupQuery::Op(GroupOp::read(&mut r)?),
+                    v => {
+                        return Err(DecodeError::BadValue {
+                            field: "query kind",
+                            value: v as u32,
+                        })
+                    }
+                };
+                RelayToRelay::GroupGet(GroupGet {
+                    origin,
+                    target,
+                    hops,
+                    nonce,
+                    query,
+                })
+            }
+            ty::GROUP_ANSWER => {
+                let (origin, reporter) = (r.address("origin")?, r.address("reporter")?);
+                let (hops, nonce) = (r.u8("hops")?, r.u64("nonce")?);
+                let name = r.string("group name", MAX_NAME)?;
+                let reply = match r.u8("reply kind")? {
+                    1 => GroupReply::Located(read_group_records(&mut r)?),
+                    2 => GroupReply::State(match r.u16("status")? {
+                        0 => Ok(GroupInfo::read(&mut r)?),
+                        code => Err(code),
+                    }),
+                    v => {
+                        return Err(DecodeError::BadValue {
+                            field: "reply kind",
+                            value: v as u32,
+                        })
+                    }
+                };
+                RelayToRelay::GroupAnswer(GroupAnswer {
+                    origin,
+                    reporter,
+                    hops,
+                    nonce,
+                    name,
+                    reply,
+                })
+            }
             ty::FORWARD => {
                 let origin = r.address("origin")?;
                 let hops = r.u8("hops")?;
@@ -523,6 +758,58 @@ impl RelayToRelay {
                 b.put_slice(&a.address.0);
                 put_records(&mut b, &a.records);
             }
+            RelayToRelay::GroupPut(d) => {
+                head(&mut b, ty::GROUP_PUT);
+                b.put_slice(&d.target.0);
+                b.put_u8(d.hops);
+                put_group_records(&mut b, &d.records);
+            }
+            RelayToRelay::GroupGet(g) => {
+                head(&mut b, ty::GROUP_GET);
+                b.put_slice(&g.origin.0);
+                b.put_slice(&g.target.0);
+                b.put_u8(g.hops);
+                b.put_u64(g.nonce);
+                match &g.query {
+                    GroupQuery::Locate(name) => {
+                        b.put_u8(1);
+                        put_string(&mut b, name, MAX_NAME);
+                    }
+                    GroupQuery::Info { name, asker } => {
+                        b.put_u8(2);
+                        put_string(&mut b, name, MAX_NAME);
+                        b.put_slice(&asker.0);
+                    }
+                    GroupQuery::Op(op) => {
+                        b.put_u8(3);
+                        op.write(&mut b);
+                    }
+                }
+            }
+            RelayToRelay::GroupAnswer(a) => {
+                head(&mut b, ty::GROUP_ANSWER);
+                b.put_slice(&a.origin.0);
+                b.put_slice(&a.reporter.0);
+                b.put_u8(a.hops);
+                b.put_u64(a.nonce);
+                put_string(&mut b, &a.name, MAX_NAME);
+                match &a.reply {
+                    GroupReply::Located(records) => {
+                        b.put_u8(1);
+                        put_group_records(&mut b, records);
+                    }
+                    GroupReply::State(Ok(info)) => {
+                        b.put_u8(2);
+                        b.put_u16(0);
+                        info.write(&mut b);
+                    }
+                    GroupReply::State(Err(code)) => {
+                        b.put_u8(2);
+                        // 0 means success on the wire: an error is never 0.
+                        b.put_u16((*code).max(1));
+                    }
+                }
+            }
             RelayToRelay::Forward(f) => {
                 b.reserve(f.msg.len());
                 head(&mut b, ty::FORWARD);
@@ -583,10 +870,13 @@ mod tests {
             ty::DIR_PUT,
             ty::DIR_GET,
             ty::DIR_ANSWER,
+            ty::GROUP_PUT,
+            ty::GROUP_GET,
+            ty::GROUP_ANSWER,
         ] {
             assert!(is_s2s_type(t), "{t:#x}");
         }
-        assert!(!is_s2s_type(ty::LINK_STATE - 1) && !is_s2s_type(ty::DIR_ANSWER + 1));
+        assert!(!is_s2s_type(ty::LINK_STATE - 1) && !is_s2s_type(ty::GROUP_ANSWER + 1));
     }
     use crate::frame::{Dest, Msg, Status};
     use crate::handshake::ClientHandshake;
@@ -712,6 +1002,97 @@ mod tests {
     }
 
     #[test]
+    fn group_frames_round_trip_and_records_verify() {
+        use crate::group::GroupAction;
+        let relay = Identity::from_seed([2; 32]);
+        let alice = Identity::from_seed([1; 32]);
+        let rec = GroupRecord::sign(&relay, "team", 9, 1_000);
+        assert!(rec.verify().is_ok());
+        let mut forged = rec.clone();
+        forged.relay = alice.address();
+        assert!(forged.verify().is_err(), "another relay cannot claim it");
+        let mut renamed = rec.clone();
+        renamed.name = "teams".into();
+        assert!(renamed.verify().is_err());
+        assert_ne!(group_key("team"), group_key("teams"));
+        let info = GroupInfo {
+            name: "team".into(),
+            owner: alice.address(),
+            members: vec![(alice.address(), true), (Address([3; 32]), false)],
+            seq: 2,
+        };
+        let (o, t) = (Address([7; 32]), Address([8; 32]));
+        let frames = [
+            RelayToRelay::GroupPut(GroupPut {
+                target: t,
+                hops: 1,
+                records: vec![rec.clone(), rec.clone()],
+            }),
+            RelayToRelay::GroupGet(GroupGet {
+                origin: o,
+                target: t,
+                hops: 2,
+                nonce: 5,
+                query: GroupQuery::Locate("team".into()),
+            }),
+            RelayToRelay::GroupGet(GroupGet {
+                origin: o,
+                target: t,
+                hops: 2,
+                nonce: 6,
+                query: GroupQuery::Info {
+                    name: "team".into(),
+                    asker: alice.address(),
+                },
+            }),
+            RelayToRelay::GroupGet(GroupGet {
+                origin: o,
+                target: t,
+                hops: 2,
+                nonce: 7,
+                query: GroupQuery::Op(GroupOp::sign(
+                    &alice,
+                    "team",
+                    GroupAction::Admin(Address([3; 32]), true),
+                    3,
+                )),
+            }),
+            RelayToRelay::GroupAnswer(GroupAnswer {
+                origin: o,
+                reporter: t,
+                hops: 0,
+                nonce: 5,
+                name: "team".into(),
+                reply: GroupReply::Located(vec![rec]),
+            }),
+            RelayToRelay::GroupAnswer(GroupAnswer {
+                origin: o,
+                reporter: t,
+                hops: 0,
+                nonce: 6,
+                name: "team".into(),
+                reply: GroupReply::State(Ok(info)),
+            }),
+            RelayToRelay::GroupAnswer(GroupAnswer {
+                origin: o,
+                reporter: t,
+                hops: 0,
+                nonce: 7,
+                name: "team".into(),
+                reply: GroupReply::State(Err(43)),
+            }),
+        ];
+        for f in frames {
+            let bytes = f.encode();
+            assert_eq!(RelayToRelay::decode(&bytes).unwrap(), f);
+            // Every shorter prefix is refused, never read past its end.
+            for cut in 2..bytes.len() {
+                assert!(RelayToRelay::decode(&bytes.slice(..cut)).is_err());
+            }
+        }
+    }
+
+    #[test]
     fn directory_frames_round_trip() {
         let client = Identity::from_seed([1; 32]);
         let relay = Identity::from_seed([2; 32]);
@@ -763,7 +1144,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn random_s2s_bytes_never_panic(t in 0x40u8..0x48, body in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn random_s2s_bytes_never_panic(t in 0x40u8..0x4b, body in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut v = vec![crate::PROTOCOL_VERSION, t];
             v.extend(body);
             let _ = RelayToRelay::decode(&Bytes::from(v));
