@@ -20,13 +20,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_websockets::Message;
+use w2w_core::GroupAsk;
 use w2w_proto::frame::{
     ClientToRelay, ErrorFrame, Hosted, Msg, Receipt, RelayToClient, ReplyBack, Request, RequestOp,
     Response, ResponseBody, Role, Status,
 };
+use w2w_proto::group::{valid_name, GroupAction};
 use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPolicy};
 use w2w_proto::{Address, Dest, ErrorCode};
 
+use crate::groups::{apply_for_client, Groups};
 use crate::ratelimit::SenderBudget;
 use crate::router::{reject, Outbox, OutboxRx};
 use crate::shared::Shared;
@@ -379,7 +382,7 @@ async fn close_session<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// A registered client's connection.
 struct Session<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     outbox: &'a Arc<Outbox>,
     /// This address's frame and fan-out budgets (shared by all its
     /// connections).
@@ -475,8 +478,12 @@ impl Session<'_> {
             return Some(reject(receipt, ErrorCode::SpoofedSender, metrics));
         }
         metrics.message(msg.dest.route());
+        // A group of another relay (`None`) is found by the core, which
+        // asks that relay for its members (PROTOCOL 12.14).
         let group = match &msg.dest {
-            Dest::Group(name) => Some(self.shared.groups.recipients(name, &self.outbox.address)),
+            Dest::Group(name) if self.shared.groups.hosts(name) => {
+                Some(self.shared.groups.recipients(name, &self.outbox.address))
+            }
             _ => None,
         };
         // Charged by what it costs to deliver: one copy per recipient.
@@ -540,33 +547,40 @@ impl Session<'_> {
                 ResponseBody::Exclusive { closed }
             }
             // Membership is visible to members only.
-            RequestOp::GroupInfo(name) => match self.shared.groups.get(&name) {
-                Some(g) if g.members.iter().any(|(m, _)| *m == self.outbox.address) => {
-                    ResponseBody::Group(g)
-                }
-                Some(_) => return self.failed(req.req_id, op, ErrorCode::NotMember),
-                None => return self.failed(req.req_id, op, ErrorCode::UnknownGroup),
-            },
-            RequestOp::Group(g) => {
-                let (info, write) = match self.shared.groups.apply(
-                    &g,
-                    &self.outbox.address,
-                    &self.shared.limits.group_limits(),
-                ) {
-                    Ok(x) => x,
+            RequestOp::GroupInfo(name) if self.shared.groups.hosts(&name) => {
+                match self.shared.groups.info_for(&name, &self.outbox.address) {
+                    Ok(g) => ResponseBody::Group(g),
                     Err(code) => return self.failed(req.req_id, op, code),
-                };
-                // Answer once the change is durable.
-                let (store, outbox, req_id) =
-                    (self.shared.store.clone(), self.outbox.clone(), req.req_id);
-                self.shared.tracker.spawn(async move {
-                    let result = match store.write(write).await {
-                        Ok(_) => Ok(ResponseBody::Group(info)),
-                        Err(_) => Err(ErrorCode::Internal.as_u16()),
-                    };
-                    let resp = RelayToClient::Response(Response { req_id, op, result });
-                    let _ = outbox.try_enqueue(resp.encode());
-                });
+                }
+            }
+            RequestOp::GroupInfo(name) if !valid_name(&name) => {
+                return self.failed(req.req_id, op, ErrorCode::UnknownGroup)
+            }
+            // A group of another relay: asked there (PROTOCOL 12.14).
+            RequestOp::GroupInfo(name) => {
+                let conn = self.outbox.conn_id;
+                self.shared
+                    .fed
+                    .group_request(conn, req.req_id, &name, GroupAsk::Info);
+                return None;
+            }
+            RequestOp::Group(g) => {
+                if let Err(code) = Groups::check_signed(&g, &self.outbox.address) {
+                    return self.failed(req.req_id, op, code);
+                }
+                let (conn, name) = (self.outbox.conn_id, g.name.clone());
+                let fed = &self.shared.fed;
+                match g.action {
+                    // Answered once the change is durable.
+                    _ if self.shared.groups.hosts(&name) => {
+                        apply_for_client(self.shared, self.outbox.clone(), req.req_id, g)
+                    }
+                    // A name another relay hosts is taken.
+                    GroupAction::Create => {
+                        fed.group_request(conn, req.req_id, &name, GroupAsk::Create(g))
+                    }
+                    _ => fed.group_request(conn, req.req_id, &name, GroupAsk::Op(g)),
+                }
                 return None;
             }
         };

@@ -30,12 +30,13 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use w2w_core::{
-    Config as CoreConfig, ConnId, Event, FedConfig, PeerId, RelayCore, Stats, StoreDone, StoreOp,
-    Stored, Target,
+    Config as CoreConfig, ConnId, Event, FedConfig, GroupAsk, GroupOutcome, GroupQuestion, PeerId,
+    RelayCore, Stats, StoreDone, StoreOp, Stored, Target,
 };
 use w2w_proto::frame::{
     Hosted, Msg, MsgId, RelayToClient, RequestOp, Response, ResponseBody, Status,
 };
+use w2w_proto::group::{GroupInfo, GroupOp};
 use w2w_proto::handshake::Registration;
 use w2w_proto::s2s::{RegistrationProof, RelayToRelay};
 use w2w_proto::{Address, ErrorCode, Identity};
@@ -213,11 +214,31 @@ struct Inner {
     exported: Stats,
 }
 
+/// Work about named groups the core hands the group table (`groups.rs`,
+/// which keeps the groups and writes them to the store).
+pub enum GroupWork {
+    /// A client's create that no other relay hosts: apply it here.
+    Create {
+        outbox: Arc<Outbox>,
+        req_id: u32,
+        op: GroupOp,
+    },
+    /// Another relay asks about a group of this relay.
+    Question(GroupQuestion),
+}
+
+/// Group work waiting for the group task: bounded (the core bounds the
+/// questions it passes on; creates come from clients' rate-limited
+/// requests), dropped past it.
+const GROUP_WORK: usize = 8192;
+
 /// The relay core and the outboxes its outputs go to.
 pub struct Federation {
     me: Address,
     pub config: FederationConfig,
     inner: Mutex<Inner>,
+    group_work: Mutex<std::collections::VecDeque<GroupWork>>,
+    group_notify: tokio::sync::Notify,
     store_tx: Mutex<Option<mpsc::Sender<StoreOp>>>,
     metrics: Arc<Metrics>,
     events: tokio::sync::broadcast::Sender<HopEvent>,
@@ -285,6 +306,8 @@ impl Federation {
                 exported: Stats::default(),
             }),
             store_tx: Mutex::new(None),
+            group_work: Mutex::new(Default::default()),
+            group_notify: tokio::sync::Notify::new(),
             metrics,
             events,
         }
@@ -353,6 +376,7 @@ impl Federation {
                 });
                 let _ = outbox.try_enqueue(resp.encode());
             }
+            self.drain_groups(inner);
             while let Some(e) = inner.core.poll_event() {
                 let relay = self.me;
                 let _ = self.events.send(match e {
@@ -706,6 +730,94 @@ impl Federation {
                 relay_url,
             })
         }))
+    }
+
+    // ------------------------------------------------------------ groups
+
+    /// Answers for clients' group requests go to their connections; creates
+    /// and other relays' questions to the group task.
+    fn drain_groups(&self, inner: &mut Inner) {
+        let mut work = Vec::new();
+        while let Some(o) = inner.core.poll_group_outcome() {
+            match o {
+                GroupOutcome::Answer {
+                    conn,
+                    req_id,
+                    op,
+                    result,
+                } => {
+                    let Some(outbox) = inner.conns.get(&conn.0) else {
+                        continue;
+                    };
+                    let result = result.map(ResponseBody::Group).map_err(|c| c.as_u16());
+                    let resp = RelayToClient::Response(Response { req_id, op, result });
+                    let _ = outbox.try_enqueue(resp.encode());
+                }
+                GroupOutcome::Create { conn, req_id, op } => {
+                    if let Some(outbox) = inner.conns.get(&conn.0) {
+                        let outbox = outbox.clone();
+                        work.push(GroupWork::Create { outbox, req_id, op });
+                    }
+                }
+            }
+        }
+        while let Some(q) = inner.core.poll_group_question() {
+            work.push(GroupWork::Question(q));
+        }
+        if work.is_empty() {
+            return;
+        }
+        let mut queue = self.group_work.lock().unwrap_or_else(|e| e.into_inner());
+        for w in work {
+            if queue.len() < GROUP_WORK {
+                queue.push_back(w);
+            }
+        }
+        drop(queue);
+        self.group_notify.notify_one();
+    }
+
+    /// The next piece of group work (waits for one).
+    pub async fn next_group_work(&self) -> GroupWork {
+        loop {
+            let notified = self.group_notify.notified();
+            if let Some(w) = self
+                .group_work
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            {
+                return w;
+            }
+            notified.await;
+        }
+    }
+
+    /// A client's request about group `name`, which this relay does not
+    /// host: answered on its connection once the group's relay answers
+    /// (a create: applied here if no relay hosts the name).
+    pub fn group_request(&self, conn_id: u64, req_id: u32, name: &str, ask: GroupAsk) {
+        let now = Instant::now();
+        self.with(|core| core.group_request(now, ConnId(conn_id), req_id, name, ask));
+    }
+
+    /// Group `name` is hosted here (`created` now, or restored at start):
+    /// its record is published where other relays look for it.
+    pub fn host_group(&self, name: &str, created: bool) {
+        let now = Instant::now();
+        self.with(|core| core.host_group(now, name, created));
+    }
+
+    /// The group task's answer to another relay's question.
+    pub fn group_reply(
+        &self,
+        origin: Address,
+        nonce: u64,
+        name: &str,
+        result: Result<GroupInfo, ErrorCode>,
+    ) {
+        let now = Instant::now();
+        self.with(|core| core.group_reply(now, origin, nonce, name, result));
     }
 
     /// Answers one of the core's store ops (from the executor).

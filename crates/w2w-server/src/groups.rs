@@ -1,13 +1,23 @@
 //! Named groups hosted by this relay: membership checked by the relay,
 //! every change a signed [`GroupOp`] (see `w2w_proto::group`), the state and
 //! the signed log kept in the store.
+//!
+//! Groups of other relays are reached through the core (PROTOCOL 12.14):
+//! a client's request about one goes to `Federation::group_request`; the
+//! core's questions about groups of this relay, and creates it cleared
+//! with the federation, come back here ([`run`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
+use w2w_proto::frame::{RelayToClient, Response, ResponseBody};
 use w2w_proto::group::{valid_name, GroupAction, GroupInfo, GroupOp, MAX_MEMBERS};
+use w2w_proto::s2s::GroupQuery;
 use w2w_proto::{Address, ErrorCode};
 
+use crate::federation::GroupWork;
+use crate::router::Outbox;
+use crate::shared::Shared;
 use crate::store::Write;
 
 #[derive(Debug, Clone)]
@@ -70,6 +80,40 @@ impl Groups {
         map.get(name).map(|g| Self::info(name, g))
     }
 
+    /// Whether this relay hosts group `name`.
+    pub fn hosts(&self, name: &str) -> bool {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.contains_key(name)
+    }
+
+    /// The names of every group hosted here.
+    pub fn names(&self) -> Vec<String> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.keys().cloned().collect()
+    }
+
+    /// The checks an operation passes before any group is looked at
+    /// (PROTOCOL 8.1, checks 1–3): a valid name, the actor is `requester`
+    /// (the address registered on the connection), its signature.
+    pub fn check_signed(op: &GroupOp, requester: &Address) -> Result<(), ErrorCode> {
+        if !valid_name(&op.name) {
+            return Err(ErrorCode::Malformed);
+        }
+        if op.actor != *requester {
+            return Err(ErrorCode::NotAllowed);
+        }
+        op.verify().map_err(|_| ErrorCode::BadSignature)
+    }
+
+    /// GROUP_INFO for `asker`: the state, shown to members only.
+    pub fn info_for(&self, name: &str, asker: &Address) -> Result<GroupInfo, ErrorCode> {
+        match self.get(name) {
+            Some(g) if g.members.iter().any(|(m, _)| m == asker) => Ok(g),
+            Some(_) => Err(ErrorCode::NotMember),
+            None => Err(ErrorCode::UnknownGroup),
+        }
+    }
+
     /// Checks and applies `op` from the registered client `requester`;
     /// returns the new state and the store write that makes it durable.
     /// Rights are checked before the sequence, so only an operation that
@@ -80,13 +124,7 @@ impl Groups {
         requester: &Address,
         limits: &GroupLimits,
     ) -> Result<(GroupInfo, Write), ErrorCode> {
-        if !valid_name(&op.name) {
-            return Err(ErrorCode::Malformed);
-        }
-        if op.actor != *requester {
-            return Err(ErrorCode::NotAllowed);
-        }
-        op.verify().map_err(|_| ErrorCode::BadSignature)?;
+        Self::check_signed(op, requester)?;
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         let next = match (&op.action, map.get(&op.name)) {
             (GroupAction::Create, Some(_)) => return Err(ErrorCode::GroupExists),
@@ -172,6 +210,88 @@ impl Groups {
             return Err(ErrorCode::NotMember);
         }
         Ok(g.members.keys().filter(|m| *m != sender).copied().collect())
+    }
+}
+
+/// Applies `op` here and answers `done` once the change is durable (or
+/// with the refusal): a client's operation on a group of this relay, a
+/// create cleared with the federation, or another relay's question.
+/// A create that commits publishes the group's record.
+fn apply_here(
+    shared: &Arc<Shared>,
+    op: GroupOp,
+    done: impl FnOnce(Result<GroupInfo, ErrorCode>) + Send + 'static,
+) {
+    let applied = shared
+        .groups
+        .apply(&op, &op.actor, &shared.limits.group_limits());
+    let (info, write) = match applied {
+        Ok(x) => x,
+        Err(code) => {
+            shared.metrics.error(code);
+            return done(Err(code));
+        }
+    };
+    let s = shared.clone();
+    shared.tracker.spawn(async move {
+        match s.store.write(write).await {
+            Ok(_) => {
+                if matches!(op.action, GroupAction::Create) {
+                    s.fed.host_group(&op.name, true);
+                }
+                done(Ok(info))
+            }
+            Err(_) => done(Err(ErrorCode::Internal)),
+        }
+    });
+}
+
+/// A client's operation on a group of this relay (or a create), answered
+/// on its connection once durable.
+pub fn apply_for_client(shared: &Arc<Shared>, outbox: Arc<Outbox>, req_id: u32, op: GroupOp) {
+    let code = w2w_proto::frame::RequestOp::Group(op.clone()).code();
+    apply_here(shared, op, move |result| {
+        let result = result.map(ResponseBody::Group).map_err(|c| c.as_u16());
+        let resp = RelayToClient::Response(Response {
+            req_id,
+            op: code,
+            result,
+        });
+        let _ = outbox.try_enqueue(resp.encode());
+    });
+}
+
+/// The group task: creates the core cleared with the federation, and other
+/// relays' questions about the groups of this relay.
+pub async fn run(shared: Arc<Shared>) {
+    loop {
+        let work = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            w = shared.fed.next_group_work() => w,
+        };
+        match work {
+            GroupWork::Create { outbox, req_id, op } => {
+                apply_for_client(&shared, outbox, req_id, op)
+            }
+            GroupWork::Question(q) => {
+                let (origin, nonce) = (q.origin, q.nonce);
+                match q.query {
+                    GroupQuery::Info { name, asker } => {
+                        let r = shared.groups.info_for(&name, &asker);
+                        shared.fed.group_reply(origin, nonce, &name, r);
+                    }
+                    GroupQuery::Op(op) => {
+                        let (fed, name) = (shared.fed.clone(), op.name.clone());
+                        // The actor is a client of `origin`, which checked
+                        // that; its signature is checked here.
+                        apply_here(&shared, op, move |r| {
+                            fed.group_reply(origin, nonce, &name, r)
+                        });
+                    }
+                    GroupQuery::Locate(_) => {} // answered by the core
+                }
+            }
+        }
     }
 }
 

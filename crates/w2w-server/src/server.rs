@@ -162,6 +162,13 @@ impl Relay {
             .custody_addresses(shared.fed.max_custody())
             .await?;
         shared.fed.add_custody(custody);
+        // Groups of this relay: their records, published where other relays
+        // look for them (PROTOCOL 12.14); and the task that answers their
+        // questions.
+        for name in shared.groups.names() {
+            shared.fed.host_group(&name, false);
+        }
+        shared.tracker.spawn(crate::groups::run(shared.clone()));
         shared.fed.attach_store(
             shared.store.clone(),
             shared.limits.queue_ttl_ms,

@@ -963,3 +963,135 @@ async fn a_federation_grown_from_one_seed_survives_any_one_relay() {
     })
     .await;
 }
+
+/// Named groups across relays (PROTOCOL 12.14): a group created at relay 0
+/// of a line 0 – 1 – 2 is read, sent to and managed by its members from
+/// the other relays, with the same signed, replay-proof log; its name is
+/// taken federation-wide; it is still reachable after its relay restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_on_one_relay_is_used_and_managed_from_every_relay() {
+    use w2w_proto::group::{GroupAction, GroupOp};
+    let mut relays = topology(3, &[(0, 1), (1, 2)]);
+    converge(&relays).await;
+    let mut cs = clients(&relays).await;
+    // Bob at relay 2 (his key, to sign an operation by hand).
+    let bob_id = Identity::from_seed(rand::random());
+    cs[2] = Client::connect(bob_id.clone(), ConnectOptions::new(&relays[2].url))
+        .await
+        .unwrap();
+    let (alice, carol, bob) = (cs[0].address(), cs[1].address(), cs[2].address());
+    cs[0].group_create("crew").await.unwrap();
+    for m in [bob, carol] {
+        cs[0].group_op("crew", GroupAction::Add(m)).await.unwrap();
+    }
+
+    // Bob, at relay 2, reads the group held at relay 0.
+    let info = cs[2].group_info("crew").await.unwrap();
+    assert_eq!((info.owner, info.members.len(), info.seq), (alice, 3, 3));
+
+    // Bob sends to it (sealed for the members it reported): each other
+    // member gets it once and opens it; one receipt with both entries.
+    let r = cs[2]
+        .send(Dest::Group("crew".into()), "hello crew")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.entries.len()), (Status::Delivered, 2), "{r:?}");
+    for i in [0, 1] {
+        let got = drain(&mut cs[i], 1, Duration::from_millis(300)).await;
+        assert_eq!(got, vec![(bob, "hello crew".to_string())], "client {i}");
+    }
+
+    // Management from relay 2: refused until the owner makes bob an admin.
+    let dave = Identity::from_seed(rand::random()).address();
+    let refused = cs[2].group_op("crew", GroupAction::Add(dave)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(w2w_client::ClientError::Refused {
+                code: ErrorCode::NotAllowed,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    cs[0]
+        .group_op("crew", GroupAction::Admin(bob, true))
+        .await
+        .unwrap();
+    let add = GroupOp::sign(&bob_id, "crew", GroupAction::Add(dave), 5);
+    let g = cs[2].request(RequestOp::Group(add.clone())).await.unwrap();
+    let ResponseBody::Group(g) = g else {
+        panic!("{g:?}")
+    };
+    assert_eq!((g.seq, g.members.len()), (5, 4));
+    // The same signed operation again: its number is used.
+    let replay = cs[2].request(RequestOp::Group(add)).await;
+    assert!(
+        matches!(
+            replay,
+            Err(w2w_client::ClientError::Refused {
+                code: ErrorCode::StaleSeq,
+                ..
+            })
+        ),
+        "{replay:?}"
+    );
+    // Relay 0 holds the change.
+    assert_eq!(cs[0].group_info("crew").await.unwrap().seq, 5);
+
+    // The name is taken federation-wide.
+    let taken = cs[1].group_create("crew").await;
+    assert!(
+        matches!(
+            taken,
+            Err(w2w_client::ClientError::Refused {
+                code: ErrorCode::GroupExists,
+                ..
+            })
+        ),
+        "{taken:?}"
+    );
+    // A name nobody hosts is unknown from anywhere.
+    let none = cs[2].group_info("nobody-here").await;
+    assert!(
+        matches!(
+            none,
+            Err(w2w_client::ClientError::Refused {
+                code: ErrorCode::UnknownGroup,
+                ..
+            })
+        ),
+        "{none:?}"
+    );
+
+    // Carol leaves from relay 1; a message now reaches alice only.
+    cs[1]
+        .group_op("crew", GroupAction::Remove(carol))
+        .await
+        .unwrap();
+    let r = cs[2]
+        .send(Dest::Group("crew".into()), "after carol")
+        .await
+        .unwrap();
+    let to: Vec<Address> = r.entries.iter().map(|e| e.to).collect();
+    assert!(
+        to.contains(&alice) && !to.contains(&carol) && to.contains(&dave),
+        "{r:?}"
+    );
+
+    // Relay 0 restarts: its group is found again from relay 2.
+    relays[0].kill();
+    relays[0].restart();
+    converge(&relays).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match cs[2].group_info("crew").await {
+            Ok(g) => {
+                assert_eq!((g.owner, g.seq), (alice, 6));
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "group not found again: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
