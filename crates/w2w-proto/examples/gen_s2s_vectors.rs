@@ -14,10 +14,12 @@
 use bytes::Bytes;
 use serde::Serialize;
 use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, ReceiptEntry, Register, Role, Status};
+use w2w_proto::group::{GroupAction, GroupInfo, GroupOp};
 use w2w_proto::handshake::sig_a_message;
 use w2w_proto::identity::{Address, Identity};
 use w2w_proto::s2s::{
-    DirAnswer, DirGet, DirPut, Forward, ForwardTarget, FwdReceipt, LinkState, Presence,
+    group_key, DirAnswer, DirGet, DirPut, Forward, ForwardTarget, FwdReceipt, GroupAnswer,
+    GroupGet, GroupPut, GroupQuery, GroupRecord, GroupReply, LinkState, Presence,
     RegistrationProof, RelayToRelay,
 };
 
@@ -138,6 +140,27 @@ fn main() {
     })
     .encode();
     let id = MsgId(std::array::from_fn(|i| 0x10 + i as u8));
+    let grec = GroupRecord::sign(&relay, "crew", 9, 1_764_000_000_000);
+    let grec_fields = |prefix: &str| {
+        vec![
+            f(&format!("{prefix}name"), string("crew")),
+            f(&format!("{prefix}relay"), h(grec.relay.0)),
+            f(&format!("{prefix}seq"), h(grec.seq.to_be_bytes())),
+            f(&format!("{prefix}since_ms"), h(grec.since_ms.to_be_bytes())),
+            f(&format!("{prefix}sig"), h(grec.sig)),
+        ]
+    };
+    let gop = GroupOp::sign(&client, "crew", GroupAction::Add(t), 2);
+    let ginfo = GroupInfo {
+        name: "crew".into(),
+        owner: client.address(),
+        members: {
+            let mut m = vec![(client.address(), true), (t, false)];
+            m.sort();
+            m
+        },
+        seq: 2,
+    };
 
     let vectors = vec![
         vector(
@@ -320,14 +343,177 @@ fn main() {
                 f("count", h([0])),
             ],
         ),
+        vector(
+            "group_put",
+            "Relay 0x01.. hosts group \"crew\" (its record number 9, created at 1764000000000 ms by its clock) and puts the record on relay 0x03.., a holder of group_key(\"crew\"); signed over GROUP_RECORD_DOMAIN || u8 len || name || relay || seq || since_ms.",
+            RelayToRelay::GroupPut(GroupPut {
+                target: o,
+                hops: 1,
+                records: vec![grec.clone()],
+            }),
+            [
+                vec![f("target", h(o.0)), f("hops", h([1])), f("count", h([1]))],
+                grec_fields("record0."),
+            ]
+            .concat(),
+        ),
+        vector(
+            "group_get_locate",
+            "Relay 0x04.. asks relay 0x03.. which relay hosts \"crew\" (kind 1), nonce 44.",
+            RelayToRelay::GroupGet(GroupGet {
+                origin: t,
+                target: o,
+                hops: 1,
+                nonce: 44,
+                query: GroupQuery::Locate("crew".into()),
+            }),
+            vec![
+                f("origin", h(t.0)),
+                f("target", h(o.0)),
+                f("hops", h([1])),
+                f("nonce", h(44u64.to_be_bytes())),
+                f("kind", h([1])),
+                f("name", string("crew")),
+            ],
+        ),
+        vector(
+            "group_answer_located",
+            "Relay 0x03.. answers with the record it holds.",
+            RelayToRelay::GroupAnswer(GroupAnswer {
+                origin: t,
+                reporter: o,
+                hops: 0,
+                nonce: 44,
+                name: "crew".into(),
+                reply: GroupReply::Located(vec![grec.clone()]),
+            }),
+            [
+                vec![
+                    f("origin", h(t.0)),
+                    f("reporter", h(o.0)),
+                    f("hops", h([0])),
+                    f("nonce", h(44u64.to_be_bytes())),
+                    f("name", string("crew")),
+                    f("kind", h([1])),
+                    f("count", h([1])),
+                ],
+                grec_fields("record0."),
+            ]
+            .concat(),
+        ),
+        vector(
+            "group_get_info",
+            "Relay 0x04.. asks the group's relay 0x01.. for the state of \"crew\" for its client 0x02.. (kind 2), second hop.",
+            RelayToRelay::GroupGet(GroupGet {
+                origin: t,
+                target: r,
+                hops: 2,
+                nonce: 45,
+                query: GroupQuery::Info {
+                    name: "crew".into(),
+                    asker: client.address(),
+                },
+            }),
+            vec![
+                f("origin", h(t.0)),
+                f("target", h(r.0)),
+                f("hops", h([2])),
+                f("nonce", h(45u64.to_be_bytes())),
+                f("kind", h([2])),
+                f("name", string("crew")),
+                f("asker", h(client.address().0)),
+            ],
+        ),
+        vector(
+            "group_get_op",
+            "Relay 0x04.. hands relay 0x01.. an operation its client 0x02.. signed: add 0x04.. to \"crew\" as operation 2 (kind 3; the operation's bytes as in a GROUP request).",
+            RelayToRelay::GroupGet(GroupGet {
+                origin: t,
+                target: r,
+                hops: 2,
+                nonce: 46,
+                query: GroupQuery::Op(gop.clone()),
+            }),
+            vec![
+                f("origin", h(t.0)),
+                f("target", h(r.0)),
+                f("hops", h([2])),
+                f("nonce", h(46u64.to_be_bytes())),
+                f("kind", h([3])),
+                f("name", string("crew")),
+                f("action", h([&[2u8][..], &t.0].concat())),
+                f("seq", h(2u64.to_be_bytes())),
+                f("actor", h(client.address().0)),
+                f("sig", h(gop.sig)),
+            ],
+        ),
+        vector(
+            "group_answer_state",
+            "Relay 0x01.. answers with the group's state after the operation (status 0).",
+            RelayToRelay::GroupAnswer(GroupAnswer {
+                origin: t,
+                reporter: r,
+                hops: 0,
+                nonce: 46,
+                name: "crew".into(),
+                reply: GroupReply::State(Ok(ginfo.clone())),
+            }),
+            [
+                vec![
+                    f("origin", h(t.0)),
+                    f("reporter", h(r.0)),
+                    f("hops", h([0])),
+                    f("nonce", h(46u64.to_be_bytes())),
+                    f("name", string("crew")),
+                    f("kind", h([2])),
+                    f("status", h(0u16.to_be_bytes())),
+                    f("info.name", string("crew")),
+                    f("info.owner", h(ginfo.owner.0)),
+                    f("info.members", h((ginfo.members.len() as u16).to_be_bytes())),
+                ],
+                ginfo
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (m, admin))| f(&format!("info.member{i}"), h([&m.0[..], &[*admin as u8]].concat())))
+                    .collect(),
+                vec![f("info.seq", h(ginfo.seq.to_be_bytes()))],
+            ]
+            .concat(),
+        ),
+        vector(
+            "group_answer_refused",
+            "Relay 0x01.. refuses a question: not_member (43).",
+            RelayToRelay::GroupAnswer(GroupAnswer {
+                origin: t,
+                reporter: r,
+                hops: 0,
+                nonce: 45,
+                name: "crew".into(),
+                reply: GroupReply::State(Err(43)),
+            }),
+            vec![
+                f("origin", h(t.0)),
+                f("reporter", h(r.0)),
+                f("hops", h([0])),
+                f("nonce", h(45u64.to_be_bytes())),
+                f("name", string("crew")),
+                f("kind", h([2])),
+                f("status", h(43u16.to_be_bytes())),
+            ],
+        ),
     ];
+    eprintln!("group_key(\"crew\") = {}", h(group_key("crew").0));
     let out = serde_json::json!({
         "description": "Relay-to-relay (s2s) frames, PROTOCOL.md 12.2. Each frame is 01 (version), its type byte, then its fields in order. Identities: relay seed 01*32, other relay 03*32, third relay 04*32, client 02*32 (as in vectors.json).",
         "types": {
             "link_state": "40", "presence": "41", "forward_relay": "42", "forward_broadcast": "42", "forward_handoff": "42",
             "fwd_receipt": "43", "redirect": "44", "dir_put": "45", "dir_get": "46",
-            "dir_answer": "47", "dir_answer_none": "47"
+            "dir_answer": "47", "dir_answer_none": "47", "group_put": "48",
+            "group_get_locate": "49", "group_get_info": "49", "group_get_op": "49",
+            "group_answer_located": "4a", "group_answer_state": "4a", "group_answer_refused": "4a"
         },
+        "group_key": { "name": "crew", "key": h(group_key("crew").0) },
         "vectors": vectors,
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use serde_json::Value;
-use w2w_proto::s2s::RelayToRelay;
+use w2w_proto::s2s::{GroupAnswer, GroupGet, GroupQuery, GroupReply, RelayToRelay};
 
 fn vectors() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/s2s_vectors.json");
@@ -21,7 +21,7 @@ fn every_s2s_frame_is_its_fields_in_order_and_round_trips() {
     let v = vectors();
     let types = &v["types"];
     let list = v["vectors"].as_array().expect("vectors");
-    assert_eq!(list.len(), 11);
+    assert_eq!(list.len(), 18);
     let mut kinds = std::collections::BTreeSet::new();
     for vec in list {
         let name = vec["name"].as_str().unwrap();
@@ -44,6 +44,28 @@ fn every_s2s_frame_is_its_fields_in_order_and_round_trips() {
             RelayToRelay::Presence(p) => vec![p.clone()],
             RelayToRelay::DirPut(d) => d.records.clone(),
             RelayToRelay::DirAnswer(a) => a.records.clone(),
+            RelayToRelay::GroupPut(g) => {
+                for r in &g.records {
+                    assert_eq!(r.verify(), Ok(()), "{name}: group record signature");
+                }
+                Vec::new()
+            }
+            RelayToRelay::GroupAnswer(GroupAnswer {
+                reply: GroupReply::Located(records),
+                ..
+            }) => {
+                for r in records {
+                    assert_eq!(r.verify(), Ok(()), "{name}: group record signature");
+                }
+                Vec::new()
+            }
+            RelayToRelay::GroupGet(GroupGet {
+                query: GroupQuery::Op(op),
+                ..
+            }) => {
+                assert!(op.verify().is_ok(), "{name}: operation signature");
+                Vec::new()
+            }
             _ => Vec::new(),
         };
         for p in records {
@@ -52,5 +74,9 @@ fn every_s2s_frame_is_its_fields_in_order_and_round_trips() {
         kinds.insert(ty.to_string());
     }
     // Every s2s type has a vector.
-    assert_eq!(kinds.len(), 8);
+    assert_eq!(kinds.len(), 11);
+    // A group's records are placed by the hash of its name.
+    let g = &v["group_key"];
+    let key = w2w_proto::s2s::group_key(g["name"].as_str().unwrap());
+    assert_eq!(hex::encode(key.0), g["key"].as_str().unwrap());
 }
