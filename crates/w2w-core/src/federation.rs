@@ -45,6 +45,9 @@ pub(crate) struct Peer {
 pub(crate) enum NewRecord {
     Relay,
     Address,
+    /// A relay's record of a named group (groups.rs): counted with the
+    /// address records a peer on probation may bring.
+    Group,
 }
 
 impl RelayCore {
@@ -155,7 +158,7 @@ impl RelayCore {
             RelayToRelay::DirPut(d) => self.on_dir_put(now, peer, from, d),
             RelayToRelay::DirGet(g) => self.on_dir_get(now, peer, from, g),
             RelayToRelay::DirAnswer(a) => self.on_dir_answer(now, from, a),
-            RelayToRelay::GroupPut(d) => self.on_group_put(now, from, d),
+            RelayToRelay::GroupPut(d) => self.on_group_put(now, peer, from, d),
             RelayToRelay::GroupGet(g) => self.on_group_get(now, peer, from, g),
             RelayToRelay::GroupAnswer(a) => self.on_group_answer(now, from, a),
             RelayToRelay::Redirect(_) => {}
@@ -387,12 +390,13 @@ impl RelayCore {
         let (len, max, allowance) = match kind {
             NewRecord::Relay => (self.links.len(), c.max_relays, c.probation_relays),
             NewRecord::Address => (self.directory.len(), c.max_directory, c.probation_records),
+            NewRecord::Group => (self.group_records(), c.max_directory, c.probation_records),
         };
         let admitted = len < max
             && self.peers.get_mut(&peer).is_some_and(|p| {
                 let n = match kind {
                     NewRecord::Relay => &mut p.introduced_relays,
-                    NewRecord::Address => &mut p.introduced_records,
+                    NewRecord::Address | NewRecord::Group => &mut p.introduced_records,
                 };
                 let ok = p.trusted || *n < allowance;
                 *n += ok as usize;

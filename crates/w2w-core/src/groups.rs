@@ -38,6 +38,7 @@ use w2w_proto::{Address, ErrorCode};
 
 use std::time::Instant;
 
+use crate::federation::NewRecord;
 use crate::{ConnId, PeerId};
 
 /// Most relays' records kept per group name (names two relays claim).
@@ -75,6 +76,14 @@ pub enum GroupOutcome {
         conn: ConnId,
         req_id: u32,
         op: GroupOp,
+    },
+    /// A MSG from `conn` to a group of another relay went to `copies`
+    /// members: the shell, which charged one copy when the MSG came,
+    /// charges the sender's fan-out budget for the others.
+    Fanout {
+        conn: ConnId,
+        copies: usize,
+        bytes: usize,
     },
 }
 
@@ -255,7 +264,7 @@ impl crate::relay::RelayCore {
         self.groups.cache.retain(|_, (_, t)| *t > now);
     }
 
-    pub(crate) fn on_group_put(&mut self, now: Instant, from: Address, d: GroupPut) {
+    pub(crate) fn on_group_put(&mut self, now: Instant, peer: PeerId, from: Address, d: GroupPut) {
         if d.target != self.me {
             let (hops, target) = (d.hops, d.target);
             return self.pass_on(hops, target, &from, |hops| {
@@ -273,21 +282,33 @@ impl crate::relay::RelayCore {
                 self.stats.records_refused += 1;
                 continue;
             }
-            let room = self.groups.held_len < self.config.federation.max_directory;
+            let held = self.groups.held.get(&r.name);
+            let known = held.is_some_and(|v| v.iter().any(|(h, _)| h.relay == r.relay));
+            let room = held.is_none_or(|v| v.len() < MAX_CLAIMS);
+            let admitted = known || room && self.admit_new(peer, NewRecord::Group);
+            if !admitted {
+                if !room {
+                    self.stats.records_refused += 1;
+                }
+                continue;
+            }
             let held = self.groups.held.entry(r.name.clone()).or_default();
             if let Some((h, t)) = held.iter_mut().find(|(h, _)| h.relay == r.relay) {
                 if h.seq <= r.seq {
                     *h = r;
                 }
                 *t = now + lease;
-            } else if held.len() < MAX_CLAIMS && room {
+            } else {
                 held.push((r, now + lease));
                 self.groups.held_len += 1;
-            } else {
-                self.stats.records_refused += 1;
             }
         }
         self.groups.held.retain(|_, v| !v.is_empty());
+    }
+
+    /// Group records this relay holds for other relays.
+    pub fn group_records(&self) -> usize {
+        self.groups.held_len
     }
 
     /// The relay that hosts `name` as far as this relay knows now.
@@ -551,13 +572,21 @@ impl crate::relay::RelayCore {
                 });
             }
             Waiter::Msg { conn, frame, msg } => {
-                let members = result.map(|info| {
+                let members: Result<Vec<Address>, ErrorCode> = result.map(|info| {
                     info.members
                         .into_iter()
                         .map(|(m, _)| m)
                         .filter(|m| *m != msg.from)
                         .collect()
                 });
+                if let Ok(m) = &members {
+                    let (copies, bytes) = (m.len(), frame.len());
+                    self.groups.outcomes.push_back(GroupOutcome::Fanout {
+                        conn,
+                        copies,
+                        bytes,
+                    });
+                }
                 self.handle_msg(now, conn, frame, &msg, Some(members));
             }
         }
@@ -1034,11 +1063,19 @@ mod tests {
             payload: Bytes::from_static(b"hi"),
         };
         let frame = ClientToRelay::Msg(msg.clone()).encode();
+        let len = frame.len();
         net.cores[3].handle_msg(now, cb, frame, &msg, None);
         net.pump();
         let (_, q) = net.questions.pop().unwrap();
         net.cores[0].group_reply(now, q.origin, q.nonce, "team", Ok(state));
         net.pump();
+        // The shell is told the fan-out, to charge the sender's budget.
+        let fanout = GroupOutcome::Fanout {
+            conn: cb,
+            copies: 2,
+            bytes: len,
+        };
+        assert!(net.outcomes.contains(&(3, fanout)));
         let mut got: Vec<(usize, ConnId)> = net
             .to_clients
             .iter()

@@ -225,6 +225,9 @@ pub enum GroupWork {
     },
     /// Another relay asks about a group of this relay.
     Question(GroupQuestion),
+    /// `address` sent a MSG to a group of another relay, charged one copy
+    /// when it came: charge its fan-out budget `bytes` more.
+    Charge { address: Address, bytes: u64 },
 }
 
 /// Group work waiting for the group task: bounded (the core bounds the
@@ -441,6 +444,8 @@ impl Federation {
             .store(inner.core.directory_len() as i64, Relaxed);
         m.custody_addresses
             .store(inner.core.custody_len() as i64, Relaxed);
+        m.group_records
+            .store(inner.core.group_records() as i64, Relaxed);
         let s = inner.core.stats();
         m.handed_off.store(s.handed_off, Relaxed);
         let old = &mut inner.exported;
@@ -757,6 +762,17 @@ impl Federation {
                     if let Some(outbox) = inner.conns.get(&conn.0) {
                         let outbox = outbox.clone();
                         work.push(GroupWork::Create { outbox, req_id, op });
+                    }
+                }
+                GroupOutcome::Fanout {
+                    conn,
+                    copies,
+                    bytes,
+                } => {
+                    if let (Some(outbox), true) = (inner.conns.get(&conn.0), copies > 1) {
+                        let bytes = (bytes * (copies - 1)) as u64;
+                        let address = outbox.address;
+                        work.push(GroupWork::Charge { address, bytes });
                     }
                 }
             }

@@ -273,6 +273,13 @@ pub async fn run(shared: Arc<Shared>) {
             GroupWork::Create { outbox, req_id, op } => {
                 apply_for_client(&shared, outbox, req_id, op)
             }
+            // Into debt if need be: the sender's next frames wait it off.
+            GroupWork::Charge { address, bytes } => {
+                let now = std::time::Instant::now();
+                let budget = shared.senders.get(&address.0, now);
+                let mut b = budget.lock().unwrap_or_else(|e| e.into_inner());
+                b.bytes.charge_after(bytes, now);
+            }
             GroupWork::Question(q) => {
                 let (origin, nonce) = (q.origin, q.nonce);
                 match q.query {

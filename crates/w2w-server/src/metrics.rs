@@ -41,6 +41,8 @@ pub struct Metrics {
     pub known_relays: AtomicI64,
     /// Federation: addresses in the directory.
     pub known_addresses: AtomicI64,
+    /// Federation: records of other relays' named groups held here.
+    pub group_records: AtomicI64,
     /// Federation: addresses with messages here waiting to move to
     /// another relay (custody, roaming; PROTOCOL 12.13).
     pub custody_addresses: AtomicI64,
@@ -85,6 +87,7 @@ impl Default for Metrics {
             peer_links: AtomicI64::new(0),
             known_relays: AtomicI64::new(0),
             known_addresses: AtomicI64::new(0),
+            group_records: AtomicI64::new(0),
             custody_addresses: AtomicI64::new(0),
             handed_off: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
@@ -156,6 +159,11 @@ impl Metrics {
             "w2w_known_addresses",
             "Addresses in the federation directory.",
             self.known_addresses.load(Relaxed),
+        );
+        gauge(
+            "w2w_group_records",
+            "Records of other relays' named groups held here (PROTOCOL 12.14).",
+            self.group_records.load(Relaxed),
         );
         gauge(
             "w2w_custody_addresses",

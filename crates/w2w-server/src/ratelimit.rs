@@ -93,6 +93,13 @@ impl ByteBudget {
         true
     }
 
+    /// Charges `bytes` whatever the level (into debt if need be): for
+    /// fan-out known only after the message was let through.
+    pub fn charge_after(&mut self, bytes: u64, now: Instant) {
+        self.0.at(now);
+        self.0.level -= bytes as f64;
+    }
+
     /// Whether the budget is full again at `now`.
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.0.is_full(now)
@@ -188,6 +195,16 @@ mod tests {
         // Never refills past the burst.
         let later = t0 + Duration::from_secs(100);
         assert_eq!((0..10).filter(|_| b.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn a_charge_after_the_fact_goes_into_debt() {
+        let t0 = Instant::now();
+        let mut b = ByteBudget::new(1000, 1000, t0);
+        b.charge_after(3000, t0);
+        assert!(!b.charge(1, t0), "in debt: refused");
+        assert!(!b.charge(1, t0 + std::time::Duration::from_millis(1500)));
+        assert!(b.charge(1, t0 + std::time::Duration::from_millis(2100)));
     }
 
     #[test]

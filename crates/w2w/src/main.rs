@@ -100,7 +100,7 @@ enum Cmd {
         /// The address to look up.
         address: Address,
     },
-    /// Named groups on your relay: create, add, remove, admin, list.
+    /// Named groups: create one on your relay; add, remove, admin, list any group of the federation.
     Group {
         #[command(flatten)]
         client: ClientArgs,
@@ -249,7 +249,7 @@ struct SendArgs {
     /// Recipient address (repeat for a2g).
     #[arg(long = "to", value_name = "ADDRESS")]
     to: Vec<Address>,
-    /// Send to a named group on your relay (members only).
+    /// Send to a named group, on your relay or any relay of its federation (members only).
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
     /// Send to everyone (a2n): the whole federation, or see --scope.
@@ -506,7 +506,7 @@ fn hint(e: &anyhow::Error) -> Option<String> {
         C::Refused {
             code: ErrorCode::UnknownGroup,
             ..
-        } => "a group lives on the relay that created it: check the name and --relay".into(),
+        } => "no relay this one can reach hosts a group by that name: check the name (`w2w group create NAME` makes one)".into(),
         C::Refused {
             code: ErrorCode::NotMember,
             ..

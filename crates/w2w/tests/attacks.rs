@@ -902,6 +902,8 @@ struct Rogue {
     tx: futures_util::stream::SplitSink<w2w_client::RelaySocket, tokio_websockets::Message>,
     heard: Arc<std::sync::Mutex<Vec<w2w_proto::Address>>>,
     closed: Arc<std::sync::Mutex<Option<u16>>>,
+    /// GROUP_ANSWERs received.
+    group_answers: Arc<AtomicU64>,
 }
 
 impl Rogue {
@@ -917,7 +919,8 @@ impl Rogue {
         let (tx, mut rx) = ws.split();
         let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
         let closed = Arc::new(std::sync::Mutex::new(None));
-        let (h, c) = (heard.clone(), closed.clone());
+        let group_answers = Arc::new(AtomicU64::new(0));
+        let (h, c, g) = (heard.clone(), closed.clone(), group_answers.clone());
         tokio::spawn(async move {
             while let Some(Ok(m)) = rx.next().await {
                 if let Some((code, _)) = m.as_close() {
@@ -933,6 +936,9 @@ impl Rogue {
                         .lock()
                         .unwrap()
                         .extend(d.records.iter().map(|p| p.proof.address)),
+                    Ok(w2w_proto::s2s::RelayToRelay::GroupAnswer(_)) => {
+                        g.fetch_add(1, Ordering::Relaxed);
+                    }
                     _ => {}
                 }
             }
@@ -942,6 +948,7 @@ impl Rogue {
             tx,
             heard,
             closed,
+            group_answers,
         }
     }
 
@@ -1170,6 +1177,112 @@ async fn a_rogue_relay_cannot_take_over_the_federation() {
     assert!(limited > 0.0, "the peer's broadcasts must be charged");
     assert_eq!(slow, 0.0, "no receiver closed by a peer's broadcasts");
     judge("rogue relay", &base, &attacked);
+}
+
+/// Named groups across relays (PROTOCOL 12.14) take questions and records
+/// from peers. A relay on probation floods GROUP_GETs (operations it may
+/// not make, state questions) and GROUP_PUTs for invented names: questions
+/// are answered at most `lookups_per_peer` per second, no operation
+/// changes the group, invented group records stop at the probation
+/// allowance, and the relay's own clients are served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_relay_cannot_flood_the_groups() {
+    use w2w_proto::group::{GroupAction, GroupOp};
+    use w2w_proto::s2s::{GroupGet, GroupPut, GroupQuery, GroupRecord, LinkState, RelayToRelay};
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        "[federation]\nprobation_records = 100\nlookups_per_peer = 200\n",
+    )
+    .unwrap();
+    let extra = vec!["--config".into(), path.display().to_string()];
+    let relay = serve(data.path(), "127.0.0.1:0", &extra);
+    let mut probe = Probe::new(&relay.url).await;
+    let addr = probe.addr;
+    probe.alice.group_create("crew").await.unwrap();
+    let base = probe.run(Duration::from_secs(2)).await;
+
+    let mut rogue = Rogue::link(&relay.url).await;
+    let me = rogue.identity.address();
+    // Link state naming the relay: its answers have a way back.
+    let ls = LinkState::sign(&rogue.identity, "", 1, vec![relay.key]);
+    rogue.send(RelayToRelay::LinkState(ls)).await;
+    let refused_before = metric_async(addr, "w2w_federation_records_refused_total")
+        .await
+        .unwrap_or(0.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        let relay_key = relay.key;
+        tokio::spawn(async move {
+            let (mut n, start) = (0u64, Instant::now());
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..50 {
+                    let query = if n % 2 == 0 {
+                        let add = GroupAction::Add(me);
+                        GroupQuery::Op(GroupOp::sign(&rogue.identity, "crew", add, 2))
+                    } else {
+                        GroupQuery::Info {
+                            name: "crew".into(),
+                            asker: me,
+                        }
+                    };
+                    let get = GroupGet {
+                        origin: me,
+                        target: relay_key,
+                        hops: 1,
+                        nonce: n,
+                        query,
+                    };
+                    rogue.send(RelayToRelay::GroupGet(get)).await;
+                    n += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // 1,000 invented groups.
+            for batch in 0..16u64 {
+                let records = (0..64)
+                    .map(|i| GroupRecord::sign(&rogue.identity, &format!("fake-{batch}-{i}"), 1, 0))
+                    .collect();
+                let put = GroupPut {
+                    target: relay_key,
+                    hops: 1,
+                    records,
+                };
+                rogue.send(RelayToRelay::GroupPut(put)).await;
+            }
+            (n, start.elapsed(), rogue)
+        })
+    };
+    let attacked = probe.run(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (asked, took, rogue) = flooder.await.unwrap();
+    eventually(
+        "invented group records refused",
+        Duration::from_secs(10),
+        async || {
+            metric_async(addr, "w2w_federation_records_refused_total").await
+                == Some(refused_before + 924.0)
+        },
+    )
+    .await;
+    let held = metric_async(addr, "w2w_group_records").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = rogue.group_answers.load(Ordering::Relaxed);
+    let allowed = 200 * (took.as_secs() + 2);
+    println!(
+        "group flood: {asked} GROUP_GETs in {took:?}, {answered} answered (at most {allowed}), \
+         {held} of 1,024 invented group records held"
+    );
+    assert!(asked > 2 * allowed, "the flood outran the limit ({asked})");
+    assert!(answered > 0 && answered <= allowed, "{answered} answers");
+    assert_eq!(held, 100.0, "the probation allowance");
+    // No operation of the rogue's changed the group.
+    let crew = probe.alice.group_info("crew").await.unwrap();
+    assert_eq!((crew.seq, crew.members.len()), (1, 1), "{crew:?}");
+    judge("group flood", &base, &attacked);
 }
 
 /// Item 6: 60,000 throwaway registrations made every new or restarted peer

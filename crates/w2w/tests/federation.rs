@@ -433,6 +433,24 @@ async fn lookups_per_client_are_limited() {
             .unwrap(),
         ResponseBody::Lookup(None)
     ));
+    // Looking for groups of other relays counts too (PROTOCOL 12.14).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        match prober.group_info(&format!("nobody-{i}")).await {
+            Err(w2w_client::ClientError::Refused { code, .. }) => codes.push(code),
+            other => panic!("{other:?}"),
+        }
+    }
+    let unknown = codes
+        .iter()
+        .filter(|c| **c == ErrorCode::UnknownGroup)
+        .count();
+    let limited = codes
+        .iter()
+        .filter(|c| **c == ErrorCode::RateLimited)
+        .count();
+    assert_eq!((unknown, limited), (5, 3), "{codes:?}");
 }
 
 /// Roaming (PROTOCOL 12.13): messages stored for an address at the relay
