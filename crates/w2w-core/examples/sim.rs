@@ -73,7 +73,7 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} moves to another relay, {} messages kept in custody, {} handed over, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices; entries: {} delivered, {} queued, {} not ({})",
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} moves to another relay, {} messages kept in custody, {} handed over, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices, {} group MSGs ({} through other relays than the group's); entries: {} delivered, {} queued, {} not ({})",
         to - from,
         total.sent,
         total.sent as f64 / secs,
@@ -94,6 +94,8 @@ fn main() {
         total.partitions,
         total.loops,
         total.delivered_notices,
+        total.group_msgs,
+        total.group_remote,
         total.delivered_entries,
         total.queued_entries,
         total.rejected_entries,

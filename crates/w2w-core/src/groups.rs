@@ -559,8 +559,25 @@ impl crate::relay::RelayCore {
             .insert((deadline, nonce), (Due::Ask, name.to_owned()));
     }
 
-    /// The group relay's answer (or a failure) for `w`.
+    /// The group relay's answer (or a failure) for `w`. A state answer is
+    /// shared by the MSGs and GROUP_INFOs that waited for it, whoever asked
+    /// first: each gets it only if its own sender is a member.
     fn group_answered(&mut self, now: Instant, w: Waiter, result: Result<GroupInfo, ErrorCode>) {
+        let asker = match &w {
+            Waiter::Msg { msg, .. } => Some(msg.from),
+            Waiter::Request {
+                ask: GroupAsk::Info,
+                conn,
+                ..
+            } => self.session_address(*conn),
+            Waiter::Request { .. } => None,
+        };
+        let result = match (result, asker) {
+            (Ok(info), Some(a)) if !info.members.iter().any(|(m, _)| *m == a) => {
+                Err(ErrorCode::NotMember)
+            }
+            (r, _) => r,
+        };
         match w {
             Waiter::Request { conn, req_id, ask } => {
                 let op = op_code(&ask);
@@ -1166,6 +1183,60 @@ mod tests {
             _ => None,
         });
         assert_eq!(last, Some((msg3.id, ErrorCode::UnknownGroup.as_u16())));
+    }
+
+    /// Found by the simulation: MSGs waiting for one group share one
+    /// question, asked for the first sender; an outsider's MSG that joined
+    /// a member's question went out with the member's answer.
+    #[test]
+    fn a_shared_answer_is_checked_for_each_sender() {
+        let (bob, mallory) = (Identity::from_seed([12; 32]), Identity::from_seed([14; 32]));
+        let mut net = Net::line(2);
+        let cb = net.client(1, 2, &bob);
+        let cm = net.client(1, 4, &mallory);
+        let now = net.now;
+        net.cores[0].host_group(now, "team", true);
+        net.pump();
+        let mut ids = Vec::new();
+        for (i, (who, conn)) in [(&bob, cb), (&mallory, cm)].into_iter().enumerate() {
+            let msg = Msg {
+                flags: 0,
+                id: MsgId([20 + i as u8; 16]),
+                from: who.address(),
+                dest: Dest::Group("team".into()),
+                payload: Bytes::new(),
+            };
+            let frame = ClientToRelay::Msg(msg.clone()).encode();
+            net.cores[1].handle_msg(now, conn, frame, &msg, None);
+            ids.push(msg.id);
+        }
+        net.pump();
+        assert_eq!(net.questions.len(), 1, "one question for both");
+        let (_, q) = net.questions.pop().unwrap();
+        let state = GroupInfo {
+            name: "team".into(),
+            owner: bob.address(),
+            members: vec![(bob.address(), true)],
+            seq: 1,
+        };
+        net.cores[0].group_reply(now, q.origin, q.nonce, "team", Ok(state));
+        net.pump();
+        let receipts: Vec<(MsgId, Status, u16)> = net
+            .to_clients
+            .iter()
+            .filter_map(|(_, _, f)| match f {
+                RelayToClient::Receipt(r) => Some((r.id, r.status, r.reason)),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            receipts.contains(&(ids[0], Status::Delivered, 0)),
+            "{receipts:?}"
+        );
+        assert!(
+            receipts.contains(&(ids[1], Status::Rejected, ErrorCode::NotMember.as_u16())),
+            "{receipts:?}"
+        );
     }
 
     #[test]

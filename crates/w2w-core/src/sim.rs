@@ -114,6 +114,10 @@ pub struct SimConfig {
     /// it; a full relay answers with its peers' URLs (REDIRECT) and the
     /// dialler tries one of them at random, as `w2w serve --peer` does.
     pub bootstrap: bool,
+    /// A named group lives on relay 0 (PROTOCOL 8.1, 12.14) and clients of
+    /// every relay send to it now and then, members and outsiders alike:
+    /// its relay is found and asked for the members.
+    pub groups: bool,
     pub core: Config,
 }
 
@@ -145,6 +149,7 @@ impl Default for SimConfig {
             multi_home_one_in: 4,
             roam_one_in: 6,
             bootstrap: false,
+            groups: false,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 session_grace: Duration::from_millis(2),
@@ -179,6 +184,7 @@ impl SimConfig {
             cut_one_in: 60,
             partition_one_in: 300,
             warmup_us: 30_000,
+            groups: true,
             ..SimConfig::default()
         };
         c.core.receipt_timeout = Duration::from_millis(40);
@@ -226,6 +232,18 @@ impl SimConfig {
         c.core.federation.handoff_retry = Duration::from_millis(200);
         c
     }
+}
+
+/// The named group of the simulation (it lives on relay 0).
+const SIM_GROUP: &str = "crew";
+
+/// What relay 0's group table answers for `asker`: every member but it, or
+/// `not_member`.
+fn group_members(group: &BTreeSet<Address>, asker: &Address) -> Result<Vec<Address>, ErrorCode> {
+    if !group.contains(asker) {
+        return Err(ErrorCode::NotMember);
+    }
+    Ok(group.iter().filter(|m| *m != asker).copied().collect())
 }
 
 /// What a run did.
@@ -283,6 +301,10 @@ pub struct Report {
     pub events: u64,
     /// Simulated time of the run (µs).
     pub sim_us: u64,
+    /// MSGs sent to the named group, and of those the ones sent through
+    /// another relay than the group's.
+    pub group_msgs: u64,
+    pub group_remote: u64,
 }
 
 impl Report {
@@ -322,6 +344,8 @@ impl Report {
         self.delivered_notices += r.delivered_notices;
         self.events += r.events;
         self.sim_us += r.sim_us;
+        self.group_msgs += r.group_msgs;
+        self.group_remote += r.group_remote;
     }
 }
 
@@ -547,6 +571,10 @@ struct Sim<'a> {
     got_sessions: HashMap<(Address, MsgId), u32>,
     /// Every message sent: its sender and whether it was an a2a.
     sent_by: HashMap<MsgId, (Address, bool)>,
+    /// The named group's members (it lives on relay 0), and the messages
+    /// sent to it.
+    group: BTreeSet<Address>,
+    group_sent: HashSet<MsgId>,
     /// (message, target relay, relay) of every FORWARD that reached a relay.
     visits: HashMap<(MsgId, Address, usize), u32>,
     sending: bool,
@@ -703,6 +731,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
         got: HashSet::new(),
         got_sessions: HashMap::new(),
         sent_by: HashMap::new(),
+        group: BTreeSet::new(),
+        group_sent: HashSet::new(),
         visits: HashMap::new(),
         sending: true,
         faults: true,
@@ -711,6 +741,14 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, String> {
         trace: std::env::var_os("W2W_SIM_TRACE").is_some(),
     };
     sim.report.multi_homed = sim.clients.iter().filter(|c| c.homes.len() > 1).count() as u64;
+    if cfg.groups {
+        // About one client in three is a member.
+        for c in &sim.clients {
+            if sim.rng.one_in(3) {
+                sim.group.insert(c.address);
+            }
+        }
+    }
     sim.go().map_err(|e| format!("seed {seed}: {e}"))?;
     sim.report.sim_us = sim.now_us;
     Ok(sim.report)
@@ -762,6 +800,13 @@ impl Sim<'_> {
             .filter(|a| !relay.disk.known.contains_key(a))
             .collect();
         core.add_custody(custody);
+        if self.cfg.groups && r == 0 {
+            core.host_group(
+                self.t0 + Duration::from_micros(self.now_us),
+                SIM_GROUP,
+                false,
+            );
+        }
         if self.cfg.relays > 1 {
             // Its links come back within a few ms: until then it is joining.
             core.expect_peers(self.t0 + Duration::from_micros(self.now_us + 20_000));
@@ -932,7 +977,17 @@ impl Sim<'_> {
                     let now = self.now();
                     if let Some(core) = self.relays[relay].core.as_mut() {
                         match up {
-                            Up::Msg(frame, msg) => core.handle_msg(now, conn, frame, &msg, None),
+                            Up::Msg(frame, msg) => {
+                                // Relay 0's shell resolves its own group;
+                                // elsewhere the core finds it (`None`).
+                                let group = match &msg.dest {
+                                    Dest::Group(_) if relay == 0 && self.cfg.groups => {
+                                        Some(group_members(&self.group, &msg.from))
+                                    }
+                                    _ => None,
+                                };
+                                core.handle_msg(now, conn, frame, &msg, group)
+                            }
                             Up::Ack(ids) => core.handle_ack(now, conn, &ids),
                         }
                     }
@@ -1079,6 +1134,7 @@ impl Sim<'_> {
                 Scope::Relay
             }),
             1 | 12 => Dest::A2b(Address(self.rng.bytes())), // never registered
+            4 | 15 if self.cfg.groups => Dest::Group(SIM_GROUP.into()),
             2 | 3 | 13 | 14 => {
                 let n = self.rng.range((2, 4));
                 Dest::A2g((0..n).map(|_| pick(self)).collect())
@@ -1095,6 +1151,11 @@ impl Sim<'_> {
         let frame = ClientToRelay::Msg(msg.clone()).encode();
         self.sent_by
             .insert(msg.id, (msg.from, msg.dest == Dest::A2a));
+        if matches!(msg.dest, Dest::Group(_)) {
+            self.group_sent.insert(msg.id);
+            self.report.group_msgs += 1;
+            self.report.group_remote += (relay != 0) as u64;
+        }
         self.report.sent += 1;
         let d = self.link_delay(conn.0, true, self.cfg.link_delay_us);
         self.at(
@@ -1420,9 +1481,41 @@ impl Sim<'_> {
     /// Takes a relay's outputs.
     fn pump(&mut self, r: usize) -> Result<(), String> {
         let gen = self.relays[r].gen;
+        let now = self.now();
+        // Relay 0's shell answers questions about its group at once.
+        let group = &self.group;
+        let info = |asker: &Address| {
+            group_members(group, asker).map(|_| w2w_proto::group::GroupInfo {
+                name: SIM_GROUP.into(),
+                owner: group.first().copied().unwrap_or(Address([0; 32])),
+                members: group.iter().map(|m| (*m, false)).collect(),
+                seq: 1,
+            })
+        };
+        let mut answers = Vec::new();
+        if let Some(core) = self.relays[r].core.as_mut() {
+            while let Some(q) = core.poll_group_question() {
+                match &q.query {
+                    w2w_proto::s2s::GroupQuery::Info { asker, .. } => {
+                        answers.push((q.origin, q.nonce, info(asker)))
+                    }
+                    other => return Err(format!("relay {r} asked {other:?}")),
+                }
+            }
+            while let Some(o) = core.poll_group_outcome() {
+                if !matches!(o, crate::GroupOutcome::Fanout { .. }) {
+                    return Err(format!(
+                        "relay {r}: a group outcome nobody asked for: {o:?}"
+                    ));
+                }
+            }
+        }
         let Some(core) = self.relays[r].core.as_mut() else {
             return Ok(());
         };
+        for (origin, nonce, result) in answers {
+            core.group_reply(now, origin, nonce, SIM_GROUP, result);
+        }
         let mut transmits = Vec::new();
         while let Some(t) = core.poll_transmit() {
             transmits.push(t);
@@ -1689,6 +1782,24 @@ impl Sim<'_> {
         let Some(&(sender, a2a)) = self.sent_by.get(&r.id) else {
             return Err(format!("a receipt for {}, which nobody sent", r.id));
         };
+        if self.group_sent.contains(&r.id) {
+            // A group's receipt names exactly its other members, or
+            // refuses the MSG (an outsider is `not_member`).
+            let named: BTreeSet<Address> = r.entries.iter().map(|e| e.to).collect();
+            match group_members(&self.group, &sender) {
+                Ok(m) if r.status != Status::Rejected => {
+                    if named != m.into_iter().collect() || named.len() != r.entries.len() {
+                        return Err(format!("group receipt {} names {named:?}", r.id));
+                    }
+                }
+                Err(_) if r.status != Status::Rejected => {
+                    return Err(format!("an outsider's group MSG went out: {r:?}"));
+                }
+                Err(_) if r.reason == ErrorCode::NotMember.as_u16() => {}
+                // Refused for another reason (its relay unreachable…).
+                _ => {}
+            }
+        }
         // An a2a receipt has no entries: its one recipient is the sender.
         let entries: Vec<(Address, Status)> = if a2a {
             vec![(sender, r.status)]
