@@ -1113,13 +1113,18 @@ impl RelayCore {
                 }
             }
             let mut late = Vec::new();
-            for (to, state) in &mut f.recipients {
+            // A client's FORWARD whose receipt did not come: kept here if
+            // custody allows (below), else `timeout`.
+            let custody = matches!(f.reply, Reply::Client(_)) && self.config.federation.custody;
+            let mut unanswered = Vec::new();
+            for (i, (to, state)) in f.recipients.iter_mut().enumerate() {
                 match state {
                     // One session acknowledged it: the address has it.
                     Recipient::Unstored { acked, .. } if *acked > 0 => {
                         *state = Recipient::Settled(entry(*to, Status::Delivered, None));
                     }
                     Recipient::Unstored { .. } => late.push(*to),
+                    Recipient::Forwarded { .. } if custody => unanswered.push((i, *to)),
                     Recipient::Forwarded { .. } => {
                         self.stats.error(ErrorCode::Timeout);
                         *state = Recipient::Settled(entry(
@@ -1142,6 +1147,7 @@ impl RelayCore {
             for to in late {
                 self.store_late(key, to);
             }
+            self.keep_unanswered(key, unanswered);
             self.finish_if_settled(key);
         }
         self.dir_tick(now);
@@ -1206,6 +1212,47 @@ impl RelayCore {
 
     /// Writes the copy of a recipient that was handed it unstored and did
     /// not acknowledge it in time.
+    /// Legs of flight `key` forwarded and never answered by its deadline
+    /// (the path broke, or the relay went silent: whether it delivered is
+    /// unknown). One per recipient with no other way is kept here
+    /// (custody, PROTOCOL 12.13): handed over later, where a copy the
+    /// recipient's relay already took is not handed again (`taken`, and
+    /// the store's one row per id); the others are `timeout`.
+    fn keep_unanswered(&mut self, key: FlightKey, legs: Vec<(usize, Address)>) {
+        let mut kept: Vec<Address> = Vec::new();
+        for (i, to) in legs {
+            let Some(f) = self.flights.get(&key) else {
+                return;
+            };
+            let other_way = f.recipients.iter().enumerate().any(|(j, (a, s))| {
+                j != i
+                    && *a == to
+                    && match s {
+                        Recipient::Settled(e) => {
+                            matches!(e.status, Status::Delivered | Status::Queued)
+                        }
+                        Recipient::Forwarded { .. } | Recipient::Resolving { .. } => false,
+                        _ => true,
+                    }
+            });
+            let frame = f.frame.clone();
+            let state = if !other_way && !kept.contains(&to) && self.may_keep(&to) {
+                kept.push(to);
+                self.keep(key, to, &frame)
+            } else {
+                self.stats.error(ErrorCode::Timeout);
+                Recipient::Settled(entry(to, Status::NoRoute, Some(ErrorCode::Timeout)))
+            };
+            if let Some(s) = self
+                .flights
+                .get_mut(&key)
+                .and_then(|f| f.recipients.get_mut(i))
+            {
+                s.1 = state;
+            }
+        }
+    }
+
     fn store_late(&mut self, key: FlightKey, to: Address) {
         let Some(frame) = self.flights.get(&key).map(|f| f.frame.clone()) else {
             return;
@@ -1337,9 +1384,15 @@ impl RelayCore {
                     }
                     Ok(()) => self.after_commit(key, to),
                     Err(_) if acked => {
-                        if let Some(i) = self.by_address.get_mut(&to) {
-                            i.gone.remove(&key.0);
-                        }
+                        // This write failed, but another copy of the
+                        // message may be on disk (an earlier hand-off of
+                        // it, the store keeps one row per id): the ACK
+                        // deletes that one.
+                        let op = self.push_op(StoreOp::Dequeue {
+                            recipient: to,
+                            id: key.0,
+                        });
+                        self.note_gone(to, key.0, op);
                         Recipient::Settled(entry(to, Status::Delivered, None))
                     }
                     Err(code) => Recipient::Settled(entry(to, Status::Rejected, Some(code))),

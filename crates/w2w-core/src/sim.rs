@@ -575,8 +575,10 @@ struct Sim<'a> {
     /// sent to it.
     group: BTreeSet<Address>,
     group_sent: HashSet<MsgId>,
-    /// (message, target relay, relay) of every FORWARD that reached a relay.
-    visits: HashMap<(MsgId, Address, usize), u32>,
+    /// (message, target relay, its recipients, relay) of every FORWARD
+    /// that reached a relay (a message re-routed after `moved` goes to a
+    /// relay again for other recipients: another FORWARD).
+    visits: HashMap<(MsgId, Address, Vec<Address>, usize), u32>,
     sending: bool,
     faults: bool,
     /// After this (µs), an idle core's timers are not run: only the
@@ -1342,12 +1344,15 @@ impl Sim<'_> {
             return Err("a relay sent a peer frame that does not decode".into());
         };
         if let RelayToRelay::Forward(fwd) = &f {
-            if let ForwardTarget::Relay { relay: target, .. } = &fwd.target {
+            if let ForwardTarget::Relay { relay: target, to } = &fwd.target {
                 let id = match ClientToRelay::decode(&fwd.msg) {
                     Ok(ClientToRelay::Msg(m)) => m.id,
                     _ => return Err("a FORWARD carries no MSG".into()),
                 };
-                let n = self.visits.entry((id, *target, relay)).or_insert(0);
+                let n = self
+                    .visits
+                    .entry((id, *target, to.clone(), relay))
+                    .or_insert(0);
                 *n += 1;
                 match *n {
                     1 => {}
