@@ -158,7 +158,7 @@ pub(crate) struct Dir {
 
 /// Records put per step, and the time between steps (~10,000 records/s).
 const PUT_BATCH: usize = 512;
-const PUT_PACE: std::time::Duration = std::time::Duration::from_millis(50);
+pub(crate) const PUT_PACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Most FORWARDs parked at once waiting for a lookup of their sender.
 const MAX_PARKED: usize = 256;

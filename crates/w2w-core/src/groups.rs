@@ -210,8 +210,10 @@ impl crate::relay::RelayCore {
             }
             *placed = targets;
         }
-        if let Some(now) = self.dir.now {
-            self.flush_puts(now);
+        // Sent with the directory's next paced step (one step never sends
+        // more than its allowance, whatever else it put).
+        if !self.groups.outgoing.is_empty() && self.dir.put_at.is_none() {
+            self.dir.put_at = self.dir.now.map(|n| n + crate::directory::PUT_PACE);
         }
     }
 
@@ -1001,7 +1003,8 @@ mod tests {
             ))
         );
         net.cores[0].host_group(now, "team", true);
-        net.pump();
+        net.advance(Duration::from_millis(60)); // the paced put
+        let now = net.now;
 
         // Bob at relay 3 cannot create the same name.
         let mine = GroupOp::sign(&bob, "team", GroupAction::Create, 1);
@@ -1121,7 +1124,8 @@ mod tests {
         let cb = net.client(2, 2, &bob);
         let now = net.now;
         net.cores[0].host_group(now, "team", true);
-        net.pump();
+        net.advance(Duration::from_millis(60)); // the paced put
+        let now = net.now;
         let _ = alice;
         let msg = Msg {
             flags: 0,
@@ -1196,7 +1200,8 @@ mod tests {
         let cm = net.client(1, 4, &mallory);
         let now = net.now;
         net.cores[0].host_group(now, "team", true);
-        net.pump();
+        net.advance(Duration::from_millis(60)); // the paced put
+        let now = net.now;
         let mut ids = Vec::new();
         for (i, (who, conn)) in [(&bob, cb), (&mallory, cm)].into_iter().enumerate() {
             let msg = Msg {
@@ -1244,7 +1249,8 @@ mod tests {
         let mut net = Net::line(3);
         let now = net.now;
         net.cores[0].host_group(now, "team", true);
-        net.pump();
+        net.advance(Duration::from_millis(60)); // the paced put
+        let now = net.now;
         let key = group_key("team");
         let holders: Vec<usize> = (1..3)
             .filter(|i| net.cores[*i].groups.held.contains_key("team"))
