@@ -107,8 +107,12 @@ impl RelayProc {
     }
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
+async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, WAIT, f).await
+}
+
+async fn eventually_within(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if f() {
             return;
@@ -958,11 +962,17 @@ async fn a_federation_grown_from_one_seed_survives_any_one_relay() {
     for _ in 1..N {
         relays.push(RelayProc::start_with(vec![seed.clone()], &[], keep));
     }
-    eventually("every relay has at least 3 links", || {
-        relays
-            .iter()
-            .all(|r| r.metric("w2w_peer_links ").is_some_and(|n| n >= 3.0))
-    })
+    // (5 s alone; with the other federation tests' relays on the same two
+    // cores, dials that fail back off for seconds.)
+    eventually_within(
+        "every relay has at least 3 links",
+        Duration::from_secs(90),
+        || {
+            relays
+                .iter()
+                .all(|r| r.metric("w2w_peer_links ").is_some_and(|n| n >= 3.0))
+        },
+    )
     .await;
     converge(&relays).await;
     // Kill the relay with the most links (the seed, mostly).
