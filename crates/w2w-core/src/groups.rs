@@ -960,6 +960,21 @@ mod tests {
         }
     }
 
+    /// The answer relay `at` gave request `req_id` of a client of its own.
+    fn answer(net: &mut Net, at: usize, req_id: u32) -> (u8, Result<GroupInfo, ErrorCode>) {
+        let i = net
+            .outcomes
+            .iter()
+            .position(|(r, o)| {
+                *r == at && matches!(o, GroupOutcome::Answer { req_id: q, .. } if *q == req_id)
+            })
+            .expect("an answer");
+        match net.outcomes.remove(i).1 {
+            GroupOutcome::Answer { op, result, .. } => (op, result),
+            _ => unreachable!("matched above"),
+        }
+    }
+
     fn info(owner: &Identity, members: &[&Identity], seq: u64) -> GroupInfo {
         let mut members: Vec<(Address, bool)> = members
             .iter()
@@ -1010,15 +1025,7 @@ mod tests {
         let mine = GroupOp::sign(&bob, "team", GroupAction::Create, 1);
         net.cores[3].group_request(now, cb, 8, "team", GroupAsk::Create(mine));
         net.pump();
-        let Some((
-            3,
-            GroupOutcome::Answer {
-                req_id: 8, result, ..
-            },
-        )) = net.outcomes.pop()
-        else {
-            panic!("no answer");
-        };
+        let (_, result) = answer(&mut net, 3, 8);
         assert_eq!(result, Err(ErrorCode::GroupExists));
 
         // Bob's GROUP_INFO reaches relay 0 as a question naming him.
@@ -1039,18 +1046,7 @@ mod tests {
         let state = info(&alice, &[&alice, &bob, &carol], 3);
         net.cores[0].group_reply(now, q.origin, q.nonce, "team", Ok(state.clone()));
         net.pump();
-        let Some((
-            3,
-            GroupOutcome::Answer {
-                req_id: 9,
-                op,
-                result,
-                ..
-            },
-        )) = net.outcomes.pop()
-        else {
-            panic!("no answer");
-        };
+        let (op, result) = answer(&mut net, 3, 9);
         assert_eq!(op, RequestOp::GroupInfo(String::new()).code());
         assert_eq!(result, Ok(state.clone()));
 
@@ -1062,15 +1058,7 @@ mod tests {
         assert_eq!(q.query, GroupQuery::Op(add));
         net.cores[0].group_reply(now, q.origin, q.nonce, "team", Err(ErrorCode::NotAllowed));
         net.pump();
-        let Some((
-            3,
-            GroupOutcome::Answer {
-                req_id: 10, result, ..
-            },
-        )) = net.outcomes.pop()
-        else {
-            panic!("no answer");
-        };
+        let (_, result) = answer(&mut net, 3, 10);
         assert_eq!(result, Err(ErrorCode::NotAllowed));
 
         // Bob's MSG to the group: the members (but him) are its recipients,

@@ -476,26 +476,6 @@ fn put_group_record(b: &mut BytesMut, g: &GroupRecord) {
     b.put_slice(&g.sig);
 }
 
-fn read_group_records(r: &mut crate::frame::Reader<'_>) -> Result<Vec<GroupRecord>, DecodeError> {
-    let n = r.u8("record count")? as usize;
-    if n > MAX_DIR_RECORDS {
-        return Err(DecodeError::TooLong {
-            field: "records",
-            len: n,
-            max: MAX_DIR_RECORDS,
-        });
-    }
-    (0..n).map(|_| read_group_record(r)).collect()
-}
-
-fn put_group_records(b: &mut BytesMut, records: &[GroupRecord]) {
-    let records = &records[..records.len().min(MAX_DIR_RECORDS)];
-    b.put_u8(records.len() as u8);
-    for g in records {
-        put_group_record(b, g);
-    }
-}
-
 fn read_presence(r: &mut crate::frame::Reader<'_>) -> Result<Presence, DecodeError> {
     Ok(Presence {
         proof: RegistrationProof {
@@ -529,7 +509,11 @@ fn put_presence(b: &mut BytesMut, p: &Presence) {
     b.put_slice(&p.relay_sig);
 }
 
-fn read_records(r: &mut crate::frame::Reader<'_>) -> Result<Vec<Presence>, DecodeError> {
+/// A `u8`-counted list of records (at most [`MAX_DIR_RECORDS`]).
+fn read_records<T>(
+    r: &mut crate::frame::Reader<'_>,
+    read: impl Fn(&mut crate::frame::Reader<'_>) -> Result<T, DecodeError>,
+) -> Result<Vec<T>, DecodeError> {
     let n = r.u8("record count")? as usize;
     if n > MAX_DIR_RECORDS {
         return Err(DecodeError::TooLong {
@@ -538,14 +522,14 @@ fn read_records(r: &mut crate::frame::Reader<'_>) -> Result<Vec<Presence>, Decod
             max: MAX_DIR_RECORDS,
         });
     }
-    (0..n).map(|_| read_presence(r)).collect()
+    (0..n).map(|_| read(r)).collect()
 }
 
-fn put_records(b: &mut BytesMut, records: &[Presence]) {
+fn put_records<T>(b: &mut BytesMut, records: &[T], put: impl Fn(&mut BytesMut, &T)) {
     let records = &records[..records.len().min(MAX_DIR_RECORDS)];
     b.put_u8(records.len() as u8);
-    for p in records {
-        put_presence(b, p);
+    for x in records {
+        put(b, x);
     }
 }
 
@@ -580,7 +564,7 @@ impl RelayToRelay {
             ty::DIR_PUT => RelayToRelay::DirPut(DirPut {
                 target: r.address("target")?,
                 hops: r.u8("hops")?,
-                records: read_records(&mut r)?,
+                records: read_records(&mut r, read_presence)?,
             }),
             ty::DIR_GET => RelayToRelay::DirGet(DirGet {
                 origin: r.address("origin")?,
@@ -595,12 +579,12 @@ impl RelayToRelay {
                 hops: r.u8("hops")?,
                 nonce: r.u64("nonce")?,
                 address: r.address("address")?,
-                records: read_records(&mut r)?,
+                records: read_records(&mut r, read_presence)?,
             }),
             ty::GROUP_PUT => RelayToRelay::GroupPut(GroupPut {
                 target: r.address("target")?,
                 hops: r.u8("hops")?,
-                records: read_group_records(&mut r)?,
+                records: read_records(&mut r, read_group_record)?,
             }),
             ty::GROUP_GET => {
                 let (origin, target) = (r.address("origin")?, r.address("target")?);
@@ -632,7 +616,7 @@ impl RelayToRelay {
                 let (hops, nonce) = (r.u8("hops")?, r.u64("nonce")?);
                 let name = r.string("group name", MAX_NAME)?;
                 let reply = match r.u8("reply kind")? {
-                    1 => GroupReply::Located(read_group_records(&mut r)?),
+                    1 => GroupReply::Located(read_records(&mut r, read_group_record)?),
                     2 => GroupReply::State(match r.u16("status")? {
                         0 => Ok(GroupInfo::read(&mut r)?),
                         code => Err(code),
@@ -739,7 +723,7 @@ impl RelayToRelay {
                 head(&mut b, ty::DIR_PUT);
                 b.put_slice(&d.target.0);
                 b.put_u8(d.hops);
-                put_records(&mut b, &d.records);
+                put_records(&mut b, &d.records, put_presence);
             }
             RelayToRelay::DirGet(g) => {
                 head(&mut b, ty::DIR_GET);
@@ -756,13 +740,13 @@ impl RelayToRelay {
                 b.put_u8(a.hops);
                 b.put_u64(a.nonce);
                 b.put_slice(&a.address.0);
-                put_records(&mut b, &a.records);
+                put_records(&mut b, &a.records, put_presence);
             }
             RelayToRelay::GroupPut(d) => {
                 head(&mut b, ty::GROUP_PUT);
                 b.put_slice(&d.target.0);
                 b.put_u8(d.hops);
-                put_group_records(&mut b, &d.records);
+                put_records(&mut b, &d.records, put_group_record);
             }
             RelayToRelay::GroupGet(g) => {
                 head(&mut b, ty::GROUP_GET);
@@ -796,7 +780,7 @@ impl RelayToRelay {
                 match &a.reply {
                     GroupReply::Located(records) => {
                         b.put_u8(1);
-                        put_group_records(&mut b, records);
+                        put_records(&mut b, records, put_group_record);
                     }
                     GroupReply::State(Ok(info)) => {
                         b.put_u8(2);
