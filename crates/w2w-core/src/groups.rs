@@ -1238,7 +1238,6 @@ mod tests {
         let now = net.now;
         net.cores[0].host_group(now, "team", true);
         net.advance(Duration::from_millis(60)); // the paced put
-        let now = net.now;
         let key = group_key("team");
         let holders: Vec<usize> = (1..3)
             .filter(|i| net.cores[*i].groups.held.contains_key("team"))

@@ -1791,17 +1791,20 @@ impl Sim<'_> {
             // A group's receipt names exactly its other members, or
             // refuses the MSG (an outsider is `not_member`).
             let named: BTreeSet<Address> = r.entries.iter().map(|e| e.to).collect();
+            let went_out = r.status != Status::Rejected;
             match group_members(&self.group, &sender) {
-                Ok(m) if r.status != Status::Rejected => {
-                    if named != m.into_iter().collect() || named.len() != r.entries.len() {
-                        return Err(format!("group receipt {} names {named:?}", r.id));
-                    }
+                Ok(m)
+                    if went_out
+                        && (named != m.iter().copied().collect()
+                            || named.len() != r.entries.len()) =>
+                {
+                    return Err(format!("group receipt {} names {named:?}", r.id));
                 }
-                Err(_) if r.status != Status::Rejected => {
+                Err(_) if went_out => {
                     return Err(format!("an outsider's group MSG went out: {r:?}"));
                 }
-                Err(_) if r.reason == ErrorCode::NotMember.as_u16() => {}
-                // Refused for another reason (its relay unreachable…).
+                // Refused (an outsider `not_member`; anyone when the
+                // group's relay could not be asked).
                 _ => {}
             }
         }
