@@ -1,7 +1,8 @@
 //! `s2s::RelayToRelay::decode` on arbitrary bytes: every frame a peer relay
 //! sends on a federation link. Never panics; accepted frames round-trip
-//! exactly; PRESENCE and LINK_STATE records (and the records in DIR_PUT and
-//! DIR_ANSWER) are also signature-checked
+//! exactly; PRESENCE, LINK_STATE and group records (and the records in
+//! DIR_PUT, DIR_ANSWER, GROUP_PUT and GROUP_ANSWER, and a GROUP_GET's
+//! operation) are also signature-checked
 //! (`verify()` must not panic on any key or signature bytes, and a record
 //! made of fuzzer bytes must essentially never verify unless it is one of the
 //! genuine seed records).
@@ -41,6 +42,24 @@ fuzz_target!(|data: &[u8]| {
         RelayToRelay::DirAnswer(a) => {
             for p in &a.records {
                 let _ = p.verify();
+            }
+        }
+        RelayToRelay::GroupPut(d) => {
+            for g in &d.records {
+                let _ = g.verify();
+            }
+        }
+        RelayToRelay::GroupGet(g) => {
+            if let w2w_proto::s2s::GroupQuery::Op(op) = &g.query {
+                let _ = op.verify();
+            }
+            let _ = w2w_proto::s2s::group_key(g.query.name());
+        }
+        RelayToRelay::GroupAnswer(a) => {
+            if let w2w_proto::s2s::GroupReply::Located(records) = &a.reply {
+                for g in records {
+                    let _ = g.verify();
+                }
             }
         }
         RelayToRelay::FwdReceipt(_) | RelayToRelay::Redirect(_) | RelayToRelay::DirGet(_) => {}
