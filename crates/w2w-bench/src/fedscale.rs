@@ -107,29 +107,10 @@ impl Relay {
 }
 
 /// Reads one metric from a relay's `/metrics` (`None` if it is down).
-async fn metric(url: &str, name: &str) -> Option<f64> {
-    let addr = url.trim_start_matches("ws://").trim_end_matches('/');
-    let body = tokio::time::timeout(Duration::from_secs(3), async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
-        Some(body)
-    })
-    .await
-    .ok()??;
-    let prefix = format!("{name} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
-}
-
 async fn metrics_of(relays: &[Relay], name: &str) -> Vec<f64> {
     let mut out = Vec::new();
     for r in relays.iter().filter(|r| r.proc.is_some()) {
-        out.push(metric(&r.url, name).await.unwrap_or(-1.0));
+        out.push(crate::proc::metric(&r.url, name).await.unwrap_or(-1.0));
     }
     out
 }
@@ -361,7 +342,7 @@ async fn scenario(a: &FedArgs, n: usize, base: &std::path::Path) -> Result<serde
     until(
         "the restarted relay reaches every other",
         Duration::from_secs(60),
-        async || metric(&url, "w2w_known_relays").await == Some(want),
+        async || crate::proc::metric(&url, "w2w_known_relays").await == Some(want),
     )
     .await?;
     let rejoined = t0.elapsed().as_secs_f64();

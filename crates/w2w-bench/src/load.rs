@@ -59,6 +59,10 @@ pub struct Outcome {
     pub server: Option<crate::proc::UsageReport>,
     /// The load generator's CPU during the run.
     pub loadgen: Option<crate::proc::UsageReport>,
+    /// w2w: the share of the measured window its core lock was held
+    /// (`w2w_core_lock_seconds_total`): the part of the relay one core runs
+    /// at a time, so more cores can speed it up at most 1 / this.
+    pub core_lock_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, Default)]
@@ -97,12 +101,15 @@ struct Run {
     finished: std::sync::atomic::AtomicBool,
     /// CPU and memory of the watched processes over the measured window.
     usage: std::sync::Mutex<Vec<crate::proc::UsageReport>>,
+    /// The w2w relay's core lock share over the window (see `Outcome`).
+    lock_share: std::sync::Mutex<Option<f64>>,
 }
 
 impl Run {
     /// `watch`: process ids whose CPU and memory are read over exactly the
     /// measured window (server first, then the load generator).
-    fn new(spec: &Spec, watch: &[u32]) -> Arc<Run> {
+    /// `relay`: a w2w relay's URL, whose core lock time is read too.
+    fn new(spec: &Spec, watch: &[u32], relay: Option<&str>) -> Arc<Run> {
         let start = Instant::now();
         let run = Arc::new(Run {
             start,
@@ -120,8 +127,10 @@ impl Run {
             last_seq: (0..spec.pairs).map(|_| AtomicU64::new(0)).collect(),
             finished: Default::default(),
             usage: Default::default(),
+            lock_share: Default::default(),
         });
         let (r, pids) = (run.clone(), watch.to_vec());
+        let relay = relay.map(str::to_owned);
         tokio::spawn(async move {
             use crate::proc::{cpu_seconds, rss_kib, UsageReport};
             tokio::time::sleep_until(r.measure_from.into()).await;
@@ -129,6 +138,10 @@ impl Run {
                 .iter()
                 .map(|p| cpu_seconds(*p).unwrap_or(0.0))
                 .collect();
+            let lock0 = match &relay {
+                Some(u) => crate::proc::metric(u, "w2w_core_lock_seconds_total").await,
+                None => None,
+            };
             let t0 = Instant::now();
             let mut peak = vec![0u64; pids.len()];
             while Instant::now() < r.deadline {
@@ -139,6 +152,11 @@ impl Run {
                 tokio::time::sleep(left.min(Duration::from_millis(200))).await;
             }
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            if let (Some(u), Some(l0)) = (&relay, lock0) {
+                let l1 = crate::proc::metric(u, "w2w_core_lock_seconds_total").await;
+                *r.lock_share.lock().unwrap_or_else(|e| e.into_inner()) =
+                    l1.map(|l1| (l1 - l0) / secs);
+            }
             let reports = pids
                 .iter()
                 .enumerate()
@@ -293,6 +311,7 @@ impl Run {
             latency_us: Latency::of(hist),
             server: usage.first().copied(),
             loadgen: usage.get(1).copied(),
+            core_lock_share: *self.lock_share.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 }
@@ -342,7 +361,7 @@ pub async fn w2w(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
     }
     // A new connection first takes its (empty) stored backlog.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let run = Run::new(spec, watch);
+    let run = Run::new(spec, watch, Some(url));
     let bar = progress(&run, "w2w".into());
     let mut tasks = Vec::new();
     let mut receivers = Vec::new();
@@ -426,7 +445,7 @@ pub async fn w2w_raw(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
         pairs.push((tx, tx_id.address(), rx, rx_id.address()));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let run = Run::new(spec, watch);
+    let run = Run::new(spec, watch, Some(url));
     let bar = progress(&run, "w2w raw".into());
     let mut tasks = Vec::new();
     let mut receivers = Vec::new();
@@ -589,7 +608,7 @@ pub async fn bare(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
         pairs.push((tx, rx, b));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let run = Run::new(spec, watch);
+    let run = Run::new(spec, watch, None);
     let bar = progress(&run, "bare".into());
     let mut tasks = Vec::new();
     let mut receivers = Vec::new();
@@ -690,5 +709,6 @@ pub async fn iroh(
         latency_us: lat,
         server: None,
         loadgen: None,
+        core_lock_share: None,
     })
 }

@@ -490,7 +490,7 @@ fn us_per_msg(r: &Outcome) -> Option<f64> {
 fn print_row(label: &str, r: &Outcome) {
     let s = r.server.as_ref();
     println!(
-        "{label:<28} {:>9.0} {:>7.2} {:>8} {:>8} {:>9} {:>6} {:>7.1} {:>10} {:>9} {:>6} {:>4}",
+        "{label:<28} {:>9.0} {:>7.2} {:>8} {:>8} {:>9} {:>6} {:>7.1} {:>10} {:>9} {:>6} {:>4} {:>6}",
         r.msgs_per_sec,
         r.mbytes_per_sec,
         r.latency_us.p50,
@@ -505,6 +505,9 @@ fn print_row(label: &str, r: &Outcome) {
             .unwrap_or_else(|| "-".into()),
         r.lost,
         r.duplicated,
+        r.core_lock_share
+            .map(|l| format!("{:.0}%", l * 100.0))
+            .unwrap_or_else(|| "-".into()),
     );
 }
 
@@ -566,7 +569,7 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
     }
     println!("\nat the maximum rate:");
     println!(
-        "{:<28} {:>9} {:>7} {:>8} {:>8} {:>9} {:>6} {:>10} {:>9} {:>6} {:>4}",
+        "{:<28} {:>9} {:>7} {:>8} {:>8} {:>9} {:>6} {:>7} {:>10} {:>9} {:>6} {:>4} {:>6}",
         "system (max rate)",
         "msgs/s",
         "MB/s",
@@ -574,11 +577,14 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
         "p99 µs",
         "p99.9 µs",
         "srvCPU",
+        "µs/msg",
         "srvRSS KiB",
         "loadCPU%",
         "lost",
-        "dup"
+        "dup",
+        "lock"
     );
+    println!("(lock: the share of the time w2w's core lock was held; more cores can speed the relay up at most 1 / that)");
     for r in &max {
         print_row(&r.system, r);
     }

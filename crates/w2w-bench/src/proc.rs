@@ -347,3 +347,23 @@ pub fn raise_nofile() -> u64 {
     }
     0
 }
+
+/// One value from a w2w relay's `/metrics` (`url`: its ws:// URL).
+pub async fn metric(url: &str, name: &str) -> Option<f64> {
+    let addr = url.trim_start_matches("ws://").trim_end_matches('/');
+    let body = tokio::time::timeout(Duration::from_secs(3), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    })
+    .await
+    .ok()??;
+    let prefix = format!("{name} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+}

@@ -219,8 +219,9 @@ struct Session {
     /// Takes deliveries (false: a send-only session, role 2).
     receive: bool,
     /// Everything handed to this connection and not acknowledged. It also
-    /// stops the backlog reader from handing a message twice.
-    handed: BTreeMap<MsgId, Handed>,
+    /// stops the backlog reader from handing a message twice. (A hash map:
+    /// one insert and one remove per message, under the core lock.)
+    handed: HashMap<MsgId, Handed>,
 }
 
 /// An address's sessions here (PROTOCOL 7.7: one inbox, several
@@ -527,7 +528,7 @@ impl RelayCore {
             Session {
                 address,
                 receive,
-                handed: BTreeMap::new(),
+                handed: HashMap::with_hasher(self.flights.hasher().clone()),
             },
         );
         let inbox = self.by_address.entry(address).or_insert(Inbox {
@@ -611,7 +612,10 @@ impl RelayCore {
         // Something it held goes back to the inbox for the others.
         let mut back = false;
         let mut touched = BTreeSet::new();
-        for (id, h) in session.handed {
+        // In id order, as before (the writes below are made in this order).
+        let mut handed: Vec<(MsgId, Handed)> = session.handed.into_iter().collect();
+        handed.sort_unstable_by_key(|(id, _)| *id);
+        for (id, h) in handed {
             let Some(key) = h.flight else {
                 back |= h.stored;
                 continue;
@@ -1438,7 +1442,7 @@ impl RelayCore {
             let Some(s) = self.sessions.get_mut(&c) else {
                 continue;
             };
-            if let std::collections::btree_map::Entry::Vacant(v) = s.handed.entry(key.0) {
+            if let std::collections::hash_map::Entry::Vacant(v) = s.handed.entry(key.0) {
                 v.insert(Handed {
                     flight: None,
                     stored: true,
@@ -1469,10 +1473,10 @@ impl RelayCore {
                 continue;
             };
             match s.handed.entry(key.0) {
-                std::collections::btree_map::Entry::Occupied(_) => conns.push(c),
+                std::collections::hash_map::Entry::Occupied(_) => conns.push(c),
                 // Only when every session already held this id was it
                 // written for live sessions: a resent id.
-                std::collections::btree_map::Entry::Vacant(v) if phase == Phase::Live => {
+                std::collections::hash_map::Entry::Vacant(v) if phase == Phase::Live => {
                     v.insert(Handed {
                         flight: Some(key),
                         stored: true,
@@ -1483,7 +1487,7 @@ impl RelayCore {
                     }
                     conns.push(c);
                 }
-                std::collections::btree_map::Entry::Vacant(_) => missing = true,
+                std::collections::hash_map::Entry::Vacant(_) => missing = true,
             }
         }
         if missing {
@@ -1549,7 +1553,7 @@ impl RelayCore {
                 let Some(s) = self.sessions.get_mut(&c) else {
                     continue;
                 };
-                if let std::collections::btree_map::Entry::Vacant(v) = s.handed.entry(m.id) {
+                if let std::collections::hash_map::Entry::Vacant(v) = s.handed.entry(m.id) {
                     v.insert(Handed {
                         flight,
                         stored: true,

@@ -235,6 +235,34 @@ pub enum GroupWork {
 /// requests), dropped past it.
 const GROUP_WORK: usize = 8192;
 
+/// The core lock held, adding how long to a counter when let go: the
+/// share of time it is held bounds what more cores can give the relay.
+struct Held<'a> {
+    guard: MutexGuard<'a, Inner>,
+    since: Instant,
+    total: &'a std::sync::atomic::AtomicU64,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.guard
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let ns = self.since.elapsed().as_nanos() as u64;
+        self.total.fetch_add(ns, Relaxed);
+    }
+}
+
 /// The relay core and the outboxes its outputs go to.
 pub struct Federation {
     me: Address,
@@ -316,8 +344,14 @@ impl Federation {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// The core lock, timed (`w2w_core_lock_seconds_total`).
+    fn lock(&self) -> Held<'_> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        Held {
+            guard,
+            since: Instant::now(),
+            total: &self.metrics.core_lock_ns,
+        }
     }
 
     /// Runs `f` on the core, then carries out everything it asked for.

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub known_addresses: AtomicI64,
     /// Federation: records of other relays' named groups held here.
     pub group_records: AtomicI64,
+    /// Nanoseconds the core lock was held (every decision about a message
+    /// is taken under it: the part of the relay that one core runs at a
+    /// time).
+    pub core_lock_ns: AtomicU64,
     /// Federation: addresses with messages here waiting to move to
     /// another relay (custody, roaming; PROTOCOL 12.13).
     pub custody_addresses: AtomicI64,
@@ -88,6 +92,7 @@ impl Default for Metrics {
             known_relays: AtomicI64::new(0),
             known_addresses: AtomicI64::new(0),
             group_records: AtomicI64::new(0),
+            core_lock_ns: AtomicU64::new(0),
             custody_addresses: AtomicI64::new(0),
             handed_off: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
@@ -237,6 +242,11 @@ impl Metrics {
             "w2w_requests_total",
             "c2s requests answered.",
             self.requests_total.load(Relaxed),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP w2w_core_lock_seconds_total Time the relay core's lock was held (one core at a time runs it).\n# TYPE w2w_core_lock_seconds_total counter\nw2w_core_lock_seconds_total {:.6}",
+            self.core_lock_ns.load(Relaxed) as f64 / 1e9
         );
         let _ = writeln!(
             s,
