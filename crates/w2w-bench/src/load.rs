@@ -424,28 +424,43 @@ const RAW_BATCH: usize = 64;
 /// It still checks every message arrives once and in order, and counts
 /// receipts other than `delivered`.
 pub async fn w2w_raw(url: &str, spec: &Spec, watch: &[u32]) -> Result<Outcome> {
+    w2w_raw_between(url, url, url, spec, watch).await
+}
+
+/// The raw load with its senders registered at relay `from` and its
+/// receivers at relay `to` (the same relay, or the ends of a federation);
+/// `watched`: the relay whose core lock share is read.
+pub async fn w2w_raw_between(
+    from: &str,
+    to: &str,
+    watched: &str,
+    spec: &Spec,
+    watch: &[u32],
+) -> Result<Outcome> {
     use futures_util::FutureExt;
     use tokio_websockets::Message;
     use w2w_proto::frame::{ClientToRelay, Msg, MsgId};
-    let opts = ConnectOptions::new(url);
+    let (tx_opts, rx_opts) = (ConnectOptions::new(from), ConnectOptions::new(to));
     let mut pairs = Vec::new();
     for _ in 0..spec.pairs {
         let (tx_id, rx_id) = (
             Identity::from_seed(rand::random()),
             Identity::from_seed(rand::random()),
         );
-        let mut rx = w2w_client::connect_raw(&opts).await?;
-        w2w_client::register(&mut rx, &rx_id, url, None)
+        let mut rx = w2w_client::connect_raw(&rx_opts).await?;
+        w2w_client::register(&mut rx, &rx_id, to, None)
             .await
             .context("registering a receiver")?;
-        let mut tx = w2w_client::connect_raw(&opts).await?;
-        w2w_client::register(&mut tx, &tx_id, url, None)
+        let mut tx = w2w_client::connect_raw(&tx_opts).await?;
+        w2w_client::register(&mut tx, &tx_id, from, None)
             .await
             .context("registering a sender")?;
         pairs.push((tx, tx_id.address(), rx, rx_id.address()));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let run = Run::new(spec, watch, Some(url));
+    // (Across relays: the receivers' records reach their holders first.)
+    let settle = if from == to { 200 } else { 1_000 };
+    tokio::time::sleep(Duration::from_millis(settle)).await;
+    let run = Run::new(spec, watch, Some(watched));
     let bar = progress(&run, "w2w raw".into());
     let mut tasks = Vec::new();
     let mut receivers = Vec::new();

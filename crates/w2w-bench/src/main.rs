@@ -311,10 +311,12 @@ pub struct CompareArgs {
     /// Do not pin the server to CPU 0 and the load generator to CPU 1.
     #[arg(long)]
     no_pin: bool,
-    /// Measure only these systems (bare, w2w, w2w-raw, w2w-nondurable,
-    /// iroh); default: all available. `w2w-raw` is the same relay driven
-    /// by a load generator without the client library (raw sockets,
-    /// template frames, batched writes and ACKs).
+    /// Measure only these systems (bare, w2w, w2w-raw, w2w-hop,
+    /// w2w-nondurable, iroh); default: all available but w2w-hop. `w2w-raw`
+    /// is the same relay driven by a load generator without the client
+    /// library (raw sockets, template frames, batched writes and ACKs);
+    /// `w2w-hop` is that load through a line of three relays, measuring
+    /// the middle one: the cost of one federation hop.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Skip the half-rate latency runs.
@@ -444,6 +446,7 @@ async fn measure_with(
         "w2w-nondurable" => ServerProc::w2w(server_cpu, false, limits)?,
         "w2w-raw" => ServerProc::w2w(server_cpu, true, limits)?,
         "iroh" => ServerProc::iroh(iroh_bin.context("no iroh-relay bench binary")?, server_cpu)?,
+        "w2w-hop" => return measure_hop(spec, server_cpu, load_cpu, limits).await,
         other => bail!("unknown system {other}"),
     };
     if let Some(c) = load_cpu {
@@ -477,6 +480,39 @@ async fn measure_with(
     if whole.is_some() {
         r.server = whole;
     }
+    Ok(r)
+}
+
+/// One federation hop: a line of three relays A – B – C, the raw load's
+/// senders at A and receivers at C; the server measured is B, which only
+/// passes FORWARDs and FWD_RECEIPTs between its two peer links (on the
+/// server CPU; A, C and the load share the other).
+async fn measure_hop(
+    spec: &load::Spec,
+    server_cpu: Option<usize>,
+    load_cpu: Option<usize>,
+    limits: &str,
+) -> Result<Outcome> {
+    let c = ServerProc::w2w_linked(load_cpu, true, limits, &[])?;
+    let b = ServerProc::w2w_linked(server_cpu, true, limits, std::slice::from_ref(&c.url))?;
+    let a = ServerProc::w2w_linked(load_cpu, true, limits, std::slice::from_ref(&b.url))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for r in [&a, &c] {
+        while proc::metric(&r.url, "w2w_known_relays").await != Some(2.0) {
+            if std::time::Instant::now() > deadline {
+                bail!("the line of three relays did not link within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    if let Some(cpu) = load_cpu {
+        proc::pin_self(cpu)?;
+    }
+    let watch = [b.pid(), std::process::id()];
+    let r = load::w2w_raw_between(&a.url, &c.url, &b.url, spec, &watch).await;
+    proc::unpin_self()?;
+    let mut r = r?;
+    r.system = "w2w hop (middle relay)".into();
     Ok(r)
 }
 
@@ -538,10 +574,11 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
                 "w2w" => Ok("w2w"),
                 "w2w-nondurable" => Ok("w2w-nondurable"),
                 "w2w-raw" => Ok("w2w-raw"),
+                "w2w-hop" => Ok("w2w-hop"),
                 "iroh" if iroh_bin.is_some() => Ok("iroh"),
                 "iroh" => bail!("--only iroh: no iroh-relay bench binary (see --iroh-bin)"),
                 other => {
-                    bail!("--only: unknown system {other:?} (bare, w2w, w2w-raw, w2w-nondurable, iroh)")
+                    bail!("--only: unknown system {other:?} (bare, w2w, w2w-raw, w2w-hop, w2w-nondurable, iroh)")
                 }
             })
             .collect::<Result<_>>()?;
@@ -779,7 +816,10 @@ async fn smoke() -> Result<ExitCode> {
         no_durable_too: false,
         no_pin: false,
         no_half: false,
-        only: Vec::new(),
+        // Every system the default run has, and one federation hop.
+        only: ["bare", "w2w", "w2w-raw", "w2w-hop"]
+            .map(String::from)
+            .to_vec(),
         out: dir.clone(),
     })
     .await?;

@@ -115,6 +115,17 @@ impl ServerProc {
     /// dir, the per-client rate limits (frames and fan-out bytes) raised so
     /// the relay is measured, not the limiter. `durable=false` sets `federation.durable_delivery`.
     pub fn w2w(cpu: Option<usize>, durable: bool, extra_limits: &str) -> Result<ServerProc> {
+        Self::w2w_linked(cpu, durable, extra_limits, &[])
+    }
+
+    /// A w2w relay that dials `peers` and makes no links beyond them
+    /// (`min_peers` 0): a topology the caller chooses.
+    pub fn w2w_linked(
+        cpu: Option<usize>,
+        durable: bool,
+        extra_limits: &str,
+        peers: &[String],
+    ) -> Result<ServerProc> {
         let bin = w2w_bin()?;
         let dir = std::env::temp_dir().join(format!("w2w-bench-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir)?;
@@ -123,7 +134,7 @@ impl ServerProc {
             &cfg,
             format!(
                 "[limits]\nrate_per_sec = 1000000000\nrate_burst = 1000000000\nfanout_bytes_per_sec = 1000000000000\nfanout_bytes_burst = 1000000000000\nmax_connections_per_ip = 1000000000\nhandshake_rate_per_ip = 1000000000\nhandshake_burst_per_ip = 1000000000\n{extra_limits}\n\
-                 [federation]\ndurable_delivery = {durable}\n"
+                 [federation]\ndurable_delivery = {durable}\nmin_peers = 0\n"
             ),
         )?;
         let mut cmd = Command::new(bin);
@@ -133,6 +144,9 @@ impl ServerProc {
             .arg(&cfg)
             .env("HOME", &dir)
             .env("W2W_LOG", "warn");
+        for p in peers {
+            cmd.arg("--peer").arg(p);
+        }
         ServerProc::spawn("w2w", cmd, "w2w relay listening on ", cpu, Some(dir))
     }
 

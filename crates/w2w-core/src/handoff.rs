@@ -82,13 +82,14 @@ pub(crate) struct Handoffs {
 }
 
 impl Handoffs {
-    pub fn new(cap: usize, ttl: std::time::Duration) -> Self {
+    /// `taken`: an empty seen cache (bounded like the forwarding one).
+    pub fn new(taken: SeenCache) -> Self {
         Handoffs {
             pending: BTreeSet::new(),
             runs: BTreeMap::new(),
             next_scan: None,
             cursor: None,
-            taken: SeenCache::new(cap, ttl),
+            taken,
             federated: false,
         }
     }

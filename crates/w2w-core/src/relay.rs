@@ -350,11 +350,12 @@ impl RelayCore {
         known: impl IntoIterator<Item = Address>,
     ) -> Self {
         let me = identity.address();
-        let seen = SeenCache::new(config.federation.seen_cache, config.federation.seen_ttl);
-        let handoff =
-            crate::handoff::Handoffs::new(config.federation.seen_cache, config.federation.seen_ttl);
         let [k0, k1, k2, k3] = config.hash_seed;
         let hasher = ahash::RandomState::with_seeds(k0, k1, k2, k3);
+        let (cap, ttl) = (config.federation.seen_cache, config.federation.seen_ttl);
+        let seen = SeenCache::with_hasher(cap, ttl, hasher.clone());
+        let handoff =
+            crate::handoff::Handoffs::new(SeenCache::with_hasher(cap, ttl, hasher.clone()));
         let mut known_set = HashSet::with_hasher(hasher.clone());
         known_set.extend(known);
         let mut core = RelayCore {

@@ -44,17 +44,23 @@ pub struct SeenCache {
     cap: usize,
     ttl: Duration,
     order: VecDeque<(Instant, SeenKey)>,
-    set: HashSet<SeenKey>,
+    set: HashSet<SeenKey, ahash::RandomState>,
 }
 
 impl SeenCache {
     /// At most `cap` entries (at least 16), each for at most `ttl`.
     pub fn new(cap: usize, ttl: Duration) -> Self {
+        Self::with_hasher(cap, ttl, ahash::RandomState::new())
+    }
+
+    /// The same, hashing with `hasher` (the core's, seeded by its caller:
+    /// aHash, not SipHash, on the forwarding path).
+    pub fn with_hasher(cap: usize, ttl: Duration, hasher: ahash::RandomState) -> Self {
         SeenCache {
             cap: cap.max(16),
             ttl,
             order: VecDeque::new(),
-            set: HashSet::new(),
+            set: HashSet::with_hasher(hasher),
         }
     }
 
