@@ -66,30 +66,7 @@ pub async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -
     register(&mut warm, &Identity::from_seed(rand::random()), url, None).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid)?;
-    let uri: http::Uri = url.parse()?;
-    let relay: std::net::SocketAddr = uri
-        .authority()
-        .map(|a| a.as_str())
-        .unwrap_or_default()
-        .parse()
-        .map_err(|e| anyhow::anyhow!("idle needs a ws://IP:PORT relay URL ({url}): {e}"))?;
-    let mut conns = Vec::with_capacity(n);
-    for i in 0..n {
-        // Past one source address's ports: the next loopback address.
-        let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8);
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind((source, 0).into())?;
-        let tcp = socket.connect(relay).await?;
-        let (mut ws, _) = tokio_websockets::ClientBuilder::from_uri(uri.clone())
-            .connect_on(tcp)
-            .await?;
-        register(&mut ws, &Identity::from_seed(rand::random()), url, None).await?;
-        conns.push(ws);
-        if (i + 1) % 1000 == 0 {
-            eprint!("\r{} / {n} connections", i + 1);
-        }
-    }
-    eprintln!();
+    let conns = open_idle(url, n).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_kib(pid)?;
     let per = (after.saturating_sub(before) as f64 * 1024.0) / n as f64;
@@ -108,6 +85,49 @@ pub async fn idle_bench(url: &str, pid: u32, n: usize, json: Option<&PathBuf>) -
     }
     drop(conns);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `n` registered connections to the relay at `url` that stay idle (never
+/// read), from 127.0.0.2, 127.0.0.3, … (20,000 per source address).
+pub async fn open_idle(url: &str, n: usize) -> Result<Vec<Box<dyn std::any::Any + Send>>> {
+    use w2w_client::register;
+    let uri: http::Uri = url.parse()?;
+    let relay: std::net::SocketAddr = uri
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| {
+            anyhow::anyhow!("idle connections need a ws://IP:PORT relay URL ({url}): {e}")
+        })?;
+    // Each call takes loopback addresses of its own: a previous call's
+    // closed connections hold their ports (TIME_WAIT) for a minute.
+    static NEXT_SOURCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(2);
+    let base = NEXT_SOURCE.fetch_add(
+        n.div_ceil(PER_SOURCE).max(1),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let mut conns: Vec<Box<dyn std::any::Any + Send>> = Vec::with_capacity(n);
+    for i in 0..n {
+        // Past one source address's ports: the next loopback address.
+        let last = (base + i / PER_SOURCE).min(254);
+        let source = std::net::Ipv4Addr::new(127, 0, 0, last as u8);
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        let tcp = socket.connect(relay).await?;
+        let (mut ws, _) = tokio_websockets::ClientBuilder::from_uri(uri.clone())
+            .connect_on(tcp)
+            .await?;
+        register(&mut ws, &Identity::from_seed(rand::random()), url, None).await?;
+        conns.push(Box::new(ws));
+        if (i + 1) % 1000 == 0 {
+            eprint!("\r{} / {n} connections", i + 1);
+        }
+    }
+    if n >= 1000 {
+        eprintln!();
+    }
+    Ok(conns)
 }
 
 /// Queued messages per second into a real SQLite file (synchronous=FULL):

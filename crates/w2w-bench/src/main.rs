@@ -181,10 +181,15 @@ pub struct CurvesArgs {
     /// Systems (bare, w2w-raw, w2w).
     #[arg(long, value_delimiter = ',', default_value = "bare,w2w-raw")]
     only: Vec<String>,
-    /// a2n audiences (receiving clients) for the fan-out curve (empty:
-    /// none).
-    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    /// a2n audiences (receiving clients) for the fan-out curve
+    /// (`--audiences` alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,1000,10000")]
     audiences: Vec<usize>,
+    /// Idle registered connections beside the a2b load (64 B, raw load):
+    /// the cost per message against the number of connected clients
+    /// (`--connected` alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,1000,10000")]
+    connected: Vec<usize>,
     /// Measured seconds per point.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
@@ -286,7 +291,46 @@ async fn curves(a: CurvesArgs) -> Result<serde_json::Value> {
             ),
         )?;
     }
-    let out = serde_json::json!({ "machine": machine(), "a2b": points, "a2n": fan_points });
+    // a2b against the number of connected (idle) clients.
+    let mut conn_points = Vec::new();
+    let (mut conn_rate, mut conn_cpu) = (Vec::new(), Vec::new());
+    for &n in &a.connected {
+        let r = measure_connected(n, a.seconds).await?;
+        anyhow::ensure!(
+            r.lost == 0 && r.duplicated == 0,
+            "w2w-raw beside {n} idle clients lost or duplicated messages"
+        );
+        let us = us_per_msg(&r).unwrap_or(f64::NAN);
+        let lock = r.core_lock_share.unwrap_or(f64::NAN);
+        println!(
+            "a2b beside {n:>6} idle clients: {:>9.0} msgs/s, {us:.1} µs/msg, lock {:.0} %",
+            r.msgs_per_sec,
+            lock * 100.0
+        );
+        conn_rate.push(((n as f64).log10(), r.msgs_per_sec / 1000.0));
+        conn_cpu.push(((n as f64).log10(), us));
+        conn_points.push(serde_json::json!({
+            "idle_clients": n, "msgs_per_sec": r.msgs_per_sec, "server_us_per_msg": us,
+            "core_lock_share": lock,
+        }));
+    }
+    if !conn_points.is_empty() {
+        std::fs::write(
+            a.out.join("curves-connected.svg"),
+            plot::lines(
+                "a2b (64 B, raw load) vs connected idle clients",
+                "idle registered clients, log10",
+                "thousand msgs/s; server µs per message",
+                &[
+                    ("thousand msgs/s".to_string(), conn_rate),
+                    ("server µs/msg".to_string(), conn_cpu),
+                ],
+            ),
+        )?;
+    }
+    let out = serde_json::json!({
+        "machine": machine(), "a2b": points, "a2n": fan_points, "connected": conn_points,
+    });
     std::fs::write(
         a.out.join("curves.json"),
         serde_json::to_string_pretty(&out)?,
@@ -481,6 +525,41 @@ async fn measure_with(
         r.server = whole;
     }
     Ok(r)
+}
+
+/// The raw a2b load (4 pairs, 64 B) through a relay (pinned to CPU 0, the
+/// load to CPU 1) that also holds `n` idle registered connections.
+async fn measure_connected(n: usize, seconds: f64) -> Result<Outcome> {
+    let nofile = proc::raise_nofile();
+    anyhow::ensure!(
+        (n as u64) + 200 <= nofile,
+        "{n} idle clients need RLIMIT_NOFILE >= {} (the hard limit here is {nofile})",
+        n + 200
+    );
+    let pin = proc::cpu_count() >= 2;
+    // Idle clients that never answer a ping stay connected for the run.
+    let limits = format!(
+        "{}ping_interval_ms = 600000\nping_timeout_ms = 600000\n",
+        idle_limits(n)
+    );
+    let server = ServerProc::w2w(pin.then_some(0), true, &limits)?;
+    let idle = inproc::open_idle(&server.url, n).await?;
+    if pin {
+        proc::pin_self(1)?;
+    }
+    let spec = Spec {
+        pairs: 4,
+        window: 32,
+        size: 64,
+        seconds: seconds.max(0.1),
+        warmup: Duration::from_millis(300),
+        rate: None,
+    };
+    let watch = [server.pid(), std::process::id()];
+    let r = load::w2w_raw(&server.url, &spec, &watch).await;
+    proc::unpin_self()?;
+    drop(idle);
+    r
 }
 
 /// One federation hop: a line of three relays A – B – C, the raw load's
