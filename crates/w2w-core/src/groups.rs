@@ -613,18 +613,7 @@ impl crate::relay::RelayCore {
 
     fn group_fail(&mut self, now: Instant, w: Waiter, code: ErrorCode) {
         self.stats.error(code);
-        match w {
-            w @ Waiter::Msg { .. } => self.group_answered(now, w, Err(code)),
-            Waiter::Request { conn, req_id, ask } => {
-                let op = op_code(&ask);
-                self.groups.outcomes.push_back(GroupOutcome::Answer {
-                    conn,
-                    req_id,
-                    op,
-                    result: Err(code),
-                });
-            }
-        }
+        self.group_answered(now, w, Err(code));
     }
 
     /// An answer for a client here.
