@@ -159,8 +159,8 @@ pub(crate) struct GroupDir {
 
 fn op_code(ask: &GroupAsk) -> u8 {
     match ask {
-        GroupAsk::Info => RequestOp::GroupInfo(String::new()).code(),
-        GroupAsk::Create(op) | GroupAsk::Op(op) => RequestOp::Group(op.clone()).code(),
+        GroupAsk::Info => RequestOp::GROUP_INFO,
+        GroupAsk::Create(_) | GroupAsk::Op(_) => RequestOp::GROUP,
     }
 }
 
@@ -1036,7 +1036,7 @@ mod tests {
         net.cores[0].group_reply(now, q.origin, q.nonce, "team", Ok(state.clone()));
         net.pump();
         let (op, result) = answer(&mut net, 3, 9);
-        assert_eq!(op, RequestOp::GroupInfo(String::new()).code());
+        assert_eq!(op, RequestOp::GROUP_INFO);
         assert_eq!(result, Ok(state.clone()));
 
         // An operation travels signed and comes back with the new state.

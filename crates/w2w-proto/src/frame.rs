@@ -272,15 +272,23 @@ pub enum RequestOp {
 }
 
 impl RequestOp {
+    /// The op bytes on the wire (a RESPONSE repeats its REQUEST's).
+    pub const ONLINE: u8 = 1;
+    pub const LOOKUP: u8 = 2;
+    pub const PRESENCE: u8 = 3;
+    pub const GROUP: u8 = 4;
+    pub const GROUP_INFO: u8 = 5;
+    pub const EXCLUSIVE: u8 = 6;
+
     /// The op byte on the wire.
     pub fn code(&self) -> u8 {
         match self {
-            RequestOp::Online { .. } => 1,
-            RequestOp::Lookup(_) => 2,
-            RequestOp::Presence(_) => 3,
-            RequestOp::Group(_) => 4,
-            RequestOp::GroupInfo(_) => 5,
-            RequestOp::Exclusive => 6,
+            RequestOp::Online { .. } => Self::ONLINE,
+            RequestOp::Lookup(_) => Self::LOOKUP,
+            RequestOp::Presence(_) => Self::PRESENCE,
+            RequestOp::Group(_) => Self::GROUP,
+            RequestOp::GroupInfo(_) => Self::GROUP_INFO,
+            RequestOp::Exclusive => Self::EXCLUSIVE,
         }
     }
 }
@@ -718,15 +726,17 @@ impl ClientToRelay {
             ty::REQUEST => {
                 let req_id = r.u32("req_id")?;
                 let op = match r.u8("op")? {
-                    1 => RequestOp::Online {
+                    RequestOp::ONLINE => RequestOp::Online {
                         offset: r.u32("offset")?,
                         limit: r.u16("limit")?,
                     },
-                    2 => RequestOp::Lookup(r.address("address")?),
-                    3 => RequestOp::Presence(flag(&mut r, "on")?),
-                    4 => RequestOp::Group(crate::group::GroupOp::read(&mut r)?),
-                    5 => RequestOp::GroupInfo(r.string("group name", crate::group::MAX_NAME)?),
-                    6 => RequestOp::Exclusive,
+                    RequestOp::LOOKUP => RequestOp::Lookup(r.address("address")?),
+                    RequestOp::PRESENCE => RequestOp::Presence(flag(&mut r, "on")?),
+                    RequestOp::GROUP => RequestOp::Group(crate::group::GroupOp::read(&mut r)?),
+                    RequestOp::GROUP_INFO => {
+                        RequestOp::GroupInfo(r.string("group name", crate::group::MAX_NAME)?)
+                    }
+                    RequestOp::EXCLUSIVE => RequestOp::Exclusive,
                     other => return Err(DecodeError::UnknownOp(other)),
                 };
                 ClientToRelay::Request(Request { req_id, op })
@@ -833,12 +843,12 @@ impl RelayToClient {
                     Err(st)
                 } else {
                     Ok(match op {
-                        1 => {
+                        RequestOp::ONLINE => {
                             let total = r.u32("total")?;
                             let addresses = r.address_list("addresses")?;
                             ResponseBody::Online { total, addresses }
                         }
-                        2 => {
+                        RequestOp::LOOKUP => {
                             if !flag(&mut r, "found")? {
                                 ResponseBody::Lookup(None)
                             } else {
@@ -848,9 +858,11 @@ impl RelayToClient {
                                 }))
                             }
                         }
-                        3 => ResponseBody::Presence,
-                        4 | 5 => ResponseBody::Group(crate::group::GroupInfo::read(&mut r)?),
-                        6 => ResponseBody::Exclusive {
+                        RequestOp::PRESENCE => ResponseBody::Presence,
+                        RequestOp::GROUP | RequestOp::GROUP_INFO => {
+                            ResponseBody::Group(crate::group::GroupInfo::read(&mut r)?)
+                        }
+                        RequestOp::EXCLUSIVE => ResponseBody::Exclusive {
                             closed: r.u32("closed")?,
                         },
                         other => return Err(DecodeError::UnknownOp(other)),

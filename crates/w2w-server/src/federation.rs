@@ -408,7 +408,7 @@ impl Federation {
                 });
                 let resp = RelayToClient::Response(Response {
                     req_id,
-                    op: RequestOp::Lookup(Address([0; 32])).code(),
+                    op: RequestOp::LOOKUP,
                     result: Ok(ResponseBody::Lookup(hosted)),
                 });
                 let _ = outbox.try_enqueue(resp.encode());

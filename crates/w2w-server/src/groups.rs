@@ -249,7 +249,7 @@ fn apply_here(
 /// A client's operation on a group of this relay (or a create), answered
 /// on its connection once durable.
 pub fn apply_for_client(shared: &Arc<Shared>, outbox: Arc<Outbox>, req_id: u32, op: GroupOp) {
-    let code = w2w_proto::frame::RequestOp::Group(op.clone()).code();
+    let code = w2w_proto::frame::RequestOp::GROUP;
     apply_here(shared, op, move |result| {
         let result = result.map(ResponseBody::Group).map_err(|c| c.as_u16());
         let resp = RelayToClient::Response(Response {
