@@ -164,8 +164,13 @@ fn op_code(ask: &GroupAsk) -> u8 {
     }
 }
 
-fn winner(records: impl IntoIterator<Item = GroupRecord>) -> Option<GroupRecord> {
-    records.into_iter().min_by_key(|r| r.precedence())
+/// The relay that holds a name of several relays' records (the smallest
+/// `(since_ms, relay)`).
+fn winner<'a>(records: impl IntoIterator<Item = &'a GroupRecord>) -> Option<Address> {
+    records
+        .into_iter()
+        .min_by_key(|r| r.precedence())
+        .map(|r| r.relay)
 }
 
 impl crate::relay::RelayCore {
@@ -305,7 +310,6 @@ impl crate::relay::RelayCore {
                 self.groups.held_len += 1;
             }
         }
-        self.groups.held.retain(|_, v| !v.is_empty());
     }
 
     /// Group records this relay holds for other relays.
@@ -319,10 +323,13 @@ impl crate::relay::RelayCore {
             return Some(self.me);
         }
         let now = self.dir.now;
-        if let Some(v) = self.groups.held.get(name) {
-            if let Some(w) = winner(v.iter().map(|(r, _)| r.clone())) {
-                return Some(w.relay);
-            }
+        if let Some(w) = self
+            .groups
+            .held
+            .get(name)
+            .and_then(|v| winner(v.iter().map(|(r, _)| r)))
+        {
+            return Some(w);
         }
         self.groups
             .cache
@@ -447,7 +454,7 @@ impl crate::relay::RelayCore {
             return;
         };
         self.groups.deadlines.remove(&(l.deadline, l.nonce));
-        let home = winner(l.found).map(|r| r.relay);
+        let home = winner(&l.found);
         if let Some(h) = home {
             if self.groups.cache.len() < self.config.federation.max_cache {
                 let ttl = self.config.federation.cache_ttl;
@@ -461,33 +468,33 @@ impl crate::relay::RelayCore {
 
     /// Where `name` lives is known (`None`: nowhere): `w` goes on.
     fn group_found(&mut self, now: Instant, name: &str, home: Option<Address>, w: Waiter) {
-        let (home, create) = match (&w, home) {
+        let elsewhere = home.filter(|h| *h != self.me);
+        match (w, elsewhere) {
+            // A create: refused if another relay hosts the name, else the
+            // shell applies it here.
+            (
+                w @ Waiter::Request {
+                    ask: GroupAsk::Create(_),
+                    ..
+                },
+                Some(_),
+            ) => self.group_fail(now, w, ErrorCode::GroupExists),
             (
                 Waiter::Request {
                     conn,
                     req_id,
                     ask: GroupAsk::Create(op),
                 },
-                h,
-            ) => {
-                if h.is_some_and(|h| h != self.me) {
-                    return self.group_fail(now, w, ErrorCode::GroupExists);
-                }
-                let (conn, req_id, op) = (*conn, *req_id, op.clone());
-                (None, Some(GroupOutcome::Create { conn, req_id, op }))
-            }
-            (_, Some(h)) if h != self.me => (Some(h), None),
-            // Hosted here per our records, but the shell did not find it
-            // (or nowhere): unknown.
-            _ => (None, None),
-        };
-        if let Some(c) = create {
-            return self.groups.outcomes.push_back(c);
+                None,
+            ) => self
+                .groups
+                .outcomes
+                .push_back(GroupOutcome::Create { conn, req_id, op }),
+            (w, Some(h)) => self.ask_home(now, name, h, w),
+            // Nowhere (or here per our records, but the shell did not
+            // find it): unknown.
+            (w, None) => self.group_fail(now, w, ErrorCode::UnknownGroup),
         }
-        let Some(home) = home else {
-            return self.group_fail(now, w, ErrorCode::UnknownGroup);
-        };
-        self.ask_home(now, name, home, w);
     }
 
     /// Asks relay `home` about group `name` for `w`: one question per
