@@ -63,6 +63,50 @@ pub struct Outcome {
     /// (`w2w_core_lock_seconds_total`): the part of the relay one core runs
     /// at a time, so more cores can speed it up at most 1 / this.
     pub core_lock_share: Option<f64>,
+    /// w2w: its store's durable transactions in the measured window
+    /// (`w2w_store_commit_seconds`): a durable message waits for one.
+    #[serde(default)]
+    pub store_commits: Option<Commits>,
+}
+
+/// A relay's store commits over a window, from its histogram.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, Default)]
+pub struct Commits {
+    pub count: u64,
+    pub mean_us: f64,
+    /// Commits that took more than 2.5 ms / 10 ms (histogram buckets).
+    pub over_2_5ms: u64,
+    pub over_10ms: u64,
+}
+
+/// The commit histogram's figures [`Commits`] is made of.
+const COMMIT_FIGURES: [&str; 4] = [
+    "w2w_store_commit_seconds_count",
+    "w2w_store_commit_seconds_sum",
+    "w2w_store_commit_seconds_bucket{le=\"0.0025\"}",
+    "w2w_store_commit_seconds_bucket{le=\"0.01\"}",
+];
+
+/// The lock's seconds and the commit figures, read at once.
+async fn relay_figures(url: &str) -> Vec<Option<f64>> {
+    let mut names = vec!["w2w_core_lock_seconds_total"];
+    names.extend(COMMIT_FIGURES);
+    crate::proc::metrics(url, &names).await
+}
+
+impl Commits {
+    /// Between two reads of [`COMMIT_FIGURES`] (`None` if a figure is
+    /// missing: an older relay).
+    fn between(a: &[Option<f64>], b: &[Option<f64>]) -> Option<Commits> {
+        let d = |i: usize| Some(b.get(i).copied()?? - a.get(i).copied()??);
+        let count = d(0)?;
+        Some(Commits {
+            count: count as u64,
+            mean_us: d(1)? * 1e6 / count.max(1.0),
+            over_2_5ms: (count - d(2)?) as u64,
+            over_10ms: (count - d(3)?) as u64,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, Default)]
@@ -103,6 +147,7 @@ struct Run {
     usage: std::sync::Mutex<Vec<crate::proc::UsageReport>>,
     /// The w2w relay's core lock share over the window (see `Outcome`).
     lock_share: std::sync::Mutex<Option<f64>>,
+    commits: std::sync::Mutex<Option<Commits>>,
 }
 
 impl Run {
@@ -128,6 +173,7 @@ impl Run {
             finished: Default::default(),
             usage: Default::default(),
             lock_share: Default::default(),
+            commits: Default::default(),
         });
         let (r, pids) = (run.clone(), watch.to_vec());
         let relay = relay.map(str::to_owned);
@@ -138,9 +184,9 @@ impl Run {
                 .iter()
                 .map(|p| cpu_seconds(*p).unwrap_or(0.0))
                 .collect();
-            let lock0 = match &relay {
-                Some(u) => crate::proc::metric(u, "w2w_core_lock_seconds_total").await,
-                None => None,
+            let before = match &relay {
+                Some(u) => relay_figures(u).await,
+                None => Vec::new(),
             };
             let t0 = Instant::now();
             let mut peak = vec![0u64; pids.len()];
@@ -152,10 +198,16 @@ impl Run {
                 tokio::time::sleep(left.min(Duration::from_millis(200))).await;
             }
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            if let (Some(u), Some(l0)) = (&relay, lock0) {
-                let l1 = crate::proc::metric(u, "w2w_core_lock_seconds_total").await;
-                *r.lock_share.lock().unwrap_or_else(|e| e.into_inner()) =
-                    l1.map(|l1| (l1 - l0) / secs);
+            if let Some(u) = &relay {
+                let after = relay_figures(u).await;
+                if let (Some(Some(l0)), Some(Some(l1))) = (before.first(), after.first()) {
+                    *r.lock_share.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((l1 - l0) / secs);
+                }
+                *r.commits.lock().unwrap_or_else(|e| e.into_inner()) = Commits::between(
+                    before.get(1..).unwrap_or(&[]),
+                    after.get(1..).unwrap_or(&[]),
+                );
             }
             let reports = pids
                 .iter()
@@ -312,6 +364,7 @@ impl Run {
             server: usage.first().copied(),
             loadgen: usage.get(1).copied(),
             core_lock_share: *self.lock_share.lock().unwrap_or_else(|e| e.into_inner()),
+            store_commits: *self.commits.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 }
@@ -561,8 +614,11 @@ pub async fn w2w_raw_between(
 
 /// Sends pair `pair`'s messages (`frame(seq)`) to `sink` as its window
 /// allows: waits for a slot, then feeds more while slots are free now (at
-/// most [`RAW_BATCH`]; one per slot when paced), one flush per batch. Ends
-/// at the deadline or when the sink fails.
+/// most [`RAW_BATCH`]; when paced, only those already due), one flush per
+/// batch. Paced, the timer wakes it at most once a millisecond, so each
+/// wake-up sends what fell due since (a flush per message capped the
+/// paced rate near 200,000 msgs/s). Ends at the deadline or when the sink
+/// fails.
 async fn send_batched<S>(
     run: &Run,
     pair: usize,
@@ -584,7 +640,8 @@ async fn send_batched<S>(
                 break 'send;
             }
             n += 1;
-            if interval.is_some() || n == RAW_BATCH || !run.try_slot(pair) {
+            let due = interval.is_none() || next_at <= tokio::time::Instant::now();
+            if !due || n == RAW_BATCH || !run.try_slot(pair) {
                 break;
             }
         }
@@ -725,5 +782,6 @@ pub async fn iroh(
         server: None,
         loadgen: None,
         core_lock_share: None,
+        store_commits: None,
     })
 }

@@ -769,6 +769,40 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
         );
         ratios.insert("w2w_half_rate_p99_over_p50".into(), q.into());
     }
+    // Item 4 of issue 13: the tail against the bare forwarder's, same run.
+    let tail = |r: &Outcome| r.latency_us.p99 as f64 / r.latency_us.p50.max(1) as f64;
+    let half_of = |name: &str| {
+        systems
+            .iter()
+            .position(|s| *s == name)
+            .and_then(|i| half.get(i))
+    };
+    if let Some(b) = half_of("bare") {
+        for name in ["w2w-raw", "w2w"] {
+            if let Some(w) = half_of(name) {
+                println!(
+                    "at half rate, p99 / p50: {} {:.2}x, bare forwarder {:.2}x (target: no worse)",
+                    w.system,
+                    tail(w),
+                    tail(b)
+                );
+                ratios.insert(
+                    format!("{}_half_rate_tail_over_bare", name.replace('-', "_")),
+                    (tail(w) / tail(b)).into(),
+                );
+            }
+        }
+    }
+    for (when, rows) in [("max rate", &max), ("half rate", &half)] {
+        for r in rows.iter() {
+            if let Some(c) = r.store_commits {
+                println!(
+                    "{} at {when}: {} store commits (mean {:.0} µs), {} over 2.5 ms, {} over 10 ms; p99.9 {} µs",
+                    r.system, c.count, c.mean_us, c.over_2_5ms, c.over_10ms, r.latency_us.p999
+                );
+            }
+        }
+    }
     let result = serde_json::json!({
         "machine": machine(),
         "max_rate": max,

@@ -364,6 +364,13 @@ pub fn raise_nofile() -> u64 {
 
 /// One value from a w2w relay's `/metrics` (`url`: its ws:// URL).
 pub async fn metric(url: &str, name: &str) -> Option<f64> {
+    metrics(url, &[name]).await.into_iter().next().flatten()
+}
+
+/// Several values from one read of a relay's `/metrics` (`name` may carry
+/// labels, as printed: `w2w_x_bucket{le="0.01"}`); `None` for each if the
+/// page could not be read.
+pub async fn metrics(url: &str, names: &[&str]) -> Vec<Option<f64>> {
     let addr = url.trim_start_matches("ws://").trim_end_matches('/');
     let body = tokio::time::timeout(Duration::from_secs(3), async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -376,8 +383,15 @@ pub async fn metric(url: &str, name: &str) -> Option<f64> {
         Some(body)
     })
     .await
-    .ok()??;
-    let prefix = format!("{name} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    names
+        .iter()
+        .map(|name| {
+            let prefix = format!("{name} ");
+            body.lines()
+                .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        })
+        .collect()
 }

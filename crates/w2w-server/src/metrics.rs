@@ -333,7 +333,7 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Relaxed)).sum()
     }
 
-    fn render(&self, s: &mut String, name: &str, help: &str) {
+    pub(crate) fn render(&self, s: &mut String, name: &str, help: &str) {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (i, c) in self.counts.iter().enumerate() {

@@ -138,6 +138,11 @@ impl Shared {
     pub(crate) fn metrics_page(&self) -> String {
         let mut s = self.metrics.render();
         self.gauges().render(&mut s);
+        self.store.commit_seconds().render(
+            &mut s,
+            "w2w_store_commit_seconds",
+            "Time of each durable transaction of the message store (a group commit and its fsync).",
+        );
         s
     }
 

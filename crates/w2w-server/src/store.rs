@@ -183,6 +183,8 @@ pub struct Store {
     budget: Arc<StoreBudget>,
     /// False while the latest write failed (e.g. a full disk).
     healthy: Arc<std::sync::atomic::AtomicBool>,
+    /// How long each durable transaction took (`w2w_store_commit_seconds`).
+    commits: Arc<crate::metrics::Histogram>,
 }
 
 /// Most commands applied in one transaction.
@@ -213,6 +215,8 @@ impl Store {
         let b = budget.clone();
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let h = healthy.clone();
+        let commits = Arc::new(crate::metrics::Histogram::default());
+        let c = commits.clone();
         std::thread::Builder::new()
             .name("w2w-store".into())
             .spawn(move || {
@@ -221,7 +225,10 @@ impl Store {
                     tracing::error!("store thread: no runtime; the store is stopped");
                     return;
                 };
-                let mut batch = Batch::default();
+                let mut batch = Batch {
+                    commits: c,
+                    ..Batch::default()
+                };
                 loop {
                     let first = rt.block_on(async {
                         tokio::select! {
@@ -255,7 +262,14 @@ impl Store {
             prio_tx,
             budget,
             healthy,
+            commits,
         })
+    }
+
+    /// How long the store's durable transactions take (each a group
+    /// commit: with `synchronous=FULL`, its fsync).
+    pub fn commit_seconds(&self) -> &crate::metrics::Histogram {
+        &self.commits
     }
 
     /// Whether the latest write committed (false after a failed one, until
@@ -372,6 +386,7 @@ struct Batch {
     waiters: Vec<Option<Reply<Outcome>>>,
     /// Whether the latest flush failed.
     failed: bool,
+    commits: Arc<crate::metrics::Histogram>,
 }
 
 impl Batch {
@@ -423,10 +438,12 @@ impl Batch {
         if self.writes.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
         let result = backend.apply(&self.writes).map_err(|e| {
             tracing::error!(error = %e, "store write failed");
             e.to_string()
         });
+        self.commits.observe(started.elapsed());
         self.failed = result.is_err();
         for (i, w) in self.writes.iter().enumerate() {
             if let Write::Enqueue {
@@ -955,6 +972,25 @@ mod tests {
             recipient_messages: quota,
             recipient_bytes: 1 << 30,
         }
+    }
+
+    #[tokio::test]
+    async fn each_durable_transaction_is_timed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::spawn(SqliteBackend::open(dir.path()).unwrap(), budget(3)).unwrap();
+        assert_eq!(store.commit_seconds().count(), 0);
+        for i in 1..=3 {
+            let reg = Box::new(reg(i));
+            store
+                .write(Write::Registered { reg, at_ms: 100 })
+                .await
+                .unwrap();
+        }
+        // Each write was awaited before the next: three transactions.
+        assert_eq!(store.commit_seconds().count(), 3);
+        // Reads are not transactions of the queue.
+        store.registration_proofs().await.unwrap();
+        assert_eq!(store.commit_seconds().count(), 3);
     }
 
     #[tokio::test]

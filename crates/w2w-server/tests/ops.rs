@@ -151,6 +151,17 @@ async fn metrics_show_uptime_version_peer_links_queue_and_registration_latency()
     );
     assert_eq!(sample(&m, "w2w_registration_seconds_count "), Some(2.0));
     assert!(sample(&m, "w2w_registration_seconds_sum ").unwrap() > 0.0);
+
+    // The store's transactions (the registrations, the queued message)
+    // are timed.
+    assert!(
+        m.contains("# TYPE w2w_store_commit_seconds histogram"),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "w2w_store_commit_seconds_count ").unwrap() >= 3.0,
+        "{m}"
+    );
 }
 
 /// Issue 15: HEAD answered 404 on every endpoint but `/healthz`.
