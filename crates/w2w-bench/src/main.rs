@@ -750,6 +750,24 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
             ratios.insert("w2w_raw_cpu_per_msg_over_bare".into(), (wu / bu).into());
         }
     }
+    if let (Some(w), Some(i)) = (outcome("w2w-raw"), outcome("iroh")) {
+        let unpinned = if a.no_pin { " unpinned" } else { "" };
+        println!(
+            "w2w (raw load) / iroh-relay throughput:{unpinned} {:.2}x (target >= 1.5x unpinned)",
+            w.msgs_per_sec / i.msgs_per_sec
+        );
+        ratios.insert(
+            "w2w_raw_over_iroh_relay".into(),
+            (w.msgs_per_sec / i.msgs_per_sec).into(),
+        );
+        if let (Some(wu), Some(iu)) = (us_per_msg(w), us_per_msg(i)) {
+            println!(
+                "server CPU per message: w2w {wu:.1} µs, iroh-relay {iu:.1} µs = {:.2}x (target <= 0.5x)",
+                wu / iu
+            );
+            ratios.insert("w2w_raw_cpu_per_msg_over_iroh".into(), (wu / iu).into());
+        }
+    }
     if let (Some(w), Some(i)) = (rate("w2w"), rate("iroh")) {
         println!(
             "w2w / iroh-relay throughput:     {:.2}x (target >= 1.2x)",
