@@ -22,6 +22,7 @@ use w2w_proto::{Address, ErrorCode};
 
 use crate::federation::{NewRecord, MAX_HOMES};
 use crate::flight::{FlightKey, Recipient};
+use crate::lookup::{Join, Lookups};
 use crate::{ConnId, PeerId, RelayCore};
 
 /// The `k` keys of `ring` (sorted, no repeats) closest to `target` by XOR
@@ -89,21 +90,6 @@ pub(crate) enum Waiter {
     Handoff(Address),
 }
 
-/// A lookup on its way: DIR_GETs to the relays that hold the address.
-#[derive(Debug, Clone)]
-pub(crate) struct Lookup {
-    pub nonce: u64,
-    /// Relays asked and not yet answered.
-    pub asked: Vec<Address>,
-    /// What the answers said so far (newest registration first).
-    pub found: Vec<Presence>,
-    pub waiters: Vec<Waiter>,
-    pub deadline: Instant,
-    /// Rounds so far (a round that times out asks the relays the placement
-    /// names then, once more).
-    pub rounds: u8,
-}
-
 /// A client's LOOKUP answered later: (connection, request id, the relay
 /// hosting the address and its URL).
 pub type LookupAnswer = (ConnId, u32, Option<(Address, String)>);
@@ -118,9 +104,9 @@ pub(crate) struct Dir {
     /// Lookup answers for addresses this relay does not hold: records and
     /// when they stop being used.
     pub cache: HashMap<Address, (Vec<Presence>, Instant)>,
-    pub lookups: HashMap<Address, Lookup>,
-    /// Lookup deadlines in time order: (deadline, nonce) → address.
-    pub lookup_deadlines: BTreeMap<(Instant, u64), Address>,
+    /// Lookups on their way: DIR_GETs to the relays that hold an
+    /// address's records; what they found (newest registration first).
+    pub lookups: Lookups<Address, Presence, Waiter>,
     /// Reachable relays and this one, sorted: the placement's input;
     /// recomputed when next needed after `ring_dirty`.
     pub ring: Vec<Address>,
@@ -204,7 +190,7 @@ impl RelayCore {
             .dir
             .next_renew
             .filter(|_| !self.directory.is_empty() || !self.dir.cache.is_empty());
-        let lookup = self.dir.lookup_deadlines.keys().next().map(|(t, _)| *t);
+        let lookup = self.dir.lookups.next_deadline();
         renew
             .into_iter()
             .chain(lookup)
@@ -215,12 +201,13 @@ impl RelayCore {
     }
 
     pub(crate) fn dir_tick(&mut self, now: Instant) {
-        while let Some(entry) = self.dir.lookup_deadlines.first_entry() {
-            if entry.key().0 > now {
-                break;
+        let joining = self.joining();
+        while let Some((addr, again)) = self.dir.lookups.expired(now, joining) {
+            if again {
+                self.ask(now, addr);
+            } else {
+                self.finish_lookup(now, addr);
             }
-            let ((_, nonce), addr) = entry.remove_entry();
-            self.lookup_timed_out(now, addr, nonce);
         }
         if self.dir.ring_check.is_some_and(|t| t <= now) {
             self.dir.ring_check = None;
@@ -732,13 +719,9 @@ impl RelayCore {
             });
         }
         let check = self.config.federation.check_signatures;
-        let Some(l) = self.dir.lookups.get_mut(&a.address) else {
+        let Some(l) = self.dir.lookups.answer(&a.address, a.nonce, &a.reporter) else {
             return;
         };
-        if l.nonce != a.nonce || !l.asked.contains(&a.reporter) {
-            return;
-        }
-        l.asked.retain(|r| *r != a.reporter);
         for p in a.records {
             if p.proof.address != a.address || (check && p.verify().is_err()) {
                 continue;
@@ -753,7 +736,7 @@ impl RelayCore {
         l.found.sort_by_key(|h| std::cmp::Reverse(h.newness()));
         l.found.truncate(MAX_HOMES);
         // Done when every relay answered, or one named an online home.
-        if l.asked.is_empty() || l.found.iter().any(|p| p.online) {
+        if l.all_answered() || l.found.iter().any(|p| p.online) {
             self.finish_lookup(now, a.address);
         }
     }
@@ -810,28 +793,16 @@ impl RelayCore {
     /// (one lookup per address at a time; later waiters join it). With no
     /// one to ask, or too many lookups on their way, it finishes at once.
     pub(crate) fn look_up(&mut self, now: Instant, addr: Address, waiter: Waiter) {
-        if let Some(l) = self.dir.lookups.get_mut(&addr) {
-            if l.waiters.len() < MAX_WAITERS {
-                l.waiters.push(waiter);
-                return;
-            }
-            return self.answer_waiter(now, addr, waiter, &[]);
-        }
+        let waiter = match self.dir.lookups.join(&addr, waiter, MAX_WAITERS) {
+            Join::Joined => return,
+            Join::Full(w) => return self.answer_waiter(now, addr, w, &[]),
+            Join::Absent(w) => w,
+        };
         if self.dir.lookups.len() >= self.config.federation.max_lookups {
             self.stats.lookups_refused += 1;
             return self.answer_waiter(now, addr, waiter, &[]);
         }
-        self.dir.lookups.insert(
-            addr,
-            Lookup {
-                nonce: 0,
-                asked: Vec::new(),
-                found: Vec::new(),
-                waiters: vec![waiter],
-                deadline: now,
-                rounds: 0,
-            },
-        );
+        self.dir.lookups.start(now, addr, waiter);
         self.ask(now, addr);
     }
 
@@ -860,39 +831,21 @@ impl RelayCore {
         }
         self.stats.lookups += 1;
         let deadline = now + self.config.federation.lookup_timeout;
-        let Some(l) = self.dir.lookups.get_mut(&addr) else {
-            return;
-        };
-        l.nonce = nonce;
-        l.asked = asked;
-        l.deadline = deadline;
-        l.rounds += 1;
-        let nobody = l.asked.is_empty();
-        if nobody && !self.joining() {
-            return self.finish_lookup(now, addr);
-        }
         // (Joining with no one to ask yet: asked again at the deadline.)
-        self.dir.lookup_deadlines.insert((deadline, nonce), addr);
-    }
-
-    fn lookup_timed_out(&mut self, now: Instant, addr: Address, nonce: u64) {
-        let Some(l) = self.dir.lookups.get(&addr) else {
-            return;
-        };
-        if l.nonce != nonce {
-            return;
+        let finish_if_nobody = !self.joining();
+        if self
+            .dir
+            .lookups
+            .round(&addr, nonce, asked, deadline, finish_if_nobody)
+        {
+            self.finish_lookup(now, addr);
         }
-        if (l.rounds < 2 || self.joining()) && l.found.is_empty() {
-            return self.ask(now, addr);
-        }
-        self.finish_lookup(now, addr);
     }
 
     fn finish_lookup(&mut self, now: Instant, addr: Address) {
-        let Some(l) = self.dir.lookups.remove(&addr) else {
+        let Some(l) = self.dir.lookups.finish(&addr) else {
             return;
         };
-        self.dir.lookup_deadlines.remove(&(l.deadline, l.nonce));
         let found = l.found;
         if !found.is_empty() {
             if self.by_address.contains_key(&addr) || self.known.contains(&addr) {

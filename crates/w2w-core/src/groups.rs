@@ -26,7 +26,7 @@
 //! Outputs: [`RelayCore::poll_group_outcome`] (answers for clients here),
 //! [`RelayCore::poll_group_question`] (questions for groups hosted here).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use w2w_proto::frame::{Msg, RequestOp};
@@ -39,6 +39,7 @@ use w2w_proto::{Address, ErrorCode};
 use std::time::Instant;
 
 use crate::federation::NewRecord;
+use crate::lookup::{Join, Lookups};
 use crate::{ConnId, PeerId};
 
 /// Most relays' records kept per group name (names two relays claim).
@@ -112,27 +113,11 @@ enum Waiter {
 }
 
 #[derive(Debug)]
-struct Locate {
-    nonce: u64,
-    asked: Vec<Address>,
-    found: Vec<GroupRecord>,
-    waiters: Vec<Waiter>,
-    deadline: Instant,
-    rounds: u8,
-}
-
-#[derive(Debug)]
 struct Ask {
     home: Address,
     name: String,
     waiters: Vec<Waiter>,
     deadline: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Due {
-    Locate,
-    Ask,
 }
 
 /// The group state of the core beside the shell's tables.
@@ -145,12 +130,15 @@ pub(crate) struct GroupDir {
     held_len: usize,
     /// Which relay hosts a name, as a recent locate found (until when).
     cache: HashMap<String, (Address, Instant)>,
-    locates: HashMap<String, Locate>,
+    /// Locates on their way: GROUP_GETs to the relays that hold a name's
+    /// group records.
+    locates: Lookups<String, GroupRecord, Waiter>,
     /// Questions to group relays, by nonce: one per group at a time
     /// (later waiters join it).
     asks: HashMap<u64, Ask>,
     asking: HashMap<String, u64>,
-    deadlines: BTreeMap<(Instant, u64), (Due, String)>,
+    /// Questions' deadlines: (deadline, nonce), in time order.
+    deadlines: BTreeSet<(Instant, u64)>,
     next_nonce: u64,
     outgoing: VecDeque<(Address, GroupRecord)>,
     outcomes: VecDeque<GroupOutcome>,
@@ -376,14 +364,11 @@ impl crate::relay::RelayCore {
         if let Some(home) = self.group_home(&name) {
             return self.group_found(now, &name, Some(home), w);
         }
-        if let Some(l) = self.groups.locates.get_mut(&name) {
-            if l.waiters.len() < MAX_GROUP_WAITERS {
-                l.waiters.push(w);
-            } else {
-                self.group_fail(now, w, ErrorCode::RateLimited);
-            }
-            return;
-        }
+        let w = match self.groups.locates.join(&name, w, MAX_GROUP_WAITERS) {
+            Join::Joined => return,
+            Join::Full(w) => return self.group_fail(now, w, ErrorCode::RateLimited),
+            Join::Absent(w) => w,
+        };
         let sender = match &w {
             Waiter::Request { conn, .. } | Waiter::Msg { conn, .. } => self.session_address(*conn),
         };
@@ -394,17 +379,7 @@ impl crate::relay::RelayCore {
             self.stats.lookups_refused += 1;
             return self.group_fail(now, w, ErrorCode::RateLimited);
         }
-        self.groups.locates.insert(
-            name.clone(),
-            Locate {
-                nonce: 0,
-                asked: Vec::new(),
-                found: Vec::new(),
-                waiters: vec![w],
-                deadline: now,
-                rounds: 0,
-            },
-        );
+        self.groups.locates.start(now, name.clone(), w);
         self.locate(now, name);
     }
 
@@ -433,27 +408,20 @@ impl crate::relay::RelayCore {
         }
         self.stats.lookups += 1;
         let deadline = now + self.config.federation.lookup_timeout;
-        let joining = self.joining();
-        let Some(l) = self.groups.locates.get_mut(&name) else {
-            return;
-        };
-        l.nonce = nonce;
-        l.asked = asked;
-        l.deadline = deadline;
-        l.rounds += 1;
-        if l.asked.is_empty() && !joining {
-            return self.finish_locate(now, &name);
+        let finish_if_nobody = !self.joining();
+        if self
+            .groups
+            .locates
+            .round(&name, nonce, asked, deadline, finish_if_nobody)
+        {
+            self.finish_locate(now, &name);
         }
-        self.groups
-            .deadlines
-            .insert((deadline, nonce), (Due::Locate, name));
     }
 
     fn finish_locate(&mut self, now: Instant, name: &str) {
-        let Some(l) = self.groups.locates.remove(name) else {
+        let Some(l) = self.groups.locates.finish(name) else {
             return;
         };
-        self.groups.deadlines.remove(&(l.deadline, l.nonce));
         let home = winner(&l.found);
         if let Some(h) = home {
             if self.groups.cache.len() < self.config.federation.max_cache {
@@ -563,9 +531,7 @@ impl crate::relay::RelayCore {
         if shares {
             self.groups.asking.insert(name.to_owned(), nonce);
         }
-        self.groups
-            .deadlines
-            .insert((deadline, nonce), (Due::Ask, name.to_owned()));
+        self.groups.deadlines.insert((deadline, nonce));
     }
 
     /// The group relay's answer (or a failure) for `w`. A state answer is
@@ -715,20 +681,16 @@ impl crate::relay::RelayCore {
         match a.reply {
             GroupReply::Located(records) => {
                 let check = self.config.federation.check_signatures;
-                let Some(l) = self.groups.locates.get_mut(&a.name) else {
+                let Some(l) = self.groups.locates.answer(&a.name, a.nonce, &a.reporter) else {
                     return;
                 };
-                if l.nonce != a.nonce || !l.asked.contains(&a.reporter) {
-                    return;
-                }
-                l.asked.retain(|r| *r != a.reporter);
                 for r in records {
                     if r.name == a.name && !(check && r.verify().is_err()) {
                         l.found.push(r);
                     }
                 }
                 l.found.truncate(MAX_CLAIMS * 4);
-                if l.asked.is_empty() || !l.found.is_empty() {
+                if l.all_answered() || !l.found.is_empty() {
                     self.finish_locate(now, &a.name);
                 }
             }
@@ -762,41 +724,35 @@ impl crate::relay::RelayCore {
     // --------------------------------------------------------------- time
 
     pub(crate) fn groups_timeout(&self) -> Option<Instant> {
-        self.groups.deadlines.keys().next().map(|(t, _)| *t)
+        let ask = self.groups.deadlines.first().map(|(t, _)| *t);
+        ask.into_iter()
+            .chain(self.groups.locates.next_deadline())
+            .min()
     }
 
     pub(crate) fn groups_tick(&mut self, now: Instant) {
-        while let Some(entry) = self.groups.deadlines.first_entry() {
-            if entry.key().0 > now {
+        let joining = self.joining();
+        while let Some((name, again)) = self.groups.locates.expired(now, joining) {
+            if again {
+                self.locate(now, name);
+            } else {
+                self.finish_locate(now, &name);
+            }
+        }
+        while let Some(&(due, nonce)) = self.groups.deadlines.first() {
+            if due > now {
                 break;
             }
-            let ((_, nonce), (due, name)) = entry.remove_entry();
-            match due {
-                Due::Locate => {
-                    let Some(l) = self.groups.locates.get(&name) else {
-                        continue;
-                    };
-                    if l.nonce != nonce {
-                        continue;
-                    }
-                    if (l.rounds < 2 || self.joining()) && l.found.is_empty() {
-                        self.locate(now, name);
-                    } else {
-                        self.finish_locate(now, &name);
-                    }
-                }
-                Due::Ask => {
-                    let Some(ask) = self.groups.asks.remove(&nonce) else {
-                        continue;
-                    };
-                    if self.groups.asking.get(&ask.name) == Some(&nonce) {
-                        self.groups.asking.remove(&ask.name);
-                    }
-                    self.groups.cache.remove(&ask.name);
-                    for w in ask.waiters {
-                        self.group_fail(now, w, ErrorCode::Timeout);
-                    }
-                }
+            self.groups.deadlines.pop_first();
+            let Some(ask) = self.groups.asks.remove(&nonce) else {
+                continue;
+            };
+            if self.groups.asking.get(&ask.name) == Some(&nonce) {
+                self.groups.asking.remove(&ask.name);
+            }
+            self.groups.cache.remove(&ask.name);
+            for w in ask.waiters {
+                self.group_fail(now, w, ErrorCode::Timeout);
             }
         }
     }

@@ -71,6 +71,7 @@ mod federation;
 pub mod flight;
 mod groups;
 mod handoff;
+mod lookup;
 mod relay;
 pub mod routing;
 pub mod seen;
