@@ -64,7 +64,8 @@ pub struct Outcome {
     /// at a time, so more cores can speed it up at most 1 / this.
     pub core_lock_share: Option<f64>,
     /// w2w: its store's durable transactions in the measured window
-    /// (`w2w_store_commit_seconds`): a durable message waits for one.
+    /// (`w2w_store_commit_seconds`): a message the relay must write waits
+    /// for one; one a connected recipient ACKs at once is never written.
     #[serde(default)]
     pub store_commits: Option<Commits>,
 }

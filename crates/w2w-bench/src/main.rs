@@ -733,39 +733,40 @@ async fn compare(a: CompareArgs) -> Result<serde_json::Value> {
     // With the raw load both servers are driven by batched writes: the
     // fair pair, and the server's CPU per message is the figure to watch.
     let outcome = |name: &str| systems.iter().position(|s| *s == name).map(|i| &max[i]);
-    if let (Some(w), Some(b)) = (outcome("w2w-raw"), outcome("bare")) {
-        println!(
-            "w2w (raw load) / bare forwarder throughput: {:.2}x (target >= 0.9x)",
-            w.msgs_per_sec / b.msgs_per_sec
-        );
-        ratios.insert(
-            "w2w_raw_over_bare".into(),
-            (w.msgs_per_sec / b.msgs_per_sec).into(),
-        );
-        if let (Some(wu), Some(bu)) = (us_per_msg(w), us_per_msg(b)) {
+    // (other system, its name, ratio keys' suffixes, throughput and CPU targets)
+    let against = [
+        (
+            "bare",
+            "bare forwarder",
+            ("bare", "bare"),
+            ">= 0.9x",
+            "<= 1.2x",
+        ),
+        (
+            "iroh",
+            "iroh-relay",
+            ("iroh_relay", "iroh"),
+            ">= 1.5x unpinned",
+            "<= 0.5x",
+        ),
+    ];
+    let unpinned = if a.no_pin { " unpinned" } else { "" };
+    for (other, name, (rate_key, cpu_key), rate_target, cpu_target) in against {
+        let (Some(w), Some(o)) = (outcome("w2w-raw"), outcome(other)) else {
+            continue;
+        };
+        let q = w.msgs_per_sec / o.msgs_per_sec;
+        println!("w2w (raw load) / {name} throughput:{unpinned} {q:.2}x (target {rate_target})");
+        ratios.insert(format!("w2w_raw_over_{rate_key}"), q.into());
+        if let (Some(wu), Some(ou)) = (us_per_msg(w), us_per_msg(o)) {
             println!(
-                "server CPU per message: w2w {wu:.1} µs, bare forwarder {bu:.1} µs = {:.2}x (target <= 1.2x)",
-                wu / bu
+                "server CPU per message: w2w {wu:.1} µs, {name} {ou:.1} µs = {:.2}x (target {cpu_target})",
+                wu / ou
             );
-            ratios.insert("w2w_raw_cpu_per_msg_over_bare".into(), (wu / bu).into());
-        }
-    }
-    if let (Some(w), Some(i)) = (outcome("w2w-raw"), outcome("iroh")) {
-        let unpinned = if a.no_pin { " unpinned" } else { "" };
-        println!(
-            "w2w (raw load) / iroh-relay throughput:{unpinned} {:.2}x (target >= 1.5x unpinned)",
-            w.msgs_per_sec / i.msgs_per_sec
-        );
-        ratios.insert(
-            "w2w_raw_over_iroh_relay".into(),
-            (w.msgs_per_sec / i.msgs_per_sec).into(),
-        );
-        if let (Some(wu), Some(iu)) = (us_per_msg(w), us_per_msg(i)) {
-            println!(
-                "server CPU per message: w2w {wu:.1} µs, iroh-relay {iu:.1} µs = {:.2}x (target <= 0.5x)",
-                wu / iu
+            ratios.insert(
+                format!("w2w_raw_cpu_per_msg_over_{cpu_key}"),
+                (wu / ou).into(),
             );
-            ratios.insert("w2w_raw_cpu_per_msg_over_iroh".into(), (wu / iu).into());
         }
     }
     if let (Some(w), Some(i)) = (rate("w2w"), rate("iroh")) {
