@@ -355,11 +355,14 @@ impl Federation {
     }
 
     /// Runs `f` on the core, then carries out everything it asked for.
-    fn with<R>(&self, f: impl FnOnce(&mut RelayCore) -> R) -> R {
+    /// `f` is given the time the lock was taken: inputs reach the core in
+    /// time order, and the clock is read once.
+    fn with<R>(&self, f: impl FnOnce(&mut RelayCore, Instant) -> R) -> R {
         let mut guard = self.lock();
+        let now = guard.since;
         let inner = &mut *guard;
         inner.core.set_events(self.events.receiver_count() > 0);
-        let r = f(&mut inner.core);
+        let r = f(&mut inner.core, now);
         self.drain(inner);
         r
     }
@@ -541,30 +544,30 @@ impl Federation {
     /// Directory records for the addresses that registered here before a
     /// restart (their latest registrations, from the store).
     pub fn restore_records(&self, proofs: Vec<RegistrationProof>) {
-        self.with(|core| core.restore_records(proofs));
+        self.with(|core, _| core.restore_records(proofs));
     }
 
     /// Addresses with messages here that never registered here (from the
     /// store at start): handed over once their relays can be reached.
     pub fn add_custody(&self, addrs: Vec<Address>) {
-        self.with(|core| core.add_custody(addrs));
+        self.with(|core, _| core.add_custody(addrs));
     }
 
     /// The custody bound (`max_custody`).
     pub fn max_custody(&self) -> usize {
-        self.with(|core| core.max_custody())
+        self.with(|core, _| core.max_custody())
     }
 
     /// Forgets addresses whose registrations the store dropped (gone
     /// longer than the queue's time to live, nothing queued). A connected
     /// address is kept.
     pub fn forget(&self, addrs: &[Address]) {
-        self.with(|core| core.forget(addrs));
+        self.with(|core, _| core.forget(addrs));
     }
 
     /// Sets the URL this relay advertises in its link state.
     pub fn set_url(&self, url: String) {
-        self.with(|core| core.set_url(url));
+        self.with(|core, _| core.set_url(url));
     }
 
     /// Hop events, for `w2w demo`.
@@ -593,8 +596,8 @@ impl Federation {
             url: reg.url.clone(),
             sig_a: reg.sig_a,
         };
-        let now = Instant::now();
         let mut guard = self.lock();
+        let now = guard.since;
         let inner = &mut *guard;
         inner.core.connect(
             now,
@@ -610,8 +613,8 @@ impl Federation {
 
     /// Closes every other session of `conn_id`'s address; returns how many.
     pub fn exclusive(&self, conn_id: u64) -> u32 {
-        let now = Instant::now();
         let mut guard = self.lock();
+        let now = guard.since;
         let inner = &mut *guard;
         let closed = inner.core.exclusive(now, ConnId(conn_id));
         self.drain(inner);
@@ -620,8 +623,8 @@ impl Federation {
 
     /// A client connection ended (or was closed).
     pub fn disconnect(&self, conn_id: u64) {
-        let now = Instant::now();
         let mut guard = self.lock();
+        let now = guard.since;
         let inner = &mut *guard;
         if inner.conns.remove(&conn_id).is_some() {
             inner.core.disconnect(now, ConnId(conn_id));
@@ -638,20 +641,17 @@ impl Federation {
         msg: &Msg,
         group: Option<Result<Vec<Address>, ErrorCode>>,
     ) {
-        let now = Instant::now();
-        self.with(|core| core.handle_msg(now, ConnId(conn_id), frame.clone(), msg, group));
+        self.with(|core, now| core.handle_msg(now, ConnId(conn_id), frame.clone(), msg, group));
     }
 
     /// A client's ACK.
     pub fn handle_ack(&self, conn_id: u64, ids: &[MsgId]) {
-        let now = Instant::now();
-        self.with(|core| core.handle_ack(now, ConnId(conn_id), ids));
+        self.with(|core, now| core.handle_ack(now, ConnId(conn_id), ids));
     }
 
     /// Applies deadlines that passed (the timer task calls it).
     pub fn tick(&self) {
-        let now = Instant::now();
-        self.with(|core| core.handle_timeout(now));
+        self.with(|core, now| core.handle_timeout(now));
     }
 
     /// When [`Self::tick`] is next due.
@@ -694,8 +694,7 @@ impl Federation {
 
     /// A frame from a peer link.
     pub fn on_frame(&self, conn_id: u64, frame: RelayToRelay) {
-        let now = Instant::now();
-        self.with(|core| core.handle_peer_frame(now, PeerId(conn_id), frame));
+        self.with(|core, now| core.handle_peer_frame(now, PeerId(conn_id), frame));
     }
 
     /// We reached relay `key` by dialling a configured URL: its link is
@@ -709,7 +708,7 @@ impl Federation {
 
     /// Re-signs and floods our link state (called periodically).
     pub fn refresh(&self) {
-        self.with(|core| core.refresh());
+        self.with(|core, _| core.refresh());
     }
 
     // ----------------------------------------------------------- queries
@@ -760,9 +759,8 @@ impl Federation {
         req_id: u32,
         address: &Address,
     ) -> Result<Option<Option<Hosted>>, ErrorCode> {
-        let now = Instant::now();
         let found =
-            self.with(|core| core.lookup_request(now, ConnId(conn_id), req_id, *address))?;
+            self.with(|core, now| core.lookup_request(now, ConnId(conn_id), req_id, *address))?;
         Ok(found.map(|f| {
             f.map(|(relay_key, relay_url)| Hosted {
                 relay_key,
@@ -847,15 +845,13 @@ impl Federation {
     /// host: answered on its connection once the group's relay answers
     /// (a create: applied here if no relay hosts the name).
     pub fn group_request(&self, conn_id: u64, req_id: u32, name: &str, ask: GroupAsk) {
-        let now = Instant::now();
-        self.with(|core| core.group_request(now, ConnId(conn_id), req_id, name, ask));
+        self.with(|core, now| core.group_request(now, ConnId(conn_id), req_id, name, ask));
     }
 
     /// Group `name` is hosted here (`created` now, or restored at start):
     /// its record is published where other relays look for it.
     pub fn host_group(&self, name: &str, created: bool) {
-        let now = Instant::now();
-        self.with(|core| core.host_group(now, name, created));
+        self.with(|core, now| core.host_group(now, name, created));
     }
 
     /// The group task's answer to another relay's question.
@@ -866,14 +862,12 @@ impl Federation {
         name: &str,
         result: Result<GroupInfo, ErrorCode>,
     ) {
-        let now = Instant::now();
-        self.with(|core| core.group_reply(now, origin, nonce, name, result));
+        self.with(|core, now| core.group_reply(now, origin, nonce, name, result));
     }
 
     /// Answers one of the core's store ops (from the executor).
     fn store_done(&self, done: StoreDone) {
-        let now = Instant::now();
-        self.with(|core| core.store_done(now, done));
+        self.with(|core, now| core.store_done(now, done));
     }
 
     /// The outboxes of `address`'s receiving sessions (for pacing its
