@@ -21,7 +21,7 @@ use w2w_proto::{Address, ErrorCode};
 
 use crate::flight::{delivered_count, entry, Broadcast, FlightKey, Recipient, Reply};
 use crate::routing::Hop;
-use crate::seen::{digest, forward_digest};
+use crate::seen::seen_key;
 use crate::{ConnId, Event, PeerId, RelayCore, Target, Transmit};
 
 /// Most relays one address's records name at once (it may be online at
@@ -514,7 +514,7 @@ impl RelayCore {
         let delivered = self.broadcast_local(key.0, &frame);
         let mut waiting = std::collections::BTreeSet::new();
         if scope == Scope::Federation && !self.peers.is_empty() {
-            self.seen.insert((key.0, self.me, digest(&frame)), now);
+            self.seen.insert(seen_key(&key.0, &self.me, &frame, None), now);
             let fwd = RelayToRelay::Forward(Forward {
                 origin: self.me,
                 hops: 1,
@@ -555,7 +555,7 @@ impl RelayCore {
             ForwardTarget::Handoff { .. } => None,
         };
         let handoff = matches!(f.target, ForwardTarget::Handoff { .. });
-        let seen = (msg.id, f.origin, forward_digest(&f.msg, target));
+        let seen = seen_key(&msg.id, &f.origin, &f.msg, target);
         if !handoff && !self.seen.insert(seen, now) {
             self.stats.error(ErrorCode::Duplicate);
             return;

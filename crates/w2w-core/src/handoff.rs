@@ -35,7 +35,7 @@ use w2w_proto::s2s::{Forward, ForwardTarget, Presence, RelayToRelay};
 use w2w_proto::{Address, ErrorCode};
 
 use crate::flight::{entry, Flight, FlightKey, Recipient, Reply};
-use crate::seen::{forward_digest, SeenCache, SeenKey};
+use crate::seen::{seen_key, SeenCache, SeenKey};
 use crate::{RelayCore, StoreOp, Stored, Token};
 
 /// Most hand-off runs at once.
@@ -564,7 +564,7 @@ impl RelayCore {
 /// (id, recipient, digest of the sender): ids are the sender's, so this
 /// names one message for one recipient.
 fn taken_key(id: MsgId, to: &Address, from: &Address) -> SeenKey {
-    (id, *to, forward_digest(&from.0, None))
+    seen_key(&id, to, &from.0, None)
 }
 
 impl RelayCore {
