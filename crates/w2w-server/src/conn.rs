@@ -399,7 +399,7 @@ struct Session<'a> {
 const REFUSED_IN_A_ROW: u32 = 10_000;
 
 impl Handler for Session<'_> {
-    fn on_message(&mut self, m: Message) {
+    fn on_message(&mut self, m: Message, now: std::time::Instant) {
         if m.is_text() {
             self.error(
                 ErrorCode::TextFrame,
@@ -417,7 +417,7 @@ impl Handler for Session<'_> {
         // costs a set lookup, and their number is bounded by our sends).
         let allowed = matches!(decoded, Ok(ClientToRelay::Ack(_))) || {
             let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
-            b.frames.take(std::time::Instant::now())
+            b.frames.take(now)
         };
         if allowed {
             self.refused = 0;
@@ -430,7 +430,7 @@ impl Handler for Session<'_> {
         }
         match decoded {
             Ok(ClientToRelay::Msg(msg)) => {
-                if let Some(receipt) = self.on_msg(&bytes, &msg, allowed) {
+                if let Some(receipt) = self.on_msg(&bytes, &msg, allowed, now) {
                     self.shared.metrics.receipt(receipt.status);
                     self.enqueue(RelayToClient::Receipt(receipt).encode());
                 }
@@ -462,7 +462,13 @@ impl Handler for Session<'_> {
 impl Session<'_> {
     /// Checks a MSG against the sender's budgets and hands it to the core;
     /// a receipt if it is refused here.
-    fn on_msg(&self, frame: &Bytes, msg: &Msg, allowed: bool) -> Option<Receipt> {
+    fn on_msg(
+        &self,
+        frame: &Bytes,
+        msg: &Msg,
+        allowed: bool,
+        now: std::time::Instant,
+    ) -> Option<Receipt> {
         let receipt = Receipt {
             id: msg.id,
             status: Status::Delivered,
@@ -496,7 +502,7 @@ impl Session<'_> {
         let charged = {
             let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
             let cost = (frame.len() * copies.max(1)) as u64;
-            b.bytes.charge(cost, std::time::Instant::now())
+            b.bytes.charge(cost, now)
         };
         if !charged {
             return Some(reject(receipt, ErrorCode::RateLimited, metrics));

@@ -36,7 +36,7 @@ struct Link<'a> {
 }
 
 impl Handler for Link<'_> {
-    fn on_message(&mut self, m: Message) {
+    fn on_message(&mut self, m: Message, _now: std::time::Instant) {
         if !m.is_binary() {
             return;
         }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 use w2w_proto::frame::{Notice, Receipt, RelayToClient, Status};
 use w2w_proto::{Address, ErrorCode};
@@ -37,8 +38,9 @@ pub struct Outbox {
     pub conn_id: u64,
     /// The frames (no memory while empty: an idle connection holds none).
     frames: Mutex<VecDeque<Bytes>>,
-    /// Woken when a frame is queued.
-    pushed: Notify,
+    /// The writer's task, woken when a frame is queued (one atomic swap
+    /// per frame; a `Notify` would take its own mutex).
+    pushed: AtomicWaker,
     /// The writer (its [`OutboxRx`]) is gone.
     rx_gone: AtomicBool,
     queued: AtomicUsize,
@@ -47,8 +49,11 @@ pub struct Outbox {
     close: Notify,
     /// Whether this connection asked for join/leave notices.
     pub presence: AtomicBool,
-    /// Woken when frames leave the queue (see [`Outbox::room_below`]).
+    /// Woken when frames leave the queue (see [`Outbox::room_below`]),
+    /// only while someone waits for room (`room_waiters`): waking a
+    /// `Notify` takes its mutex, and the writer dequeues on every batch.
     room: Notify,
+    room_waiters: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
@@ -63,7 +68,7 @@ impl Outbox {
             address,
             conn_id,
             frames: Mutex::new(VecDeque::new()),
-            pushed: Notify::new(),
+            pushed: AtomicWaker::new(),
             rx_gone: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             max_bytes,
@@ -71,6 +76,7 @@ impl Outbox {
             close: Notify::new(),
             presence: AtomicBool::new(false),
             room: Notify::new(),
+            room_waiters: AtomicUsize::new(0),
             metrics,
         });
         (o.clone(), OutboxRx(o))
@@ -101,7 +107,7 @@ impl Outbox {
             return Err(EnqueueError::Closed);
         }
         self.frames().push_back(frame);
-        self.pushed.notify_one();
+        self.pushed.wake();
         Ok(())
     }
 
@@ -119,13 +125,18 @@ impl Outbox {
         self.try_enqueue(frame).is_ok()
     }
 
-    /// Called by the connection actor once a frame has been written.
+    /// Called by the connection actor once frames of `len` bytes in all
+    /// have been taken from the queue to be written.
     pub fn dequeued(&self, len: usize) {
-        self.queued.fetch_sub(len, Ordering::Relaxed);
+        // SeqCst with `room_below`'s count and load: either it sees the
+        // queue shrunk or this sees it waiting.
+        self.queued.fetch_sub(len, Ordering::SeqCst);
         self.metrics
             .queued_bytes
             .fetch_sub(len as i64, Ordering::Relaxed);
-        self.room.notify_waiters();
+        if self.room_waiters.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
+        }
     }
 
     /// The queue's bound in bytes.
@@ -136,9 +147,18 @@ impl Outbox {
     /// Resolves once the queue holds at most `bytes` (or the connection is
     /// closing), woken by the writer rather than polled.
     pub async fn room_below(&self, bytes: usize) {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.room_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.room_waiters);
         loop {
+            // (Made before the check: a `notify_waiters` after it wakes it.)
             let woken = self.room.notified();
-            if self.queued_bytes() <= bytes || self.is_closing() {
+            if self.queued.load(Ordering::SeqCst) <= bytes || self.is_closing() {
                 return;
             }
             tokio::select! {
@@ -192,14 +212,19 @@ impl OutboxRx {
     /// The next queued frame, waiting for one (`None` never comes: the
     /// `Option` lets `select!` patterns match it).
     pub async fn recv(&mut self) -> Option<Bytes> {
-        loop {
-            // A frame queued between the check and the wait leaves a permit
-            // in `pushed` (notify_one), so it is not missed.
+        std::future::poll_fn(|cx| {
             if let Some(f) = self.try_recv() {
-                return Some(f);
+                return std::task::Poll::Ready(Some(f));
             }
-            self.0.pushed.notified().await;
-        }
+            self.0.pushed.register(cx.waker());
+            // A frame queued between the first check and the registration
+            // woke no one: look again.
+            match self.try_recv() {
+                Some(f) => std::task::Poll::Ready(Some(f)),
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// A queued frame, if any. The queue's memory is given back once it is

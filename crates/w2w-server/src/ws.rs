@@ -584,7 +584,9 @@ pub(crate) struct Liveness {
 }
 
 pub(crate) trait Handler {
-    fn on_message(&mut self, m: Message);
+    /// A frame read at `now` (one clock read per frame, shared by the
+    /// liveness timer and the handler's budgets).
+    fn on_message(&mut self, m: Message, now: std::time::Instant);
 }
 
 /// The loop every registered connection (client or peer relay) runs: it
@@ -642,7 +644,7 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                     match m {
                         None => return End::Gone,
                         Some(Err(e)) => return read_error(shared, e),
-                        Some(Ok(m)) => handler.on_message(m),
+                        Some(Ok(m)) => handler.on_message(m, last_rx.into_std()),
                     }
                 }
                 () = &mut timer => {
@@ -681,18 +683,23 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
     {
         let write = async {
             let mut next = Some(first);
-            let mut n = 0;
+            let (mut n, mut bytes) = (0, 0);
             while let Some(frame) = next.take() {
-                let len = frame.len();
-                shared.metrics.frames_out.fetch_add(1, Relaxed);
-                shared.metrics.bytes_out.fetch_add(len as u64, Relaxed);
-                ws.feed(Message::binary(frame)).await?;
-                outbox.dequeued(len);
+                bytes += frame.len();
+                let fed = ws.feed(Message::binary(frame)).await;
+                if fed.is_err() {
+                    outbox.dequeued(bytes);
+                    fed?;
+                }
                 n += 1;
                 if n < WRITE_BATCH {
                     next = rx.try_recv();
                 }
             }
+            // Counted and taken off the queue's bound once per batch.
+            shared.metrics.frames_out.fetch_add(n as u64, Relaxed);
+            shared.metrics.bytes_out.fetch_add(bytes as u64, Relaxed);
+            outbox.dequeued(bytes);
             ws.flush().await
         };
         match tokio::time::timeout(timeout, write).await {
