@@ -514,7 +514,8 @@ impl RelayCore {
         let delivered = self.broadcast_local(key.0, &frame);
         let mut waiting = std::collections::BTreeSet::new();
         if scope == Scope::Federation && !self.peers.is_empty() {
-            self.seen.insert(seen_key(&key.0, &self.me, &frame, None), now);
+            self.seen
+                .insert(seen_key(&key.0, &self.me, &frame, None), now);
             let fwd = RelayToRelay::Forward(Forward {
                 origin: self.me,
                 hops: 1,
