@@ -29,6 +29,7 @@ use w2w_proto::group::{valid_name, GroupAction};
 use w2w_proto::handshake::{HandshakeError, Registration, RelayHandshake, RelayPolicy};
 use w2w_proto::{Address, Dest, ErrorCode};
 
+use crate::federation::Input;
 use crate::groups::{apply_for_client, Groups};
 use crate::ratelimit::SenderBudget;
 use crate::router::{reject, Outbox, OutboxRx};
@@ -143,6 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Live<S> {
                 .senders
                 .get(&this.outbox.address.0, std::time::Instant::now()),
             refused: 0,
+            pending: Vec::new(),
         };
         let end = pump(
             shared,
@@ -390,6 +392,9 @@ struct Session<'a> {
     /// Frames refused `rate_limited` in a row: a client that ignores
     /// [`REFUSED_IN_A_ROW`] refusals is closed instead of answered forever.
     refused: u32,
+    /// MSGs and ACKs of this read burst, for the core in one go (no memory
+    /// while idle: taken whole at each flush).
+    pending: Vec<Input>,
 }
 
 /// Frames a connection may send past its rate limit, without one being
@@ -399,6 +404,13 @@ struct Session<'a> {
 const REFUSED_IN_A_ROW: u32 = 10_000;
 
 impl Handler for Session<'_> {
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            self.shared.fed.handle_inputs(self.outbox.conn_id, batch);
+        }
+    }
+
     fn on_message(&mut self, m: Message, now: std::time::Instant) {
         if m.is_text() {
             self.error(
@@ -430,12 +442,14 @@ impl Handler for Session<'_> {
         }
         match decoded {
             Ok(ClientToRelay::Msg(msg)) => {
-                if let Some(receipt) = self.on_msg(&bytes, &msg, allowed, now) {
+                if let Some(receipt) = self.on_msg(&bytes, msg, allowed, now) {
                     self.shared.metrics.receipt(receipt.status);
                     self.enqueue(RelayToClient::Receipt(receipt).encode());
                 }
             }
             Ok(ClientToRelay::Request(req)) => {
+                // Answered after what the core makes of earlier frames.
+                self.flush();
                 let resp = if allowed {
                     self.on_request(req)
                 } else {
@@ -450,7 +464,7 @@ impl Handler for Session<'_> {
                     self.enqueue(RelayToClient::Response(resp).encode());
                 }
             }
-            Ok(ClientToRelay::Ack(ids)) => self.shared.fed.handle_ack(self.outbox.conn_id, &ids),
+            Ok(ClientToRelay::Ack(ids)) => self.pending.push(Input::Ack(ids)),
             Ok(ClientToRelay::Register(_) | ClientToRelay::Confirm(_)) => {
                 self.error(ErrorCode::UnexpectedFrame, "already registered");
             }
@@ -463,9 +477,9 @@ impl Session<'_> {
     /// Checks a MSG against the sender's budgets and hands it to the core;
     /// a receipt if it is refused here.
     fn on_msg(
-        &self,
+        &mut self,
         frame: &Bytes,
-        msg: &Msg,
+        msg: Msg,
         allowed: bool,
         now: std::time::Instant,
     ) -> Option<Receipt> {
@@ -507,9 +521,11 @@ impl Session<'_> {
         if !charged {
             return Some(reject(receipt, ErrorCode::RateLimited, metrics));
         }
-        self.shared
-            .fed
-            .handle_msg(self.outbox.conn_id, frame, msg, group);
+        self.pending.push(Input::Msg {
+            frame: frame.clone(),
+            msg,
+            group,
+        });
         None
     }
 
@@ -607,14 +623,16 @@ impl Session<'_> {
         }
     }
 
-    fn error(&self, code: ErrorCode, detail: &str) {
+    fn error(&mut self, code: ErrorCode, detail: &str) {
         self.shared.metrics.error(code);
         self.enqueue(RelayToClient::Error(ErrorFrame::new(code, detail)).encode());
     }
 
-    /// Queues a frame for this connection. If our own queue is full the
-    /// outbox has already asked this loop to close (slow consumer).
-    fn enqueue(&self, frame: Bytes) {
+    /// Queues a frame for this connection, after what the core makes of
+    /// the frames before it. If our own queue is full the outbox has
+    /// already asked this loop to close (slow consumer).
+    fn enqueue(&mut self, frame: Bytes) {
+        self.flush();
         let _ = self.outbox.try_enqueue(frame);
     }
 }

@@ -43,6 +43,19 @@ use w2w_proto::{Address, ErrorCode, Identity};
 
 use crate::metrics::Metrics;
 use crate::router::Outbox;
+
+/// A client's frame for the core, queued by its connection until the end
+/// of a read burst ([`Federation::handle_inputs`]).
+pub enum Input {
+    /// A MSG that passed the connection's checks; `group`: a group of this
+    /// relay's members, as for [`Federation::handle_msg`].
+    Msg {
+        frame: Bytes,
+        msg: Msg,
+        group: Option<Result<Vec<Address>, ErrorCode>>,
+    },
+    Ack(Vec<MsgId>),
+}
 use crate::store::{Outcome, Store, Write};
 
 /// Federation settings.
@@ -649,6 +662,27 @@ impl Federation {
         self.with(|core, now| core.handle_ack(now, ConnId(conn_id), ids));
     }
 
+    /// A client connection's MSGs and ACKs read in one burst, applied in
+    /// order under one taking of the core lock (one drain of its outputs):
+    /// the same as one [`Self::handle_msg`] or [`Self::handle_ack`] each,
+    /// for less lock traffic per message.
+    pub fn handle_inputs(&self, conn_id: u64, inputs: Vec<Input>) {
+        if inputs.is_empty() {
+            return;
+        }
+        let conn = ConnId(conn_id);
+        self.with(|core, now| {
+            for input in inputs {
+                match input {
+                    Input::Msg { frame, msg, group } => {
+                        core.handle_msg(now, conn, frame, &msg, group)
+                    }
+                    Input::Ack(ids) => core.handle_ack(now, conn, &ids),
+                }
+            }
+        });
+    }
+
     /// Applies deadlines that passed (the timer task calls it).
     pub fn tick(&self) {
         self.with(|core, now| core.handle_timeout(now));
@@ -695,6 +729,19 @@ impl Federation {
     /// A frame from a peer link.
     pub fn on_frame(&self, conn_id: u64, frame: RelayToRelay) {
         self.with(|core, now| core.handle_peer_frame(now, PeerId(conn_id), frame));
+    }
+
+    /// A peer link's frames of one read burst, in order, under one taking
+    /// of the core lock.
+    pub fn on_frames(&self, conn_id: u64, frames: Vec<RelayToRelay>) {
+        if frames.is_empty() {
+            return;
+        }
+        self.with(|core, now| {
+            for frame in frames {
+                core.handle_peer_frame(now, PeerId(conn_id), frame);
+            }
+        });
     }
 
     /// We reached relay `key` by dialling a configured URL: its link is

@@ -33,10 +33,19 @@ struct Link<'a> {
     broadcast: ByteBudget,
     /// URLs from a REDIRECT, for the dialler.
     redirect: Vec<String>,
+    /// Frames of this read burst, for the core in one go.
+    pending: Vec<RelayToRelay>,
 }
 
 impl Handler for Link<'_> {
-    fn on_message(&mut self, m: Message, _now: std::time::Instant) {
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let frames = std::mem::take(&mut self.pending);
+            self.shared.fed.on_frames(self.conn_id, frames);
+        }
+    }
+
+    fn on_message(&mut self, m: Message, now: std::time::Instant) {
         if !m.is_binary() {
             return;
         }
@@ -49,12 +58,12 @@ impl Handler for Link<'_> {
         match RelayToRelay::decode(&bytes) {
             Ok(RelayToRelay::Redirect(urls)) => self.redirect = urls,
             Ok(RelayToRelay::Forward(f))
-                if f.target == ForwardTarget::Broadcast && !self.afford_broadcast(&f) =>
+                if f.target == ForwardTarget::Broadcast && !self.afford_broadcast(&f, now) =>
             {
                 self.shared.metrics.error(ErrorCode::RateLimited);
                 tracing::debug!(peer = %self.peer.short(), "peer broadcast over its budget dropped");
             }
-            Ok(frame) => self.shared.fed.on_frame(self.conn_id, frame),
+            Ok(frame) => self.pending.push(frame),
             Err(e) => {
                 self.shared.metrics.error(e.code());
                 tracing::warn!(peer = %self.peer.short(), error = %e, "bad s2s frame");
@@ -65,10 +74,10 @@ impl Handler for Link<'_> {
 
 impl Link<'_> {
     /// Charges a broadcast FORWARD by its fan-out here.
-    fn afford_broadcast(&mut self, f: &Forward) -> bool {
+    fn afford_broadcast(&mut self, f: &Forward, now: Instant) -> bool {
         let copies = self.shared.router.len() + self.shared.fed.peer_count();
         let cost = (f.msg.len() * copies.max(1)) as u64;
-        self.broadcast.charge(cost, Instant::now())
+        self.broadcast.charge(cost, now)
     }
 }
 
@@ -123,6 +132,7 @@ async fn run_link_inner<S: AsyncRead + AsyncWrite + Unpin>(
             Instant::now(),
         ),
         redirect: Vec::new(),
+        pending: Vec::new(),
     };
     // Peers get longer to drain a burst than clients do, and are pinged
     // sooner: a silent peer black-holes every message routed through it.

@@ -10,7 +10,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -587,7 +587,15 @@ pub(crate) trait Handler {
     /// A frame read at `now` (one clock read per frame, shared by the
     /// liveness timer and the handler's budgets).
     fn on_message(&mut self, m: Message, now: std::time::Instant);
+
+    /// The end of a read burst: frames `on_message` kept back (to apply
+    /// several under one core lock) are applied now, before anything else
+    /// the connection does.
+    fn flush(&mut self) {}
 }
+
+/// Frames taken from one read burst before [`Handler::flush`].
+const READ_BURST: usize = 64;
 
 /// The loop every registered connection (client or peer relay) runs: it
 /// owns the socket, writes what was queued for it, reads and hands frames
@@ -641,11 +649,32 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                 m = ws.next() => {
                     last_rx = Instant::now();
                     ping_sent = None;
+                    let now = last_rx.into_std();
                     match m {
                         None => return End::Gone,
                         Some(Err(e)) => return read_error(shared, e),
-                        Some(Ok(m)) => handler.on_message(m, last_rx.into_std()),
+                        Some(Ok(m)) => handler.on_message(m, now),
                     }
+                    // The frames already read (no waiting), then one flush.
+                    let mut n = 1;
+                    while n < READ_BURST {
+                        let Some(m) = ws.next().now_or_never() else {
+                            break;
+                        };
+                        n += 1;
+                        match m {
+                            None => {
+                                handler.flush();
+                                return End::Gone;
+                            }
+                            Some(Err(e)) => {
+                                handler.flush();
+                                return read_error(shared, e);
+                            }
+                            Some(Ok(m)) => handler.on_message(m, now),
+                        }
+                    }
+                    handler.flush();
                 }
                 () = &mut timer => {
                     let now = Instant::now();
