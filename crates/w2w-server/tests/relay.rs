@@ -1949,3 +1949,57 @@ async fn a_client_that_ignores_rate_limit_refusals_is_closed() {
         "{got:?}"
     );
 }
+
+#[tokio::test]
+async fn frames_of_one_burst_are_answered_in_order() {
+    // The relay hands a burst's MSGs to its core in one go, at the end of
+    // the burst; what the connection answers itself (a refusal over the
+    // rate limit, a request's response) must still come after the core's
+    // answers to the frames before it.
+    let relay = start(Limits {
+        rate_per_sec: 0,
+        rate_burst: 3,
+        ..Limits::default()
+    })
+    .await;
+    let (mut ws, me) = raw_registered(&relay).await;
+    let msg = |i: u8| Msg {
+        flags: 0,
+        id: MsgId([i; 16]),
+        from: me.address(),
+        dest: Dest::A2b(id().address()),
+        payload: Bytes::from_static(b"?"),
+    };
+    // Three the core answers `no_route`, a fourth refused by the
+    // connection (`rate_limited`), then a request refused too.
+    for i in 1..=4 {
+        ws.feed(Message::binary(msg(i).encode())).await.unwrap();
+    }
+    let req = ClientToRelay::Request(w2w_proto::frame::Request {
+        req_id: 9,
+        op: RequestOp::Lookup(me.address()),
+    });
+    ws.feed(Message::binary(req.encode())).await.unwrap();
+    ws.flush().await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        match next(&mut ws).await {
+            Ok(RelayToClient::Receipt(r)) => seen.push((r.id.0[0], r.reason)),
+            Ok(RelayToClient::Response(r)) => {
+                seen.push((r.req_id as u8, r.result.err().unwrap_or(0)))
+            }
+            other => panic!("expected a receipt or a response, got {other:?}"),
+        }
+    }
+    let (no_route, limited) = (ErrorCode::NoRoute.as_u16(), ErrorCode::RateLimited.as_u16());
+    assert_eq!(
+        seen,
+        vec![
+            (1, no_route),
+            (2, no_route),
+            (3, no_route),
+            (4, limited),
+            (9, limited)
+        ]
+    );
+}
