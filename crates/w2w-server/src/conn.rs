@@ -145,6 +145,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Live<S> {
                 .get(&this.outbox.address.0, std::time::Instant::now()),
             refused: 0,
             pending: Vec::new(),
+            pending_copies: 0,
         };
         let end = pump(
             shared,
@@ -395,7 +396,16 @@ struct Session<'a> {
     /// MSGs and ACKs of this read burst, for the core in one go (no memory
     /// while idle: taken whole at each flush).
     pending: Vec<Input>,
+    /// The copies the pending MSGs make (recipients; an a2n: everyone).
+    pending_copies: usize,
 }
+
+/// Copies (deliveries) a read burst may put to the core under one taking
+/// of the lock before it is handed over: a burst of a2b MSGs goes in
+/// whole, while fan-out (a2g, groups, a2n) goes a few MSGs at a time, so
+/// one connection's burst does not hold the core from everyone else for
+/// long.
+const BURST_COPIES: usize = 256;
 
 /// Frames a connection may send past its rate limit, without one being
 /// accepted in between, before it is closed with `rate_limited` (4020): a
@@ -405,6 +415,7 @@ const REFUSED_IN_A_ROW: u32 = 10_000;
 
 impl Handler for Session<'_> {
     fn flush(&mut self) {
+        self.pending_copies = 0;
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             self.shared.fed.handle_inputs(self.outbox.conn_id, batch);
@@ -464,7 +475,14 @@ impl Handler for Session<'_> {
                     self.enqueue(RelayToClient::Response(resp).encode());
                 }
             }
-            Ok(ClientToRelay::Ack(ids)) => self.pending.push(Input::Ack(ids)),
+            Ok(ClientToRelay::Ack(ids)) => {
+                // Each id may settle a flight and make a receipt.
+                self.pending_copies += ids.len();
+                self.pending.push(Input::Ack(ids));
+                if self.pending_copies >= BURST_COPIES {
+                    self.flush();
+                }
+            }
             Ok(ClientToRelay::Register(_) | ClientToRelay::Confirm(_)) => {
                 self.error(ErrorCode::UnexpectedFrame, "already registered");
             }
@@ -526,6 +544,10 @@ impl Session<'_> {
             msg,
             group,
         });
+        self.pending_copies += copies.max(1);
+        if self.pending_copies >= BURST_COPIES {
+            self.flush();
+        }
         None
     }
 

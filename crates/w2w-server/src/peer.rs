@@ -63,7 +63,18 @@ impl Handler for Link<'_> {
                 self.shared.metrics.error(ErrorCode::RateLimited);
                 tracing::debug!(peer = %self.peer.short(), "peer broadcast over its budget dropped");
             }
-            Ok(frame) => self.pending.push(frame),
+            Ok(frame) => {
+                // A broadcast goes to every client here: not batched with
+                // more (the core lock is held for its whole fan-out).
+                let fan_out = matches!(
+                    &frame,
+                    RelayToRelay::Forward(f) if f.target == ForwardTarget::Broadcast
+                );
+                self.pending.push(frame);
+                if fan_out {
+                    self.flush();
+                }
+            }
             Err(e) => {
                 self.shared.metrics.error(e.code());
                 tracing::warn!(peer = %self.peer.short(), error = %e, "bad s2s frame");
