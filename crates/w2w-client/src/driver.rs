@@ -1,7 +1,6 @@
 //! The driver task: owns the socket, matches receipts and responses to
 //! waiters, acknowledges and deduplicates received messages, reconnects.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,37 +44,45 @@ pub(crate) fn open_msg(me: &Identity, m: Msg) -> Event {
     }
 }
 
-/// Remembers the last `cap` message ids, to drop redeliveries.
+/// aHash with per-process random keys: the ids and senders in these maps
+/// come from the network, and SipHash cost a tenth of the receive path.
+type Hasher = ahash::RandomState;
+type HashMap<K, V> = std::collections::HashMap<K, V, Hasher>;
+type HashSet<K> = std::collections::HashSet<K, Hasher>;
+
+/// Remembers at least the last `cap` (id, sender) pairs (at most twice
+/// that), to drop redeliveries: two generations, the older one forgotten
+/// whole when the newer is full, so no entry is removed one by one.
 pub(crate) struct Dedupe {
     cap: usize,
-    order: std::collections::VecDeque<(MsgId, Address)>,
-    set: std::collections::HashSet<(MsgId, Address)>,
+    current: HashSet<(MsgId, Address)>,
+    previous: HashSet<(MsgId, Address)>,
 }
 
 impl Dedupe {
     pub(crate) fn new(cap: usize) -> Self {
         Dedupe {
-            cap,
-            order: Default::default(),
-            set: Default::default(),
+            cap: cap.max(1),
+            current: HashSet::default(),
+            previous: HashSet::default(),
         }
     }
 
     fn seen(&self, key: &(MsgId, Address)) -> bool {
-        self.set.contains(key)
+        self.current.contains(key) || self.previous.contains(key)
     }
 
     /// `true` the first time a (id, sender) pair is seen.
     pub(crate) fn first(&mut self, key: (MsgId, Address)) -> bool {
-        if !self.set.insert(key) {
+        if self.seen(&key) {
             return false;
         }
-        self.order.push_back(key);
-        if self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
+        if self.current.len() >= self.cap {
+            // (Both tables keep their memory.)
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear();
         }
+        self.current.insert(key);
         true
     }
 }
@@ -377,11 +384,11 @@ pub(crate) async fn drive(
         opts,
         cmd_rx,
         events_tx,
-        receipts: HashMap::new(),
+        receipts: HashMap::default(),
         unreceipted: Default::default(),
-        seq_of: HashMap::new(),
+        seq_of: HashMap::default(),
         next_seq: 0,
-        requests: HashMap::new(),
+        requests: HashMap::default(),
         dedupe: Dedupe::new(DEDUPE_WINDOW),
     };
     let reason = loop {
@@ -411,4 +418,30 @@ pub(crate) async fn drive(
     };
     tracing::debug!(reason, "client driver stopped");
     let _ = closed_tx.send(Some(reason));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedupe_remembers_the_last_cap_pairs_and_forgets_older_ones() {
+        let key = |i: u32| {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            (MsgId(id), Address([7; 32]))
+        };
+        let mut d = Dedupe::new(100);
+        for i in 0..1000 {
+            assert!(d.first(key(i)), "{i} is new");
+            assert!(!d.first(key(i)), "{i} again is a duplicate");
+            // The last 100 (this one included) are always remembered.
+            let oldest = i.saturating_sub(99);
+            assert!(d.seen(&key(oldest)), "{oldest} forgotten at {i}");
+            assert!(d.current.len() + d.previous.len() <= 200);
+        }
+        assert!(!d.seen(&key(0)), "old pairs are forgotten");
+        // Another sender's message with the same id is another message.
+        assert!(d.first((key(999).0, Address([8; 32]))));
+    }
 }
