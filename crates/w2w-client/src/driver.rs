@@ -118,9 +118,10 @@ pub(crate) struct Driver {
     frame_limit: Arc<std::sync::atomic::AtomicUsize>,
     cmd_rx: mpsc::Receiver<Cmd>,
     events_tx: mpsc::Sender<Event>,
-    receipts: HashMap<MsgId, oneshot::Sender<Receipt>>,
+    /// Per message awaiting its receipt: its place in `unreceipted` and
+    /// its waiter (one map, one insert and one removal per message).
+    receipts: HashMap<MsgId, (u64, oneshot::Sender<Receipt>)>,
     unreceipted: std::collections::BTreeMap<u64, (MsgId, Bytes)>,
-    seq_of: HashMap<MsgId, u64>,
     next_seq: u64,
     requests: HashMap<u32, oneshot::Sender<Result<ResponseBody, u16>>>,
     dedupe: Dedupe,
@@ -128,9 +129,8 @@ pub(crate) struct Driver {
 
 impl Driver {
     fn remember(&mut self, id: MsgId, frame: Bytes, tx: oneshot::Sender<Receipt>) {
-        self.receipts.insert(id, tx);
+        self.receipts.insert(id, (self.next_seq, tx));
         self.unreceipted.insert(self.next_seq, (id, frame));
-        self.seq_of.insert(id, self.next_seq);
         self.next_seq += 1;
     }
 
@@ -225,10 +225,8 @@ impl Driver {
         let bytes: Bytes = m.into_payload().into();
         Ok(Some(match RelayToClient::decode(&bytes) {
             Ok(RelayToClient::Receipt(r)) => {
-                if let Some(seq) = self.seq_of.remove(&r.id) {
+                if let Some((seq, tx)) = self.receipts.remove(&r.id) {
                     self.unreceipted.remove(&seq);
-                }
-                if let Some(tx) = self.receipts.remove(&r.id) {
                     let _ = tx.send(r);
                 }
                 return Ok(None);
@@ -292,12 +290,11 @@ impl Driver {
             let Some((id, frame)) = self.unreceipted.remove(&seq) else {
                 continue;
             };
-            self.seq_of.remove(&id);
             tracing::warn!(
                 size = frame.len(),
                 "the relay refused a message as too large; it will not be resent"
             );
-            if let Some(tx) = self.receipts.remove(&id) {
+            if let Some((_, tx)) = self.receipts.remove(&id) {
                 let _ = tx.send(Receipt {
                     id,
                     status: w2w_proto::frame::Status::Rejected,
@@ -386,7 +383,6 @@ pub(crate) async fn drive(
         events_tx,
         receipts: HashMap::default(),
         unreceipted: Default::default(),
-        seq_of: HashMap::default(),
         next_seq: 0,
         requests: HashMap::default(),
         dedupe: Dedupe::new(DEDUPE_WINDOW),
