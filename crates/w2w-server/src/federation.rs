@@ -43,12 +43,15 @@ use w2w_proto::{Address, ErrorCode, Identity};
 
 use crate::metrics::Metrics;
 use crate::router::Outbox;
+use crate::store::{Outcome, Store, Write};
 
 /// A client's frame for the core, queued by its connection until the end
 /// of a read burst ([`Federation::handle_inputs`]).
 pub enum Input {
-    /// A MSG that passed the connection's checks; `group`: a group of this
-    /// relay's members, as for [`Federation::handle_msg`].
+    /// A MSG that passed the connection's checks (the frame as received
+    /// and decoded); `group`: the members of a group of this relay (its
+    /// group store resolved them), `None` for a group to look for across
+    /// the federation.
     Msg {
         frame: Bytes,
         msg: Msg,
@@ -56,7 +59,6 @@ pub enum Input {
     },
     Ack(Vec<MsgId>),
 }
-use crate::store::{Outcome, Store, Write};
 
 /// Federation settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -645,27 +647,8 @@ impl Federation {
         self.drain(inner);
     }
 
-    /// A client's MSG (already checked: rate limits, sender). For a named
-    /// group, `group` holds its members as the group table resolved them.
-    pub fn handle_msg(
-        &self,
-        conn_id: u64,
-        frame: &Bytes,
-        msg: &Msg,
-        group: Option<Result<Vec<Address>, ErrorCode>>,
-    ) {
-        self.with(|core, now| core.handle_msg(now, ConnId(conn_id), frame.clone(), msg, group));
-    }
-
-    /// A client's ACK.
-    pub fn handle_ack(&self, conn_id: u64, ids: &[MsgId]) {
-        self.with(|core, now| core.handle_ack(now, ConnId(conn_id), ids));
-    }
-
     /// A client connection's MSGs and ACKs read in one burst, applied in
-    /// order under one taking of the core lock (one drain of its outputs):
-    /// the same as one [`Self::handle_msg`] or [`Self::handle_ack`] each,
-    /// for less lock traffic per message.
+    /// order under one taking of the core lock (one drain of its outputs).
     pub fn handle_inputs(&self, conn_id: u64, inputs: Vec<Input>) {
         if inputs.is_empty() {
             return;
@@ -724,11 +707,6 @@ impl Federation {
             inner.core.peer_down(PeerId(conn_id));
         }
         self.drain(inner);
-    }
-
-    /// A frame from a peer link.
-    pub fn on_frame(&self, conn_id: u64, frame: RelayToRelay) {
-        self.with(|core, now| core.handle_peer_frame(now, PeerId(conn_id), frame));
     }
 
     /// A peer link's frames of one read burst, in order, under one taking

@@ -655,9 +655,10 @@ pub(crate) async fn pump<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
                         Some(Err(e)) => return read_error(shared, e),
                         Some(Ok(m)) => handler.on_message(m, now),
                     }
-                    // The frames already read (no waiting), then one flush.
+                    // The frames already read (no waiting), then one flush;
+                    // none after the connection was asked to close.
                     let mut n = 1;
-                    while n < READ_BURST {
+                    while n < READ_BURST && !outbox.is_closing() {
                         let Some(m) = ws.next().now_or_never() else {
                             break;
                         };
