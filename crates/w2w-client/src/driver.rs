@@ -90,6 +90,9 @@ impl Dedupe {
 /// Message ids remembered for deduplication.
 pub const DEDUPE_WINDOW: usize = 16_384;
 
+/// Most frames written before one flush.
+const SEND_BATCH: usize = 64;
+
 /// Most MSG ids acknowledged in one ACK frame.
 pub(crate) const MAX_ACK_BATCH: usize = 256;
 
@@ -137,28 +140,47 @@ impl Driver {
     async fn session(&mut self, ws: &mut RelaySocket) -> SessionEnd {
         loop {
             tokio::select! {
-                cmd = self.cmd_rx.recv() => match cmd {
-                    Some(Cmd::Send(frame, id, tx)) => {
-                        self.remember(id, frame.clone(), tx);
-                        if let Err(e) = ws.send(Message::binary(frame)).await {
+                cmd = self.cmd_rx.recv() => {
+                    // What the application queued meanwhile goes in the
+                    // same write: one flush (one system call) per burst,
+                    // not per message.
+                    let mut cmd = cmd;
+                    let mut fed = 0;
+                    loop {
+                        let frame = match cmd {
+                            Some(Cmd::Send(frame, id, tx)) => {
+                                self.remember(id, frame.clone(), tx);
+                                frame
+                            }
+                            Some(Cmd::Request(req, tx)) => {
+                                self.requests.insert(req.req_id, tx);
+                                ClientToRelay::Request(req).encode()
+                            }
+                            Some(Cmd::Close) => {
+                                let _ = ws.close().await;
+                                return SessionEnd::Stop("closed by client".into());
+                            }
+                            None => {
+                                let _ = ws.close().await;
+                                return SessionEnd::Stop("client handle dropped".into());
+                            }
+                        };
+                        if let Err(e) = ws.feed(Message::binary(frame)).await {
                             return SessionEnd::Lost(format!("send failed: {e}"));
                         }
-                    }
-                    Some(Cmd::Request(req, tx)) => {
-                        self.requests.insert(req.req_id, tx);
-                        if let Err(e) = ws.send(Message::binary(ClientToRelay::Request(req).encode())).await {
-                            return SessionEnd::Lost(format!("send failed: {e}"));
+                        fed += 1;
+                        if fed >= SEND_BATCH {
+                            break;
+                        }
+                        match self.cmd_rx.try_recv() {
+                            Ok(next) => cmd = Some(next),
+                            Err(_) => break,
                         }
                     }
-                    Some(Cmd::Close) => {
-                        let _ = ws.close().await;
-                        return SessionEnd::Stop("closed by client".into());
+                    if let Err(e) = ws.flush().await {
+                        return SessionEnd::Lost(format!("send failed: {e}"));
                     }
-                    None => {
-                        let _ = ws.close().await;
-                        return SessionEnd::Stop("client handle dropped".into());
-                    }
-                },
+                }
                 m = ws.next() => {
                     let mut acks = Vec::new();
                     let mut next = Some(m);
@@ -335,10 +357,17 @@ impl Driver {
             };
             match tokio::time::timeout(self.opts.timeout, attempt).await {
                 Ok(Ok(mut ws)) => {
+                    // Written in batches (the sink flushes when its buffer
+                    // fills), flushed once at the end.
+                    let mut fed = true;
                     for (_, (_, frame)) in self.unreceipted.iter() {
-                        if ws.send(Message::binary(frame.clone())).await.is_err() {
+                        if ws.feed(Message::binary(frame.clone())).await.is_err() {
+                            fed = false;
                             break;
                         }
+                    }
+                    if fed {
+                        let _ = ws.flush().await;
                     }
                     tracing::info!(resent = self.unreceipted.len(), "reconnected");
                     return Ok(ws);
