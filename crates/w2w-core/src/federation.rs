@@ -818,7 +818,7 @@ impl RelayCore {
 mod tests {
     use super::*;
     use crate::{Config, FedConfig};
-    use w2w_proto::frame::Msg;
+    use w2w_proto::frame::{Msg, Receipt, RelayToClient};
     use w2w_proto::Identity;
 
     fn core(seed: u8, federation: FedConfig) -> RelayCore {
@@ -957,6 +957,125 @@ mod tests {
         assert!(drain(&mut c)
             .iter()
             .all(|t| t.to != Target::Conn(ConnId(2))));
+    }
+
+    #[test]
+    fn a_msg_sent_again_while_in_flight_joins_it_and_gets_its_receipt() {
+        let mut c = core(1, FedConfig::default());
+        let me = c.address();
+        let origin = key(2);
+        c.peer_up(PeerId(2), origin, String::new(), true).unwrap();
+        let now = Instant::now();
+        let (alice, bob, carol) = (Address([5; 32]), Address([6; 32]), Address([7; 32]));
+        c.connect(now, ConnId(1), bob, None, true).unwrap();
+        while let Some(op) = c.poll_store() {
+            if let crate::StoreOp::Read { token, .. } = op {
+                let done = crate::StoreDone::Read {
+                    token,
+                    result: Ok(Vec::new()),
+                };
+                c.store_done(now, done);
+            }
+        }
+        drain(&mut c);
+        let send = |c: &mut RelayCore, conn: u64, frame: &Bytes| {
+            let Ok(ClientToRelay::Msg(m)) = ClientToRelay::decode(frame) else {
+                panic!("a MSG");
+            };
+            c.handle_msg(now, ConnId(conn), frame.clone(), &m, None);
+        };
+        let receipt_to = |out: &[Transmit], conn: u64| -> Vec<Receipt> {
+            out.iter()
+                .filter(|t| t.to == Target::Conn(ConnId(conn)))
+                .filter_map(|t| match RelayToClient::decode(&t.frame) {
+                    Ok(RelayToClient::Receipt(r)) => Some(r),
+                    _ => None,
+                })
+                .collect()
+        };
+        let to_bob = |out: &[Transmit]| {
+            out.iter()
+                .filter(|t| t.to == Target::Conn(ConnId(1)))
+                .count()
+        };
+
+        // Alice's connection ends before bob's ACK; her next one sends the
+        // MSG again: no second copy, no refusal, and the original's receipt.
+        let m1 = msg(1, alice, Dest::A2b(bob));
+        c.connect(now, ConnId(2), alice, None, false).unwrap();
+        send(&mut c, 2, &m1);
+        assert_eq!(to_bob(&drain(&mut c)), 1);
+        c.disconnect(now, ConnId(2));
+        c.connect(now, ConnId(3), alice, None, false).unwrap();
+        send(&mut c, 3, &m1);
+        let out = drain(&mut c);
+        assert_eq!(to_bob(&out), 0, "not handed over twice");
+        assert!(receipt_to(&out, 3).is_empty(), "answered when bob answers");
+        // Another MSG under the same id is still refused.
+        send(&mut c, 3, &msg(1, alice, Dest::A2g(vec![bob])));
+        let r = receipt_to(&drain(&mut c), 3);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].status, r[0].reason),
+            (Status::Rejected, ErrorCode::Duplicate.as_u16())
+        );
+        c.handle_ack(now, ConnId(1), &[MsgId([1; 16])]);
+        let r = receipt_to(&drain(&mut c), 3);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].id, r[0].status, r[0].delivered),
+            (MsgId([1; 16]), Status::Delivered, 1)
+        );
+
+        // Carol's MSG came through another relay of hers, which forwarded
+        // it here; she sends it again here: she gets the receipt too, and
+        // the origin its FWD_RECEIPT.
+        let m2 = msg(2, carol, Dest::A2b(bob));
+        let target = ForwardTarget::Relay {
+            relay: me,
+            to: vec![bob],
+        };
+        c.handle_peer_frame(now, PeerId(2), forward(origin, target, m2.clone()));
+        assert_eq!(to_bob(&drain(&mut c)), 1);
+        c.connect(now, ConnId(4), carol, None, false).unwrap();
+        send(&mut c, 4, &m2);
+        let out = drain(&mut c);
+        assert_eq!(to_bob(&out), 0);
+        assert!(receipt_to(&out, 4).is_empty());
+        c.handle_ack(now, ConnId(1), &[MsgId([2; 16])]);
+        let out = drain(&mut c);
+        let r = receipt_to(&out, 4);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].status, r[0].delivered), (Status::Delivered, 1));
+        let fwd = out
+            .iter()
+            .filter(|t| t.to == Target::Peer(PeerId(2)))
+            .filter(|t| {
+                matches!(
+                    RelayToRelay::decode(&t.frame),
+                    Ok(RelayToRelay::FwdReceipt(_))
+                )
+            })
+            .count();
+        assert_eq!(fwd, 1);
+        assert_eq!(c.stats().resends_joined, 2);
+        assert_eq!(c.stats().count(ErrorCode::Duplicate), 1);
+
+        // An a2g forwarded here covers only the recipients given to this
+        // relay: sent again here, it is refused as before, not joined.
+        let dave = Address([8; 32]);
+        let m3 = msg(3, dave, Dest::A2g(vec![bob, alice]));
+        let target = ForwardTarget::Relay {
+            relay: me,
+            to: vec![bob],
+        };
+        c.handle_peer_frame(now, PeerId(2), forward(origin, target, m3.clone()));
+        assert_eq!(to_bob(&drain(&mut c)), 1);
+        c.connect(now, ConnId(5), dave, None, false).unwrap();
+        send(&mut c, 5, &m3);
+        let r = receipt_to(&drain(&mut c), 5);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].reason, ErrorCode::Duplicate.as_u16());
     }
 
     #[test]

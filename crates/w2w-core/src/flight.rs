@@ -81,6 +81,10 @@ pub struct Broadcast {
 pub struct Flight {
     /// Who gets the outcome.
     pub reply: Reply,
+    /// A connection of the sender that sent the same MSG again while this
+    /// one was in flight (a resend after a lost connection, or through
+    /// another of its relays, PROTOCOL 7.6): it gets the receipt too.
+    pub resent: Option<ConnId>,
     pub route: Route,
     pub frame: Bytes,
     /// Recipients in the order the sender listed them, each with its state:
@@ -109,6 +113,15 @@ pub struct Flight {
 }
 
 impl Flight {
+    /// Whether this flight's receipt answers a MSG with `dest` from its
+    /// sender: one the sender's own relay started covers all its
+    /// recipients; one forwarded here or handed over covers only the
+    /// recipients it was given, which for a2b and a2a is all of them.
+    pub fn covers(&self, dest: &w2w_proto::frame::Dest) -> bool {
+        use w2w_proto::frame::Dest;
+        matches!(self.reply, Reply::Client(_)) || matches!(dest, Dest::A2b(_) | Dest::A2a)
+    }
+
     /// The local leg of `to` (delivered or stored at this relay): the one
     /// still under way if there is one (a leg kept in custody may follow
     /// settled legs of relays that could not be reached), else the first

@@ -546,6 +546,7 @@ impl RelayCore {
             key,
             Flight {
                 reply,
+                resent: None,
                 route,
                 frame,
                 recipients: vec![leg],

@@ -155,6 +155,9 @@ pub struct Stats {
     pub custody: u64,
     pub handed_off: u64,
     pub handoffs_failed: u64,
+    /// A sender's MSG that came again while its original was in flight
+    /// and joined it (PROTOCOL 7.6).
+    pub resends_joined: u64,
 }
 
 impl Stats {

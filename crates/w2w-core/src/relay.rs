@@ -745,6 +745,19 @@ impl RelayCore {
             return self.send_receipt(conn, reject(ErrorCode::SpoofedSender));
         }
         let key = (msg.id, msg.from);
+        // The same MSG again while its original is in flight (a resend
+        // after a lost connection, or through another relay of the
+        // sender's that forwarded it here): it joins the original and gets
+        // the original's receipt (PROTOCOL 7.6).
+        if let Some(f) = self.flights.get_mut(&key) {
+            if f.frame == frame && f.covers(&msg.dest) {
+                if f.reply != Reply::Client(conn) {
+                    f.resent = Some(conn);
+                }
+                self.stats.resends_joined += 1;
+                return;
+            }
+        }
         // Receipts from other relays name the id only: a second message
         // with the id of one still in flight is refused rather than
         // allowed to take its receipt.
@@ -858,6 +871,7 @@ impl RelayCore {
             key,
             Flight {
                 reply,
+                resent: None,
                 route,
                 frame: frame.clone(),
                 recipients,
@@ -1629,6 +1643,9 @@ impl RelayCore {
                 .count()
         });
         self.stats.queued += queued as u64;
+        if let (Some(conn), Some(r)) = (f.resent, f.receipt(key.0)) {
+            self.send_receipt(conn, r);
+        }
         match f.reply {
             Reply::Client(conn) => {
                 self.local_ids.remove(&key.0);

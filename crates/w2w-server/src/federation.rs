@@ -500,6 +500,7 @@ impl Federation {
             .store(inner.core.group_records() as i64, Relaxed);
         let s = inner.core.stats();
         m.handed_off.store(s.handed_off, Relaxed);
+        m.resends_joined.store(s.resends_joined, Relaxed);
         let old = &mut inner.exported;
         m.forwarded.fetch_add(s.forwarded - old.forwarded, Relaxed);
         m.records_refused

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub custody_addresses: AtomicI64,
     /// Federation: stored messages handed over to another relay.
     pub handed_off: AtomicU64,
+    /// MSGs sent again while their original was in flight, answered with
+    /// the original's receipt (PROTOCOL 7.6).
+    pub resends_joined: AtomicU64,
     /// Federation: FORWARD frames sent to peers.
     pub forwarded: AtomicU64,
     /// Broadcast (a2n) and presence-notice copies not queued for a
@@ -95,6 +98,7 @@ impl Default for Metrics {
             core_lock_ns: AtomicU64::new(0),
             custody_addresses: AtomicI64::new(0),
             handed_off: AtomicU64::new(0),
+            resends_joined: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             broadcast_skipped: AtomicU64::new(0),
             records_refused: AtomicU64::new(0),
@@ -217,6 +221,11 @@ impl Metrics {
             "w2w_handed_off_total",
             "Stored messages handed over to the relay where their recipient is.",
             self.handed_off.load(Relaxed),
+        );
+        counter(
+            "w2w_resends_joined_total",
+            "MSGs sent again while their original was in flight, answered with the original's receipt.",
+            self.resends_joined.load(Relaxed),
         );
         counter(
             "w2w_broadcast_skipped_total",

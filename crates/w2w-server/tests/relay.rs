@@ -568,6 +568,67 @@ async fn spoofed_sender_is_rejected() {
     expect_silence(&mut b).await;
 }
 
+/// A client that lost its connection before its receipt resends the MSG
+/// unchanged (PROTOCOL 7.6): while the original waits for the recipient's
+/// ACK, the resend joins it and gets its receipt, not `duplicate`.
+#[tokio::test]
+async fn a_resend_while_the_original_waits_gets_the_original_receipt() {
+    let relay = start(Limits::default()).await;
+    let (mut bob, bob_id) = raw_registered(&relay).await;
+    let alice = id();
+    let mut first = raw(&relay).await;
+    register(&mut first, &alice, &relay.url(), Some(relay.relay_key()))
+        .await
+        .unwrap();
+    let msg = Msg {
+        flags: 0,
+        id: MsgId([4; 16]),
+        from: alice.address(),
+        dest: Dest::A2b(bob_id.address()),
+        payload: Bytes::from_static(b"once"),
+    }
+    .encode();
+    send_bin(&mut first, msg.clone()).await;
+    let Ok(RelayToClient::Msg(got)) = next(&mut bob).await else {
+        panic!("bob gets the message");
+    };
+    // Alice's connection ends before bob acknowledges; she comes back and
+    // sends the same MSG again.
+    drop(first);
+    let mut second = raw(&relay).await;
+    register(&mut second, &alice, &relay.url(), Some(relay.relay_key()))
+        .await
+        .unwrap();
+    send_bin(&mut second, msg).await;
+    let joined = async {
+        let m = relay.metrics();
+        while m.resends_joined.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(T, joined)
+        .await
+        .expect("the resend joins its original");
+    send_bin(&mut bob, ClientToRelay::Ack(vec![got.id]).encode()).await;
+    match next(&mut second).await {
+        Ok(RelayToClient::Receipt(r)) => {
+            assert_eq!(
+                (r.id, r.status, r.delivered),
+                (got.id, Status::Delivered, 1),
+                "{r:?}"
+            )
+        }
+        other => panic!("expected the receipt, got {other:?}"),
+    }
+    // Bob had it once.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), bob.next())
+            .await
+            .is_err(),
+        "no second copy"
+    );
+}
+
 #[tokio::test]
 async fn slow_consumer_is_disconnected_and_its_messages_kept() {
     let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
