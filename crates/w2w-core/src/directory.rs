@@ -935,7 +935,7 @@ impl RelayCore {
         };
         let frame = f.frame.clone();
         let has_local = f.local(&to).is_some();
-        let client = matches!(f.reply, crate::flight::Reply::Client(_));
+        let client = f.reply.client().is_some();
         // Relays it went or goes to already.
         let mut others: Vec<Address> = f
             .sent

@@ -22,7 +22,7 @@ use w2w_proto::{Address, ErrorCode};
 use crate::flight::{delivered_count, entry, Broadcast, FlightKey, Recipient, Reply};
 use crate::routing::Hop;
 use crate::seen::seen_key;
-use crate::{ConnId, Event, PeerId, RelayCore, Target, Transmit};
+use crate::{Event, PeerId, RelayCore, Target, Transmit};
 
 /// Most relays one address's records name at once (it may be online at
 /// several); a newer registration pushes the oldest out.
@@ -338,7 +338,7 @@ impl RelayCore {
             };
             // A client's recipient with no other way left is kept here
             // (custody, handoff.rs): one leg becomes a write.
-            let client = matches!(f.reply, Reply::Client(_));
+            let client = f.reply.client().is_some();
             let frame = f.frame.clone();
             let is_gone =
                 |s: &Recipient| matches!(s, Recipient::Forwarded { relay } if gone.contains(relay));
@@ -506,7 +506,7 @@ impl RelayCore {
     pub(crate) fn broadcast_from_client(
         &mut self,
         now: Instant,
-        conn: ConnId,
+        reply: Reply,
         key: FlightKey,
         frame: Bytes,
         scope: Scope,
@@ -533,7 +533,7 @@ impl RelayCore {
             waiting = self.reachable().into_iter().collect();
         }
         let broadcast = Some(Broadcast { delivered, waiting });
-        let head = (key, Reply::Client(conn), Route::A2n);
+        let head = (key, reply, Route::A2n);
         self.start_flight(now, head, frame, Vec::new(), broadcast);
     }
 
@@ -797,7 +797,7 @@ impl RelayCore {
             }
             // (A hand-off that finds its address moved on fails; it is
             // looked at again later.)
-            let open = !f.expired && matches!(f.reply, Reply::Client(_));
+            let open = !f.expired && f.reply.client().is_some();
             for to in moved {
                 if open {
                     self.reroute(now, key, to, r.reporter);
@@ -817,7 +817,7 @@ impl RelayCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Config, FedConfig};
+    use crate::{Config, ConnId, FedConfig};
     use w2w_proto::frame::{Msg, Receipt, RelayToClient};
     use w2w_proto::Identity;
 

@@ -61,11 +61,25 @@ impl Recipient {
 pub enum Reply {
     /// A client of this relay (a RECEIPT).
     Client(ConnId),
+    /// A client of this relay whose message was split across the relay's
+    /// shards (shard.rs): this flight is one shard's part, and its receipt
+    /// is merged with the other parts' into the client's RECEIPT.
+    Part(ConnId),
     /// The origin relay of a FORWARD (a FWD_RECEIPT).
     Relay(Address),
     /// Nobody: a stored message for `to` handed over to another relay
     /// (handoff.rs); its outcome decides whether the copy here goes.
     Handoff { to: Address },
+}
+
+impl Reply {
+    /// The client connection told the outcome (whole or in part).
+    pub fn client(&self) -> Option<ConnId> {
+        match self {
+            Reply::Client(c) | Reply::Part(c) => Some(*c),
+            _ => None,
+        }
+    }
 }
 
 /// An a2n across the federation: how many connections had it, and which
@@ -83,8 +97,9 @@ pub struct Flight {
     pub reply: Reply,
     /// A connection of the sender that sent the same MSG again while this
     /// one was in flight (a resend after a lost connection, or through
-    /// another of its relays, PROTOCOL 7.6): it gets the receipt too.
-    pub resent: Option<ConnId>,
+    /// another of its relays, PROTOCOL 7.6): it gets the receipt too (as a
+    /// part, if the resend was split across shards too).
+    pub resent: Option<Reply>,
     pub route: Route,
     pub frame: Bytes,
     /// Recipients in the order the sender listed them, each with its state:
@@ -119,7 +134,7 @@ impl Flight {
     /// recipients it was given, which for a2b and a2a is all of them.
     pub fn covers(&self, dest: &w2w_proto::frame::Dest) -> bool {
         use w2w_proto::frame::Dest;
-        matches!(self.reply, Reply::Client(_)) || matches!(dest, Dest::A2b(_) | Dest::A2a)
+        self.reply.client().is_some() || matches!(dest, Dest::A2b(_) | Dest::A2a)
     }
 
     /// The local leg of `to` (delivered or stored at this relay): the one

@@ -75,13 +75,14 @@ mod lookup;
 mod relay;
 pub mod routing;
 pub mod seen;
+pub mod shard;
 pub mod sim;
 pub mod sim_routing;
 pub mod spacerift;
 
 pub use directory::closest;
 pub use groups::{GroupAsk, GroupOutcome, GroupQuestion};
-pub use relay::{Config, FedConfig, RelayCore};
+pub use relay::{targets, Config, FedConfig, RelayCore, Targets};
 
 use bytes::Bytes;
 use w2w_proto::frame::MsgId;
@@ -161,6 +162,27 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Adds `other`'s counts to these (a sharded relay's total).
+    pub fn add(&mut self, other: &Stats) {
+        self.forwarded += other.forwarded;
+        self.records_refused += other.records_refused;
+        for (k, v) in &other.errors {
+            *self.errors.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.receipts {
+            *self.receipts.entry(*k).or_default() += v;
+        }
+        self.queued += other.queued;
+        self.lookups += other.lookups;
+        self.lookups_refused += other.lookups_refused;
+        self.rerouted += other.rerouted;
+        self.records_expired += other.records_expired;
+        self.custody += other.custody;
+        self.handed_off += other.handed_off;
+        self.handoffs_failed += other.handoffs_failed;
+        self.resends_joined += other.resends_joined;
+    }
+
     pub(crate) fn error(&mut self, code: ErrorCode) {
         *self.errors.entry(code.as_u16()).or_default() += 1;
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use w2w_proto::frame::{
-    ClientToRelay, Dest, Msg, MsgId, Notice, Receipt, RelayToClient, Route, Status,
+    ClientToRelay, Dest, Msg, MsgId, Notice, Receipt, RelayToClient, Route, Scope, Status,
 };
 use w2w_proto::s2s::{Presence, RegistrationProof};
 use w2w_proto::{Address, ErrorCode, Identity};
@@ -281,6 +281,55 @@ fn ids_of(address: Address) -> std::ops::RangeInclusive<(Address, MsgId)> {
     (address, MsgId([0; 16]))..=(address, MsgId([0xff; 16]))
 }
 
+/// Whom a client's MSG goes to, as [`targets`] works it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Targets {
+    /// These addresses, in the order the sender listed them, each once.
+    List(Vec<Address>),
+    /// Every receiving session (a2n).
+    Everyone(Scope),
+    /// A named group this relay does not host: looked for across the
+    /// federation (groups.rs).
+    ElsewhereGroup,
+}
+
+/// The recipients of `msg` (`group`: a named group's members as the
+/// caller's group store resolved them, `None` if it is not a group of
+/// this relay's), or the code it is refused with.
+pub fn targets(
+    msg: &Msg,
+    group: Option<Result<Vec<Address>, ErrorCode>>,
+    max_group: usize,
+) -> Result<Targets, ErrorCode> {
+    Ok(Targets::List(match &msg.dest {
+        Dest::A2n(scope) => return Ok(Targets::Everyone(*scope)),
+        Dest::Group(_) => match group {
+            Some(Ok(members)) => members,
+            Some(Err(code)) => return Err(code),
+            None => return Ok(Targets::ElsewhereGroup),
+        },
+        Dest::A2a => vec![msg.from],
+        Dest::A2b(to) => vec![*to],
+        Dest::A2g(list) if list.is_empty() => return Err(ErrorCode::EmptyList),
+        Dest::A2g(list) if list.len() > max_group => return Err(ErrorCode::ListTooLong),
+        Dest::A2g(list) => {
+            let mut seen = BTreeSet::new();
+            list.iter().copied().filter(|a| seen.insert(*a)).collect()
+        }
+    }))
+}
+
+/// A receipt refusing message `id` as a whole.
+pub(crate) fn reject(id: MsgId, code: ErrorCode) -> Receipt {
+    Receipt {
+        id,
+        status: Status::Rejected,
+        reason: code.as_u16(),
+        delivered: 0,
+        entries: Vec::new(),
+    }
+}
+
 /// The state of one relay. See the crate docs for the contract.
 #[derive(Debug)]
 pub struct RelayCore {
@@ -336,6 +385,13 @@ pub struct RelayCore {
     store_ops: VecDeque<StoreOp>,
     pub(crate) closes: VecDeque<(ConnId, ErrorCode)>,
     pub(crate) events: VecDeque<Event>,
+    /// This core's shard and how many there are (shard.rs; (0, 1): not
+    /// sharded).
+    shard: (usize, usize),
+    /// Receipts of messages split across shards, for the caller to merge.
+    parts: VecDeque<(ConnId, Receipt)>,
+    /// Notices for senders of other shards.
+    notices: VecDeque<(Address, Bytes)>,
 }
 
 impl RelayCore {
@@ -390,6 +446,9 @@ impl RelayCore {
             store_ops: VecDeque::new(),
             closes: VecDeque::new(),
             events: VecDeque::new(),
+            shard: (0, 1),
+            parts: VecDeque::new(),
+            notices: VecDeque::new(),
         };
         core.bump_link_state();
         core
@@ -468,6 +527,26 @@ impl RelayCore {
     /// A connection the caller must close (with this code).
     pub fn poll_close(&mut self) -> Option<(ConnId, ErrorCode)> {
         self.closes.pop_front()
+    }
+
+    /// Makes this core shard `index` of `count` (shard.rs): its store
+    /// tokens are `≡ index (mod count)`, and notices for senders of other
+    /// shards come out of `poll_notice`. Call it before any input.
+    pub fn set_shard(&mut self, index: usize, count: usize) {
+        assert!(index < count, "shard {index} of {count}");
+        self.shard = (index, count);
+    }
+
+    /// The receipt of one shard's part of a client's message (a flight
+    /// with [`Reply::Part`]), for the caller to merge (shard.rs).
+    pub fn poll_part(&mut self) -> Option<(ConnId, Receipt)> {
+        self.parts.pop_front()
+    }
+
+    /// A notice for a sender of another shard: give it to
+    /// [`RelayCore::notice_to`] of that shard.
+    pub fn poll_notice(&mut self) -> Option<(Address, Bytes)> {
+        self.notices.pop_front()
     }
 
     /// When `handle_timeout` is next due.
@@ -733,17 +812,33 @@ impl RelayCore {
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
-        let reject = |code: ErrorCode| Receipt {
-            id: msg.id,
-            status: Status::Rejected,
-            reason: code.as_u16(),
-            delivered: 0,
-            entries: Vec::new(),
-        };
         if msg.from != session.address {
             self.stats.error(ErrorCode::SpoofedSender);
-            return self.send_receipt(conn, reject(ErrorCode::SpoofedSender));
+            return self.send_receipt(conn, reject(msg.id, ErrorCode::SpoofedSender));
         }
+        match targets(msg, group, self.config.max_group) {
+            Ok(to) => self.accept(now, Reply::Client(conn), frame, msg, to),
+            Err(code) => self.send_receipt(conn, reject(msg.id, code)),
+        }
+    }
+
+    /// A MSG, or one shard's part of it (shard.rs), from a connection of
+    /// another shard: the caller checked its sender against that
+    /// connection's session and chose the recipients for this shard.
+    /// `reply`: [`Reply::Client`] when this shard has the whole message,
+    /// [`Reply::Part`] when its receipt is merged with other shards'.
+    pub fn handle_part(
+        &mut self,
+        now: Instant,
+        reply: Reply,
+        frame: Bytes,
+        msg: &Msg,
+        to: Targets,
+    ) {
+        self.accept(now, reply, frame, msg, to)
+    }
+
+    fn accept(&mut self, now: Instant, reply: Reply, frame: Bytes, msg: &Msg, to: Targets) {
         let key = (msg.id, msg.from);
         // The same MSG again while its original is in flight (a resend
         // after a lost connection, or through another relay of the
@@ -751,8 +846,8 @@ impl RelayCore {
         // the original's receipt (PROTOCOL 7.6).
         if let Some(f) = self.flights.get_mut(&key) {
             if f.frame == frame && f.covers(&msg.dest) {
-                if f.reply != Reply::Client(conn) {
-                    f.resent = Some(conn);
+                if f.reply != reply {
+                    f.resent = Some(reply);
                 }
                 self.stats.resends_joined += 1;
                 return;
@@ -763,34 +858,23 @@ impl RelayCore {
         // allowed to take its receipt.
         if self.local_ids.contains_key(&msg.id) || self.flights.contains_key(&key) {
             self.stats.error(ErrorCode::Duplicate);
-            return self.send_receipt(conn, reject(ErrorCode::Duplicate));
+            return self.answer(reply, reject(msg.id, ErrorCode::Duplicate));
         }
         self.event(Event::FromClient {
             id: msg.id,
             from: msg.from,
         });
         let route = msg.dest.route();
-        let targets: Vec<Address> = match &msg.dest {
-            Dest::A2n(scope) => return self.broadcast_from_client(now, conn, key, frame, *scope),
-            Dest::Group(_) => match group {
-                Some(Ok(members)) => members,
-                Some(Err(code)) => return self.send_receipt(conn, reject(code)),
-                None => return self.group_msg(now, conn, frame, msg),
-            },
-            Dest::A2a => vec![msg.from],
-            Dest::A2b(to) => vec![*to],
-            Dest::A2g(list) if list.is_empty() => {
-                return self.send_receipt(conn, reject(ErrorCode::EmptyList))
+        match (to, reply) {
+            (Targets::Everyone(scope), _) => {
+                self.broadcast_from_client(now, reply, key, frame, scope)
             }
-            Dest::A2g(list) if list.len() > self.config.max_group => {
-                return self.send_receipt(conn, reject(ErrorCode::ListTooLong))
+            (Targets::ElsewhereGroup, Reply::Client(conn)) => self.group_msg(now, conn, frame, msg),
+            (Targets::ElsewhereGroup, _) => {}
+            (Targets::List(targets), _) => {
+                self.start_flight(now, (key, reply, route), frame, targets, None)
             }
-            Dest::A2g(list) => {
-                let mut seen = BTreeSet::new();
-                list.iter().copied().filter(|a| seen.insert(*a)).collect()
-            }
-        };
-        self.start_flight(now, (key, Reply::Client(conn), route), frame, targets, None);
+        }
     }
 
     /// Starts the record of a message for `targets`: each is handed over,
@@ -858,7 +942,7 @@ impl RelayCore {
         self.next += 1;
         let deadline = (now + self.config.receipt_timeout, self.next);
         self.deadlines.insert(deadline, key);
-        if let Reply::Client(_) = reply {
+        if reply.client().is_some() {
             self.local_ids.insert(key.0, key);
         }
         let resolving = lookups.len() as u32;
@@ -1134,7 +1218,7 @@ impl RelayCore {
             let mut late = Vec::new();
             // A client's FORWARD whose receipt did not come: kept here if
             // custody allows (below), else `timeout`.
-            let custody = matches!(f.reply, Reply::Client(_)) && self.config.federation.custody;
+            let custody = f.reply.client().is_some() && self.config.federation.custody;
             let mut unanswered = Vec::new();
             for (i, (to, state)) in f.recipients.iter_mut().enumerate() {
                 match state {
@@ -1177,7 +1261,9 @@ impl RelayCore {
 
     pub(crate) fn token(&mut self, w: Waiting) -> Token {
         self.next += 1;
-        let t = Token(self.next);
+        // A shard's tokens are its own: the caller routes a store answer
+        // by `token % shards` (shard.rs).
+        let t = Token(self.next * self.shard.1 as u64 + self.shard.0 as u64);
         self.tokens.insert(t, w);
         t
     }
@@ -1643,14 +1729,14 @@ impl RelayCore {
                 .count()
         });
         self.stats.queued += queued as u64;
-        if let (Some(conn), Some(r)) = (f.resent, f.receipt(key.0)) {
-            self.send_receipt(conn, r);
+        if let (Some(to), Some(r)) = (f.resent, f.receipt(key.0)) {
+            self.answer(to, r);
         }
         match f.reply {
-            Reply::Client(conn) => {
+            Reply::Client(_) | Reply::Part(_) => {
                 self.local_ids.remove(&key.0);
                 if let Some(r) = f.receipt(key.0) {
-                    self.send_receipt(conn, r);
+                    self.answer(f.reply, r);
                 }
             }
             Reply::Relay(origin) => {
@@ -1664,12 +1750,23 @@ impl RelayCore {
     }
 
     /// NOTICE DELIVERED to `sender`'s connection here, if any (best
-    /// effort; PROTOCOL 5.10).
+    /// effort; PROTOCOL 5.10). A sender of another shard's is told through
+    /// that shard (`poll_notice`).
     fn notify_delivered(&mut self, sender: Address, id: MsgId, to: Address) {
         if sender == to {
             return;
         }
-        let Some(inbox) = self.by_address.get(&sender) else {
+        let frame = RelayToClient::Notice(Notice::Delivered { id, to }).encode();
+        if crate::shard::shard_of(&sender, self.shard.1) != self.shard.0 {
+            self.notices.push_back((sender, frame));
+            return;
+        }
+        self.notice_to(sender, frame);
+    }
+
+    /// A notice for `address`'s sessions here (one another shard made).
+    pub fn notice_to(&mut self, address: Address, frame: Bytes) {
+        let Some(inbox) = self.by_address.get(&address) else {
             return;
         };
         let conns: Vec<ConnId> = inbox
@@ -1678,7 +1775,6 @@ impl RelayCore {
             .chain(&inbox.senders)
             .copied()
             .collect();
-        let frame = RelayToClient::Notice(Notice::Delivered { id, to }).encode();
         for conn in conns {
             self.send_conn(conn, frame.clone(), false);
         }
@@ -1686,8 +1782,20 @@ impl RelayCore {
 
     fn send_receipt(&mut self, conn: ConnId, r: Receipt) {
         *self.stats.receipts.entry(r.status as u8).or_default() += 1;
-        if self.sessions.contains_key(&conn) {
+        // A connection of another shard's is not among this one's
+        // sessions: the caller drops frames for connections gone.
+        if self.sessions.contains_key(&conn) || self.shard.1 > 1 {
             self.send_conn(conn, RelayToClient::Receipt(r).encode(), false);
+        }
+    }
+
+    /// The outcome of a client's message: its RECEIPT, or one part of it
+    /// for the caller to merge (`poll_part`).
+    fn answer(&mut self, to: Reply, r: Receipt) {
+        match to {
+            Reply::Client(conn) => self.send_receipt(conn, r),
+            Reply::Part(conn) => self.parts.push_back((conn, r)),
+            Reply::Relay(_) | Reply::Handoff { .. } => {}
         }
     }
 
