@@ -48,6 +48,11 @@ pub fn shard_of(address: &Address, count: usize) -> usize {
     (u64::from_le_bytes(b) % count as u64) as usize
 }
 
+/// A RECEIPT refusing message `id` as a whole (before any shard saw it).
+pub fn refusal(id: MsgId, code: ErrorCode) -> Receipt {
+    reject(id, code)
+}
+
 /// Where a client's MSG goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Split {

@@ -344,7 +344,7 @@ async fn open_session<S: AsyncRead + AsyncWrite + Unpin>(
         relay_url: shared.advertised_url(info.host.as_deref()),
     });
     if send_frame(ws, shared, reply.encode()).await.is_err() {
-        shared.fed.disconnect(outbox.conn_id);
+        shared.fed.disconnect(&outbox);
         shared.router.remove(&outbox);
         return None;
     }
@@ -368,7 +368,7 @@ async fn close_session<S: AsyncRead + AsyncWrite + Unpin>(
     let address = outbox.address;
     // The core writes what it handed over unacknowledged, and from now on
     // stores new messages for this address.
-    shared.fed.disconnect(outbox.conn_id);
+    shared.fed.disconnect(outbox);
     shared.router.remove(outbox);
     shared.metrics.registered.fetch_sub(1, Relaxed);
     // Give back the queue's share of the queued-bytes gauge.
@@ -418,7 +418,7 @@ impl Handler for Session<'_> {
         self.pending_copies = 0;
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
-            self.shared.fed.handle_inputs(self.outbox.conn_id, batch);
+            self.shared.fed.handle_inputs(self.outbox, batch);
         }
     }
 
@@ -584,7 +584,7 @@ impl Session<'_> {
                 ResponseBody::Presence
             }
             RequestOp::Exclusive => {
-                let closed = self.shared.fed.exclusive(self.outbox.conn_id);
+                let closed = self.shared.fed.exclusive(self.outbox);
                 if closed > 0 {
                     tracing::info!(address = %self.outbox.address.short(), closed, "exclusive session: older sessions closed");
                 }

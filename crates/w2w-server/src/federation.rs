@@ -29,12 +29,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use w2w_core::flight::Reply;
+use w2w_core::shard::{shard_of, split, Merge, Split};
 use w2w_core::{
     Config as CoreConfig, ConnId, Event, FedConfig, GroupAsk, GroupOutcome, GroupQuestion, PeerId,
-    RelayCore, Stats, StoreDone, StoreOp, Stored, Target,
+    RelayCore, Stats, StoreDone, StoreOp, Stored, Target, Targets,
 };
 use w2w_proto::frame::{
-    Hosted, Msg, MsgId, RelayToClient, RequestOp, Response, ResponseBody, Status,
+    Hosted, Msg, MsgId, Receipt, RelayToClient, RequestOp, Response, ResponseBody, Status,
 };
 use w2w_proto::group::{GroupInfo, GroupOp};
 use w2w_proto::handshake::Registration;
@@ -59,6 +61,23 @@ pub enum Input {
     },
     Ack(Vec<MsgId>),
 }
+
+/// One shard's share of a connection's read burst.
+enum Work {
+    Msg {
+        reply: Reply,
+        frame: Bytes,
+        msg: Arc<Msg>,
+        to: Targets,
+    },
+    Ack(Vec<MsgId>),
+    /// A RECEIPT refusing a MSG before any shard saw it.
+    Refuse(Receipt),
+}
+
+/// Most split messages (a2g, groups and a2n on a sharded relay) whose
+/// receipts are being joined; past it one is refused `rate_limited`.
+const MAX_MERGING: usize = 65_536;
 
 /// Federation settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -150,6 +169,13 @@ pub struct FederationConfig {
     /// connection (faster; a crash can lose receipted, unacknowledged ones);
     /// offline recipients are still queued durably.
     pub durable_delivery: bool,
+    /// Cores the relay's message state is split over (default 1; issue
+    /// 13): each address, its sessions and the messages to it belong to
+    /// one shard, each shard with its own lock, so that several CPUs
+    /// decide about messages at once. More than one needs a relay without
+    /// federation (no `peers`; peer links are refused): the federation's
+    /// state is not sharded yet.
+    pub shards: usize,
 }
 
 impl Default for FederationConfig {
@@ -183,6 +209,7 @@ impl Default for FederationConfig {
             peer_broadcast_bytes_per_sec: 16 << 20,
             peer_broadcast_bytes_burst: 32 << 20,
             durable_delivery: true,
+            shards: 1,
         }
     }
 }
@@ -282,7 +309,13 @@ impl Drop for Held<'_> {
 pub struct Federation {
     me: Address,
     pub config: FederationConfig,
-    inner: Mutex<Inner>,
+    /// The core, one per shard (w2w_core::shard): shard 0 also holds the
+    /// federation's state. Every shard knows every connection's outbox.
+    shards: Vec<Mutex<Inner>>,
+    /// Receipts of messages split across shards, being joined.
+    merge: Mutex<Merge>,
+    /// Most addresses in an a2g (the core's `max_group`).
+    max_group: usize,
     group_work: Mutex<std::collections::VecDeque<GroupWork>>,
     group_notify: tokio::sync::Notify,
     store_tx: Mutex<Option<mpsc::Sender<StoreOp>>>,
@@ -331,26 +364,48 @@ impl Federation {
                 ..FedConfig::default()
             },
         };
-        // Link-state records are numbered from the wall clock, so a
-        // restarted relay's records supersede the ones it sent before.
-        let mut core = RelayCore::new(core_config, identity, crate::unix_ms(), []);
-        // Registrations are ordered between relays by relay clocks.
-        core.set_clock(Instant::now(), crate::unix_ms());
-        if !config.peers.is_empty() {
-            // Until a first link brings another relay, lookups wait (and
-            // end `joining`, not `no_route`): PROTOCOL 12.12.
-            core.expect_peers(Instant::now() + Duration::from_millis(config.join_grace_ms));
-        }
+        let count = if config.peers.is_empty() {
+            config.shards.max(1)
+        } else {
+            if config.shards > 1 {
+                tracing::warn!(
+                    shards = config.shards,
+                    "a relay with peers runs one shard: the federation's state is not sharded yet"
+                );
+            }
+            1
+        };
+        metrics.shards.store(count as i64, Relaxed);
+        let shards = (0..count)
+            .map(|i| {
+                // Link-state records are numbered from the wall clock, so a
+                // restarted relay's records supersede the ones it sent
+                // before.
+                let mut core =
+                    RelayCore::new(core_config.clone(), identity.clone(), crate::unix_ms(), []);
+                core.set_shard(i, count);
+                // Registrations are ordered between relays by relay clocks.
+                core.set_clock(Instant::now(), crate::unix_ms());
+                if !config.peers.is_empty() {
+                    // Until a first link brings another relay, lookups wait
+                    // (and end `joining`, not `no_route`): PROTOCOL 12.12.
+                    core.expect_peers(Instant::now() + Duration::from_millis(config.join_grace_ms));
+                }
+                Mutex::new(Inner {
+                    core,
+                    conns: HashMap::default(),
+                    peers: HashMap::default(),
+                    exported: Stats::default(),
+                })
+            })
+            .collect();
         let (events, _) = tokio::sync::broadcast::channel(1024);
         Federation {
             me,
             config,
-            inner: Mutex::new(Inner {
-                core,
-                conns: HashMap::default(),
-                peers: HashMap::default(),
-                exported: Stats::default(),
-            }),
+            shards,
+            merge: Mutex::new(Merge::default()),
+            max_group,
             store_tx: Mutex::new(None),
             group_work: Mutex::new(Default::default()),
             group_notify: tokio::sync::Notify::new(),
@@ -359,9 +414,20 @@ impl Federation {
         }
     }
 
-    /// The core lock, timed (`w2w_core_lock_seconds_total`).
-    fn lock(&self) -> Held<'_> {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+    /// How many shards the core is split over.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard of `address`.
+    fn shard_of(&self, address: &Address) -> usize {
+        shard_of(address, self.shards.len())
+    }
+
+    /// Shard `s`'s lock, timed (`w2w_core_lock_seconds_total` adds up the
+    /// shards' times).
+    fn lock(&self, s: usize) -> Held<'_> {
+        let guard = self.shards[s].lock().unwrap_or_else(|e| e.into_inner());
         Held {
             guard,
             since: Instant::now(),
@@ -369,23 +435,56 @@ impl Federation {
         }
     }
 
-    /// Runs `f` on the core, then carries out everything it asked for.
-    /// `f` is given the time the lock was taken: inputs reach the core in
-    /// time order, and the clock is read once.
-    fn with<R>(&self, f: impl FnOnce(&mut RelayCore, Instant) -> R) -> R {
-        let mut guard = self.lock();
+    /// Runs `f` on shard `s`'s core, then carries out everything it asked
+    /// for. `f` is given the time the lock was taken: inputs reach the
+    /// core in time order, and the clock is read once. Notices for senders
+    /// of other shards are handed on after the lock is let go (no two
+    /// shard locks are ever held at once).
+    fn with_shard<R>(&self, s: usize, f: impl FnOnce(&mut Inner, Instant) -> R) -> R {
+        let mut guard = self.lock(s);
         let now = guard.since;
         let inner = &mut *guard;
         inner.core.set_events(self.events.receiver_count() > 0);
-        let r = f(&mut inner.core, now);
-        self.drain(inner);
+        let r = f(inner, now);
+        let notices = self.drain(s, inner);
+        drop(guard);
+        self.hand_notices(notices);
         r
     }
 
-    /// Carries out the core's outputs until it has none (an end or a
-    /// refusal fed back as an input may make more).
-    fn drain(&self, inner: &mut Inner) {
+    /// [`Self::with_shard`] on the shard that holds the federation (0).
+    fn with<R>(&self, f: impl FnOnce(&mut RelayCore, Instant) -> R) -> R {
+        self.with_shard(0, |inner, now| f(&mut inner.core, now))
+    }
+
+    /// Gives each notice to its sender's shard.
+    fn hand_notices(&self, notices: Vec<(Address, Bytes)>) {
+        for (address, frame) in notices {
+            let t = self.shard_of(&address);
+            self.with_shard(t, |inner, _| inner.core.notice_to(address, frame));
+        }
+    }
+
+    /// Carries out shard `s`'s outputs until it has none (an end or a
+    /// refusal fed back as an input may make more); returns the notices
+    /// for other shards.
+    fn drain(&self, s: usize, inner: &mut Inner) -> Vec<(Address, Bytes)> {
+        let mut notices = Vec::new();
         loop {
+            while let Some((conn, part)) = inner.core.poll_part() {
+                let merged = self
+                    .merge
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .part(conn, s, part);
+                if let (Some(r), Some(outbox)) = (merged, inner.conns.get(&conn.0)) {
+                    self.metrics.receipt(r.status);
+                    let _ = outbox.try_enqueue(RelayToClient::Receipt(r).encode());
+                }
+            }
+            while let Some(n) = inner.core.poll_notice() {
+                notices.push(n);
+            }
             let mut ended = Vec::new();
             while let Some(t) = inner.core.poll_transmit() {
                 let (outbox, conn) = match t.to {
@@ -453,7 +552,8 @@ impl Federation {
                 inner.core.store_done(now, done);
             }
         }
-        self.export(inner);
+        self.export(s, inner);
+        notices
     }
 
     /// Hands a store op to the executor; one it cannot take is answered at
@@ -487,21 +587,26 @@ impl Federation {
 
     /// Adds what the core counted since last time to the metrics (no
     /// allocation: per message this is a few comparisons).
-    fn export(&self, inner: &mut Inner) {
+    fn export(&self, shard: usize, inner: &mut Inner) {
         let m = &self.metrics;
-        m.peer_links.store(inner.core.peer_count() as i64, Relaxed);
-        m.known_relays
-            .store(inner.core.reachable_count() as i64, Relaxed);
-        m.known_addresses
-            .store(inner.core.directory_len() as i64, Relaxed);
-        m.custody_addresses
-            .store(inner.core.custody_len() as i64, Relaxed);
-        m.group_records
-            .store(inner.core.group_records() as i64, Relaxed);
+        if shard == 0 {
+            // The federation's state lives in shard 0.
+            m.peer_links.store(inner.core.peer_count() as i64, Relaxed);
+            m.known_relays
+                .store(inner.core.reachable_count() as i64, Relaxed);
+            m.known_addresses
+                .store(inner.core.directory_len() as i64, Relaxed);
+            m.custody_addresses
+                .store(inner.core.custody_len() as i64, Relaxed);
+            m.group_records
+                .store(inner.core.group_records() as i64, Relaxed);
+            m.handed_off.store(inner.core.stats().handed_off, Relaxed);
+        }
         let s = inner.core.stats();
-        m.handed_off.store(s.handed_off, Relaxed);
-        m.resends_joined.store(s.resends_joined, Relaxed);
         let old = &mut inner.exported;
+        m.resends_joined
+            .fetch_add(s.resends_joined - old.resends_joined, Relaxed);
+        old.resends_joined = s.resends_joined;
         m.forwarded.fetch_add(s.forwarded - old.forwarded, Relaxed);
         m.records_refused
             .fetch_add(s.records_refused - old.records_refused, Relaxed);
@@ -554,7 +659,13 @@ impl Federation {
 
     /// Addresses that registered here before (loaded at start).
     pub fn add_known(&self, addrs: impl IntoIterator<Item = Address>) {
-        self.lock().core.add_known(addrs);
+        let mut by: Vec<Vec<Address>> = vec![Vec::new(); self.shards.len()];
+        for a in addrs {
+            by[self.shard_of(&a)].push(a);
+        }
+        for (s, addrs) in by.into_iter().enumerate() {
+            self.lock(s).core.add_known(addrs);
+        }
     }
 
     /// Directory records for the addresses that registered here before a
@@ -578,7 +689,14 @@ impl Federation {
     /// longer than the queue's time to live, nothing queued). A connected
     /// address is kept.
     pub fn forget(&self, addrs: &[Address]) {
-        self.with(|core, _| core.forget(addrs));
+        for s in 0..self.shards.len() {
+            let mine: Vec<Address> = addrs
+                .iter()
+                .copied()
+                .filter(|a| self.shard_of(a) == s)
+                .collect();
+            self.with_shard(s, |inner, _| inner.core.forget(&mine));
+        }
     }
 
     /// Sets the URL this relay advertises in its link state.
@@ -612,69 +730,154 @@ impl Federation {
             url: reg.url.clone(),
             sig_a: reg.sig_a,
         };
-        let mut guard = self.lock();
-        let now = guard.since;
-        let inner = &mut *guard;
-        inner.core.connect(
-            now,
-            ConnId(outbox.conn_id),
-            reg.address,
-            Some(proof),
-            receive,
-        )?;
-        inner.conns.insert(outbox.conn_id, outbox.clone());
-        self.drain(inner);
-        Ok(())
+        let home = self.shard_of(&reg.address);
+        // Every shard may have a receipt or notice for it.
+        for s in (0..self.shards.len()).filter(|s| *s != home) {
+            self.lock(s).conns.insert(outbox.conn_id, outbox.clone());
+        }
+        let r = self.with_shard(home, |inner, now| {
+            let conn = ConnId(outbox.conn_id);
+            inner
+                .core
+                .connect(now, conn, reg.address, Some(proof), receive)?;
+            inner.conns.insert(outbox.conn_id, outbox.clone());
+            Ok(())
+        });
+        if r.is_err() {
+            self.forget_conn(outbox.conn_id, home);
+        }
+        r
     }
 
-    /// Closes every other session of `conn_id`'s address; returns how many.
-    pub fn exclusive(&self, conn_id: u64) -> u32 {
-        let mut guard = self.lock();
-        let now = guard.since;
-        let inner = &mut *guard;
-        let closed = inner.core.exclusive(now, ConnId(conn_id));
-        self.drain(inner);
-        closed
+    /// Removes a connection from the shards other than `home`.
+    fn forget_conn(&self, conn_id: u64, home: usize) {
+        for s in (0..self.shards.len()).filter(|s| *s != home) {
+            self.lock(s).conns.remove(&conn_id);
+        }
+        self.merge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(ConnId(conn_id));
+    }
+
+    /// Closes every other session of `outbox`'s address; returns how many.
+    pub fn exclusive(&self, outbox: &Outbox) -> u32 {
+        let home = self.shard_of(&outbox.address);
+        self.with_shard(home, |inner, now| {
+            inner.core.exclusive(now, ConnId(outbox.conn_id))
+        })
     }
 
     /// A client connection ended (or was closed).
-    pub fn disconnect(&self, conn_id: u64) {
-        let mut guard = self.lock();
-        let now = guard.since;
-        let inner = &mut *guard;
-        if inner.conns.remove(&conn_id).is_some() {
-            inner.core.disconnect(now, ConnId(conn_id));
-        }
-        self.drain(inner);
+    pub fn disconnect(&self, outbox: &Outbox) {
+        let home = self.shard_of(&outbox.address);
+        let conn_id = outbox.conn_id;
+        self.with_shard(home, |inner, now| {
+            if inner.conns.remove(&conn_id).is_some() {
+                inner.core.disconnect(now, ConnId(conn_id));
+            }
+        });
+        self.forget_conn(conn_id, home);
     }
 
-    /// A client connection's MSGs and ACKs read in one burst, applied in
-    /// order under one taking of the core lock (one drain of its outputs).
-    pub fn handle_inputs(&self, conn_id: u64, inputs: Vec<Input>) {
+    /// A client connection's MSGs and ACKs read in one burst. Each goes to
+    /// its shard (a MSG to its recipients', split if they are in several;
+    /// an ACK to the connection's own), in order per shard, under one
+    /// taking of each shard's lock (one drain of its outputs).
+    pub fn handle_inputs(&self, outbox: &Outbox, inputs: Vec<Input>) {
         if inputs.is_empty() {
             return;
         }
-        let conn = ConnId(conn_id);
-        self.with(|core, now| {
-            for input in inputs {
-                match input {
-                    Input::Msg { frame, msg, group } => {
-                        core.handle_msg(now, conn, frame, &msg, group)
+        let conn = ConnId(outbox.conn_id);
+        let count = self.shards.len();
+        let home = self.shard_of(&outbox.address);
+        let mut by: Vec<Vec<Work>> = (0..count).map(|_| Vec::new()).collect();
+        for input in inputs {
+            match input {
+                Input::Ack(ids) => by[home].push(Work::Ack(ids)),
+                Input::Msg { msg, .. } if msg.from != outbox.address => {
+                    let r = w2w_core::shard::refusal(msg.id, ErrorCode::SpoofedSender);
+                    by[home].push(Work::Refuse(r));
+                }
+                Input::Msg { frame, msg, group } => {
+                    match split(&msg, group, self.max_group, count) {
+                        Split::Refused(r) => by[home].push(Work::Refuse(r)),
+                        Split::Whole(s, to) => by[s].push(Work::Msg {
+                            reply: Reply::Client(conn),
+                            frame,
+                            msg: Arc::new(msg),
+                            to,
+                        }),
+                        Split::Parts { parts, order } => {
+                            let mut merge = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+                            match merge.frame(conn, msg.id) {
+                                // Sent again on this connection: the merged
+                                // receipt answers both.
+                                Some(f) if *f == frame => continue,
+                                Some(_) => {
+                                    let r = w2w_core::shard::refusal(msg.id, ErrorCode::Duplicate);
+                                    by[home].push(Work::Refuse(r));
+                                    continue;
+                                }
+                                None if merge.len() >= MAX_MERGING => {
+                                    let r =
+                                        w2w_core::shard::refusal(msg.id, ErrorCode::RateLimited);
+                                    by[home].push(Work::Refuse(r));
+                                    continue;
+                                }
+                                None => merge.expect(conn, &msg, &frame, &parts, order),
+                            }
+                            drop(merge);
+                            let msg = Arc::new(msg);
+                            for (s, to) in parts {
+                                by[s].push(Work::Msg {
+                                    reply: Reply::Part(conn),
+                                    frame: frame.clone(),
+                                    msg: msg.clone(),
+                                    to,
+                                });
+                            }
+                        }
                     }
-                    Input::Ack(ids) => core.handle_ack(now, conn, &ids),
                 }
             }
-        });
+        }
+        for (s, work) in by.into_iter().enumerate() {
+            if work.is_empty() {
+                continue;
+            }
+            self.with_shard(s, |inner, now| {
+                for w in work {
+                    match w {
+                        Work::Msg {
+                            reply,
+                            frame,
+                            msg,
+                            to,
+                        } => inner.core.handle_part(now, reply, frame, &msg, to),
+                        Work::Ack(ids) => inner.core.handle_ack(now, conn, &ids),
+                        Work::Refuse(r) => {
+                            self.metrics.receipt(r.status);
+                            let _ = outbox.try_enqueue(RelayToClient::Receipt(r).encode());
+                        }
+                    }
+                }
+            });
+        }
     }
 
     /// Applies deadlines that passed (the timer task calls it).
     pub fn tick(&self) {
-        self.with(|core, now| core.handle_timeout(now));
+        for s in 0..self.shards.len() {
+            self.with_shard(s, |inner, now| inner.core.handle_timeout(now));
+        }
     }
 
     /// When [`Self::tick`] is next due.
     pub fn next_tick(&self) -> Option<Instant> {
-        self.lock().core.poll_timeout()
+        (0..self.shards.len())
+            .filter_map(|s| self.lock(s).core.poll_timeout())
+            .min()
     }
 
     // ------------------------------------------------------------- peers
@@ -688,26 +891,29 @@ impl Federation {
         outbox: Arc<Outbox>,
         dialled: bool,
     ) -> Result<bool, ErrorCode> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let id = outbox.conn_id;
-        inner.peers.insert(id, outbox);
-        let r = inner.core.peer_up(PeerId(id), key, url, dialled);
-        if r.is_err() {
-            inner.peers.remove(&id);
+        if self.shards.len() > 1 {
+            // Federation is not sharded (yet): a sharded relay has none.
+            return Err(ErrorCode::PeerLimit);
         }
-        self.drain(inner);
-        r
+        self.with_shard(0, |inner, _| {
+            let id = outbox.conn_id;
+            inner.peers.insert(id, outbox);
+            let r = inner.core.peer_up(PeerId(id), key, url, dialled);
+            if r.is_err() {
+                inner.peers.remove(&id);
+            }
+            r
+        })
     }
 
     /// Removes a peer link.
     pub fn peer_down(&self, conn_id: u64) {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        if inner.peers.remove(&conn_id).is_some() {
-            inner.core.peer_down(PeerId(conn_id));
-        }
-        self.drain(inner);
+        self.with_shard(0, |inner, now| {
+            let _ = now;
+            if inner.peers.remove(&conn_id).is_some() {
+                inner.core.peer_down(PeerId(conn_id));
+            }
+        });
     }
 
     /// A peer link's frames of one read burst, in order, under one taking
@@ -727,7 +933,7 @@ impl Federation {
     /// trusted from now on, whichever side made it. Returns the outbox of a
     /// link that was on probation until now.
     pub fn dialled_key(&self, key: Address) -> Option<Arc<Outbox>> {
-        let mut inner = self.lock();
+        let mut inner = self.lock(0);
         let id = inner.core.dialled_key(key)?;
         inner.peers.get(&id.0).cloned()
     }
@@ -740,38 +946,40 @@ impl Federation {
     // ----------------------------------------------------------- queries
 
     pub fn peer_count(&self) -> usize {
-        self.lock().core.peer_count()
+        self.lock(0).core.peer_count()
     }
 
     /// (peer key, peer URL) of every current link.
     pub fn peers(&self) -> Vec<(Address, String)> {
-        let inner = self.lock();
+        let inner = self.lock(0);
         let peers = inner.core.peers();
         peers.into_iter().map(|(k, url, _)| (k, url)).collect()
     }
 
     /// Relays reachable from here.
     pub fn reachable(&self) -> Vec<Address> {
-        self.lock().core.reachable()
+        self.lock(0).core.reachable()
     }
 
     pub fn directory_len(&self) -> usize {
-        self.lock().core.directory_len()
+        self.lock(0).core.directory_len()
     }
 
     /// Messages in flight (for tests and metrics).
     pub fn in_flight(&self) -> usize {
-        self.lock().core.in_flight()
+        (0..self.shards.len())
+            .map(|s| self.lock(s).core.in_flight())
+            .sum()
     }
 
     /// URLs of our peers, for a REDIRECT.
     pub fn redirect_urls(&self) -> Vec<String> {
-        self.lock().core.redirect_urls()
+        self.lock(0).core.redirect_urls()
     }
 
     /// Relays known from link state, with a URL, not linked to us.
     pub fn unlinked_relays(&self) -> Vec<(Address, String)> {
-        self.lock().core.unlinked_relays()
+        self.lock(0).core.unlinked_relays()
     }
 
     /// Which relay hosts `address` (a client's LOOKUP `req_id` on
@@ -785,8 +993,14 @@ impl Federation {
         req_id: u32,
         address: &Address,
     ) -> Result<Option<Option<Hosted>>, ErrorCode> {
-        let found =
-            self.with(|core, now| core.lookup_request(now, ConnId(conn_id), req_id, *address))?;
+        // Its sessions, if it is a client here, are in its shard (and with
+        // more than one shard there is no federation to ask).
+        let s = self.shard_of(address);
+        let found = self.with_shard(s, |inner, now| {
+            inner
+                .core
+                .lookup_request(now, ConnId(conn_id), req_id, *address)
+        })?;
         Ok(found.map(|f| {
             f.map(|(relay_key, relay_url)| Hosted {
                 relay_key,
@@ -893,13 +1107,17 @@ impl Federation {
 
     /// Answers one of the core's store ops (from the executor).
     fn store_done(&self, done: StoreDone) {
-        self.with(|core, now| core.store_done(now, done));
+        let token = match &done {
+            StoreDone::Enqueued { token, .. } | StoreDone::Read { token, .. } => *token,
+        };
+        let s = (token.0 % self.shards.len() as u64) as usize;
+        self.with_shard(s, |inner, now| inner.core.store_done(now, done));
     }
 
     /// The outboxes of `address`'s receiving sessions (for pacing its
     /// backlog reads).
     fn outboxes_of(&self, address: &Address) -> Vec<Arc<Outbox>> {
-        let inner = self.lock();
+        let inner = self.lock(self.shard_of(address));
         inner
             .core
             .receivers_of(address)

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub connections: AtomicI64,
     /// Registered sessions.
     pub registered: AtomicI64,
+    /// Cores the relay's message state is split over (`[federation] shards`).
+    pub shards: AtomicI64,
     pub connections_total: AtomicU64,
     pub registrations_total: AtomicU64,
     pub frames_in: AtomicU64,
@@ -83,6 +85,7 @@ impl Default for Metrics {
         Metrics {
             connections: AtomicI64::new(0),
             registered: AtomicI64::new(0),
+            shards: AtomicI64::new(1),
             connections_total: AtomicU64::new(0),
             registrations_total: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
@@ -148,6 +151,11 @@ impl Metrics {
             "w2w_registered",
             "Registered sessions.",
             self.registered.load(Relaxed),
+        );
+        gauge(
+            "w2w_shards",
+            "Cores the relay's message state is split over, each with its own lock.",
+            self.shards.load(Relaxed),
         );
         gauge(
             "w2w_queued_bytes",

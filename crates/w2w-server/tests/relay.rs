@@ -2064,3 +2064,86 @@ async fn frames_of_one_burst_are_answered_in_order() {
         ]
     );
 }
+
+/// Identities whose addresses fall in each of `count` shards, in order.
+fn one_per_shard(count: usize) -> Vec<Identity> {
+    let mut found: Vec<Option<Identity>> = vec![None; count];
+    while found.iter().any(Option::is_none) {
+        let i = id();
+        let s = w2w_core::shard::shard_of(&i.address(), count);
+        if found[s].is_none() {
+            found[s] = Some(i);
+        }
+    }
+    found.into_iter().flatten().collect()
+}
+
+/// A relay split over three shards (`[federation] shards = 3`): an a2b
+/// between shards, an a2g split three ways (one RECEIPT, entries in the
+/// sender's order), an a2n to every shard's clients, and a message stored
+/// for an offline recipient of another shard and the NOTICE DELIVERED
+/// that crosses back to the sender's.
+#[tokio::test]
+async fn a_sharded_relay_splits_and_merges_and_keeps_every_guarantee() {
+    let mut cfg = RelayConfig::new(id(), "127.0.0.1:0".parse().unwrap());
+    cfg.federation.shards = 3;
+    let relay = Relay::start(cfg).await.unwrap();
+    let ids = one_per_shard(3);
+    let connect = |i: &Identity| Client::connect(i.clone(), ConnectOptions::new(relay.url()));
+    let mut alice = connect(&ids[0]).await.unwrap();
+    let mut b1 = connect(&ids[1]).await.unwrap();
+    let mut b2 = connect(&ids[2]).await.unwrap();
+    let r = alice
+        .send(Dest::A2b(ids[2].address()), "across")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 1), "{r:?}");
+    assert_eq!(&recv_msg(&mut b2).await.body[..], b"across");
+    // One a2g, three shards, one receipt in the order alice listed.
+    let order = vec![ids[2].address(), ids[0].address(), ids[1].address()];
+    let r = alice.send(Dest::A2g(order.clone()), "split").await.unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 3), "{r:?}");
+    let to: Vec<Address> = r.entries.iter().map(|e| e.to).collect();
+    assert_eq!(to, order);
+    for c in [&mut alice, &mut b1, &mut b2] {
+        assert_eq!(&recv_msg(c).await.body[..], b"split");
+    }
+    let r = b1.send(Dest::A2n(Scope::Relay), "everyone").await.unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 3), "{r:?}");
+    for c in [&mut alice, &mut b1, &mut b2] {
+        assert_eq!(&recv_msg(c).await.body[..], b"everyone");
+        expect_silence(c).await;
+    }
+    // Stored for b2 (another shard than alice's) while it is away; its
+    // delivery is noticed to alice through her shard.
+    b2.close().await;
+    wait_until!(
+        "the relay noticed b2 left",
+        relay.metrics().registered.load(Ordering::Relaxed) == 2
+    );
+    let r = alice
+        .send(Dest::A2b(ids[2].address()), "later")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Queued, "{r:?}");
+    let mut b2 = connect(&ids[2]).await.unwrap();
+    assert_eq!(&recv_msg(&mut b2).await.body[..], b"later");
+    let notice = loop {
+        match tokio::time::timeout(T, alice.recv())
+            .await
+            .expect("no notice")
+        {
+            Some(Event::Notice(n)) => break n,
+            Some(_) => continue,
+            None => panic!("alice's connection ended"),
+        }
+    };
+    assert_eq!(
+        notice,
+        Notice::Delivered {
+            id: r.id,
+            to: ids[2].address()
+        }
+    );
+    assert_eq!(relay.metrics().shards.load(Ordering::Relaxed), 3);
+}

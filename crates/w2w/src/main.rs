@@ -147,6 +147,12 @@ struct ServeArgs {
     /// they are on probation, with their own slots (default 3).
     #[arg(long)]
     max_probation_peers: Option<usize>,
+    /// Split the relay's message state over N cores, each with its own
+    /// lock, so that N CPUs decide about messages at once (default 1).
+    /// Each address and the messages to it belong to one shard. Only for
+    /// a relay without --peer: the federation's state is not sharded yet.
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
     /// Most sessions one address may hold at once (tabs, terminals,
     /// devices; receiving and send-only together). One more is refused
     /// with too_many_sessions (51) (default 8).
@@ -773,6 +779,18 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(n) = a.max_probation_peers {
         federation.max_probation_peers = n;
+    }
+    if let Some(n) = a.shards {
+        federation.shards = n;
+    }
+    if federation.shards == 0 {
+        bail!("--shards 0: give at least 1 (one core, the default)");
+    }
+    if federation.shards > 1 && !federation.peers.is_empty() {
+        bail!(
+            "--shards {} with --peer: a federated relay runs one shard (the federation's state is not sharded yet); drop one of them",
+            federation.shards
+        );
     }
     let mut limits = file.limits;
     if let Some(n) = a.max_sessions {
