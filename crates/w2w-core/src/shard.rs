@@ -78,6 +78,14 @@ pub fn split(
     count: usize,
 ) -> Split {
     let home = shard_of(&msg.from, count);
+    // The common cases, without grouping.
+    match &msg.dest {
+        w2w_proto::Dest::A2b(to) => {
+            return Split::Whole(shard_of(to, count), Targets::List(vec![*to]))
+        }
+        w2w_proto::Dest::A2a => return Split::Whole(home, Targets::List(vec![msg.from])),
+        _ => {}
+    }
     match targets(msg, group, max_group) {
         Err(code) => Split::Refused(reject(msg.id, code)),
         Ok(Targets::List(list)) => {

@@ -67,7 +67,7 @@ enum Work {
     Msg {
         reply: Reply,
         frame: Bytes,
-        msg: Arc<Msg>,
+        msg: Msg,
         to: Targets,
     },
     Ack(Vec<MsgId>),
@@ -604,15 +604,22 @@ impl Federation {
         }
         let s = inner.core.stats();
         let old = &mut inner.exported;
-        m.resends_joined
-            .fetch_add(s.resends_joined - old.resends_joined, Relaxed);
-        old.resends_joined = s.resends_joined;
-        m.forwarded.fetch_add(s.forwarded - old.forwarded, Relaxed);
-        m.records_refused
-            .fetch_add(s.records_refused - old.records_refused, Relaxed);
-        m.queued_total.fetch_add(s.queued - old.queued, Relaxed);
-        (old.forwarded, old.records_refused, old.queued) =
-            (s.forwarded, s.records_refused, s.queued);
+        // Shared counters are touched only when they move (an atomic add
+        // of nothing still takes the cache line from the other CPUs).
+        let add = |counter: &std::sync::atomic::AtomicU64, new: u64, old: &mut u64| {
+            if new > *old {
+                counter.fetch_add(new - *old, Relaxed);
+                *old = new;
+            }
+        };
+        add(&m.resends_joined, s.resends_joined, &mut old.resends_joined);
+        add(&m.forwarded, s.forwarded, &mut old.forwarded);
+        add(
+            &m.records_refused,
+            s.records_refused,
+            &mut old.records_refused,
+        );
+        add(&m.queued_total, s.queued, &mut old.queued);
         for (code, n) in &s.errors {
             let before = old.errors.entry(*code).or_default();
             if let Some(c) = ErrorCode::from_u16(*code) {
@@ -791,7 +798,9 @@ impl Federation {
         let conn = ConnId(outbox.conn_id);
         let count = self.shards.len();
         let home = self.shard_of(&outbox.address);
-        let mut by: Vec<Vec<Work>> = (0..count).map(|_| Vec::new()).collect();
+        let mut by: Vec<Vec<Work>> = (0..count)
+            .map(|s| Vec::with_capacity(if s == home { inputs.len() } else { 0 }))
+            .collect();
         for input in inputs {
             match input {
                 Input::Ack(ids) => by[home].push(Work::Ack(ids)),
@@ -805,7 +814,7 @@ impl Federation {
                         Split::Whole(s, to) => by[s].push(Work::Msg {
                             reply: Reply::Client(conn),
                             frame,
-                            msg: Arc::new(msg),
+                            msg,
                             to,
                         }),
                         Split::Parts { parts, order } => {
@@ -828,7 +837,6 @@ impl Federation {
                                 None => merge.expect(conn, &msg, &frame, &parts, order),
                             }
                             drop(merge);
-                            let msg = Arc::new(msg);
                             for (s, to) in parts {
                                 by[s].push(Work::Msg {
                                     reply: Reply::Part(conn),

@@ -151,7 +151,7 @@ struct ServeArgs {
     /// lock, so that N CPUs decide about messages at once (default 1).
     /// Each address and the messages to it belong to one shard. Only for
     /// a relay without --peer: the federation's state is not sharded yet.
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "W2W_SHARDS", value_name = "N")]
     shards: Option<usize>,
     /// Most sessions one address may hold at once (tabs, terminals,
     /// devices; receiving and send-only together). One more is refused
