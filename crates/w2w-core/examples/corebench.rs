@@ -147,7 +147,10 @@ fn main() {
         for round in 0..rounds {
             let a = sharded(1, pairs, messages, window);
             let b = sharded(threads, pairs, messages, window);
-            eprintln!("round {round}: 1 shard {a:.0} msgs/s, {threads} shards {b:.0} msgs/s ({:.2}x)", b / a);
+            eprintln!(
+                "round {round}: 1 shard {a:.0} msgs/s, {threads} shards {b:.0} msgs/s ({:.2}x)",
+                b / a
+            );
             one.push(a);
             many.push(b);
             ratio.push(b / a);
