@@ -149,8 +149,9 @@ struct ServeArgs {
     max_probation_peers: Option<usize>,
     /// Split the relay's message state over N cores, each with its own
     /// lock, so that N CPUs decide about messages at once (default 1).
-    /// Each address and the messages to it belong to one shard. Only for
-    /// a relay without --peer: the federation's state is not sharded yet.
+    /// Each address and the messages to it belong to one shard. A relay
+    /// with --peer runs one shard whatever this says (with a warning): the
+    /// federation's state is not sharded yet.
     #[arg(long, env = "W2W_SHARDS", value_name = "N")]
     shards: Option<usize>,
     /// Most sessions one address may hold at once (tabs, terminals,
@@ -785,12 +786,6 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     }
     if federation.shards == 0 {
         bail!("--shards 0: give at least 1 (one core, the default)");
-    }
-    if federation.shards > 1 && !federation.peers.is_empty() {
-        bail!(
-            "--shards {} with --peer: a federated relay runs one shard (the federation's state is not sharded yet); drop one of them",
-            federation.shards
-        );
     }
     let mut limits = file.limits;
     if let Some(n) = a.max_sessions {
