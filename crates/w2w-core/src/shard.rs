@@ -125,6 +125,8 @@ pub fn split(
 #[derive(Debug, Default)]
 pub struct Merge {
     pending: BTreeMap<(ConnId, MsgId), Partial>,
+    /// How many each connection has pending.
+    per_conn: HashMap<ConnId, usize>,
 }
 
 #[derive(Debug)]
@@ -172,7 +174,23 @@ impl Merge {
             entries: Vec::new(),
             delivered: 0,
         };
-        self.pending.insert((conn, msg.id), partial);
+        if self.pending.insert((conn, msg.id), partial).is_none() {
+            *self.per_conn.entry(conn).or_default() += 1;
+        }
+    }
+
+    /// Split messages of `conn` whose receipts are being joined.
+    pub fn of(&self, conn: ConnId) -> usize {
+        self.per_conn.get(&conn).copied().unwrap_or(0)
+    }
+
+    fn done(&mut self, conn: ConnId) {
+        if let Some(n) = self.per_conn.get_mut(&conn) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_conn.remove(&conn);
+            }
+        }
     }
 
     /// Shard `shard`'s receipt for its part; the whole RECEIPT once every
@@ -196,6 +214,7 @@ impl Merge {
             return None;
         }
         let p = self.pending.remove(&(conn, r.id))?;
+        self.done(conn);
         Some(p.finish(r.id))
     }
 
@@ -209,6 +228,7 @@ impl Merge {
         for k in ids {
             self.pending.remove(&k);
         }
+        self.per_conn.remove(&conn);
     }
 
     /// Split messages being joined.

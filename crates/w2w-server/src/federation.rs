@@ -76,8 +76,11 @@ enum Work {
 }
 
 /// Most split messages (a2g, groups and a2n on a sharded relay) whose
-/// receipts are being joined; past it one is refused `rate_limited`.
+/// receipts are being joined, in all and per connection; past either one
+/// is refused `rate_limited` (one connection cannot take them all; its
+/// rate budget lets it send ~7,000 in the 5 s a part may wait).
 const MAX_MERGING: usize = 65_536;
+const MAX_MERGING_PER_CONN: usize = 4_096;
 
 /// Federation settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -472,11 +475,12 @@ impl Federation {
         let mut notices = Vec::new();
         loop {
             while let Some((conn, part)) = inner.core.poll_part() {
-                let merged = self
-                    .merge
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .part(conn, s, part);
+                let merged = {
+                    let mut merge = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+                    let r = merge.part(conn, s, part);
+                    self.metrics.merging.store(merge.len() as i64, Relaxed);
+                    r
+                };
                 if let (Some(r), Some(outbox)) = (merged, inner.conns.get(&conn.0)) {
                     self.metrics.receipt(r.status);
                     let _ = outbox.try_enqueue(RelayToClient::Receipt(r).encode());
@@ -761,10 +765,9 @@ impl Federation {
         for s in (0..self.shards.len()).filter(|s| *s != home) {
             self.lock(s).conns.remove(&conn_id);
         }
-        self.merge
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .forget(ConnId(conn_id));
+        let mut merge = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+        merge.forget(ConnId(conn_id));
+        self.metrics.merging.store(merge.len() as i64, Relaxed);
     }
 
     /// Closes every other session of `outbox`'s address; returns how many.
@@ -828,13 +831,18 @@ impl Federation {
                                     by[home].push(Work::Refuse(r));
                                     continue;
                                 }
-                                None if merge.len() >= MAX_MERGING => {
+                                None if merge.len() >= MAX_MERGING
+                                    || merge.of(conn) >= MAX_MERGING_PER_CONN =>
+                                {
                                     let r =
                                         w2w_core::shard::refusal(msg.id, ErrorCode::RateLimited);
                                     by[home].push(Work::Refuse(r));
                                     continue;
                                 }
-                                None => merge.expect(conn, &msg, &frame, &parts, order),
+                                None => {
+                                    merge.expect(conn, &msg, &frame, &parts, order);
+                                    self.metrics.merging.store(merge.len() as i64, Relaxed);
+                                }
                             }
                             drop(merge);
                             for (s, to) in parts {

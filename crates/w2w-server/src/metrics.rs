@@ -28,6 +28,8 @@ pub struct Metrics {
     pub registered: AtomicI64,
     /// Cores the relay's message state is split over (`[federation] shards`).
     pub shards: AtomicI64,
+    /// Messages split across shards whose receipts are being joined.
+    pub merging: AtomicI64,
     pub connections_total: AtomicU64,
     pub registrations_total: AtomicU64,
     pub frames_in: AtomicU64,
@@ -86,6 +88,7 @@ impl Default for Metrics {
             connections: AtomicI64::new(0),
             registered: AtomicI64::new(0),
             shards: AtomicI64::new(1),
+            merging: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
             registrations_total: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
@@ -156,6 +159,11 @@ impl Metrics {
             "w2w_shards",
             "Cores the relay's message state is split over, each with its own lock.",
             self.shards.load(Relaxed),
+        );
+        gauge(
+            "w2w_split_receipts_pending",
+            "Messages split across shards (a2g, groups, a2n) whose receipts are being joined.",
+            self.merging.load(Relaxed),
         );
         gauge(
             "w2w_queued_bytes",

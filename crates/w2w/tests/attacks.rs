@@ -1426,3 +1426,135 @@ async fn a_spacerift_flood_is_refused_before_any_signature_check() {
     assert!(counts.get(&297).copied().unwrap_or(0) > total / 2);
     judge("spacerift flood", &base, &attacked);
 }
+
+/// A sharded relay (`--shards 2`, issue 13): one client floods a2g
+/// messages to two clients of different shards that read but never
+/// acknowledge, so every part waits out `receipt_timeout` and the relay
+/// holds each message's partial receipts until both parts answer. Past
+/// 4,096 pending per connection its messages are refused `rate_limited`
+/// (the rate limits are lifted so that only this bound can stop it); what
+/// is pending stays bounded, and the probe (a2b) and another client's a2g
+/// across the same two shards are served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_message_flood_cannot_fill_a_sharded_relay() {
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut args = config(
+        data.path(),
+        "rate_per_sec = 1000000\nrate_burst = 1000000\n\
+         fanout_bytes_per_sec = 1000000000000\nfanout_bytes_burst = 1000000000000\n",
+    );
+    args.extend(["--shards".to_string(), "2".to_string()]);
+    let relay = serve(data.path(), "127.0.0.1:0", &args);
+    let addr: SocketAddr = format!("127.0.0.1:{}", port(&relay.url)).parse().unwrap();
+    assert_eq!(metric_async(addr, "w2w_shards").await, Some(2.0));
+    // An identity in each shard.
+    let in_shard = |s: usize| loop {
+        let i = id();
+        if w2w_core::shard::shard_of(&i.address(), 2) == s {
+            break i;
+        }
+    };
+    // The flood's recipients: they read everything and acknowledge nothing.
+    let mut sinks = Vec::new();
+    let mut deaf = Vec::new();
+    for s in 0..2 {
+        let who = in_shard(s);
+        let mut ws = w2w_client::connect_raw(&ConnectOptions::new(&relay.url))
+            .await
+            .unwrap();
+        w2w_client::register(&mut ws, &who, &relay.url, None)
+            .await
+            .unwrap();
+        deaf.push(who.address());
+        sinks.push(tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
+    }
+    let mut probe = Probe::new(&relay.url).await;
+    let base = probe.run(Duration::from_secs(2)).await;
+    let attacker = Arc::new(
+        Client::connect(id(), ConnectOptions::new(&relay.url))
+            .await
+            .unwrap(),
+    );
+    const FLOOD: usize = 6_000;
+    let flood = {
+        let (attacker, deaf) = (attacker.clone(), deaf.clone());
+        tokio::spawn(async move {
+            let sends = (0..FLOOD).map(|_| {
+                let (attacker, deaf) = (attacker.clone(), deaf.clone());
+                async move { attacker.send_plain(Dest::A2g(deaf), "x").await }
+            });
+            futures_util::future::join_all(sends).await
+        })
+    };
+    // While the parts wait: the pending joins stay under the bound.
+    let mut most = 0.0f64;
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        most = most.max(
+            metric_async(addr, "w2w_split_receipts_pending")
+                .await
+                .unwrap_or(0.0),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attacked = probe.run(Duration::from_secs(3)).await;
+    // Another client's a2g across both shards, to recipients that answer.
+    let mut b = [in_shard(0), in_shard(1)];
+    let mut honest = Vec::new();
+    for who in &mut b {
+        honest.push(
+            Client::connect(who.clone(), ConnectOptions::new(&relay.url))
+                .await
+                .unwrap(),
+        );
+    }
+    let sender = Client::connect(id(), ConnectOptions::new(&relay.url))
+        .await
+        .unwrap();
+    let to: Vec<_> = honest.iter().map(|c| c.address()).collect();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        sender.send_plain(Dest::A2g(to.clone()), "still served"),
+    )
+    .await
+    .expect("the honest a2g is answered")
+    .unwrap();
+    assert_eq!((r.status, r.delivered), (Status::Delivered, 2), "{r:?}");
+    assert_eq!(r.entries.iter().map(|e| e.to).collect::<Vec<_>>(), to);
+    let results = flood.await.unwrap();
+    let (mut limited, mut queued, mut other) = (0, 0, Vec::new());
+    for r in results {
+        match r {
+            Ok(r)
+                if r.status == Status::Rejected && r.reason == ErrorCode::RateLimited.as_u16() =>
+            {
+                limited += 1
+            }
+            Ok(r) if r.status == Status::Queued => queued += 1,
+            other_result => other.push(format!("{other_result:?}")),
+        }
+    }
+    println!(
+        "split flood on 2 shards: {FLOOD} a2g to two clients that never ACK: {queued} queued after the parts' deadline, \
+         {limited} refused rate_limited; at most {most} receipts pending at once"
+    );
+    assert!(
+        other.is_empty(),
+        "unexpected answers: {:?}",
+        &other[..other.len().min(3)]
+    );
+    assert!(limited > 0, "the per-connection bound must refuse some");
+    assert!(
+        queued >= 4_000,
+        "the ones under the bound are kept ({queued})"
+    );
+    assert!(most <= 4_096.0 + 8.0, "pending joins stay bounded ({most})");
+    judge("split flood on 2 shards", &base, &attacked);
+    for s in sinks {
+        s.abort();
+    }
+}
