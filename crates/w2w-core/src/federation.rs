@@ -829,6 +829,19 @@ mod tests {
         RelayCore::new(config, Identity::from_seed([seed; 32]), 1, [])
     }
 
+    /// Answers the backlog reads (nothing stored): the sessions go live.
+    fn read_empty_backlogs(c: &mut RelayCore, now: Instant) {
+        while let Some(op) = c.poll_store() {
+            if let crate::StoreOp::Read { token, .. } = op {
+                let done = crate::StoreDone::Read {
+                    token,
+                    result: Ok(Vec::new()),
+                };
+                c.store_done(now, done);
+            }
+        }
+    }
+
     fn key(seed: u8) -> Address {
         Identity::from_seed([seed; 32]).address()
     }
@@ -903,15 +916,7 @@ mod tests {
             c.connect(now, ConnId(i as u64), a, None, true).unwrap();
         }
         // Backlogs read (empty): live.
-        while let Some(op) = c.poll_store() {
-            if let crate::StoreOp::Read { token, .. } = op {
-                let done = crate::StoreDone::Read {
-                    token,
-                    result: Ok(Vec::new()),
-                };
-                c.store_done(now, done);
-            }
-        }
+        read_empty_backlogs(&mut c, now);
         drain(&mut c);
         let outsider = Address([9; 32]);
         let to = |a: Address| ForwardTarget::Relay {
@@ -968,15 +973,7 @@ mod tests {
         let now = Instant::now();
         let (alice, bob, carol) = (Address([5; 32]), Address([6; 32]), Address([7; 32]));
         c.connect(now, ConnId(1), bob, None, true).unwrap();
-        while let Some(op) = c.poll_store() {
-            if let crate::StoreOp::Read { token, .. } = op {
-                let done = crate::StoreDone::Read {
-                    token,
-                    result: Ok(Vec::new()),
-                };
-                c.store_done(now, done);
-            }
-        }
+        read_empty_backlogs(&mut c, now);
         drain(&mut c);
         let send = |c: &mut RelayCore, conn: u64, frame: &Bytes| {
             let Ok(ClientToRelay::Msg(m)) = ClientToRelay::decode(frame) else {

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use w2w_proto::frame::{MsgId, Receipt, ReceiptEntry, RelayToClient, Route, Scope, Status};
+use w2w_proto::s2s::RegistrationProof;
 use w2w_proto::{Address, ErrorCode, Identity};
 
 use crate::flight::{summarize, Reply};
@@ -46,6 +47,15 @@ pub fn shard_of(address: &Address, count: usize) -> usize {
     let mut b = [0u8; 8];
     b.copy_from_slice(&address.0[24..32]);
     (u64::from_le_bytes(b) % count as u64) as usize
+}
+
+/// The shard a store answer goes to: the one whose token it carries
+/// (shard `i` of `count` numbers its tokens `≡ i (mod count)`).
+pub fn shard_of_answer(done: &StoreDone, count: usize) -> usize {
+    let token = match done {
+        StoreDone::Enqueued { token, .. } | StoreDone::Read { token, .. } => *token,
+    };
+    (token.0 % count.max(1) as u64) as usize
 }
 
 /// A RECEIPT refusing message `id` as a whole (before any shard saw it).
@@ -316,10 +326,11 @@ impl Shards {
         now: Instant,
         conn: ConnId,
         address: Address,
+        proof: Option<RegistrationProof>,
         receive: bool,
     ) -> Result<(), ErrorCode> {
         let s = self.of(&address);
-        self.cores[s].connect(now, conn, address, None, receive)?;
+        self.cores[s].connect(now, conn, address, proof, receive)?;
         self.conns.insert(conn, address);
         self.route(s);
         Ok(())
@@ -390,10 +401,7 @@ impl Shards {
     }
 
     pub fn store_done(&mut self, now: Instant, done: StoreDone) {
-        let token = match &done {
-            StoreDone::Enqueued { token, .. } | StoreDone::Read { token, .. } => *token,
-        };
-        let s = (token.0 % self.cores.len() as u64) as usize;
+        let s = shard_of_answer(&done, self.cores.len());
         self.cores[s].store_done(now, done);
         self.route(s);
     }

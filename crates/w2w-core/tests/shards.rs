@@ -49,91 +49,55 @@ trait Relay {
     fn close(&mut self) -> Option<(ConnId, ErrorCode)>;
 }
 
-impl Relay for RelayCore {
-    fn connect(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        a: Address,
-        rx: bool,
-    ) -> Result<(), ErrorCode> {
-        RelayCore::connect(self, now, conn, a, None, rx)
-    }
-    fn disconnect(&mut self, now: Instant, conn: ConnId) {
-        RelayCore::disconnect(self, now, conn)
-    }
-    fn msg(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        frame: Bytes,
-        m: &Msg,
-        group: Option<Vec<Address>>,
-    ) {
-        self.handle_msg(now, conn, frame, m, group.map(Ok))
-    }
-    fn ack(&mut self, now: Instant, conn: ConnId, ids: &[MsgId]) {
-        self.handle_ack(now, conn, ids)
-    }
-    fn store_done(&mut self, now: Instant, d: StoreDone) {
-        RelayCore::store_done(self, now, d)
-    }
-    fn timeout(&mut self, now: Instant) {
-        self.handle_timeout(now)
-    }
-    fn transmit(&mut self) -> Option<Transmit> {
-        self.poll_transmit()
-    }
-    fn store(&mut self) -> Option<StoreOp> {
-        self.poll_store()
-    }
-    fn close(&mut self) -> Option<(ConnId, ErrorCode)> {
-        self.poll_close()
-    }
+/// Both take the same calls under the same names.
+macro_rules! relay {
+    ($t:ty) => {
+        impl Relay for $t {
+            fn connect(
+                &mut self,
+                now: Instant,
+                conn: ConnId,
+                a: Address,
+                rx: bool,
+            ) -> Result<(), ErrorCode> {
+                <$t>::connect(self, now, conn, a, None, rx)
+            }
+            fn disconnect(&mut self, now: Instant, conn: ConnId) {
+                <$t>::disconnect(self, now, conn)
+            }
+            fn msg(
+                &mut self,
+                now: Instant,
+                conn: ConnId,
+                frame: Bytes,
+                m: &Msg,
+                group: Option<Vec<Address>>,
+            ) {
+                self.handle_msg(now, conn, frame, m, group.map(Ok))
+            }
+            fn ack(&mut self, now: Instant, conn: ConnId, ids: &[MsgId]) {
+                self.handle_ack(now, conn, ids)
+            }
+            fn store_done(&mut self, now: Instant, d: StoreDone) {
+                <$t>::store_done(self, now, d)
+            }
+            fn timeout(&mut self, now: Instant) {
+                self.handle_timeout(now)
+            }
+            fn transmit(&mut self) -> Option<Transmit> {
+                self.poll_transmit()
+            }
+            fn store(&mut self) -> Option<StoreOp> {
+                self.poll_store()
+            }
+            fn close(&mut self) -> Option<(ConnId, ErrorCode)> {
+                self.poll_close()
+            }
+        }
+    };
 }
-
-impl Relay for Shards {
-    fn connect(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        a: Address,
-        rx: bool,
-    ) -> Result<(), ErrorCode> {
-        Shards::connect(self, now, conn, a, rx)
-    }
-    fn disconnect(&mut self, now: Instant, conn: ConnId) {
-        Shards::disconnect(self, now, conn)
-    }
-    fn msg(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        frame: Bytes,
-        m: &Msg,
-        group: Option<Vec<Address>>,
-    ) {
-        self.handle_msg(now, conn, frame, m, group.map(Ok))
-    }
-    fn ack(&mut self, now: Instant, conn: ConnId, ids: &[MsgId]) {
-        self.handle_ack(now, conn, ids)
-    }
-    fn store_done(&mut self, now: Instant, d: StoreDone) {
-        Shards::store_done(self, now, d)
-    }
-    fn timeout(&mut self, now: Instant) {
-        self.handle_timeout(now)
-    }
-    fn transmit(&mut self) -> Option<Transmit> {
-        self.poll_transmit()
-    }
-    fn store(&mut self) -> Option<StoreOp> {
-        self.poll_store()
-    }
-    fn close(&mut self) -> Option<(ConnId, ErrorCode)> {
-        self.poll_close()
-    }
-}
+relay!(RelayCore);
+relay!(Shards);
 
 /// One step of the workload, the same for both relays.
 #[derive(Debug, Clone)]

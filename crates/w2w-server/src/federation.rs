@@ -30,7 +30,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use w2w_core::flight::Reply;
-use w2w_core::shard::{shard_of, split, Merge, Split};
+use w2w_core::shard::{shard_of, shard_of_answer, split, Merge, Split};
 use w2w_core::{
     Config as CoreConfig, ConnId, Event, FedConfig, GroupAsk, GroupOutcome, GroupQuestion, PeerId,
     RelayCore, Stats, StoreDone, StoreOp, Stored, Target, Targets,
@@ -1123,10 +1123,7 @@ impl Federation {
 
     /// Answers one of the core's store ops (from the executor).
     fn store_done(&self, done: StoreDone) {
-        let token = match &done {
-            StoreDone::Enqueued { token, .. } | StoreDone::Read { token, .. } => *token,
-        };
-        let s = (token.0 % self.shards.len() as u64) as usize;
+        let s = shard_of_answer(&done, self.shards.len());
         self.with_shard(s, |inner, now| inner.core.store_done(now, done));
     }
 
