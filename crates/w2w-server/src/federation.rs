@@ -873,6 +873,10 @@ impl Federation {
                         } => inner.core.handle_part(now, reply, frame, &msg, to),
                         Work::Ack(ids) => inner.core.handle_ack(now, conn, &ids),
                         Work::Refuse(r) => {
+                            // Counted as the core counts its refusals.
+                            if let Some(code) = ErrorCode::from_u16(r.reason) {
+                                self.metrics.error(code);
+                            }
                             self.metrics.receipt(r.status);
                             let _ = outbox.try_enqueue(RelayToClient::Receipt(r).encode());
                         }

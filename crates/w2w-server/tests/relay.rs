@@ -574,6 +574,11 @@ async fn spoofed_sender_is_rejected() {
         other => panic!("expected receipt, got {other:?}"),
     }
     expect_silence(&mut b).await;
+    assert_eq!(
+        relay.metrics().error_count(ErrorCode::SpoofedSender),
+        1,
+        "counted in w2w_errors_total"
+    );
 }
 
 /// A client that lost its connection before its receipt resends the MSG
