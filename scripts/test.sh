@@ -25,7 +25,7 @@ cargo test --workspace
 
 echo
 echo "==> the relay's tests again on a relay of three shards (--shards)"
-W2W_SHARDS=3 cargo test -p w2w-server --test relay
+W2W_SHARDS=3 cargo test --workspace --test relay  # (--workspace: no rebuild of what it shares)
 
 echo
 echo "==> JS client: npm ci && npm test (clients/js)"
