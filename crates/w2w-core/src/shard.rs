@@ -21,8 +21,9 @@
 //! by address, link state replicated) and are the next step.
 //!
 //! [`Shards`] drives N cores in one thread with exactly the routing a
-//! multi-threaded caller uses: the simulation and the differential tests
-//! run it against a single core.
+//! multi-threaded caller uses (`split`, `Merge`, `shard_of_answer`): the
+//! differential test (`tests/shards.rs`) runs it against a single core.
+//! The federation simulation (`sim.rs`) still runs one core per relay.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
