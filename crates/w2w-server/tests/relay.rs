@@ -142,6 +142,17 @@ async fn recv_msg(c: &mut Client) -> w2w_client::Received {
     }
 }
 
+/// The next NOTICE on `c` (other events skipped).
+async fn recv_notice(c: &mut Client) -> Notice {
+    loop {
+        match tokio::time::timeout(T, c.recv()).await.expect("no notice") {
+            Some(Event::Notice(n)) => return n,
+            Some(_) => continue,
+            None => panic!("connection ended: {:?}", c.close_reason()),
+        }
+    }
+}
+
 /// Asserts nothing arrives within a short window.
 async fn expect_silence(c: &mut Client) {
     if let Ok(Some(Event::Msg(m))) =
@@ -1336,16 +1347,7 @@ async fn a_queued_message_is_followed_by_a_delivered_notice() {
         .await
         .unwrap();
     assert_eq!(&recv_msg(&mut bob).await.body[..], b"while you were out");
-    let notice = loop {
-        match tokio::time::timeout(T, alice.recv())
-            .await
-            .expect("no notice")
-        {
-            Some(Event::Notice(n)) => break n,
-            Some(_) => continue,
-            None => panic!("alice's connection ended"),
-        }
-    };
+    let notice = recv_notice(&mut alice).await;
     assert_eq!(
         notice,
         Notice::Delivered {
@@ -2147,16 +2149,7 @@ async fn a_sharded_relay_splits_and_merges_and_keeps_every_guarantee() {
     assert_eq!(r.status, Status::Queued, "{r:?}");
     let mut b2 = connect(&ids[2]).await.unwrap();
     assert_eq!(&recv_msg(&mut b2).await.body[..], b"later");
-    let notice = loop {
-        match tokio::time::timeout(T, alice.recv())
-            .await
-            .expect("no notice")
-        {
-            Some(Event::Notice(n)) => break n,
-            Some(_) => continue,
-            None => panic!("alice's connection ended"),
-        }
-    };
+    let notice = recv_notice(&mut alice).await;
     assert_eq!(
         notice,
         Notice::Delivered {
