@@ -4,7 +4,8 @@
 //! Presets: `--federation` (6 relays, link cuts, partitions), `--scale`
 //! (100 relays, 10,000 clients, 1,000,000 messages), `--bootstrap` (200
 //! relays that each know one seed); `--messages N`, `--relays N`,
-//! `--clients N` change any preset.
+//! `--clients N` change any preset; `--shards N` runs every relay as N
+//! shards.
 
 use std::time::Instant;
 
@@ -37,7 +38,10 @@ fn main() {
     if let Some(c) = value("--clients") {
         cfg.clients = c as usize;
     }
-    let preset = if flag("--bootstrap") {
+    if let Some(n) = value("--shards") {
+        cfg.shards = (n as usize).max(1);
+    }
+    let mut preset = if flag("--bootstrap") {
         " --bootstrap"
     } else if flag("--scale") {
         " --scale"
@@ -45,7 +49,11 @@ fn main() {
         " --federation"
     } else {
         ""
-    };
+    }
+    .to_string();
+    if cfg.shards > 1 {
+        preset += &format!(" --shards {}", cfg.shards);
+    }
     let (from, to) = match (value("--seed"), value("--seeds")) {
         (Some(s), _) => (s, s + 1),
         (None, Some(n)) => (

@@ -1025,7 +1025,7 @@ impl RelayCore {
     pub fn lookup_request(
         &mut self,
         now: Instant,
-        conn: ConnId,
+        (conn, sender): (ConnId, Address),
         req_id: u32,
         addr: Address,
     ) -> Result<Option<Option<(Address, String)>>, ErrorCode> {
@@ -1033,10 +1033,8 @@ impl RelayCore {
         if !self.needs_lookup(&addr) {
             return Ok(Some(self.lookup(&addr)));
         }
-        if let Some(sender) = self.session_address(conn) {
-            if !self.may_look_up(now, sender) {
-                return Err(ErrorCode::RateLimited);
-            }
+        if !self.may_look_up(now, sender) {
+            return Err(ErrorCode::RateLimited);
         }
         self.look_up(now, addr, Waiter::Client { conn, req_id });
         // It may have finished at once.

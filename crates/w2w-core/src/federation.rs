@@ -22,6 +22,7 @@ use w2w_proto::{Address, ErrorCode};
 use crate::flight::{delivered_count, entry, Broadcast, FlightKey, Recipient, Reply};
 use crate::routing::Hop;
 use crate::seen::seen_key;
+use crate::shard::Spread;
 use crate::{Event, PeerId, RelayCore, Target, Transmit};
 
 /// Most relays one address's records name at once (it may be online at
@@ -97,8 +98,10 @@ impl RelayCore {
             .records()
             .map(|ls| RelayToRelay::LinkState(ls.clone()).encode())
             .collect();
-        for frame in records {
-            self.send_peer(peer, frame);
+        if self.shard.0 == 0 {
+            for frame in records {
+                self.send_peer(peer, frame);
+            }
         }
         self.flood_mine(Some(peer));
         Ok(trusted)
@@ -265,8 +268,12 @@ impl RelayCore {
         }
     }
 
-    /// Sends a frame to every peer except `except`.
+    /// Sends a frame to every peer except `except` (link state: on a
+    /// sharded relay every shard keeps it, shard 0 sends it).
     fn flood(&mut self, frame: Bytes, except: Option<PeerId>) {
+        if self.shard.0 != 0 {
+            return;
+        }
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             if Some(id) != except {
@@ -491,6 +498,18 @@ impl RelayCore {
         }
     }
 
+    /// Another shard's broadcast FORWARD (`Spread::Broadcast`): handed to
+    /// every connection of this shard; returns how many.
+    pub fn broadcast_here(&mut self, id: MsgId, frame: &Bytes) -> u32 {
+        self.broadcast_local(id, frame)
+    }
+
+    /// Sends a FWD_RECEIPT toward its origin (a sharded relay's merged
+    /// answer to a broadcast FORWARD, `Spread::Broadcast`).
+    pub fn fwd_receipt(&mut self, r: FwdReceipt) {
+        self.send_fwd_receipt(r)
+    }
+
     /// Hands an a2n to every connection here; returns how many.
     fn broadcast_local(&mut self, id: MsgId, frame: &Bytes) -> u32 {
         let conns = self.conns();
@@ -549,7 +568,7 @@ impl RelayCore {
             return;
         }
         let target = match &f.target {
-            ForwardTarget::Relay { relay, .. } => Some(relay),
+            ForwardTarget::Relay { relay, to } => Some((relay, to.as_slice())),
             ForwardTarget::Broadcast => None,
             // A hand-off that failed goes again with the same bytes: not
             // remembered (the hop limit and the way-back check bound it).
@@ -581,14 +600,24 @@ impl RelayCore {
                     return;
                 }
                 let delivered = self.broadcast_local(msg.id, &f.msg);
-                self.send_fwd_receipt(FwdReceipt {
-                    origin: f.origin,
-                    reporter: self.me,
-                    id: msg.id,
-                    hops: 0,
-                    delivered,
-                    entries: Vec::new(),
-                });
+                if self.shard.1 > 1 {
+                    // The other shards' connections, and one FWD_RECEIPT.
+                    self.spread.push_back(Spread::Broadcast {
+                        origin: f.origin,
+                        id: msg.id,
+                        frame: f.msg.clone(),
+                        delivered,
+                    });
+                } else {
+                    self.send_fwd_receipt(FwdReceipt {
+                        origin: f.origin,
+                        reporter: self.me,
+                        id: msg.id,
+                        hops: 0,
+                        delivered,
+                        entries: Vec::new(),
+                    });
+                }
                 if f.hops >= self.config.federation.hop_limit {
                     self.stats.error(ErrorCode::HopLimit);
                     return;
@@ -672,21 +701,73 @@ impl RelayCore {
             return;
         };
         let to = to.clone();
-        let key = (msg.id, msg.from);
         let unproven = self.hosts(&msg.from) && !self.online_at(&msg.from, &f.origin);
         if unproven && !looked && self.park_forward(now, peer, f.clone(), msg.from) {
             return;
         }
-        if let Err(code) = self.check_forward(&msg.dest, (&msg.from, &f.origin), &to, key) {
-            self.stats.error(code);
-            let entries = to
-                .iter()
-                .map(|a| entry(*a, Status::Rejected, Some(code)))
-                .collect();
-            return self.reply_to_origin(f.origin, msg.id, entries, 0);
+        if let Err(code) = self.check_forward(&msg.dest, (&msg.from, &f.origin), &to) {
+            return self.refuse_forward(f.origin, msg.id, &to, code);
         }
-        let head = (key, Reply::Relay(f.origin), Route::A2g);
-        self.start_flight(now, head, f.msg, to, None);
+        if self.shard.1 > 1 {
+            // Its recipients are served by their shards (shard.rs).
+            self.spread.push_back(Spread::Forward {
+                origin: f.origin,
+                frame: f.msg,
+                to,
+            });
+            return;
+        }
+        self.forward_part(now, f.origin, f.msg, msg, to);
+    }
+
+    /// Answers `origin` that a FORWARD's recipients `to` are refused.
+    fn refuse_forward(&mut self, origin: Address, id: MsgId, to: &[Address], code: ErrorCode) {
+        self.stats.error(code);
+        let entries = to
+            .iter()
+            .map(|a| entry(*a, Status::Rejected, Some(code)))
+            .collect();
+        self.reply_to_origin(origin, id, entries, 0)
+    }
+
+    /// Serves recipients `to` of a FORWARD from `origin` (checked against
+    /// its MSG, `frame` decoded as `msg`) that are this shard's (all of
+    /// them on a relay of one shard). A second FORWARD of the same message
+    /// from the same origin for other recipients (a sharded origin sends
+    /// one per shard) joins the first one's flight while it waits: the
+    /// FWD_RECEIPT names them all. Any other one under the same (id,
+    /// sender) is refused `duplicate`.
+    pub fn forward_part(
+        &mut self,
+        now: Instant,
+        origin: Address,
+        frame: Bytes,
+        msg: &Msg,
+        to: Vec<Address>,
+    ) {
+        let key = (msg.id, msg.from);
+        if let Some(f) = self.flights.get(&key) {
+            let joins = f.reply == Reply::Relay(origin)
+                && f.frame == frame
+                && !f.expired
+                && to.iter().all(|a| f.recipients.iter().all(|(b, _)| a != b));
+            if !joins {
+                return self.refuse_forward(origin, msg.id, &to, ErrorCode::Duplicate);
+            }
+            self.stats.forwards_joined += 1;
+            let mut legs = Vec::with_capacity(to.len());
+            let mut copies = 0;
+            for a in to {
+                copies += self.peer_leg(key, a, &frame, &mut legs);
+            }
+            if let Some(f) = self.flights.get_mut(&key) {
+                f.recipients.extend(legs);
+                f.copies += copies;
+            }
+            return self.finish_if_settled(key);
+        }
+        let head = (key, Reply::Relay(origin), Route::A2g);
+        self.start_flight(now, head, frame, to, None);
     }
 
     /// A parked FORWARD's lookup is done: checked again, and delivered or
@@ -701,15 +782,14 @@ impl RelayCore {
     /// Checks a FORWARD for delivery here against the MSG it carries: the
     /// recipients must be ones its header names (a2b: that one; a2g: a
     /// subset of its list; a group is resolved by its own relay and cannot
-    /// be checked here), its sender must not be one of our own clients
-    /// (unless the directory says it is online at the origin too),
-    /// and no other message may be in flight under the same key.
+    /// be checked here) and its sender must not be one of our own clients
+    /// (unless the directory says it is online at the origin too). (No
+    /// other message may be in flight under the same key: `forward_part`.)
     fn check_forward(
         &self,
         dest: &Dest,
         (sender, origin): (&Address, &Address),
         to: &[Address],
-        key: FlightKey,
     ) -> Result<(), ErrorCode> {
         let named = match dest {
             Dest::A2b(b) => to.iter().all(|t| t == b),
@@ -721,9 +801,6 @@ impl RelayCore {
         // at several relays at once): that is no forgery.
         if !named || (self.hosts(sender) && !self.online_at(sender, origin)) {
             return Err(ErrorCode::ForgedForward);
-        }
-        if self.flights.contains_key(&key) {
-            return Err(ErrorCode::Duplicate);
         }
         Ok(())
     }
@@ -762,21 +839,23 @@ impl RelayCore {
                 if *state != (Recipient::Forwarded { relay: r.reporter }) {
                     continue;
                 }
+                // A recipient the receipt leaves out waits for another
+                // receipt of the reporter's (a sharded relay answers each
+                // shard's part on its own, shard.rs) or the deadline.
+                let Some(e) = r.entries.iter().find(|e| e.to == *to).cloned() else {
+                    continue;
+                };
                 settled = true;
                 mine.push(*to);
-                let e = r.entries.iter().find(|e| e.to == *to).cloned();
-                if e.as_ref().is_some_and(|e| {
-                    e.status == Status::NoRoute && e.reason == ErrorCode::Moved.as_u16()
-                }) && !moved.contains(to)
+                if e.status == Status::NoRoute
+                    && e.reason == ErrorCode::Moved.as_u16()
+                    && !moved.contains(to)
                 {
                     // It moved: looked up again, not settled.
                     moved.push(*to);
                     continue;
                 }
-                // A reporter that leaves one out did not reach it.
-                *state = Recipient::Settled(
-                    e.unwrap_or_else(|| entry(*to, Status::NoRoute, Some(ErrorCode::NoRoute))),
-                );
+                *state = Recipient::Settled(e);
             }
             let delivered = |e: &&ReceiptEntry| e.status == Status::Delivered;
             let stale = r

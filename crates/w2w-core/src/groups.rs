@@ -102,6 +102,8 @@ pub struct GroupQuestion {
 enum Waiter {
     Request {
         conn: ConnId,
+        /// The client's address (its session may be another shard's).
+        sender: Address,
         req_id: u32,
         ask: GroupAsk,
     },
@@ -334,13 +336,19 @@ impl crate::relay::RelayCore {
     pub fn group_request(
         &mut self,
         now: Instant,
-        conn: ConnId,
+        (conn, sender): (ConnId, Address),
         req_id: u32,
         name: &str,
         ask: GroupAsk,
     ) {
         self.note_now(now);
-        self.group_wait(now, name.to_owned(), Waiter::Request { conn, req_id, ask });
+        let w = Waiter::Request {
+            conn,
+            sender,
+            req_id,
+            ask,
+        };
+        self.group_wait(now, name.to_owned(), w);
     }
 
     /// A MSG to group `name`, which this relay does not host.
@@ -370,9 +378,10 @@ impl crate::relay::RelayCore {
             Join::Absent(w) => w,
         };
         let sender = match &w {
-            Waiter::Request { conn, .. } | Waiter::Msg { conn, .. } => self.session_address(*conn),
+            Waiter::Request { sender, .. } => *sender,
+            Waiter::Msg { msg, .. } => msg.from,
         };
-        if sender.is_some_and(|s| !self.may_look_up(now, s)) {
+        if !self.may_look_up(now, sender) {
             return self.group_fail(now, w, ErrorCode::RateLimited);
         }
         if self.groups.locates.len() >= self.config.federation.max_lookups {
@@ -452,6 +461,7 @@ impl crate::relay::RelayCore {
                     conn,
                     req_id,
                     ask: GroupAsk::Create(op),
+                    ..
                 },
                 None,
             ) => self
@@ -494,15 +504,14 @@ impl crate::relay::RelayCore {
                 ask: GroupAsk::Op(op),
                 ..
             } => GroupQuery::Op(op.clone()),
-            Waiter::Request { conn, .. } | Waiter::Msg { conn, .. } => {
-                let Some(asker) = self.session_address(*conn) else {
-                    return; // The client left.
-                };
-                GroupQuery::Info {
-                    name: name.to_owned(),
-                    asker,
-                }
-            }
+            Waiter::Request { sender, .. } => GroupQuery::Info {
+                name: name.to_owned(),
+                asker: *sender,
+            },
+            Waiter::Msg { msg, .. } => GroupQuery::Info {
+                name: name.to_owned(),
+                asker: msg.from,
+            },
         };
         self.groups.next_nonce += 1;
         let nonce = self.groups.next_nonce;
@@ -542,9 +551,9 @@ impl crate::relay::RelayCore {
             Waiter::Msg { msg, .. } => Some(msg.from),
             Waiter::Request {
                 ask: GroupAsk::Info,
-                conn,
+                sender,
                 ..
-            } => self.session_address(*conn),
+            } => Some(*sender),
             Waiter::Request { .. } => None,
         };
         let result = match (result, asker) {
@@ -554,7 +563,9 @@ impl crate::relay::RelayCore {
             (r, _) => r,
         };
         match w {
-            Waiter::Request { conn, req_id, ask } => {
+            Waiter::Request {
+                conn, req_id, ask, ..
+            } => {
                 let op = op_code(&ask);
                 self.groups.outcomes.push_back(GroupOutcome::Answer {
                     conn,
@@ -579,7 +590,17 @@ impl crate::relay::RelayCore {
                         bytes,
                     });
                 }
-                self.handle_msg(now, conn, frame, &msg, Some(members));
+                if self.shard.1 > 1 {
+                    // Its members are split among the shards.
+                    self.spread.push_back(crate::shard::Spread::Members {
+                        conn,
+                        frame,
+                        msg,
+                        members,
+                    });
+                } else {
+                    self.handle_msg(now, conn, frame, &msg, Some(members));
+                }
             }
         }
     }
@@ -956,7 +977,7 @@ mod tests {
         // Alice creates "team" at relay 0: no relay hosts it yet.
         let create = GroupOp::sign(&alice, "team", GroupAction::Create, 1);
         let now = net.now;
-        net.cores[0].group_request(now, ca, 7, "team", GroupAsk::Create(create.clone()));
+        net.cores[0].group_request(now, (ca, alice.address()), 7, "team", GroupAsk::Create(create.clone()));
         net.pump();
         assert_eq!(
             net.outcomes.pop(),
@@ -975,13 +996,13 @@ mod tests {
 
         // Bob at relay 3 cannot create the same name.
         let mine = GroupOp::sign(&bob, "team", GroupAction::Create, 1);
-        net.cores[3].group_request(now, cb, 8, "team", GroupAsk::Create(mine));
+        net.cores[3].group_request(now, (cb, bob.address()), 8, "team", GroupAsk::Create(mine));
         net.pump();
         let (_, result) = answer(&mut net, 3, 8);
         assert_eq!(result, Err(ErrorCode::GroupExists));
 
         // Bob's GROUP_INFO reaches relay 0 as a question naming him.
-        net.cores[3].group_request(now, cb, 9, "team", GroupAsk::Info);
+        net.cores[3].group_request(now, (cb, bob.address()), 9, "team", GroupAsk::Info);
         net.pump();
         let (at, q) = net
             .questions
@@ -1004,7 +1025,7 @@ mod tests {
 
         // An operation travels signed and comes back with the new state.
         let add = GroupOp::sign(&bob, "team", GroupAction::Add(Address([9; 32])), 4);
-        net.cores[3].group_request(now, cb, 10, "team", GroupAsk::Op(add.clone()));
+        net.cores[3].group_request(now, (cb, bob.address()), 10, "team", GroupAsk::Op(add.clone()));
         net.pump();
         let (_, q) = net.questions.pop().unwrap();
         assert_eq!(q.query, GroupQuery::Op(add));

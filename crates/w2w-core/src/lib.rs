@@ -159,6 +159,10 @@ pub struct Stats {
     /// A sender's MSG that came again while its original was in flight
     /// and joined it (PROTOCOL 7.6).
     pub resends_joined: u64,
+    /// A FORWARD for other recipients of a message already waiting here
+    /// from the same origin that joined it (a sharded origin sends one per
+    /// shard).
+    pub forwards_joined: u64,
 }
 
 impl Stats {
@@ -181,6 +185,7 @@ impl Stats {
         self.handed_off += other.handed_off;
         self.handoffs_failed += other.handoffs_failed;
         self.resends_joined += other.resends_joined;
+        self.forwards_joined += other.forwards_joined;
     }
 
     pub(crate) fn error(&mut self, code: ErrorCode) {

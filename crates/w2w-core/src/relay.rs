@@ -387,11 +387,13 @@ pub struct RelayCore {
     pub(crate) events: VecDeque<Event>,
     /// This core's shard and how many there are (shard.rs; (0, 1): not
     /// sharded).
-    shard: (usize, usize),
+    pub(crate) shard: (usize, usize),
     /// Receipts of messages split across shards, for the caller to merge.
     parts: VecDeque<(ConnId, Receipt)>,
     /// Notices for senders of other shards.
     notices: VecDeque<(Address, Bytes)>,
+    /// Work for other shards.
+    pub(crate) spread: VecDeque<crate::shard::Spread>,
 }
 
 impl RelayCore {
@@ -449,6 +451,7 @@ impl RelayCore {
             shard: (0, 1),
             parts: VecDeque::new(),
             notices: VecDeque::new(),
+            spread: VecDeque::new(),
         };
         core.bump_link_state();
         core
@@ -501,11 +504,6 @@ impl RelayCore {
             .map_or(&[], |i| i.receivers.as_slice())
     }
 
-    /// The address of session `conn`.
-    pub(crate) fn session_address(&self, conn: ConnId) -> Option<Address> {
-        self.sessions.get(&conn).map(|s| s.address)
-    }
-
     /// Whether `address` has a session here (receiving or send-only).
     pub fn is_connected(&self, address: &Address) -> bool {
         self.by_address.contains_key(address)
@@ -532,9 +530,31 @@ impl RelayCore {
     /// Makes this core shard `index` of `count` (shard.rs): its store
     /// tokens are `≡ index (mod count)`, and notices for senders of other
     /// shards come out of `poll_notice`. Call it before any input.
+    ///
+    /// With peers: each shard holds the directory records, lookups,
+    /// custody and group records of its addresses (and group names), so
+    /// the bounds on those tables and a peer's allowance on probation are
+    /// shared out among the shards; link state and the peer links are the
+    /// same in every shard, and only shard 0 sends link state.
     pub fn set_shard(&mut self, index: usize, count: usize) {
         assert!(index < count, "shard {index} of {count}");
         self.shard = (index, count);
+        let f = &mut self.config.federation;
+        f.max_directory = f.max_directory.div_ceil(count);
+        f.probation_records = f.probation_records.div_ceil(count);
+        f.max_custody = f.max_custody.div_ceil(count);
+        f.max_lookups = f.max_lookups.div_ceil(count);
+    }
+
+    /// Work this shard hands to others (shard.rs).
+    pub fn poll_spread(&mut self) -> Option<crate::shard::Spread> {
+        self.spread.pop_front()
+    }
+
+    /// Whether a message of a client's with this id is in flight here (a
+    /// FWD_RECEIPT for it belongs to this shard).
+    pub fn knows_id(&self, id: &MsgId) -> bool {
+        self.local_ids.contains_key(id)
     }
 
     /// The receipt of one shard's part of a client's message (a flight
@@ -894,10 +914,14 @@ impl RelayCore {
         let mut lookups = Vec::new();
         let mut copies = 0;
         for to in targets {
+            if from_peer {
+                copies += self.peer_leg(key, to, &frame, &mut recipients);
+                continue;
+            }
             // A relay that was forwarded the message never forwards it
             // again, and an a2a stays with the sender's relay; any other
             // recipient whose relays this one does not know is looked up.
-            let wide = !from_peer && route != Route::A2a;
+            let wide = route != Route::A2a;
             if wide && self.needs_lookup(&to) && !self.may_look_up(now, key.1) {
                 self.stats.error(ErrorCode::RateLimited);
                 let e = entry(to, Status::Rejected, Some(ErrorCode::RateLimited));
@@ -907,19 +931,6 @@ impl RelayCore {
             if wide && self.needs_lookup(&to) {
                 lookups.push(to);
                 recipients.push((to, Recipient::Resolving { moved_from: None }));
-                continue;
-            }
-            if from_peer && self.took(key.0, &to, &key.1) {
-                // It reached `to` here already (a hand-off overtook a
-                // FORWARD that was held up on the way): not handed twice.
-                recipients.push((to, Recipient::Settled(entry(to, Status::Queued, None))));
-                continue;
-            }
-            if from_peer && self.moved(&to) {
-                // It registered at another relay since the origin looked
-                // it up: the origin looks again.
-                let state = self.settle_now(to, ErrorCode::Moved);
-                recipients.push((to, state));
                 continue;
             }
             let elsewhere = if wide {
@@ -975,6 +986,33 @@ impl RelayCore {
             self.look_up(now, to, crate::directory::Waiter::Flight(key));
         }
         self.finish_if_settled(key);
+    }
+
+    /// The leg of recipient `to` of a message another relay forwarded here
+    /// (pushed to `legs`); returns the copies already delivered.
+    pub(crate) fn peer_leg(
+        &mut self,
+        key: FlightKey,
+        to: Address,
+        frame: &Bytes,
+        legs: &mut Vec<(Address, Recipient)>,
+    ) -> u32 {
+        if self.took(key.0, &to, &key.1) {
+            // It reached `to` here already (a hand-off overtook a FORWARD
+            // that was held up on the way): not handed twice.
+            legs.push((to, Recipient::Settled(entry(to, Status::Queued, None))));
+            return 0;
+        }
+        if self.moved(&to) {
+            // It registered at another relay since the origin looked it
+            // up: the origin looks again.
+            let state = self.settle_now(to, ErrorCode::Moved);
+            legs.push((to, state));
+            return 0;
+        }
+        let how = (true, false, Some(ErrorCode::NoRoute));
+        let mut remote = BTreeMap::new();
+        self.place((key, to), frame, &[], how, legs, &mut remote)
     }
 
     /// The legs of `to` given the other relays it is at (`elsewhere`): a
@@ -1115,6 +1153,7 @@ impl RelayCore {
             let mut drained = false;
             let mut pending = false;
             let mut grace = false;
+            let mut delete = false;
             if let Some(state) = f.state_mut(&address) {
                 match state {
                     Recipient::Unstored { conns, acked } if conns.contains(&conn) => {
@@ -1128,7 +1167,12 @@ impl RelayCore {
                             grace = *acked == 1;
                         }
                     }
-                    Recipient::Stored { .. } if h.stored => {
+                    Recipient::Stored { .. } => {
+                        // A copy handed unstored by an earlier flight of
+                        // the same message (one that ended before a
+                        // hand-off of it was stored here under the same
+                        // key) is this one: its ACK deletes this copy too.
+                        delete = !h.stored;
                         drained = true;
                         *state = Recipient::Settled(entry(address, Status::Delivered, None));
                     }
@@ -1152,6 +1196,13 @@ impl RelayCore {
             }
             if drained {
                 self.awaiting_drain.remove(&(address, *id));
+            }
+            if delete {
+                let op = self.push_op(StoreOp::Dequeue {
+                    recipient: address,
+                    id: *id,
+                });
+                self.note_gone(address, *id, op);
             }
             if pending {
                 // Its copy is deleted once written: until then no read

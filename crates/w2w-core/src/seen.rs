@@ -22,24 +22,36 @@ use w2w_proto::Address;
 pub type SeenKey = u128;
 
 /// The key of a FORWARD: its message id and origin, the MSG frame and, for
-/// one addressed to a relay, that relay. One a2g for clients of two relays
-/// is two FORWARDs that may pass the same relay on their way: they are two
-/// entries, not a duplicate (the simulation found the second one dropped).
+/// one addressed to a relay, that relay and the recipients it lists. One
+/// a2g for clients of two relays is two FORWARDs that may pass the same
+/// relay on their way: they are two entries, not a duplicate (the
+/// simulation found the second one dropped); so are two FORWARDs of one
+/// message to one relay for other recipients (a sharded origin sends one
+/// per shard, shard.rs).
 /// The frame is in the key, so a forged frame that reuses a real message's
 /// id and origin is another entry and cannot make the real one look like a
 /// duplicate (a second preimage of a 128-bit SHA-256 prefix would be
 /// needed). Fixed-size fields come first and the frame last, so no two
 /// inputs hash the same bytes.
-pub fn seen_key(id: &MsgId, origin: &Address, frame: &[u8], target: Option<&Address>) -> SeenKey {
+pub fn seen_key(
+    id: &MsgId,
+    origin: &Address,
+    frame: &[u8],
+    target: Option<(&Address, &[Address])>,
+) -> SeenKey {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(b"w2w/v1 seen\0");
     h.update(id.0);
     h.update(origin.0);
     match target {
-        Some(t) => {
+        Some((t, to)) => {
             h.update([1]);
             h.update(t.0);
+            h.update((to.len() as u32).to_le_bytes());
+            for a in to {
+                h.update(a.0);
+            }
         }
         None => h.update([0]),
     }
@@ -165,9 +177,14 @@ mod tests {
         let (x, y) = (Address([1; 32]), Address([2; 32]));
         let id = MsgId([1; 16]);
         assert_ne!(
-            seen_key(&id, &x, b"a", Some(&x)),
-            seen_key(&id, &x, b"a", Some(&y)),
+            seen_key(&id, &x, b"a", Some((&x, &[]))),
+            seen_key(&id, &x, b"a", Some((&y, &[]))),
             "forwards of one message to two relays are two entries"
+        );
+        assert_ne!(
+            seen_key(&id, &x, b"a", Some((&y, &[x]))),
+            seen_key(&id, &x, b"a", Some((&y, &[y]))),
+            "forwards of one message to one relay for other recipients are two entries"
         );
         assert_ne!(seen_key(&id, &x, b"a", None), seen_key(&id, &y, b"a", None));
         assert_ne!(

@@ -29,13 +29,18 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
-use w2w_proto::frame::{MsgId, Receipt, ReceiptEntry, RelayToClient, Route, Scope, Status};
-use w2w_proto::s2s::RegistrationProof;
+use w2w_proto::frame::{
+    ClientToRelay, MsgId, Receipt, ReceiptEntry, RelayToClient, Route, Scope, Status,
+};
+use w2w_proto::s2s::{
+    DirPut, ForwardTarget, FwdReceipt, GroupPut, GroupRecord, Presence, RegistrationProof,
+    RelayToRelay,
+};
 use w2w_proto::{Address, ErrorCode, Identity};
 
 use crate::flight::{summarize, Reply};
 use crate::relay::{reject, targets, Targets};
-use crate::{Config, ConnId, RelayCore, Stats, StoreDone, StoreOp, Transmit};
+use crate::{Config, ConnId, PeerId, RelayCore, Stats, StoreDone, StoreOp, Transmit};
 use w2w_proto::frame::Msg;
 
 /// The shard of `address` among `count`: spread evenly because addresses
@@ -100,12 +105,10 @@ pub fn split(
     match targets(msg, group, max_group) {
         Err(code) => Split::Refused(reject(msg.id, code)),
         Ok(Targets::List(list)) => {
-            let mut by: BTreeMap<usize, Vec<Address>> = BTreeMap::new();
-            for a in &list {
-                by.entry(shard_of(a, count)).or_default().push(*a);
-            }
-            let mut parts: Vec<(usize, Targets)> =
-                by.into_iter().map(|(s, l)| (s, Targets::List(l))).collect();
+            let mut parts: Vec<(usize, Targets)> = by_shard(list.iter().copied(), count)
+                .into_iter()
+                .map(|(s, l)| (s, Targets::List(l)))
+                .collect();
             match parts.len() {
                 0 => Split::Whole(home, Targets::List(Vec::new())),
                 1 => {
@@ -115,8 +118,14 @@ pub fn split(
                 _ => Split::Parts { parts, order: list },
             }
         }
-        // A group of another relay is looked for by the sender's shard.
-        Ok(Targets::ElsewhereGroup) => Split::Whole(home, Targets::ElsewhereGroup),
+        // A group of another relay is looked for by the group's shard.
+        Ok(Targets::ElsewhereGroup) => {
+            let s = match &msg.dest {
+                w2w_proto::Dest::Group(name) => shard_of_group(name, count),
+                _ => home,
+            };
+            Split::Whole(s, Targets::ElsewhereGroup)
+        }
         Ok(Targets::Everyone(scope)) if count == 1 => Split::Whole(0, Targets::Everyone(scope)),
         // Every shard's clients; only the sender's shard tells the other
         // relays.
@@ -129,6 +138,170 @@ pub fn split(
                 .collect(),
             order: Vec::new(),
         },
+    }
+}
+
+/// Work one shard hands to the others (`RelayCore::poll_spread`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spread {
+    /// A FORWARD for clients of this relay, checked by its sender's shard:
+    /// each shard serves its recipients among `to`
+    /// ([`RelayCore::forward_part`]).
+    Forward {
+        origin: Address,
+        frame: Bytes,
+        to: Vec<Address>,
+    },
+    /// A broadcast FORWARD, checked and passed on by its sender's shard,
+    /// which handed it to its own connections (`delivered`): every other
+    /// shard hands it to its connections ([`RelayCore::broadcast_here`])
+    /// and `origin` is sent one FWD_RECEIPT with the sum
+    /// ([`RelayCore::fwd_receipt`]).
+    Broadcast {
+        origin: Address,
+        id: MsgId,
+        frame: Bytes,
+        delivered: u32,
+    },
+    /// A client's MSG to a group of another relay whose members its
+    /// group's shard has learnt: split among the shards like an a2g
+    /// (`members` as [`split`] takes a group's).
+    Members {
+        conn: ConnId,
+        frame: Bytes,
+        msg: Box<Msg>,
+        members: Result<Vec<Address>, ErrorCode>,
+    },
+}
+
+/// `list` grouped by shard, in shard order, each group in list order.
+pub fn by_shard(
+    list: impl IntoIterator<Item = Address>,
+    count: usize,
+) -> Vec<(usize, Vec<Address>)> {
+    let mut by: BTreeMap<usize, Vec<Address>> = BTreeMap::new();
+    for a in list {
+        by.entry(shard_of(&a, count)).or_default().push(a);
+    }
+    by.into_iter().collect()
+}
+
+/// The shard of named group `name` (its records, its locates and the
+/// questions about it, and the MSGs to it when another relay hosts it).
+pub fn shard_of_group(name: &str, count: usize) -> usize {
+    shard_of(&w2w_proto::s2s::group_key(name), count)
+}
+
+/// Where a peer's frame goes on a relay of `count` shards, as (shard,
+/// frame) pairs: link state to every shard; a FORWARD to its sender's
+/// shard (which checks it and hands its recipients on, [`Spread`]), a
+/// hand-off to its recipient's; records, lookups and their answers to
+/// their address's (or group name's) shard, a DIR_PUT or GROUP_PUT split
+/// by record; what only passes through to shard 0; a FWD_RECEIPT for this
+/// relay to the shards of the recipients it names that have the message
+/// (`knows(shard, id)`), the rest of it to any other shard that has it (a
+/// broadcast's, or a MSG to a group of another relay: its flight is with
+/// the sender's or the group's shard).
+pub fn route_peer(
+    me: &Address,
+    frame: RelayToRelay,
+    count: usize,
+    mut knows: impl FnMut(usize, &MsgId) -> bool,
+) -> Vec<(usize, RelayToRelay)> {
+    use RelayToRelay as R;
+    if count <= 1 {
+        return vec![(0, frame)];
+    }
+    let one = |s: usize, f: RelayToRelay| vec![(s, f)];
+    match frame {
+        R::LinkState(_) => (0..count).map(|s| (s, frame.clone())).collect(),
+        R::Presence(p) => one(shard_of(&p.proof.address, count), R::Presence(p)),
+        R::Forward(f) => {
+            let s = match &f.target {
+                ForwardTarget::Handoff { to, .. } => shard_of(to, count),
+                _ => match ClientToRelay::decode(&f.msg) {
+                    Ok(ClientToRelay::Msg(m)) => shard_of(&m.from, count),
+                    _ => 0,
+                },
+            };
+            one(s, R::Forward(f))
+        }
+        R::FwdReceipt(r) if r.origin != *me => one(0, R::FwdReceipt(r)),
+        R::FwdReceipt(r) => {
+            let mut by: BTreeMap<usize, Vec<ReceiptEntry>> = BTreeMap::new();
+            for e in &r.entries {
+                by.entry(shard_of(&e.to, count)).or_default().push(e.clone());
+            }
+            let mut parts: Vec<(usize, Vec<ReceiptEntry>)> = Vec::new();
+            let mut rest: Vec<ReceiptEntry> = Vec::new();
+            for (s, entries) in by {
+                if knows(s, &r.id) {
+                    parts.push((s, entries));
+                } else {
+                    rest.extend(entries);
+                }
+            }
+            if r.entries.is_empty() || !rest.is_empty() {
+                for s in 0..count {
+                    if parts.iter().all(|(t, _)| *t != s) && knows(s, &r.id) {
+                        parts.push((s, rest.clone()));
+                    }
+                }
+            }
+            // Sessions beyond one per delivered entry go with the first
+            // part (the sender's receipt adds the parts up); a broadcast's
+            // count with each (only the shard waiting for it counts it).
+            let counted = |e: &[ReceiptEntry]| {
+                e.iter().filter(|e| e.status == Status::Delivered).count() as u32
+            };
+            let extra = r.delivered.saturating_sub(counted(&r.entries));
+            parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, (s, entries))| {
+                    let delivered = if r.entries.is_empty() {
+                        r.delivered
+                    } else {
+                        counted(&entries) + if i == 0 { extra } else { 0 }
+                    };
+                    let part = FwdReceipt {
+                        delivered,
+                        entries,
+                        ..r.clone()
+                    };
+                    (s, R::FwdReceipt(part))
+                })
+                .collect()
+        }
+        R::DirPut(d) if d.target != *me => one(0, R::DirPut(d)),
+        R::DirPut(d) => {
+            let mut by: BTreeMap<usize, Vec<Presence>> = BTreeMap::new();
+            for p in &d.records {
+                by.entry(shard_of(&p.proof.address, count))
+                    .or_default()
+                    .push(p.clone());
+            }
+            by.into_iter()
+                .map(|(s, records)| (s, R::DirPut(DirPut { records, ..d.clone() })))
+                .collect()
+        }
+        R::DirGet(g) => one(shard_of(&g.address, count), R::DirGet(g)),
+        R::DirAnswer(a) => one(shard_of(&a.address, count), R::DirAnswer(a)),
+        R::GroupPut(d) if d.target != *me => one(0, R::GroupPut(d)),
+        R::GroupPut(d) => {
+            let mut by: BTreeMap<usize, Vec<GroupRecord>> = BTreeMap::new();
+            for g in &d.records {
+                by.entry(shard_of_group(&g.name, count))
+                    .or_default()
+                    .push(g.clone());
+            }
+            by.into_iter()
+                .map(|(s, records)| (s, R::GroupPut(GroupPut { records, ..d.clone() })))
+                .collect()
+        }
+        R::GroupGet(g) => one(shard_of_group(g.query.name(), count), R::GroupGet(g)),
+        R::GroupAnswer(a) => one(shard_of_group(&a.name, count), R::GroupAnswer(a)),
+        R::Redirect(_) => Vec::new(),
     }
 }
 
@@ -289,18 +462,30 @@ pub struct Shards {
     /// Merged receipts and refusals, in order.
     out: VecDeque<Transmit>,
     max_group: usize,
+    /// The time of the latest input (for work handed between shards by an
+    /// input that has none).
+    now: Option<Instant>,
 }
 
 impl Shards {
-    /// `count` cores for relay `identity` whose store knows `known`.
-    pub fn new(config: Config, identity: Identity, count: usize, known: &[Address]) -> Self {
+    /// `count` cores for relay `identity` whose store knows `known`
+    /// (`link_seq` as for [`RelayCore::new`]).
+    pub fn new(
+        config: Config,
+        identity: Identity,
+        count: usize,
+        link_seq: u64,
+        known: &[Address],
+    ) -> Self {
         assert!(count >= 1);
         let max_group = config.max_group;
         let cores = (0..count)
             .map(|i| {
                 let mine = known.iter().copied().filter(|a| shard_of(a, count) == i);
-                let mut c = RelayCore::new(config.clone(), identity.clone(), 1, mine);
-                c.set_shard(i, count);
+                let mut c = RelayCore::new(config.clone(), identity.clone(), link_seq, mine);
+                if count > 1 {
+                    c.set_shard(i, count);
+                }
                 c
             })
             .collect();
@@ -311,7 +496,29 @@ impl Shards {
             merged: BTreeMap::new(),
             out: VecDeque::new(),
             max_group,
+            now: None,
         }
+    }
+
+    /// Shard `s` (for a test's look inside).
+    pub fn core(&self, s: usize) -> &RelayCore {
+        &self.cores[s]
+    }
+
+    /// Applies `f` to shard `s`, then moves what it made for other shards.
+    fn on<R>(&mut self, s: usize, f: impl FnOnce(&mut RelayCore) -> R) -> R {
+        let r = f(&mut self.cores[s]);
+        self.route(s);
+        r
+    }
+
+    /// Applies `f` to every shard; the first shard's result.
+    fn on_all<R>(&mut self, mut f: impl FnMut(&mut RelayCore) -> R) -> R {
+        let first = self.on(0, &mut f);
+        for s in 1..self.cores.len() {
+            self.on(s, &mut f);
+        }
+        first
     }
 
     pub fn count(&self) -> usize {
@@ -330,10 +537,10 @@ impl Shards {
         proof: Option<RegistrationProof>,
         receive: bool,
     ) -> Result<(), ErrorCode> {
+        self.now = Some(now);
         let s = self.of(&address);
-        self.cores[s].connect(now, conn, address, proof, receive)?;
+        self.on(s, |c| c.connect(now, conn, address, proof, receive))?;
         self.conns.insert(conn, address);
-        self.route(s);
         Ok(())
     }
 
@@ -341,10 +548,10 @@ impl Shards {
         let Some(address) = self.conns.remove(&conn) else {
             return;
         };
+        self.now = Some(now);
         self.merge.forget(conn);
         let s = self.of(&address);
-        self.cores[s].disconnect(now, conn);
-        self.route(s);
+        self.on(s, |c| c.disconnect(now, conn));
     }
 
     /// A MSG from a registered connection, as [`RelayCore::handle_msg`].
@@ -356,69 +563,222 @@ impl Shards {
         msg: &Msg,
         group: Option<Result<Vec<Address>, ErrorCode>>,
     ) {
+        self.now = Some(now);
         let Some(&address) = self.conns.get(&conn) else {
             return;
         };
-        let refuse = |this: &mut Self, r: Receipt| {
-            this.out.push_back(Transmit {
-                to: crate::Target::Conn(conn),
-                frame: RelayToClient::Receipt(r).encode(),
-                soft: false,
-            })
-        };
         if msg.from != address {
-            return refuse(self, reject(msg.id, ErrorCode::SpoofedSender));
+            return self.refuse(conn, reject(msg.id, ErrorCode::SpoofedSender));
         }
+        if self.cores.len() == 1 {
+            return self.on(0, |c| c.handle_msg(now, conn, frame, msg, group));
+        }
+        self.client_msg(now, conn, frame, msg, group)
+    }
+
+    fn refuse(&mut self, conn: ConnId, r: Receipt) {
+        self.out.push_back(Transmit {
+            to: crate::Target::Conn(conn),
+            frame: RelayToClient::Receipt(r).encode(),
+            soft: false,
+        })
+    }
+
+    /// A client's MSG whose sender was checked, to its shards.
+    fn client_msg(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        frame: Bytes,
+        msg: &Msg,
+        group: Option<Result<Vec<Address>, ErrorCode>>,
+    ) {
         match split(msg, group, self.max_group, self.cores.len()) {
-            Split::Refused(r) => refuse(self, r),
+            Split::Refused(r) => self.refuse(conn, r),
             Split::Whole(s, to) => {
-                self.cores[s].handle_part(now, Reply::Client(conn), frame, msg, to);
-                self.route(s);
+                self.on(s, |c| c.handle_part(now, Reply::Client(conn), frame, msg, to));
             }
             Split::Parts { parts, order } => {
                 match self.merge.frame(conn, msg.id) {
                     // Sent again on the same connection: the merged
                     // receipt answers both.
                     Some(f) if *f == frame => return,
-                    Some(_) => return refuse(self, reject(msg.id, ErrorCode::Duplicate)),
+                    Some(_) => return self.refuse(conn, reject(msg.id, ErrorCode::Duplicate)),
                     None => {}
                 }
                 self.merge.expect(conn, msg, &frame, &parts, order);
                 for (s, to) in parts {
-                    self.cores[s].handle_part(now, Reply::Part(conn), frame.clone(), msg, to);
-                    self.route(s);
+                    let frame = frame.clone();
+                    self.on(s, |c| c.handle_part(now, Reply::Part(conn), frame, msg, to));
                 }
             }
         }
     }
 
     pub fn handle_ack(&mut self, now: Instant, conn: ConnId, ids: &[MsgId]) {
+        self.now = Some(now);
         let Some(address) = self.conns.get(&conn) else {
             return;
         };
         let s = self.of(address);
-        self.cores[s].handle_ack(now, conn, ids);
-        self.route(s);
+        self.on(s, |c| c.handle_ack(now, conn, ids));
     }
 
     pub fn store_done(&mut self, now: Instant, done: StoreDone) {
+        self.now = Some(now);
         let s = shard_of_answer(&done, self.cores.len());
-        self.cores[s].store_done(now, done);
-        self.route(s);
+        self.on(s, |c| c.store_done(now, done));
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        for s in 0..self.cores.len() {
-            self.cores[s].handle_timeout(now);
-            self.route(s);
+        self.now = Some(now);
+        self.on_all(|c| c.handle_timeout(now));
+    }
+
+    // -------------------------------------------------------- federation
+
+    pub fn peer_up(
+        &mut self,
+        peer: PeerId,
+        key: Address,
+        url: String,
+        dialled: bool,
+    ) -> Result<bool, ErrorCode> {
+        self.on_all(|c| c.peer_up(peer, key, url.clone(), dialled))
+    }
+
+    pub fn peer_down(&mut self, peer: PeerId) {
+        self.on_all(|c| c.peer_down(peer))
+    }
+
+    pub fn dialled_key(&mut self, key: Address) -> Option<PeerId> {
+        self.on_all(|c| c.dialled_key(key))
+    }
+
+    pub fn refresh(&mut self) {
+        self.on_all(RelayCore::refresh)
+    }
+
+    pub fn set_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.now = Some(now);
+        self.on_all(|c| c.set_clock(now, unix_ms))
+    }
+
+    pub fn expect_peers(&mut self, until: Instant) {
+        self.on_all(|c| c.expect_peers(until))
+    }
+
+    pub fn restore_records(&mut self, proofs: impl IntoIterator<Item = RegistrationProof>) {
+        let n = self.cores.len();
+        let mut by: Vec<Vec<RegistrationProof>> = vec![Vec::new(); n];
+        for p in proofs {
+            by[shard_of(&p.address, n)].push(p);
         }
+        for (s, proofs) in by.into_iter().enumerate() {
+            self.on(s, |c| c.restore_records(proofs));
+        }
+    }
+
+    pub fn add_custody(&mut self, addrs: impl IntoIterator<Item = Address>) {
+        for (s, list) in by_shard(addrs, self.cores.len()) {
+            self.on(s, |c| c.add_custody(list));
+        }
+    }
+
+    pub fn host_group(&mut self, now: Instant, name: &str, created: bool) {
+        self.now = Some(now);
+        let s = shard_of_group(name, self.cores.len());
+        self.on(s, |c| c.host_group(now, name, created))
+    }
+
+    pub fn group_reply(
+        &mut self,
+        now: Instant,
+        origin: Address,
+        nonce: u64,
+        name: &str,
+        result: Result<w2w_proto::group::GroupInfo, ErrorCode>,
+    ) {
+        self.now = Some(now);
+        let s = shard_of_group(name, self.cores.len());
+        self.on(s, |c| c.group_reply(now, origin, nonce, name, result))
+    }
+
+    /// A frame from a peer link, to its shards ([`route_peer`]).
+    pub fn handle_peer_frame(&mut self, now: Instant, peer: PeerId, frame: RelayToRelay) {
+        self.now = Some(now);
+        let me = self.cores[0].address();
+        let cores = &self.cores;
+        let routed = route_peer(&me, frame, cores.len(), |s, id| cores[s].knows_id(id));
+        for (s, f) in routed {
+            self.on(s, |c| c.handle_peer_frame(now, peer, f));
+        }
+    }
+
+    pub fn poll_group_question(&mut self) -> Option<crate::GroupQuestion> {
+        self.cores.iter_mut().find_map(RelayCore::poll_group_question)
+    }
+
+    pub fn poll_group_outcome(&mut self) -> Option<crate::GroupOutcome> {
+        self.cores.iter_mut().find_map(RelayCore::poll_group_outcome)
+    }
+
+    // ----------------------------------------------- looks inside (tests)
+
+    fn by_address(&self, a: &Address) -> &RelayCore {
+        &self.cores[self.of(a)]
+    }
+
+    pub fn record_online(&self, address: &Address, relay: &Address) -> Option<bool> {
+        self.by_address(address).record_online(address, relay)
+    }
+
+    pub fn debug_homes(&self, address: &Address) -> (Vec<(String, bool)>, bool, bool) {
+        self.by_address(address).debug_homes(address)
+    }
+
+    pub fn newest_record(&self, address: &Address) -> Option<(Address, (u64, u64, Address))> {
+        self.by_address(address).newest_record(address)
+    }
+
+    pub fn own_record(&self, address: &Address) -> Option<(u64, u64, Address)> {
+        self.by_address(address).own_record(address)
+    }
+
+    pub fn directory_len(&self) -> usize {
+        self.cores.iter().map(RelayCore::directory_len).sum()
+    }
+
+    pub fn directory_records(&self) -> (usize, usize) {
+        self.cores
+            .iter()
+            .map(RelayCore::directory_records)
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
+    pub fn relays_known(&self) -> usize {
+        self.cores[0].relays_known()
+    }
+
+    pub fn reachable_count(&mut self) -> usize {
+        self.cores[0].reachable_count()
+    }
+
+    pub fn redirect_urls(&self) -> Vec<String> {
+        self.cores[0].redirect_urls()
+    }
+
+    /// Whether every shard is idle and no receipt is being joined.
+    pub fn is_idle(&self) -> bool {
+        self.cores.iter().all(RelayCore::is_idle) && self.merge.is_empty() && self.out.is_empty()
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.cores.iter().filter_map(RelayCore::poll_timeout).min()
     }
 
-    /// Moves shard `s`'s partial receipts and notices where they go.
+    /// Moves shard `s`'s partial receipts, notices and work for other
+    /// shards where they go.
     fn route(&mut self, s: usize) {
         while let Some((conn, r)) = self.cores[s].poll_part() {
             if let Some(r) = self.merge.part(conn, s, r) {
@@ -433,6 +793,49 @@ impl Shards {
         while let Some((address, frame)) = self.cores[s].poll_notice() {
             let t = self.of(&address);
             self.cores[t].notice_to(address, frame);
+        }
+        let Some(now) = self.now else {
+            return;
+        };
+        while let Some(spread) = self.cores[s].poll_spread() {
+            match spread {
+                Spread::Forward { origin, frame, to } => {
+                    let Ok(ClientToRelay::Msg(msg)) = ClientToRelay::decode(&frame) else {
+                        continue;
+                    };
+                    for (t, list) in by_shard(to, self.cores.len()) {
+                        let frame = frame.clone();
+                        self.on(t, |c| c.forward_part(now, origin, frame, &msg, list));
+                    }
+                }
+                Spread::Broadcast {
+                    origin,
+                    id,
+                    frame,
+                    mut delivered,
+                } => {
+                    for t in (0..self.cores.len()).filter(|t| *t != s) {
+                        delivered += self.on(t, |c| c.broadcast_here(id, &frame));
+                    }
+                    let reporter = self.cores[s].address();
+                    self.on(s, |c| {
+                        c.fwd_receipt(FwdReceipt {
+                            origin,
+                            reporter,
+                            id,
+                            hops: 0,
+                            delivered,
+                            entries: Vec::new(),
+                        })
+                    });
+                }
+                Spread::Members {
+                    conn,
+                    frame,
+                    msg,
+                    members,
+                } => self.client_msg(now, conn, frame, &msg, Some(members)),
+            }
         }
     }
 

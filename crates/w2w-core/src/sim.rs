@@ -52,7 +52,8 @@ use w2w_proto::frame::{ClientToRelay, Dest, Msg, MsgId, Notice, RelayToClient, S
 use w2w_proto::s2s::{ForwardTarget, RegistrationProof, RelayToRelay};
 use w2w_proto::{Address, ErrorCode, Identity};
 
-use crate::{Config, ConnId, FedConfig, PeerId, RelayCore, StoreDone, StoreOp, Stored, Target};
+use crate::shard::Shards;
+use crate::{Config, ConnId, FedConfig, PeerId, StoreDone, StoreOp, Stored, Target};
 
 /// What one simulation does.
 #[derive(Debug, Clone)]
@@ -118,6 +119,10 @@ pub struct SimConfig {
     /// every relay send to it now and then, members and outsiders alike:
     /// its relay is found and asked for the members.
     pub groups: bool,
+    /// Shards per relay (shard.rs): 1 runs each relay as one core; more
+    /// run every relay as that many, the relay's work spread among them
+    /// exactly as a sharded relay's server spreads it.
+    pub shards: usize,
     pub core: Config,
 }
 
@@ -150,6 +155,7 @@ impl Default for SimConfig {
             roam_one_in: 6,
             bootstrap: false,
             groups: false,
+            shards: 1,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 session_grace: Duration::from_millis(2),
@@ -527,7 +533,7 @@ struct Disk {
 
 struct Relay {
     identity: Identity,
-    core: Option<RelayCore>,
+    core: Option<Shards>,
     gen: u64,
     disk: Disk,
     tick_at: Option<u64>,
@@ -784,11 +790,13 @@ impl Sim<'_> {
         let relay = &mut self.relays[r];
         // Numbered as a wall clock would: above anything signed earlier.
         let link_seq = self.now_us * 16 + relay.gen;
-        let mut core = RelayCore::new(
+        let known: Vec<Address> = relay.disk.known.keys().copied().collect();
+        let mut core = Shards::new(
             config,
             Identity::from_seed(relay.identity.seed()),
+            self.cfg.shards,
             link_seq,
-            relay.disk.known.keys().copied(),
+            &known,
         );
         // Every relay's wall clock reads the simulated time (ms).
         core.set_clock(self.t0, 0);

@@ -547,7 +547,7 @@ fn run(seed: u64, shards: usize) -> Result<(), String> {
     let identity = Identity::from_seed([0xee; 32]);
     let now = Instant::now();
     let mut one = World::new(RelayCore::new(config.clone(), identity.clone(), 1, []), now);
-    let mut many = World::new(Shards::new(config, identity, shards, &[]), now);
+    let mut many = World::new(Shards::new(config, identity, shards, 1, &[]), now);
     for (i, s) in steps.iter().enumerate() {
         one.step(s, &clients);
         many.step(s, &clients);
