@@ -5,7 +5,7 @@
 //! (100 relays, 10,000 clients, 1,000,000 messages), `--bootstrap` (200
 //! relays that each know one seed); `--messages N`, `--relays N`,
 //! `--clients N` change any preset; `--shards N` runs every relay as N
-//! shards.
+//! shards (`--mixed-shards`: relay r as 1 + r % N).
 
 use std::time::Instant;
 
@@ -51,8 +51,12 @@ fn main() {
         ""
     }
     .to_string();
+    cfg.mixed_shards = flag("--mixed-shards");
     if cfg.shards > 1 {
         preset += &format!(" --shards {}", cfg.shards);
+    }
+    if cfg.mixed_shards {
+        preset += " --mixed-shards";
     }
     let (from, to) = match (value("--seed"), value("--seeds")) {
         (Some(s), _) => (s, s + 1),
@@ -81,7 +85,7 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} moves to another relay, {} messages kept in custody, {} handed over, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices, {} group MSGs ({} through other relays than the group's); entries: {} delivered, {} queued, {} not ({})",
+        "{} seeds in {secs:.1} s, {failed} failed: {} messages ({:.0} messages/s), {} events ({:.0} events/s), {} peer frames, {} crashes, {} client drops ({} left open as zombies), {} extra sessions (tabs, send-only), {} clients at two relays, {} moves to another relay, {} messages kept in custody, {} handed over, {} FORWARDs joined, {} repeats dropped by applications, {} slow consumers closed, {} link cuts, {} partitions, {} loops cut, {} delivered notices, {} group MSGs ({} through other relays than the group's); entries: {} delivered, {} queued, {} not ({})",
         to - from,
         total.sent,
         total.sent as f64 / secs,
@@ -96,6 +100,7 @@ fn main() {
         total.roams,
         total.custody,
         total.handed_off,
+        total.forwards_joined,
         total.app_repeats,
         total.slow,
         total.cuts,

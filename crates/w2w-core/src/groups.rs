@@ -977,7 +977,13 @@ mod tests {
         // Alice creates "team" at relay 0: no relay hosts it yet.
         let create = GroupOp::sign(&alice, "team", GroupAction::Create, 1);
         let now = net.now;
-        net.cores[0].group_request(now, (ca, alice.address()), 7, "team", GroupAsk::Create(create.clone()));
+        net.cores[0].group_request(
+            now,
+            (ca, alice.address()),
+            7,
+            "team",
+            GroupAsk::Create(create.clone()),
+        );
         net.pump();
         assert_eq!(
             net.outcomes.pop(),
@@ -1025,7 +1031,13 @@ mod tests {
 
         // An operation travels signed and comes back with the new state.
         let add = GroupOp::sign(&bob, "team", GroupAction::Add(Address([9; 32])), 4);
-        net.cores[3].group_request(now, (cb, bob.address()), 10, "team", GroupAsk::Op(add.clone()));
+        net.cores[3].group_request(
+            now,
+            (cb, bob.address()),
+            10,
+            "team",
+            GroupAsk::Op(add.clone()),
+        );
         net.pump();
         let (_, q) = net.questions.pop().unwrap();
         assert_eq!(q.query, GroupQuery::Op(add));

@@ -265,8 +265,10 @@ impl RelayCore {
             Some(f) => f.to_vec(),
             None => self.homes(&addr).to_vec(),
         };
-        if homes.is_empty() && !client && found.is_none() {
-            // A custody address whose records are not known here: ask.
+        if homes.is_empty() && found.is_none() {
+            // An address whose records are not known here (kept in
+            // custody, or a client of this relay's that registered here
+            // send-only, which publishes no record): ask.
             self.handoff.pending.insert(addr);
             return self.look_up(now, addr, crate::directory::Waiter::Handoff(addr));
         }

@@ -230,7 +230,9 @@ pub fn route_peer(
         R::FwdReceipt(r) => {
             let mut by: BTreeMap<usize, Vec<ReceiptEntry>> = BTreeMap::new();
             for e in &r.entries {
-                by.entry(shard_of(&e.to, count)).or_default().push(e.clone());
+                by.entry(shard_of(&e.to, count))
+                    .or_default()
+                    .push(e.clone());
             }
             let mut parts: Vec<(usize, Vec<ReceiptEntry>)> = Vec::new();
             let mut rest: Vec<ReceiptEntry> = Vec::new();
@@ -282,7 +284,15 @@ pub fn route_peer(
                     .push(p.clone());
             }
             by.into_iter()
-                .map(|(s, records)| (s, R::DirPut(DirPut { records, ..d.clone() })))
+                .map(|(s, records)| {
+                    (
+                        s,
+                        R::DirPut(DirPut {
+                            records,
+                            ..d.clone()
+                        }),
+                    )
+                })
                 .collect()
         }
         R::DirGet(g) => one(shard_of(&g.address, count), R::DirGet(g)),
@@ -296,7 +306,15 @@ pub fn route_peer(
                     .push(g.clone());
             }
             by.into_iter()
-                .map(|(s, records)| (s, R::GroupPut(GroupPut { records, ..d.clone() })))
+                .map(|(s, records)| {
+                    (
+                        s,
+                        R::GroupPut(GroupPut {
+                            records,
+                            ..d.clone()
+                        }),
+                    )
+                })
                 .collect()
         }
         R::GroupGet(g) => one(shard_of_group(g.query.name(), count), R::GroupGet(g)),
@@ -596,7 +614,9 @@ impl Shards {
         match split(msg, group, self.max_group, self.cores.len()) {
             Split::Refused(r) => self.refuse(conn, r),
             Split::Whole(s, to) => {
-                self.on(s, |c| c.handle_part(now, Reply::Client(conn), frame, msg, to));
+                self.on(s, |c| {
+                    c.handle_part(now, Reply::Client(conn), frame, msg, to)
+                });
             }
             Split::Parts { parts, order } => {
                 match self.merge.frame(conn, msg.id) {
@@ -716,11 +736,15 @@ impl Shards {
     }
 
     pub fn poll_group_question(&mut self) -> Option<crate::GroupQuestion> {
-        self.cores.iter_mut().find_map(RelayCore::poll_group_question)
+        self.cores
+            .iter_mut()
+            .find_map(RelayCore::poll_group_question)
     }
 
     pub fn poll_group_outcome(&mut self) -> Option<crate::GroupOutcome> {
-        self.cores.iter_mut().find_map(RelayCore::poll_group_outcome)
+        self.cores
+            .iter_mut()
+            .find_map(RelayCore::poll_group_outcome)
     }
 
     // ----------------------------------------------- looks inside (tests)

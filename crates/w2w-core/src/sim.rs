@@ -123,6 +123,10 @@ pub struct SimConfig {
     /// run every relay as that many, the relay's work spread among them
     /// exactly as a sharded relay's server spreads it.
     pub shards: usize,
+    /// Relays of different shard counts: relay `r` runs `1 + r % shards`
+    /// (a message between relays of other counts is split differently at
+    /// each end).
+    pub mixed_shards: bool,
     pub core: Config,
 }
 
@@ -156,6 +160,7 @@ impl Default for SimConfig {
             bootstrap: false,
             groups: false,
             shards: 1,
+            mixed_shards: false,
             core: Config {
                 receipt_timeout: Duration::from_millis(8),
                 session_grace: Duration::from_millis(2),
@@ -290,6 +295,9 @@ pub struct Report {
     /// another relay (summed over the relays' last runs).
     pub custody: u64,
     pub handed_off: u64,
+    /// FORWARDs that joined one of the same message from the same origin
+    /// at their target (a sharded origin sends one per shard).
+    pub forwards_joined: u64,
     /// Copies the application dropped as repeats (it had the message from
     /// another session or relay).
     pub app_repeats: u64,
@@ -341,6 +349,7 @@ impl Report {
         self.joined_us = self.joined_us.max(r.joined_us);
         self.custody += r.custody;
         self.handed_off += r.handed_off;
+        self.forwards_joined += r.forwards_joined;
         self.app_repeats += r.app_repeats;
         self.slow += r.slow;
         self.cuts += r.cuts;
@@ -791,10 +800,15 @@ impl Sim<'_> {
         // Numbered as a wall clock would: above anything signed earlier.
         let link_seq = self.now_us * 16 + relay.gen;
         let known: Vec<Address> = relay.disk.known.keys().copied().collect();
+        let shards = if self.cfg.mixed_shards {
+            1 + r % self.cfg.shards.max(1)
+        } else {
+            self.cfg.shards
+        };
         let mut core = Shards::new(
             config,
             Identity::from_seed(relay.identity.seed()),
-            self.cfg.shards,
+            shards,
             link_seq,
             &known,
         );
@@ -1379,6 +1393,15 @@ impl Sim<'_> {
         }
         let now = self.now();
         let pid = Self::peer_id(link, lgen);
+        if self.trace {
+            if let RelayToRelay::FwdReceipt(r) = &f {
+                let up = self.relays[relay].core.is_some();
+                eprintln!(
+                    "{:>9} relay {relay} (up {up}) <- FWD_RECEIPT {} {:?}",
+                    self.now_us, r.id, r.entries
+                );
+            }
+        }
         if let Some(core) = self.relays[relay].core.as_mut() {
             core.handle_peer_frame(now, pid, f);
         }
@@ -1430,6 +1453,9 @@ impl Sim<'_> {
             core.connect(now, conn, address, federation.then_some(proof), receive)
                 .is_ok()
         });
+        if self.trace {
+            eprintln!("{:>9} relay {home} <- {conn:?} registers {address:.6} (receive {receive}): accepted {accepted}", self.now_us);
+        }
         if accepted {
             self.clients[client].sessions.push(Sess {
                 conn,
@@ -1471,6 +1497,7 @@ impl Sim<'_> {
         if let Some(core) = relay.core.take() {
             self.report.custody += core.stats().custody;
             self.report.handed_off += core.stats().handed_off;
+            self.report.forwards_joined += core.stats().forwards_joined;
         }
         relay.tick_at = None;
         relay.disk.queue.clear();
@@ -2021,6 +2048,8 @@ impl Sim<'_> {
             if let Some(core) = &r.core {
                 self.report.custody += core.stats().custody;
                 self.report.handed_off += core.stats().handed_off;
+                self.report.forwards_joined += core.stats().forwards_joined;
+                self.report.forwards_joined += core.stats().forwards_joined;
                 let held = core.directory_records().0 as u64;
                 self.report.held_sum += held;
                 self.report.held_max = self.report.held_max.max(held);

@@ -52,6 +52,39 @@ fn federated_relays_keep_every_invariant_through_cuts_partitions_and_crashes() {
 }
 
 #[test]
+fn federated_relays_of_several_shards_keep_every_invariant() {
+    // Relays of several shards: peer frames routed by key, a FORWARD's
+    // recipients served by their shards, one FORWARD per origin shard
+    // joined at its target (shard.rs).
+    let mut total = w2w_core::sim::Report::default();
+    for seed in 0..120 {
+        let mut cfg = SimConfig::federation();
+        // Every relay of 2 or 3 shards, or each of its own count (1 to 4).
+        cfg.mixed_shards = seed % 3 == 0;
+        cfg.shards = if cfg.mixed_shards {
+            4
+        } else {
+            2 + (seed % 2) as usize
+        };
+        let r = run(seed, &cfg).unwrap_or_else(|e| {
+            let mixed = if cfg.mixed_shards { " --mixed-shards" } else { "" };
+            panic!(
+                "{e}\n  replay: cargo run -p w2w-core --example sim -- --seed {seed} --federation --shards {}{mixed}",
+                cfg.shards
+            )
+        });
+        total.add(&r);
+    }
+    println!("{total:?}");
+    assert!(total.crashes > 80, "{total:?}");
+    assert!(total.partitions > 40, "{total:?}");
+    assert!(total.delivered_entries > 15_000, "{total:?}");
+    assert!(total.group_remote > 500, "{total:?}");
+    assert!(total.handed_off > 1_000, "{total:?}");
+    assert!(total.forwards_joined > 0, "{total:?}");
+}
+
+#[test]
 fn a_quiet_federation_of_forty_relays_delivers_without_loops() {
     let mut cfg = SimConfig::scale();
     cfg.relays = 40;
