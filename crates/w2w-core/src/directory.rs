@@ -1055,23 +1055,18 @@ impl RelayCore {
     /// `replicas` DIR_GETs across the federation).
     pub(crate) fn may_look_up(&mut self, now: Instant, sender: Address) -> bool {
         let limit = self.config.federation.lookups_per_client;
-        if self.dir.client_lookups.len() >= MAX_LOOKUP_SENDERS {
-            // A new second for everyone (bounded table).
-            self.dir
-                .client_lookups
-                .retain(|_, (start, _)| now.duration_since(*start).as_secs() < 1);
-        }
-        let (start, n) = self.dir.client_lookups.entry(sender).or_insert((now, 0));
-        if now.duration_since(*start).as_secs() >= 1 {
-            *start = now;
-            *n = 0;
-        }
-        *n += 1;
-        if *n > limit {
+        let allowed = match &self.wide {
+            // Counted with the relay's other shards.
+            Some(wide) => {
+                let mut table = wide.lookups.lock().unwrap_or_else(|e| e.into_inner());
+                count_lookup(&mut table, now, sender, limit)
+            }
+            None => count_lookup(&mut self.dir.client_lookups, now, sender, limit),
+        };
+        if !allowed {
             self.stats.lookups_refused += 1;
-            return false;
         }
-        true
+        allowed
     }
 
     /// A client's LOOKUP answered after a lookup.
@@ -1230,6 +1225,27 @@ impl RelayCore {
             }
         }
     }
+}
+
+/// Counts one lookup of `sender` in `table` (per second, at most
+/// `limit`; the table bounded by `MAX_LOOKUP_SENDERS`): whether it may go.
+fn count_lookup(
+    table: &mut HashMap<Address, (Instant, u32)>,
+    now: Instant,
+    sender: Address,
+    limit: u32,
+) -> bool {
+    if table.len() >= MAX_LOOKUP_SENDERS {
+        // A new second for everyone (bounded table).
+        table.retain(|_, (start, _)| now.duration_since(*start).as_secs() < 1);
+    }
+    let (start, n) = table.entry(sender).or_insert((now, 0));
+    if now.duration_since(*start).as_secs() >= 1 {
+        *start = now;
+        *n = 0;
+    }
+    *n += 1;
+    *n <= limit
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@
 //! (ids), as after any crash between delivery and deletion.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -61,11 +63,58 @@ pub(crate) struct Run {
     dirty: bool,
 }
 
+/// Addresses that may have messages here that belong elsewhere; on a
+/// sharded relay their count is also kept for the whole relay
+/// (`max_custody` bounds the relay, not each shard).
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    set: BTreeSet<Address>,
+    relay_wide: Option<Arc<AtomicUsize>>,
+}
+
+impl std::ops::Deref for Pending {
+    type Target = BTreeSet<Address>;
+    fn deref(&self) -> &BTreeSet<Address> {
+        &self.set
+    }
+}
+
+impl Pending {
+    pub fn insert(&mut self, a: Address) -> bool {
+        let new = self.set.insert(a);
+        if let (true, Some(n)) = (new, &self.relay_wide) {
+            n.fetch_add(1, Relaxed);
+        }
+        new
+    }
+
+    pub fn remove(&mut self, a: &Address) -> bool {
+        let was = self.set.remove(a);
+        if let (true, Some(n)) = (was, &self.relay_wide) {
+            n.fetch_sub(1, Relaxed);
+        }
+        was
+    }
+
+    /// How many the relay has (all its shards).
+    pub fn total(&self) -> usize {
+        self.relay_wide
+            .as_ref()
+            .map_or(self.set.len(), |n| n.load(Relaxed))
+    }
+
+    /// Counts in `n` with the relay's other shards.
+    pub fn share(&mut self, n: Arc<AtomicUsize>) {
+        n.fetch_add(self.set.len(), Relaxed);
+        self.relay_wide = Some(n);
+    }
+}
+
 /// Custody and roaming state.
 #[derive(Debug)]
 pub(crate) struct Handoffs {
     /// Addresses that may have messages here that belong elsewhere.
-    pub pending: BTreeSet<Address>,
+    pub pending: Pending,
     pub runs: BTreeMap<Address, Run>,
     /// The next look at pending addresses, and where the last one ended.
     pub next_scan: Option<Instant>,
@@ -85,7 +134,7 @@ impl Handoffs {
     /// `taken`: an empty seen cache (bounded like the forwarding one).
     pub fn new(taken: SeenCache) -> Self {
         Handoffs {
-            pending: BTreeSet::new(),
+            pending: Pending::default(),
             runs: BTreeMap::new(),
             next_scan: None,
             cursor: None,
@@ -101,7 +150,7 @@ impl RelayCore {
     /// over once their relay can be reached.
     pub fn add_custody(&mut self, addrs: impl IntoIterator<Item = Address>) {
         for a in addrs {
-            if self.handoff.pending.len() >= self.config.federation.max_custody {
+            if self.handoff.pending.total() >= self.config.federation.max_custody {
                 break;
             }
             self.handoff.pending.insert(a);
@@ -109,7 +158,7 @@ impl RelayCore {
         self.scan_soon();
     }
 
-    /// Most custody addresses (`FedConfig::max_custody`).
+    /// Most custody addresses (`FedConfig::max_custody`, for the relay).
     pub fn max_custody(&self) -> usize {
         self.config.federation.max_custody
     }
@@ -124,7 +173,7 @@ impl RelayCore {
     pub(crate) fn may_keep(&self, to: &Address) -> bool {
         let c = &self.config.federation;
         c.custody
-            && (self.handoff.pending.contains(to) || self.handoff.pending.len() < c.max_custody)
+            && (self.handoff.pending.contains(to) || self.handoff.pending.total() < c.max_custody)
     }
 
     /// Keeps flight `key`'s copy for `to` here (custody): its leg becomes
@@ -237,7 +286,7 @@ impl RelayCore {
             .any(|p| p.online && p.proof.relay_key != me);
         if elsewhere
             && self.receivers_of(&addr).is_empty()
-            && self.handoff.pending.len() < self.config.federation.max_custody
+            && self.handoff.pending.total() < self.config.federation.max_custody
         {
             self.handoff.pending.insert(addr);
             self.scan_soon();

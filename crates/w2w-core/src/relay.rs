@@ -394,6 +394,8 @@ pub struct RelayCore {
     notices: VecDeque<(Address, Bytes)>,
     /// Work for other shards.
     pub(crate) spread: VecDeque<crate::shard::Spread>,
+    /// Counts kept with the other shards (`share`).
+    pub(crate) wide: Option<std::sync::Arc<crate::shard::RelayWide>>,
 }
 
 impl RelayCore {
@@ -452,6 +454,7 @@ impl RelayCore {
             parts: VecDeque::new(),
             notices: VecDeque::new(),
             spread: VecDeque::new(),
+            wide: None,
         };
         core.bump_link_state();
         core
@@ -533,17 +536,26 @@ impl RelayCore {
     ///
     /// With peers: each shard holds the directory records, lookups,
     /// custody and group records of its addresses (and group names), so
-    /// the bounds on those tables and a peer's allowance on probation are
-    /// shared out among the shards; link state and the peer links are the
-    /// same in every shard, and only shard 0 sends link state.
+    /// the bounds on the directory and lookup tables and a peer's
+    /// allowance on probation are shared out among the shards (custody and
+    /// clients' lookups are counted for the relay: `share`); link state and
+    /// the peer links are the same in every shard, and only shard 0 sends
+    /// link state.
     pub fn set_shard(&mut self, index: usize, count: usize) {
         assert!(index < count, "shard {index} of {count}");
         self.shard = (index, count);
         let f = &mut self.config.federation;
         f.max_directory = f.max_directory.div_ceil(count);
         f.probation_records = f.probation_records.div_ceil(count);
-        f.max_custody = f.max_custody.div_ceil(count);
         f.max_lookups = f.max_lookups.div_ceil(count);
+    }
+
+    /// Counts custody and clients' lookups with the relay's other shards
+    /// (`wide`), so `max_custody` and `lookups_per_client` hold for the
+    /// relay. Call it before any input.
+    pub fn share(&mut self, wide: std::sync::Arc<crate::shard::RelayWide>) {
+        self.handoff.pending.share(wide.pending.clone());
+        self.wide = Some(wide);
     }
 
     /// Work this shard hands to others (shard.rs).

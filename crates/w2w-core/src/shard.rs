@@ -26,6 +26,8 @@
 //! The federation simulation (`sim.rs`) still runs one core per relay.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -67,6 +69,17 @@ pub fn shard_of_answer(done: &StoreDone, count: usize) -> usize {
 /// A RECEIPT refusing message `id` as a whole (before any shard saw it).
 pub fn refusal(id: MsgId, code: ErrorCode) -> Receipt {
     reject(id, code)
+}
+
+/// What a relay's shards count together, so that a limit holds for the
+/// relay and not for each shard: the addresses kept in custody or waiting
+/// to move (`max_custody`), and each client's lookups in the current
+/// second (`lookups_per_client`). Taken per lookup or custody address,
+/// never per message.
+#[derive(Debug, Default)]
+pub struct RelayWide {
+    pub(crate) pending: Arc<AtomicUsize>,
+    pub(crate) lookups: Mutex<HashMap<Address, (Instant, u32)>>,
 }
 
 /// Where a client's MSG goes.
@@ -323,6 +336,66 @@ pub fn route_peer(
     }
 }
 
+/// A relay's shards as their caller holds them (one thread, or a lock
+/// each), for [`apply_spread`].
+pub trait Cores {
+    fn count(&self) -> usize;
+    /// Runs `f` on shard `s` with the time, then carries out what it made
+    /// (work for other shards included).
+    fn on<R>(&mut self, s: usize, f: impl FnOnce(&mut RelayCore, Instant) -> R) -> R;
+    /// A client's MSG (its sender checked when it came) to a group of
+    /// another relay, whose members are now known: split like an a2g.
+    fn group_members(
+        &mut self,
+        conn: ConnId,
+        frame: Bytes,
+        msg: &Msg,
+        members: Result<Vec<Address>, ErrorCode>,
+    );
+}
+
+/// Carries out `spread`, which shard `from` made (see [`Spread`]).
+pub fn apply_spread(cores: &mut impl Cores, from: usize, spread: Spread) {
+    match spread {
+        Spread::Forward { origin, frame, to } => {
+            let Ok(ClientToRelay::Msg(msg)) = ClientToRelay::decode(&frame) else {
+                return;
+            };
+            for (t, list) in by_shard(to, cores.count()) {
+                let frame = frame.clone();
+                cores.on(t, |c, now| c.forward_part(now, origin, frame, &msg, list));
+            }
+        }
+        Spread::Broadcast {
+            origin,
+            id,
+            frame,
+            mut delivered,
+        } => {
+            for t in (0..cores.count()).filter(|t| *t != from) {
+                delivered += cores.on(t, |c, _| c.broadcast_here(id, &frame));
+            }
+            cores.on(from, |c, _| {
+                let reporter = c.address();
+                c.fwd_receipt(FwdReceipt {
+                    origin,
+                    reporter,
+                    id,
+                    hops: 0,
+                    delivered,
+                    entries: Vec::new(),
+                })
+            });
+        }
+        Spread::Members {
+            conn,
+            frame,
+            msg,
+            members,
+        } => cores.group_members(conn, frame, &msg, members),
+    }
+}
+
 /// Receipts of split messages being joined, per (connection, id).
 #[derive(Debug, Default)]
 pub struct Merge {
@@ -467,6 +540,28 @@ impl Partial {
     }
 }
 
+impl Cores for Shards {
+    fn count(&self) -> usize {
+        self.cores.len()
+    }
+
+    fn on<R>(&mut self, s: usize, f: impl FnOnce(&mut RelayCore, Instant) -> R) -> R {
+        let now = self.now.unwrap_or_else(Instant::now);
+        Shards::on(self, s, |c| f(c, now))
+    }
+
+    fn group_members(
+        &mut self,
+        conn: ConnId,
+        frame: Bytes,
+        msg: &Msg,
+        members: Result<Vec<Address>, ErrorCode>,
+    ) {
+        let now = self.now.unwrap_or_else(Instant::now);
+        self.client_msg(now, conn, frame, msg, Some(members))
+    }
+}
+
 /// N cores as one relay, driven in one thread (see the module docs). It
 /// takes the same inputs as a [`RelayCore`] of a relay without peers.
 #[derive(Debug)]
@@ -497,12 +592,14 @@ impl Shards {
     ) -> Self {
         assert!(count >= 1);
         let max_group = config.max_group;
+        let wide = Arc::new(RelayWide::default());
         let cores = (0..count)
             .map(|i| {
                 let mine = known.iter().copied().filter(|a| shard_of(a, count) == i);
                 let mut c = RelayCore::new(config.clone(), identity.clone(), link_seq, mine);
                 if count > 1 {
                     c.set_shard(i, count);
+                    c.share(wide.clone());
                 }
                 c
             })
@@ -818,48 +915,8 @@ impl Shards {
             let t = self.of(&address);
             self.cores[t].notice_to(address, frame);
         }
-        let Some(now) = self.now else {
-            return;
-        };
         while let Some(spread) = self.cores[s].poll_spread() {
-            match spread {
-                Spread::Forward { origin, frame, to } => {
-                    let Ok(ClientToRelay::Msg(msg)) = ClientToRelay::decode(&frame) else {
-                        continue;
-                    };
-                    for (t, list) in by_shard(to, self.cores.len()) {
-                        let frame = frame.clone();
-                        self.on(t, |c| c.forward_part(now, origin, frame, &msg, list));
-                    }
-                }
-                Spread::Broadcast {
-                    origin,
-                    id,
-                    frame,
-                    mut delivered,
-                } => {
-                    for t in (0..self.cores.len()).filter(|t| *t != s) {
-                        delivered += self.on(t, |c| c.broadcast_here(id, &frame));
-                    }
-                    let reporter = self.cores[s].address();
-                    self.on(s, |c| {
-                        c.fwd_receipt(FwdReceipt {
-                            origin,
-                            reporter,
-                            id,
-                            hops: 0,
-                            delivered,
-                            entries: Vec::new(),
-                        })
-                    });
-                }
-                Spread::Members {
-                    conn,
-                    frame,
-                    msg,
-                    members,
-                } => self.client_msg(now, conn, frame, &msg, Some(members)),
-            }
+            apply_spread(self, s, spread);
         }
     }
 

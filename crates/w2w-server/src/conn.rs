@@ -602,17 +602,16 @@ impl Session<'_> {
             }
             // A group of another relay: asked there (PROTOCOL 12.14).
             RequestOp::GroupInfo(name) => {
-                let conn = self.outbox.conn_id;
                 self.shared
                     .fed
-                    .group_request(conn, req.req_id, &name, GroupAsk::Info);
+                    .group_request(self.outbox, req.req_id, &name, GroupAsk::Info);
                 return None;
             }
             RequestOp::Group(g) => {
                 if let Err(code) = Groups::check_signed(&g, &self.outbox.address) {
                     return self.failed(req.req_id, op, code);
                 }
-                let (conn, name) = (self.outbox.conn_id, g.name.clone());
+                let name = g.name.clone();
                 let fed = &self.shared.fed;
                 match g.action {
                     // Answered once the change is durable.
@@ -621,9 +620,9 @@ impl Session<'_> {
                     }
                     // A name another relay hosts is taken.
                     GroupAction::Create => {
-                        fed.group_request(conn, req.req_id, &name, GroupAsk::Create(g))
+                        fed.group_request(self.outbox, req.req_id, &name, GroupAsk::Create(g))
                     }
-                    _ => fed.group_request(conn, req.req_id, &name, GroupAsk::Op(g)),
+                    _ => fed.group_request(self.outbox, req.req_id, &name, GroupAsk::Op(g)),
                 }
                 return None;
             }
@@ -641,7 +640,7 @@ impl Session<'_> {
                 relay_key: self.shared.relay_key,
                 relay_url: self.shared.advertised_url(None),
             }))),
-            false => self.shared.fed.lookup(self.outbox.conn_id, req_id, addr),
+            false => self.shared.fed.lookup(self.outbox, req_id, addr),
         }
     }
 

@@ -30,7 +30,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use w2w_core::flight::Reply;
-use w2w_core::shard::{shard_of, shard_of_answer, split, Merge, Split};
+use w2w_core::shard::{
+    apply_spread, route_peer, shard_of, shard_of_answer, shard_of_group, split, Cores, Merge,
+    Split, Spread,
+};
 use w2w_core::{
     Config as CoreConfig, ConnId, Event, FedConfig, GroupAsk, GroupOutcome, GroupQuestion, PeerId,
     RelayCore, Stats, StoreDone, StoreOp, Stored, Target, Targets,
@@ -308,13 +311,59 @@ impl Drop for Held<'_> {
     }
 }
 
+/// One shard's share of the federation's gauges.
+#[derive(Default)]
+struct ShardGauges {
+    known_addresses: std::sync::atomic::AtomicI64,
+    custody_addresses: std::sync::atomic::AtomicI64,
+    group_records: std::sync::atomic::AtomicI64,
+    handed_off: std::sync::atomic::AtomicU64,
+}
+
+/// What one shard made for the others, handed on once its lock is let go.
+#[derive(Default)]
+struct ForOthers {
+    notices: Vec<(Address, Bytes)>,
+    spreads: Vec<Spread>,
+}
+
+/// The shards as [`apply_spread`] drives them: each taken in turn.
+struct Each<'a>(&'a Federation);
+
+impl Cores for Each<'_> {
+    fn count(&self) -> usize {
+        self.0.shards.len()
+    }
+
+    fn on<R>(&mut self, s: usize, f: impl FnOnce(&mut RelayCore, Instant) -> R) -> R {
+        self.0.with_shard(s, |inner, now| f(&mut inner.core, now))
+    }
+
+    fn group_members(
+        &mut self,
+        conn: ConnId,
+        frame: Bytes,
+        msg: &Msg,
+        members: Result<Vec<Address>, ErrorCode>,
+    ) {
+        let fed = self.0;
+        let home = fed.shard_of(&msg.from);
+        let mut by: Vec<Vec<Work>> = (0..fed.shards.len()).map(|_| Vec::new()).collect();
+        fed.bucket_msg(conn, home, (frame, msg.clone(), Some(members)), &mut by);
+        fed.apply_work(conn, by);
+    }
+}
+
 /// The relay core and the outboxes its outputs go to.
 pub struct Federation {
     me: Address,
     pub config: FederationConfig,
-    /// The core, one per shard (w2w_core::shard): shard 0 also holds the
-    /// federation's state. Every shard knows every connection's outbox.
+    /// The core, one per shard (w2w_core::shard). Every shard knows every
+    /// connection's and peer link's outbox.
     shards: Vec<Mutex<Inner>>,
+    /// Per shard: its directory, custody and group records and hand-offs
+    /// (the metrics show their sums).
+    gauges: Vec<ShardGauges>,
     /// Receipts of messages split across shards, being joined.
     merge: Mutex<Merge>,
     /// Most addresses in an a2g (the core's `max_group`).
@@ -367,18 +416,9 @@ impl Federation {
                 ..FedConfig::default()
             },
         };
-        let count = if config.peers.is_empty() {
-            config.shards.max(1)
-        } else {
-            if config.shards > 1 {
-                tracing::warn!(
-                    shards = config.shards,
-                    "a relay with peers runs one shard: the federation's state is not sharded yet"
-                );
-            }
-            1
-        };
+        let count = config.shards.max(1);
         metrics.shards.store(count as i64, Relaxed);
+        let wide = Arc::new(w2w_core::shard::RelayWide::default());
         let shards = (0..count)
             .map(|i| {
                 // Link-state records are numbered from the wall clock, so a
@@ -386,7 +426,10 @@ impl Federation {
                 // before.
                 let mut core =
                     RelayCore::new(core_config.clone(), identity.clone(), crate::unix_ms(), []);
-                core.set_shard(i, count);
+                if count > 1 {
+                    core.set_shard(i, count);
+                    core.share(wide.clone());
+                }
                 // Registrations are ordered between relays by relay clocks.
                 core.set_clock(Instant::now(), crate::unix_ms());
                 if !config.peers.is_empty() {
@@ -406,6 +449,7 @@ impl Federation {
         Federation {
             me,
             config,
+            gauges: (0..count).map(|_| ShardGauges::default()).collect(),
             shards,
             merge: Mutex::new(Merge::default()),
             max_group,
@@ -449,30 +493,38 @@ impl Federation {
         let inner = &mut *guard;
         inner.core.set_events(self.events.receiver_count() > 0);
         let r = f(inner, now);
-        let notices = self.drain(s, inner);
+        let others = self.drain(s, inner);
         drop(guard);
-        self.hand_notices(notices);
+        self.hand_on(s, others);
         r
     }
 
-    /// [`Self::with_shard`] on the shard that holds the federation (0).
-    fn with<R>(&self, f: impl FnOnce(&mut RelayCore, Instant) -> R) -> R {
-        self.with_shard(0, |inner, now| f(&mut inner.core, now))
+    /// [`Self::with_shard`] on every shard in turn; shard 0's result.
+    fn with_each<R>(&self, mut f: impl FnMut(&mut Inner, Instant) -> R) -> R {
+        let first = self.with_shard(0, &mut f);
+        for s in 1..self.shards.len() {
+            self.with_shard(s, &mut f);
+        }
+        first
     }
 
-    /// Gives each notice to its sender's shard.
-    fn hand_notices(&self, notices: Vec<(Address, Bytes)>) {
-        for (address, frame) in notices {
+    /// Gives each notice to its sender's shard, and carries out the work
+    /// shard `s` made for others.
+    fn hand_on(&self, s: usize, others: ForOthers) {
+        for (address, frame) in others.notices {
             let t = self.shard_of(&address);
             self.with_shard(t, |inner, _| inner.core.notice_to(address, frame));
+        }
+        for spread in others.spreads {
+            apply_spread(&mut Each(self), s, spread);
         }
     }
 
     /// Carries out shard `s`'s outputs until it has none (an end or a
-    /// refusal fed back as an input may make more); returns the notices
+    /// refusal fed back as an input may make more); returns what it made
     /// for other shards.
-    fn drain(&self, s: usize, inner: &mut Inner) -> Vec<(Address, Bytes)> {
-        let mut notices = Vec::new();
+    fn drain(&self, s: usize, inner: &mut Inner) -> ForOthers {
+        let mut others = ForOthers::default();
         loop {
             while let Some((conn, part)) = inner.core.poll_part() {
                 let merged = {
@@ -487,7 +539,10 @@ impl Federation {
                 }
             }
             while let Some(n) = inner.core.poll_notice() {
-                notices.push(n);
+                others.notices.push(n);
+            }
+            while let Some(spread) = inner.core.poll_spread() {
+                others.spreads.push(spread);
             }
             let mut ended = Vec::new();
             while let Some(t) = inner.core.poll_transmit() {
@@ -557,7 +612,7 @@ impl Federation {
             }
         }
         self.export(s, inner);
-        notices
+        others
     }
 
     /// Hands a store op to the executor; one it cannot take is answered at
@@ -594,17 +649,33 @@ impl Federation {
     fn export(&self, shard: usize, inner: &mut Inner) {
         let m = &self.metrics;
         if shard == 0 {
-            // The federation's state lives in shard 0.
+            // Every shard has the same links.
             m.peer_links.store(inner.core.peer_count() as i64, Relaxed);
             m.known_relays
                 .store(inner.core.reachable_count() as i64, Relaxed);
+        }
+        // Each shard holds its addresses' records: the metrics show sums,
+        // added up again only when this shard's figure moved.
+        let g = &self.gauges[shard];
+        let mut moved = false;
+        let mut set = |gauge: &std::sync::atomic::AtomicI64, v: usize| {
+            moved |= gauge.swap(v as i64, Relaxed) != v as i64;
+        };
+        set(&g.known_addresses, inner.core.directory_len());
+        set(&g.custody_addresses, inner.core.custody_len());
+        set(&g.group_records, inner.core.group_records());
+        let handed = inner.core.stats().handed_off;
+        moved |= g.handed_off.swap(handed, Relaxed) != handed;
+        if moved {
+            let sum = |f: fn(&ShardGauges) -> i64| self.gauges.iter().map(f).sum::<i64>();
             m.known_addresses
-                .store(inner.core.directory_len() as i64, Relaxed);
+                .store(sum(|g| g.known_addresses.load(Relaxed)), Relaxed);
             m.custody_addresses
-                .store(inner.core.custody_len() as i64, Relaxed);
+                .store(sum(|g| g.custody_addresses.load(Relaxed)), Relaxed);
             m.group_records
-                .store(inner.core.group_records() as i64, Relaxed);
-            m.handed_off.store(inner.core.stats().handed_off, Relaxed);
+                .store(sum(|g| g.group_records.load(Relaxed)), Relaxed);
+            let handed: u64 = self.gauges.iter().map(|g| g.handed_off.load(Relaxed)).sum();
+            m.handed_off.store(handed, Relaxed);
         }
         let s = inner.core.stats();
         let old = &mut inner.exported;
@@ -682,18 +753,29 @@ impl Federation {
     /// Directory records for the addresses that registered here before a
     /// restart (their latest registrations, from the store).
     pub fn restore_records(&self, proofs: Vec<RegistrationProof>) {
-        self.with(|core, _| core.restore_records(proofs));
+        let mut by: Vec<Vec<RegistrationProof>> = vec![Vec::new(); self.shards.len()];
+        for p in proofs {
+            by[self.shard_of(&p.address)].push(p);
+        }
+        for (s, proofs) in by.into_iter().enumerate() {
+            self.with_shard(s, |inner, _| inner.core.restore_records(proofs));
+        }
     }
 
     /// Addresses with messages here that never registered here (from the
     /// store at start): handed over once their relays can be reached.
     pub fn add_custody(&self, addrs: Vec<Address>) {
-        self.with(|core, _| core.add_custody(addrs));
+        let count = self.shards.len();
+        for (s, addrs) in w2w_core::shard::by_shard(addrs, count) {
+            self.with_shard(s, |inner, _| inner.core.add_custody(addrs));
+        }
     }
 
-    /// The custody bound (`max_custody`).
+    /// The custody bound (`max_custody`, shared out among the shards).
     pub fn max_custody(&self) -> usize {
-        self.with(|core, _| core.max_custody())
+        (0..self.shards.len())
+            .map(|s| self.lock(s).core.max_custody())
+            .sum()
     }
 
     /// Forgets addresses whose registrations the store dropped (gone
@@ -712,7 +794,7 @@ impl Federation {
 
     /// Sets the URL this relay advertises in its link state.
     pub fn set_url(&self, url: String) {
-        self.with(|core, _| core.set_url(url));
+        self.with_each(|inner, _| inner.core.set_url(url.clone()));
     }
 
     /// Hop events, for `w2w demo`.
@@ -812,52 +894,68 @@ impl Federation {
                     by[home].push(Work::Refuse(r));
                 }
                 Input::Msg { frame, msg, group } => {
-                    match split(&msg, group, self.max_group, count) {
-                        Split::Refused(r) => by[home].push(Work::Refuse(r)),
-                        Split::Whole(s, to) => by[s].push(Work::Msg {
-                            reply: Reply::Client(conn),
-                            frame,
-                            msg,
-                            to,
-                        }),
-                        Split::Parts { parts, order } => {
-                            let mut merge = self.merge.lock().unwrap_or_else(|e| e.into_inner());
-                            match merge.frame(conn, msg.id) {
-                                // Sent again on this connection: the merged
-                                // receipt answers both.
-                                Some(f) if *f == frame => continue,
-                                Some(_) => {
-                                    let r = w2w_core::shard::refusal(msg.id, ErrorCode::Duplicate);
-                                    by[home].push(Work::Refuse(r));
-                                    continue;
-                                }
-                                None if merge.len() >= MAX_MERGING
-                                    || merge.of(conn) >= MAX_MERGING_PER_CONN =>
-                                {
-                                    let r =
-                                        w2w_core::shard::refusal(msg.id, ErrorCode::RateLimited);
-                                    by[home].push(Work::Refuse(r));
-                                    continue;
-                                }
-                                None => {
-                                    merge.expect(conn, &msg, &frame, &parts, order);
-                                    self.metrics.merging.store(merge.len() as i64, Relaxed);
-                                }
-                            }
-                            drop(merge);
-                            for (s, to) in parts {
-                                by[s].push(Work::Msg {
-                                    reply: Reply::Part(conn),
-                                    frame: frame.clone(),
-                                    msg: msg.clone(),
-                                    to,
-                                });
-                            }
-                        }
-                    }
+                    self.bucket_msg(conn, home, (frame, msg, group), &mut by)
                 }
             }
         }
+        self.apply_work(conn, by);
+    }
+
+    /// Puts a client's MSG (its sender checked) into the buckets of the
+    /// shards it goes to (`home`: its sender's), split if its recipients
+    /// are in several.
+    fn bucket_msg(
+        &self,
+        conn: ConnId,
+        home: usize,
+        (frame, msg, group): (Bytes, Msg, Option<Result<Vec<Address>, ErrorCode>>),
+        by: &mut [Vec<Work>],
+    ) {
+        match split(&msg, group, self.max_group, self.shards.len()) {
+            Split::Refused(r) => by[home].push(Work::Refuse(r)),
+            Split::Whole(s, to) => by[s].push(Work::Msg {
+                reply: Reply::Client(conn),
+                frame,
+                msg,
+                to,
+            }),
+            Split::Parts { parts, order } => {
+                let mut merge = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+                match merge.frame(conn, msg.id) {
+                    // Sent again on this connection: the merged receipt
+                    // answers both.
+                    Some(f) if *f == frame => return,
+                    Some(_) => {
+                        let r = w2w_core::shard::refusal(msg.id, ErrorCode::Duplicate);
+                        return by[home].push(Work::Refuse(r));
+                    }
+                    None if merge.len() >= MAX_MERGING
+                        || merge.of(conn) >= MAX_MERGING_PER_CONN =>
+                    {
+                        let r = w2w_core::shard::refusal(msg.id, ErrorCode::RateLimited);
+                        return by[home].push(Work::Refuse(r));
+                    }
+                    None => {
+                        merge.expect(conn, &msg, &frame, &parts, order);
+                        self.metrics.merging.store(merge.len() as i64, Relaxed);
+                    }
+                }
+                drop(merge);
+                for (s, to) in parts {
+                    by[s].push(Work::Msg {
+                        reply: Reply::Part(conn),
+                        frame: frame.clone(),
+                        msg: msg.clone(),
+                        to,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Applies each shard's bucket of `conn`'s work under one taking of
+    /// its lock.
+    fn apply_work(&self, conn: ConnId, by: Vec<Vec<Work>>) {
         for (s, work) in by.into_iter().enumerate() {
             if work.is_empty() {
                 continue;
@@ -878,7 +976,9 @@ impl Federation {
                                 self.metrics.error(code);
                             }
                             self.metrics.receipt(r.status);
-                            let _ = outbox.try_enqueue(RelayToClient::Receipt(r).encode());
+                            if let Some(outbox) = inner.conns.get(&conn.0) {
+                                let _ = outbox.try_enqueue(RelayToClient::Receipt(r).encode());
+                            }
                         }
                     }
                 }
@@ -911,56 +1011,77 @@ impl Federation {
         outbox: Arc<Outbox>,
         dialled: bool,
     ) -> Result<bool, ErrorCode> {
-        if self.shards.len() > 1 {
-            // Federation is not sharded (yet): a sharded relay has none.
-            return Err(ErrorCode::PeerLimit);
-        }
-        self.with_shard(0, |inner, _| {
-            let id = outbox.conn_id;
-            inner.peers.insert(id, outbox);
-            let r = inner.core.peer_up(PeerId(id), key, url, dialled);
+        // Every shard has the link (each sends on it); they agree on
+        // whether it is taken.
+        let id = outbox.conn_id;
+        let r = self.with_shard(0, |inner, _| {
+            inner.peers.insert(id, outbox.clone());
+            let r = inner.core.peer_up(PeerId(id), key, url.clone(), dialled);
             if r.is_err() {
                 inner.peers.remove(&id);
             }
             r
-        })
+        });
+        if r.is_ok() {
+            for s in 1..self.shards.len() {
+                self.with_shard(s, |inner, _| {
+                    inner.peers.insert(id, outbox.clone());
+                    let _ = inner.core.peer_up(PeerId(id), key, url.clone(), dialled);
+                });
+            }
+        }
+        r
     }
 
     /// Removes a peer link.
     pub fn peer_down(&self, conn_id: u64) {
-        self.with_shard(0, |inner, now| {
-            let _ = now;
+        self.with_each(|inner, _| {
             if inner.peers.remove(&conn_id).is_some() {
                 inner.core.peer_down(PeerId(conn_id));
             }
         });
     }
 
-    /// A peer link's frames of one read burst, in order, under one taking
-    /// of the core lock.
+    /// A peer link's frames of one read burst: each to its shards
+    /// ([`route_peer`]), in order per shard, under one taking of each
+    /// shard's lock.
     pub fn on_frames(&self, conn_id: u64, frames: Vec<RelayToRelay>) {
         if frames.is_empty() {
             return;
         }
-        self.with(|core, now| {
-            for frame in frames {
-                core.handle_peer_frame(now, PeerId(conn_id), frame);
+        let count = self.shards.len();
+        let mut by: Vec<Vec<RelayToRelay>> = (0..count).map(|_| Vec::new()).collect();
+        for frame in frames {
+            let knows = |s: usize, id: &MsgId| self.lock(s).core.knows_id(id);
+            for (s, f) in route_peer(&self.me, frame, count, knows) {
+                by[s].push(f);
             }
-        });
+        }
+        for (s, frames) in by.into_iter().enumerate() {
+            if frames.is_empty() {
+                continue;
+            }
+            self.with_shard(s, |inner, now| {
+                for frame in frames {
+                    inner.core.handle_peer_frame(now, PeerId(conn_id), frame);
+                }
+            });
+        }
     }
 
     /// We reached relay `key` by dialling a configured URL: its link is
     /// trusted from now on, whichever side made it. Returns the outbox of a
     /// link that was on probation until now.
     pub fn dialled_key(&self, key: Address) -> Option<Arc<Outbox>> {
-        let mut inner = self.lock(0);
-        let id = inner.core.dialled_key(key)?;
-        inner.peers.get(&id.0).cloned()
+        self.with_each(|inner, _| {
+            let id = inner.core.dialled_key(key)?;
+            inner.peers.get(&id.0).cloned()
+        })
     }
 
     /// Re-signs and floods our link state (called periodically).
     pub fn refresh(&self) {
-        self.with(|core, _| core.refresh());
+        self.with_each(|inner, _| inner.core.refresh());
     }
 
     // ----------------------------------------------------------- queries
@@ -982,7 +1103,9 @@ impl Federation {
     }
 
     pub fn directory_len(&self) -> usize {
-        self.lock(0).core.directory_len()
+        (0..self.shards.len())
+            .map(|s| self.lock(s).core.directory_len())
+            .sum()
     }
 
     /// Messages in flight (for tests and metrics).
@@ -1009,17 +1132,15 @@ impl Federation {
     /// `Err`: the client is past `lookups_per_client`.
     pub fn lookup(
         &self,
-        conn_id: u64,
+        outbox: &Outbox,
         req_id: u32,
         address: &Address,
     ) -> Result<Option<Option<Hosted>>, ErrorCode> {
-        // Its sessions, if it is a client here, are in its shard (and with
-        // more than one shard there is no federation to ask).
+        // Its sessions and records are in its shard.
         let s = self.shard_of(address);
+        let asker = (ConnId(outbox.conn_id), outbox.address);
         let found = self.with_shard(s, |inner, now| {
-            inner
-                .core
-                .lookup_request(now, ConnId(conn_id), req_id, *address)
+            inner.core.lookup_request(now, asker, req_id, *address)
         })?;
         Ok(found.map(|f| {
             f.map(|(relay_key, relay_url)| Hosted {
@@ -1104,14 +1225,19 @@ impl Federation {
     /// A client's request about group `name`, which this relay does not
     /// host: answered on its connection once the group's relay answers
     /// (a create: applied here if no relay hosts the name).
-    pub fn group_request(&self, conn_id: u64, req_id: u32, name: &str, ask: GroupAsk) {
-        self.with(|core, now| core.group_request(now, ConnId(conn_id), req_id, name, ask));
+    pub fn group_request(&self, outbox: &Outbox, req_id: u32, name: &str, ask: GroupAsk) {
+        let s = shard_of_group(name, self.shards.len());
+        let asker = (ConnId(outbox.conn_id), outbox.address);
+        self.with_shard(s, |inner, now| {
+            inner.core.group_request(now, asker, req_id, name, ask)
+        });
     }
 
     /// Group `name` is hosted here (`created` now, or restored at start):
     /// its record is published where other relays look for it.
     pub fn host_group(&self, name: &str, created: bool) {
-        self.with(|core, now| core.host_group(now, name, created));
+        let s = shard_of_group(name, self.shards.len());
+        self.with_shard(s, |inner, now| inner.core.host_group(now, name, created));
     }
 
     /// The group task's answer to another relay's question.
@@ -1122,7 +1248,10 @@ impl Federation {
         name: &str,
         result: Result<GroupInfo, ErrorCode>,
     ) {
-        self.with(|core, now| core.group_reply(now, origin, nonce, name, result));
+        let s = shard_of_group(name, self.shards.len());
+        self.with_shard(s, |inner, now| {
+            inner.core.group_reply(now, origin, nonce, name, result)
+        });
     }
 
     /// Answers one of the core's store ops (from the executor).
