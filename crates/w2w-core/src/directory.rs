@@ -307,14 +307,17 @@ impl RelayCore {
         }
     }
 
-    /// Sends up to [`PUT_BATCH`] of the records waiting to be put, and
-    /// comes back for the rest in [`PUT_PACE`]: a relay's records go out
+    /// Sends up to [`PUT_BATCH`] of the records waiting to be put (shared
+    /// among a relay's shards), and comes back for the rest in
+    /// [`PUT_PACE`]: a relay's records go out
     /// paced, so no link's queue fills with them (however many addresses
     /// it hosts).
     pub(crate) fn flush_puts(&mut self, now: Instant) {
-        let n = PUT_BATCH.min(self.dir.outgoing.len());
+        // The shards of a relay share its pace (they put at once).
+        let batch = PUT_BATCH.div_ceil(self.shard.1);
+        let n = batch.min(self.dir.outgoing.len());
         // Group records share the step's allowance.
-        self.flush_group_puts(PUT_BATCH - n);
+        self.flush_group_puts(batch - n);
         let mut by_target: BTreeMap<Address, Vec<Presence>> = BTreeMap::new();
         for (t, p) in self.dir.outgoing.drain(..n) {
             by_target.entry(t).or_default().push(p);

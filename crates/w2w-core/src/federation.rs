@@ -292,7 +292,11 @@ impl RelayCore {
 
     fn on_link_state(&mut self, peer: PeerId, ls: LinkState) {
         if self.config.federation.check_signatures && ls.verify().is_err() {
-            self.stats.error(ErrorCode::BadSignature);
+            // (Every shard of a relay takes every LINK_STATE: shard 0
+            // counts.)
+            if self.shard.0 == 0 {
+                self.stats.error(ErrorCode::BadSignature);
+            }
             return;
         }
         if ls.relay == self.me {
@@ -409,7 +413,9 @@ impl RelayCore {
                 *n += ok as usize;
                 ok
             });
-        if !admitted {
+        // (Every shard takes every relay record: shard 0 counts them.)
+        let counted = !matches!(kind, NewRecord::Relay) || self.shard.0 == 0;
+        if !admitted && counted {
             self.stats.records_refused += 1;
         }
         admitted

@@ -35,8 +35,7 @@ use w2w_proto::frame::{
     ClientToRelay, MsgId, Receipt, ReceiptEntry, RelayToClient, Route, Scope, Status,
 };
 use w2w_proto::s2s::{
-    DirPut, ForwardTarget, FwdReceipt, GroupPut, GroupRecord, Presence, RegistrationProof,
-    RelayToRelay,
+    DirPut, ForwardTarget, FwdReceipt, GroupPut, RegistrationProof, RelayToRelay,
 };
 use w2w_proto::{Address, ErrorCode, Identity};
 
@@ -192,11 +191,17 @@ pub fn by_shard(
     list: impl IntoIterator<Item = Address>,
     count: usize,
 ) -> Vec<(usize, Vec<Address>)> {
-    let mut by: BTreeMap<usize, Vec<Address>> = BTreeMap::new();
-    for a in list {
-        by.entry(shard_of(&a, count)).or_default().push(a);
+    let list: Vec<Address> = list.into_iter().collect();
+    grouped(&list, |a| shard_of(a, count)).into_iter().collect()
+}
+
+/// `items` grouped by `shard(item)`, in shard order, each group in order.
+fn grouped<T: Clone>(items: &[T], shard: impl Fn(&T) -> usize) -> BTreeMap<usize, Vec<T>> {
+    let mut by: BTreeMap<usize, Vec<T>> = BTreeMap::new();
+    for x in items {
+        by.entry(shard(x)).or_default().push(x.clone());
     }
-    by.into_iter().collect()
+    by
 }
 
 /// The shard of named group `name` (its records, its locates and the
@@ -241,12 +246,7 @@ pub fn route_peer(
         }
         R::FwdReceipt(r) if r.origin != *me => one(0, R::FwdReceipt(r)),
         R::FwdReceipt(r) => {
-            let mut by: BTreeMap<usize, Vec<ReceiptEntry>> = BTreeMap::new();
-            for e in &r.entries {
-                by.entry(shard_of(&e.to, count))
-                    .or_default()
-                    .push(e.clone());
-            }
+            let by = grouped(&r.entries, |e| shard_of(&e.to, count));
             let mut parts: Vec<(usize, Vec<ReceiptEntry>)> = Vec::new();
             let mut rest: Vec<ReceiptEntry> = Vec::new();
             for (s, entries) in by {
@@ -289,47 +289,33 @@ pub fn route_peer(
                 .collect()
         }
         R::DirPut(d) if d.target != *me => one(0, R::DirPut(d)),
-        R::DirPut(d) => {
-            let mut by: BTreeMap<usize, Vec<Presence>> = BTreeMap::new();
-            for p in &d.records {
-                by.entry(shard_of(&p.proof.address, count))
-                    .or_default()
-                    .push(p.clone());
-            }
-            by.into_iter()
-                .map(|(s, records)| {
-                    (
-                        s,
-                        R::DirPut(DirPut {
-                            records,
-                            ..d.clone()
-                        }),
-                    )
-                })
-                .collect()
-        }
+        R::DirPut(d) => grouped(&d.records, |p| shard_of(&p.proof.address, count))
+            .into_iter()
+            .map(|(s, records)| {
+                (
+                    s,
+                    R::DirPut(DirPut {
+                        records,
+                        ..d.clone()
+                    }),
+                )
+            })
+            .collect(),
         R::DirGet(g) => one(shard_of(&g.address, count), R::DirGet(g)),
         R::DirAnswer(a) => one(shard_of(&a.address, count), R::DirAnswer(a)),
         R::GroupPut(d) if d.target != *me => one(0, R::GroupPut(d)),
-        R::GroupPut(d) => {
-            let mut by: BTreeMap<usize, Vec<GroupRecord>> = BTreeMap::new();
-            for g in &d.records {
-                by.entry(shard_of_group(&g.name, count))
-                    .or_default()
-                    .push(g.clone());
-            }
-            by.into_iter()
-                .map(|(s, records)| {
-                    (
-                        s,
-                        R::GroupPut(GroupPut {
-                            records,
-                            ..d.clone()
-                        }),
-                    )
-                })
-                .collect()
-        }
+        R::GroupPut(d) => grouped(&d.records, |g| shard_of_group(&g.name, count))
+            .into_iter()
+            .map(|(s, records)| {
+                (
+                    s,
+                    R::GroupPut(GroupPut {
+                        records,
+                        ..d.clone()
+                    }),
+                )
+            })
+            .collect(),
         R::GroupGet(g) => one(shard_of_group(g.query.name(), count), R::GroupGet(g)),
         R::GroupAnswer(a) => one(shard_of_group(&a.name, count), R::GroupAnswer(a)),
         R::Redirect(_) => Vec::new(),

@@ -175,12 +175,11 @@ pub struct FederationConfig {
     /// connection (faster; a crash can lose receipted, unacknowledged ones);
     /// offline recipients are still queued durably.
     pub durable_delivery: bool,
-    /// Cores the relay's message state is split over (default 1; issue
-    /// 13): each address, its sessions and the messages to it belong to
+    /// Cores the relay's message state is split over (issue 13; 0, the
+    /// default: one per CPU the relay may run on): each address, its
+    /// sessions, its directory records and the messages to it belong to
     /// one shard, each shard with its own lock, so that several CPUs
-    /// decide about messages at once. More than one needs a relay without
-    /// federation (no `peers`; peer links are refused): the federation's
-    /// state is not sharded yet.
+    /// decide about messages at once (w2w_core::shard).
     pub shards: usize,
 }
 
@@ -215,7 +214,7 @@ impl Default for FederationConfig {
             peer_broadcast_bytes_per_sec: 16 << 20,
             peer_broadcast_bytes_burst: 32 << 20,
             durable_delivery: true,
-            shards: 1,
+            shards: 0,
         }
     }
 }
@@ -416,7 +415,12 @@ impl Federation {
                 ..FedConfig::default()
             },
         };
-        let count = config.shards.max(1);
+        let count = match config.shards {
+            // One per CPU this process may run on (its affinity: a relay
+            // pinned to one CPU runs one shard).
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         metrics.shards.store(count as i64, Relaxed);
         let wide = Arc::new(w2w_core::shard::RelayWide::default());
         let shards = (0..count)

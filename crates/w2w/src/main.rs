@@ -148,10 +148,10 @@ struct ServeArgs {
     #[arg(long)]
     max_probation_peers: Option<usize>,
     /// Split the relay's message state over N cores, each with its own
-    /// lock, so that N CPUs decide about messages at once (default 1).
-    /// Each address and the messages to it belong to one shard. A relay
-    /// with --peer runs one shard whatever this says (with a warning): the
-    /// federation's state is not sharded yet.
+    /// lock, so that N CPUs decide about messages at once (default 0: one
+    /// per CPU the relay may run on). Each address, its directory records
+    /// and the messages to it belong to one shard; 1 runs the relay as one
+    /// core.
     #[arg(long, env = "W2W_SHARDS", value_name = "N")]
     shards: Option<usize>,
     /// Most sessions one address may hold at once (tabs, terminals,
@@ -783,9 +783,6 @@ async fn serve(a: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(n) = a.shards {
         federation.shards = n;
-    }
-    if federation.shards == 0 {
-        bail!("--shards 0: give at least 1 (one core, the default)");
     }
     let mut limits = file.limits;
     if let Some(n) = a.max_sessions {
