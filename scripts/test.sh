@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README: "run all tests"):
 #   1. cargo test --workspace — the Rust crates (protocol, relay, client, CLI, benchmark smoke run),
-#      then the relay's and the federation's tests once more on relays split into three shards
+#      then the relay's and the federation's tests again on relays of one and of three shards
 #   2. the JS client in clients/js — the shared test vectors, interop with a
 #      real Rust relay and the Rust CLI, and real headless Chromium (the
 #      demo app and two pages exchanging end-to-end messages)
@@ -23,9 +23,13 @@ scripts/install-deps.sh
 echo "==> cargo test --workspace"
 cargo test --workspace
 
+# (The default is one shard per CPU: the runs below pin the count.)
 echo
-echo "==> the relay's tests, and the federation's on real relay processes, again on relays of three shards (--shards)"
-W2W_SHARDS=3 cargo test --workspace --test relay --test federation  # (--workspace: no rebuild of what it shares)
+echo "==> the relay's tests, and the federation's on real relay processes, again on relays of one shard"
+W2W_SHARDS=1 cargo test --workspace --test relay --test federation  # (--workspace: no rebuild of what it shares)
+echo
+echo "==> ... and on relays of three shards (--shards)"
+W2W_SHARDS=3 cargo test --workspace --test relay --test federation
 
 echo
 echo "==> JS client: npm ci && npm test (clients/js)"
