@@ -714,14 +714,25 @@ impl RelayCore {
         if let Err(code) = self.check_forward(&msg.dest, (&msg.from, &f.origin), &to) {
             return self.refuse_forward(f.origin, msg.id, &to, code);
         }
-        if self.shard.1 > 1 {
-            // Its recipients are served by their shards (shard.rs).
-            self.spread.push_back(Spread::Forward {
-                origin: f.origin,
-                frame: f.msg,
-                to,
-            });
-            return;
+        let (index, count) = self.shard;
+        if count > 1 {
+            // Its recipients are served by their shards (shard.rs): this
+            // one's here, the others' handed on.
+            let (mine, others): (Vec<Address>, Vec<Address>) = to
+                .into_iter()
+                .partition(|a| crate::shard::shard_of(a, count) == index);
+            if !others.is_empty() {
+                self.spread.push_back(Spread::Forward {
+                    origin: f.origin,
+                    frame: f.msg.clone(),
+                    msg: Box::new(msg.clone()),
+                    to: others,
+                });
+            }
+            if mine.is_empty() {
+                return;
+            }
+            return self.forward_part(now, f.origin, f.msg, msg, mine);
         }
         self.forward_part(now, f.origin, f.msg, msg, to);
     }
@@ -811,7 +822,19 @@ impl RelayCore {
         Ok(())
     }
 
+    /// A FWD_RECEIPT for this relay that the shard of its recipients had
+    /// no flight for (`Spread::Unclaimed`): settles this shard's, if any.
+    pub fn claim_fwd_receipt(&mut self, now: Instant, r: FwdReceipt) {
+        self.note_now(now);
+        let me = self.me;
+        self.fwd_receipt_for(now, me, r, true)
+    }
+
     fn on_fwd_receipt(&mut self, now: Instant, from: Address, r: FwdReceipt) {
+        self.fwd_receipt_for(now, from, r, false)
+    }
+
+    fn fwd_receipt_for(&mut self, now: Instant, from: Address, r: FwdReceipt, claiming: bool) {
         if r.origin != self.me {
             // Passing through, toward its origin.
             if r.hops >= self.config.federation.hop_limit {
@@ -824,6 +847,11 @@ impl RelayCore {
             return self.send_fwd_receipt(FwdReceipt { hops, ..r });
         }
         let Some(&key) = self.local_ids.get(&r.id) else {
+            // On a sharded relay it went to the shards of its recipients:
+            // the message's flight may be another shard's.
+            if self.shard.1 > 1 && !r.entries.is_empty() && !claiming {
+                self.spread.push_back(Spread::Unclaimed(r));
+            }
             return;
         };
         let Some(f) = self.flights.get_mut(&key) else {

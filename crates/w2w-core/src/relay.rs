@@ -563,12 +563,6 @@ impl RelayCore {
         self.spread.pop_front()
     }
 
-    /// Whether a message of a client's with this id is in flight here (a
-    /// FWD_RECEIPT for it belongs to this shard).
-    pub fn knows_id(&self, id: &MsgId) -> bool {
-        self.local_ids.contains_key(id)
-    }
-
     /// The receipt of one shard's part of a client's message (a flight
     /// with [`Reply::Part`]), for the caller to merge (shard.rs).
     pub fn poll_part(&mut self) -> Option<(ConnId, Receipt)> {

@@ -31,9 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use w2w_proto::frame::{
-    ClientToRelay, MsgId, Receipt, ReceiptEntry, RelayToClient, Route, Scope, Status,
-};
+use w2w_proto::frame::{MsgId, Receipt, ReceiptEntry, RelayToClient, Route, Scope, Status};
 use w2w_proto::s2s::{
     DirPut, ForwardTarget, FwdReceipt, GroupPut, RegistrationProof, RelayToRelay,
 };
@@ -162,6 +160,7 @@ pub enum Spread {
     Forward {
         origin: Address,
         frame: Bytes,
+        msg: Box<Msg>,
         to: Vec<Address>,
     },
     /// A broadcast FORWARD, checked and passed on by its sender's shard,
@@ -184,6 +183,10 @@ pub enum Spread {
         msg: Box<Msg>,
         members: Result<Vec<Address>, ErrorCode>,
     },
+    /// (Part of) a FWD_RECEIPT for a message this shard has no flight of:
+    /// the other shards look for theirs
+    /// ([`RelayCore::claim_fwd_receipt`]).
+    Unclaimed(FwdReceipt),
 }
 
 /// `list` grouped by shard, in shard order, each group in list order.
@@ -216,16 +219,11 @@ pub fn shard_of_group(name: &str, count: usize) -> usize {
 /// hand-off to its recipient's; records, lookups and their answers to
 /// their address's (or group name's) shard, a DIR_PUT or GROUP_PUT split
 /// by record; what only passes through to shard 0; a FWD_RECEIPT for this
-/// relay to the shards of the recipients it names that have the message
-/// (`knows(shard, id)`), the rest of it to any other shard that has it (a
-/// broadcast's, or a MSG to a group of another relay: its flight is with
-/// the sender's or the group's shard).
-pub fn route_peer(
-    me: &Address,
-    frame: RelayToRelay,
-    count: usize,
-    mut knows: impl FnMut(usize, &MsgId) -> bool,
-) -> Vec<(usize, RelayToRelay)> {
+/// relay to the shards of the recipients it names (a shard without the
+/// message hands its part on to the others, [`Spread::Unclaimed`]: the
+/// flight of a MSG to a group of another relay is with the group's
+/// shard), a broadcast's to every shard.
+pub fn route_peer(me: &Address, frame: RelayToRelay, count: usize) -> Vec<(usize, RelayToRelay)> {
     use RelayToRelay as R;
     if count <= 1 {
         return vec![(0, frame)];
@@ -237,48 +235,33 @@ pub fn route_peer(
         R::Forward(f) => {
             let s = match &f.target {
                 ForwardTarget::Handoff { to, .. } => shard_of(to, count),
-                _ => match ClientToRelay::decode(&f.msg) {
-                    Ok(ClientToRelay::Msg(m)) => shard_of(&m.from, count),
-                    _ => 0,
-                },
+                // The MSG's `from`, read where the header has it (a frame
+                // too short goes to shard 0, which refuses it).
+                _ if f.msg.len() >= 52 => {
+                    let mut from = [0u8; 32];
+                    from.copy_from_slice(&f.msg[20..52]);
+                    shard_of(&Address(from), count)
+                }
+                _ => 0,
             };
             one(s, R::Forward(f))
         }
         R::FwdReceipt(r) if r.origin != *me => one(0, R::FwdReceipt(r)),
+        R::FwdReceipt(r) if r.entries.is_empty() => {
+            // A broadcast's count: the shard waiting for it takes it.
+            (0..count).map(|s| (s, R::FwdReceipt(r.clone()))).collect()
+        }
         R::FwdReceipt(r) => {
-            let by = grouped(&r.entries, |e| shard_of(&e.to, count));
-            let mut parts: Vec<(usize, Vec<ReceiptEntry>)> = Vec::new();
-            let mut rest: Vec<ReceiptEntry> = Vec::new();
-            for (s, entries) in by {
-                if knows(s, &r.id) {
-                    parts.push((s, entries));
-                } else {
-                    rest.extend(entries);
-                }
-            }
-            if r.entries.is_empty() || !rest.is_empty() {
-                for s in 0..count {
-                    if parts.iter().all(|(t, _)| *t != s) && knows(s, &r.id) {
-                        parts.push((s, rest.clone()));
-                    }
-                }
-            }
             // Sessions beyond one per delivered entry go with the first
-            // part (the sender's receipt adds the parts up); a broadcast's
-            // count with each (only the shard waiting for it counts it).
+            // part (the sender's receipt adds the parts up).
             let counted = |e: &[ReceiptEntry]| {
                 e.iter().filter(|e| e.status == Status::Delivered).count() as u32
             };
-            let extra = r.delivered.saturating_sub(counted(&r.entries));
-            parts
+            let mut extra = r.delivered.saturating_sub(counted(&r.entries));
+            grouped(&r.entries, |e| shard_of(&e.to, count))
                 .into_iter()
-                .enumerate()
-                .map(|(i, (s, entries))| {
-                    let delivered = if r.entries.is_empty() {
-                        r.delivered
-                    } else {
-                        counted(&entries) + if i == 0 { extra } else { 0 }
-                    };
+                .map(|(s, entries)| {
+                    let delivered = counted(&entries) + std::mem::take(&mut extra);
                     let part = FwdReceipt {
                         delivered,
                         entries,
@@ -343,10 +326,12 @@ pub trait Cores {
 /// Carries out `spread`, which shard `from` made (see [`Spread`]).
 pub fn apply_spread(cores: &mut impl Cores, from: usize, spread: Spread) {
     match spread {
-        Spread::Forward { origin, frame, to } => {
-            let Ok(ClientToRelay::Msg(msg)) = ClientToRelay::decode(&frame) else {
-                return;
-            };
+        Spread::Forward {
+            origin,
+            frame,
+            msg,
+            to,
+        } => {
             for (t, list) in by_shard(to, cores.count()) {
                 let frame = frame.clone();
                 cores.on(t, |c, now| c.forward_part(now, origin, frame, &msg, list));
@@ -379,6 +364,12 @@ pub fn apply_spread(cores: &mut impl Cores, from: usize, spread: Spread) {
             msg,
             members,
         } => cores.group_members(conn, frame, &msg, members),
+        Spread::Unclaimed(r) => {
+            for t in (0..cores.count()).filter(|t| *t != from) {
+                let r = r.clone();
+                cores.on(t, |c, now| c.claim_fwd_receipt(now, r));
+            }
+        }
     }
 }
 
@@ -811,9 +802,7 @@ impl Shards {
     pub fn handle_peer_frame(&mut self, now: Instant, peer: PeerId, frame: RelayToRelay) {
         self.now = Some(now);
         let me = self.cores[0].address();
-        let cores = &self.cores;
-        let routed = route_peer(&me, frame, cores.len(), |s, id| cores[s].knows_id(id));
-        for (s, f) in routed {
+        for (s, f) in route_peer(&me, frame, self.cores.len()) {
             self.on(s, |c| c.handle_peer_frame(now, peer, f));
         }
     }

@@ -1056,8 +1056,7 @@ impl Federation {
         let count = self.shards.len();
         let mut by: Vec<Vec<RelayToRelay>> = (0..count).map(|_| Vec::new()).collect();
         for frame in frames {
-            let knows = |s: usize, id: &MsgId| self.lock(s).core.knows_id(id);
-            for (s, f) in route_peer(&self.me, frame, count, knows) {
+            for (s, f) in route_peer(&self.me, frame, count) {
                 by[s].push(f);
             }
         }
