@@ -822,19 +822,7 @@ impl RelayCore {
         Ok(())
     }
 
-    /// A FWD_RECEIPT for this relay that the shard of its recipients had
-    /// no flight for (`Spread::Unclaimed`): settles this shard's, if any.
-    pub fn claim_fwd_receipt(&mut self, now: Instant, r: FwdReceipt) {
-        self.note_now(now);
-        let me = self.me;
-        self.fwd_receipt_for(now, me, r, true)
-    }
-
     fn on_fwd_receipt(&mut self, now: Instant, from: Address, r: FwdReceipt) {
-        self.fwd_receipt_for(now, from, r, false)
-    }
-
-    fn fwd_receipt_for(&mut self, now: Instant, from: Address, r: FwdReceipt, claiming: bool) {
         if r.origin != self.me {
             // Passing through, toward its origin.
             if r.hops >= self.config.federation.hop_limit {
@@ -846,12 +834,9 @@ impl RelayCore {
             let hops = r.hops + 1;
             return self.send_fwd_receipt(FwdReceipt { hops, ..r });
         }
+        // (On a sharded relay it came to the shards of its recipients,
+        // which hold every flight for them.)
         let Some(&key) = self.local_ids.get(&r.id) else {
-            // On a sharded relay it went to the shards of its recipients:
-            // the message's flight may be another shard's.
-            if self.shard.1 > 1 && !r.entries.is_empty() && !claiming {
-                self.spread.push_back(Spread::Unclaimed(r));
-            }
             return;
         };
         let Some(f) = self.flights.get_mut(&key) else {

@@ -15,15 +15,25 @@
 //! carries (`token % shards`), a NOTICE DELIVERED for a sender of another
 //! shard through that shard ([`RelayCore::poll_notice`]).
 //!
-//! What is not sharded yet: federation. A relay with peer links runs one
-//! shard (the server enforces it); link state, the directory, custody and
-//! groups across relays would need their own routing (directory records
-//! by address, link state replicated) and are the next step.
+//! Federation (session 11): every shard keeps the same link state and
+//! peer links (shard 0 alone sends link state); an address's directory
+//! records, lookups and custody live in its shard, a named group's records
+//! and questions in its name's ([`shard_of_group`]). A peer's frame goes
+//! where its key says ([`route_peer`]): a FORWARD to its sender's shard,
+//! which checks it and hands the recipients of other shards on
+//! ([`Spread::Forward`]; each shard answers its own FWD_RECEIPT, and a
+//! FORWARD of a message already waiting from the same origin joins it); a
+//! FWD_RECEIPT to its recipients' shards. Invariant: every flight's
+//! recipients are in the flight's shard (a MSG to a group of another relay
+//! is split by member once its members are known, [`Spread::Members`]).
+//! Limits a client or peer could reach through any shard are counted for
+//! the relay ([`RelayWide`]); table bounds are shared out.
 //!
 //! [`Shards`] drives N cores in one thread with exactly the routing a
-//! multi-threaded caller uses (`split`, `Merge`, `shard_of_answer`): the
-//! differential test (`tests/shards.rs`) runs it against a single core.
-//! The federation simulation (`sim.rs`) still runs one core per relay.
+//! multi-threaded caller uses (`split`, `Merge`, `shard_of_answer`,
+//! `route_peer`, [`apply_spread`]): the differential test
+//! (`tests/shards.rs`) runs it against a single core, and the federation
+//! simulation (`sim.rs`) runs every relay as one.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
@@ -183,10 +193,6 @@ pub enum Spread {
         msg: Box<Msg>,
         members: Result<Vec<Address>, ErrorCode>,
     },
-    /// (Part of) a FWD_RECEIPT for a message this shard has no flight of:
-    /// the other shards look for theirs
-    /// ([`RelayCore::claim_fwd_receipt`]).
-    Unclaimed(FwdReceipt),
 }
 
 /// `list` grouped by shard, in shard order, each group in list order.
@@ -219,10 +225,10 @@ pub fn shard_of_group(name: &str, count: usize) -> usize {
 /// hand-off to its recipient's; records, lookups and their answers to
 /// their address's (or group name's) shard, a DIR_PUT or GROUP_PUT split
 /// by record; what only passes through to shard 0; a FWD_RECEIPT for this
-/// relay to the shards of the recipients it names (a shard without the
-/// message hands its part on to the others, [`Spread::Unclaimed`]: the
-/// flight of a MSG to a group of another relay is with the group's
-/// shard), a broadcast's to every shard.
+/// relay to the shards of the recipients it names (every flight is in the
+/// shard of its recipients: a group MSG's members are split like an a2g's,
+/// a hand-off goes from its address's shard), a broadcast's to every
+/// shard (the one whose client sent it waits for it).
 pub fn route_peer(me: &Address, frame: RelayToRelay, count: usize) -> Vec<(usize, RelayToRelay)> {
     use RelayToRelay as R;
     if count <= 1 {
@@ -364,12 +370,6 @@ pub fn apply_spread(cores: &mut impl Cores, from: usize, spread: Spread) {
             msg,
             members,
         } => cores.group_members(conn, frame, &msg, members),
-        Spread::Unclaimed(r) => {
-            for t in (0..cores.count()).filter(|t| *t != from) {
-                let r = r.clone();
-                cores.on(t, |c, now| c.claim_fwd_receipt(now, r));
-            }
-        }
     }
 }
 
