@@ -78,6 +78,11 @@ enum Work {
     Refuse(Receipt),
 }
 
+/// Most shards the default (`shards = 0`, one per CPU) makes: every shard
+/// knows every connection's outbox (~24 bytes per connection per shard;
+/// 8 shards keep an idle connection under 4 KiB, PERFORMANCE.md).
+const AUTO_SHARDS: usize = 8;
+
 /// Most split messages (a2g, groups and a2n on a sharded relay) whose
 /// receipts are being joined, in all and per connection; past either one
 /// is refused `rate_limited` (one connection cannot take them all; its
@@ -176,7 +181,7 @@ pub struct FederationConfig {
     /// offline recipients are still queued durably.
     pub durable_delivery: bool,
     /// Cores the relay's message state is split over (issue 13; 0, the
-    /// default: one per CPU the relay may run on): each address, its
+    /// default: one per CPU the relay may run on, at most 8): each address, its
     /// sessions, its directory records and the messages to it belong to
     /// one shard, each shard with its own lock, so that several CPUs
     /// decide about messages at once (w2w_core::shard).
@@ -417,8 +422,8 @@ impl Federation {
         };
         let count = match config.shards {
             // One per CPU this process may run on (its affinity: a relay
-            // pinned to one CPU runs one shard).
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // pinned to one CPU runs one shard), at most `AUTO_SHARDS`.
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(AUTO_SHARDS)),
             n => n,
         };
         metrics.shards.store(count as i64, Relaxed);
