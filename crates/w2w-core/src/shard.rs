@@ -540,7 +540,8 @@ impl Cores for Shards {
 }
 
 /// N cores as one relay, driven in one thread (see the module docs). It
-/// takes the same inputs as a [`RelayCore`] of a relay without peers.
+/// takes the inputs the simulation gives a [`RelayCore`], peer links
+/// included.
 #[derive(Debug)]
 pub struct Shards {
     cores: Vec<RelayCore>,
@@ -590,11 +591,6 @@ impl Shards {
             max_group,
             now: None,
         }
-    }
-
-    /// Shard `s` (for a test's look inside).
-    pub fn core(&self, s: usize) -> &RelayCore {
-        &self.cores[s]
     }
 
     /// Applies `f` to shard `s`, then moves what it made for other shards.
@@ -743,14 +739,6 @@ impl Shards {
 
     pub fn peer_down(&mut self, peer: PeerId) {
         self.on_all(|c| c.peer_down(peer))
-    }
-
-    pub fn dialled_key(&mut self, key: Address) -> Option<PeerId> {
-        self.on_all(|c| c.dialled_key(key))
-    }
-
-    pub fn refresh(&mut self) {
-        self.on_all(RelayCore::refresh)
     }
 
     pub fn set_clock(&mut self, now: Instant, unix_ms: u64) {

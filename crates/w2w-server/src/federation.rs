@@ -667,14 +667,21 @@ impl Federation {
         // added up again only when this shard's figure moved.
         let g = &self.gauges[shard];
         let mut moved = false;
+        // (Written only when changed: this runs after every burst.)
         let mut set = |gauge: &std::sync::atomic::AtomicI64, v: usize| {
-            moved |= gauge.swap(v as i64, Relaxed) != v as i64;
+            if gauge.load(Relaxed) != v as i64 {
+                gauge.store(v as i64, Relaxed);
+                moved = true;
+            }
         };
         set(&g.known_addresses, inner.core.directory_len());
         set(&g.custody_addresses, inner.core.custody_len());
         set(&g.group_records, inner.core.group_records());
         let handed = inner.core.stats().handed_off;
-        moved |= g.handed_off.swap(handed, Relaxed) != handed;
+        if g.handed_off.load(Relaxed) != handed {
+            g.handed_off.store(handed, Relaxed);
+            moved = true;
+        }
         if moved {
             let sum = |f: fn(&ShardGauges) -> i64| self.gauges.iter().map(f).sum::<i64>();
             m.known_addresses
